@@ -1,0 +1,503 @@
+//! The driver operations of SPEC.md, once for every driver.
+
+use std::cell::{Cell, RefCell};
+use std::marker::PhantomData;
+use std::rc::Rc;
+
+use crate::bindings::exports::image_cache::driver::cache_driver::{
+    Guest, GuestReadSession, GuestWriteSession, ReadSession, WriteSession,
+};
+use crate::fs::{self, ErrorCode, File};
+use crate::layout::{INCOMPLETE, INVALID, QUEUE, remove_if_present};
+use crate::store::{Backend, MetadataStore, Options};
+use crate::{
+    CachedImage, CleanReport, DriverInfo, Error, Layout, LruEntry, PruneReport, RemovedFile,
+    io_error, now, validate_image_id,
+};
+
+/// Glance's default `image_cache_stall_time`: one day.
+pub const DEFAULT_STALL_TIME: u64 = 86_400;
+
+/// A configured driver instance.
+struct State {
+    layout: Layout,
+    store: Box<dyn MetadataStore>,
+}
+
+thread_local! {
+    static STATE: RefCell<Option<Rc<State>>> = const { RefCell::new(None) };
+}
+
+fn state() -> Result<Rc<State>, Error> {
+    STATE.with(|s| s.borrow().clone()).ok_or_else(|| {
+        Error::NotConfigured("the driver was used before configure succeeded".to_string())
+    })
+}
+
+/// A cached image with everything the driver knows of it.
+struct Image {
+    id: String,
+    size: u64,
+    hits: u64,
+    last_accessed: f64,
+    last_modified: f64,
+}
+
+impl State {
+    fn images(&self) -> Result<Vec<Image>, Error> {
+        let files = self.layout.images()?;
+        let entries = self.store.entries(&files)?;
+        Ok(files
+            .into_iter()
+            .zip(entries)
+            .map(|((id, meta), entry)| Image {
+                id,
+                size: meta.size,
+                hits: entry.hits,
+                last_accessed: entry.last_accessed,
+                last_modified: entry.last_modified,
+            })
+            .collect())
+    }
+
+    /// Every cached image, least recently accessed first, ties by id.
+    fn images_by_lru(&self) -> Result<Vec<Image>, Error> {
+        let mut images = self.images()?;
+        images.sort_by(|a, b| {
+            a.last_accessed
+                .total_cmp(&b.last_accessed)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        Ok(images)
+    }
+
+    fn is_cached(&self, id: &str) -> Result<bool, Error> {
+        Ok(self.layout.cached(id)?.is_some())
+    }
+
+    fn is_being_cached(&self, id: &str) -> Result<bool, Error> {
+        Ok(self.layout.regular_file(&Layout::incomplete(id))?.is_some())
+    }
+
+    fn is_queued(&self, id: &str) -> Result<bool, Error> {
+        Ok(self.layout.regular_file(&Layout::queued(id))?.is_some())
+    }
+
+    /// Remove files by path; the ones removed (or already gone) and the
+    /// failures, each with its reason.
+    fn remove_all(&self, paths: Vec<String>) -> (Vec<usize>, Vec<String>) {
+        let results = fs::remove_files(&paths);
+        let mut removed = Vec::new();
+        let mut failures = Vec::new();
+        for (i, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(()) => removed.push(i),
+                Err(e) if e.code == ErrorCode::NotFound => removed.push(i),
+                Err(e) => failures.push(e.message),
+            }
+        }
+        (removed, failures)
+    }
+}
+
+/// A driver: the shared operations over the metadata store `B`.
+pub struct Driver<B>(PhantomData<B>);
+
+/// Validate the id, then run `op` on the configured state.
+fn with_image<T>(id: &str, op: impl FnOnce(&State) -> Result<T, Error>) -> Result<T, Error> {
+    validate_image_id(id)?;
+    op(&*state()?)
+}
+
+impl<B: Backend> Guest for Driver<B> {
+    type WriteSession = Writer;
+    type ReadSession = Reader;
+
+    fn info() -> DriverInfo {
+        B::info()
+    }
+
+    fn configure(options: Vec<(String, String)>) -> Result<(), Error> {
+        let options = Options::parse(&options)?;
+        let layout = Layout::new(&options.sqlite_db);
+        layout.create_dirs()?;
+        let store = B::open(&options)?;
+        let state = Rc::new(State {
+            layout,
+            store: Box::new(store),
+        });
+        STATE.with(|s| *s.borrow_mut() = Some(state));
+        Ok(())
+    }
+
+    fn get_cache_size() -> Result<u64, Error> {
+        let state = state()?;
+        Ok(state.layout.images()?.iter().map(|(_, m)| m.size).sum())
+    }
+
+    fn get_hit_count(image_id: String) -> Result<u64, Error> {
+        with_image(&image_id, |s| {
+            if s.is_cached(&image_id)? {
+                s.store.hits(&image_id)
+            } else {
+                Ok(0)
+            }
+        })
+    }
+
+    fn get_cached_images() -> Result<Vec<CachedImage>, Error> {
+        let mut images = state()?.images()?;
+        images.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(images
+            .into_iter()
+            .map(|i| CachedImage {
+                image_id: i.id,
+                hits: i.hits,
+                last_modified: i.last_modified,
+                last_accessed: i.last_accessed,
+                size: i.size,
+            })
+            .collect())
+    }
+
+    fn is_cached(image_id: String) -> Result<bool, Error> {
+        with_image(&image_id, |s| s.is_cached(&image_id))
+    }
+
+    fn is_being_cached(image_id: String) -> Result<bool, Error> {
+        with_image(&image_id, |s| s.is_being_cached(&image_id))
+    }
+
+    fn is_cacheable(image_id: String) -> Result<bool, Error> {
+        with_image(&image_id, |s| {
+            Ok(!s.is_cached(&image_id)? && !s.is_being_cached(&image_id)?)
+        })
+    }
+
+    fn is_queued(image_id: String) -> Result<bool, Error> {
+        with_image(&image_id, |s| s.is_queued(&image_id))
+    }
+
+    fn queue_image(image_id: String) -> Result<bool, Error> {
+        with_image(&image_id, |s| {
+            if s.is_cached(&image_id)? || s.is_being_cached(&image_id)? {
+                return Ok(false);
+            }
+            match fs::create_new(&Layout::queued(&image_id)) {
+                Ok(marker) => {
+                    // File times are coarse (a clock tick); a precise time
+                    // keeps markers made in quick succession in order.
+                    let t = now();
+                    marker.set_times(Some(t), Some(t)).map_err(io_error)?;
+                    Ok(true)
+                }
+                Err(e) if e.code == ErrorCode::AlreadyExists => Ok(false),
+                Err(e) => Err(io_error(e)),
+            }
+        })
+    }
+
+    fn get_queued_images() -> Result<Vec<String>, Error> {
+        let state = state()?;
+        let mut markers: Vec<_> = state
+            .layout
+            .files_in(QUEUE)?
+            .into_iter()
+            .filter(|(name, _)| validate_image_id(name).is_ok())
+            .collect();
+        markers
+            .sort_by(|(a, ma), (b, mb)| ma.modified.total_cmp(&mb.modified).then_with(|| a.cmp(b)));
+        Ok(markers.into_iter().map(|(name, _)| name).collect())
+    }
+
+    fn delete_cached_image(image_id: String) -> Result<(), Error> {
+        with_image(&image_id, |s| {
+            if s.layout.is_image_name(&image_id) {
+                remove_if_present(&Layout::image(&image_id)).map_err(io_error)?;
+            }
+            s.store.forget(std::slice::from_ref(&image_id))
+        })
+    }
+
+    fn delete_all_cached_images() -> Result<u64, Error> {
+        let state = state()?;
+        let ids: Vec<String> = state
+            .layout
+            .images()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let (removed, failures) =
+            state.remove_all(ids.iter().map(|id| Layout::image(id)).collect());
+        let removed_ids: Vec<String> = removed.iter().map(|&i| ids[i].clone()).collect();
+        state.store.forget(&removed_ids)?;
+        if let Some(first) = failures.first() {
+            return Err(Error::Io(format!(
+                "removed {} cached images; {} could not be removed, first: {first}",
+                removed_ids.len(),
+                failures.len()
+            )));
+        }
+        Ok(removed_ids.len() as u64)
+    }
+
+    fn delete_queued_image(image_id: String) -> Result<(), Error> {
+        with_image(&image_id, |_| {
+            remove_if_present(&Layout::queued(&image_id)).map_err(io_error)?;
+            Ok(())
+        })
+    }
+
+    fn delete_all_queued_images() -> Result<u64, Error> {
+        let state = state()?;
+        let paths = state
+            .layout
+            .files_in(QUEUE)?
+            .into_iter()
+            .map(|(name, _)| Layout::queued(&name))
+            .collect();
+        let (removed, failures) = state.remove_all(paths);
+        if let Some(first) = failures.first() {
+            return Err(Error::Io(format!(
+                "removed {} queue markers; {} could not be removed, first: {first}",
+                removed.len(),
+                failures.len()
+            )));
+        }
+        Ok(removed.len() as u64)
+    }
+
+    fn get_least_recently_accessed() -> Result<Option<(String, u64)>, Error> {
+        let images = state()?.images_by_lru()?;
+        Ok(images.into_iter().next().map(|i| (i.id, i.size)))
+    }
+
+    fn get_least_recently_accessed_batch(count: u32) -> Result<Vec<LruEntry>, Error> {
+        let images = state()?.images_by_lru()?;
+        Ok(images
+            .into_iter()
+            .take(count as usize)
+            .map(|i| LruEntry {
+                image_id: i.id,
+                size: i.size,
+                last_accessed: i.last_accessed,
+            })
+            .collect())
+    }
+
+    fn get_image_size(image_id: String) -> Result<u64, Error> {
+        with_image(&image_id, |s| match s.layout.cached(&image_id)? {
+            Some(meta) => Ok(meta.size),
+            None => Err(Error::NotFound(format!("image {image_id:?} is not cached"))),
+        })
+    }
+
+    fn clean(stall_time: Option<u64>) -> Result<CleanReport, Error> {
+        let state = state()?;
+        let older_than = now() - stall_time.unwrap_or(DEFAULT_STALL_TIME) as f64;
+        let mut failures = Vec::new();
+        let mut clean_dir =
+            |dir: &str, keep: &dyn Fn(f64) -> bool| -> Result<Vec<RemovedFile>, Error> {
+                let files: Vec<_> = state
+                    .layout
+                    .files_in(dir)?
+                    .into_iter()
+                    .filter(|(_, m)| !keep(m.modified))
+                    .collect();
+                let paths = files
+                    .iter()
+                    .map(|(name, _)| format!("{dir}/{name}"))
+                    .collect();
+                let (removed, failed) = state.remove_all(paths);
+                failures.extend(failed);
+                Ok(removed
+                    .into_iter()
+                    .map(|i| RemovedFile {
+                        image_id: files[i].0.clone(),
+                        size: files[i].1.size,
+                    })
+                    .collect())
+            };
+        let invalid = clean_dir(INVALID, &|_| false)?;
+        // Glance: files written to on or before `older_than` are stalled.
+        let incomplete = clean_dir(INCOMPLETE, &|modified| modified > older_than)?;
+        Ok(CleanReport {
+            invalid,
+            incomplete,
+            failures,
+        })
+    }
+
+    fn prune(max_size: u64) -> Result<PruneReport, Error> {
+        let state = state()?;
+        let images = state.images_by_lru()?;
+        let mut size: u64 = images.iter().map(|i| i.size).sum();
+        let mut victims = Vec::new();
+        for image in images {
+            if size <= max_size {
+                break;
+            }
+            size -= image.size;
+            victims.push(image);
+        }
+        let (removed, failures) =
+            state.remove_all(victims.iter().map(|i| Layout::image(&i.id)).collect());
+        let removed: Vec<RemovedFile> = removed
+            .into_iter()
+            .map(|i| RemovedFile {
+                image_id: victims[i].id.clone(),
+                size: victims[i].size,
+            })
+            .collect();
+        let bytes_removed = removed.iter().map(|r| r.size).sum();
+        let removed_ids: Vec<String> = removed.iter().map(|r| r.image_id.clone()).collect();
+        state.store.forget(&removed_ids)?;
+        let failed_bytes: u64 = victims.iter().map(|v| v.size).sum::<u64>() - bytes_removed;
+        Ok(PruneReport {
+            removed,
+            bytes_removed,
+            size_after: size + failed_bytes,
+            failures,
+        })
+    }
+
+    fn open_for_write(image_id: String) -> Result<(WriteSession, File), Error> {
+        with_image(&image_id, |s| {
+            let already_cached =
+                || Error::AlreadyCached(format!("image {image_id:?} is already cached"));
+            if s.is_cached(&image_id)? {
+                return Err(already_cached());
+            }
+            let path = Layout::incomplete(&image_id);
+            let file = match fs::create_new(&path) {
+                Ok(file) => file,
+                Err(e) if e.code == ErrorCode::AlreadyExists => {
+                    return Err(Error::BeingCached(format!(
+                        "image {image_id:?} is being cached by another writer"
+                    )));
+                }
+                Err(e) => return Err(io_error(e)),
+            };
+            // A writer that committed between the check and the create.
+            if s.is_cached(&image_id)? {
+                drop(file);
+                let _ = remove_if_present(&path);
+                return Err(already_cached());
+            }
+            let session = Writer {
+                id: image_id.clone(),
+                done: Cell::new(false),
+            };
+            Ok((WriteSession::new(session), file))
+        })
+    }
+
+    fn open_for_read(image_id: String) -> Result<(ReadSession, File), Error> {
+        with_image(&image_id, |s| {
+            if !s.layout.is_image_name(&image_id) {
+                return Err(Error::NotFound(format!("image {image_id:?} is not cached")));
+            }
+            match fs::open(&Layout::image(&image_id)) {
+                Ok(file) => {
+                    let session = Reader {
+                        id: image_id.clone(),
+                        done: Cell::new(false),
+                    };
+                    Ok((ReadSession::new(session), file))
+                }
+                Err(e) if e.code == ErrorCode::NotFound => {
+                    Err(Error::NotFound(format!("image {image_id:?} is not cached")))
+                }
+                Err(e) => Err(io_error(e)),
+            }
+        })
+    }
+}
+
+/// A write session: `incomplete/<id>` exists and belongs to this session.
+pub struct Writer {
+    id: String,
+    done: Cell<bool>,
+}
+
+impl Writer {
+    fn finished_error(&self) -> Error {
+        Error::Io(format!(
+            "the write session of {:?} has already ended",
+            self.id
+        ))
+    }
+
+    fn abort_with(&self, reason: &str) -> Result<(), Error> {
+        if self.done.replace(true) {
+            return Ok(());
+        }
+        let state = state()?;
+        match fs::rename(&Layout::incomplete(&self.id), &Layout::invalid(&self.id)) {
+            Ok(()) => {}
+            Err(e) if e.code == ErrorCode::NotFound => {}
+            Err(e) => return Err(io_error(e)),
+        }
+        state.store.record_abort(&self.id, reason)
+    }
+}
+
+impl GuestWriteSession for Writer {
+    fn image_id(&self) -> String {
+        self.id.clone()
+    }
+
+    fn commit(&self, checksum: Option<String>) -> Result<(), Error> {
+        if self.done.get() {
+            return Err(self.finished_error());
+        }
+        let state = state()?;
+        let path = Layout::incomplete(&self.id);
+        let Some(meta) = state.layout.regular_file(&path)? else {
+            return Err(Error::Io(format!("{path} vanished before the commit")));
+        };
+        // Metadata first, then the atomic rename: a reader never sees the
+        // image without its metadata, and a crash in between leaves only a
+        // stale record that nothing lists.
+        state
+            .store
+            .record_commit(&self.id, &path, meta.size, checksum.as_deref(), now())?;
+        if let Err(e) = fs::rename(&path, &Layout::image(&self.id)) {
+            let _ = state.store.forget(std::slice::from_ref(&self.id));
+            return Err(io_error(e));
+        }
+        self.done.set(true);
+        remove_if_present(&Layout::queued(&self.id)).map_err(io_error)?;
+        Ok(())
+    }
+
+    fn abort(&self, reason: String) -> Result<(), Error> {
+        self.abort_with(&reason)
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Glance's `finally`: a write that was neither committed nor aborted.
+        let _ = self.abort_with("incomplete fetch");
+    }
+}
+
+/// A read session of a cached image.
+pub struct Reader {
+    id: String,
+    done: Cell<bool>,
+}
+
+impl GuestReadSession for Reader {
+    fn image_id(&self) -> String {
+        self.id.clone()
+    }
+
+    fn finish(&self) -> Result<(), Error> {
+        if self.done.replace(true) {
+            return Ok(());
+        }
+        state()?.store.record_read(&self.id, now())
+    }
+}

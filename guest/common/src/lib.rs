@@ -1,0 +1,40 @@
+//! What every image-cache driver shares.
+//!
+//! A driver component is this crate's [`Driver`] plus a [`MetadataStore`]:
+//! the id rules, the root's layout (`incomplete/`, `invalid/`, `queue/`),
+//! the queue, clean, prune, LRU order and the write/read session rules are
+//! here, once; a driver crate says only where hits and times live.
+//!
+//! The driver reaches the disk only through the host's `fs`, `xattr` and
+//! `sqlite` imports, all relative to the cache root the host chose.
+
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "driver",
+        pub_export_macro: true,
+        default_bindings_module: "driver_common::bindings",
+        generate_all,
+    });
+}
+
+mod driver;
+mod id;
+mod layout;
+mod store;
+
+pub use driver::Driver;
+pub use id::validate_image_id;
+pub use layout::remove_if_present;
+pub use layout::{Layout, now};
+pub use store::{Backend, Entry, MetadataStore, Options};
+
+pub use bindings::image_cache::driver::types::{
+    CachedImage, CleanReport, DriverInfo, Error, LruEntry, PruneReport, RemovedFile,
+};
+pub use bindings::image_cache::driver::{fs, sqlite, xattr};
+
+/// Turn a host `fs` error into the driver's `io` error, keeping its message.
+pub fn io_error(e: fs::FsError) -> Error {
+    Error::Io(e.message)
+}

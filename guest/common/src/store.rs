@@ -1,0 +1,87 @@
+//! Where a driver keeps what the file system does not: hits, access times.
+
+use crate::fs::Metadata;
+use crate::{DriverInfo, Error};
+
+/// The driver's options (Glance's names).
+pub struct Options {
+    /// `image_cache_sqlite_db`: the database file name in the root.
+    pub sqlite_db: String,
+}
+
+pub const DEFAULT_SQLITE_DB: &str = "cache.db";
+
+impl Options {
+    pub fn parse(options: &[(String, String)]) -> Result<Options, Error> {
+        let mut parsed = Options {
+            sqlite_db: DEFAULT_SQLITE_DB.to_string(),
+        };
+        for (key, value) in options {
+            if key == "image_cache_sqlite_db" {
+                let plain = !value.is_empty()
+                    && value != "."
+                    && value != ".."
+                    && !value.contains(['/', '\\', '\0']);
+                if !plain {
+                    return Err(Error::BadConfiguration(format!(
+                        "image_cache_sqlite_db must be a file name inside the cache root, not {value:?}"
+                    )));
+                }
+                parsed.sqlite_db = value.clone();
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+/// What a driver knows of a cached image beyond its size.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Entry {
+    pub hits: u64,
+    pub last_accessed: f64,
+    pub last_modified: f64,
+}
+
+impl Entry {
+    /// What an image with no recorded metadata looks like: never read,
+    /// accessed when it was last written.
+    pub fn unrecorded(file: &Metadata) -> Entry {
+        Entry {
+            hits: 0,
+            last_accessed: file.modified,
+            last_modified: file.modified,
+        }
+    }
+}
+
+/// The part of a driver that differs: where metadata lives.
+pub trait MetadataStore {
+    /// Metadata of the given cached files, one entry per file, in order.
+    fn entries(&self, files: &[(String, Metadata)]) -> Result<Vec<Entry>, Error>;
+    /// Hits of the cached image `id` (its file exists).
+    fn hits(&self, id: &str) -> Result<u64, Error>;
+    /// A write finished at `path` (still `incomplete/<id>`) and is about to
+    /// be published: hits 0, accessed and modified `now`.
+    fn record_commit(
+        &self,
+        id: &str,
+        path: &str,
+        size: u64,
+        checksum: Option<&str>,
+        now: f64,
+    ) -> Result<(), Error>;
+    /// A read of the cached image finished: hits + 1, accessed `now`.
+    /// Must not lose increments when several instances read at once.
+    fn record_read(&self, id: &str, now: f64) -> Result<(), Error>;
+    /// A write was abandoned; its file is now `invalid/<id>`.
+    fn record_abort(&self, id: &str, reason: &str) -> Result<(), Error>;
+    /// Drop the metadata of images whose files were removed.
+    fn forget(&self, ids: &[String]) -> Result<(), Error>;
+}
+
+/// A driver's metadata store, as the driver opens it at configure time.
+pub trait Backend: MetadataStore + Sized + 'static {
+    fn info() -> DriverInfo;
+    /// Open (creating if needed) the store in the configured root.
+    fn open(options: &Options) -> Result<Self, Error>;
+}

@@ -1,0 +1,222 @@
+//! The sqlite driver: metadata in Glance's `cached_images` table.
+//!
+//! The database is `cache.db` in the root (option `image_cache_sqlite_db`),
+//! opened through the host's `sqlite` import. The table is exactly Glance's,
+//! so an existing Glance cache directory works unchanged and Glance can read
+//! what this driver writes; the driver adds only an index for LRU order and
+//! switches the database to WAL.
+
+use std::collections::HashMap;
+
+use driver_common::fs::Metadata;
+use driver_common::sqlite::{Connection, SqliteError, Value};
+use driver_common::{Backend, DriverInfo, Entry, Error, Layout, MetadataStore, Options};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS cached_images (
+    image_id TEXT PRIMARY KEY,
+    last_accessed REAL DEFAULT 0.0,
+    last_modified REAL DEFAULT 0.0,
+    size INTEGER DEFAULT 0,
+    hits INTEGER DEFAULT 0,
+    checksum TEXT
+);
+CREATE INDEX IF NOT EXISTS cached_images_last_accessed
+    ON cached_images (last_accessed, image_id);
+";
+
+pub struct SqliteStore {
+    db: Connection,
+    db_name: String,
+}
+
+fn db_error(e: SqliteError) -> Error {
+    Error::Database(e.message)
+}
+
+fn text(s: &str) -> Value {
+    Value::Text(s.to_string())
+}
+
+fn as_u64(v: &Value) -> u64 {
+    match v {
+        Value::Integer(i) => (*i).max(0) as u64,
+        Value::Real(r) if *r > 0.0 => *r as u64,
+        _ => 0,
+    }
+}
+
+fn as_f64(v: &Value) -> Option<f64> {
+    match v {
+        Value::Real(r) => Some(*r),
+        Value::Integer(i) => Some(*i as f64),
+        _ => None,
+    }
+}
+
+impl SqliteStore {
+    /// Run `body` in one write transaction, rolled back if it fails.
+    fn transaction(&self, body: impl FnOnce() -> Result<(), Error>) -> Result<(), Error> {
+        self.db.execute("BEGIN IMMEDIATE", &[]).map_err(db_error)?;
+        match body() {
+            Ok(()) => {
+                self.db.execute("COMMIT", &[]).map_err(db_error)?;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.db.execute("ROLLBACK", &[]);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Backend for SqliteStore {
+    fn info() -> DriverInfo {
+        DriverInfo {
+            name: "sqlite".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            description:
+                "hits and access times in Glance's cached_images table (cache.db in the root)"
+                    .to_string(),
+        }
+    }
+
+    fn open(options: &Options) -> Result<Self, Error> {
+        let name = &options.sqlite_db;
+        let bad = |e: SqliteError| {
+            Error::BadConfiguration(format!("cannot use the database {name}: {}", e.message))
+        };
+        let db = Connection::open(name).map_err(bad)?;
+        // WAL lets readers go on while one instance writes; it is a property
+        // of the file, which Glance's sqlite3 module reads as well.
+        db.query("PRAGMA journal_mode=WAL", &[]).map_err(bad)?;
+        db.execute_batch(SCHEMA).map_err(bad)?;
+        Ok(SqliteStore {
+            db,
+            db_name: name.clone(),
+        })
+    }
+}
+
+impl MetadataStore for SqliteStore {
+    fn entries(&self, files: &[(String, Metadata)]) -> Result<Vec<Entry>, Error> {
+        let rows = self
+            .db
+            .query(
+                "SELECT image_id, hits, last_accessed, last_modified FROM cached_images",
+                &[],
+            )
+            .map_err(db_error)?;
+        let mut recorded = HashMap::with_capacity(rows.len());
+        for row in rows {
+            if let [Value::Text(id), hits, accessed, modified] = &row[..] {
+                recorded.insert(
+                    id.clone(),
+                    (as_u64(hits), as_f64(accessed), as_f64(modified)),
+                );
+            }
+        }
+        Ok(files
+            .iter()
+            .map(|(id, meta)| match recorded.get(id) {
+                Some(&(hits, accessed, modified)) => Entry {
+                    hits,
+                    last_accessed: accessed.unwrap_or(meta.modified),
+                    last_modified: modified.unwrap_or(meta.modified),
+                },
+                None => Entry::unrecorded(meta),
+            })
+            .collect())
+    }
+
+    fn hits(&self, id: &str) -> Result<u64, Error> {
+        let rows = self
+            .db
+            .query(
+                "SELECT hits FROM cached_images WHERE image_id = ?",
+                &[text(id)],
+            )
+            .map_err(db_error)?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.first())
+            .map(as_u64)
+            .unwrap_or(0))
+    }
+
+    fn record_commit(
+        &self,
+        id: &str,
+        _path: &str,
+        size: u64,
+        checksum: Option<&str>,
+        now: f64,
+    ) -> Result<(), Error> {
+        self.db
+            .execute(
+                "INSERT OR REPLACE INTO cached_images \
+                 (image_id, last_accessed, last_modified, size, hits, checksum) \
+                 VALUES (?, ?, ?, ?, 0, ?)",
+                &[
+                    text(id),
+                    Value::Real(now),
+                    Value::Real(now),
+                    Value::Integer(size as i64),
+                    checksum.map(text).unwrap_or(Value::Null),
+                ],
+            )
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    fn record_read(&self, id: &str, now: f64) -> Result<(), Error> {
+        // One statement: SQLite serialises it, so concurrent readers in
+        // other instances never lose an increment.
+        let changed = self
+            .db
+            .execute(
+                "UPDATE cached_images SET hits = hits + 1, last_accessed = ? WHERE image_id = ?",
+                &[Value::Real(now), text(id)],
+            )
+            .map_err(db_error)?;
+        if changed == 0 {
+            // A file with no row (written by a crashed writer, or copied in).
+            let layout = Layout::new(&self.db_name);
+            let (size, modified) = match layout.cached(id)? {
+                Some(m) => (m.size, m.modified),
+                None => return Ok(()),
+            };
+            self.db
+                .execute(
+                    "INSERT INTO cached_images (image_id, last_accessed, last_modified, size, hits) \
+                     VALUES (?, ?, ?, ?, 1) \
+                     ON CONFLICT(image_id) DO UPDATE SET hits = hits + 1, last_accessed = excluded.last_accessed",
+                    &[text(id), Value::Real(now), Value::Real(modified), Value::Integer(size as i64)],
+                )
+                .map_err(db_error)?;
+        }
+        Ok(())
+    }
+
+    fn record_abort(&self, id: &str, _reason: &str) -> Result<(), Error> {
+        self.forget(&[id.to_string()])
+    }
+
+    fn forget(&self, ids: &[String]) -> Result<(), Error> {
+        let delete = |id: &String| {
+            self.db
+                .execute("DELETE FROM cached_images WHERE image_id = ?", &[text(id)])
+                .map(|_| ())
+                .map_err(db_error)
+        };
+        match ids {
+            [] => Ok(()),
+            [id] => delete(id),
+            _ => self.transaction(|| ids.iter().try_for_each(delete)),
+        }
+    }
+}
+
+type SqliteDriver = driver_common::Driver<SqliteStore>;
+driver_common::bindings::export!(SqliteDriver with_types_in driver_common::bindings);

@@ -1,0 +1,115 @@
+//! Builds the driver components in `guest/` for wasm32-wasip2 with a nested
+//! cargo (own target directory under the workspace's `target/`), and exposes
+//! them to the host as `$OUT_DIR/<name>.wasm` for `include_bytes!`.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const TARGET: &str = "wasm32-wasip2";
+/// Driver crates in `guest/` and the component file each produces.
+const COMPONENTS: &[&str] = &["sqlite_driver", "xattr_driver"];
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
+    let root = manifest_dir.parent().unwrap().to_path_buf();
+    let guest = root.join("guest");
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
+
+    for path in ["wit", "guest/Cargo.toml", "guest/Cargo.lock"] {
+        println!("cargo::rerun-if-changed={}", root.join(path).display());
+    }
+    for entry in std::fs::read_dir(&guest).unwrap().flatten() {
+        let crate_dir = entry.path();
+        if crate_dir.join("Cargo.toml").exists() {
+            println!(
+                "cargo::rerun-if-changed={}",
+                crate_dir.join("Cargo.toml").display()
+            );
+            println!(
+                "cargo::rerun-if-changed={}",
+                crate_dir.join("src").display()
+            );
+        }
+    }
+
+    if !target_installed() {
+        println!(
+            "cargo::error=the {TARGET} target is missing; install it with: rustup target add {TARGET}"
+        );
+        return;
+    }
+
+    let target_dir = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("guest");
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&guest)
+        .args(["build", "--release", "--target", TARGET, "--target-dir"])
+        .arg(&target_dir);
+    if guest.join("Cargo.lock").exists() {
+        cmd.arg("--locked");
+    }
+    // The outer build's settings are for the host, not for the guests.
+    for (key, _) in env::vars_os() {
+        let key = key.to_string_lossy();
+        let keep = key == "CARGO_HOME"
+            || key == "CARGO_MAKEFLAGS"
+            || key.starts_with("CARGO_NET_")
+            || key.starts_with("CARGO_HTTP_")
+            || key.starts_with("CARGO_REGISTR");
+        let outer = key.starts_with("CARGO_")
+            || key.starts_with("RUSTC")
+            || key.starts_with("RUSTFLAGS")
+            || [
+                "TARGET",
+                "HOST",
+                "PROFILE",
+                "OUT_DIR",
+                "OPT_LEVEL",
+                "DEBUG",
+                "NUM_JOBS",
+            ]
+            .contains(&key.as_ref());
+        if outer && !keep {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+    let status = cmd
+        .status()
+        .expect("failed to run cargo for the guest drivers");
+    if !status.success() {
+        println!("cargo::error=building the driver components in guest/ failed (see above)");
+        return;
+    }
+
+    for name in COMPONENTS {
+        let built = target_dir
+            .join(TARGET)
+            .join("release")
+            .join(format!("{name}.wasm"));
+        copy_if_changed(&built, &out_dir.join(format!("{name}.wasm")));
+    }
+}
+
+/// Whether rustc's sysroot has the standard library for the wasm target.
+fn target_installed() -> bool {
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let Ok(out) = Command::new(rustc).args(["--print", "sysroot"]).output() else {
+        return true; // let the nested build report it
+    };
+    let sysroot = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Path::new(&sysroot)
+        .join("lib/rustlib")
+        .join(TARGET)
+        .exists()
+}
+
+fn copy_if_changed(from: &Path, to: &Path) {
+    let new = std::fs::read(from).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    if std::fs::read(to).ok().as_deref() != Some(&new[..]) {
+        std::fs::write(to, new).unwrap();
+    }
+}

@@ -1,0 +1,192 @@
+//! Glance's options, read from a `glance-cache.conf` style file, and the
+//! size and duration syntax operators type.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The options of SPEC.md, each unset unless given.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Options {
+    pub image_cache_dir: Option<PathBuf>,
+    pub image_cache_driver: Option<String>,
+    pub image_cache_max_size: Option<u64>,
+    pub image_cache_stall_time: Option<Duration>,
+    pub image_cache_sqlite_db: Option<String>,
+}
+
+impl Options {
+    /// Read the `[DEFAULT]` section of an INI file (glance-cache.conf,
+    /// glance-api.conf). Other sections and unknown keys are ignored; a
+    /// known key with a bad value is an error naming the file and key.
+    pub fn from_ini_file(path: &Path) -> Result<Options, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Options::from_ini(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn from_ini(text: &str) -> Result<Options, String> {
+        let ini = ini::Ini::load_from_str_noescape(text).map_err(|e| e.to_string())?;
+        let mut options = Options::default();
+        let Some(section) = ini.section(Some("DEFAULT")) else {
+            return Ok(options);
+        };
+        for (key, value) in section.iter() {
+            let value = value.trim();
+            let bad = |e: String| format!("[DEFAULT] {key} = {value:?}: {e}");
+            match key.trim() {
+                "image_cache_dir" => options.image_cache_dir = Some(PathBuf::from(value)),
+                "image_cache_driver" => options.image_cache_driver = Some(value.to_string()),
+                "image_cache_max_size" => {
+                    options.image_cache_max_size = Some(parse_size(value).map_err(bad)?)
+                }
+                "image_cache_stall_time" => {
+                    options.image_cache_stall_time = Some(parse_duration(value).map_err(bad)?)
+                }
+                "image_cache_sqlite_db" => options.image_cache_sqlite_db = Some(value.to_string()),
+                _ => {}
+            }
+        }
+        Ok(options)
+    }
+
+    /// Options set here win over those in `other`.
+    pub fn or(self, other: Options) -> Options {
+        Options {
+            image_cache_dir: self.image_cache_dir.or(other.image_cache_dir),
+            image_cache_driver: self.image_cache_driver.or(other.image_cache_driver),
+            image_cache_max_size: self.image_cache_max_size.or(other.image_cache_max_size),
+            image_cache_stall_time: self.image_cache_stall_time.or(other.image_cache_stall_time),
+            image_cache_sqlite_db: self.image_cache_sqlite_db.or(other.image_cache_sqlite_db),
+        }
+    }
+}
+
+/// A size in bytes: `1048576`, `512K`, `10G`, `512MiB`, `1.5GiB`, `100MB`.
+/// K, M, G, T (with or without `iB`) are powers of 1024; KB, MB, GB, TB are
+/// powers of 1000.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 1048576, 512MiB, 10G)"))?;
+    let unit = unit.trim();
+    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown size unit {unit:?} (use K, M, G, T, KiB ... or KB ...)"
+            ));
+        }
+    };
+    let bytes = number * multiplier as f64;
+    if !bytes.is_finite() || bytes > u64::MAX as f64 {
+        return Err(format!("{s:?} is too large"));
+    }
+    if unit.is_empty() && number.fract() != 0.0 {
+        return Err(format!("{s:?}: a size in bytes is a whole number"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// A duration: `3600` (seconds), `90s`, `30m`, `1h`, `1d`, `2w`, `1h30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(seconds) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    let weeks = s.replace('w', "*7d");
+    let mut total = 0u64;
+    let mut number = String::new();
+    let mut multiplier = 1u64;
+    let mut saw_unit = false;
+    for c in weeks.chars() {
+        match c {
+            '0'..='9' => number.push(c),
+            '*' => {
+                multiplier = number.parse().map_err(|_| bad_duration(s))?;
+                number.clear();
+            }
+            's' | 'm' | 'h' | 'd' => {
+                let n: u64 = number.parse().map_err(|_| bad_duration(s))?;
+                let unit = match c {
+                    's' => 1,
+                    'm' => 60,
+                    'h' => 3_600,
+                    _ => 86_400,
+                };
+                total += n * unit * multiplier;
+                multiplier = 1;
+                number.clear();
+                saw_unit = true;
+            }
+            _ => return Err(bad_duration(s)),
+        }
+    }
+    if !number.is_empty() || !saw_unit {
+        return Err(bad_duration(s));
+    }
+    Ok(Duration::from_secs(total))
+}
+
+fn bad_duration(s: &str) -> String {
+    format!("{s:?} is not a duration (examples: 3600, 90s, 30m, 1h, 1d, 2w)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_accept_what_operators_type() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("100MB"), Ok(100_000_000));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("10X").unwrap_err().contains("unknown size unit"));
+        assert!(parse_size("1.5").is_err());
+    }
+
+    #[test]
+    fn durations_accept_what_operators_type() {
+        assert_eq!(parse_duration("3600"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5_400)));
+        assert_eq!(parse_duration("2w"), Ok(Duration::from_secs(14 * 86_400)));
+        assert!(parse_duration("1x").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("-5").is_err());
+    }
+
+    #[test]
+    fn reads_glance_cache_conf() {
+        let text = "# glance-cache.conf\n[DEFAULT]\nimage_cache_dir = /var/lib/glance/image-cache/\n\
+                    image_cache_max_size = 10737418240\nimage_cache_stall_time = 86400\n\
+                    image_cache_driver = xattr\nverbose = true\n[glance_store]\nfilesystem_store_datadir = /x\n";
+        let o = Options::from_ini(text).unwrap();
+        assert_eq!(
+            o.image_cache_dir,
+            Some(PathBuf::from("/var/lib/glance/image-cache/"))
+        );
+        assert_eq!(o.image_cache_max_size, Some(10 << 30));
+        assert_eq!(o.image_cache_stall_time, Some(Duration::from_secs(86_400)));
+        assert_eq!(o.image_cache_driver.as_deref(), Some("xattr"));
+        assert_eq!(o.image_cache_sqlite_db, None);
+        let err = Options::from_ini("[DEFAULT]\nimage_cache_max_size = lots\n").unwrap_err();
+        assert!(err.contains("image_cache_max_size"), "{err}");
+    }
+}

@@ -1,0 +1,465 @@
+//! `image-cache:driver/fs`: files of one cache root, on a `cap_std` directory.
+//!
+//! Every path the guest gives is checked here before any system call: it must
+//! be relative, without `..`, NUL or backslash. `cap_std` then resolves it
+//! inside the root only (a symlink that points out is refused), and the last
+//! component is never followed when it is a symlink.
+
+use std::io;
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt};
+use cap_std::fs::{Dir, OpenOptions};
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+
+use crate::bindings::fs::{self as wit, DirEntry, EntryKind, ErrorCode, FsError, Metadata};
+
+/// Most entries one `list-dir` returns; a guest cannot make the host
+/// allocate without bound by filling a directory.
+pub const DEFAULT_MAX_LISTING: usize = 4_000_000;
+/// Most paths one `remove-files` takes.
+pub const MAX_BATCH: usize = 1_000_000;
+
+/// The cache root a driver instance may use, and nothing else.
+pub struct RootFs {
+    dir: Dir,
+    path: PathBuf,
+    max_listing: usize,
+}
+
+/// A file the guest opened. The host takes it out of the resource table to
+/// move image bytes natively.
+pub struct OpenFile {
+    pub file: std::fs::File,
+    /// Root-relative path it was opened at (for messages).
+    pub path: String,
+}
+
+pub type Result<T> = std::result::Result<T, FsError>;
+
+fn error(code: ErrorCode, message: impl Into<String>) -> FsError {
+    FsError {
+        code,
+        message: message.into(),
+    }
+}
+
+/// An I/O error in the guest's terms, naming the path.
+pub fn io_error(path: &str, e: io::Error) -> FsError {
+    let code = match e.kind() {
+        io::ErrorKind::NotFound => ErrorCode::NotFound,
+        io::ErrorKind::AlreadyExists => ErrorCode::AlreadyExists,
+        io::ErrorKind::PermissionDenied => ErrorCode::AccessDenied,
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => ErrorCode::NoSpace,
+        io::ErrorKind::NotADirectory => ErrorCode::NotADirectory,
+        io::ErrorKind::IsADirectory => ErrorCode::IsADirectory,
+        io::ErrorKind::Unsupported => ErrorCode::Unsupported,
+        _ => match e.raw_os_error() {
+            Some(95) | Some(61) => ErrorCode::Unsupported, // EOPNOTSUPP, ENODATA
+            Some(40) => ErrorCode::AccessDenied,           // ELOOP: a final symlink
+            _ => ErrorCode::Io,
+        },
+    };
+    let path = if path.is_empty() { "." } else { path };
+    error(code, format!("{path}: {e}"))
+}
+
+/// Check a guest path before it reaches the system: relative, no `..`, no
+/// NUL or backslash. The empty path and `.` name the root itself.
+pub fn check_path(path: &str) -> Result<&Path> {
+    if path.contains(['\0', '\\']) {
+        return Err(error(
+            ErrorCode::InvalidPath,
+            format!("{path:?}: NUL or backslash in a path"),
+        ));
+    }
+    let p = Path::new(path);
+    for component in p.components() {
+        match component {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(error(
+                    ErrorCode::AccessDenied,
+                    format!("{path:?}: `..` is not allowed"),
+                ));
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(error(
+                    ErrorCode::AccessDenied,
+                    format!("{path:?}: absolute paths are not allowed"),
+                ));
+            }
+        }
+    }
+    Ok(if path.is_empty() { Path::new(".") } else { p })
+}
+
+/// Like [`check_path`], for operations that need a name, not the root.
+fn check_name(path: &str) -> Result<&Path> {
+    let p = check_path(path)?;
+    if p.components().all(|c| c == Component::CurDir) {
+        return Err(error(
+            ErrorCode::InvalidPath,
+            format!("{path:?} names the root, not a file"),
+        ));
+    }
+    Ok(p)
+}
+
+pub fn to_time(t: SystemTime) -> f64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+pub fn from_time(t: f64) -> Result<SystemTime> {
+    if !t.is_finite() || t.abs() > 1e12 {
+        return Err(error(
+            ErrorCode::InvalidPath,
+            format!("{t} is not a usable time"),
+        ));
+    }
+    let d = Duration::from_secs_f64(t.abs());
+    Ok(if t >= 0.0 {
+        UNIX_EPOCH + d
+    } else {
+        UNIX_EPOCH - d
+    })
+}
+
+fn kind(ft: &std::fs::FileType) -> EntryKind {
+    if ft.is_symlink() {
+        EntryKind::Symlink
+    } else if ft.is_file() {
+        EntryKind::RegularFile
+    } else if ft.is_dir() {
+        EntryKind::Directory
+    } else {
+        EntryKind::Other
+    }
+}
+
+fn metadata_of(m: &std::fs::Metadata) -> Metadata {
+    Metadata {
+        kind: kind(&m.file_type()),
+        size: m.len(),
+        accessed: m.accessed().map(to_time).unwrap_or(0.0),
+        modified: m.modified().map(to_time).unwrap_or(0.0),
+    }
+}
+
+fn cap_metadata(m: &cap_std::fs::Metadata) -> Metadata {
+    let ft = m.file_type();
+    let kind = if ft.is_symlink() {
+        EntryKind::Symlink
+    } else if ft.is_file() {
+        EntryKind::RegularFile
+    } else if ft.is_dir() {
+        EntryKind::Directory
+    } else {
+        EntryKind::Other
+    };
+    let time =
+        |t: io::Result<cap_std::time::SystemTime>| t.map(|t| to_time(t.into_std())).unwrap_or(0.0);
+    Metadata {
+        kind,
+        size: m.len(),
+        accessed: time(m.accessed()),
+        modified: time(m.modified()),
+    }
+}
+
+impl RootFs {
+    /// Open the root directory at `path` (which must exist).
+    pub fn new(path: &Path) -> io::Result<RootFs> {
+        let dir = Dir::open_ambient_dir(path, cap_std::ambient_authority())?;
+        Ok(RootFs {
+            dir,
+            path: path.to_path_buf(),
+            max_listing: DEFAULT_MAX_LISTING,
+        })
+    }
+
+    pub fn with_max_listing(mut self, max: usize) -> Self {
+        self.max_listing = max;
+        self
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn dir(&self) -> &Dir {
+        &self.dir
+    }
+
+    pub fn create_new(&self, path: &str) -> Result<OpenFile> {
+        let p = check_name(path)?;
+        let mut options = OpenOptions::new();
+        options
+            .write(true)
+            .create_new(true)
+            .follow(FollowSymlinks::No);
+        let file = self
+            .dir
+            .open_with(p, &options)
+            .map_err(|e| io_error(path, e))?;
+        Ok(OpenFile {
+            file: file.into_std(),
+            path: path.to_string(),
+        })
+    }
+
+    pub fn open(&self, path: &str) -> Result<OpenFile> {
+        let p = check_name(path)?;
+        let mut options = OpenOptions::new();
+        options.read(true).follow(FollowSymlinks::No);
+        let file = self
+            .dir
+            .open_with(p, &options)
+            .map_err(|e| io_error(path, e))?
+            .into_std();
+        let meta = file.metadata().map_err(|e| io_error(path, e))?;
+        if !meta.is_file() {
+            return Err(error(
+                ErrorCode::IsADirectory,
+                format!("{path}: not a regular file"),
+            ));
+        }
+        Ok(OpenFile {
+            file,
+            path: path.to_string(),
+        })
+    }
+
+    pub fn stat(&self, path: &str) -> Result<Metadata> {
+        let p = check_path(path)?;
+        let meta = if p == Path::new(".") {
+            self.dir.dir_metadata()
+        } else {
+            self.dir.symlink_metadata(p)
+        };
+        meta.map(|m| cap_metadata(&m))
+            .map_err(|e| io_error(path, e))
+    }
+
+    pub fn create_dir(&self, path: &str) -> Result<()> {
+        let p = check_name(path)?;
+        self.dir.create_dir(p).map_err(|e| io_error(path, e))
+    }
+
+    pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntry>> {
+        let p = check_path(path)?;
+        let entries = if p == Path::new(".") {
+            self.dir.entries()
+        } else {
+            self.dir.read_dir(p)
+        }
+        .map_err(|e| io_error(path, e))?;
+        let mut listing = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error(path, e))?;
+            if listing.len() >= self.max_listing {
+                return Err(error(
+                    ErrorCode::LimitExceeded,
+                    format!("{path}: more than {} entries", self.max_listing),
+                ));
+            }
+            let Ok(name) = entry.file_name().into_string() else {
+                continue; // not UTF-8: never an image id
+            };
+            let metadata = match entry.metadata() {
+                Ok(m) => cap_metadata(&m),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // removed meanwhile
+                Err(e) => return Err(io_error(&format!("{path}/{name}"), e)),
+            };
+            listing.push(DirEntry { name, metadata });
+        }
+        Ok(listing)
+    }
+
+    pub fn rename(&self, src: &str, dst: &str) -> Result<()> {
+        let (s, d) = (check_name(src)?, check_name(dst)?);
+        self.dir
+            .rename(s, &self.dir, d)
+            .map_err(|e| io_error(&format!("{src} -> {dst}"), e))
+    }
+
+    pub fn remove_file(&self, path: &str) -> Result<()> {
+        let p = check_name(path)?;
+        self.dir.remove_file(p).map_err(|e| io_error(path, e))
+    }
+
+    pub fn set_times(
+        &self,
+        path: &str,
+        accessed: Option<f64>,
+        modified: Option<f64>,
+    ) -> Result<()> {
+        let p = check_name(path)?;
+        let spec = |t: Option<f64>| -> Result<Option<cap_fs_ext::SystemTimeSpec>> {
+            t.map(|t| {
+                from_time(t).map(|t| {
+                    cap_fs_ext::SystemTimeSpec::Absolute(cap_std::time::SystemTime::from_std(t))
+                })
+            })
+            .transpose()
+        };
+        self.dir
+            .set_symlink_times(p, spec(accessed)?, spec(modified)?)
+            .map_err(|e| io_error(path, e))
+    }
+}
+
+impl OpenFile {
+    pub fn metadata(&self) -> Result<Metadata> {
+        self.file
+            .metadata()
+            .map(|m| metadata_of(&m))
+            .map_err(|e| io_error(&self.path, e))
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_all().map_err(|e| io_error(&self.path, e))
+    }
+
+    pub fn set_times(&self, accessed: Option<f64>, modified: Option<f64>) -> Result<()> {
+        let mut times = std::fs::FileTimes::new();
+        if let Some(t) = accessed {
+            times = times.set_accessed(from_time(t)?);
+        }
+        if let Some(t) = modified {
+            times = times.set_modified(from_time(t)?);
+        }
+        self.file
+            .set_times(times)
+            .map_err(|e| io_error(&self.path, e))
+    }
+
+    pub fn lock(&self) -> Result<()> {
+        self.file.lock().map_err(|e| io_error(&self.path, e))
+    }
+
+    pub fn unlock(&self) -> Result<()> {
+        self.file.unlock().map_err(|e| io_error(&self.path, e))
+    }
+}
+
+/// What the `fs` host functions borrow from a store.
+pub struct FsView<'a> {
+    pub root: &'a RootFs,
+    pub table: &'a mut ResourceTable,
+}
+
+impl FsView<'_> {
+    fn push(&mut self, file: OpenFile) -> wasmtime::Result<Resource<OpenFile>> {
+        Ok(self.table.push(file)?)
+    }
+
+    fn opened(&mut self, file: Result<OpenFile>) -> wasmtime::Result<Result<Resource<OpenFile>>> {
+        Ok(match file {
+            Ok(file) => Ok(self.push(file)?),
+            Err(e) => Err(e),
+        })
+    }
+}
+
+impl wit::Host for FsView<'_> {
+    fn create_new(&mut self, path: String) -> wasmtime::Result<Result<Resource<OpenFile>>> {
+        let file = self.root.create_new(&path);
+        self.opened(file)
+    }
+
+    fn open(&mut self, path: String) -> wasmtime::Result<Result<Resource<OpenFile>>> {
+        let file = self.root.open(&path);
+        self.opened(file)
+    }
+
+    fn stat(&mut self, path: String) -> wasmtime::Result<Result<Metadata>> {
+        Ok(self.root.stat(&path))
+    }
+
+    fn create_dir(&mut self, path: String) -> wasmtime::Result<Result<()>> {
+        Ok(self.root.create_dir(&path))
+    }
+
+    fn list_dir(&mut self, path: String) -> wasmtime::Result<Result<Vec<DirEntry>>> {
+        Ok(self.root.list_dir(&path))
+    }
+
+    fn rename(&mut self, src: String, dst: String) -> wasmtime::Result<Result<()>> {
+        Ok(self.root.rename(&src, &dst))
+    }
+
+    fn remove_file(&mut self, path: String) -> wasmtime::Result<Result<()>> {
+        Ok(self.root.remove_file(&path))
+    }
+
+    fn remove_files(&mut self, paths: Vec<String>) -> wasmtime::Result<Vec<Result<()>>> {
+        if paths.len() > MAX_BATCH {
+            let e = error(
+                ErrorCode::LimitExceeded,
+                format!("more than {MAX_BATCH} paths in one call"),
+            );
+            return Ok(vec![Err(e); paths.len()]);
+        }
+        Ok(paths.iter().map(|p| self.root.remove_file(p)).collect())
+    }
+
+    fn set_times(
+        &mut self,
+        path: String,
+        accessed: Option<f64>,
+        modified: Option<f64>,
+    ) -> wasmtime::Result<Result<()>> {
+        Ok(self.root.set_times(&path, accessed, modified))
+    }
+}
+
+impl wit::HostFile for FsView<'_> {
+    fn metadata(&mut self, f: Resource<OpenFile>) -> wasmtime::Result<Result<Metadata>> {
+        Ok(self.table.get(&f)?.metadata())
+    }
+
+    fn sync(&mut self, f: Resource<OpenFile>) -> wasmtime::Result<Result<()>> {
+        Ok(self.table.get(&f)?.sync())
+    }
+
+    fn set_times(
+        &mut self,
+        f: Resource<OpenFile>,
+        accessed: Option<f64>,
+        modified: Option<f64>,
+    ) -> wasmtime::Result<Result<()>> {
+        Ok(self.table.get(&f)?.set_times(accessed, modified))
+    }
+
+    fn lock(&mut self, f: Resource<OpenFile>) -> wasmtime::Result<Result<()>> {
+        Ok(self.table.get(&f)?.lock())
+    }
+
+    fn unlock(&mut self, f: Resource<OpenFile>) -> wasmtime::Result<Result<()>> {
+        Ok(self.table.get(&f)?.unlock())
+    }
+
+    fn drop(&mut self, f: Resource<OpenFile>) -> wasmtime::Result<()> {
+        self.table.delete(f)?;
+        Ok(())
+    }
+}
+
+struct HasFs;
+
+impl HasData for HasFs {
+    type Data<'a> = FsView<'a>;
+}
+
+/// Add the `fs` interface to a linker; `view` borrows it from the store.
+pub fn add_to_linker<T: 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> FsView<'_>,
+) -> wasmtime::Result<()> {
+    wit::add_to_linker::<T, HasFs>(linker, view)
+}

@@ -1,0 +1,37 @@
+//! An image cache with sandboxed, swappable drivers.
+//!
+//! Glance's image cache (a directory of image files with hits and access
+//! times, a prefetch queue, LRU pruning and cleaning) where every decision
+//! about the directory is made by a WebAssembly driver component that sees
+//! only that directory, through the host interfaces implemented here:
+//!
+//! | module | implements |
+//! | --- | --- |
+//! | [`fs`] | `image-cache:driver/fs` on a `cap_std` directory |
+//! | [`xattr`] | `image-cache:driver/xattr`, `user.` names only |
+//! | [`sqlite`] | `image-cache:driver/sqlite` with rusqlite |
+//! | [`runtime`] | engine, component loading, artifacts, limits |
+//! | [`driver`] | a driver on one root: instance pool, typed calls, sessions |
+//! | [`cache`] | [`ImageCache`]: prune, clean, tee, read, swap |
+//! | [`config`] | Glance's options, sizes, durations, `glance-cache.conf` |
+
+pub mod bindings;
+pub mod builtin;
+pub mod cache;
+pub mod checksum;
+pub mod config;
+pub mod driver;
+pub mod error;
+pub mod fs;
+pub mod runtime;
+pub mod sqlite;
+pub mod xattr;
+
+pub use bindings::types::{
+    CachedImage, CleanReport, DriverInfo, LruEntry, PruneReport, RemovedFile,
+};
+pub use cache::{CacheConfig, ImageCache, ImageReader, ImageWriter, TeeReport};
+pub use checksum::Checksum;
+pub use error::{Error, Result};
+pub use runtime::{DriverSource, Limits, Runtime};
+pub use xattr::XattrSupport;

@@ -1,0 +1,217 @@
+//! `image-cache:driver/xattr`: extended attributes of files the guest opened.
+//!
+//! Only names in the `user.` namespace pass; anything else (`trusted.`,
+//! `security.`, `system.`) is refused before any system call. Attributes are
+//! read and written through the open file, so a path is never re-resolved.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+use xattr::FileExt;
+
+use crate::bindings::fs::{ErrorCode, FsError};
+use crate::bindings::xattr as wit;
+use crate::fs::{OpenFile, RootFs, io_error};
+
+/// Longest attribute name (Linux's XATTR_NAME_MAX).
+pub const MAX_NAME: usize = 255;
+/// Largest value a guest may store or read back.
+pub const MAX_VALUE: usize = 64 * 1024;
+
+pub type Result<T> = std::result::Result<T, FsError>;
+
+/// How the host offers extended attributes to a driver instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XattrSupport {
+    /// Pass through to the file system (which may still not support them).
+    FileSystem,
+    /// Report every call as unsupported, as a file system without user
+    /// xattrs would (for tests and for operators who want to forbid them).
+    Disabled,
+}
+
+/// Accept only `user.` names of a sane length.
+pub fn check_name(name: &str) -> Result<()> {
+    let user = name
+        .strip_prefix("user.")
+        .is_some_and(|rest| !rest.is_empty());
+    if !user || name.len() > MAX_NAME || name.contains('\0') {
+        return Err(FsError {
+            code: ErrorCode::AccessDenied,
+            message: format!("extended attribute {name:?}: only user.* names are allowed"),
+        });
+    }
+    Ok(())
+}
+
+fn unsupported(what: &str) -> FsError {
+    FsError {
+        code: ErrorCode::Unsupported,
+        message: format!("{what}: user extended attributes are not supported here"),
+    }
+}
+
+/// Attribute operations on one open file.
+pub struct Attributes<'a> {
+    pub file: &'a OpenFile,
+    pub support: XattrSupport,
+}
+
+impl Attributes<'_> {
+    fn enabled(&self) -> Result<()> {
+        match self.support {
+            XattrSupport::FileSystem => Ok(()),
+            XattrSupport::Disabled => Err(unsupported(&self.file.path)),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        check_name(name)?;
+        self.enabled()?;
+        let value = self
+            .file
+            .file
+            .get_xattr(name)
+            .map_err(|e| io_error(&self.file.path, e))?;
+        if value.as_ref().is_some_and(|v| v.len() > MAX_VALUE) {
+            return Err(FsError {
+                code: ErrorCode::LimitExceeded,
+                message: format!(
+                    "{}: attribute {name} is larger than {MAX_VALUE} bytes",
+                    self.file.path
+                ),
+            });
+        }
+        Ok(value)
+    }
+
+    pub fn set(&self, name: &str, value: &[u8]) -> Result<()> {
+        check_name(name)?;
+        self.enabled()?;
+        if value.len() > MAX_VALUE {
+            return Err(FsError {
+                code: ErrorCode::LimitExceeded,
+                message: format!(
+                    "{}: attribute values are limited to {MAX_VALUE} bytes",
+                    self.file.path
+                ),
+            });
+        }
+        self.file
+            .file
+            .set_xattr(name, value)
+            .map_err(|e| io_error(&self.file.path, e))
+    }
+
+    pub fn remove(&self, name: &str) -> Result<()> {
+        check_name(name)?;
+        self.enabled()?;
+        match self.file.file.remove_xattr(name) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(61) => Ok(()), // ENODATA: not there
+            Err(e) => Err(io_error(&self.file.path, e)),
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<String>> {
+        self.enabled()?;
+        let names = self
+            .file
+            .file
+            .list_xattr()
+            .map_err(|e| io_error(&self.file.path, e))?;
+        Ok(names
+            .filter_map(|n| n.into_string().ok())
+            .filter(|n| n.starts_with("user."))
+            .collect())
+    }
+}
+
+/// Whether the root's file system stores `user.` attributes: set one on a
+/// scratch file in the root, read it back, remove the file.
+pub fn probe(root: &RootFs, support: XattrSupport) -> Result<()> {
+    static PROBES: AtomicU64 = AtomicU64::new(0);
+    let name = format!(
+        ".image-cache-xattr-probe-{}-{}",
+        std::process::id(),
+        PROBES.fetch_add(1, Ordering::Relaxed)
+    );
+    let file = root.create_new(&name)?;
+    let attrs = Attributes {
+        file: &file,
+        support,
+    };
+    let result = attrs
+        .set("user.image-cache.probe", b"1")
+        .and_then(|()| attrs.get("user.image-cache.probe"))
+        .and_then(|v| match v.as_deref() {
+            Some(b"1") => Ok(()),
+            _ => Err(unsupported(&root.path().display().to_string())),
+        });
+    let _ = root.remove_file(&name);
+    result.map_err(|e| match e.code {
+        ErrorCode::Unsupported => unsupported(&root.path().display().to_string()),
+        _ => e,
+    })
+}
+
+/// What the `xattr` host functions borrow from a store.
+pub struct XattrView<'a> {
+    pub root: &'a RootFs,
+    pub table: &'a mut ResourceTable,
+    pub support: XattrSupport,
+}
+
+impl XattrView<'_> {
+    fn attrs(&self, f: &Resource<OpenFile>) -> wasmtime::Result<Attributes<'_>> {
+        Ok(Attributes {
+            file: self.table.get(f)?,
+            support: self.support,
+        })
+    }
+}
+
+impl wit::Host for XattrView<'_> {
+    fn get(
+        &mut self,
+        f: Resource<OpenFile>,
+        name: String,
+    ) -> wasmtime::Result<Result<Option<Vec<u8>>>> {
+        Ok(self.attrs(&f)?.get(&name))
+    }
+
+    fn set(
+        &mut self,
+        f: Resource<OpenFile>,
+        name: String,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<()>> {
+        Ok(self.attrs(&f)?.set(&name, &value))
+    }
+
+    fn remove(&mut self, f: Resource<OpenFile>, name: String) -> wasmtime::Result<Result<()>> {
+        Ok(self.attrs(&f)?.remove(&name))
+    }
+
+    fn list_names(&mut self, f: Resource<OpenFile>) -> wasmtime::Result<Result<Vec<String>>> {
+        Ok(self.attrs(&f)?.list())
+    }
+
+    fn probe(&mut self) -> wasmtime::Result<Result<()>> {
+        Ok(probe(self.root, self.support))
+    }
+}
+
+struct HasXattr;
+
+impl HasData for HasXattr {
+    type Data<'a> = XattrView<'a>;
+}
+
+/// Add the `xattr` interface to a linker; `view` borrows it from the store.
+pub fn add_to_linker<T: 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> XattrView<'_>,
+) -> wasmtime::Result<()> {
+    wit::add_to_linker::<T, HasXattr>(linker, view)
+}

@@ -1,0 +1,175 @@
+//! Shared set-up for the integration suites: one runtime per test process
+//! (compiled components kept under the target directory), temporary roots,
+//! and the list of drivers every conformance test runs against.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use image_cache::{CacheConfig, DriverSource, ImageCache, Limits, Runtime};
+use tempfile::TempDir;
+
+/// Environment variable naming a third-party driver component to run the
+/// conformance suite against as well.
+pub const EXTERNAL_DRIVER_ENV: &str = "IMAGE_CACHE_TEST_DRIVER";
+
+/// Where compiled components are kept between test processes.
+pub fn artifact_dir() -> PathBuf {
+    // The test binary is <target>/<profile>/deps/<name>.
+    let exe = std::env::current_exe().expect("test binary path");
+    let target = exe.ancestors().nth(3).expect("target directory");
+    target.join("tmp").join("compiled-drivers")
+}
+
+/// The runtime shared by every cache in this test process.
+pub fn runtime() -> Arc<Runtime> {
+    static RUNTIME: OnceLock<Arc<Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| Runtime::new(Limits::default(), Some(artifact_dir())).expect("runtime"))
+        .clone()
+}
+
+/// The driver a conformance module runs against, by name: `sqlite`,
+/// `xattr`, or `external` (the component in `$IMAGE_CACHE_TEST_DRIVER`).
+pub fn driver(name: &str) -> Option<DriverSource> {
+    match name {
+        "external" => std::env::var_os(EXTERNAL_DRIVER_ENV).map(|p| DriverSource::File(p.into())),
+        builtin => Some(DriverSource::Builtin(
+            image_cache::builtin::find(builtin)
+                .expect("built-in driver")
+                .name,
+        )),
+    }
+}
+
+/// A cache on a fresh temporary root.
+pub struct TestCache {
+    pub dir: TempDir,
+    pub cache: ImageCache,
+    pub driver: DriverSource,
+}
+
+impl TestCache {
+    /// A cache using exactly `driver` (no fallback: a conformance failure
+    /// must not hide behind the sqlite driver).
+    pub fn new(driver: &DriverSource) -> TestCache {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cache = open(dir.path(), driver);
+        TestCache {
+            dir,
+            cache,
+            driver: driver.clone(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Cache `bytes` as image `id` through a write session.
+    pub fn put(&self, id: &str, bytes: &[u8]) {
+        self.cache
+            .cache_reader(id, None, bytes)
+            .unwrap_or_else(|e| panic!("caching {id}: {e}"));
+    }
+
+    /// Read image `id` fully (counting the hit).
+    pub fn get(&self, id: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.cache
+            .read_image(id, &mut out)
+            .unwrap_or_else(|e| panic!("reading {id}: {e}"));
+        out
+    }
+
+    /// Names of the regular files in a directory of the root, sorted.
+    pub fn files_in(&self, rel: &str) -> Vec<String> {
+        files_in(&self.path(rel))
+    }
+
+    /// Reopen the same root with another driver (or the same).
+    pub fn reopen(&self, driver: &DriverSource) -> ImageCache {
+        open(self.root(), driver)
+    }
+}
+
+pub fn open(root: &Path, driver: &DriverSource) -> ImageCache {
+    let config = CacheConfig::new(root)
+        .driver(driver.clone())
+        .fallback_to_sqlite(false);
+    ImageCache::with_runtime(runtime(), config)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", root.display()))
+}
+
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Every path under `dir` with its size, for "touches nothing" checks.
+pub fn snapshot(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(e.path());
+            }
+            out.push((e.path(), if meta.is_dir() { 0 } else { meta.len() }));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Set a file's modification time `age` into the past.
+pub fn age_file(path: &Path, age: Duration) {
+    let file = std::fs::File::options().write(true).open(path).unwrap();
+    let t = SystemTime::now() - age;
+    file.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
+        .unwrap();
+}
+
+/// `n` bytes of a recognisable pattern for image `seed`.
+pub fn image_bytes(seed: u8, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Runs each listed test function against every driver: a module per
+/// driver, a test per function, so a failure names both.
+#[macro_export]
+macro_rules! for_each_driver {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $test() { super::$test(&$crate::driver("sqlite").unwrap()) } )*
+        }
+        mod xattr {
+            $( #[test] fn $test() { super::$test(&$crate::driver("xattr").unwrap()) } )*
+        }
+        /// Set IMAGE_CACHE_TEST_DRIVER=path/to/driver.wasm to run these.
+        mod external {
+            $( #[test] fn $test() {
+                match $crate::driver("external") {
+                    Some(d) => super::$test(&d),
+                    None => eprintln!("{} not set: no third-party driver to test", $crate::EXTERNAL_DRIVER_ENV),
+                }
+            } )*
+        }
+    };
+}
