@@ -36,6 +36,8 @@ for_each_driver!(
     least_recently_accessed_and_batch,
     cache_size_counts_only_complete_images,
     configure_is_idempotent,
+    concurrent_reads_never_lose_a_hit,
+    rereading_moves_an_image_to_the_back_of_the_lru,
 );
 
 fn caches_an_image(driver: &DriverSource) {
@@ -499,4 +501,42 @@ fn digest(algorithm: &str, data: &[u8]) -> String {
     });
     h.update(data);
     h.finish()
+}
+
+fn concurrent_reads_never_lose_a_hit(driver: &DriverSource) {
+    let t = TestCache::new(driver);
+    let bytes = image_bytes(5, 4 * KIB);
+    t.put("popular", &bytes);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                for _ in 0..125 {
+                    assert_eq!(t.get("popular"), bytes);
+                }
+            });
+        }
+    });
+    assert_eq!(t.cache.get_hit_count("popular").unwrap(), 1000);
+}
+
+fn rereading_moves_an_image_to_the_back_of_the_lru(driver: &DriverSource) {
+    // On relatime mounts a second read does not move atime by itself: the
+    // driver must record the access.
+    let t = TestCache::new(driver);
+    for id in ["a", "b", "c"] {
+        t.put(id, b"x");
+    }
+    for id in ["a", "b", "c", "a", "a"] {
+        t.get(id);
+    }
+    let order: Vec<_> = t
+        .cache
+        .get_least_recently_accessed_batch(3)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.image_id)
+        .collect();
+    assert_eq!(order, ["b", "c", "a"]);
+    let report = t.cache.prune(2).unwrap();
+    assert_eq!(report.removed.iter().map(|r| r.image_id.as_str()).collect::<Vec<_>>(), ["b"]);
 }

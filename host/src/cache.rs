@@ -99,13 +99,13 @@ pub struct ImageCache {
 fn prepare_root(path: &Path) -> Result<RootFs> {
     let bad =
         |why: String| Error::BadConfiguration(format!("cache root {}: {why}", path.display()));
-    if let Err(e) = std::fs::create_dir_all(path) {
-        return Err(bad(format!("cannot create it: {e}")));
-    }
     match std::fs::metadata(path) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(bad("not a directory".into())),
-        Err(e) => return Err(bad(e.to_string())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(path).map_err(|e| bad(format!("cannot create it: {e}")))?;
+        }
+        Err(e) => return Err(bad(format!("cannot use it: {e}"))),
     }
     let root = RootFs::new(path).map_err(|e| bad(format!("cannot open it: {e}")))?;
     static PROBES: AtomicU64 = AtomicU64::new(0);

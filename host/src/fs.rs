@@ -30,6 +30,7 @@ pub struct RootFs {
 
 /// A file the guest opened. The host takes it out of the resource table to
 /// move image bytes natively.
+#[derive(Debug)]
 pub struct OpenFile {
     pub file: std::fs::File,
     /// Root-relative path it was opened at (for messages).
@@ -462,4 +463,89 @@ pub fn add_to_linker<T: 'static>(
     view: fn(&mut T) -> FsView<'_>,
 ) -> wasmtime::Result<()> {
     wit::add_to_linker::<T, HasFs>(linker, view)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> (tempfile::TempDir, RootFs) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = RootFs::new(dir.path()).unwrap();
+        (dir, root)
+    }
+
+    #[test]
+    fn refuses_parent_and_absolute_paths_before_any_system_call() {
+        let (_dir, root) = root();
+        for path in ["..", "../x", "a/../../x", "/etc/passwd", "/"] {
+            let e = root.open(path).unwrap_err();
+            assert_eq!(e.code, ErrorCode::AccessDenied, "{path}: {}", e.message);
+            assert_eq!(root.create_new(path).unwrap_err().code, ErrorCode::AccessDenied, "{path}");
+            assert_eq!(root.stat(path).unwrap_err().code, ErrorCode::AccessDenied, "{path}");
+            assert_eq!(root.remove_file(path).unwrap_err().code, ErrorCode::AccessDenied, "{path}");
+            assert_eq!(root.list_dir(path).unwrap_err().code, ErrorCode::AccessDenied, "{path}");
+            assert_eq!(root.rename("x", path).unwrap_err().code, ErrorCode::AccessDenied, "{path}");
+        }
+        for path in ["a\\b", "nul\0"] {
+            assert_eq!(root.open(path).unwrap_err().code, ErrorCode::InvalidPath, "{path:?}");
+        }
+        assert_eq!(root.create_new("").unwrap_err().code, ErrorCode::InvalidPath);
+        assert_eq!(root.remove_file(".").unwrap_err().code, ErrorCode::InvalidPath);
+    }
+
+    #[test]
+    fn never_follows_a_symlink_out_of_the_root() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"secret").unwrap();
+        let (dir, root) = root();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("linkdir")).unwrap();
+
+        // The final component is never followed.
+        assert!(root.open("link").is_err());
+        assert_eq!(root.stat("link").unwrap().kind, EntryKind::Symlink);
+        assert!(root.set_times("link", Some(0.0), None).is_ok(), "sets the link's own times");
+        assert!(std::fs::metadata(outside.path().join("secret")).unwrap().accessed().unwrap() > UNIX_EPOCH);
+        // A directory symlink leading out is refused at every use.
+        assert!(root.open("linkdir/secret").is_err());
+        assert!(root.create_new("linkdir/planted").is_err());
+        assert!(root.list_dir("linkdir").is_err());
+        assert!(root.remove_file("linkdir/secret").is_err());
+        assert!(root.rename("linkdir/secret", "stolen").is_err());
+        assert!(!outside.path().join("planted").exists());
+        assert_eq!(std::fs::read(outside.path().join("secret")).unwrap(), b"secret");
+        // Removing the link removes the link, not its target.
+        root.remove_file("link").unwrap();
+        assert!(outside.path().join("secret").exists());
+    }
+
+    #[test]
+    fn create_new_is_exclusive() {
+        let (_dir, root) = root();
+        let _first = root.create_new("incomplete-x").unwrap();
+        assert_eq!(root.create_new("incomplete-x").unwrap_err().code, ErrorCode::AlreadyExists);
+    }
+
+    #[test]
+    fn listing_is_capped() {
+        let (dir, root) = root();
+        for i in 0..5 {
+            std::fs::write(dir.path().join(i.to_string()), b"").unwrap();
+        }
+        assert_eq!(root.list_dir("").unwrap().len(), 5);
+        let capped = RootFs::new(dir.path()).unwrap().with_max_listing(3);
+        assert_eq!(capped.list_dir("").unwrap_err().code, ErrorCode::LimitExceeded);
+    }
+
+    #[test]
+    fn times_round_trip_with_sub_second_precision() {
+        let (_dir, root) = root();
+        let file = root.create_new("f").unwrap();
+        file.set_times(Some(1_700_000_000.25), Some(1_600_000_000.5)).unwrap();
+        let meta = root.stat("f").unwrap();
+        assert_eq!((meta.accessed, meta.modified), (1_700_000_000.25, 1_600_000_000.5));
+        file.set_times(Some(1_700_000_001.0), None).unwrap();
+        assert_eq!(file.metadata().unwrap().modified, 1_600_000_000.5, "none leaves it unchanged");
+    }
 }

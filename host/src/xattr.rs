@@ -215,3 +215,59 @@ pub fn add_to_linker<T: 'static>(
 ) -> wasmtime::Result<()> {
     wit::add_to_linker::<T, HasXattr>(linker, view)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_user_names_pass() {
+        for name in ["trusted.x", "security.selinux", "system.posix_acl_access", "user.", "hits", "USER.x"] {
+            assert_eq!(check_name(name).unwrap_err().code, ErrorCode::AccessDenied, "{name}");
+        }
+        check_name("user.hits").unwrap();
+        assert!(check_name(&format!("user.{}", "x".repeat(300))).is_err());
+    }
+
+    #[test]
+    fn attributes_live_on_the_open_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = RootFs::new(dir.path()).unwrap();
+        let file = root.create_new("img").unwrap();
+        let attrs = Attributes {
+            file: &file,
+            support: XattrSupport::FileSystem,
+        };
+        assert_eq!(attrs.get("user.hits").unwrap(), None);
+        attrs.set("user.hits", b"3").unwrap();
+        assert_eq!(attrs.get("user.hits").unwrap().as_deref(), Some(&b"3"[..]));
+        assert_eq!(attrs.list().unwrap(), ["user.hits"]);
+        // Renaming does not matter: the attribute follows the open file.
+        root.rename("img", "renamed").unwrap();
+        attrs.set("user.hits", b"4").unwrap();
+        let reopened = root.open("renamed").unwrap();
+        let again = Attributes {
+            file: &reopened,
+            support: XattrSupport::FileSystem,
+        };
+        assert_eq!(again.get("user.hits").unwrap().as_deref(), Some(&b"4"[..]));
+        attrs.remove("user.hits").unwrap();
+        attrs.remove("user.hits").unwrap();
+        assert_eq!(attrs.set("trusted.hits", b"1").unwrap_err().code, ErrorCode::AccessDenied);
+        assert_eq!(
+            attrs.set("user.big", &vec![0u8; MAX_VALUE + 1]).unwrap_err().code,
+            ErrorCode::LimitExceeded
+        );
+    }
+
+    #[test]
+    fn probe_reports_support_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = RootFs::new(dir.path()).unwrap();
+        probe(&root, XattrSupport::FileSystem).unwrap();
+        let e = probe(&root, XattrSupport::Disabled).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unsupported);
+        assert!(e.message.contains(&dir.path().display().to_string()), "{}", e.message);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "scratch files removed");
+    }
+}

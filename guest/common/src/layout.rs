@@ -27,17 +27,21 @@ pub fn now() -> f64 {
 }
 
 pub struct Layout {
-    /// File names in the root that are never images: the database and the
-    /// files SQLite keeps beside it.
+    /// File names in the root that are never images: the database, the
+    /// files SQLite keeps beside it, and Glance's lock file.
     reserved: Vec<String>,
 }
 
+/// The lock file Glance's sqlite driver leaves in the root (oslo lockutils).
+pub const GLANCE_DB_LOCK: &str = "image_cache_db_init";
+
 impl Layout {
     pub fn new(db_name: &str) -> Self {
-        let reserved = ["", "-journal", "-wal", "-shm"]
+        let mut reserved: Vec<String> = ["", "-journal", "-wal", "-shm"]
             .iter()
             .map(|suffix| format!("{db_name}{suffix}"))
             .collect();
+        reserved.push(GLANCE_DB_LOCK.to_string());
         Layout { reserved }
     }
 

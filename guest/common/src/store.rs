@@ -43,12 +43,13 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// What an image with no recorded metadata looks like: never read,
-    /// accessed when it was last written.
+    /// What an image with no recorded metadata looks like: no hits, last
+    /// accessed when the file system says (so LRU order kept by the xattr
+    /// driver survives a switch to sqlite).
     pub fn unrecorded(file: &Metadata) -> Entry {
         Entry {
             hits: 0,
-            last_accessed: file.modified,
+            last_accessed: file.accessed.max(file.modified),
             last_modified: file.modified,
         }
     }

@@ -1,0 +1,83 @@
+//! What is particular to the xattr driver: it needs user extended
+//! attributes, keeps Glance's attribute names, and records why a write was
+//! abandoned.
+
+use image_cache::{CacheConfig, DriverSource, Error, ImageCache, XattrSupport};
+use image_cache_tests::{TestCache, runtime};
+
+fn xattr() -> DriverSource {
+    DriverSource::Builtin("xattr")
+}
+
+fn config_without_xattrs(root: &std::path::Path) -> CacheConfig {
+    let mut config = CacheConfig::new(root).driver(xattr());
+    // The host reports user xattrs as unsupported, as a file system mounted
+    // without them would.
+    config.xattr = XattrSupport::Disabled;
+    config
+}
+
+#[test]
+fn without_user_xattrs_configure_fails_naming_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_without_xattrs(dir.path()).fallback_to_sqlite(false);
+    match ImageCache::with_runtime(runtime(), config) {
+        Err(Error::BadConfiguration(m)) => {
+            assert!(m.contains("extended attributes"), "{m}");
+            assert!(m.contains(&dir.path().display().to_string()), "{m}");
+        }
+        Err(e) => panic!("expected bad configuration, got {e:?}"),
+        Ok(_) => panic!("expected bad configuration, got a cache"),
+    }
+}
+
+#[test]
+fn without_user_xattrs_the_cache_falls_back_to_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ImageCache::with_runtime(runtime(), config_without_xattrs(dir.path())).unwrap();
+    assert_eq!(cache.driver().info().name, "sqlite");
+    cache.cache_reader("1", None, &b"works"[..]).unwrap();
+    assert!(dir.path().join("cache.db").exists());
+}
+
+#[test]
+fn reads_hits_that_glance_wrote() {
+    let t = TestCache::new(&xattr());
+    t.put("1", b"image");
+    // Glance stores the count as decimal text in user.hits.
+    xattr::set(t.path("1"), "user.hits", b"41").unwrap();
+    assert_eq!(t.cache.get_hit_count("1").unwrap(), 41);
+    t.get("1");
+    assert_eq!(xattr::get(t.path("1"), "user.hits").unwrap().as_deref(), Some(&b"42"[..]));
+}
+
+#[test]
+fn an_aborted_write_records_its_reason() {
+    let t = TestCache::new(&xattr());
+    let w = t.cache.open_for_write("1").unwrap();
+    w.abort("checksum mismatch").unwrap();
+    assert_eq!(
+        xattr::get(t.path("invalid/1"), "user.error").unwrap().as_deref(),
+        Some(&b"checksum mismatch"[..])
+    );
+    drop(t.cache.open_for_write("2").unwrap());
+    assert_eq!(
+        xattr::get(t.path("invalid/2"), "user.error").unwrap().as_deref(),
+        Some(&b"incomplete fetch"[..])
+    );
+}
+
+#[test]
+fn a_read_sets_the_access_time_itself() {
+    let t = TestCache::new(&xattr());
+    t.put("1", b"image");
+    // As on a noatime mount: the access time stays in the past unless the
+    // driver sets it.
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7 * 86_400);
+    let f = std::fs::File::open(t.path("1")).unwrap();
+    f.set_times(std::fs::FileTimes::new().set_accessed(old)).unwrap();
+    let before = std::time::SystemTime::now();
+    t.get("1");
+    let accessed = std::fs::metadata(t.path("1")).unwrap().accessed().unwrap();
+    assert!(accessed >= before - std::time::Duration::from_secs(1), "atime moved to the read");
+}
