@@ -8,6 +8,7 @@ use std::process::Command;
 
 const TARGET: &str = "wasm32-wasip2";
 /// Driver crates in `guest/` and the component file each produces.
+// (hostile_driver is a test fixture: built here, not embedded.)
 const COMPONENTS: &[&str] = &["sqlite_driver", "xattr_driver"];
 
 fn main() {

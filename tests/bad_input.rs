@@ -48,33 +48,55 @@ fn every_operation_rejects_invalid_ids(driver: &DriverSource) {
             ("delete_queued_image", c.delete_queued_image(id)),
             ("open_for_write", c.open_for_write(id).map(drop)),
             ("open_for_read", c.open_for_read(id).map(drop)),
-            ("cache_reader", c.cache_reader(id, None, &b"data"[..]).map(drop)),
-            ("cache_stream", c.cache_stream(id, None, &b"data"[..], std::io::sink()).map(drop)),
+            (
+                "cache_reader",
+                c.cache_reader(id, None, &b"data"[..]).map(drop),
+            ),
+            (
+                "cache_stream",
+                c.cache_stream(id, None, &b"data"[..], std::io::sink())
+                    .map(drop),
+            ),
         ];
         for (op, result) in results {
             match result {
                 Err(Error::InvalidImageId(message)) => {
                     assert!(message.starts_with("invalid image id"), "{op}: {message}");
-                    assert!(!message.contains('\n'), "{op}: one-line message: {message:?}");
+                    assert!(
+                        !message.contains('\n'),
+                        "{op}: one-line message: {message:?}"
+                    );
                 }
                 other => panic!("{op}({id:?}) should be an invalid-image-id error, got {other:?}"),
             }
         }
     }
-    assert_eq!(snapshot(t.root()), before, "rejected ids touched the cache directory");
+    assert_eq!(
+        snapshot(t.root()),
+        before,
+        "rejected ids touched the cache directory"
+    );
     assert_eq!(t.get("victim"), b"must survive");
 }
 
 fn long_but_valid_ids_work(driver: &DriverSource) {
     let t = TestCache::new(driver);
-    for id in ["x".repeat(255), "ünïcödé-ïd".into(), "with space".into(), ".hidden".into(), "...".into()] {
+    for id in [
+        "x".repeat(255),
+        "ünïcödé-ïd".into(),
+        "with space".into(),
+        ".hidden".into(),
+        "...".into(),
+    ] {
         t.put(&id, id.as_bytes());
         assert_eq!(t.get(&id), id.as_bytes());
     }
 }
 
 fn open_root(path: &std::path::Path, driver: DriverSource) -> Result<ImageCache, Error> {
-    let config = CacheConfig::new(path).driver(driver).fallback_to_sqlite(false);
+    let config = CacheConfig::new(path)
+        .driver(driver)
+        .fallback_to_sqlite(false);
     ImageCache::with_runtime(runtime(), config)
 }
 
@@ -103,7 +125,10 @@ fn a_root_that_cannot_be_created_is_a_bad_configuration() {
     let root = dir.path().join("file").join("cache");
     match open_root(&root, DriverSource::Builtin("sqlite")) {
         Err(Error::BadConfiguration(m)) => {
-            assert!(m.contains(&root.display().to_string()) && m.contains("cannot"), "{m}")
+            assert!(
+                m.contains(&root.display().to_string()) && m.contains("cannot"),
+                "{m}"
+            )
         }
         Err(e) => panic!("expected bad configuration, got {e:?}"),
         Ok(_) => panic!("expected bad configuration, got a cache"),
@@ -116,7 +141,10 @@ fn staging_directory_replaced_by_a_file_is_a_bad_configuration() {
     std::fs::write(dir.path().join("queue"), b"oops").unwrap();
     match open_root(dir.path(), DriverSource::Builtin("sqlite")) {
         Err(Error::BadConfiguration(m)) => {
-            assert!(m.contains("queue/") && m.contains(&dir.path().display().to_string()), "{m}")
+            assert!(
+                m.contains("queue/") && m.contains(&dir.path().display().to_string()),
+                "{m}"
+            )
         }
         Err(e) => panic!("expected bad configuration, got {e:?}"),
         Ok(_) => panic!("expected bad configuration, got a cache"),
@@ -132,7 +160,11 @@ fn a_database_that_is_not_sqlite_is_a_bad_configuration() {
         Err(e) => panic!("expected bad configuration, got {e:?}"),
         Ok(_) => panic!("expected bad configuration, got a cache"),
     }
-    assert_eq!(std::fs::read(dir.path().join("cache.db")).unwrap(), vec![0xAB; 4096], "not overwritten");
+    assert_eq!(
+        std::fs::read(dir.path().join("cache.db")).unwrap(),
+        vec![0xAB; 4096],
+        "not overwritten"
+    );
 }
 
 #[test]
@@ -161,5 +193,8 @@ fn a_missing_driver_file_is_a_load_error_naming_it() {
     }
     let not_wasm = dir.path().join("garbage.wasm");
     std::fs::write(&not_wasm, b"not a component").unwrap();
-    assert!(matches!(open_root(dir.path(), DriverSource::File(not_wasm)), Err(Error::Load { .. })));
+    assert!(matches!(
+        open_root(dir.path(), DriverSource::File(not_wasm)),
+        Err(Error::Load { .. })
+    ));
 }

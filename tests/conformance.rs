@@ -538,5 +538,12 @@ fn rereading_moves_an_image_to_the_back_of_the_lru(driver: &DriverSource) {
         .collect();
     assert_eq!(order, ["b", "c", "a"]);
     let report = t.cache.prune(2).unwrap();
-    assert_eq!(report.removed.iter().map(|r| r.image_id.as_str()).collect::<Vec<_>>(), ["b"]);
+    assert_eq!(
+        report
+            .removed
+            .iter()
+            .map(|r| r.image_id.as_str())
+            .collect::<Vec<_>>(),
+        ["b"]
+    );
 }

@@ -41,7 +41,11 @@ fn a_write_failure_mid_stream_still_delivers_every_chunk() {
         let error = report.cache_error.expect("the cache failure is reported");
         assert!(error.contains("big"), "{error}");
         assert!(!t.cache.is_cached("big").unwrap());
-        assert!(!t.cache.is_being_cached("big").unwrap(), "{:?}: staging file moved away", t.driver);
+        assert!(
+            !t.cache.is_being_cached("big").unwrap(),
+            "{:?}: staging file moved away",
+            t.driver
+        );
         assert_eq!(t.files_in("invalid"), ["big"]);
 
         // With a checksum the bytes flow too, and are still verified.
@@ -49,7 +53,10 @@ fn a_write_failure_mid_stream_still_delivers_every_chunk() {
         h.update(&data);
         let sum: image_cache::Checksum = format!("sha256:{}", h.finish()).parse().unwrap();
         let mut out = Vec::new();
-        let report = t.cache.cache_stream("big2", Some(&sum), &data[..], &mut out).unwrap();
+        let report = t
+            .cache
+            .cache_stream("big2", Some(&sum), &data[..], &mut out)
+            .unwrap();
         assert!(out == data && !report.cached && report.cache_error.is_some());
 
         // Small images still fit and cache normally.

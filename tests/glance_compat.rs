@@ -48,7 +48,10 @@ fn glance_directory_lists_with_its_hits_and_times() {
     let dir = glance_directory();
     let cache = open(dir.path(), &DriverSource::Builtin("sqlite"));
     let images = cache.get_cached_images().unwrap();
-    let seen: Vec<_> = images.iter().map(|i| (i.image_id.as_str(), i.hits, i.size, i.last_accessed)).collect();
+    let seen: Vec<_> = images
+        .iter()
+        .map(|i| (i.image_id.as_str(), i.hits, i.size, i.last_accessed))
+        .collect();
     assert_eq!(
         seen,
         [
@@ -91,7 +94,9 @@ fn what_we_write_glance_can_read() {
     let dir = glance_directory();
     let cache = open(dir.path(), &DriverSource::Builtin("sqlite"));
     let sha: image_cache::Checksum = format!("md5:{}", md5_of(b"new image")).parse().unwrap();
-    cache.cache_reader("55555555-eeee", Some(&sha), &b"new image"[..]).unwrap();
+    cache
+        .cache_reader("55555555-eeee", Some(&sha), &b"new image"[..])
+        .unwrap();
     let mut out = Vec::new();
     cache.read_image("11111111-aaaa", &mut out).unwrap();
 
@@ -112,7 +117,10 @@ fn what_we_write_glance_can_read() {
         ("hits", "INTEGER"),
         ("checksum", "TEXT"),
     ];
-    assert_eq!(columns, expected.map(|(a, b)| (a.to_string(), b.to_string())));
+    assert_eq!(
+        columns,
+        expected.map(|(a, b)| (a.to_string(), b.to_string()))
+    );
 
     let (hits, size, checksum, accessed, modified): (i64, i64, Option<String>, f64, f64) = db
         .query_row(
@@ -123,9 +131,16 @@ fn what_we_write_glance_can_read() {
         .unwrap();
     assert_eq!((hits, size), (0, 9));
     assert_eq!(checksum.as_deref(), Some(sha.to_string().as_str()));
-    assert!(accessed > 1.7e9 && accessed == modified, "Unix seconds as float");
+    assert!(
+        accessed > 1.7e9 && accessed == modified,
+        "Unix seconds as float"
+    );
     let hits: i64 = db
-        .query_row("SELECT hits FROM cached_images WHERE image_id = '11111111-aaaa'", [], |r| r.get(0))
+        .query_row(
+            "SELECT hits FROM cached_images WHERE image_id = '11111111-aaaa'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(hits, 8);
     assert!(files_in(&dir.path().join("incomplete")).is_empty());
@@ -142,7 +157,11 @@ fn files_without_rows_are_still_images() {
     let mut out = Vec::new();
     cache.read_image("66666666-ffff", &mut out).unwrap();
     assert_eq!(out, b"orphan");
-    assert_eq!(cache.get_hit_count("66666666-ffff").unwrap(), 1, "the read created its row");
+    assert_eq!(
+        cache.get_hit_count("66666666-ffff").unwrap(),
+        1,
+        "the read created its row"
+    );
 }
 
 fn md5_of(data: &[u8]) -> String {

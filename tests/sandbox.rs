@@ -38,12 +38,18 @@ fn assert_only_the_contract(name: &str, required: &[&str]) {
 
 #[test]
 fn sqlite_driver_imports_only_the_contract() {
-    assert_only_the_contract("sqlite", &["image-cache:driver/fs@", "image-cache:driver/sqlite@"]);
+    assert_only_the_contract(
+        "sqlite",
+        &["image-cache:driver/fs@", "image-cache:driver/sqlite@"],
+    );
 }
 
 #[test]
 fn xattr_driver_imports_only_the_contract() {
-    assert_only_the_contract("xattr", &["image-cache:driver/fs@", "image-cache:driver/xattr@"]);
+    assert_only_the_contract(
+        "xattr",
+        &["image-cache:driver/fs@", "image-cache:driver/xattr@"],
+    );
 }
 
 /// A minimal component that imports wasi:filesystem: it must not load.

@@ -21,15 +21,26 @@ fn sqlite_to_xattr_and_back_keeps_every_image() {
     t.get("img-0");
 
     let as_xattr = t.reopen(&xattr());
-    let ids: Vec<_> = as_xattr.get_cached_images().unwrap().into_iter().map(|i| i.image_id).collect();
-    assert_eq!(ids, ["img-0", "img-1", "img-2", "img-3", "img-4"], "cache.db is not an image");
+    let ids: Vec<_> = as_xattr
+        .get_cached_images()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.image_id)
+        .collect();
+    assert_eq!(
+        ids,
+        ["img-0", "img-1", "img-2", "img-3", "img-4"],
+        "cache.db is not an image"
+    );
     assert_eq!(as_xattr.get_cache_size().unwrap(), 5 * 2048);
     for i in 0..5u8 {
         let mut out = Vec::new();
         as_xattr.read_image(&format!("img-{i}"), &mut out).unwrap();
         assert_eq!(out, image_bytes(i, 2048));
     }
-    as_xattr.cache_reader("by-xattr", None, &b"new"[..]).unwrap();
+    as_xattr
+        .cache_reader("by-xattr", None, &b"new"[..])
+        .unwrap();
     drop(as_xattr);
 
     let back = t.reopen(&sqlite());
@@ -58,5 +69,9 @@ fn xattr_lru_order_survives_a_switch_to_sqlite() {
         .into_iter()
         .map(|e| e.image_id)
         .collect();
-    assert_eq!(order, ["c", "a", "b"], "images without rows order by their access time");
+    assert_eq!(
+        order,
+        ["c", "a", "b"],
+        "images without rows order by their access time"
+    );
 }

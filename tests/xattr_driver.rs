@@ -48,7 +48,10 @@ fn reads_hits_that_glance_wrote() {
     xattr::set(t.path("1"), "user.hits", b"41").unwrap();
     assert_eq!(t.cache.get_hit_count("1").unwrap(), 41);
     t.get("1");
-    assert_eq!(xattr::get(t.path("1"), "user.hits").unwrap().as_deref(), Some(&b"42"[..]));
+    assert_eq!(
+        xattr::get(t.path("1"), "user.hits").unwrap().as_deref(),
+        Some(&b"42"[..])
+    );
 }
 
 #[test]
@@ -57,12 +60,16 @@ fn an_aborted_write_records_its_reason() {
     let w = t.cache.open_for_write("1").unwrap();
     w.abort("checksum mismatch").unwrap();
     assert_eq!(
-        xattr::get(t.path("invalid/1"), "user.error").unwrap().as_deref(),
+        xattr::get(t.path("invalid/1"), "user.error")
+            .unwrap()
+            .as_deref(),
         Some(&b"checksum mismatch"[..])
     );
     drop(t.cache.open_for_write("2").unwrap());
     assert_eq!(
-        xattr::get(t.path("invalid/2"), "user.error").unwrap().as_deref(),
+        xattr::get(t.path("invalid/2"), "user.error")
+            .unwrap()
+            .as_deref(),
         Some(&b"incomplete fetch"[..])
     );
 }
@@ -75,9 +82,13 @@ fn a_read_sets_the_access_time_itself() {
     // driver sets it.
     let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7 * 86_400);
     let f = std::fs::File::open(t.path("1")).unwrap();
-    f.set_times(std::fs::FileTimes::new().set_accessed(old)).unwrap();
+    f.set_times(std::fs::FileTimes::new().set_accessed(old))
+        .unwrap();
     let before = std::time::SystemTime::now();
     t.get("1");
     let accessed = std::fs::metadata(t.path("1")).unwrap().accessed().unwrap();
-    assert!(accessed >= before - std::time::Duration::from_secs(1), "atime moved to the read");
+    assert!(
+        accessed >= before - std::time::Duration::from_secs(1),
+        "atime moved to the read"
+    );
 }

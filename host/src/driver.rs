@@ -120,14 +120,21 @@ impl Driver {
         Ok(instance)
     }
 
+    /// A trap or host error during a call, as one line naming the cause.
     fn fault(&self, e: wasmtime::Error) -> Error {
+        let limits = self.runtime.limits();
+        let cause = e.root_cause().to_string();
+        let cause = cause.lines().next().unwrap_or("unknown").trim().to_string();
         let message = match e.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::Interrupt) => format!(
                 "it ran past its deadline of {:?} and was stopped",
-                self.runtime.limits().call_deadline
+                limits.call_deadline
             ),
-            Some(trap) => format!("it trapped: {trap} ({e:#})"),
-            None => format!("{e:#}"),
+            _ if cause.contains("growing memory") => format!(
+                "it trapped: it exceeded its memory cap of {} bytes ({cause})",
+                limits.memory_bytes
+            ),
+            _ => format!("it trapped: {cause}"),
         };
         Error::DriverFault {
             driver: self.name().to_string(),
@@ -180,8 +187,30 @@ impl Driver {
         )
             -> wasmtime::Result<std::result::Result<T, crate::bindings::types::Error>>,
     ) -> Result<T> {
+        self.call_checked(call, |_| Ok(()))
+    }
+
+    /// Like [`Driver::call`], and the result must pass `check`: a driver
+    /// that returns garbage is treated like one that trapped.
+    pub(crate) fn call_checked<T>(
+        &self,
+        call: impl FnOnce(
+            &Guest,
+            &mut Store<HostState>,
+        )
+            -> wasmtime::Result<std::result::Result<T, crate::bindings::types::Error>>,
+        check: impl FnOnce(&T) -> std::result::Result<(), String>,
+    ) -> Result<T> {
         let mut instance = self.checkout()?;
-        let result = self.guarded(&mut instance, call);
+        let result = self
+            .guarded(&mut instance, call)
+            .and_then(|value| match check(&value) {
+                Ok(()) => Ok(value),
+                Err(broken) => Err(Error::DriverFault {
+                    driver: self.name().to_string(),
+                    message: format!("it broke the driver contract: {broken}"),
+                }),
+            });
         if matches!(result, Err(Error::DriverFault { .. })) {
             self.runtime
                 .stats
@@ -202,7 +231,16 @@ impl Driver {
     }
 
     pub fn get_cached_images(&self) -> Result<Vec<CachedImage>> {
-        self.call(|g, s| g.call_get_cached_images(s))
+        self.call_checked(
+            |g, s| g.call_get_cached_images(s),
+            |images| match images.windows(2).find(|w| w[0].image_id >= w[1].image_id) {
+                Some(w) => Err(format!(
+                    "get-cached-images is not ordered by id ({:?} before {:?})",
+                    w[0].image_id, w[1].image_id
+                )),
+                None => Ok(()),
+            },
+        )
     }
 
     pub fn is_cached(&self, id: &str) -> Result<bool> {
@@ -250,7 +288,16 @@ impl Driver {
     }
 
     pub fn get_least_recently_accessed_batch(&self, count: u32) -> Result<Vec<LruEntry>> {
-        self.call(|g, s| g.call_get_least_recently_accessed_batch(s, count))
+        self.call_checked(
+            |g, s| g.call_get_least_recently_accessed_batch(s, count),
+            |batch| match batch.len() > count as usize {
+                true => Err(format!(
+                    "asked for {count} LRU entries, got {}",
+                    batch.len()
+                )),
+                false => Ok(()),
+            },
+        )
     }
 
     pub fn get_image_size(&self, id: &str) -> Result<u64> {

@@ -481,17 +481,47 @@ mod tests {
         for path in ["..", "../x", "a/../../x", "/etc/passwd", "/"] {
             let e = root.open(path).unwrap_err();
             assert_eq!(e.code, ErrorCode::AccessDenied, "{path}: {}", e.message);
-            assert_eq!(root.create_new(path).unwrap_err().code, ErrorCode::AccessDenied, "{path}");
-            assert_eq!(root.stat(path).unwrap_err().code, ErrorCode::AccessDenied, "{path}");
-            assert_eq!(root.remove_file(path).unwrap_err().code, ErrorCode::AccessDenied, "{path}");
-            assert_eq!(root.list_dir(path).unwrap_err().code, ErrorCode::AccessDenied, "{path}");
-            assert_eq!(root.rename("x", path).unwrap_err().code, ErrorCode::AccessDenied, "{path}");
+            assert_eq!(
+                root.create_new(path).unwrap_err().code,
+                ErrorCode::AccessDenied,
+                "{path}"
+            );
+            assert_eq!(
+                root.stat(path).unwrap_err().code,
+                ErrorCode::AccessDenied,
+                "{path}"
+            );
+            assert_eq!(
+                root.remove_file(path).unwrap_err().code,
+                ErrorCode::AccessDenied,
+                "{path}"
+            );
+            assert_eq!(
+                root.list_dir(path).unwrap_err().code,
+                ErrorCode::AccessDenied,
+                "{path}"
+            );
+            assert_eq!(
+                root.rename("x", path).unwrap_err().code,
+                ErrorCode::AccessDenied,
+                "{path}"
+            );
         }
         for path in ["a\\b", "nul\0"] {
-            assert_eq!(root.open(path).unwrap_err().code, ErrorCode::InvalidPath, "{path:?}");
+            assert_eq!(
+                root.open(path).unwrap_err().code,
+                ErrorCode::InvalidPath,
+                "{path:?}"
+            );
         }
-        assert_eq!(root.create_new("").unwrap_err().code, ErrorCode::InvalidPath);
-        assert_eq!(root.remove_file(".").unwrap_err().code, ErrorCode::InvalidPath);
+        assert_eq!(
+            root.create_new("").unwrap_err().code,
+            ErrorCode::InvalidPath
+        );
+        assert_eq!(
+            root.remove_file(".").unwrap_err().code,
+            ErrorCode::InvalidPath
+        );
     }
 
     #[test]
@@ -505,8 +535,17 @@ mod tests {
         // The final component is never followed.
         assert!(root.open("link").is_err());
         assert_eq!(root.stat("link").unwrap().kind, EntryKind::Symlink);
-        assert!(root.set_times("link", Some(0.0), None).is_ok(), "sets the link's own times");
-        assert!(std::fs::metadata(outside.path().join("secret")).unwrap().accessed().unwrap() > UNIX_EPOCH);
+        assert!(
+            root.set_times("link", Some(0.0), None).is_ok(),
+            "sets the link's own times"
+        );
+        assert!(
+            std::fs::metadata(outside.path().join("secret"))
+                .unwrap()
+                .accessed()
+                .unwrap()
+                > UNIX_EPOCH
+        );
         // A directory symlink leading out is refused at every use.
         assert!(root.open("linkdir/secret").is_err());
         assert!(root.create_new("linkdir/planted").is_err());
@@ -514,7 +553,10 @@ mod tests {
         assert!(root.remove_file("linkdir/secret").is_err());
         assert!(root.rename("linkdir/secret", "stolen").is_err());
         assert!(!outside.path().join("planted").exists());
-        assert_eq!(std::fs::read(outside.path().join("secret")).unwrap(), b"secret");
+        assert_eq!(
+            std::fs::read(outside.path().join("secret")).unwrap(),
+            b"secret"
+        );
         // Removing the link removes the link, not its target.
         root.remove_file("link").unwrap();
         assert!(outside.path().join("secret").exists());
@@ -524,7 +566,10 @@ mod tests {
     fn create_new_is_exclusive() {
         let (_dir, root) = root();
         let _first = root.create_new("incomplete-x").unwrap();
-        assert_eq!(root.create_new("incomplete-x").unwrap_err().code, ErrorCode::AlreadyExists);
+        assert_eq!(
+            root.create_new("incomplete-x").unwrap_err().code,
+            ErrorCode::AlreadyExists
+        );
     }
 
     #[test]
@@ -535,17 +580,28 @@ mod tests {
         }
         assert_eq!(root.list_dir("").unwrap().len(), 5);
         let capped = RootFs::new(dir.path()).unwrap().with_max_listing(3);
-        assert_eq!(capped.list_dir("").unwrap_err().code, ErrorCode::LimitExceeded);
+        assert_eq!(
+            capped.list_dir("").unwrap_err().code,
+            ErrorCode::LimitExceeded
+        );
     }
 
     #[test]
     fn times_round_trip_with_sub_second_precision() {
         let (_dir, root) = root();
         let file = root.create_new("f").unwrap();
-        file.set_times(Some(1_700_000_000.25), Some(1_600_000_000.5)).unwrap();
+        file.set_times(Some(1_700_000_000.25), Some(1_600_000_000.5))
+            .unwrap();
         let meta = root.stat("f").unwrap();
-        assert_eq!((meta.accessed, meta.modified), (1_700_000_000.25, 1_600_000_000.5));
+        assert_eq!(
+            (meta.accessed, meta.modified),
+            (1_700_000_000.25, 1_600_000_000.5)
+        );
         file.set_times(Some(1_700_000_001.0), None).unwrap();
-        assert_eq!(file.metadata().unwrap().modified, 1_600_000_000.5, "none leaves it unchanged");
+        assert_eq!(
+            file.metadata().unwrap().modified,
+            1_600_000_000.5,
+            "none leaves it unchanged"
+        );
     }
 }

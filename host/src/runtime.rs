@@ -64,7 +64,7 @@ impl Default for Limits {
         Limits {
             call_deadline: Duration::from_secs(30),
             memory_bytes: 1 << 30,
-            resources: 10_000,
+            resources: 256,
             max_listing: crate::fs::DEFAULT_MAX_LISTING,
             max_query_bytes: crate::sqlite::DEFAULT_MAX_RESULT_BYTES,
         }
@@ -277,10 +277,18 @@ impl Runtime {
     fn compile(&self, name: &str, sha256: &str, bytes: &[u8]) -> Result<(Component, bool)> {
         let artifact = self.artifact_path(sha256);
         if let Some(path) = artifact.as_deref().filter(|p| p.exists()) {
+            // Read into memory rather than map the file: another process
+            // truncating it must not fault this one.
             // SAFETY: the artifact directory is the host's own (never inside a
-            // cache root); its files were written by `serialize` below under a
-            // name that includes the engine's compatibility hash.
-            match unsafe { Component::deserialize_file(&self.engine, path) } {
+            // cache root); its files are written by `save_artifact` under a
+            // name that includes the engine's compatibility hash, and wasmtime
+            // checks the header before using the code.
+            let loaded = match std::fs::read(path) {
+                Ok(bytes) => unsafe { Component::deserialize(&self.engine, bytes) }
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match loaded {
                 Ok(component) => {
                     self.stats
                         .loaded_precompiled

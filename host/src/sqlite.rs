@@ -246,7 +246,16 @@ mod tests {
     #[test]
     fn opens_only_plain_names_in_the_root() {
         let (dir, root, sqlite) = setup();
-        for name in ["../escape.db", "/tmp/abs.db", "sub/x.db", "", "..", ":memory:", "file:x.db?mode=memory", "a\\b"] {
+        for name in [
+            "../escape.db",
+            "/tmp/abs.db",
+            "sub/x.db",
+            "",
+            "..",
+            ":memory:",
+            "file:x.db?mode=memory",
+            "a\\b",
+        ] {
             let e = sqlite.open(&root, name).err().unwrap();
             assert_eq!(e.code, ErrorCode::AccessDenied, "{name:?}: {}", e.message);
         }
@@ -259,8 +268,12 @@ mod tests {
     fn refuses_a_symlinked_database() {
         let outside = tempfile::tempdir().unwrap();
         let (dir, root, sqlite) = setup();
-        std::os::unix::fs::symlink(outside.path().join("victim.db"), dir.path().join("evil.db")).unwrap();
-        assert_eq!(sqlite.open(&root, "evil.db").err().unwrap().code, ErrorCode::AccessDenied);
+        std::os::unix::fs::symlink(outside.path().join("victim.db"), dir.path().join("evil.db"))
+            .unwrap();
+        assert_eq!(
+            sqlite.open(&root, "evil.db").err().unwrap().code,
+            ErrorCode::AccessDenied
+        );
         assert!(!outside.path().join("victim.db").exists());
     }
 
@@ -268,7 +281,8 @@ mod tests {
     fn executes_and_queries_with_typed_values() {
         let (_dir, root, sqlite) = setup();
         let c = sqlite.open(&root, "t.db").unwrap();
-        c.execute_batch("CREATE TABLE t (i INTEGER, r REAL, s TEXT, b BLOB, n)").unwrap();
+        c.execute_batch("CREATE TABLE t (i INTEGER, r REAL, s TEXT, b BLOB, n)")
+            .unwrap();
         let row = vec![
             Value::Integer(-7),
             Value::Real(1.5),
@@ -276,12 +290,18 @@ mod tests {
             Value::Blob(vec![1, 2]),
             Value::Null,
         ];
-        assert_eq!(c.execute("INSERT INTO t VALUES (?, ?, ?, ?, ?)", row.clone()).unwrap(), 1);
+        assert_eq!(
+            c.execute("INSERT INTO t VALUES (?, ?, ?, ?, ?)", row.clone())
+                .unwrap(),
+            1
+        );
         let rows = c.query("SELECT * FROM t", vec![]).unwrap();
         assert_eq!(rows.len(), 1);
         assert!(matches!(rows[0][0], Value::Integer(-7)));
         assert!(matches!(&rows[0][3], Value::Blob(b) if b == &[1, 2]));
-        let e = c.execute("INSERT INTO nowhere VALUES (1)", vec![]).unwrap_err();
+        let e = c
+            .execute("INSERT INTO nowhere VALUES (1)", vec![])
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::Other);
         // Rows returned by `execute` are skipped, not an error.
         c.execute("PRAGMA journal_mode=WAL", vec![]).unwrap();
@@ -294,7 +314,11 @@ mod tests {
         let c = sqlite.open(&root, "t.db").unwrap();
         c.execute_batch("CREATE TABLE t (s TEXT)").unwrap();
         for _ in 0..20 {
-            c.execute("INSERT INTO t VALUES (?)", vec![Value::Text("y".repeat(100))]).unwrap();
+            c.execute(
+                "INSERT INTO t VALUES (?)",
+                vec![Value::Text("y".repeat(100))],
+            )
+            .unwrap();
         }
         let e = c.query("SELECT s FROM t", vec![]).unwrap_err();
         assert_eq!(e.code, ErrorCode::LimitExceeded);

@@ -222,8 +222,19 @@ mod tests {
 
     #[test]
     fn only_user_names_pass() {
-        for name in ["trusted.x", "security.selinux", "system.posix_acl_access", "user.", "hits", "USER.x"] {
-            assert_eq!(check_name(name).unwrap_err().code, ErrorCode::AccessDenied, "{name}");
+        for name in [
+            "trusted.x",
+            "security.selinux",
+            "system.posix_acl_access",
+            "user.",
+            "hits",
+            "USER.x",
+        ] {
+            assert_eq!(
+                check_name(name).unwrap_err().code,
+                ErrorCode::AccessDenied,
+                "{name}"
+            );
         }
         check_name("user.hits").unwrap();
         assert!(check_name(&format!("user.{}", "x".repeat(300))).is_err());
@@ -253,9 +264,15 @@ mod tests {
         assert_eq!(again.get("user.hits").unwrap().as_deref(), Some(&b"4"[..]));
         attrs.remove("user.hits").unwrap();
         attrs.remove("user.hits").unwrap();
-        assert_eq!(attrs.set("trusted.hits", b"1").unwrap_err().code, ErrorCode::AccessDenied);
         assert_eq!(
-            attrs.set("user.big", &vec![0u8; MAX_VALUE + 1]).unwrap_err().code,
+            attrs.set("trusted.hits", b"1").unwrap_err().code,
+            ErrorCode::AccessDenied
+        );
+        assert_eq!(
+            attrs
+                .set("user.big", &vec![0u8; MAX_VALUE + 1])
+                .unwrap_err()
+                .code,
             ErrorCode::LimitExceeded
         );
     }
@@ -267,7 +284,15 @@ mod tests {
         probe(&root, XattrSupport::FileSystem).unwrap();
         let e = probe(&root, XattrSupport::Disabled).unwrap_err();
         assert_eq!(e.code, ErrorCode::Unsupported);
-        assert!(e.message.contains(&dir.path().display().to_string()), "{}", e.message);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "scratch files removed");
+        assert!(
+            e.message.contains(&dir.path().display().to_string()),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "scratch files removed"
+        );
     }
 }

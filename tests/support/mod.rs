@@ -173,3 +173,19 @@ macro_rules! for_each_driver {
         }
     };
 }
+
+/// A test-fixture component built by host/build.rs but not embedded, e.g.
+/// `hostile_driver`.
+pub fn fixture(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let target = exe.ancestors().nth(3).expect("target directory");
+    let path = target
+        .join("guest/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first",
+        path.display()
+    );
+    path
+}

@@ -91,6 +91,9 @@ impl Backend for SqliteStore {
         // WAL lets readers go on while one instance writes; it is a property
         // of the file, which Glance's sqlite3 module reads as well.
         db.query("PRAGMA journal_mode=WAL", &[]).map_err(bad)?;
+        // In WAL mode NORMAL never corrupts the database; a power cut may
+        // lose the last hit counts, which a cache can afford.
+        db.execute("PRAGMA synchronous=NORMAL", &[]).map_err(bad)?;
         db.execute_batch(SCHEMA).map_err(bad)?;
         Ok(SqliteStore {
             db,

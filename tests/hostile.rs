@@ -1,0 +1,176 @@
+//! Hostile drivers: each attack gets an error for that call only, its
+//! instance is replaced, and the next call works. One fixture component
+//! (guest/hostile) whose `is-cached(id)` argument picks the attack.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use image_cache::{CacheConfig, DriverSource, Error, ImageCache, Limits, Runtime};
+use image_cache_tests::fixture;
+
+fn hostile_cache(limits: Limits) -> (tempfile::TempDir, ImageCache) {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = Runtime::new(limits, None).unwrap();
+    let config = CacheConfig::new(dir.path())
+        .driver(DriverSource::File(fixture("hostile_driver")))
+        .fallback_to_sqlite(false);
+    let cache = ImageCache::with_runtime(runtime, config).unwrap();
+    (dir, cache)
+}
+
+fn limits() -> Limits {
+    Limits {
+        call_deadline: Duration::from_millis(500),
+        memory_bytes: 64 << 20,
+        resources: 64,
+        ..Limits::default()
+    }
+}
+
+/// The fault of one attack, after which the same cache keeps working.
+fn fault_of(cache: &ImageCache, attack: &str) -> String {
+    let discarded = cache
+        .runtime()
+        .stats
+        .instances_discarded
+        .load(Ordering::Relaxed);
+    let message = match cache.is_cached(attack) {
+        Err(Error::DriverFault { driver, message }) => {
+            assert!(driver.ends_with("hostile_driver.wasm"), "{driver}");
+            message
+        }
+        other => panic!("{attack}: expected a driver fault, got {other:?}"),
+    };
+    assert_eq!(
+        cache
+            .runtime()
+            .stats
+            .instances_discarded
+            .load(Ordering::Relaxed),
+        discarded + 1,
+        "{attack}: the faulty instance is discarded"
+    );
+    assert!(
+        !cache.is_cached("benign").unwrap(),
+        "{attack}: the next call works"
+    );
+    message
+}
+
+#[test]
+fn a_driver_that_spins_is_stopped_at_its_deadline() {
+    let (_dir, cache) = hostile_cache(limits());
+    let started = Instant::now();
+    let message = fault_of(&cache, "spin");
+    assert!(message.contains("deadline of 500ms"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "stopped, not waited out"
+    );
+}
+
+#[test]
+fn a_driver_that_allocates_without_end_hits_its_memory_cap() {
+    let (_dir, cache) = hostile_cache(limits());
+    let message = fault_of(&cache, "alloc");
+    assert!(
+        message.contains("exceeded its memory cap of 67108864 bytes"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_driver_that_panics_gets_an_error_for_that_call() {
+    let (_dir, cache) = hostile_cache(limits());
+    let message = fault_of(&cache, "panic");
+    assert!(
+        message.contains("unreachable"),
+        "a Rust panic is a wasm `unreachable`: {message}"
+    );
+    assert!(!message.contains('\n'), "one line: {message}");
+}
+
+#[test]
+fn a_driver_that_exhausts_handles_hits_the_resource_cap() {
+    let (_dir, cache) = hostile_cache(limits());
+    let message = fault_of(&cache, "exhaust-handles");
+    assert!(
+        message.contains("resource table has no free keys"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_driver_that_returns_garbage_is_discarded() {
+    let (_dir, cache) = hostile_cache(limits());
+    let discarded = cache
+        .runtime()
+        .stats
+        .instances_discarded
+        .load(Ordering::Relaxed);
+    match cache.get_least_recently_accessed_batch(3) {
+        Err(Error::DriverFault { message, .. }) => {
+            assert!(
+                message.contains("asked for 3 LRU entries, got 8"),
+                "{message}"
+            )
+        }
+        other => panic!("expected a contract fault, got {other:?}"),
+    }
+    match cache.get_cached_images() {
+        Err(Error::DriverFault { message, .. }) => {
+            assert!(message.contains("not ordered by id"), "{message}")
+        }
+        other => panic!("expected a contract fault, got {other:?}"),
+    }
+    assert_eq!(
+        cache
+            .runtime()
+            .stats
+            .instances_discarded
+            .load(Ordering::Relaxed),
+        discarded + 2
+    );
+    assert!(!cache.is_cached("benign").unwrap());
+}
+
+/// Attacks the host refuses with an error value: the driver sees the
+/// refusal, nothing outside the root is touched, the instance lives on.
+#[test]
+fn escapes_are_refused_by_the_host() {
+    let (dir, cache) = hostile_cache(limits());
+    let refused = |attack: &str| match cache.is_cached(attack) {
+        Err(e @ (Error::Io(_) | Error::Database(_))) => e.to_string(),
+        other => panic!("{attack}: expected the host's refusal, got {other:?}"),
+    };
+    assert!(refused("escape-parent").contains("`..` is not allowed"));
+    assert!(refused("escape-absolute").contains("absolute paths are not allowed"));
+    assert!(refused("trusted-xattr").contains("only user.* names are allowed"));
+    assert!(refused("escape-db").contains("not a plain file name in the cache root"));
+    assert!(!dir.path().parent().unwrap().join("outside.db").exists());
+    assert_eq!(
+        cache
+            .runtime()
+            .stats
+            .instances_discarded
+            .load(Ordering::Relaxed),
+        0
+    );
+}
+
+#[test]
+fn an_embedder_can_share_one_runtime_across_hostile_and_good_drivers() {
+    let runtime: Arc<Runtime> = Runtime::new(limits(), None).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let hostile = ImageCache::with_runtime(
+        runtime.clone(),
+        CacheConfig::new(dir.path().join("a"))
+            .driver(DriverSource::File(fixture("hostile_driver"))),
+    )
+    .unwrap();
+    let good = ImageCache::with_runtime(runtime, CacheConfig::new(dir.path().join("b"))).unwrap();
+    assert!(hostile.is_cached("spin").is_err());
+    good.cache_reader("1", None, &b"unaffected"[..]).unwrap();
+    assert!(good.is_cached("1").unwrap());
+}
