@@ -15,4 +15,4 @@ wasmtime::component::bindgen!({
 });
 
 pub use exports::image_cache::driver::cache_driver;
-pub use image_cache::driver::{fs, sqlite, types, xattr};
+pub use self::image_cache::driver::{fs, sqlite, types, xattr};

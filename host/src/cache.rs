@@ -268,13 +268,24 @@ impl ImageCache {
     /// Read a cached image into `sink`, counting the hit; bytes copied.
     pub fn read_image<W: Write>(&self, id: &str, mut sink: W) -> Result<u64> {
         let mut reader = self.open_for_read(id)?;
-        let n = {
-            let file = &mut reader.session.as_mut().expect("open session").file.file;
-            io::copy(file, &mut sink)
-                .map_err(|e| Error::Sink(io::Error::new(e.kind(), format!("image {id:?}: {e}"))))?
-        };
+        let mut buf = vec![0u8; CHUNK];
+        let mut total = 0u64;
+        {
+            let file = &mut reader.session.as_mut().expect("open session").file;
+            loop {
+                let n = match file.file.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(Error::Io(format!("reading image {id:?}: {e}"))),
+                };
+                sink.write_all(&buf[..n]).map_err(Error::Sink)?;
+                total += n as u64;
+            }
+        }
+        sink.flush().map_err(Error::Sink)?;
         reader.finish()?;
-        Ok(n)
+        Ok(total)
     }
 
     /// Cache the file at `path` as image `id`, verifying `expected` if given.

@@ -1,0 +1,827 @@
+//! What each command does and prints.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use image_cache::runtime::{ALLOWED_IMPORTS, component_imports};
+use image_cache::{Checksum, DriverSource, Error, ImageCache, Limits, Runtime};
+use serde_json::{Value, json};
+
+use super::format::{Table, count, human_size, iso_utc, local_time};
+use super::progress::Progress;
+use super::{Command, Failure, Settings, outln, stdin_is_terminal, stdout_failure};
+
+/// Inputs at least this large get a progress line (on a terminal).
+const PROGRESS_MIN_BYTES: u64 = 64 << 20;
+
+type Out<'a> = io::StdoutLock<'a>;
+type Outcome = Result<(), Failure>;
+
+pub fn run(settings: &Settings, command: &Command) -> Outcome {
+    let mut out = io::stdout().lock();
+    match command {
+        Command::Drivers => drivers(settings, &mut out)?,
+        command => {
+            let cache = settings.open()?;
+            let cache = &cache;
+            let s = settings;
+            let o = &mut out;
+            match command {
+                Command::ListCached => list_cached(s, cache, o)?,
+                Command::ListQueued => list_queued(s, cache, o)?,
+                Command::Queue { ids } => queue(s, cache, o, ids)?,
+                Command::DeleteQueued { id } => delete_queued(s, cache, o, id)?,
+                Command::DeleteAllQueued => delete_all_queued(s, cache, o)?,
+                Command::Cache { id, from, checksum } => {
+                    cache_image(s, cache, o, id, from, checksum.as_ref())?
+                }
+                Command::Read { id, to } => read(s, cache, o, id, to.as_deref())?,
+                Command::DeleteCached { id } => delete_cached(s, cache, o, id)?,
+                Command::DeleteAllCached { force } => delete_all_cached(s, cache, o, *force)?,
+                Command::Prune { max_size } => prune(s, cache, o, max_size.unwrap_or(s.max_size))?,
+                Command::Clean { stall_time } => {
+                    clean(s, cache, o, stall_time.unwrap_or(s.stall_time))?
+                }
+                Command::Prefetch { source } => prefetch(s, cache, o, source)?,
+                Command::Status { id } => status(s, cache, o, id)?,
+                Command::Size => size(s, cache, o)?,
+                Command::Drivers => unreachable!("handled above"),
+            }
+        }
+    }
+    out.flush().map_err(stdout_failure)
+}
+
+fn print_json(out: &mut Out, value: &Value) -> Outcome {
+    let text = serde_json::to_string_pretty(value).expect("JSON values serialize");
+    outln!(out, "{text}");
+    Ok(())
+}
+
+fn sized(bytes: u64) -> String {
+    format!("{} ({bytes} bytes)", human_size(bytes))
+}
+
+fn seconds(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0 => "0s".to_string(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn list_cached(s: &Settings, cache: &ImageCache, out: &mut Out) -> Outcome {
+    let images = cache.get_cached_images()?;
+    let total: u64 = images.iter().map(|i| i.size).sum();
+    if s.json {
+        let records: Vec<Value> = images
+            .iter()
+            .map(|i| {
+                json!({
+                    "image_id": i.image_id,
+                    "size": i.size,
+                    "hits": i.hits,
+                    "last_accessed": iso_utc(i.last_accessed),
+                    "last_accessed_unix": i.last_accessed,
+                    "last_modified": iso_utc(i.last_modified),
+                    "last_modified_unix": i.last_modified,
+                })
+            })
+            .collect();
+        return print_json(
+            out,
+            &json!({"images": records, "count": images.len(), "total_size": total}),
+        );
+    }
+    if images.is_empty() {
+        outln!(out, "no images cached in {}", cache.root().display());
+        return Ok(());
+    }
+    let mut table = Table::new(&[
+        ("ID", false),
+        ("SIZE", true),
+        ("HITS", true),
+        ("LAST ACCESSED", false),
+        ("LAST MODIFIED", false),
+    ]);
+    for i in &images {
+        table.row(vec![
+            i.image_id.clone(),
+            human_size(i.size),
+            i.hits.to_string(),
+            local_time(i.last_accessed),
+            local_time(i.last_modified),
+        ]);
+    }
+    write!(out, "{}", table.render()).map_err(stdout_failure)?;
+    outln!(
+        out,
+        "total: {}, {}",
+        count(images.len() as u64, "image", "images"),
+        sized(total)
+    );
+    Ok(())
+}
+
+fn list_queued(s: &Settings, cache: &ImageCache, out: &mut Out) -> Outcome {
+    let queued = cache.get_queued_images()?;
+    if s.json {
+        return print_json(out, &json!({"queued": queued, "count": queued.len()}));
+    }
+    if queued.is_empty() {
+        outln!(out, "no images queued");
+        return Ok(());
+    }
+    for id in &queued {
+        outln!(out, "{id}");
+    }
+    outln!(
+        out,
+        "total: {} queued (oldest first)",
+        count(queued.len() as u64, "image", "images")
+    );
+    Ok(())
+}
+
+/// Why an image could not be queued, in words.
+fn not_queued_reason(cache: &ImageCache, id: &str) -> Result<&'static str, Failure> {
+    Ok(if cache.is_cached(id)? {
+        "already cached"
+    } else if cache.is_being_cached(id)? {
+        "being cached"
+    } else {
+        "already queued"
+    })
+}
+
+fn queue(s: &Settings, cache: &ImageCache, out: &mut Out, ids: &[String]) -> Outcome {
+    let mut results = Vec::new();
+    let mut errors = Vec::new();
+    for id in ids {
+        match cache.queue_image(id) {
+            Ok(true) => results.push(json!({"image_id": id, "queued": true})),
+            Ok(false) => {
+                let reason = not_queued_reason(cache, id)?;
+                results.push(json!({"image_id": id, "queued": false, "reason": reason}));
+            }
+            Err(e) => {
+                results.push(json!({"image_id": id, "queued": false, "error": e.to_string()}));
+                errors.push(e);
+            }
+        }
+    }
+    if ids.len() == 1 {
+        if let Some(e) = errors.pop() {
+            return Err(e.into());
+        }
+    }
+    if s.json {
+        print_json(out, &json!({"results": results}))?;
+    } else {
+        for r in &results {
+            let id = r["image_id"].as_str().unwrap_or_default();
+            if r["queued"] == true {
+                outln!(out, "queued image {id:?}");
+            } else if let Some(reason) = r["reason"].as_str() {
+                outln!(out, "image {id:?} not queued: {reason}");
+            } else {
+                let error = r["error"].as_str().unwrap_or_default();
+                outln!(out, "image {id:?} not queued: {error}");
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Reported(format!(
+            "{} of {} could not be queued",
+            errors.len(),
+            count(ids.len() as u64, "image", "images")
+        )))
+    }
+}
+
+fn delete_queued(s: &Settings, cache: &ImageCache, out: &mut Out, id: &str) -> Outcome {
+    if !cache.is_queued(id)? {
+        return Err(Failure::op(
+            "not-queued",
+            format!("image {id:?} is not queued; nothing deleted"),
+        ));
+    }
+    cache.delete_queued_image(id)?;
+    if s.json {
+        return print_json(out, &json!({"image_id": id, "deleted": true}));
+    }
+    outln!(out, "removed image {id:?} from the queue");
+    Ok(())
+}
+
+fn delete_all_queued(s: &Settings, cache: &ImageCache, out: &mut Out) -> Outcome {
+    let n = cache.delete_all_queued_images()?;
+    if s.json {
+        return print_json(out, &json!({"deleted": n}));
+    }
+    outln!(
+        out,
+        "removed {} from the queue",
+        count(n, "image", "images")
+    );
+    Ok(())
+}
+
+/// The error of a failed caching, saying that nothing was cached.
+fn not_cached(e: Error) -> Failure {
+    match e {
+        e @ (Error::ChecksumMismatch { .. } | Error::Source(_) | Error::Sink(_)) => {
+            Failure::op(e.kind(), format!("{e}; nothing was cached"))
+        }
+        e => e.into(),
+    }
+}
+
+fn cache_image(
+    s: &Settings,
+    cache: &ImageCache,
+    out: &mut Out,
+    id: &str,
+    from: &Path,
+    checksum: Option<&Checksum>,
+) -> Outcome {
+    let progress = !s.quiet && io::stderr().is_terminal();
+    let label = format!("caching {id}");
+    let bytes = if from == Path::new("-") {
+        let stdin = io::stdin();
+        if stdin.is_terminal() {
+            return Err(Failure::Usage(
+                "refusing to read an image from a terminal: pipe the bytes into --from - \
+                 or give a file"
+                    .into(),
+            ));
+        }
+        let input = stdin.lock();
+        if progress {
+            cache.cache_reader(id, checksum, Progress::new(input, label, None))
+        } else {
+            cache.cache_reader(id, checksum, input)
+        }
+    } else {
+        let meta = fs::metadata(from)
+            .map_err(|e| Failure::op("source", format!("image source {}: {e}", from.display())))?;
+        if meta.is_dir() {
+            return Err(Failure::op(
+                "source",
+                format!("image source {}: is a directory", from.display()),
+            ));
+        }
+        // A large file, or a pipe of unknown length, gets a progress line
+        // (and the plain copy instead of copy_file_range).
+        if progress && (!meta.is_file() || meta.len() >= PROGRESS_MIN_BYTES) {
+            let file = File::open(from).map_err(|e| {
+                Failure::op("source", format!("image source {}: {e}", from.display()))
+            })?;
+            let total = meta.is_file().then_some(meta.len());
+            cache.cache_reader(id, checksum, Progress::new(file, label, total))
+        } else {
+            cache.cache_file(id, from, checksum)
+        }
+    }
+    .map_err(not_cached)?;
+    if s.json {
+        return print_json(
+            out,
+            &json!({
+                "image_id": id,
+                "bytes": bytes,
+                "checksum": checksum.map(|c| c.to_string()),
+            }),
+        );
+    }
+    let verified = if checksum.is_some() {
+        ", checksum verified"
+    } else {
+        ""
+    };
+    outln!(out, "cached image {id:?}: {}{verified}", sized(bytes));
+    Ok(())
+}
+
+fn read(s: &Settings, cache: &ImageCache, out: &mut Out, id: &str, to: Option<&Path>) -> Outcome {
+    let Some(to) = to else {
+        if out.is_terminal() {
+            return Err(Failure::Usage(
+                "refusing to write image bytes to a terminal: redirect stdout or use --to FILE"
+                    .into(),
+            ));
+        }
+        let mut reader = cache.open_for_read(id)?;
+        let size = reader
+            .size()
+            .map_err(|e| Failure::op("io", format!("image {id:?}: {e}")))?;
+        // Copy exactly the file's bytes, so the hit is counted below, after
+        // the bytes were delivered, and never for a read cut short.
+        let n = io::copy(&mut (&mut reader).take(size), out).map_err(stdout_failure)?;
+        out.flush().map_err(stdout_failure)?;
+        if n != size {
+            return Err(Failure::op(
+                "io",
+                format!("image {id:?} ended after {n} of {size} bytes"),
+            ));
+        }
+        reader.finish()?;
+        return Ok(());
+    };
+
+    if to.is_dir() {
+        return Err(Failure::op(
+            "io",
+            format!("{}: is a directory", to.display()),
+        ));
+    }
+    let name = to
+        .file_name()
+        .ok_or_else(|| Failure::Usage(format!("--to {}: not a file name", to.display())))?;
+    let mut reader = cache.open_for_read(id)?;
+    let size = reader
+        .size()
+        .map_err(|e| Failure::op("io", format!("image {id:?}: {e}")))?;
+    let dir = match to.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let temp = dir.join(format!(
+        ".{}.image-cache-{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = (|| -> io::Result<u64> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)?;
+        let n = io::copy(&mut (&mut reader).take(size), &mut file)?;
+        file.sync_all()?;
+        if n != size {
+            return Err(io::Error::other(format!(
+                "image {id:?} ended after {n} of {size} bytes"
+            )));
+        }
+        fs::rename(&temp, to)?;
+        Ok(n)
+    })();
+    let n = match written {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = fs::remove_file(&temp);
+            return Err(Failure::op("io", format!("writing {}: {e}", to.display())));
+        }
+    };
+    reader.finish()?;
+    if s.json {
+        return print_json(
+            out,
+            &json!({"image_id": id, "path": to.display().to_string(), "bytes": n}),
+        );
+    }
+    outln!(out, "wrote image {id:?} to {}: {}", to.display(), sized(n));
+    Ok(())
+}
+
+fn delete_cached(s: &Settings, cache: &ImageCache, out: &mut Out, id: &str) -> Outcome {
+    if !cache.is_cached(id)? {
+        let note = if cache.is_being_cached(id)? {
+            " (it is being cached)"
+        } else {
+            ""
+        };
+        return Err(Failure::op(
+            "not-found",
+            format!("image {id:?} is not cached{note}; nothing deleted"),
+        ));
+    }
+    let size = cache.get_image_size(id).unwrap_or(0);
+    cache.delete_cached_image(id)?;
+    if s.json {
+        return print_json(out, &json!({"image_id": id, "deleted": true, "size": size}));
+    }
+    outln!(out, "deleted cached image {id:?}: {}", sized(size));
+    Ok(())
+}
+
+fn delete_all_cached(s: &Settings, cache: &ImageCache, out: &mut Out, force: bool) -> Outcome {
+    if !force {
+        if !stdin_is_terminal() {
+            return Err(Failure::Usage(
+                "delete-all-cached asks for confirmation, but stdin is not a terminal: \
+                 pass --force to delete every cached image"
+                    .into(),
+            ));
+        }
+        let images = cache.get_cached_images()?;
+        if images.is_empty() {
+            if s.json {
+                return print_json(out, &json!({"deleted": 0}));
+            }
+            outln!(out, "no images cached; nothing to delete");
+            return Ok(());
+        }
+        let total: u64 = images.iter().map(|i| i.size).sum();
+        let mut err = io::stderr().lock();
+        let _ = write!(
+            err,
+            "Delete all {} ({}) in {}? [y/N] ",
+            count(images.len() as u64, "cached image", "cached images"),
+            human_size(total),
+            cache.root().display()
+        );
+        let _ = err.flush();
+        drop(err);
+        let mut answer = String::new();
+        let _ = io::stdin().lock().read_line(&mut answer);
+        if !matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+            return Err(Failure::Reported("not confirmed; nothing deleted".into()));
+        }
+    }
+    let n = cache.delete_all_cached_images()?;
+    if s.json {
+        return print_json(out, &json!({"deleted": n}));
+    }
+    outln!(out, "deleted {}", count(n, "cached image", "cached images"));
+    Ok(())
+}
+
+fn removed_json(files: &[image_cache::RemovedFile]) -> Vec<Value> {
+    files
+        .iter()
+        .map(|f| json!({"image_id": f.image_id, "size": f.size}))
+        .collect()
+}
+
+fn prune(s: &Settings, cache: &ImageCache, out: &mut Out, max_size: u64) -> Outcome {
+    let r = cache.prune(max_size)?;
+    if s.json {
+        print_json(
+            out,
+            &json!({
+                "max_size": max_size,
+                "files_removed": r.removed.len(),
+                "bytes_removed": r.bytes_removed,
+                "size_after": r.size_after,
+                "removed": removed_json(&r.removed),
+                "failures": r.failures,
+            }),
+        )?;
+    } else {
+        for f in &r.removed {
+            outln!(out, "evicted {}  {}", f.image_id, human_size(f.size));
+        }
+        for f in &r.failures {
+            outln!(out, "failed: {f}");
+        }
+        if r.removed.is_empty() && r.failures.is_empty() {
+            outln!(
+                out,
+                "nothing to prune: the cache holds {}, within the maximum {}",
+                human_size(r.size_after),
+                human_size(max_size)
+            );
+        } else {
+            outln!(
+                out,
+                "pruned {}, {}; the cache now holds {} (maximum {})",
+                count(r.removed.len() as u64, "image", "images"),
+                sized(r.bytes_removed),
+                human_size(r.size_after),
+                human_size(max_size)
+            );
+        }
+    }
+    if r.failures.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Reported(format!(
+            "{} could not be evicted",
+            count(r.failures.len() as u64, "image", "images")
+        )))
+    }
+}
+
+fn clean(s: &Settings, cache: &ImageCache, out: &mut Out, stall_time: Duration) -> Outcome {
+    let r = cache.clean(stall_time)?;
+    let bytes: u64 = r.invalid.iter().chain(&r.incomplete).map(|f| f.size).sum();
+    if s.json {
+        print_json(
+            out,
+            &json!({
+                "stall_time": stall_time.as_secs(),
+                "invalid_removed": r.invalid.len(),
+                "incomplete_removed": r.incomplete.len(),
+                "bytes_removed": bytes,
+                "invalid": removed_json(&r.invalid),
+                "incomplete": removed_json(&r.incomplete),
+                "failures": r.failures,
+            }),
+        )?;
+    } else {
+        for f in &r.invalid {
+            outln!(
+                out,
+                "removed invalid {}  {}",
+                f.image_id,
+                human_size(f.size)
+            );
+        }
+        for f in &r.incomplete {
+            outln!(
+                out,
+                "removed stalled incomplete {}  {}",
+                f.image_id,
+                human_size(f.size)
+            );
+        }
+        for f in &r.failures {
+            outln!(out, "failed: {f}");
+        }
+        outln!(
+            out,
+            "cleaned: {} and {} (stalled longer than {}) removed, {}; {}",
+            count(r.invalid.len() as u64, "invalid file", "invalid files"),
+            count(
+                r.incomplete.len() as u64,
+                "incomplete file",
+                "incomplete files"
+            ),
+            seconds(stall_time),
+            sized(bytes),
+            count(r.failures.len() as u64, "failure", "failures"),
+        );
+    }
+    if r.failures.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Reported(format!(
+            "{} could not be removed",
+            count(r.failures.len() as u64, "file", "files")
+        )))
+    }
+}
+
+fn prefetch(s: &Settings, cache: &ImageCache, out: &mut Out, source: &Path) -> Outcome {
+    match fs::metadata(source) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Failure::op(
+                "source",
+                format!("prefetch source {}: not a directory", source.display()),
+            ));
+        }
+        Err(e) => {
+            return Err(Failure::op(
+                "source",
+                format!("prefetch source {}: {e}", source.display()),
+            ));
+        }
+    }
+    let queued = cache.get_queued_images()?;
+    let mut results = Vec::new();
+    let mut failed = 0u64;
+    let width = queued
+        .iter()
+        .map(|id| id.chars().count())
+        .max()
+        .unwrap_or(0);
+    for id in &queued {
+        let path = source.join(id);
+        let result = if !path.is_file() {
+            failed += 1;
+            json!({"image_id": id, "status": "failed",
+                   "error": format!("no image file {}", path.display())})
+        } else {
+            match cache.cache_file(id, &path, None) {
+                Ok(bytes) => json!({"image_id": id, "status": "cached", "bytes": bytes}),
+                Err(Error::AlreadyCached(_)) => {
+                    if let Err(e) = cache.delete_queued_image(id) {
+                        log::warn!("removing image {id:?} from the queue: {e}");
+                    }
+                    json!({"image_id": id, "status": "already-cached"})
+                }
+                Err(Error::BeingCached(_)) => json!({"image_id": id, "status": "being-cached"}),
+                Err(e) => {
+                    failed += 1;
+                    json!({"image_id": id, "status": "failed", "error": e.to_string()})
+                }
+            }
+        };
+        if !s.json {
+            let status = result["status"].as_str().unwrap_or_default();
+            let detail = match status {
+                "cached" => human_size(result["bytes"].as_u64().unwrap_or(0)),
+                "failed" => format!(
+                    "{}; left queued",
+                    result["error"].as_str().unwrap_or_default()
+                ),
+                "already-cached" => "was already cached; removed from the queue".into(),
+                _ => "another writer is caching it; left queued".into(),
+            };
+            outln!(out, "{status:<14}  {id:<width$}  {detail}");
+        }
+        results.push(result);
+    }
+    let cached = results.iter().filter(|r| r["status"] == "cached").count();
+    if s.json {
+        print_json(
+            out,
+            &json!({"results": results, "queued": queued.len(), "cached": cached, "failed": failed}),
+        )?;
+    } else if queued.is_empty() {
+        outln!(out, "no images queued; nothing to prefetch");
+    } else {
+        outln!(
+            out,
+            "prefetched {cached} of {}; {failed} failed",
+            count(queued.len() as u64, "queued image", "queued images")
+        );
+    }
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(Failure::Reported(format!(
+            "{failed} of {} could not be prefetched (left queued)",
+            count(queued.len() as u64, "queued image", "queued images")
+        )))
+    }
+}
+
+fn status(s: &Settings, cache: &ImageCache, out: &mut Out, id: &str) -> Outcome {
+    let cached = cache.is_cached(id)?;
+    let being_cached = cache.is_being_cached(id)?;
+    let queued = cache.is_queued(id)?;
+    let size = if cached {
+        match cache.get_image_size(id) {
+            Ok(size) => Some(size),
+            Err(Error::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
+    let hits = cache.get_hit_count(id)?;
+    let state = if cached {
+        "cached"
+    } else if being_cached {
+        "being-cached"
+    } else if queued {
+        "queued"
+    } else {
+        "absent"
+    };
+    if s.json {
+        return print_json(
+            out,
+            &json!({
+                "image_id": id,
+                "state": state,
+                "cached": cached,
+                "being_cached": being_cached,
+                "queued": queued,
+                "size": size,
+                "hits": hits,
+            }),
+        );
+    }
+    let queued_too = if queued && state != "queued" {
+        "; also queued"
+    } else {
+        ""
+    };
+    match state {
+        "cached" => outln!(
+            out,
+            "image {id:?} is cached: {}, {}{queued_too}",
+            sized(size.unwrap_or(0)),
+            count(hits, "hit", "hits")
+        ),
+        "being-cached" => outln!(
+            out,
+            "image {id:?} is being cached (not complete yet){queued_too}"
+        ),
+        "queued" => outln!(out, "image {id:?} is queued for prefetching (not cached)"),
+        _ => outln!(
+            out,
+            "image {id:?} is not cached (not being cached, not queued)"
+        ),
+    }
+    Ok(())
+}
+
+fn size(s: &Settings, cache: &ImageCache, out: &mut Out) -> Outcome {
+    let bytes = cache.get_cache_size()?;
+    if s.json {
+        return print_json(
+            out,
+            &json!({"bytes": bytes, "human": human_size(bytes), "max_size": s.max_size}),
+        );
+    }
+    outln!(
+        out,
+        "{} cached (maximum {})",
+        sized(bytes),
+        human_size(s.max_size)
+    );
+    Ok(())
+}
+
+/// Built-in drivers (and the one --driver names, if it is a file), each
+/// with the imports its component needs, checked against ALLOWED_IMPORTS.
+fn drivers(s: &Settings, out: &mut Out) -> Outcome {
+    let runtime = Runtime::new(Limits::default(), None)?;
+    let engine = runtime.engine();
+    let mut entries = Vec::new();
+    let mut components: Vec<(String, String, Vec<u8>)> = image_cache::builtin::ALL
+        .iter()
+        .map(|b| {
+            (
+                b.name.to_string(),
+                b.description.to_string(),
+                b.component.to_vec(),
+            )
+        })
+        .collect();
+    if let DriverSource::File(path) = s.driver_source()? {
+        let bytes = fs::read(&path).map_err(|e| {
+            Failure::op(
+                "load",
+                format!("cannot load driver {}: {e}", path.display()),
+            )
+        })?;
+        components.push((
+            path.display().to_string(),
+            "component file (--driver)".to_string(),
+            bytes,
+        ));
+    }
+    for (name, description, bytes) in components {
+        let component = wasmtime::component::Component::new(engine, &bytes)
+            .map_err(|e| Failure::op("load", format!("cannot load driver {name}: {e:#}")))?;
+        let imports = component_imports(engine, &component);
+        let refused: Vec<&String> = imports
+            .iter()
+            .filter(|i| !ALLOWED_IMPORTS.iter().any(|p| i.starts_with(p)))
+            .collect();
+        entries.push(json!({
+            "name": name,
+            "description": description,
+            "builtin": image_cache::builtin::find(&name).is_some(),
+            "default": name == "sqlite",
+            "imports": imports,
+            "refused_imports": refused,
+        }));
+    }
+    if s.json {
+        return print_json(
+            out,
+            &json!({"drivers": entries, "allowed_import_prefixes": ALLOWED_IMPORTS}),
+        );
+    }
+    for (i, e) in entries.iter().enumerate() {
+        if i > 0 {
+            outln!(out);
+        }
+        let default = if e["default"] == true {
+            " (default)"
+        } else {
+            ""
+        };
+        outln!(
+            out,
+            "{}{default}: {}",
+            e["name"].as_str().unwrap_or_default(),
+            e["description"].as_str().unwrap_or_default()
+        );
+        outln!(out, "  imports:");
+        for import in e["imports"].as_array().into_iter().flatten() {
+            let import = import.as_str().unwrap_or_default();
+            let refused = if ALLOWED_IMPORTS.iter().any(|p| import.starts_with(p)) {
+                ""
+            } else {
+                "  (NOT ALLOWED: the host refuses this component)"
+            };
+            outln!(out, "    {import}{refused}");
+        }
+    }
+    outln!(out);
+    outln!(
+        out,
+        "a driver component may import only: {}",
+        ALLOWED_IMPORTS
+            .iter()
+            .map(|p| format!("{p}*"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ok(())
+}

@@ -1,0 +1,451 @@
+//! The command line: arguments, settings (flag/environment > config file >
+//! defaults), logging, and how failures become exit codes.
+//!
+//! Exit codes: 0 success, 1 an operational error, 2 a usage error. Every
+//! failure is one line on stderr, `image-cache: error: ...`.
+
+mod commands;
+mod format;
+mod progress;
+
+use std::io::{self, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use image_cache::cache::{DEFAULT_MAX_SIZE, DEFAULT_SQLITE_DB, DEFAULT_STALL_TIME};
+use image_cache::config::{Options, parse_duration, parse_size};
+use image_cache::{CacheConfig, Checksum, DriverSource, ImageCache};
+
+/// Manage an image cache directory (Glance's image cache): list, cache,
+/// read, queue, prefetch, prune and clean images. The directory's driver
+/// (sqlite or xattr, or a third-party WebAssembly component) keeps the
+/// metadata; an existing Glance cache directory works as it is.
+#[derive(Parser, Debug)]
+#[command(name = "image-cache", version, max_term_width = 100)]
+#[command(
+    after_help = "Settings come from flags, then environment variables, then the \
+--config file ([DEFAULT] image_cache_dir, image_cache_driver, image_cache_max_size, \
+image_cache_stall_time, image_cache_sqlite_db), then the defaults.\n\n\
+Exit status: 0 success, 1 an operation failed, 2 a usage error."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct Global {
+    /// The cache directory (image_cache_dir).
+    #[arg(long, env = "IMAGE_CACHE_DIR", value_name = "DIR", global = true)]
+    dir: Option<PathBuf>,
+
+    /// The driver: sqlite (default), xattr, or the path of a driver
+    /// component (.wasm) (image_cache_driver).
+    #[arg(long, env = "IMAGE_CACHE_DRIVER", value_name = "DRIVER", global = true)]
+    driver: Option<String>,
+
+    /// A glance-cache.conf style INI file whose [DEFAULT] section gives the
+    /// image_cache_* options.
+    #[arg(long, env = "IMAGE_CACHE_CONFIG", value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+
+    /// The sqlite driver's database file in the cache directory
+    /// (image_cache_sqlite_db; default cache.db).
+    #[arg(
+        long,
+        env = "IMAGE_CACHE_SQLITE_DB",
+        value_name = "NAME",
+        global = true
+    )]
+    sqlite_db: Option<String>,
+
+    /// Fail instead of falling back to the sqlite driver when the chosen
+    /// driver cannot use the directory.
+    #[arg(long, global = true)]
+    no_fallback: bool,
+
+    /// Machine-readable output: one JSON document on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// More log output on stderr (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "quiet")]
+    verbose: u8,
+
+    /// Only errors on stderr (no warnings).
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List the cached images: id, size, hits, last accessed and last
+    /// modified (local times), and the total.
+    ListCached,
+
+    /// List the images queued for prefetching, oldest first.
+    ListQueued,
+
+    /// Queue images for prefetching (see `prefetch`). An image already
+    /// cached, being cached or queued is reported and left alone.
+    Queue {
+        /// Image ids.
+        #[arg(required = true, value_name = "ID")]
+        ids: Vec<String>,
+    },
+
+    /// Remove an image from the prefetch queue; fails if it is not queued.
+    DeleteQueued {
+        /// Image id.
+        id: String,
+    },
+
+    /// Empty the prefetch queue.
+    DeleteAllQueued,
+
+    /// Cache an image from a file or standard input. Nothing is cached if
+    /// the source fails or the checksum does not match.
+    Cache {
+        /// Image id.
+        id: String,
+        /// The image bytes: a file, or `-` for standard input.
+        #[arg(long, value_name = "FILE|-")]
+        from: PathBuf,
+        /// The expected digest: md5:HEX, sha256:HEX or sha512:HEX.
+        #[arg(long, value_name = "ALGO:HEX", value_parser = parse_checksum)]
+        checksum: Option<Checksum>,
+    },
+
+    /// Write a cached image to stdout or a file, counting a hit.
+    Read {
+        /// Image id.
+        id: String,
+        /// Write to FILE (through a temporary file beside it, renamed when
+        /// complete) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        to: Option<PathBuf>,
+    },
+
+    /// Delete one cached image; fails if it is not cached.
+    DeleteCached {
+        /// Image id.
+        id: String,
+    },
+
+    /// Delete every cached image. Asks for confirmation on a terminal;
+    /// elsewhere --force is required.
+    DeleteAllCached {
+        /// Do not ask.
+        #[arg(long, short)]
+        force: bool,
+    },
+
+    /// Evict least recently accessed images until the cache is at or under
+    /// the maximum size (Glance's pruner).
+    Prune {
+        /// The maximum size, e.g. 10G, 512MiB, 1048576 (default:
+        /// image_cache_max_size, or 10 GiB). 0 empties the cache.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+        max_size: Option<u64>,
+    },
+
+    /// Remove invalid files and stalled incomplete ones (Glance's cleaner).
+    Clean {
+        /// Incomplete files older than this are stalled, e.g. 3600, 1h, 1d
+        /// (default: image_cache_stall_time, or 1 day).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+        stall_time: Option<Duration>,
+    },
+
+    /// Cache every queued image whose file DIR/<id> exists (Glance's
+    /// prefetcher, with a local directory as the image store). Images that
+    /// fail stay queued; the exit status is 1 if any failed.
+    Prefetch {
+        /// The directory holding the images, one file per image id.
+        #[arg(long, value_name = "DIR")]
+        source: PathBuf,
+    },
+
+    /// Show whether an image is cached, being cached, queued or absent,
+    /// with its size and hits.
+    Status {
+        /// Image id.
+        id: String,
+    },
+
+    /// Show the total size of the cached images.
+    Size,
+
+    /// List the built-in drivers and the imports each component needs.
+    Drivers,
+}
+
+fn parse_checksum(s: &str) -> Result<Checksum, String> {
+    s.parse()
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s)
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+/// Why the tool stops without success.
+#[derive(Debug)]
+pub enum Failure {
+    /// The invocation or the configuration is wrong: exit 2.
+    Usage(String),
+    /// An operation failed: exit 1. `kind` is the library's error kind (or
+    /// the CLI's own) for the `--json` error document.
+    Op { kind: &'static str, message: String },
+    /// The command already printed its (partial) result; exit 1 with this
+    /// line on stderr and no JSON error document.
+    Reported(String),
+    /// stdout was closed by the reader (`| head`): stop quietly.
+    BrokenPipe,
+}
+
+impl Failure {
+    pub fn op(kind: &'static str, message: impl Into<String>) -> Failure {
+        Failure::Op {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<image_cache::Error> for Failure {
+    fn from(e: image_cache::Error) -> Failure {
+        Failure::Op {
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A failed write to stdout.
+pub fn stdout_failure(e: io::Error) -> Failure {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        Failure::BrokenPipe
+    } else {
+        Failure::op("io", format!("writing to stdout: {e}"))
+    }
+}
+
+/// `writeln!` to stdout, returning a [`Failure`] from the function.
+macro_rules! outln {
+    ($out:expr) => {
+        writeln!($out).map_err($crate::cli::stdout_failure)?
+    };
+    ($out:expr, $($arg:tt)*) => {
+        writeln!($out, $($arg)*).map_err($crate::cli::stdout_failure)?
+    };
+}
+pub(crate) use outln;
+
+/// Settings after flags, environment, config file and defaults.
+pub struct Settings {
+    pub dir: Option<PathBuf>,
+    pub driver: String,
+    pub sqlite_db: String,
+    pub no_fallback: bool,
+    pub max_size: u64,
+    pub stall_time: Duration,
+    pub json: bool,
+    pub quiet: bool,
+    /// Where the directory came from, for messages.
+    config_file: Option<PathBuf>,
+}
+
+impl Settings {
+    fn resolve(global: &Global) -> Result<Settings, Failure> {
+        let file = match &global.config {
+            Some(path) => Options::from_ini_file(path)
+                .map_err(|e| Failure::Usage(format!("config file {e}")))?,
+            None => Options::default(),
+        };
+        let flags = Options {
+            image_cache_dir: global.dir.clone(),
+            image_cache_driver: global.driver.clone(),
+            image_cache_sqlite_db: global.sqlite_db.clone(),
+            ..Options::default()
+        };
+        let o = flags.or(file);
+        let driver = o
+            .image_cache_driver
+            .filter(|d| !d.trim().is_empty())
+            .unwrap_or_else(|| "sqlite".to_string());
+        Ok(Settings {
+            dir: o.image_cache_dir.filter(|d| !d.as_os_str().is_empty()),
+            driver: driver.trim().to_string(),
+            sqlite_db: o
+                .image_cache_sqlite_db
+                .unwrap_or_else(|| DEFAULT_SQLITE_DB.to_string()),
+            no_fallback: global.no_fallback,
+            max_size: o.image_cache_max_size.unwrap_or(DEFAULT_MAX_SIZE),
+            stall_time: o.image_cache_stall_time.unwrap_or(DEFAULT_STALL_TIME),
+            json: global.json,
+            quiet: global.quiet,
+            config_file: global.config.clone(),
+        })
+    }
+
+    /// The driver the settings name. A bare word that is neither a built-in
+    /// driver nor an existing file is a typo, not a component path.
+    pub fn driver_source(&self) -> Result<DriverSource, Failure> {
+        let spec = &self.driver;
+        let source = DriverSource::parse(spec);
+        if let DriverSource::File(path) = &source {
+            let looks_like_path = spec.contains('/') || spec.ends_with(".wasm");
+            if !looks_like_path && !path.exists() {
+                let builtins: Vec<&str> =
+                    image_cache::builtin::ALL.iter().map(|b| b.name).collect();
+                return Err(Failure::Usage(format!(
+                    "unknown driver {spec:?}: use {} or the path of a driver component (.wasm)",
+                    builtins.join(", ")
+                )));
+            }
+        }
+        Ok(source)
+    }
+
+    /// Open the cache the settings describe.
+    pub fn open(&self) -> Result<ImageCache, Failure> {
+        let Some(dir) = &self.dir else {
+            let hint = match &self.config_file {
+                Some(f) => format!(
+                    " ({} has no image_cache_dir in its [DEFAULT] section)",
+                    f.display()
+                ),
+                None => String::new(),
+            };
+            return Err(Failure::Usage(format!(
+                "no cache directory: give --dir DIR, set IMAGE_CACHE_DIR, or set \
+                 image_cache_dir in the --config file{hint}"
+            )));
+        };
+        let mut config = CacheConfig::new(dir)
+            .driver(self.driver_source()?)
+            .fallback_to_sqlite(!self.no_fallback);
+        config.sqlite_db = self.sqlite_db.clone();
+        let cache = ImageCache::open(config)?;
+        log::info!(
+            "cache {} with driver {}",
+            dir.display(),
+            cache.driver().name()
+        );
+        Ok(cache)
+    }
+}
+
+fn init_logging(global: &Global) {
+    use log::LevelFilter;
+    let ours = if global.quiet {
+        LevelFilter::Error
+    } else {
+        match global.verbose {
+            0 => LevelFilter::Warn,
+            1 => LevelFilter::Info,
+            2 => LevelFilter::Debug,
+            _ => LevelFilter::Trace,
+        }
+    };
+    let others = if global.quiet {
+        LevelFilter::Error
+    } else if global.verbose >= 3 {
+        LevelFilter::Debug
+    } else {
+        LevelFilter::Warn
+    };
+    env_logger::Builder::new()
+        .filter_level(others)
+        .filter_module("image_cache", ours)
+        .target(env_logger::Target::Stderr)
+        .format(|buf, record| {
+            let level = match record.level() {
+                log::Level::Error => "error",
+                log::Level::Warn => "warning",
+                log::Level::Info => "info",
+                log::Level::Debug => "debug",
+                log::Level::Trace => "trace",
+            };
+            writeln!(buf, "image-cache: {level}: {}", record.args())
+        })
+        .init();
+}
+
+/// One line on stderr, whatever happens to stderr.
+fn error_line(message: &str) {
+    let one_line = message.replace(['\n', '\r'], " ");
+    let _ = writeln!(io::stderr(), "image-cache: error: {one_line}");
+}
+
+pub fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".to_string());
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        error_line(&format!(
+            "internal error: {message}{place} (please report this)"
+        ));
+    }));
+
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout (exit 0), usage errors to
+            // stderr (exit 2); a closed stdout is no error.
+            let _ = e.print();
+            return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
+        }
+    };
+    init_logging(&cli.global);
+
+    let json = cli.global.json;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Settings::resolve(&cli.global).and_then(|settings| commands::run(&settings, &cli.command))
+    }));
+    let result = match result {
+        Ok(r) => r,
+        // The panic hook printed the one line.
+        Err(_) => return ExitCode::from(1),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::BrokenPipe) => ExitCode::SUCCESS,
+        Err(Failure::Usage(message)) => {
+            error_line(&message);
+            ExitCode::from(2)
+        }
+        Err(Failure::Reported(message)) => {
+            error_line(&message);
+            ExitCode::from(1)
+        }
+        Err(Failure::Op { kind, message }) => {
+            error_line(&message);
+            if json {
+                let doc = serde_json::json!({"error": {"kind": kind, "message": message}});
+                let _ = writeln!(io::stdout(), "{doc}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Whether a person is at the terminal on stdin.
+pub fn stdin_is_terminal() -> bool {
+    io::stdin().is_terminal()
+}

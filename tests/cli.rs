@@ -1,0 +1,906 @@
+//! The `image-cache` command-line tool, driven as an operator would: the
+//! real binary on temporary cache roots, checking output, `--json`
+//! documents and exit codes (0 success, 1 operational error, 2 usage).
+//!
+//! The binary is `<target>/<profile>/image-cache`; the first test builds it
+//! with `cargo build -p image-cache --bin image-cache` (a no-op when it is
+//! up to date), unless `IMAGE_CACHE_BIN` names one to use instead.
+//! Compiled driver components are kept in `<target>/tmp/xdg` so only the
+//! first run compiles them.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// `<target>/<profile>` of this test binary (`<target>/<profile>/deps/cli-*`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.ancestors()
+        .nth(2)
+        .expect("profile directory")
+        .to_path_buf()
+}
+
+fn bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("IMAGE_CACHE_BIN") {
+            return PathBuf::from(path);
+        }
+        let profile = profile_dir();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "image-cache",
+                "--bin",
+                "image-cache",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("running cargo build for the binary");
+        assert!(
+            status.success(),
+            "cargo build -p image-cache --bin image-cache failed"
+        );
+        let bin = profile.join(format!("image-cache{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.exists(), "{} was not built", bin.display());
+        bin
+    })
+}
+
+/// Where compiled driver components are shared by every test run.
+fn xdg_cache_home() -> PathBuf {
+    profile_dir()
+        .parent()
+        .expect("target directory")
+        .join("tmp")
+        .join("xdg")
+}
+
+/// A temporary work directory with a cache root `cache/` in it.
+struct Sandbox {
+    dir: TempDir,
+}
+
+/// What one run of the tool did.
+struct Run {
+    code: i32,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Run {
+    fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}): {}\nstderr: {}",
+                self.out(),
+                self.stderr
+            )
+        })
+    }
+
+    #[track_caller]
+    fn ok(self) -> Run {
+        assert_eq!(
+            self.code,
+            0,
+            "expected success\nstdout: {}\nstderr: {}",
+            self.out(),
+            self.stderr
+        );
+        self
+    }
+
+    /// Expect exit `code` and one `image-cache: error:` line containing
+    /// `needle` on stderr.
+    #[track_caller]
+    fn fails(self, code: i32, needle: &str) -> Run {
+        assert_eq!(
+            self.code,
+            code,
+            "expected exit {code}\nstdout: {}\nstderr: {}",
+            self.out(),
+            self.stderr
+        );
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}: {}",
+            self.stderr
+        );
+        assert!(!self.stderr.contains("panicked"), "{}", self.stderr);
+        assert!(!self.stderr.contains("RUST_BACKTRACE"), "{}", self.stderr);
+        self
+    }
+}
+
+impl Sandbox {
+    fn new() -> Sandbox {
+        Sandbox {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn root(&self) -> PathBuf {
+        self.path("cache")
+    }
+
+    /// The tool with a clean environment, run in the sandbox.
+    fn bare(&self) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.current_dir(self.dir.path())
+            .env("XDG_CACHE_HOME", xdg_cache_home())
+            .env_remove("RUST_LOG")
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("IMAGE_CACHE_DIR")
+            .env_remove("IMAGE_CACHE_DRIVER")
+            .env_remove("IMAGE_CACHE_CONFIG")
+            .env_remove("IMAGE_CACHE_SQLITE_DB")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// The tool on this sandbox's cache root.
+    fn cmd(&self) -> Command {
+        let mut cmd = self.bare();
+        cmd.arg("--dir").arg(self.root());
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        run(self.cmd().args(args))
+    }
+
+    fn run_with_input(&self, args: &[&str], input: &[u8]) -> Run {
+        let mut child = self
+            .cmd()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn image-cache");
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let output = child.wait_with_output().expect("wait for image-cache");
+        writer.join().unwrap();
+        to_run(output)
+    }
+
+    /// Write a source file and return its path.
+    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.path(name);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    /// Cache `bytes` as image `id` from a file.
+    fn put(&self, id: &str, bytes: &[u8]) {
+        let src = self.file(&format!("src-{id}"), bytes);
+        self.run(&["cache", id, "--from", src.to_str().unwrap()])
+            .ok();
+    }
+
+    fn status(&self, id: &str) -> Value {
+        self.run(&["--json", "status", id]).ok().json()
+    }
+
+    fn cached_ids(&self) -> Vec<String> {
+        let doc = self.run(&["--json", "list-cached"]).ok().json();
+        doc["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["image_id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn queued_ids(&self) -> Vec<String> {
+        let doc = self.run(&["--json", "list-queued"]).ok().json();
+        doc["queued"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+fn to_run(output: Output) -> Run {
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: output.stdout,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn run(cmd: &mut Command) -> Run {
+    to_run(cmd.output().expect("run image-cache"))
+}
+
+/// Digests of b"hello\n".
+const HELLO_MD5: &str = "b1946ac92492d2347c6235b4d2611184";
+const HELLO_SHA256: &str = "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03";
+
+#[test]
+fn help_for_every_command() {
+    let s = Sandbox::new();
+    let top = run(s.bare().arg("--help")).ok();
+    let commands = [
+        "list-cached",
+        "list-queued",
+        "queue",
+        "delete-queued",
+        "delete-all-queued",
+        "cache",
+        "read",
+        "delete-cached",
+        "delete-all-cached",
+        "prune",
+        "clean",
+        "prefetch",
+        "status",
+        "size",
+        "drivers",
+    ];
+    for command in commands {
+        assert!(top.out().contains(command), "--help lacks {command}");
+        let help = run(s.bare().args([command, "--help"])).ok();
+        assert!(
+            help.out().contains("Usage: image-cache"),
+            "{command}: {}",
+            help.out()
+        );
+        let first = help.out().lines().next().unwrap_or_default().to_string();
+        assert!(first.len() > 10, "{command} has no description: {first:?}");
+    }
+    run(s.bare().arg("--version")).ok();
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let s = Sandbox::new();
+    // No directory anywhere: the message says how to give one.
+    let r = run(s.bare().arg("list-cached")).fails(2, "image-cache: error: no cache directory");
+    assert!(r.stderr.contains("--dir") && r.stderr.contains("IMAGE_CACHE_DIR"));
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    // clap's own usage errors.
+    assert_eq!(s.run(&["no-such-command"]).code, 2);
+    assert_eq!(s.run(&["cache", "x"]).code, 2); // --from missing
+    s.run(&["prune", "--max-size", "ten"])
+        .fails(2, "is not a size");
+    s.run(&["prune", "--max-size", "10X"])
+        .fails(2, "unknown size unit");
+    s.run(&["clean", "--stall-time", "1x"])
+        .fails(2, "is not a duration");
+    let src = s.file("img", b"x");
+    s.run(&[
+        "cache",
+        "x",
+        "--from",
+        src.to_str().unwrap(),
+        "--checksum",
+        "sha1:abc",
+    ])
+    .fails(2, "unknown checksum algorithm");
+    s.run(&[
+        "cache",
+        "x",
+        "--from",
+        src.to_str().unwrap(),
+        "--checksum",
+        "md5:abc",
+    ])
+    .fails(2, "32 hex digits");
+    // A bare word that is no built-in driver is a typo, not a file.
+    s.run(&["--driver", "sqllite", "size"])
+        .fails(2, "unknown driver \"sqllite\"");
+    assert!(s.cached_ids().is_empty());
+}
+
+#[test]
+fn cache_list_read_and_status() {
+    let s = Sandbox::new();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let src = s.file("big.img", &big);
+    let r = s
+        .run(&["cache", "big", "--from", src.to_str().unwrap()])
+        .ok();
+    assert!(r.out().contains("cached image \"big\""), "{}", r.out());
+    assert!(r.out().contains("3000000 bytes"), "{}", r.out());
+
+    // From stdin, with a checksum, in JSON.
+    let r = s
+        .run_with_input(
+            &[
+                "--json",
+                "cache",
+                "small",
+                "--from",
+                "-",
+                "--checksum",
+                &format!("sha256:{HELLO_SHA256}"),
+            ],
+            b"hello\n",
+        )
+        .ok();
+    let doc = r.json();
+    assert_eq!(doc["image_id"], "small");
+    assert_eq!(doc["bytes"], 6);
+    assert_eq!(doc["checksum"], format!("sha256:{HELLO_SHA256}"));
+    // And an md5 checksum from a file.
+    let hello = s.file("hello", b"hello\n");
+    s.run(&[
+        "cache",
+        "md5",
+        "--from",
+        hello.to_str().unwrap(),
+        "--checksum",
+        &format!("md5:{HELLO_MD5}"),
+    ])
+    .ok();
+
+    // The table: ids, human sizes, the total.
+    let table = s.run(&["list-cached"]).ok().out();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("ID") && lines[0].contains("LAST ACCESSED"),
+        "{table}"
+    );
+    assert!(
+        lines[1].starts_with("big ") && lines[1].contains("2.9 MiB"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("md5 ") && lines[3].starts_with("small "),
+        "{table}"
+    );
+    assert_eq!(
+        lines[4], "total: 3 images, 2.9 MiB (3000012 bytes)",
+        "{table}"
+    );
+
+    // Reading counts a hit and gives the bytes back.
+    let r = s.run(&["read", "big"]).ok();
+    assert!(r.stdout == big, "read gave other bytes");
+    let out = s.path("out/copy.img");
+    fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let r = s.run(&["read", "big", "--to", out.to_str().unwrap()]).ok();
+    assert!(r.out().contains("wrote image \"big\""), "{}", r.out());
+    assert!(fs::read(&out).unwrap() == big);
+    assert_eq!(
+        fs::read_dir(out.parent().unwrap()).unwrap().count(),
+        1,
+        "a temp file was left"
+    );
+
+    // JSON records: raw numbers, ISO 8601 UTC and the raw float seconds.
+    let doc = s.run(&["--json", "list-cached"]).ok().json();
+    assert_eq!(doc["count"], 3);
+    assert_eq!(doc["total_size"], 3_000_012);
+    let images = doc["images"].as_array().unwrap();
+    let ids: Vec<&str> = images
+        .iter()
+        .map(|i| i["image_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["big", "md5", "small"]);
+    let rec = &images[0];
+    assert_eq!(rec["size"], 3_000_000);
+    assert_eq!(rec["hits"], 2);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for field in ["last_accessed", "last_modified"] {
+        let unix = rec[format!("{field}_unix")].as_f64().unwrap();
+        assert!((now - unix).abs() < 600.0, "{field}: {unix} vs {now}");
+        let iso = rec[field].as_str().unwrap();
+        assert_eq!(iso.len(), 20, "{iso}");
+        assert!(iso.ends_with('Z') && iso.as_bytes()[10] == b'T', "{iso}");
+    }
+
+    // Status of each state.
+    let st = s.status("big");
+    assert_eq!(st["state"], "cached");
+    assert_eq!(st["size"], 3_000_000);
+    assert_eq!(st["hits"], 2);
+    let text = s.run(&["status", "big"]).ok().out();
+    assert!(
+        text.contains("is cached") && text.contains("2 hits"),
+        "{text}"
+    );
+    let st = s.status("nope");
+    assert_eq!(st["state"], "absent");
+    assert_eq!(st["size"], Value::Null);
+    let text = s.run(&["status", "nope"]).ok().out();
+    assert!(text.contains("image \"nope\" is not cached"), "{text}");
+    s.run(&["queue", "later"]).ok();
+    assert_eq!(s.status("later")["state"], "queued");
+    fs::write(s.root().join("incomplete").join("writing"), b"part").unwrap();
+    assert_eq!(s.status("writing")["state"], "being-cached");
+
+    // Size.
+    let r = s.run(&["size"]).ok();
+    assert!(r.out().contains("(3000012 bytes)"), "{}", r.out());
+    let doc = s.run(&["--json", "size"]).ok().json();
+    assert_eq!(doc["bytes"], 3_000_012);
+    assert_eq!(doc["human"], "2.9 MiB");
+    assert_eq!(doc["max_size"], 10u64 << 30);
+}
+
+#[test]
+fn caching_failures_cache_nothing() {
+    let s = Sandbox::new();
+    let src = s.file("hello", b"hello\n");
+    let src = src.to_str().unwrap();
+    let wrong = "md5:00000000000000000000000000000000";
+    s.run(&["cache", "bad", "--from", src, "--checksum", wrong])
+        .fails(1, "checksum mismatch for image \"bad\"");
+    s.run_with_input(
+        &["cache", "bad", "--from", "-", "--checksum", wrong],
+        b"hello\n",
+    )
+    .fails(1, "nothing was cached");
+    assert_eq!(s.status("bad")["state"], "absent");
+    assert!(s.cached_ids().is_empty());
+    // A missing source names the file; a directory is no image.
+    s.run(&["cache", "x", "--from", "no-such-file"])
+        .fails(1, "no-such-file");
+    s.run(&["cache", "x", "--from", "."])
+        .fails(1, "is a directory");
+    assert!(s.cached_ids().is_empty());
+    // Already cached: an error, the first copy kept.
+    s.run(&["cache", "ok", "--from", src]).ok();
+    s.run(&["cache", "ok", "--from", src])
+        .fails(1, "image \"ok\" is already cached");
+    assert_eq!(s.cached_ids(), ["ok"]);
+    // The aborted write is left in invalid/ for clean to remove.
+    let doc = s.run(&["--json", "clean"]).ok().json();
+    assert_eq!(doc["invalid_removed"], 1);
+}
+
+#[test]
+fn invalid_ids_touch_nothing() {
+    let s = Sandbox::new();
+    s.put("a", b"aaa");
+    let src = s.file("x", b"x");
+    let src = src.to_str().unwrap();
+    for id in ["../x", "", ".", "a/b", "a\\b"] {
+        s.run(&["status", id]).fails(1, "invalid image id");
+        s.run(&["delete-cached", id]).fails(1, "invalid image id");
+        s.run(&["cache", id, "--from", src])
+            .fails(1, "invalid image id");
+        s.run(&["read", id]).fails(1, "invalid image id");
+        s.run(&["queue", id]).fails(1, "invalid image id");
+        s.run(&["delete-queued", id]).fails(1, "invalid image id");
+    }
+    assert_eq!(s.cached_ids(), ["a"]);
+    assert!(s.queued_ids().is_empty());
+    // With --json the error is also a document on stdout.
+    let r = s
+        .run(&["--json", "status", "../x"])
+        .fails(1, "invalid image id");
+    assert_eq!(r.json()["error"]["kind"], "invalid-image-id");
+}
+
+#[test]
+fn deleting_cached_images() {
+    let s = Sandbox::new();
+    s.put("a", b"aaa");
+    s.put("b", b"bbbb");
+    // A typo deletes nothing.
+    s.run(&["delete-cached", "c"])
+        .fails(1, "image \"c\" is not cached");
+    assert_eq!(s.cached_ids(), ["a", "b"]);
+    let r = s.run(&["delete-cached", "a"]).ok();
+    assert!(
+        r.out().contains("deleted cached image \"a\""),
+        "{}",
+        r.out()
+    );
+    assert_eq!(s.cached_ids(), ["b"]);
+    assert!(!s.root().join("a").exists());
+
+    // Without a terminal, delete-all-cached needs --force.
+    s.run(&["delete-all-cached"]).fails(2, "--force");
+    assert_eq!(s.cached_ids(), ["b"]);
+    let doc = s
+        .run(&["--json", "delete-all-cached", "--force"])
+        .ok()
+        .json();
+    assert_eq!(doc["deleted"], 1);
+    assert!(s.cached_ids().is_empty());
+    let r = s.run(&["delete-all-cached", "--force"]).ok();
+    assert!(r.out().contains("deleted 0 cached images"), "{}", r.out());
+}
+
+#[test]
+fn the_queue() {
+    let s = Sandbox::new();
+    s.put("cached", b"c");
+    let r = s.run(&["queue", "q1", "q2", "cached", "q1"]).ok();
+    let out = r.out();
+    assert!(out.contains("queued image \"q1\""), "{out}");
+    assert!(
+        out.contains("image \"cached\" not queued: already cached"),
+        "{out}"
+    );
+    assert!(
+        out.contains("image \"q1\" not queued: already queued"),
+        "{out}"
+    );
+    assert_eq!(s.queued_ids(), ["q1", "q2"]);
+    let text = s.run(&["list-queued"]).ok().out();
+    assert!(text.starts_with("q1\nq2\n"), "{text}");
+
+    // A mix of good and invalid ids: the good ones are queued, exit 1.
+    let r = s
+        .run(&["--json", "queue", "q3", "bad/id"])
+        .fails(1, "1 of 2 images could not be queued");
+    let results = r.json()["results"].as_array().unwrap().clone();
+    assert_eq!(results[0]["queued"], true);
+    assert!(
+        results[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid image id")
+    );
+
+    s.run(&["delete-queued", "nope"])
+        .fails(1, "image \"nope\" is not queued");
+    s.run(&["delete-queued", "q2"]).ok();
+    assert_eq!(s.queued_ids(), ["q1", "q3"]);
+    let doc = s.run(&["--json", "delete-all-queued"]).ok().json();
+    assert_eq!(doc["deleted"], 2);
+    assert!(s.queued_ids().is_empty());
+    assert_eq!(s.run(&["list-queued"]).ok().out(), "no images queued\n");
+}
+
+#[test]
+fn prefetch_caches_what_it_finds() {
+    let s = Sandbox::new();
+    s.run(&["queue", "good", "missing"]).ok();
+    let store = s.path("store");
+    s.file("store/good", b"good image bytes");
+    let r = s
+        .run(&["prefetch", "--source", store.to_str().unwrap()])
+        .fails(1, "1 of 2 queued images could not be prefetched");
+    let out = r.out();
+    assert!(out.contains("cached") && out.contains("good"), "{out}");
+    assert!(out.contains("failed") && out.contains("missing"), "{out}");
+    assert_eq!(s.cached_ids(), ["good"]);
+    assert_eq!(s.queued_ids(), ["missing"]);
+    let r = s.run(&["read", "good"]).ok();
+    assert_eq!(r.stdout, b"good image bytes");
+
+    // Once the image appears, the next run caches it.
+    s.file("store/missing", b"late");
+    let doc = s
+        .run(&["--json", "prefetch", "--source", store.to_str().unwrap()])
+        .ok()
+        .json();
+    assert_eq!(doc["cached"], 1);
+    assert_eq!(doc["failed"], 0);
+    assert_eq!(doc["results"][0]["status"], "cached");
+    assert!(s.queued_ids().is_empty());
+    let r = s
+        .run(&["prefetch", "--source", store.to_str().unwrap()])
+        .ok();
+    assert!(r.out().contains("no images queued"), "{}", r.out());
+
+    s.run(&["prefetch", "--source", "no-such-dir"])
+        .fails(1, "no-such-dir");
+}
+
+#[test]
+fn prune_evicts_least_recently_accessed() {
+    let s = Sandbox::new();
+    for id in ["a", "b", "c"] {
+        s.put(id, &[0u8; 1000]);
+    }
+    // Read a and c: b is now the least recently accessed.
+    s.run(&["read", "a"]).ok();
+    s.run(&["read", "c"]).ok();
+    let r = s.run(&["prune"]).ok();
+    assert!(r.out().contains("nothing to prune"), "{}", r.out());
+    let r = s.run(&["prune", "--max-size", "2500"]).ok();
+    assert!(r.out().contains("evicted b"), "{}", r.out());
+    assert!(
+        r.out().contains("pruned 1 image, 1000 B (1000 bytes)"),
+        "{}",
+        r.out()
+    );
+    assert_eq!(s.cached_ids(), ["a", "c"]);
+    // Sizes as operators type them.
+    s.run(&["prune", "--max-size", "1K"]).ok();
+    assert_eq!(s.cached_ids(), ["c"]);
+    s.run(&["prune", "--max-size", "512MiB"]).ok();
+    s.run(&["prune", "--max-size", "1048576"]).ok();
+    let doc = s.run(&["--json", "prune", "--max-size", "0"]).ok().json();
+    assert_eq!(doc["files_removed"], 1);
+    assert_eq!(doc["bytes_removed"], 1000);
+    assert_eq!(doc["size_after"], 0);
+    assert_eq!(doc["removed"][0]["image_id"], "c");
+    assert!(s.cached_ids().is_empty());
+}
+
+#[test]
+fn clean_removes_invalid_and_stalled_files() {
+    let s = Sandbox::new();
+    s.run(&["size"]).ok(); // creates the layout
+    let root = s.root();
+    fs::write(root.join("invalid/broken"), b"12345").unwrap();
+    let old = root.join("incomplete/old");
+    fs::write(&old, b"123").unwrap();
+    let two_hours_ago = SystemTime::now() - Duration::from_secs(7_200);
+    fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
+    fs::write(root.join("incomplete/fresh"), b"1").unwrap();
+
+    // The default stall time (1 day) keeps both incomplete files.
+    let r = s.run(&["clean"]).ok();
+    assert!(
+        r.out()
+            .contains("cleaned: 1 invalid file and 0 incomplete files (stalled longer than 1d)"),
+        "{}",
+        r.out()
+    );
+    assert!(old.exists());
+    let doc = s
+        .run(&["--json", "clean", "--stall-time", "1h"])
+        .ok()
+        .json();
+    assert_eq!(doc["stall_time"], 3600);
+    assert_eq!(doc["invalid_removed"], 0);
+    assert_eq!(doc["incomplete_removed"], 1);
+    assert_eq!(doc["incomplete"][0]["image_id"], "old");
+    assert_eq!(doc["bytes_removed"], 3);
+    assert!(!old.exists() && root.join("incomplete/fresh").exists());
+    s.run(&["clean", "--stall-time", "3600"]).ok();
+    s.run(&["clean", "--stall-time", "1d"]).ok();
+    assert!(root.join("incomplete/fresh").exists());
+}
+
+#[test]
+fn glance_cache_conf_is_honoured() {
+    let s = Sandbox::new();
+    let conf = s.file(
+        "glance-cache.conf",
+        format!(
+            "# glance-cache.conf\n[DEFAULT]\nimage_cache_dir = {}\nimage_cache_max_size = 1500\n\
+             image_cache_stall_time = 1h\nimage_cache_sqlite_db = glance.db\nverbose = True\n\
+             [glance_store]\nfilesystem_store_datadirs = /nowhere\n",
+            s.root().display()
+        )
+        .as_bytes(),
+    );
+    let conf = conf.to_str().unwrap();
+    let src = s.file("img", &[7u8; 1000]);
+    let src = src.to_str().unwrap();
+    for id in ["a", "b"] {
+        run(s
+            .bare()
+            .args(["--config", conf, "cache", id, "--from", src]))
+        .ok();
+    }
+    assert!(
+        s.root().join("a").exists(),
+        "the config's directory was not used"
+    );
+    assert!(
+        s.root().join("glance.db").exists(),
+        "image_cache_sqlite_db was not used"
+    );
+    let doc = run(s.bare().args(["--config", conf, "--json", "size"]))
+        .ok()
+        .json();
+    assert_eq!(doc["max_size"], 1500);
+    // prune with the config's maximum: one of the two 1000-byte images goes.
+    let doc = run(s.bare().args(["--config", conf, "--json", "prune"]))
+        .ok()
+        .json();
+    assert_eq!(doc["max_size"], 1500);
+    assert_eq!(doc["files_removed"], 1);
+    // The environment names the config file too; a flag wins over it.
+    let r = run(s
+        .bare()
+        .env("IMAGE_CACHE_CONFIG", conf)
+        .args(["--json", "size"]))
+    .ok();
+    assert_eq!(r.json()["bytes"], 1000);
+    let other = s.path("other");
+    let r = run(s
+        .bare()
+        .env("IMAGE_CACHE_CONFIG", conf)
+        .arg("--dir")
+        .arg(&other)
+        .args(["--json", "size"]))
+    .ok();
+    assert_eq!(r.json()["bytes"], 0);
+    assert!(other.join("queue").is_dir());
+    // The environment alone is enough (the database named again, or it
+    // would count as an image file).
+    let r = run(s
+        .bare()
+        .env("IMAGE_CACHE_DIR", s.root())
+        .env("IMAGE_CACHE_SQLITE_DB", "glance.db")
+        .args(["--json", "size"]))
+    .ok();
+    assert_eq!(r.json()["bytes"], 1000);
+
+    // A bad value names the file and the key; a missing file is named.
+    let bad = s.file("bad.conf", b"[DEFAULT]\nimage_cache_max_size = lots\n");
+    run(s.bare().args(["--config", bad.to_str().unwrap(), "size"]))
+        .fails(2, "image_cache_max_size");
+    run(s.bare().args(["--config", "missing.conf", "size"])).fails(2, "missing.conf");
+    let empty = s.file("empty.conf", b"[DEFAULT]\n");
+    run(s.bare().args(["--config", empty.to_str().unwrap(), "size"]))
+        .fails(2, "has no image_cache_dir");
+}
+
+#[test]
+fn drivers_and_driver_selection() {
+    let s = Sandbox::new();
+    let text = run(s.bare().arg("drivers")).ok().out();
+    assert!(text.contains("sqlite (default):"), "{text}");
+    assert!(text.contains("xattr:"), "{text}");
+    assert!(text.contains("image-cache:driver/sqlite@"), "{text}");
+    assert!(text.contains("image-cache:driver/xattr@"), "{text}");
+    assert!(!text.contains("NOT ALLOWED"), "{text}");
+    let doc = run(s.bare().args(["--json", "drivers"])).ok().json();
+    let drivers = doc["drivers"].as_array().unwrap();
+    assert_eq!(drivers.len(), 2);
+    assert_eq!(drivers[0]["name"], "sqlite");
+    assert!(drivers[0]["imports"].as_array().unwrap().len() > 3);
+    assert!(drivers[0]["refused_imports"].as_array().unwrap().is_empty());
+    assert!(
+        !doc["allowed_import_prefixes"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    // A driver file that cannot be loaded: fall back with a warning, or
+    // fail with --no-fallback.
+    let r = s.run(&["--driver", "./missing.wasm", "size"]).ok();
+    assert!(
+        r.stderr.contains("warning") && r.stderr.contains("falling back"),
+        "{}",
+        r.stderr
+    );
+    s.run(&["--driver", "./missing.wasm", "--no-fallback", "size"])
+        .fails(1, "cannot load driver ./missing.wasm");
+    let r = s.run(&["--driver", "./missing.wasm", "-q", "size"]).ok();
+    assert!(r.stderr.is_empty(), "-q shows warnings: {}", r.stderr);
+    run(s.bare().args(["--driver", "./missing.wasm", "drivers"])).fails(1, "missing.wasm");
+
+    // The xattr driver, where the temp file system has user xattrs.
+    let x = Sandbox::new();
+    let r = x.run(&["--driver", "xattr", "--no-fallback", "size"]);
+    if r.code == 0 {
+        let src = x.file("img", b"xattr bytes");
+        x.run(&[
+            "--driver",
+            "xattr",
+            "cache",
+            "i",
+            "--from",
+            src.to_str().unwrap(),
+        ])
+        .ok();
+        x.run(&["--driver", "xattr", "read", "i"]).ok();
+        let st = x
+            .run(&["--driver", "xattr", "--json", "status", "i"])
+            .ok()
+            .json();
+        assert_eq!(st["hits"], 1);
+        assert!(!x.root().join("cache.db").exists());
+    } else {
+        r.fails(1, "bad configuration");
+    }
+}
+
+#[test]
+fn read_failures_leave_no_partial_file() {
+    let s = Sandbox::new();
+    s.put("a", b"aaa");
+    let out = s.path("out.img");
+    s.run(&["read", "nope", "--to", out.to_str().unwrap()])
+        .fails(1, "image \"nope\" is not cached");
+    assert!(!out.exists());
+    s.run(&["read", "a", "--to", "no-such-dir/out.img"])
+        .fails(1, "no-such-dir/out.img");
+    s.run(&["read", "a", "--to", "."])
+        .fails(1, "is a directory");
+    let leftovers: Vec<_> = fs::read_dir(s.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // None of that counted a hit.
+    assert_eq!(s.status("a")["hits"], 0);
+}
+
+#[test]
+fn a_closed_stdout_is_not_an_error() {
+    let s = Sandbox::new();
+    let big = vec![b'x'; 4 << 20];
+    let src = s.file("big", &big);
+    s.run(&["cache", "big", "--from", src.to_str().unwrap()])
+        .ok();
+    // Enough queue markers (SPEC.md's layout) that their listing overflows
+    // a pipe's buffer.
+    for i in 0..5_000 {
+        fs::write(s.root().join(format!("queue/queued-image-{i:05}")), b"").unwrap();
+    }
+    assert_eq!(s.queued_ids().len(), 5_000);
+    for args in [
+        &["read", "big"][..],
+        &["list-queued"][..],
+        &["--json", "list-queued"][..],
+    ] {
+        let mut child = s
+            .cmd()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut one = [0u8; 1];
+        stdout.read_exact(&mut one).unwrap();
+        drop(stdout); // `| head -c1`
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+    // The read cut short counted no hit.
+    assert_eq!(s.status("big")["hits"], 0);
+}
+
+#[test]
+fn sqlite_db_name_and_verbosity() {
+    let s = Sandbox::new();
+    s.run(&["--sqlite-db", "other.db", "size"]).ok();
+    assert!(s.root().join("other.db").exists());
+    assert!(!s.root().join("cache.db").exists());
+    let r = run(s
+        .cmd()
+        .env("IMAGE_CACHE_SQLITE_DB", "env.db")
+        .args(["-v", "size"]))
+    .ok();
+    assert!(s.root().join("env.db").exists());
+    assert!(r.stderr.contains("image-cache: info:"), "{}", r.stderr);
+    let r = s.run(&["size"]).ok();
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+}
