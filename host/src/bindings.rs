@@ -14,5 +14,5 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use exports::image_cache::driver::cache_driver;
 pub use self::image_cache::driver::{fs, sqlite, types, xattr};
+pub use exports::image_cache::driver::cache_driver;

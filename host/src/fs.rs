@@ -13,7 +13,9 @@ use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt};
 use cap_std::fs::{Dir, OpenOptions};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
-use crate::bindings::fs::{self as wit, DirEntry, EntryKind, ErrorCode, FsError, Metadata};
+use crate::bindings::fs::{
+    self as wit, DirEntry, DirName, EntryKind, ErrorCode, FsError, Metadata,
+};
 
 /// Most entries one `list-dir` returns; a guest cannot make the host
 /// allocate without bound by filling a directory.
@@ -281,6 +283,40 @@ impl RootFs {
         Ok(listing)
     }
 
+    pub fn list_names(&self, path: &str) -> Result<Vec<DirName>> {
+        let p = check_path(path)?;
+        let entries = if p == Path::new(".") {
+            self.dir.entries()
+        } else {
+            self.dir.read_dir(p)
+        }
+        .map_err(|e| io_error(path, e))?;
+        let mut listing = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error(path, e))?;
+            if listing.len() >= self.max_listing {
+                return Err(error(
+                    ErrorCode::LimitExceeded,
+                    format!("{path}: more than {} entries", self.max_listing),
+                ));
+            }
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            // The kind comes from the listing itself (d_type) when it can.
+            let kind = match entry.file_type() {
+                Ok(ft) if ft.is_symlink() => EntryKind::Symlink,
+                Ok(ft) if ft.is_file() => EntryKind::RegularFile,
+                Ok(ft) if ft.is_dir() => EntryKind::Directory,
+                Ok(_) => EntryKind::Other,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_error(&format!("{path}/{name}"), e)),
+            };
+            listing.push(DirName { name, kind });
+        }
+        Ok(listing)
+    }
+
     pub fn rename(&self, src: &str, dst: &str) -> Result<()> {
         let (s, d) = (check_name(src)?, check_name(dst)?);
         self.dir
@@ -388,6 +424,10 @@ impl wit::Host for FsView<'_> {
 
     fn list_dir(&mut self, path: String) -> wasmtime::Result<Result<Vec<DirEntry>>> {
         Ok(self.root.list_dir(&path))
+    }
+
+    fn list_names(&mut self, path: String) -> wasmtime::Result<Result<Vec<DirName>>> {
+        Ok(self.root.list_names(&path))
     }
 
     fn rename(&mut self, src: String, dst: String) -> wasmtime::Result<Result<()>> {

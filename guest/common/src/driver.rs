@@ -9,7 +9,7 @@ use crate::bindings::exports::image_cache::driver::cache_driver::{
 };
 use crate::fs::{self, ErrorCode, File};
 use crate::layout::{INCOMPLETE, INVALID, QUEUE, remove_if_present};
-use crate::store::{Backend, MetadataStore, Options};
+use crate::store::{Backend, Image, MetadataStore, Options};
 use crate::{
     CachedImage, CleanReport, DriverInfo, Error, Layout, LruEntry, PruneReport, RemovedFile,
     io_error, now, validate_image_id,
@@ -35,37 +35,49 @@ fn state() -> Result<Rc<State>, Error> {
 }
 
 /// A cached image with everything the driver knows of it.
-struct Image {
+struct CachedFile {
     id: String,
-    size: u64,
-    hits: u64,
-    last_accessed: f64,
-    last_modified: f64,
+    image: Image,
 }
 
 impl State {
-    fn images(&self) -> Result<Vec<Image>, Error> {
-        let files = self.layout.images()?;
-        let entries = self.store.entries(&files)?;
-        Ok(files
-            .into_iter()
-            .zip(entries)
-            .map(|((id, meta), entry)| Image {
-                id,
-                size: meta.size,
-                hits: entry.hits,
-                last_accessed: entry.last_accessed,
-                last_modified: entry.last_modified,
-            })
-            .collect())
+    fn images(&self) -> Result<Vec<CachedFile>, Error> {
+        let ids = self.layout.image_ids()?;
+        let known = self.store.images(&ids)?;
+        let mut images = Vec::with_capacity(ids.len());
+        for (id, known) in ids.into_iter().zip(known) {
+            let image = match known {
+                Some(image) => image,
+                None => match self.layout.regular_file(&id)? {
+                    Some(meta) => Image::unrecorded(&meta),
+                    None => continue, // removed since it was listed
+                },
+            };
+            images.push(CachedFile { id, image });
+        }
+        Ok(images)
+    }
+
+    fn cache_size(&self) -> Result<u64, Error> {
+        let ids = self.layout.image_ids()?;
+        let sizes = self.store.sizes(&ids)?;
+        let mut total = 0;
+        for (id, size) in ids.iter().zip(sizes) {
+            total += match size {
+                Some(size) => size,
+                None => self.layout.regular_file(id)?.map_or(0, |m| m.size),
+            };
+        }
+        Ok(total)
     }
 
     /// Every cached image, least recently accessed first, ties by id.
-    fn images_by_lru(&self) -> Result<Vec<Image>, Error> {
+    fn images_by_lru(&self) -> Result<Vec<CachedFile>, Error> {
         let mut images = self.images()?;
         images.sort_by(|a, b| {
-            a.last_accessed
-                .total_cmp(&b.last_accessed)
+            a.image
+                .last_accessed
+                .total_cmp(&b.image.last_accessed)
                 .then_with(|| a.id.cmp(&b.id))
         });
         Ok(images)
@@ -131,8 +143,7 @@ impl<B: Backend> Guest for Driver<B> {
     }
 
     fn get_cache_size() -> Result<u64, Error> {
-        let state = state()?;
-        Ok(state.layout.images()?.iter().map(|(_, m)| m.size).sum())
+        state()?.cache_size()
     }
 
     fn get_hit_count(image_id: String) -> Result<u64, Error> {
@@ -152,10 +163,10 @@ impl<B: Backend> Guest for Driver<B> {
             .into_iter()
             .map(|i| CachedImage {
                 image_id: i.id,
-                hits: i.hits,
-                last_modified: i.last_modified,
-                last_accessed: i.last_accessed,
-                size: i.size,
+                hits: i.image.hits,
+                last_modified: i.image.last_modified,
+                last_accessed: i.image.last_accessed,
+                size: i.image.size,
             })
             .collect())
     }
@@ -221,12 +232,7 @@ impl<B: Backend> Guest for Driver<B> {
 
     fn delete_all_cached_images() -> Result<u64, Error> {
         let state = state()?;
-        let ids: Vec<String> = state
-            .layout
-            .images()?
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+        let ids = state.layout.image_ids()?;
         let (removed, failures) =
             state.remove_all(ids.iter().map(|id| Layout::image(id)).collect());
         let removed_ids: Vec<String> = removed.iter().map(|&i| ids[i].clone()).collect();
@@ -269,7 +275,7 @@ impl<B: Backend> Guest for Driver<B> {
 
     fn get_least_recently_accessed() -> Result<Option<(String, u64)>, Error> {
         let images = state()?.images_by_lru()?;
-        Ok(images.into_iter().next().map(|i| (i.id, i.size)))
+        Ok(images.into_iter().next().map(|i| (i.id, i.image.size)))
     }
 
     fn get_least_recently_accessed_batch(count: u32) -> Result<Vec<LruEntry>, Error> {
@@ -279,8 +285,8 @@ impl<B: Backend> Guest for Driver<B> {
             .take(count as usize)
             .map(|i| LruEntry {
                 image_id: i.id,
-                size: i.size,
-                last_accessed: i.last_accessed,
+                size: i.image.size,
+                last_accessed: i.image.last_accessed,
             })
             .collect())
     }
@@ -331,13 +337,13 @@ impl<B: Backend> Guest for Driver<B> {
     fn prune(max_size: u64) -> Result<PruneReport, Error> {
         let state = state()?;
         let images = state.images_by_lru()?;
-        let mut size: u64 = images.iter().map(|i| i.size).sum();
+        let mut size: u64 = images.iter().map(|i| i.image.size).sum();
         let mut victims = Vec::new();
         for image in images {
             if size <= max_size {
                 break;
             }
-            size -= image.size;
+            size -= image.image.size;
             victims.push(image);
         }
         let (removed, failures) =
@@ -346,13 +352,13 @@ impl<B: Backend> Guest for Driver<B> {
             .into_iter()
             .map(|i| RemovedFile {
                 image_id: victims[i].id.clone(),
-                size: victims[i].size,
+                size: victims[i].image.size,
             })
             .collect();
         let bytes_removed = removed.iter().map(|r| r.size).sum();
         let removed_ids: Vec<String> = removed.iter().map(|r| r.image_id.clone()).collect();
         state.store.forget(&removed_ids)?;
-        let failed_bytes: u64 = victims.iter().map(|v| v.size).sum::<u64>() - bytes_removed;
+        let failed_bytes: u64 = victims.iter().map(|v| v.image.size).sum::<u64>() - bytes_removed;
         Ok(PruneReport {
             removed,
             bytes_removed,

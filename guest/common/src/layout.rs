@@ -91,13 +91,14 @@ impl Layout {
         validate_image_id(name).is_ok() && !self.reserved.iter().any(|r| r == name)
     }
 
-    /// Every complete cached image file, with its metadata, unsorted.
-    pub fn images(&self) -> Result<Vec<(String, Metadata)>, Error> {
-        Ok(fs::list_dir("")
+    /// The ids of every complete cached image file, unsorted (one listing,
+    /// no stat per file).
+    pub fn image_ids(&self) -> Result<Vec<String>, Error> {
+        Ok(fs::list_names("")
             .map_err(io_error)?
             .into_iter()
-            .filter(|e| e.metadata.kind == EntryKind::RegularFile && self.is_image_name(&e.name))
-            .map(|e| (e.name, e.metadata))
+            .filter(|e| e.kind == EntryKind::RegularFile && self.is_image_name(&e.name))
+            .map(|e| e.name)
             .collect())
     }
 

@@ -27,7 +27,7 @@ pub use driver::Driver;
 pub use id::validate_image_id;
 pub use layout::remove_if_present;
 pub use layout::{Layout, now};
-pub use store::{Backend, Entry, MetadataStore, Options};
+pub use store::{Backend, Image, MetadataStore, Options};
 
 pub use bindings::image_cache::driver::types::{
     CachedImage, CleanReport, DriverInfo, Error, LruEntry, PruneReport, RemovedFile,

@@ -34,20 +34,22 @@ impl Options {
     }
 }
 
-/// What a driver knows of a cached image beyond its size.
+/// What a driver knows of one cached image.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Entry {
+pub struct Image {
+    pub size: u64,
     pub hits: u64,
     pub last_accessed: f64,
     pub last_modified: f64,
 }
 
-impl Entry {
-    /// What an image with no recorded metadata looks like: no hits, last
-    /// accessed when the file system says (so LRU order kept by the xattr
-    /// driver survives a switch to sqlite).
-    pub fn unrecorded(file: &Metadata) -> Entry {
-        Entry {
+impl Image {
+    /// An image with no recorded metadata: no hits, last accessed when the
+    /// file system says (so LRU order kept by the xattr driver survives a
+    /// switch to sqlite).
+    pub fn unrecorded(file: &Metadata) -> Image {
+        Image {
+            size: file.size,
             hits: 0,
             last_accessed: file.accessed.max(file.modified),
             last_modified: file.modified,
@@ -57,8 +59,16 @@ impl Entry {
 
 /// The part of a driver that differs: where metadata lives.
 pub trait MetadataStore {
-    /// Metadata of the given cached files, one entry per file, in order.
-    fn entries(&self, files: &[(String, Metadata)]) -> Result<Vec<Entry>, Error>;
+    /// What the store knows of the named images (their files are listed in
+    /// the root), one per id, in order; `None` where it has no record, and
+    /// the driver then asks the file system.
+    fn images(&self, ids: &[String]) -> Result<Vec<Option<Image>>, Error>;
+    /// Sizes the store has recorded for the named images, one per id;
+    /// `None` where the driver should stat the file. Stores that record
+    /// sizes answer without touching the files.
+    fn sizes(&self, ids: &[String]) -> Result<Vec<Option<u64>>, Error> {
+        Ok(vec![None; ids.len()])
+    }
     /// Hits of the cached image `id` (its file exists).
     fn hits(&self, id: &str) -> Result<u64, Error>;
     /// A write finished at `path` (still `incomplete/<id>`) and is about to

@@ -8,9 +8,8 @@
 
 use std::collections::HashMap;
 
-use driver_common::fs::Metadata;
 use driver_common::sqlite::{Connection, SqliteError, Value};
-use driver_common::{Backend, DriverInfo, Entry, Error, Layout, MetadataStore, Options};
+use driver_common::{Backend, DriverInfo, Error, Image, Layout, MetadataStore, Options};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS cached_images (
@@ -103,34 +102,47 @@ impl Backend for SqliteStore {
 }
 
 impl MetadataStore for SqliteStore {
-    fn entries(&self, files: &[(String, Metadata)]) -> Result<Vec<Entry>, Error> {
+    fn images(&self, ids: &[String]) -> Result<Vec<Option<Image>>, Error> {
         let rows = self
             .db
             .query(
-                "SELECT image_id, hits, last_accessed, last_modified FROM cached_images",
+                "SELECT image_id, size, hits, last_accessed, last_modified FROM cached_images",
                 &[],
             )
             .map_err(db_error)?;
         let mut recorded = HashMap::with_capacity(rows.len());
         for row in rows {
-            if let [Value::Text(id), hits, accessed, modified] = &row[..] {
-                recorded.insert(
-                    id.clone(),
-                    (as_u64(hits), as_f64(accessed), as_f64(modified)),
-                );
+            if let [Value::Text(id), size, hits, accessed, modified] = &row[..] {
+                // A row without usable times is treated as no row.
+                if let (Some(last_accessed), Some(last_modified)) =
+                    (as_f64(accessed), as_f64(modified))
+                {
+                    let image = Image {
+                        size: as_u64(size),
+                        hits: as_u64(hits),
+                        last_accessed,
+                        last_modified,
+                    };
+                    recorded.insert(id.clone(), image);
+                }
             }
         }
-        Ok(files
-            .iter()
-            .map(|(id, meta)| match recorded.get(id) {
-                Some(&(hits, accessed, modified)) => Entry {
-                    hits,
-                    last_accessed: accessed.unwrap_or(meta.modified),
-                    last_modified: modified.unwrap_or(meta.modified),
-                },
-                None => Entry::unrecorded(meta),
+        Ok(ids.iter().map(|id| recorded.get(id).copied()).collect())
+    }
+
+    fn sizes(&self, ids: &[String]) -> Result<Vec<Option<u64>>, Error> {
+        let rows = self
+            .db
+            .query("SELECT image_id, size FROM cached_images", &[])
+            .map_err(db_error)?;
+        let recorded: HashMap<String, u64> = rows
+            .into_iter()
+            .filter_map(|row| match &row[..] {
+                [Value::Text(id), size] => Some((id.clone(), as_u64(size))),
+                _ => None,
             })
-            .collect())
+            .collect();
+        Ok(ids.iter().map(|id| recorded.get(id).copied()).collect())
     }
 
     fn hits(&self, id: &str) -> Result<u64, Error> {

@@ -7,9 +7,9 @@
 //! `noatime` mounts), and takes a file lock around the hit increment (so
 //! concurrent readers never lose one).
 
-use driver_common::fs::{self, File, Metadata};
+use driver_common::fs::{self, File};
 use driver_common::{
-    Backend, DriverInfo, Entry, Error, Layout, MetadataStore, Options, io_error, xattr,
+    Backend, DriverInfo, Error, Image, Layout, MetadataStore, Options, io_error, xattr,
 };
 
 const HITS: &str = "user.hits";
@@ -53,19 +53,21 @@ impl Backend for XattrStore {
 }
 
 impl MetadataStore for XattrStore {
-    fn entries(&self, files: &[(String, Metadata)]) -> Result<Vec<Entry>, Error> {
-        files
-            .iter()
-            .map(|(id, meta)| {
-                let hits = match fs::open(&Layout::image(id)) {
-                    Ok(file) => read_hits(&file)?,
-                    Err(_) => 0, // removed since it was listed
+    fn images(&self, ids: &[String]) -> Result<Vec<Option<Image>>, Error> {
+        ids.iter()
+            .map(|id| {
+                // One open per image: its metadata and its hits come from the
+                // same file, whatever happens to the name meanwhile.
+                let Ok(file) = fs::open(&Layout::image(id)) else {
+                    return Ok(None); // removed since it was listed
                 };
-                Ok(Entry {
-                    hits,
+                let meta = file.metadata().map_err(io_error)?;
+                Ok(Some(Image {
+                    size: meta.size,
+                    hits: read_hits(&file)?,
                     last_accessed: meta.accessed,
                     last_modified: meta.modified,
-                })
+                }))
             })
             .collect()
     }
