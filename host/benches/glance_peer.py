@@ -7,9 +7,9 @@ prints ONE JSON object on stdout (progress goes to stderr).
 
 Run it with the interpreter of the venv that has glance installed:
 
-    .venv-glance/bin/python bench/glance_peer.py --driver sqlite --root /tmp/gp
+    .venv-glance/bin/python host/benches/glance_peer.py --driver sqlite --root /tmp/gp
 
-See bench/README-glance.md for the meaning of every number.
+See host/benches/README-glance.md for the meaning of every number.
 """
 
 import argparse

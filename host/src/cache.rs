@@ -271,9 +271,9 @@ impl ImageCache {
         let mut buf = vec![0u8; CHUNK];
         let mut total = 0u64;
         {
-            let file = &mut reader.session.as_mut().expect("open session").file;
+            let file = reader.session.as_mut().expect("open session").file();
             loop {
-                let n = match file.file.read(&mut buf) {
+                let n = match file.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -298,7 +298,7 @@ impl ImageCache {
         }
         // No digest to compute: let the kernel copy (copy_file_range).
         let mut writer = self.open_for_write(id)?;
-        match io::copy(&mut source, &mut writer.session.file.file) {
+        match io::copy(&mut source, writer.session.file()) {
             Ok(n) => {
                 writer.commit(None)?;
                 Ok(n)
@@ -491,7 +491,7 @@ impl ImageWriter {
 
     /// Flush the bytes to stable storage and publish the image.
     pub fn commit(self, checksum: Option<&Checksum>) -> Result<()> {
-        if let Err(e) = self.session.file.file.sync_data() {
+        if let Err(e) = self.session.file_ref().sync_data() {
             let message = format!("flushing image {:?}: {e}", self.id);
             let _ = self.abort(&message);
             return Err(Error::Io(message));
@@ -508,13 +508,13 @@ impl ImageWriter {
 
 impl Write for ImageWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.session.file.file.write(buf)?;
+        let n = self.session.file().write(buf)?;
         self.written += n as u64;
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.session.file.file.flush()
+        self.session.file().flush()
     }
 }
 
@@ -534,7 +534,7 @@ impl ImageReader {
     /// The size of the file being read.
     pub fn size(&self) -> io::Result<u64> {
         match &self.session {
-            Some(s) => Ok(s.file.file.metadata()?.len()),
+            Some(s) => Ok(s.file_ref().metadata()?.len()),
             None => Ok(0),
         }
     }
@@ -553,7 +553,7 @@ impl Read for ImageReader {
         let Some(session) = self.session.as_mut() else {
             return Ok(0);
         };
-        let n = session.file.file.read(buf)?;
+        let n = session.file().read(buf)?;
         if n == 0 && !buf.is_empty() {
             self.finish().map_err(io::Error::other)?;
         }

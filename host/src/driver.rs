@@ -343,7 +343,7 @@ impl Driver {
             driver: self.clone(),
             instance: Some(instance),
             resource: Some(resource),
-            file,
+            file: Some(file),
         })
     }
 
@@ -363,10 +363,20 @@ pub(crate) struct Session {
     driver: Arc<Driver>,
     instance: Option<Instance>,
     resource: Option<ResourceAny>,
-    pub file: OpenFile,
+    /// Taken only by `finish_read`, which lends it back to the guest.
+    file: Option<OpenFile>,
 }
 
 impl Session {
+    /// The file the host moves the bytes through.
+    pub fn file(&mut self) -> &mut std::fs::File {
+        &mut self.file.as_mut().expect("session file").file
+    }
+
+    pub fn file_ref(&self) -> &std::fs::File {
+        &self.file.as_ref().expect("session file").file
+    }
+
     /// Call a method of the guest's session, then end the session.
     pub fn finish_with(
         mut self,
@@ -424,8 +434,26 @@ impl Session {
         self.finish_with(|g, s, r| g.write_session().call_abort(s, r, reason))
     }
 
-    pub fn finish_read(self) -> Result<()> {
-        self.finish_with(|g, s, r| g.read_session().call_finish(s, r))
+    /// End a read: the file goes back into the guest's table for the
+    /// duration of `finish`, so the driver records the access on the very
+    /// file that was read.
+    pub fn finish_read(mut self) -> Result<()> {
+        let file = self.file.take().expect("session file");
+        let mut instance = self.instance.take().expect("session has its instance");
+        let resource = self.resource.take().expect("session has its resource");
+        let lent = match instance.store.data_mut().table.push(file) {
+            Ok(lent) => lent,
+            Err(e) => {
+                let fault = self.driver.fault(e.into());
+                return self.release(instance, resource, Err(fault));
+            }
+        };
+        let borrowed = Resource::<OpenFile>::new_borrow(lent.rep());
+        let result = self.driver.guarded(&mut instance, |g, s| {
+            g.read_session().call_finish(s, resource, borrowed)
+        });
+        let _ = instance.store.data_mut().table.delete(lent);
+        self.release(instance, resource, result)
     }
 }
 

@@ -131,12 +131,22 @@ impl Attributes<'_> {
 /// scratch file in the root, read it back, remove the file.
 pub fn probe(root: &RootFs, support: XattrSupport) -> Result<()> {
     static PROBES: AtomicU64 = AtomicU64::new(0);
-    let name = format!(
+    let scratch = format!(
         ".image-cache-xattr-probe-{}-{}",
         std::process::id(),
         PROBES.fetch_add(1, Ordering::Relaxed)
     );
-    let file = root.create_new(&name)?;
+    // In incomplete/ (if the driver made it) so that no listing of the
+    // root takes the scratch file for an image while it exists.
+    let mut name = format!("incomplete/{scratch}");
+    let file = match root.create_new(&name) {
+        Ok(file) => file,
+        Err(e) if e.code == ErrorCode::NotFound => {
+            name = scratch;
+            root.create_new(&name)?
+        }
+        Err(e) => return Err(e),
+    };
     let attrs = Attributes {
         file: &file,
         support,

@@ -500,10 +500,10 @@ impl GuestReadSession for Reader {
         self.id.clone()
     }
 
-    fn finish(&self) -> Result<(), Error> {
+    fn finish(&self, read: &File) -> Result<(), Error> {
         if self.done.replace(true) {
             return Ok(());
         }
-        state()?.store.record_read(&self.id, now())
+        state()?.store.record_read(&self.id, read, now())
     }
 }

@@ -82,8 +82,9 @@ pub trait MetadataStore {
         now: f64,
     ) -> Result<(), Error>;
     /// A read of the cached image finished: hits + 1, accessed `now`.
-    /// Must not lose increments when several instances read at once.
-    fn record_read(&self, id: &str, now: f64) -> Result<(), Error>;
+    /// `file` is the file that was read. Must not lose increments when
+    /// several instances read at once.
+    fn record_read(&self, id: &str, file: &crate::fs::File, now: f64) -> Result<(), Error>;
     /// A write was abandoned; its file is now `invalid/<id>`.
     fn record_abort(&self, id: &str, reason: &str) -> Result<(), Error>;
     /// Drop the metadata of images whose files were removed.

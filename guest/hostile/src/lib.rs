@@ -222,7 +222,7 @@ impl GuestReadSession for Nothing {
     fn image_id(&self) -> String {
         String::new()
     }
-    fn finish(&self) -> Result<(), Error> {
+    fn finish(&self, _read: &File) -> Result<(), Error> {
         Ok(())
     }
 }

@@ -185,7 +185,12 @@ impl MetadataStore for SqliteStore {
         Ok(())
     }
 
-    fn record_read(&self, id: &str, now: f64) -> Result<(), Error> {
+    fn record_read(
+        &self,
+        id: &str,
+        _file: &driver_common::fs::File,
+        now: f64,
+    ) -> Result<(), Error> {
         // One statement: SQLite serialises it, so concurrent readers in
         // other instances never lose an increment.
         let changed = self

@@ -95,14 +95,11 @@ impl MetadataStore for XattrStore {
         file.set_times(Some(now), Some(now)).map_err(io_error)
     }
 
-    fn record_read(&self, id: &str, now: f64) -> Result<(), Error> {
-        let file = match fs::open(&Layout::image(id)) {
-            Ok(file) => file,
-            Err(_) => return Ok(()), // deleted while it was read
-        };
+    fn record_read(&self, _id: &str, file: &File, now: f64) -> Result<(), Error> {
+        // The file that was read, even if the image was deleted meanwhile.
         file.lock().map_err(io_error)?;
-        let result = read_hits(&file)
-            .and_then(|hits| write_hits(&file, hits + 1))
+        let result = read_hits(file)
+            .and_then(|hits| write_hits(file, hits + 1))
             .and_then(|()| file.set_times(Some(now), None).map_err(io_error));
         let _ = file.unlock();
         result
