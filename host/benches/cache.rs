@@ -265,18 +265,27 @@ fn bench_driver(
     // Data plane.
     let dir = scratch.join(format!("{driver}-big"));
     let cache = open(runtime, &dir, driver);
+    // Baseline and cache alternate, twice, and each keeps its best run: the
+    // disk and the page cache treat both the same.
     let native_path = scratch.join("native.img");
-    let native_w = native_write(&native_path, big);
-    let native_r = native_read(&native_path);
-    std::fs::remove_file(&native_path).unwrap();
-    reset_peak_rss();
-    let t = Instant::now();
-    cache.cache_reader("big", None, Pattern::new(big)).unwrap();
-    let ours_w = t.elapsed().as_secs_f64();
-    let rss_write = peak_rss_mib();
-    let t = Instant::now();
-    cache.read_image("big", io::sink()).unwrap();
-    let ours_r = t.elapsed().as_secs_f64();
+    let (mut native_w, mut native_r, mut ours_w, mut ours_r) =
+        (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
+    let mut rss_write = 0f64;
+    for round in 0..2 {
+        native_w = native_w.min(native_write(&native_path, big));
+        native_r = native_r.min(native_read(&native_path));
+        std::fs::remove_file(&native_path).unwrap();
+        let id = format!("big-{round}");
+        reset_peak_rss();
+        let t = Instant::now();
+        cache.cache_reader(&id, None, Pattern::new(big)).unwrap();
+        ours_w = ours_w.min(t.elapsed().as_secs_f64());
+        rss_write = rss_write.max(peak_rss_mib());
+        let t = Instant::now();
+        cache.read_image(&id, io::sink()).unwrap();
+        ours_r = ours_r.min(t.elapsed().as_secs_f64());
+        cache.delete_cached_image(&id).unwrap();
+    }
     let mb = big as f64 / 1e6;
     table
         .add(
