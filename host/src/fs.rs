@@ -132,21 +132,22 @@ pub fn from_time(t: f64) -> Result<SystemTime> {
     })
 }
 
-fn kind(ft: &std::fs::FileType) -> EntryKind {
-    if ft.is_symlink() {
-        EntryKind::Symlink
-    } else if ft.is_file() {
-        EntryKind::RegularFile
-    } else if ft.is_dir() {
-        EntryKind::Directory
-    } else {
-        EntryKind::Other
+/// The kind of an entry, from what std's or cap-std's file type says.
+fn kind(symlink: bool, file: bool, dir: bool) -> EntryKind {
+    match (symlink, file, dir) {
+        (true, _, _) => EntryKind::Symlink,
+        (_, true, _) => EntryKind::RegularFile,
+        (_, _, true) => EntryKind::Directory,
+        _ => EntryKind::Other,
     }
 }
 
 fn metadata_of(m: &std::fs::Metadata) -> Metadata {
     Metadata {
-        kind: kind(&m.file_type()),
+        kind: {
+            let ft = m.file_type();
+            kind(ft.is_symlink(), ft.is_file(), ft.is_dir())
+        },
         size: m.len(),
         accessed: m.accessed().map(to_time).unwrap_or(0.0),
         modified: m.modified().map(to_time).unwrap_or(0.0),
@@ -155,19 +156,10 @@ fn metadata_of(m: &std::fs::Metadata) -> Metadata {
 
 fn cap_metadata(m: &cap_std::fs::Metadata) -> Metadata {
     let ft = m.file_type();
-    let kind = if ft.is_symlink() {
-        EntryKind::Symlink
-    } else if ft.is_file() {
-        EntryKind::RegularFile
-    } else if ft.is_dir() {
-        EntryKind::Directory
-    } else {
-        EntryKind::Other
-    };
     let time =
         |t: io::Result<cap_std::time::SystemTime>| t.map(|t| to_time(t.into_std())).unwrap_or(0.0);
     Metadata {
-        kind,
+        kind: kind(ft.is_symlink(), ft.is_file(), ft.is_dir()),
         size: m.len(),
         accessed: time(m.accessed()),
         modified: time(m.modified()),
@@ -253,37 +245,15 @@ impl RootFs {
         self.dir.create_dir(p).map_err(|e| io_error(path, e))
     }
 
-    pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntry>> {
-        let p = check_path(path)?;
-        let entries = if p == Path::new(".") {
-            self.dir.entries()
-        } else {
-            self.dir.read_dir(p)
-        }
-        .map_err(|e| io_error(path, e))?;
-        let mut listing = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|e| io_error(path, e))?;
-            if listing.len() >= self.max_listing {
-                return Err(error(
-                    ErrorCode::LimitExceeded,
-                    format!("{path}: more than {} entries", self.max_listing),
-                ));
-            }
-            let Ok(name) = entry.file_name().into_string() else {
-                continue; // not UTF-8: never an image id
-            };
-            let metadata = match entry.metadata() {
-                Ok(m) => cap_metadata(&m),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // removed meanwhile
-                Err(e) => return Err(io_error(&format!("{path}/{name}"), e)),
-            };
-            listing.push(DirEntry { name, metadata });
-        }
-        Ok(listing)
-    }
-
-    pub fn list_names(&self, path: &str) -> Result<Vec<DirName>> {
+    /// Walk a directory's entries (not `.` or `..`), at most `max_listing`
+    /// of them; `describe` turns one into a listing item, or `None` to skip
+    /// it. Names that are not UTF-8 are skipped (never an image id), and so
+    /// are entries removed while the directory is read.
+    fn walk<T>(
+        &self,
+        path: &str,
+        describe: impl Fn(&cap_std::fs::DirEntry, String) -> io::Result<T>,
+    ) -> Result<Vec<T>> {
         let p = check_path(path)?;
         let entries = if p == Path::new(".") {
             self.dir.entries()
@@ -303,18 +273,35 @@ impl RootFs {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            // The kind comes from the listing itself (d_type) when it can.
-            let kind = match entry.file_type() {
-                Ok(ft) if ft.is_symlink() => EntryKind::Symlink,
-                Ok(ft) if ft.is_file() => EntryKind::RegularFile,
-                Ok(ft) if ft.is_dir() => EntryKind::Directory,
-                Ok(_) => EntryKind::Other,
+            match describe(&entry, name.clone()) {
+                Ok(item) => listing.push(item),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(io_error(&format!("{path}/{name}"), e)),
-            };
-            listing.push(DirName { name, kind });
+            }
         }
         Ok(listing)
+    }
+
+    /// Every entry with its metadata (a stat per entry).
+    pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntry>> {
+        self.walk(path, |entry, name| {
+            Ok(DirEntry {
+                name,
+                metadata: cap_metadata(&entry.metadata()?),
+            })
+        })
+    }
+
+    /// Every entry's name and kind; the kind comes from the listing itself
+    /// (d_type) where the file system reports it.
+    pub fn list_names(&self, path: &str) -> Result<Vec<DirName>> {
+        self.walk(path, |entry, name| {
+            let ft = entry.file_type()?;
+            Ok(DirName {
+                name,
+                kind: kind(ft.is_symlink(), ft.is_file(), ft.is_dir()),
+            })
+        })
     }
 
     pub fn rename(&self, src: &str, dst: &str) -> Result<()> {
