@@ -246,6 +246,16 @@ impl Runtime {
         self.load_bytes(&source.name(), &bytes)
     }
 
+    /// The interfaces the component from `source` imports, whether or not
+    /// the cache would accept it (compiled through the artifact directory,
+    /// so this is cheap after the first time).
+    pub fn imports(&self, source: &DriverSource) -> Result<Vec<String>> {
+        let bytes = self.read_source(source)?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let (component, _) = self.compile(&source.name(), &sha256, &bytes)?;
+        Ok(component_imports(&self.engine, &component))
+    }
+
     /// Like [`Runtime::load`], from the component's bytes.
     pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<DriverComponent> {
         let sha256 = hex::encode(Sha256::digest(bytes));

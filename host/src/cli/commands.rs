@@ -5,7 +5,7 @@ use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use image_cache::runtime::{ALLOWED_IMPORTS, component_imports};
+use image_cache::runtime::{ALLOWED_IMPORTS, default_artifact_dir};
 use image_cache::{Checksum, DriverSource, Error, ImageCache, Limits, Runtime};
 use serde_json::{Value, json};
 
@@ -738,36 +738,29 @@ fn size(s: &Settings, cache: &ImageCache, out: &mut Out) -> Outcome {
 /// Built-in drivers (and the one --driver names, if it is a file), each
 /// with the imports its component needs, checked against ALLOWED_IMPORTS.
 fn drivers(s: &Settings, out: &mut Out) -> Outcome {
-    let runtime = Runtime::new(Limits::default(), None)?;
-    let engine = runtime.engine();
+    let runtime = Runtime::new(Limits::default(), default_artifact_dir())?;
     let mut entries = Vec::new();
-    let mut components: Vec<(String, String, Vec<u8>)> = image_cache::builtin::ALL
+    let mut components: Vec<(String, String, DriverSource)> = image_cache::builtin::ALL
         .iter()
         .map(|b| {
             (
                 b.name.to_string(),
                 b.description.to_string(),
-                b.component.to_vec(),
+                DriverSource::Builtin(b.name),
             )
         })
         .collect();
     if let DriverSource::File(path) = s.driver_source()? {
-        let bytes = fs::read(&path).map_err(|e| {
-            Failure::op(
-                "load",
-                format!("cannot load driver {}: {e}", path.display()),
-            )
-        })?;
         components.push((
             path.display().to_string(),
             "component file (--driver)".to_string(),
-            bytes,
+            DriverSource::File(path),
         ));
     }
-    for (name, description, bytes) in components {
-        let component = wasmtime::component::Component::new(engine, &bytes)
-            .map_err(|e| Failure::op("load", format!("cannot load driver {name}: {e:#}")))?;
-        let imports = component_imports(engine, &component);
+    for (name, description, source) in components {
+        let imports = runtime
+            .imports(&source)
+            .map_err(|e| Failure::op("load", e.to_string()))?;
         let refused: Vec<&String> = imports
             .iter()
             .filter(|i| !ALLOWED_IMPORTS.iter().any(|p| i.starts_with(p)))
