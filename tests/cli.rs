@@ -12,57 +12,18 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 use tempfile::TempDir;
 
-/// `<target>/<profile>` of this test binary (`<target>/<profile>/deps/cli-*`).
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    exe.ancestors()
-        .nth(2)
-        .expect("profile directory")
-        .to_path_buf()
-}
-
 fn bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(path) = std::env::var_os("IMAGE_CACHE_BIN") {
-            return PathBuf::from(path);
-        }
-        let profile = profile_dir();
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut build = Command::new(cargo);
-        build
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "image-cache",
-                "--bin",
-                "image-cache",
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("running cargo build for the binary");
-        assert!(
-            status.success(),
-            "cargo build -p image-cache --bin image-cache failed"
-        );
-        let bin = profile.join(format!("image-cache{}", std::env::consts::EXE_SUFFIX));
-        assert!(bin.exists(), "{} was not built", bin.display());
-        bin
-    })
+    image_cache_tests::cli_binary()
 }
 
 /// Where compiled driver components are shared by every test run.
 fn xdg_cache_home() -> PathBuf {
-    profile_dir()
+    image_cache_tests::profile_dir()
         .parent()
         .expect("target directory")
         .join("tmp")

@@ -366,6 +366,14 @@ impl OpenFile {
         self.file.lock().map_err(|e| io_error(&self.path, e))
     }
 
+    pub fn try_lock(&self) -> Result<bool> {
+        match self.file.try_lock() {
+            Ok(()) => Ok(true),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => Err(io_error(&self.path, e)),
+        }
+    }
+
     pub fn unlock(&self) -> Result<()> {
         self.file.unlock().map_err(|e| io_error(&self.path, e))
     }
@@ -466,6 +474,10 @@ impl wit::HostFile for FsView<'_> {
 
     fn lock(&mut self, f: Resource<OpenFile>) -> wasmtime::Result<Result<()>> {
         Ok(self.table.get(&f)?.lock())
+    }
+
+    fn try_lock(&mut self, f: Resource<OpenFile>) -> wasmtime::Result<Result<bool>> {
+        Ok(self.table.get(&f)?.try_lock())
     }
 
     fn unlock(&mut self, f: Resource<OpenFile>) -> wasmtime::Result<Result<()>> {

@@ -3,6 +3,7 @@
 //! and the list of drivers every conformance test runs against.
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
@@ -188,4 +189,48 @@ pub fn fixture(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// `<target>/<profile>` of this test binary (`<target>/<profile>/deps/cli-*`).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.ancestors()
+        .nth(2)
+        .expect("profile directory")
+        .to_path_buf()
+}
+
+/// The `image-cache` binary of this build profile, built on first use
+/// (or `$IMAGE_CACHE_BIN`).
+pub fn cli_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("IMAGE_CACHE_BIN") {
+            return PathBuf::from(path);
+        }
+        let profile = profile_dir();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "image-cache",
+                "--bin",
+                "image-cache",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("running cargo build for the binary");
+        assert!(
+            status.success(),
+            "cargo build -p image-cache --bin image-cache failed"
+        );
+        let bin = profile.join(format!("image-cache{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.exists(), "{} was not built", bin.display());
+        bin
+    })
 }

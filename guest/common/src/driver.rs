@@ -375,14 +375,13 @@ impl<B: Backend> Guest for Driver<B> {
                 return Err(already_cached());
             }
             let path = Layout::incomplete(&image_id);
-            let file = match fs::create_new(&path) {
-                Ok(file) => file,
-                Err(e) if e.code == ErrorCode::AlreadyExists => {
-                    return Err(Error::BeingCached(format!(
-                        "image {image_id:?} is being cached by another writer"
-                    )));
-                }
-                Err(e) => return Err(io_error(e)),
+            let file = match create_locked(&path)? {
+                Some(file) => file,
+                None if take_over_abandoned(&image_id)? => match create_locked(&path)? {
+                    Some(file) => file,
+                    None => return Err(being_cached(&image_id)),
+                },
+                None => return Err(being_cached(&image_id)),
             };
             // A writer that committed between the check and the create.
             if s.is_cached(&image_id)? {
@@ -418,6 +417,53 @@ impl<B: Backend> Guest for Driver<B> {
             }
         })
     }
+}
+
+fn being_cached(id: &str) -> Error {
+    Error::BeingCached(format!("image {id:?} is being cached by another writer"))
+}
+
+/// Create `incomplete/<id>` exclusively and lock it for the life of the
+/// write (the lock goes with the file to the host, and dies with its
+/// process); `None` if the file exists.
+fn create_locked(path: &str) -> Result<Option<File>, Error> {
+    match fs::create_new(path) {
+        Ok(file) => {
+            file.lock().map_err(io_error)?;
+            Ok(Some(file))
+        }
+        Err(e) if e.code == ErrorCode::AlreadyExists => Ok(None),
+        Err(e) => Err(io_error(e)),
+    }
+}
+
+/// How long an unlocked `incomplete/<id>` must have been left alone before
+/// a new writer takes it over: covers the moment between a writer's create
+/// and its lock, and writers that do not lock (Glance itself).
+pub const ABANDONED_AFTER: f64 = 10.0;
+
+/// `incomplete/<id>` exists: if no live writer holds its lock and it has
+/// not changed for a while, the writer died (a killed process, a crashed
+/// host); move its file to `invalid/`. Glance waits for the stall time
+/// (a day by default) before the image can be cached again; we need not.
+fn take_over_abandoned(id: &str) -> Result<bool, Error> {
+    let path = Layout::incomplete(id);
+    let stale = match fs::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.code == ErrorCode::NotFound => return Ok(true), // just went
+        Err(e) => return Err(io_error(e)),
+    };
+    let modified = stale.metadata().map_err(io_error)?.modified;
+    if modified > now() - ABANDONED_AFTER || !stale.try_lock().map_err(io_error)? {
+        return Ok(false); // a live (or very recent) writer
+    }
+    match fs::rename(&path, &Layout::invalid(id)) {
+        Ok(()) => {}
+        Err(e) if e.code == ErrorCode::NotFound => {}
+        Err(e) => return Err(io_error(e)),
+    }
+    let _ = stale.unlock();
+    Ok(true)
 }
 
 /// A write session: `incomplete/<id>` exists and belongs to this session.
