@@ -26,8 +26,11 @@ pub const DEFAULT_MAX_SIZE: u64 = 10 * 1024 * 1024 * 1024;
 pub const DEFAULT_STALL_TIME: Duration = Duration::from_secs(86_400);
 /// Glance's default `image_cache_sqlite_db`.
 pub const DEFAULT_SQLITE_DB: &str = "cache.db";
-/// Bytes moved per read/write while caching a stream.
+/// Bytes moved per read/write of a large image.
 const CHUNK: usize = 1 << 20;
+/// The first buffer of a stream of unknown size: small images should not
+/// pay for zeroing a megabyte; it grows to CHUNK once reads fill it.
+const FIRST_CHUNK: usize = 64 << 10;
 
 /// How to open a cache.
 #[derive(Clone, Debug)]
@@ -268,7 +271,9 @@ impl ImageCache {
     /// Read a cached image into `sink`, counting the hit; bytes copied.
     pub fn read_image<W: Write>(&self, id: &str, mut sink: W) -> Result<u64> {
         let mut reader = self.open_for_read(id)?;
-        let mut buf = vec![0u8; CHUNK];
+        let size = reader.session.as_ref().expect("open session").file_size();
+        // One more byte than the image, so a small one is read in one call.
+        let mut buf = vec![0u8; (size as usize).saturating_add(1).min(CHUNK)];
         let mut total = 0u64;
         {
             let file = reader.session.as_mut().expect("open session").file();
@@ -372,9 +377,12 @@ impl ImageCache {
             }
         };
         let mut hasher = expected.map(|c| Hasher::new(c.algorithm));
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = vec![0u8; FIRST_CHUNK];
         let mut bytes = 0u64;
         loop {
+            if bytes >= FIRST_CHUNK as u64 && buf.len() < CHUNK {
+                buf.resize(CHUNK, 0);
+            }
             let n = match source.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,

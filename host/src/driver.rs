@@ -377,6 +377,11 @@ impl Session {
         &self.file.as_ref().expect("session file").file
     }
 
+    /// The file's size when the driver opened it.
+    pub fn file_size(&self) -> u64 {
+        self.file.as_ref().expect("session file").size_at_open
+    }
+
     /// Call a method of the guest's session, then end the session.
     pub fn finish_with(
         mut self,

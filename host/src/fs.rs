@@ -37,6 +37,8 @@ pub struct OpenFile {
     pub file: std::fs::File,
     /// Root-relative path it was opened at (for messages).
     pub path: String,
+    /// Its size when it was opened.
+    pub size_at_open: u64,
 }
 
 pub type Result<T> = std::result::Result<T, FsError>;
@@ -204,6 +206,7 @@ impl RootFs {
         Ok(OpenFile {
             file: file.into_std(),
             path: path.to_string(),
+            size_at_open: 0,
         })
     }
 
@@ -226,6 +229,7 @@ impl RootFs {
         Ok(OpenFile {
             file,
             path: path.to_string(),
+            size_at_open: meta.len(),
         })
     }
 
