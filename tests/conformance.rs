@@ -6,7 +6,7 @@ use std::io::{self, Read, Write};
 use std::time::Duration;
 
 use image_cache::{Checksum, DriverSource, Error};
-use image_cache_tests::{TestCache, age_file, for_each_driver, image_bytes};
+use image_cache_tests::{TestCache, age_file, cached_ids, for_each_driver, image_bytes, lru_ids};
 
 const KIB: usize = 1024;
 
@@ -429,13 +429,7 @@ fn cached_images_are_ordered_by_id(driver: &DriverSource) {
     for id in ["delta", "alpha", "charlie", "bravo", "10", "9"] {
         t.put(id, b"x");
     }
-    let ids: Vec<_> = t
-        .cache
-        .get_cached_images()
-        .unwrap()
-        .into_iter()
-        .map(|i| i.image_id)
-        .collect();
+    let ids = cached_ids(&t.cache);
     assert_eq!(ids, ["10", "9", "alpha", "bravo", "charlie", "delta"]);
 }
 
@@ -448,13 +442,7 @@ fn least_recently_accessed_and_batch(driver: &DriverSource) {
     t.get("a");
     let (id, size) = t.cache.get_least_recently_accessed().unwrap().unwrap();
     assert_eq!((id.as_str(), size), ("b", 100));
-    let batch: Vec<_> = t
-        .cache
-        .get_least_recently_accessed_batch(2)
-        .unwrap()
-        .into_iter()
-        .map(|e| e.image_id)
-        .collect();
+    let batch = lru_ids(&t.cache, 2);
     assert_eq!(batch, ["b", "c"]);
     assert_eq!(
         t.cache.get_least_recently_accessed_batch(10).unwrap().len(),
@@ -470,13 +458,7 @@ fn cache_size_counts_only_complete_images(driver: &DriverSource) {
     t.cache.queue_image("4").unwrap();
     std::fs::create_dir(t.path("not-an-image")).unwrap();
     assert_eq!(t.cache.get_cache_size().unwrap(), 1000);
-    let ids: Vec<_> = t
-        .cache
-        .get_cached_images()
-        .unwrap()
-        .into_iter()
-        .map(|i| i.image_id)
-        .collect();
+    let ids = cached_ids(&t.cache);
     assert_eq!(
         ids,
         ["1"],
@@ -529,13 +511,7 @@ fn rereading_moves_an_image_to_the_back_of_the_lru(driver: &DriverSource) {
     for id in ["a", "b", "c", "a", "a"] {
         t.get(id);
     }
-    let order: Vec<_> = t
-        .cache
-        .get_least_recently_accessed_batch(3)
-        .unwrap()
-        .into_iter()
-        .map(|e| e.image_id)
-        .collect();
+    let order = lru_ids(&t.cache, 3);
     assert_eq!(order, ["b", "c", "a"]);
     let report = t.cache.prune(2).unwrap();
     assert_eq!(

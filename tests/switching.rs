@@ -2,7 +2,7 @@
 //! every cached image readable. What metadata carries over is in README.md.
 
 use image_cache::DriverSource;
-use image_cache_tests::{TestCache, image_bytes};
+use image_cache_tests::{TestCache, cached_ids, image_bytes, lru_ids};
 
 fn sqlite() -> DriverSource {
     DriverSource::Builtin("sqlite")
@@ -21,12 +21,7 @@ fn sqlite_to_xattr_and_back_keeps_every_image() {
     t.get("img-0");
 
     let as_xattr = t.reopen(&xattr());
-    let ids: Vec<_> = as_xattr
-        .get_cached_images()
-        .unwrap()
-        .into_iter()
-        .map(|i| i.image_id)
-        .collect();
+    let ids = cached_ids(&as_xattr);
     assert_eq!(
         ids,
         ["img-0", "img-1", "img-2", "img-3", "img-4"],
@@ -63,12 +58,7 @@ fn xattr_lru_order_survives_a_switch_to_sqlite() {
         t.get(id);
     }
     let as_sqlite = t.reopen(&sqlite());
-    let order: Vec<_> = as_sqlite
-        .get_least_recently_accessed_batch(3)
-        .unwrap()
-        .into_iter()
-        .map(|e| e.image_id)
-        .collect();
+    let order = lru_ids(&as_sqlite, 3);
     assert_eq!(
         order,
         ["c", "a", "b"],

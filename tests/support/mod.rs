@@ -234,3 +234,23 @@ pub fn cli_binary() -> &'static Path {
         bin
     })
 }
+
+/// The ids `get-cached-images` lists, in its order.
+pub fn cached_ids(cache: &ImageCache) -> Vec<String> {
+    cache
+        .get_cached_images()
+        .unwrap()
+        .into_iter()
+        .map(|i| i.image_id)
+        .collect()
+}
+
+/// The ids of the `n` least recently accessed images, oldest first.
+pub fn lru_ids(cache: &ImageCache, n: u32) -> Vec<String> {
+    cache
+        .get_least_recently_accessed_batch(n)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.image_id)
+        .collect()
+}
