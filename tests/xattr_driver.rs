@@ -92,3 +92,60 @@ fn a_read_sets_the_access_time_itself() {
         "atime moved to the read"
     );
 }
+
+/// A ramfs mounted for one test, unmounted when dropped.
+struct Ramfs(tempfile::TempDir);
+
+impl Ramfs {
+    /// `None` where this process may not mount (not root, no
+    /// CAP_SYS_ADMIN): the host-side switch above covers the behaviour.
+    fn mount() -> Option<Ramfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "ramfs", "ramfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then(|| Ramfs(dir))
+    }
+}
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// For real: ramfs stores no user extended attributes.
+#[test]
+fn on_a_file_system_without_user_xattrs_it_is_a_bad_configuration() {
+    let Some(ramfs) = Ramfs::mount() else {
+        eprintln!("cannot mount a ramfs here; skipped (see the XattrSupport::Disabled tests)");
+        return;
+    };
+    let root = ramfs.0.path().join("cache");
+    let strict = CacheConfig::new(&root)
+        .driver(xattr())
+        .fallback_to_sqlite(false);
+    match ImageCache::with_runtime(runtime(), strict) {
+        Err(Error::BadConfiguration(m)) => {
+            assert!(m.contains("extended attributes"), "{m}");
+            assert!(m.contains(&root.display().to_string()), "{m}");
+        }
+        Err(e) => panic!("expected bad configuration, got {e:?}"),
+        Ok(_) => panic!("expected bad configuration, got a cache"),
+    }
+    let cache =
+        ImageCache::with_runtime(runtime(), CacheConfig::new(&root).driver(xattr())).unwrap();
+    assert_eq!(
+        cache.driver().info().name,
+        "sqlite",
+        "fell back, as Glance does"
+    );
+    cache.cache_reader("1", None, &b"on ramfs"[..]).unwrap();
+    assert!(cache.is_cached("1").unwrap());
+    drop(cache);
+}
