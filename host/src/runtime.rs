@@ -182,6 +182,10 @@ impl Runtime {
     pub fn new(limits: Limits, artifacts: Option<PathBuf>) -> Result<Arc<Runtime>> {
         let mut config = Config::new();
         config.wasm_component_model(true).epoch_interruption(true);
+        // `IMAGE_CACHE_PROFILE=perfmap` lets `perf` name driver functions.
+        if std::env::var("IMAGE_CACHE_PROFILE").as_deref() == Ok("perfmap") {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| load_error("engine", e))?;
         start_epoch_ticker(&engine);
 
