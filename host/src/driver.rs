@@ -171,7 +171,16 @@ impl Driver {
         }
     }
 
-    pub(crate) fn checkin(&self, instance: Instance) {
+    /// After a call: the instance goes back to the pool, unless the call
+    /// faulted, in which case it is dropped (and counted).
+    fn settle<T>(&self, instance: Instance, result: &Result<T>) {
+        if matches!(result, Err(Error::DriverFault { .. })) {
+            self.runtime
+                .stats
+                .instances_discarded
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let mut idle = self.idle.lock().unwrap();
         if idle.len() < MAX_IDLE {
             idle.push(instance);
@@ -211,14 +220,7 @@ impl Driver {
                     message: format!("it broke the driver contract: {broken}"),
                 }),
             });
-        if matches!(result, Err(Error::DriverFault { .. })) {
-            self.runtime
-                .stats
-                .instances_discarded
-                .fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.checkin(instance);
-        }
+        self.settle(instance, &result);
         result
     }
 
@@ -328,16 +330,19 @@ impl Driver {
         let (resource, file) = match result {
             Ok(opened) => opened,
             Err(e) => {
-                if !matches!(e, Error::DriverFault { .. }) {
-                    self.checkin(instance);
-                }
-                return Err(e);
+                let failed = Err(e);
+                self.settle(instance, &failed);
+                return failed;
             }
         };
         // The file moves to the host: image bytes never enter the guest.
         let file = match instance.store.data_mut().table.delete(file) {
             Ok(open_file) => open_file,
-            Err(e) => return Err(self.fault(e.into())),
+            Err(e) => {
+                let failed = Err(self.fault(e.into()));
+                self.settle(instance, &failed);
+                return failed;
+            }
         };
         Ok(Session {
             driver: self.clone(),
@@ -419,15 +424,7 @@ impl Session {
             (Ok(()), Err(e)) => Err(self.driver.fault(e)),
             (Ok(()), Ok(())) => Ok(()),
         };
-        if matches!(result, Err(Error::DriverFault { .. })) {
-            self.driver
-                .runtime
-                .stats
-                .instances_discarded
-                .fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.driver.checkin(instance);
-        }
+        self.driver.settle(instance, &result);
         result
     }
 
