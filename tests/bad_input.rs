@@ -3,7 +3,7 @@
 //! bad-configuration error naming the root.
 
 use image_cache::{CacheConfig, DriverSource, Error, ImageCache};
-use image_cache_tests::{TestCache, for_each_driver, runtime, snapshot};
+use image_cache_tests::{TestCache, bad_configuration, for_each_driver, runtime, snapshot};
 
 /// Every kind of id SPEC.md rejects.
 fn invalid_ids() -> Vec<String> {
@@ -106,14 +106,9 @@ fn a_root_that_is_a_file_is_a_bad_configuration() {
     let file = dir.path().join("not-a-dir");
     std::fs::write(&file, b"x").unwrap();
     for driver in ["sqlite", "xattr"] {
-        match open_root(&file, DriverSource::Builtin(driver)) {
-            Err(Error::BadConfiguration(m)) => {
-                assert!(m.contains(&file.display().to_string()), "{m}");
-                assert!(m.contains("not a directory"), "{m}");
-            }
-            Err(e) => panic!("expected bad configuration, got {e:?}"),
-            Ok(_) => panic!("expected bad configuration, got a cache"),
-        }
+        let m = bad_configuration(open_root(&file, DriverSource::Builtin(driver)));
+        assert!(m.contains(&file.display().to_string()), "{m}");
+        assert!(m.contains("not a directory"), "{m}");
     }
     assert_eq!(std::fs::read(&file).unwrap(), b"x", "the file is untouched");
 }
@@ -123,43 +118,30 @@ fn a_root_that_cannot_be_created_is_a_bad_configuration() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("file"), b"x").unwrap();
     let root = dir.path().join("file").join("cache");
-    match open_root(&root, DriverSource::Builtin("sqlite")) {
-        Err(Error::BadConfiguration(m)) => {
-            assert!(
-                m.contains(&root.display().to_string()) && m.contains("cannot"),
-                "{m}"
-            )
-        }
-        Err(e) => panic!("expected bad configuration, got {e:?}"),
-        Ok(_) => panic!("expected bad configuration, got a cache"),
-    }
+    let m = bad_configuration(open_root(&root, DriverSource::Builtin("sqlite")));
+    assert!(
+        m.contains(&root.display().to_string()) && m.contains("cannot"),
+        "{m}"
+    );
 }
 
 #[test]
 fn staging_directory_replaced_by_a_file_is_a_bad_configuration() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("queue"), b"oops").unwrap();
-    match open_root(dir.path(), DriverSource::Builtin("sqlite")) {
-        Err(Error::BadConfiguration(m)) => {
-            assert!(
-                m.contains("queue/") && m.contains(&dir.path().display().to_string()),
-                "{m}"
-            )
-        }
-        Err(e) => panic!("expected bad configuration, got {e:?}"),
-        Ok(_) => panic!("expected bad configuration, got a cache"),
-    }
+    let m = bad_configuration(open_root(dir.path(), DriverSource::Builtin("sqlite")));
+    assert!(
+        m.contains("queue/") && m.contains(&dir.path().display().to_string()),
+        "{m}"
+    );
 }
 
 #[test]
 fn a_database_that_is_not_sqlite_is_a_bad_configuration() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("cache.db"), vec![0xAB; 4096]).unwrap();
-    match open_root(dir.path(), DriverSource::Builtin("sqlite")) {
-        Err(Error::BadConfiguration(m)) => assert!(m.contains("cache.db"), "{m}"),
-        Err(e) => panic!("expected bad configuration, got {e:?}"),
-        Ok(_) => panic!("expected bad configuration, got a cache"),
-    }
+    let m = bad_configuration(open_root(dir.path(), DriverSource::Builtin("sqlite")));
+    assert!(m.contains("cache.db"), "{m}");
     assert_eq!(
         std::fs::read(dir.path().join("cache.db")).unwrap(),
         vec![0xAB; 4096],
@@ -173,11 +155,8 @@ fn a_sqlite_db_option_outside_the_root_is_refused() {
     for name in ["../elsewhere.db", "/tmp/abs.db", "sub/dir.db", ""] {
         let mut config = CacheConfig::new(dir.path()).fallback_to_sqlite(false);
         config.sqlite_db = name.to_string();
-        match ImageCache::with_runtime(runtime(), config) {
-            Err(Error::BadConfiguration(m)) => assert!(m.contains("image_cache_sqlite_db"), "{m}"),
-            Err(e) => panic!("{name:?}: expected bad configuration, got {e:?}"),
-            Ok(_) => panic!("{name:?}: expected bad configuration, got a cache"),
-        }
+        let m = bad_configuration(ImageCache::with_runtime(runtime(), config));
+        assert!(m.contains("image_cache_sqlite_db"), "{name:?}: {m}");
     }
     assert!(!dir.path().parent().unwrap().join("elsewhere.db").exists());
 }

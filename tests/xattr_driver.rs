@@ -2,8 +2,8 @@
 //! attributes, keeps Glance's attribute names, and records why a write was
 //! abandoned.
 
-use image_cache::{CacheConfig, DriverSource, Error, ImageCache, XattrSupport};
-use image_cache_tests::{TestCache, runtime};
+use image_cache::{CacheConfig, DriverSource, ImageCache, XattrSupport};
+use image_cache_tests::{TestCache, bad_configuration, runtime};
 
 fn xattr() -> DriverSource {
     DriverSource::Builtin("xattr")
@@ -21,14 +21,9 @@ fn config_without_xattrs(root: &std::path::Path) -> CacheConfig {
 fn without_user_xattrs_configure_fails_naming_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_without_xattrs(dir.path()).fallback_to_sqlite(false);
-    match ImageCache::with_runtime(runtime(), config) {
-        Err(Error::BadConfiguration(m)) => {
-            assert!(m.contains("extended attributes"), "{m}");
-            assert!(m.contains(&dir.path().display().to_string()), "{m}");
-        }
-        Err(e) => panic!("expected bad configuration, got {e:?}"),
-        Ok(_) => panic!("expected bad configuration, got a cache"),
-    }
+    let m = bad_configuration(ImageCache::with_runtime(runtime(), config));
+    assert!(m.contains("extended attributes"), "{m}");
+    assert!(m.contains(&dir.path().display().to_string()), "{m}");
 }
 
 #[test]
@@ -130,14 +125,9 @@ fn on_a_file_system_without_user_xattrs_it_is_a_bad_configuration() {
     let strict = CacheConfig::new(&root)
         .driver(xattr())
         .fallback_to_sqlite(false);
-    match ImageCache::with_runtime(runtime(), strict) {
-        Err(Error::BadConfiguration(m)) => {
-            assert!(m.contains("extended attributes"), "{m}");
-            assert!(m.contains(&root.display().to_string()), "{m}");
-        }
-        Err(e) => panic!("expected bad configuration, got {e:?}"),
-        Ok(_) => panic!("expected bad configuration, got a cache"),
-    }
+    let m = bad_configuration(ImageCache::with_runtime(runtime(), strict));
+    assert!(m.contains("extended attributes"), "{m}");
+    assert!(m.contains(&root.display().to_string()), "{m}");
     let cache =
         ImageCache::with_runtime(runtime(), CacheConfig::new(&root).driver(xattr())).unwrap();
     assert_eq!(

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use image_cache::{CacheConfig, DriverSource, ImageCache, Limits, Runtime};
+use image_cache::{CacheConfig, DriverSource, Error, ImageCache, Limits, Runtime};
 use tempfile::TempDir;
 
 /// Environment variable naming a third-party driver component to run the
@@ -253,4 +253,13 @@ pub fn lru_ids(cache: &ImageCache, n: u32) -> Vec<String> {
         .into_iter()
         .map(|e| e.image_id)
         .collect()
+}
+
+/// The message of the bad-configuration error `result` must be.
+pub fn bad_configuration<T>(result: Result<T, Error>) -> String {
+    match result {
+        Err(Error::BadConfiguration(message)) => message,
+        Err(e) => panic!("expected a bad-configuration error, got {e:?}"),
+        Ok(_) => panic!("expected a bad-configuration error, got success"),
+    }
 }
