@@ -1,15 +1,28 @@
-//! Builds the driver components in `guest/` for wasm32-wasip2 with a nested
-//! cargo (own target directory under the workspace's `target/`), and exposes
-//! them to the host as `$OUT_DIR/<name>.wasm` for `include_bytes!`.
+//! Builds the driver components in `guest/` with a nested cargo (own target
+//! directory under the workspace's `target/`) and exposes them to the host
+//! as `$OUT_DIR/<name>.wasm` for `include_bytes!`.
+//!
+//! The guests are built for `wasm32-unknown-unknown`, and each core module
+//! is turned into a component here with `wit-component`: the component then
+//! imports exactly the `image-cache:driver` interfaces its code uses and no
+//! `wasi:*` at all (wasm32-wasip2 would link Rust's std against 18 WASI
+//! interfaces: clocks, random, stdio, poll). That keeps every host small to
+//! write and leaves a driver no import that could block past a deadline.
 
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const TARGET: &str = "wasm32-wasip2";
+const TARGET: &str = "wasm32-unknown-unknown";
 /// Driver crates in `guest/` and the component file each produces.
 // (hostile_driver is a test fixture: built here, not embedded.)
-const COMPONENTS: &[&str] = &["sqlite_driver", "xattr_driver"];
+const COMPONENTS: &[&str] = &[
+    "sqlite_driver",
+    "xattr_driver",
+    "centralized_driver",
+    "hostile_driver",
+    "chaos_driver",
+];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
@@ -86,13 +99,37 @@ fn main() {
         return;
     }
 
+    // Components also go beside the core modules, where other hosts
+    // (hosts/python, hosts/node) and third parties find them.
+    let components_dir = target_dir.join("components");
+    std::fs::create_dir_all(&components_dir).unwrap();
     for name in COMPONENTS {
         let built = target_dir
             .join(TARGET)
             .join("release")
             .join(format!("{name}.wasm"));
-        copy_if_changed(&built, &out_dir.join(format!("{name}.wasm")));
+        if !built.exists() {
+            continue; // a driver crate not in this checkout
+        }
+        let module = std::fs::read(&built).unwrap_or_else(|e| panic!("{}: {e}", built.display()));
+        let component = match componentize(&module) {
+            Ok(c) => c,
+            Err(e) => {
+                println!("cargo::error=turning {name} into a component failed: {e:#}");
+                return;
+            }
+        };
+        write_if_changed(&components_dir.join(format!("{name}.wasm")), &component);
+        write_if_changed(&out_dir.join(format!("{name}.wasm")), &component);
     }
+}
+
+/// A core module with wit-bindgen's component type section, as a component.
+fn componentize(module: &[u8]) -> anyhow::Result<Vec<u8>> {
+    wit_component::ComponentEncoder::default()
+        .module(module)?
+        .validate(true)
+        .encode()
 }
 
 /// Whether rustc's sysroot has the standard library for the wasm target.
@@ -108,9 +145,8 @@ fn target_installed() -> bool {
         .exists()
 }
 
-fn copy_if_changed(from: &Path, to: &Path) {
-    let new = std::fs::read(from).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
-    if std::fs::read(to).ok().as_deref() != Some(&new[..]) {
-        std::fs::write(to, new).unwrap();
+fn write_if_changed(to: &Path, new: &[u8]) {
+    if std::fs::read(to).ok().as_deref() != Some(new) {
+        std::fs::write(to, new).unwrap_or_else(|e| panic!("{}: {e}", to.display()));
     }
 }

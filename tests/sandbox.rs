@@ -1,55 +1,59 @@
-//! The sandbox, seen from outside: what a built driver component imports,
-//! and that a component asking for more is refused at load.
+//! The sandbox, seen from outside: what a built driver component imports
+//! (exactly the contract, no WASI at all), and that a component asking for
+//! more is refused at load.
 
-use image_cache::runtime::{ALLOWED_IMPORTS, component_imports};
-use image_cache::{DriverSource, Error};
+use image_cache::contract;
+use image_cache::{DriverSource, Error, LoadPolicy};
 use image_cache_tests::runtime;
 
-/// What each built-in driver may import: the contract, and what Rust's std
-/// pulls in on wasm32-wasip2.
-fn imports_of(name: &str) -> Vec<String> {
-    let rt = runtime();
-    let bytes = image_cache::builtin::find(name).unwrap().component;
-    let component = wasmtime::component::Component::new(rt.engine(), bytes).unwrap();
-    let mut imports = component_imports(rt.engine(), &component);
+/// What a component binary imports, read from the binary.
+fn imports_of(bytes: &[u8]) -> Vec<String> {
+    let mut imports = contract::declared(bytes).unwrap().imports;
     imports.sort();
     imports
 }
 
-fn assert_only_the_contract(name: &str, required: &[&str]) {
-    let imports = imports_of(name);
-    println!("{name} imports: {imports:#?}");
-    for import in &imports {
-        assert!(
-            ALLOWED_IMPORTS.iter().any(|p| import.starts_with(p)),
-            "{name} imports {import}, which is outside the contract"
-        );
-        for forbidden in ["wasi:filesystem", "wasi:sockets", "wasi:http"] {
-            assert!(!import.starts_with(forbidden), "{name} imports {import}");
-        }
-    }
-    for needed in required {
-        assert!(
-            imports.iter().any(|i| i.starts_with(needed)),
-            "{name} should import {needed}: {imports:?}"
-        );
-    }
+fn builtin(name: &str) -> &'static [u8] {
+    image_cache::builtin::find(name).unwrap().component
 }
 
 #[test]
-fn sqlite_driver_imports_only_the_contract() {
-    assert_only_the_contract(
-        "sqlite",
-        &["image-cache:driver/fs@", "image-cache:driver/sqlite@"],
+fn sqlite_driver_imports_exactly_its_contract() {
+    assert_eq!(
+        imports_of(builtin("sqlite")),
+        [
+            "image-cache:driver/clock@0.2.0",
+            "image-cache:driver/fs@0.2.0",
+            "image-cache:driver/sqlite@0.2.0",
+            "image-cache:driver/types@0.2.0",
+        ]
     );
 }
 
 #[test]
-fn xattr_driver_imports_only_the_contract() {
-    assert_only_the_contract(
-        "xattr",
-        &["image-cache:driver/fs@", "image-cache:driver/xattr@"],
+fn xattr_driver_imports_exactly_its_contract() {
+    assert_eq!(
+        imports_of(builtin("xattr")),
+        [
+            "image-cache:driver/clock@0.2.0",
+            "image-cache:driver/fs@0.2.0",
+            "image-cache:driver/types@0.2.0",
+            "image-cache:driver/xattr@0.2.0",
+        ]
     );
+}
+
+/// What wasmtime itself reports once compiled agrees with the binary.
+#[test]
+fn the_compiled_component_agrees_and_imports_no_wasi() {
+    let rt = runtime();
+    for name in ["sqlite", "xattr"] {
+        let component = wasmtime::component::Component::new(rt.engine(), builtin(name)).unwrap();
+        let mut compiled = image_cache::runtime::component_imports(rt.engine(), &component);
+        compiled.sort();
+        assert_eq!(compiled, imports_of(builtin(name)), "{name}");
+        assert!(compiled.iter().all(|i| !i.starts_with("wasi:")), "{compiled:?}");
+    }
 }
 
 /// A minimal component that imports wasi:filesystem: it must not load.
@@ -57,11 +61,13 @@ fn xattr_driver_imports_only_the_contract() {
 fn a_component_importing_the_filesystem_is_refused() {
     let wat = r#"(component
         (import "wasi:filesystem/preopens@0.2.6" (instance))
+        (instance $driver)
+        (export "image-cache:driver/cache-driver@0.2.0" (instance $driver))
     )"#;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("greedy.wasm");
-    std::fs::write(&path, wat).unwrap();
-    match runtime().load(&DriverSource::File(path)) {
+    std::fs::write(&path, wat::parse_str(wat).unwrap()).unwrap();
+    match runtime().component(&DriverSource::File(path), &LoadPolicy::default()) {
         Err(Error::Load { message, .. }) => {
             assert!(message.contains("wasi:filesystem/preopens"), "{message}")
         }

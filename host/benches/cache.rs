@@ -411,7 +411,7 @@ fn bench_startup(table: &mut Table, scratch: &Path) {
         let _ = std::fs::remove_dir_all(&artifacts);
         let cold = Runtime::new(Limits::default(), Some(artifacts.clone())).unwrap();
         let t = Instant::now();
-        cold.component(&source).unwrap();
+        cold.component(&source, &Default::default()).unwrap();
         table.add(
             "start-up",
             format!("{driver}: first load (compile)"),
@@ -421,7 +421,7 @@ fn bench_startup(table: &mut Table, scratch: &Path) {
         drop(cold);
         let t = Instant::now();
         let warm = Runtime::new(Limits::default(), Some(artifacts.clone())).unwrap();
-        let c = warm.component(&source).unwrap();
+        let c = warm.component(&source, &Default::default()).unwrap();
         assert!(c.was_precompiled());
         table.add(
             "start-up",

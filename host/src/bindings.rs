@@ -11,8 +11,9 @@ wasmtime::component::bindgen!({
     with: {
         "image-cache:driver/fs.file": crate::fs::OpenFile,
         "image-cache:driver/sqlite.connection": crate::sqlite::Connection,
+        "image-cache:driver/database.connection": crate::database::Connection,
     },
 });
 
-pub use self::image_cache::driver::{fs, sqlite, types, xattr};
+pub use self::image_cache::driver::{clock, database, fs, sqlite, types, xattr};
 pub use exports::image_cache::driver::cache_driver;

@@ -9,15 +9,16 @@
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::bindings::types::{CachedImage, CleanReport, LruEntry, PruneReport};
 use crate::checksum::{Checksum, Hasher};
+use crate::database::DatabaseRoot;
 use crate::driver::{Driver, Placement, Session};
 use crate::error::{Error, Result};
 use crate::fs::RootFs;
-use crate::runtime::{DriverSource, Limits, Runtime, default_artifact_dir};
+use crate::runtime::{DriverSource, Limits, LoadPolicy, Runtime, default_artifact_dir};
 use crate::xattr::XattrSupport;
 
 /// Glance's default `image_cache_max_size`: 10 GiB.
@@ -49,6 +50,12 @@ pub struct CacheConfig {
     pub limits: Limits,
     /// Where compiled components are kept (none: compile every start).
     pub artifacts: Option<PathBuf>,
+    /// The pin and grants for a driver loaded from a file.
+    pub policy: LoadPolicy,
+    /// The databases drivers may open through the `database` interface.
+    pub databases: Arc<DatabaseRoot>,
+    /// Extra driver options (Glance's names), passed to `configure`.
+    pub driver_options: Vec<(String, String)>,
 }
 
 impl CacheConfig {
@@ -61,7 +68,16 @@ impl CacheConfig {
             xattr: XattrSupport::FileSystem,
             limits: Limits::default(),
             artifacts: default_artifact_dir(),
+            policy: LoadPolicy::default(),
+            databases: Arc::new(DatabaseRoot::new()),
+            driver_options: Vec::new(),
         }
+    }
+
+    /// Pin and grant a driver loaded from a file.
+    pub fn policy(mut self, policy: LoadPolicy) -> Self {
+        self.policy = policy;
+        self
     }
 
     pub fn driver(mut self, driver: DriverSource) -> Self {
@@ -75,7 +91,9 @@ impl CacheConfig {
     }
 
     fn driver_options(&self) -> Vec<(String, String)> {
-        vec![("image_cache_sqlite_db".to_string(), self.sqlite_db.clone())]
+        let mut options = vec![("image_cache_sqlite_db".to_string(), self.sqlite_db.clone())];
+        options.extend(self.driver_options.iter().cloned());
+        options
     }
 }
 
@@ -90,15 +108,49 @@ pub struct TeeReport {
     pub cache_error: Option<String>,
 }
 
+/// When a newly swapped-in driver is rolled back by itself: more than
+/// `max_faults` faults within `window` of the swap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RollbackPolicy {
+    pub max_faults: u64,
+    pub window: Duration,
+}
+
+/// What the cache did with its drivers, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Driver swaps (rollbacks included).
+    pub swaps: AtomicU64,
+    /// Rollbacks: asked for, or automatic after faults.
+    pub rollbacks: AtomicU64,
+    /// Driver faults seen by calls through this cache.
+    pub driver_faults: AtomicU64,
+}
+
+/// The driver serving calls and the one before it (kept ready to roll
+/// back to), with when the current one came in and its faults since.
+struct Drivers {
+    current: Arc<Driver>,
+    previous: Option<Arc<Driver>>,
+    since: Instant,
+    faults: u64,
+}
+
 /// An image cache on one root.
 pub struct ImageCache {
     runtime: Arc<Runtime>,
     root: Arc<RootFs>,
     config: CacheConfig,
     driver: RwLock<Arc<Driver>>,
+    drivers: Mutex<Drivers>,
+    rollback_policy: Mutex<Option<RollbackPolicy>>,
+    last_rollback: Mutex<Option<String>>,
+    pub stats: CacheStats,
 }
 
-/// Make sure the root exists, is a directory and is writable.
+/// Make sure the root exists, is a directory and is writable, leaving
+/// nothing in it (an unnamed `O_TMPFILE` file, or `faccessat` where the
+/// file system has no such files): no probe is ever listed as an image.
 fn prepare_root(path: &Path) -> Result<RootFs> {
     let bad =
         |why: String| Error::BadConfiguration(format!("cache root {}: {why}", path.display()));
@@ -111,16 +163,40 @@ fn prepare_root(path: &Path) -> Result<RootFs> {
         Err(e) => return Err(bad(format!("cannot use it: {e}"))),
     }
     let root = RootFs::new(path).map_err(|e| bad(format!("cannot open it: {e}")))?;
-    static PROBES: AtomicU64 = AtomicU64::new(0);
-    let probe = format!(
-        ".image-cache-probe-{}-{}",
-        std::process::id(),
-        PROBES.fetch_add(1, Ordering::Relaxed)
-    );
-    root.create_new(&probe)
-        .map_err(|e| bad(format!("not writable ({})", e.message)))?;
-    let _ = root.remove_file(&probe);
+    writable(&root).map_err(|e| bad(format!("not writable ({e})")))?;
     Ok(root)
+}
+
+fn writable(root: &RootFs) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let dir = root.dir().as_raw_fd();
+    // SAFETY: plain system calls on a directory descriptor we hold, with a
+    // static NUL-terminated path; a returned descriptor is closed here.
+    unsafe {
+        let fd = libc::openat(
+            dir,
+            c".".as_ptr(),
+            libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC,
+            0o600,
+        );
+        if fd >= 0 {
+            libc::close(fd);
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL) => {
+                if libc::faccessat(dir, c".".as_ptr(), libc::W_OK | libc::X_OK, libc::AT_EACCESS)
+                    == 0
+                {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            }
+            _ => Err(e),
+        }
+    }
 }
 
 impl ImageCache {
@@ -133,14 +209,21 @@ impl ImageCache {
     /// Open a cache on a shared runtime (one engine for many caches).
     pub fn with_runtime(runtime: Arc<Runtime>, config: CacheConfig) -> Result<ImageCache> {
         let root = Arc::new(prepare_root(&config.root)?);
-        let driver = match start_driver(&runtime, &root, &config, &config.driver) {
+        let driver = match start_driver(&runtime, &root, &config, &config.driver, &config.policy)
+        {
             Ok(driver) => driver,
             Err(e) if config.fallback_to_sqlite && !is_sqlite(&config.driver) => {
                 log::warn!(
                     "driver {} cannot be used ({e}); falling back to the sqlite driver",
                     config.driver.name()
                 );
-                start_driver(&runtime, &root, &config, &DriverSource::Builtin("sqlite"))?
+                start_driver(
+                    &runtime,
+                    &root,
+                    &config,
+                    &DriverSource::Builtin("sqlite"),
+                    &LoadPolicy::default(),
+                )?
             }
             Err(e) => return Err(e),
         };
@@ -148,7 +231,16 @@ impl ImageCache {
             runtime,
             root,
             config,
-            driver: RwLock::new(driver),
+            driver: RwLock::new(driver.clone()),
+            drivers: Mutex::new(Drivers {
+                current: driver,
+                previous: None,
+                since: Instant::now(),
+                faults: 0,
+            }),
+            rollback_policy: Mutex::new(None),
+            last_rollback: Mutex::new(None),
+            stats: CacheStats::default(),
         })
     }
 
@@ -162,96 +254,201 @@ impl ImageCache {
 
     /// The driver now serving calls.
     pub fn driver(&self) -> Arc<Driver> {
-        self.driver.read().unwrap().clone()
+        self.driver.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Replace the driver: the new one is loaded and configured first; if
     /// that fails the old one stays and the error is returned. Calls and
-    /// sessions already running finish on the old driver.
+    /// sessions already running finish on the old driver, which is kept
+    /// ready for [`ImageCache::rollback`]. A component file gets the
+    /// configured grants (and no pin: use [`ImageCache::swap_driver_with`]).
     pub fn swap_driver(&self, source: &DriverSource) -> Result<()> {
-        let new = start_driver(&self.runtime, &self.root, &self.config, source)?;
-        *self.driver.write().unwrap() = new;
+        let policy = LoadPolicy {
+            sha256: None,
+            grants: self.config.policy.grants,
+        };
+        self.swap_driver_with(source, &policy)
+    }
+
+    /// [`ImageCache::swap_driver`] with a pin and grants of its own.
+    pub fn swap_driver_with(&self, source: &DriverSource, policy: &LoadPolicy) -> Result<()> {
+        let new = start_driver(&self.runtime, &self.root, &self.config, source, policy)?;
+        self.install(new, "swap");
         Ok(())
     }
 
+    /// Swap back to the driver that served before the last swap (it was
+    /// kept configured); the current one becomes the one to go back to.
+    pub fn rollback(&self) -> Result<()> {
+        let previous = self.drivers_lock().previous.clone();
+        match previous {
+            Some(previous) => {
+                self.install(previous, "rollback");
+                self.stats.rollbacks.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            None => Err(Error::NotFound(
+                "no previous driver to roll back to: the driver has not been swapped".into(),
+            )),
+        }
+    }
+
+    fn drivers_lock(&self) -> std::sync::MutexGuard<'_, Drivers> {
+        self.drivers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn install(&self, new: Arc<Driver>, why: &str) {
+        let mut drivers = self.drivers_lock();
+        let old = std::mem::replace(&mut drivers.current, new.clone());
+        drivers.previous = Some(old);
+        drivers.since = Instant::now();
+        drivers.faults = 0;
+        *self.driver.write().unwrap_or_else(|p| p.into_inner()) = new;
+        self.stats.swaps.fetch_add(1, Ordering::Relaxed);
+        log::info!("driver {why}: now {}", drivers.current.name());
+    }
+
+    /// Roll a newly swapped-in driver back by itself when it faults more
+    /// than `policy.max_faults` times within `policy.window` of the swap
+    /// (none: never).
+    pub fn set_rollback_policy(&self, policy: Option<RollbackPolicy>) {
+        *self.rollback_policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    /// Why the last automatic rollback happened, if one did.
+    pub fn last_rollback(&self) -> Option<String> {
+        self.last_rollback
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Run one call on the current driver, counting its faults against the
+    /// rollback policy.
+    fn run<T>(&self, call: impl FnOnce(&Arc<Driver>) -> Result<T>) -> Result<T> {
+        let driver = self.driver();
+        let result = call(&driver);
+        if let Err(Error::DriverFault { message, .. }) = &result {
+            self.note_fault(&driver, message);
+        }
+        result
+    }
+
+    fn note_fault(&self, driver: &Arc<Driver>, message: &str) {
+        self.stats.driver_faults.fetch_add(1, Ordering::Relaxed);
+        let Some(policy) = *self.rollback_policy.lock().unwrap_or_else(|p| p.into_inner()) else {
+            return;
+        };
+        let mut drivers = self.drivers_lock();
+        if !Arc::ptr_eq(&drivers.current, driver) || drivers.previous.is_none() {
+            return;
+        }
+        if drivers.since.elapsed() > policy.window {
+            return;
+        }
+        drivers.faults += 1;
+        if drivers.faults <= policy.max_faults {
+            return;
+        }
+        let previous = drivers.previous.clone().expect("checked above");
+        let reason = format!(
+            "driver {} faulted {} times within {:?} of being swapped in (last: {message}); rolled back to {}",
+            driver.name(),
+            drivers.faults,
+            policy.window,
+            previous.name()
+        );
+        drop(drivers);
+        log::warn!("{reason}");
+        self.install(previous, "automatic rollback");
+        self.stats.rollbacks.fetch_add(1, Ordering::Relaxed);
+        *self.last_rollback.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+
     pub fn get_cache_size(&self) -> Result<u64> {
-        self.driver().get_cache_size()
+        self.run(|d| d.get_cache_size())
     }
 
     pub fn get_hit_count(&self, id: &str) -> Result<u64> {
-        self.driver().get_hit_count(id)
+        self.run(|d| d.get_hit_count(id))
     }
 
     pub fn get_cached_images(&self) -> Result<Vec<CachedImage>> {
-        self.driver().get_cached_images()
+        self.run(|d| d.get_cached_images())
     }
 
     pub fn is_cached(&self, id: &str) -> Result<bool> {
-        self.driver().is_cached(id)
+        self.run(|d| d.is_cached(id))
     }
 
     pub fn is_being_cached(&self, id: &str) -> Result<bool> {
-        self.driver().is_being_cached(id)
+        self.run(|d| d.is_being_cached(id))
     }
 
     pub fn is_cacheable(&self, id: &str) -> Result<bool> {
-        self.driver().is_cacheable(id)
+        self.run(|d| d.is_cacheable(id))
     }
 
     pub fn is_queued(&self, id: &str) -> Result<bool> {
-        self.driver().is_queued(id)
+        self.run(|d| d.is_queued(id))
     }
 
     pub fn queue_image(&self, id: &str) -> Result<bool> {
-        self.driver().queue_image(id)
+        self.run(|d| d.queue_image(id))
     }
 
     pub fn get_queued_images(&self) -> Result<Vec<String>> {
-        self.driver().get_queued_images()
+        self.run(|d| d.get_queued_images())
     }
 
     pub fn delete_cached_image(&self, id: &str) -> Result<()> {
-        self.driver().delete_cached_image(id)
+        self.run(|d| d.delete_cached_image(id))
     }
 
     pub fn delete_all_cached_images(&self) -> Result<u64> {
-        self.driver().delete_all_cached_images()
+        self.run(|d| d.delete_all_cached_images())
     }
 
     pub fn delete_queued_image(&self, id: &str) -> Result<()> {
-        self.driver().delete_queued_image(id)
+        self.run(|d| d.delete_queued_image(id))
     }
 
     pub fn delete_all_queued_images(&self) -> Result<u64> {
-        self.driver().delete_all_queued_images()
+        self.run(|d| d.delete_all_queued_images())
     }
 
     pub fn get_least_recently_accessed(&self) -> Result<Option<(String, u64)>> {
-        self.driver().get_least_recently_accessed()
+        self.run(|d| d.get_least_recently_accessed())
     }
 
     pub fn get_least_recently_accessed_batch(&self, count: u32) -> Result<Vec<LruEntry>> {
-        self.driver().get_least_recently_accessed_batch(count)
+        self.run(|d| d.get_least_recently_accessed_batch(count))
     }
 
     pub fn get_image_size(&self, id: &str) -> Result<u64> {
-        self.driver().get_image_size(id)
+        self.run(|d| d.get_image_size(id))
+    }
+
+    /// The nodes whose caches hold the image (Glance's `get_cached_nodes`);
+    /// [`Error::Unsupported`] for drivers that keep one node's metadata.
+    pub fn get_cached_nodes(&self, id: &str) -> Result<Vec<String>> {
+        self.run(|d| d.get_cached_nodes(id))
     }
 
     /// Evict least recently accessed images until the cache is at or under
     /// `max_size` bytes (0 empties it), in one driver call.
     pub fn prune(&self, max_size: u64) -> Result<PruneReport> {
-        self.driver().prune(max_size)
+        self.run(|d| d.prune(max_size))
     }
 
     /// Remove invalid files, and incomplete files older than `stall_time`.
     pub fn clean(&self, stall_time: Duration) -> Result<CleanReport> {
-        self.driver().clean(Some(stall_time.as_secs()))
+        self.run(|d| d.clean(Some(stall_time.as_secs())))
     }
 
     /// Start writing an image; see [`ImageWriter`].
     pub fn open_for_write(&self, id: &str) -> Result<ImageWriter> {
-        let session = self.driver().open_for_write(id)?;
+        let session = self.run(|d| d.open_for_write(id))?;
         Ok(ImageWriter {
             session,
             id: id.to_string(),
@@ -261,7 +458,7 @@ impl ImageCache {
 
     /// Start reading a cached image; see [`ImageReader`].
     pub fn open_for_read(&self, id: &str) -> Result<ImageReader> {
-        let session = self.driver().open_for_read(id)?;
+        let session = self.run(|d| d.open_for_read(id))?;
         Ok(ImageReader {
             session: Some(session),
             id: id.to_string(),
@@ -466,8 +663,9 @@ fn start_driver(
     root: &Arc<RootFs>,
     config: &CacheConfig,
     source: &DriverSource,
+    policy: &LoadPolicy,
 ) -> Result<Arc<Driver>> {
-    let component = runtime.component(source)?;
+    let component = runtime.component(source, policy)?;
     Driver::start(
         runtime.clone(),
         component,
@@ -475,6 +673,7 @@ fn start_driver(
             root: root.clone(),
             options: config.driver_options(),
             xattr: config.xattr,
+            databases: config.databases.clone(),
         },
     )
 }

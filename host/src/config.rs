@@ -12,6 +12,8 @@ pub struct Options {
     pub image_cache_max_size: Option<u64>,
     pub image_cache_stall_time: Option<Duration>,
     pub image_cache_sqlite_db: Option<String>,
+    pub image_cache_driver_sha256: Option<String>,
+    pub image_cache_driver_grants: Option<String>,
 }
 
 impl Options {
@@ -42,6 +44,12 @@ impl Options {
                     options.image_cache_stall_time = Some(parse_duration(value).map_err(bad)?)
                 }
                 "image_cache_sqlite_db" => options.image_cache_sqlite_db = Some(value.to_string()),
+                "image_cache_driver_sha256" => {
+                    options.image_cache_driver_sha256 = Some(value.to_string())
+                }
+                "image_cache_driver_grants" => {
+                    options.image_cache_driver_grants = Some(value.to_string())
+                }
                 _ => {}
             }
         }
@@ -56,6 +64,12 @@ impl Options {
             image_cache_max_size: self.image_cache_max_size.or(other.image_cache_max_size),
             image_cache_stall_time: self.image_cache_stall_time.or(other.image_cache_stall_time),
             image_cache_sqlite_db: self.image_cache_sqlite_db.or(other.image_cache_sqlite_db),
+            image_cache_driver_sha256: self
+                .image_cache_driver_sha256
+                .or(other.image_cache_driver_sha256),
+            image_cache_driver_grants: self
+                .image_cache_driver_grants
+                .or(other.image_cache_driver_grants),
         }
     }
 }
@@ -125,7 +139,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
                     'h' => 3_600,
                     _ => 86_400,
                 };
-                total += n * unit * multiplier;
+                total = n
+                    .checked_mul(unit)
+                    .and_then(|t| t.checked_mul(multiplier))
+                    .and_then(|t| t.checked_add(total))
+                    .ok_or_else(|| format!("{s:?} is too long a duration"))?;
                 multiplier = 1;
                 number.clear();
                 saw_unit = true;

@@ -1,13 +1,22 @@
-//! A loaded driver on one cache root: a pool of configured instances, and
-//! the typed calls and sessions on top of them.
+//! A loaded driver on one cache root: a bounded pool of configured
+//! instances, the typed calls and sessions on top of them, and the checks on
+//! everything a driver hands back.
 //!
 //! An instance is checked out of the pool for one call (or for a whole
-//! session) and checked back in afterwards. A trap or a missed deadline
-//! poisons only that instance: it is dropped and the next call makes a fresh
-//! one; the caller gets [`Error::DriverFault`].
+//! session) and checked back in afterwards. A trap, a missed deadline (in
+//! wasm or in a host import), a host panic or a broken contract poisons only
+//! that instance: it is dropped and the next call makes a fresh one; the
+//! caller gets [`Error::DriverFault`].
+//!
+//! What a driver returns is checked before the host acts on it: ids are
+//! valid ids, listings are sorted and bounded, a write session's file is
+//! the session's own `incomplete/<id>` (same device and inode) and a read
+//! session's the cached `<id>`, and error messages are cut to a bounded,
+//! printable line.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 use wasmtime::Store;
 use wasmtime::component::{Resource, ResourceAny};
@@ -15,9 +24,10 @@ use wasmtime::component::{Resource, ResourceAny};
 use crate::bindings::Driver as Bindings;
 use crate::bindings::cache_driver::Guest;
 use crate::bindings::types::{CachedImage, CleanReport, DriverInfo, LruEntry, PruneReport};
-use crate::error::{Error, Result};
-use crate::fs::{OpenFile, RootFs};
-use crate::runtime::{DriverComponent, HostState, Runtime};
+use crate::database::DatabaseRoot;
+use crate::error::{Error, Result, validate_image_id};
+use crate::fs::{FileIdentity, OpenFile, RootFs};
+use crate::runtime::{Deadline, DriverComponent, HostState, MemoryBudget, Runtime, Sandbox};
 use crate::sqlite::SqliteRoot;
 use crate::xattr::XattrSupport;
 
@@ -28,12 +38,17 @@ const MAX_IDLE: usize = 32;
 pub struct Driver {
     runtime: Arc<Runtime>,
     component: Arc<DriverComponent>,
-    root: Arc<RootFs>,
-    sqlite: Arc<SqliteRoot>,
-    xattr: XattrSupport,
+    sandbox: Arc<Sandbox>,
     options: Vec<(String, String)>,
     info: DriverInfo,
-    idle: Mutex<Vec<Instance>>,
+    pool: Mutex<Pool>,
+    freed: Condvar,
+}
+
+/// Instances of a driver: the idle ones, and how many exist.
+struct Pool {
+    idle: Vec<(Instance, Instant)>,
+    live: usize,
 }
 
 /// One instance of the driver: its store and its exports.
@@ -47,7 +62,11 @@ pub struct Placement {
     pub root: Arc<RootFs>,
     pub options: Vec<(String, String)>,
     pub xattr: XattrSupport,
+    /// The databases the driver may open by name (`database` interface).
+    pub databases: Arc<DatabaseRoot>,
 }
+
+type GuestResult<T> = wasmtime::Result<std::result::Result<T, crate::bindings::types::Error>>;
 
 impl Driver {
     /// Instantiate and configure the driver on the root. A driver that
@@ -57,27 +76,40 @@ impl Driver {
         component: Arc<DriverComponent>,
         placement: Placement,
     ) -> Result<Arc<Driver>> {
-        let sqlite = Arc::new(
-            SqliteRoot::new(&placement.root)
-                .with_max_result_bytes(runtime.limits().max_query_bytes),
-        );
+        let limits = runtime.limits().clone();
+        let sandbox = Arc::new(Sandbox {
+            sqlite: Arc::new(
+                SqliteRoot::new(&placement.root).with_max_result_bytes(limits.max_query_bytes),
+            ),
+            root: placement.root,
+            database: placement.databases,
+            xattr: placement.xattr,
+            memory: MemoryBudget::new(limits.memory_bytes),
+        });
         let mut driver = Driver {
             runtime,
             component,
-            root: placement.root,
-            sqlite,
-            xattr: placement.xattr,
+            sandbox,
             options: placement.options,
             info: DriverInfo {
                 name: String::new(),
                 version: String::new(),
                 description: String::new(),
             },
-            idle: Mutex::new(Vec::new()),
+            pool: Mutex::new(Pool {
+                idle: Vec::new(),
+                live: 1,
+            }),
+            freed: Condvar::new(),
         };
         let mut first = driver.instantiate()?;
-        driver.info = driver.guarded(&mut first, |g, s| g.call_info(s).map(Ok))?;
-        driver.idle.get_mut().unwrap().push(first);
+        let info = driver.guarded(&mut first, |g, s| g.call_info(s).map(Ok))?;
+        driver.info = DriverInfo {
+            name: printable(&info.name, 64),
+            version: printable(&info.version, 64),
+            description: printable(&info.description, 512),
+        };
+        lock(&driver.pool).idle.push((first, Instant::now()));
         Ok(Arc::new(driver))
     }
 
@@ -94,12 +126,22 @@ impl Driver {
     }
 
     pub fn root(&self) -> &RootFs {
-        &self.root
+        &self.sandbox.root
+    }
+
+    /// Linear memory all instances of this driver hold now.
+    pub fn memory_used(&self) -> usize {
+        self.sandbox.memory.used()
+    }
+
+    /// Instances of this driver that exist now (idle or busy).
+    pub fn live_instances(&self) -> usize {
+        lock(&self.pool).live
     }
 
     /// A new, configured instance.
     fn instantiate(&self) -> Result<Instance> {
-        let mut store = self.runtime.store(&self.root, &self.sqlite, self.xattr);
+        let mut store = self.runtime.store(&self.sandbox);
         let bindings = self
             .component
             .pre()
@@ -113,7 +155,7 @@ impl Driver {
                 Error::BadConfiguration(m) => Error::BadConfiguration(format!(
                     "driver {} cannot use cache root {}: {m}",
                     self.name(),
-                    self.root.path().display()
+                    self.root().path().display()
                 )),
                 other => other,
             })?;
@@ -124,77 +166,150 @@ impl Driver {
     fn fault(&self, e: wasmtime::Error) -> Error {
         let limits = self.runtime.limits();
         let cause = e.root_cause().to_string();
-        let cause = cause.lines().next().unwrap_or("unknown").trim().to_string();
+        let cause = printable(cause.lines().next().unwrap_or("unknown").trim(), 512);
         let message = match e.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::Interrupt) => format!(
                 "it ran past its deadline of {:?} and was stopped",
                 limits.call_deadline
             ),
             _ if cause.contains("growing memory") => format!(
-                "it trapped: it exceeded its memory cap of {} bytes ({cause})",
+                "it trapped: it exceeded its memory cap of {} bytes across its instances ({cause})",
                 limits.memory_bytes
             ),
             _ => format!("it trapped: {cause}"),
         };
+        self.broke(message)
+    }
+
+    fn broke(&self, message: String) -> Error {
         Error::DriverFault {
             driver: self.name().to_string(),
             message,
         }
     }
 
-    /// Run one export call with a fresh deadline; a trap is a fault.
+    /// Run one export call with a fresh deadline (for wasm code and for the
+    /// host imports it calls). A trap, a host panic, or a host import that
+    /// ran into the deadline is a fault.
     fn guarded<T>(
         &self,
         instance: &mut Instance,
-        call: impl FnOnce(
-            &Guest,
-            &mut Store<HostState>,
-        )
-            -> wasmtime::Result<std::result::Result<T, crate::bindings::types::Error>>,
+        call: impl FnOnce(&Guest, &mut Store<HostState>) -> GuestResult<T>,
     ) -> Result<T> {
+        let deadline = self.runtime.limits().call_deadline;
+        instance.store.data_mut().deadline = Deadline(Instant::now() + deadline);
         instance
             .store
             .set_epoch_deadline(self.runtime.deadline_ticks());
         let guest = instance.bindings.image_cache_driver_cache_driver();
-        match call(guest, &mut instance.store) {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(e.into()),
-            Err(e) => Err(self.fault(e)),
+        let store = &mut instance.store;
+        let outcome =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(guest, &mut *store)));
+        let overran = instance.store.data().deadline.passed();
+        match outcome {
+            // A call that ran into its deadline inside a host import (which
+            // stopped there) is stopped, whatever the driver made of it.
+            Ok(Ok(result)) if overran => Err(self.broke(format!(
+                "it ran past its deadline of {deadline:?} inside a host call and was stopped{}",
+                match result {
+                    Ok(_) => String::new(),
+                    Err(e) => format!(" ({})", printable(&Error::from(e).to_string(), 256)),
+                }
+            ))),
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(e))) => Err(e.into()),
+            Ok(Err(e)) => Err(self.fault(e)),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown".to_string());
+                log::error!(
+                    "host bug: a call of driver {} panicked: {what}",
+                    self.name()
+                );
+                Err(self.broke(format!(
+                    "the host failed while serving it ({})",
+                    printable(&what, 256)
+                )))
+            }
         }
     }
 
+    /// An instance for one call: an idle one, a new one while fewer than
+    /// the cap exist, or the next one freed within `instance_wait`.
     pub(crate) fn checkout(&self) -> Result<Instance> {
-        let idle = self.idle.lock().unwrap().pop();
-        match idle {
-            Some(instance) => Ok(instance),
-            None => self.instantiate(),
+        let limits = self.runtime.limits();
+        let give_up = Instant::now() + limits.instance_wait;
+        let mut pool = lock(&self.pool);
+        loop {
+            if let Some((instance, _)) = pool.idle.pop() {
+                return Ok(instance);
+            }
+            if pool.live < limits.instances.max(1) {
+                pool.live += 1;
+                drop(pool);
+                return self.instantiate().inspect_err(|_| self.forget_instance());
+            }
+            let now = Instant::now();
+            if now >= give_up {
+                return Err(Error::Overloaded(format!(
+                    "driver {}: all {} instances stayed busy for {:?}",
+                    self.name(),
+                    limits.instances,
+                    limits.instance_wait
+                )));
+            }
+            pool = self
+                .freed
+                .wait_timeout(pool, give_up - now)
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
         }
+    }
+
+    /// An instance is gone (dropped after a fault, or never made).
+    fn forget_instance(&self) {
+        lock(&self.pool).live -= 1;
+        self.freed.notify_one();
     }
 
     /// After a call: the instance goes back to the pool, unless the call
-    /// faulted, in which case it is dropped (and counted).
+    /// faulted, in which case it is dropped (and counted). Instances idle
+    /// for longer than the idle timeout are released.
     fn settle<T>(&self, instance: Instance, result: &Result<T>) {
         if matches!(result, Err(Error::DriverFault { .. })) {
             self.runtime
                 .stats
                 .instances_discarded
                 .fetch_add(1, Ordering::Relaxed);
+            drop(instance);
+            self.forget_instance();
             return;
         }
-        let mut idle = self.idle.lock().unwrap();
-        if idle.len() < MAX_IDLE {
-            idle.push(instance);
+        let idle_timeout = self.runtime.limits().idle_timeout;
+        let now = Instant::now();
+        let mut released = Vec::new();
+        {
+            let mut pool = lock(&self.pool);
+            pool.idle.push((instance, now));
+            // Oldest first; keep one warm whatever its age.
+            while pool.idle.len() > 1
+                && (pool.idle.len() > MAX_IDLE || now - pool.idle[0].1 > idle_timeout)
+            {
+                released.push(pool.idle.remove(0));
+                pool.live -= 1;
+            }
         }
+        self.freed.notify_all();
+        drop(released); // stores are freed outside the lock
     }
 
     /// Run `call` on an instance from the pool; a faulted instance is dropped.
     pub(crate) fn call<T>(
         &self,
-        call: impl FnOnce(
-            &Guest,
-            &mut Store<HostState>,
-        )
-            -> wasmtime::Result<std::result::Result<T, crate::bindings::types::Error>>,
+        call: impl FnOnce(&Guest, &mut Store<HostState>) -> GuestResult<T>,
     ) -> Result<T> {
         self.call_checked(call, |_| Ok(()))
     }
@@ -203,11 +318,7 @@ impl Driver {
     /// that returns garbage is treated like one that trapped.
     pub(crate) fn call_checked<T>(
         &self,
-        call: impl FnOnce(
-            &Guest,
-            &mut Store<HostState>,
-        )
-            -> wasmtime::Result<std::result::Result<T, crate::bindings::types::Error>>,
+        call: impl FnOnce(&Guest, &mut Store<HostState>) -> GuestResult<T>,
         check: impl FnOnce(&T) -> std::result::Result<(), String>,
     ) -> Result<T> {
         let mut instance = self.checkout()?;
@@ -215,10 +326,7 @@ impl Driver {
             .guarded(&mut instance, call)
             .and_then(|value| match check(&value) {
                 Ok(()) => Ok(value),
-                Err(broken) => Err(Error::DriverFault {
-                    driver: self.name().to_string(),
-                    message: format!("it broke the driver contract: {broken}"),
-                }),
+                Err(broken) => Err(self.broke(format!("it broke the driver contract: {broken}"))),
             });
         self.settle(instance, &result);
         result
@@ -235,12 +343,15 @@ impl Driver {
     pub fn get_cached_images(&self) -> Result<Vec<CachedImage>> {
         self.call_checked(
             |g, s| g.call_get_cached_images(s),
-            |images| match images.windows(2).find(|w| w[0].image_id >= w[1].image_id) {
-                Some(w) => Err(format!(
-                    "get-cached-images is not ordered by id ({:?} before {:?})",
-                    w[0].image_id, w[1].image_id
-                )),
-                None => Ok(()),
+            |images| {
+                valid_ids("get-cached-images", images.iter().map(|i| &i.image_id[..]))?;
+                match images.windows(2).find(|w| w[0].image_id >= w[1].image_id) {
+                    Some(w) => Err(format!(
+                        "get-cached-images is not ordered by id ({:?} before {:?})",
+                        w[0].image_id, w[1].image_id
+                    )),
+                    None => Ok(()),
+                }
             },
         )
     }
@@ -266,7 +377,10 @@ impl Driver {
     }
 
     pub fn get_queued_images(&self) -> Result<Vec<String>> {
-        self.call(|g, s| g.call_get_queued_images(s))
+        self.call_checked(
+            |g, s| g.call_get_queued_images(s),
+            |ids| valid_ids("get-queued-images", ids.iter().map(|i| &i[..])),
+        )
     }
 
     pub fn delete_cached_image(&self, id: &str) -> Result<()> {
@@ -286,18 +400,23 @@ impl Driver {
     }
 
     pub fn get_least_recently_accessed(&self) -> Result<Option<(String, u64)>> {
-        self.call(|g, s| g.call_get_least_recently_accessed(s))
+        self.call_checked(
+            |g, s| g.call_get_least_recently_accessed(s),
+            |lru| valid_ids("get-least-recently-accessed", lru.iter().map(|(id, _)| &id[..])),
+        )
     }
 
     pub fn get_least_recently_accessed_batch(&self, count: u32) -> Result<Vec<LruEntry>> {
         self.call_checked(
             |g, s| g.call_get_least_recently_accessed_batch(s, count),
-            |batch| match batch.len() > count as usize {
-                true => Err(format!(
-                    "asked for {count} LRU entries, got {}",
-                    batch.len()
-                )),
-                false => Ok(()),
+            |batch| {
+                if batch.len() > count as usize {
+                    return Err(format!(
+                        "asked for {count} LRU entries, got {}",
+                        batch.len()
+                    ));
+                }
+                valid_ids("the LRU batch", batch.iter().map(|e| &e.image_id[..]))
             },
         )
     }
@@ -306,28 +425,83 @@ impl Driver {
         self.call(|g, s| g.call_get_image_size(s, id))
     }
 
+    pub fn get_cached_nodes(&self, id: &str) -> Result<Vec<String>> {
+        self.call_checked(
+            |g, s| g.call_get_cached_nodes(s, id),
+            |nodes| match nodes.iter().find(|n| n.len() > 2048 || n.chars().any(char::is_control)) {
+                Some(n) => Err(format!(
+                    "get-cached-nodes returned an unusable node name {:?}",
+                    printable(n, 64)
+                )),
+                None => Ok(()),
+            },
+        )
+    }
+
     pub fn clean(&self, stall_time: Option<u64>) -> Result<CleanReport> {
-        self.call(|g, s| g.call_clean(s, stall_time))
+        self.call_checked(
+            |g, s| g.call_clean(s, stall_time),
+            |report| {
+                let ids = report.invalid.iter().chain(&report.incomplete);
+                valid_ids("clean", ids.map(|r| &r.image_id[..]))
+            },
+        )
+        .map(|mut report| {
+            bound_messages(&mut report.failures);
+            report
+        })
     }
 
     pub fn prune(&self, max_size: u64) -> Result<PruneReport> {
-        self.call(|g, s| g.call_prune(s, max_size))
+        self.call_checked(
+            |g, s| g.call_prune(s, max_size),
+            |report| {
+                valid_ids("prune", report.removed.iter().map(|r| &r.image_id[..]))?;
+                let sum = report
+                    .removed
+                    .iter()
+                    .try_fold(0u64, |total, r| total.checked_add(r.size));
+                match sum {
+                    Some(sum) if sum == report.bytes_removed => Ok(()),
+                    _ => Err(format!(
+                        "prune reported {} bytes removed, but its files add up to {sum:?}",
+                        report.bytes_removed
+                    )),
+                }
+            },
+        )
+        .map(|mut report| {
+            bound_messages(&mut report.failures);
+            report
+        })
     }
 
     /// Open a session: `open` runs on an instance that the session then
-    /// keeps until it ends, and returns the guest's session and file.
+    /// keeps until it ends, and returns the guest's session and file. The
+    /// file must be the session's own (`path` in the root, same device and
+    /// inode), or the driver broke the contract.
     fn open_session(
         self: &Arc<Self>,
+        kind: SessionKind,
+        id: &str,
         open: impl FnOnce(
             &Guest,
             &mut Store<HostState>,
-        ) -> wasmtime::Result<
-            std::result::Result<(ResourceAny, Resource<OpenFile>), crate::bindings::types::Error>,
-        >,
+        ) -> GuestResult<(ResourceAny, Resource<OpenFile>)>,
     ) -> Result<Session> {
         let mut instance = self.checkout()?;
-        let result = self.guarded(&mut instance, open);
-        let (resource, file) = match result {
+        let result = self.guarded(&mut instance, open).and_then(|(resource, file)| {
+            // The file moves to the host: image bytes never enter the guest.
+            let file = instance
+                .store
+                .data_mut()
+                .table
+                .delete(file)
+                .map_err(|e| self.fault(e.into()))?;
+            let identity = self.check_session_file(kind, id, &file)?;
+            Ok((resource, file, identity))
+        });
+        let (resource, file, identity) = match result {
             Ok(opened) => opened,
             Err(e) => {
                 let failed = Err(e);
@@ -335,29 +509,109 @@ impl Driver {
                 return failed;
             }
         };
-        // The file moves to the host: image bytes never enter the guest.
-        let file = match instance.store.data_mut().table.delete(file) {
-            Ok(open_file) => open_file,
-            Err(e) => {
-                let failed = Err(self.fault(e.into()));
-                self.settle(instance, &failed);
-                return failed;
-            }
-        };
         Ok(Session {
             driver: self.clone(),
+            id: id.to_string(),
             instance: Some(instance),
             resource: Some(resource),
             file: Some(file),
+            identity,
         })
     }
 
+    /// A session's file is `incomplete/<id>` created for writing, or the
+    /// cached `<id>`, and not anything else of the root.
+    fn check_session_file(
+        &self,
+        kind: SessionKind,
+        id: &str,
+        file: &OpenFile,
+    ) -> Result<FileIdentity> {
+        let path = match kind {
+            SessionKind::Write => format!("incomplete/{id}"),
+            SessionKind::Read => id.to_string(),
+        };
+        let broke = |why: String| {
+            self.broke(format!(
+                "it broke the driver contract: the {} session of {id:?} handed back {why}",
+                kind.name()
+            ))
+        };
+        if kind == SessionKind::Write && !file.writable {
+            return Err(broke(format!("{:?}, not a file it created", file.path)));
+        }
+        let handed = file
+            .identity()
+            .map_err(|e| broke(format!("a file the host cannot stat ({e})")))?;
+        match self.root().identity(&path) {
+            Ok(expected) if expected == handed => Ok(handed),
+            Ok(_) => Err(broke(format!("{:?}, which is not {path}", file.path))),
+            Err(e) => Err(broke(format!("{:?} while {path} is unusable ({})", file.path, e.message))),
+        }
+    }
+
     pub(crate) fn open_for_write(self: &Arc<Self>, id: &str) -> Result<Session> {
-        self.open_session(|g, s| g.call_open_for_write(s, id))
+        validate_image_id(id)?;
+        self.open_session(SessionKind::Write, id, |g, s| g.call_open_for_write(s, id))
     }
 
     pub(crate) fn open_for_read(self: &Arc<Self>, id: &str) -> Result<Session> {
-        self.open_session(|g, s| g.call_open_for_read(s, id))
+        validate_image_id(id)?;
+        self.open_session(SessionKind::Read, id, |g, s| g.call_open_for_read(s, id))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Every id a driver returned must be a valid image id before the host
+/// uses it (in a path, a URL, a log line).
+fn valid_ids<'a>(what: &str, ids: impl Iterator<Item = &'a str>) -> std::result::Result<(), String> {
+    for id in ids {
+        if let Err(e) = validate_image_id(id) {
+            return Err(format!("{what} returned {e}"));
+        }
+    }
+    Ok(())
+}
+
+/// At most this many failure messages of a report are kept.
+const MAX_REPORTED_FAILURES: usize = 1000;
+
+fn bound_messages(failures: &mut Vec<String>) {
+    failures.truncate(MAX_REPORTED_FAILURES);
+    for f in failures.iter_mut() {
+        *f = printable(f, 512);
+    }
+}
+
+/// A guest-supplied string as one printable line of at most `max` chars:
+/// control characters (terminal escapes included) become `?`.
+pub fn printable(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if s.chars().nth(max).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SessionKind {
+    Write,
+    Read,
+}
+
+impl SessionKind {
+    fn name(self) -> &'static str {
+        match self {
+            SessionKind::Write => "write",
+            SessionKind::Read => "read",
+        }
     }
 }
 
@@ -366,39 +620,52 @@ impl Driver {
 /// the guest's resource (a write session then aborts as "incomplete fetch").
 pub(crate) struct Session {
     driver: Arc<Driver>,
+    id: String,
     instance: Option<Instance>,
     resource: Option<ResourceAny>,
     /// Taken only by `finish_read`, which lends it back to the guest.
     file: Option<OpenFile>,
+    /// Which file it is (checked when it was handed over).
+    identity: FileIdentity,
 }
 
 impl Session {
+    fn open_file(&self) -> &OpenFile {
+        self.file
+            .as_ref()
+            .expect("a session's file is taken only when it ends")
+    }
+
     /// The file the host moves the bytes through.
     pub fn file(&mut self) -> &mut std::fs::File {
-        &mut self.file.as_mut().expect("session file").file
+        &mut self
+            .file
+            .as_mut()
+            .expect("a session's file is taken only when it ends")
+            .file
     }
 
     pub fn file_ref(&self) -> &std::fs::File {
-        &self.file.as_ref().expect("session file").file
+        &self.open_file().file
     }
 
     /// The file's size when the driver opened it.
     pub fn file_size(&self) -> u64 {
-        self.file.as_ref().expect("session file").size_at_open
+        self.open_file().size_at_open
     }
 
     /// Call a method of the guest's session, then end the session.
-    pub fn finish_with(
-        mut self,
-        call: impl FnOnce(
-            &Guest,
-            &mut Store<HostState>,
-            ResourceAny,
-        )
-            -> wasmtime::Result<std::result::Result<(), crate::bindings::types::Error>>,
+    fn finish_with(
+        &mut self,
+        call: impl FnOnce(&Guest, &mut Store<HostState>, ResourceAny) -> GuestResult<()>,
     ) -> Result<()> {
-        let mut instance = self.instance.take().expect("session has its instance");
-        let resource = self.resource.take().expect("session has its resource");
+        let (Some(mut instance), Some(resource)) = (self.instance.take(), self.resource.take())
+        else {
+            return Err(Error::Io(format!(
+                "the session of image {:?} has already ended",
+                self.id
+            )));
+        };
         let result = self
             .driver
             .guarded(&mut instance, |g, s| call(g, s, resource));
@@ -413,26 +680,31 @@ impl Session {
         resource: ResourceAny,
         result: Result<()>,
     ) -> Result<()> {
-        let dropped = {
-            instance
-                .store
-                .set_epoch_deadline(self.driver.runtime.deadline_ticks());
-            resource.resource_drop(&mut instance.store)
-        };
+        let dropped = self
+            .driver
+            .guarded(&mut instance, |_, s| resource.resource_drop(s).map(Ok));
         let result = match (result, dropped) {
             (Err(e), _) => Err(e),
-            (Ok(()), Err(e)) => Err(self.driver.fault(e)),
+            (Ok(()), Err(e)) => Err(e),
             (Ok(()), Ok(())) => Ok(()),
         };
         self.driver.settle(instance, &result);
         result
     }
 
-    pub fn commit(self, checksum: Option<&str>) -> Result<()> {
-        self.finish_with(|g, s, r| g.write_session().call_commit(s, r, checksum))
+    /// Publish the image; afterwards `<id>` must be the very file written.
+    pub fn commit(mut self, checksum: Option<&str>) -> Result<()> {
+        self.finish_with(|g, s, r| g.write_session().call_commit(s, r, checksum))?;
+        match self.driver.root().identity(&self.id) {
+            Ok(published) if published == self.identity => Ok(()),
+            _ => Err(self.driver.broke(format!(
+                "it broke the driver contract: after the commit of {:?}, {:?} is not the file that was written",
+                self.id, self.id
+            ))),
+        }
     }
 
-    pub fn abort(self, reason: &str) -> Result<()> {
+    pub fn abort(mut self, reason: &str) -> Result<()> {
         self.finish_with(|g, s, r| g.write_session().call_abort(s, r, reason))
     }
 
@@ -440,9 +712,11 @@ impl Session {
     /// duration of `finish`, so the driver records the access on the very
     /// file that was read.
     pub fn finish_read(mut self) -> Result<()> {
-        let file = self.file.take().expect("session file");
-        let mut instance = self.instance.take().expect("session has its instance");
-        let resource = self.resource.take().expect("session has its resource");
+        let (Some(file), Some(mut instance), Some(resource)) =
+            (self.file.take(), self.instance.take(), self.resource.take())
+        else {
+            return Ok(());
+        };
         let lent = match instance.store.data_mut().table.push(file) {
             Ok(lent) => lent,
             Err(e) => {

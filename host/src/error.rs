@@ -23,6 +23,9 @@ pub enum Error {
     Database(String),
     #[error("{0}")]
     NotConfigured(String),
+    /// The driver does not offer the operation.
+    #[error("{0}")]
+    Unsupported(String),
     /// The bytes did not match the expected checksum; nothing was cached.
     #[error("checksum mismatch for image {image_id:?}: expected {expected}, got {actual}")]
     ChecksumMismatch {
@@ -43,21 +46,31 @@ pub enum Error {
     /// A driver component could not be loaded.
     #[error("cannot load driver {driver}: {message}")]
     Load { driver: String, message: String },
+    /// Every instance the driver may have stayed busy past the wait.
+    #[error("{0}")]
+    Overloaded(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Longest message kept from a driver's error value.
+const MAX_DRIVER_MESSAGE: usize = 1024;
+
 impl From<DriverError> for Error {
+    /// A driver's error, its message cut to one printable line (a driver
+    /// must not flood logs or terminals through its errors).
     fn from(e: DriverError) -> Self {
+        let clean = |m: String| crate::driver::printable(&m, MAX_DRIVER_MESSAGE);
         match e {
-            DriverError::BadConfiguration(m) => Error::BadConfiguration(m),
-            DriverError::InvalidImageId(m) => Error::InvalidImageId(m),
-            DriverError::NotFound(m) => Error::NotFound(m),
-            DriverError::AlreadyCached(m) => Error::AlreadyCached(m),
-            DriverError::BeingCached(m) => Error::BeingCached(m),
-            DriverError::Io(m) => Error::Io(m),
-            DriverError::Database(m) => Error::Database(m),
-            DriverError::NotConfigured(m) => Error::NotConfigured(m),
+            DriverError::BadConfiguration(m) => Error::BadConfiguration(clean(m)),
+            DriverError::InvalidImageId(m) => Error::InvalidImageId(clean(m)),
+            DriverError::NotFound(m) => Error::NotFound(clean(m)),
+            DriverError::AlreadyCached(m) => Error::AlreadyCached(clean(m)),
+            DriverError::BeingCached(m) => Error::BeingCached(clean(m)),
+            DriverError::Io(m) => Error::Io(clean(m)),
+            DriverError::Database(m) => Error::Database(clean(m)),
+            DriverError::NotConfigured(m) => Error::NotConfigured(clean(m)),
+            DriverError::Unsupported(m) => Error::Unsupported(clean(m)),
         }
     }
 }
@@ -74,11 +87,44 @@ impl Error {
             Error::Io(_) => "io",
             Error::Database(_) => "database",
             Error::NotConfigured(_) => "not-configured",
+            Error::Unsupported(_) => "unsupported",
             Error::ChecksumMismatch { .. } => "checksum-mismatch",
             Error::Source(_) => "source",
             Error::Sink(_) => "sink",
             Error::DriverFault { .. } => "driver-fault",
             Error::Load { .. } => "load",
+            Error::Overloaded(_) => "overloaded",
         }
     }
+}
+
+/// Longest image id, in bytes (a file name's limit on Linux).
+pub const MAX_ID_LEN: usize = 255;
+
+/// The host's own check of an image id (SPEC.md): not empty, at most 255
+/// bytes, not `.` or `..`, no `/`, `\`, NUL or other control character.
+/// Applied to every id before the host puts it in a path, and to every id
+/// a driver returns.
+pub fn validate_image_id(id: &str) -> Result<()> {
+    let reason = if id.is_empty() {
+        "it is empty"
+    } else if id.len() > MAX_ID_LEN {
+        "it is longer than 255 bytes"
+    } else if id == "." || id == ".." {
+        "it is a relative directory name"
+    } else if id.contains(['/', '\\']) {
+        "it contains a path separator"
+    } else if id.chars().any(char::is_control) {
+        "it contains a control character"
+    } else {
+        return Ok(());
+    };
+    // As the drivers quote it: the first 64 characters, escaped.
+    let mut shown: String = id.chars().take(64).collect();
+    if shown.len() < id.len() {
+        shown.push_str("...");
+    }
+    Err(Error::InvalidImageId(format!(
+        "invalid image id {shown:?}: {reason}"
+    )))
 }

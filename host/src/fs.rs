@@ -16,6 +16,7 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use crate::bindings::fs::{
     self as wit, DirEntry, DirName, EntryKind, ErrorCode, FsError, Metadata,
 };
+use crate::runtime::Deadline;
 
 /// Most entries one `list-dir` returns; a guest cannot make the host
 /// allocate without bound by filling a directory.
@@ -39,6 +40,25 @@ pub struct OpenFile {
     pub path: String,
     /// Its size when it was opened.
     pub size_at_open: u64,
+    /// Whether it was created for writing (`create-new`).
+    pub writable: bool,
+}
+
+/// Which file an open file is: device and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileIdentity {
+    pub fn of(meta: &std::fs::Metadata) -> FileIdentity {
+        use std::os::unix::fs::MetadataExt;
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, FsError>;
@@ -48,6 +68,14 @@ fn error(code: ErrorCode, message: impl Into<String>) -> FsError {
         code,
         message: message.into(),
     }
+}
+
+fn timed_out(what: &str) -> FsError {
+    let what = if what.is_empty() { "." } else { what };
+    error(
+        ErrorCode::TimedOut,
+        format!("{what}: stopped at the call's deadline"),
+    )
 }
 
 /// An I/O error in the guest's terms, naming the path.
@@ -112,26 +140,27 @@ fn check_name(path: &str) -> Result<&Path> {
     Ok(p)
 }
 
+/// Seconds since the Unix epoch; a time before it reads as 0.
 pub fn to_time(t: SystemTime) -> f64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs_f64(),
-        Err(e) => -e.duration().as_secs_f64(),
-    }
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
+/// Latest time a guest may set: the year 33658 (Glance stores floats; the
+/// kernel takes far more, cap-std and std panic on far less than f64 holds).
+pub const MAX_TIME: f64 = 1e12;
+
+/// A guest's time, checked before it reaches any library that could panic
+/// on it: finite, not before 1970, not absurdly far ahead.
 pub fn from_time(t: f64) -> Result<SystemTime> {
-    if !t.is_finite() || t.abs() > 1e12 {
+    if !t.is_finite() || !(0.0..=MAX_TIME).contains(&t) {
         return Err(error(
-            ErrorCode::InvalidPath,
-            format!("{t} is not a usable time"),
+            ErrorCode::InvalidArgument,
+            format!("{t} is not a usable time (seconds since 1970, at most {MAX_TIME})"),
         ));
     }
-    let d = Duration::from_secs_f64(t.abs());
-    Ok(if t >= 0.0 {
-        UNIX_EPOCH + d
-    } else {
-        UNIX_EPOCH - d
-    })
+    Ok(UNIX_EPOCH + Duration::from_secs_f64(t))
 }
 
 /// The kind of an entry, from what std's or cap-std's file type says.
@@ -207,6 +236,7 @@ impl RootFs {
             file: file.into_std(),
             path: path.to_string(),
             size_at_open: 0,
+            writable: true,
         })
     }
 
@@ -230,6 +260,7 @@ impl RootFs {
             file,
             path: path.to_string(),
             size_at_open: meta.len(),
+            writable: false,
         })
     }
 
@@ -244,6 +275,24 @@ impl RootFs {
             .map_err(|e| io_error(path, e))
     }
 
+    /// The identity of the regular file at `path` (never through a final
+    /// symlink), or why there is none.
+    pub fn identity(&self, path: &str) -> Result<FileIdentity> {
+        use cap_std::fs::MetadataExt;
+        let p = check_name(path)?;
+        let meta = self.dir.symlink_metadata(p).map_err(|e| io_error(path, e))?;
+        if !meta.is_file() {
+            return Err(error(
+                ErrorCode::IsADirectory,
+                format!("{path}: not a regular file"),
+            ));
+        }
+        Ok(FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
     pub fn create_dir(&self, path: &str) -> Result<()> {
         let p = check_name(path)?;
         self.dir.create_dir(p).map_err(|e| io_error(path, e))
@@ -256,6 +305,7 @@ impl RootFs {
     fn walk<T>(
         &self,
         path: &str,
+        deadline: Option<Deadline>,
         describe: impl Fn(&cap_std::fs::DirEntry, String) -> io::Result<T>,
     ) -> Result<Vec<T>> {
         let p = check_path(path)?;
@@ -274,6 +324,9 @@ impl RootFs {
                     format!("{path}: more than {} entries", self.max_listing),
                 ));
             }
+            if listing.len() % 1024 == 1023 && deadline.is_some_and(|d| d.passed()) {
+                return Err(timed_out(path));
+            }
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
@@ -288,7 +341,12 @@ impl RootFs {
 
     /// Every entry with its metadata (a stat per entry).
     pub fn list_dir(&self, path: &str) -> Result<Vec<DirEntry>> {
-        self.walk(path, |entry, name| {
+        self.list_dir_until(path, None)
+    }
+
+    /// Like [`RootFs::list_dir`], stopping at `deadline`.
+    pub fn list_dir_until(&self, path: &str, deadline: Option<Deadline>) -> Result<Vec<DirEntry>> {
+        self.walk(path, deadline, |entry, name| {
             Ok(DirEntry {
                 name,
                 metadata: cap_metadata(&entry.metadata()?),
@@ -299,7 +357,16 @@ impl RootFs {
     /// Every entry's name and kind; the kind comes from the listing itself
     /// (d_type) where the file system reports it.
     pub fn list_names(&self, path: &str) -> Result<Vec<DirName>> {
-        self.walk(path, |entry, name| {
+        self.list_names_until(path, None)
+    }
+
+    /// Like [`RootFs::list_names`], stopping at `deadline`.
+    pub fn list_names_until(
+        &self,
+        path: &str,
+        deadline: Option<Deadline>,
+    ) -> Result<Vec<DirName>> {
+        self.walk(path, deadline, |entry, name| {
             let ft = entry.file_type()?;
             Ok(DirName {
                 name,
@@ -366,8 +433,32 @@ impl OpenFile {
             .map_err(|e| io_error(&self.path, e))
     }
 
-    pub fn lock(&self) -> Result<()> {
-        self.file.lock().map_err(|e| io_error(&self.path, e))
+    pub fn identity(&self) -> io::Result<FileIdentity> {
+        Ok(FileIdentity::of(&self.file.metadata()?))
+    }
+
+    /// Take the exclusive lock, waiting for other holders until `deadline`
+    /// (never longer: a blocking `flock` could not be interrupted).
+    pub fn lock(&self, deadline: Deadline) -> Result<()> {
+        let mut pause = Duration::from_micros(200);
+        loop {
+            match self.try_lock()? {
+                true => return Ok(()),
+                false if deadline.passed() => {
+                    return Err(error(
+                        ErrorCode::TimedOut,
+                        format!(
+                            "{}: another holder kept the lock until the call's deadline",
+                            self.path
+                        ),
+                    ));
+                }
+                false => {
+                    std::thread::sleep(pause.min(deadline.remaining()));
+                    pause = (pause * 2).min(Duration::from_millis(10));
+                }
+            }
+        }
     }
 
     pub fn try_lock(&self) -> Result<bool> {
@@ -387,6 +478,8 @@ impl OpenFile {
 pub struct FsView<'a> {
     pub root: &'a RootFs,
     pub table: &'a mut ResourceTable,
+    /// The deadline of the driver call this import is part of.
+    pub deadline: Deadline,
 }
 
 impl FsView<'_> {
@@ -422,11 +515,11 @@ impl wit::Host for FsView<'_> {
     }
 
     fn list_dir(&mut self, path: String) -> wasmtime::Result<Result<Vec<DirEntry>>> {
-        Ok(self.root.list_dir(&path))
+        Ok(self.root.list_dir_until(&path, Some(self.deadline)))
     }
 
     fn list_names(&mut self, path: String) -> wasmtime::Result<Result<Vec<DirName>>> {
-        Ok(self.root.list_names(&path))
+        Ok(self.root.list_names_until(&path, Some(self.deadline)))
     }
 
     fn rename(&mut self, src: String, dst: String) -> wasmtime::Result<Result<()>> {
@@ -445,7 +538,16 @@ impl wit::Host for FsView<'_> {
             );
             return Ok(vec![Err(e); paths.len()]);
         }
-        Ok(paths.iter().map(|p| self.root.remove_file(p)).collect())
+        let mut stopped = false;
+        let mut results = Vec::with_capacity(paths.len());
+        for (i, p) in paths.iter().enumerate() {
+            stopped = stopped || (i % 256 == 255 && self.deadline.passed());
+            results.push(match stopped {
+                true => Err(timed_out(p)),
+                false => self.root.remove_file(p),
+            });
+        }
+        Ok(results)
     }
 
     fn set_times(
@@ -477,7 +579,8 @@ impl wit::HostFile for FsView<'_> {
     }
 
     fn lock(&mut self, f: Resource<OpenFile>) -> wasmtime::Result<Result<()>> {
-        Ok(self.table.get(&f)?.lock())
+        let deadline = self.deadline;
+        Ok(self.table.get(&f)?.lock(deadline))
     }
 
     fn try_lock(&mut self, f: Resource<OpenFile>) -> wasmtime::Result<Result<bool>> {

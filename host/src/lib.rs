@@ -9,8 +9,10 @@
 //! | --- | --- |
 //! | [`fs`] | `image-cache:driver/fs` on a `cap_std` directory |
 //! | [`xattr`] | `image-cache:driver/xattr`, `user.` names only |
-//! | [`sqlite`] | `image-cache:driver/sqlite` with rusqlite |
-//! | [`runtime`] | engine, component loading, artifacts, limits |
+//! | [`sqlite`] | `image-cache:driver/sqlite` with rusqlite, confined to the root |
+//! | [`database`] | `image-cache:driver/database`: configured databases by name |
+//! | [`contract`] | contract versions, grants, what a component declares |
+//! | [`runtime`] | engine, checks before compiling, linking by grants, limits |
 //! | [`driver`] | a driver on one root: instance pool, typed calls, sessions |
 //! | [`cache`] | [`ImageCache`]: prune, clean, tee, read, swap |
 //! | [`config`] | Glance's options, sizes, durations, `glance-cache.conf` |
@@ -20,6 +22,8 @@ pub mod builtin;
 pub mod cache;
 pub mod checksum;
 pub mod config;
+pub mod contract;
+pub mod database;
 pub mod driver;
 pub mod error;
 pub mod fs;
@@ -30,8 +34,9 @@ pub mod xattr;
 pub use bindings::types::{
     CachedImage, CleanReport, DriverInfo, LruEntry, PruneReport, RemovedFile,
 };
-pub use cache::{CacheConfig, ImageCache, ImageReader, ImageWriter, TeeReport};
+pub use cache::{CacheConfig, ImageCache, ImageReader, ImageWriter, RollbackPolicy, TeeReport};
 pub use checksum::Checksum;
-pub use error::{Error, Result};
-pub use runtime::{DriverSource, Limits, Runtime};
+pub use contract::{Capability, Grants};
+pub use error::{Error, Result, validate_image_id};
+pub use runtime::{DriverSource, Limits, LoadPolicy, Runtime};
 pub use xattr::XattrSupport;

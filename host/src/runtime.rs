@@ -1,27 +1,35 @@
-//! The wasmtime side: one engine per process, driver components loaded and
-//! pre-instantiated once, and stores with limits for each driver instance.
+//! The wasmtime side: one engine per process, driver components checked,
+//! loaded and pre-instantiated once, and stores with limits for each driver
+//! instance.
 //!
 //! - The engine has the component model and epoch interruption on; a ticker
 //!   thread advances the epoch and stops when the engine is dropped (it only
 //!   holds a weak reference).
-//! - Compiled components are kept in an artifact directory outside any cache
-//!   root, keyed by the component's SHA-256 and the engine's settings, so a
-//!   second start does not compile again.
-//! - A component may import only the contract (`image-cache:driver/*`) and
-//!   what Rust's std needs on wasm32-wasip2; anything else is refused at load.
+//! - Before anything is compiled, a component's bytes are checked: the
+//!   SHA-256 an operator pinned, the contract version it exports (see
+//!   [`crate::contract`]), and that every interface it imports was granted.
+//!   Then it is compiled (or its compiled artifact is loaded from a directory
+//!   outside any cache root, keyed by its SHA-256 and the engine's settings)
+//!   and linked with exactly the granted interfaces: an ungranted interface
+//!   is never linked for it.
+//! - A store holds one instance's resource table, its share of the driver's
+//!   memory budget, and the deadline of the call running in it, which the
+//!   host imports honour as well (a query, a lock wait, a busy wait).
 
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime::component::{Component, HasData, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store};
 
-use crate::bindings::{DriverPre, types};
+use crate::bindings::{DriverPre, clock, types};
+use crate::contract::{Capability, Grants, Manifest, read_manifest};
+use crate::database::{DatabaseRoot, DatabaseView};
 use crate::error::{Error, Result};
 use crate::fs::{FsView, RootFs};
 use crate::sqlite::{SqliteRoot, SqliteView};
@@ -30,29 +38,25 @@ use crate::xattr::{XattrSupport, XattrView};
 /// How often the epoch advances; deadlines are counted in these ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
-/// Interface prefixes a driver component may import.
-pub const ALLOWED_IMPORTS: &[&str] = &[
-    "image-cache:driver/",
-    "wasi:cli/environment@",
-    "wasi:cli/exit@",
-    "wasi:cli/stdin@",
-    "wasi:cli/stdout@",
-    "wasi:cli/stderr@",
-    "wasi:cli/terminal-",
-    "wasi:clocks/",
-    "wasi:random/",
-    "wasi:io/",
-];
-
-/// Limits for every driver instance.
+/// Limits for the instances of one driver on one root.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Longest a single driver call may run before it is interrupted.
+    /// Longest a single driver call may run, host imports included, before
+    /// it is stopped.
     pub call_deadline: Duration,
-    /// Most linear memory one instance may have.
+    /// Most linear memory all instances of one driver may hold together.
     pub memory_bytes: usize,
     /// Most host resources (open files, connections) one instance may hold.
     pub resources: usize,
+    /// Most database connections (sqlite or database) one instance may hold.
+    pub connections: usize,
+    /// Most live instances of one driver; a call that finds them all busy
+    /// waits up to `instance_wait`, then fails.
+    pub instances: usize,
+    /// How long a call waits for a free instance.
+    pub instance_wait: Duration,
+    /// Idle instances beyond the first are released after this long.
+    pub idle_timeout: Duration,
     /// Most entries one directory listing may return.
     pub max_listing: usize,
     /// Most bytes one SQL query result may hold.
@@ -65,29 +69,130 @@ impl Default for Limits {
             call_deadline: Duration::from_secs(30),
             memory_bytes: 1 << 30,
             resources: 256,
+            connections: 4,
+            instances: 16,
+            instance_wait: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             max_listing: crate::fs::DEFAULT_MAX_LISTING,
             max_query_bytes: crate::sqlite::DEFAULT_MAX_RESULT_BYTES,
         }
     }
 }
 
+/// The linear memory all instances of one driver hold, against its cap.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    used: AtomicUsize,
+    cap: usize,
+}
+
+impl MemoryBudget {
+    pub fn new(cap: usize) -> Arc<MemoryBudget> {
+        Arc::new(MemoryBudget {
+            used: AtomicUsize::new(0),
+            cap,
+        })
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    fn take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|&total| total <= self.cap)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// One instance's share of its driver's [`MemoryBudget`]; given back when
+/// the store is dropped.
+struct InstanceMemory {
+    budget: Arc<MemoryBudget>,
+    mine: usize,
+}
+
+/// Most table elements (function references) one instance may have.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+impl wasmtime::ResourceLimiter for InstanceMemory {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let extra = desired.saturating_sub(current);
+        if self.budget.take(extra) {
+            self.mine += extra;
+            Ok(true)
+        } else {
+            // An error here traps the guest (a clear fault, not a silent -1).
+            Err(wasmtime::Error::msg(format!(
+                "growing memory to {desired} bytes would pass the driver's memory cap"
+            )))
+        }
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+impl Drop for InstanceMemory {
+    fn drop(&mut self) {
+        self.budget.give_back(self.mine);
+    }
+}
+
+/// What the host gives one driver on one root: shared by its instances.
+pub struct Sandbox {
+    pub root: Arc<RootFs>,
+    pub sqlite: Arc<SqliteRoot>,
+    pub database: Arc<DatabaseRoot>,
+    pub xattr: XattrSupport,
+    pub memory: Arc<MemoryBudget>,
+}
+
+/// The deadline of the call running in a store, which host imports honour.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline(pub Instant);
+
+impl Deadline {
+    pub fn passed(&self) -> bool {
+        Instant::now() >= self.0
+    }
+
+    /// Time left, zero once passed.
+    pub fn remaining(&self) -> Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
+}
+
 /// What a store of a driver instance holds.
 pub struct HostState {
     pub(crate) table: ResourceTable,
-    wasi: WasiCtx,
-    root: Arc<RootFs>,
-    sqlite: Arc<SqliteRoot>,
-    xattr: XattrSupport,
-    limits: StoreLimits,
-}
-
-impl WasiView for HostState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
+    sandbox: Arc<Sandbox>,
+    memory: InstanceMemory,
+    pub(crate) deadline: Deadline,
+    /// Database connections this instance holds (sqlite and database).
+    connections: usize,
+    max_connections: usize,
 }
 
 /// Counters a host can read to see what the runtime did.
@@ -103,19 +208,19 @@ pub struct RuntimeStats {
     pub instances_discarded: AtomicU64,
 }
 
-/// The engine, the shared linker and the artifact directory.
+/// The engine, a linker per grant set and the artifact directory.
 pub struct Runtime {
     engine: Engine,
-    linker: Linker<HostState>,
+    linkers: Mutex<HashMap<Grants, Arc<Linker<HostState>>>>,
     artifacts: Option<PathBuf>,
     limits: Limits,
-    /// Components loaded so far, by SHA-256: each is compiled once.
-    components: std::sync::Mutex<std::collections::HashMap<String, Arc<DriverComponent>>>,
+    /// Components loaded so far, by SHA-256 and grants: each is compiled once.
+    components: Mutex<HashMap<(String, Grants), Arc<DriverComponent>>>,
     pub stats: RuntimeStats,
 }
 
 /// Where a driver component comes from.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DriverSource {
     /// One of the drivers built into this binary.
     Builtin(&'static str),
@@ -124,7 +229,8 @@ pub enum DriverSource {
 }
 
 impl DriverSource {
-    /// `sqlite`, `xattr`, or a path to a component file.
+    /// `sqlite`, `xattr`, `centralized` (or Glance's `centralized_db`), or a
+    /// path to a component file.
     pub fn parse(spec: &str) -> DriverSource {
         match crate::builtin::find(spec) {
             Some(b) => DriverSource::Builtin(b.name),
@@ -140,11 +246,24 @@ impl DriverSource {
     }
 }
 
+/// What a driver may be and touch: the operator's pin and grants.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadPolicy {
+    /// The SHA-256 (hex) the component's bytes must have; checked before
+    /// anything is compiled.
+    pub sha256: Option<String>,
+    /// What a component file is granted beyond `fs` and `clock`. Built-in
+    /// drivers are granted what they need, whatever this says.
+    pub grants: Grants,
+}
+
 /// A compiled driver component, ready to instantiate.
 pub struct DriverComponent {
     name: String,
     pre: DriverPre<HostState>,
     sha256: String,
+    manifest: Manifest,
+    grants: Grants,
     precompiled: bool,
 }
 
@@ -155,6 +274,16 @@ impl DriverComponent {
 
     pub fn sha256(&self) -> &str {
         &self.sha256
+    }
+
+    /// Its contract version and imports, as read before compiling it.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// What it was granted (and linked with).
+    pub fn grants(&self) -> Grants {
+        self.grants
     }
 
     /// Whether it came from the artifact directory (no compilation).
@@ -176,7 +305,70 @@ pub fn default_artifact_dir() -> Option<PathBuf> {
         .map(|d| d.join("image-cache").join("compiled"))
 }
 
+/// The SHA-256 of a component's bytes, as operators pin it (lowercase hex).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// What `image-cache drivers inspect` shows of a component.
+#[derive(Clone, Debug)]
+pub struct Inspection {
+    pub sha256: String,
+    pub declared: crate::contract::Declared,
+    /// Name, version and description from the driver itself, if this host
+    /// can run it; otherwise why not.
+    pub info: std::result::Result<types::DriverInfo, String>,
+}
+
 impl Runtime {
+    /// Everything a component says about itself: its SHA-256, its contract
+    /// version and imports (read without compiling), and, if this host can
+    /// run it, its own name and version (its `info` export, called in a
+    /// scratch root with what it asks for granted; nothing is configured).
+    pub fn inspect(&self, source: &DriverSource) -> Result<Inspection> {
+        let name = source.name();
+        let bytes = self.read_source(source)?;
+        let sha256 = sha256_hex(&bytes);
+        let declared = crate::contract::declared(&bytes).map_err(|message| Error::Load {
+            driver: name.clone(),
+            message,
+        })?;
+        let info = self
+            .info_of(&name, &bytes, Grants::of(&declared.needs))
+            .map_err(|e| e.to_string());
+        Ok(Inspection {
+            sha256,
+            declared,
+            info,
+        })
+    }
+
+    fn info_of(&self, name: &str, bytes: &[u8], grants: Grants) -> Result<types::DriverInfo> {
+        let policy = LoadPolicy {
+            sha256: None,
+            grants,
+        };
+        let component = self.load_bytes(name, bytes, &policy, grants)?;
+        let scratch = tempfile::tempdir().map_err(|e| load_error(name, e))?;
+        let root = Arc::new(RootFs::new(scratch.path()).map_err(|e| load_error(name, e))?);
+        let sandbox = Arc::new(Sandbox {
+            sqlite: Arc::new(SqliteRoot::new(&root)),
+            root,
+            database: Arc::new(DatabaseRoot::new()),
+            xattr: XattrSupport::Disabled,
+            memory: MemoryBudget::new(self.limits.memory_bytes),
+        });
+        let mut store = self.store(&sandbox);
+        let bindings = component
+            .pre()
+            .instantiate(&mut store)
+            .map_err(|e| load_error(name, e))?;
+        bindings
+            .image_cache_driver_cache_driver()
+            .call_info(&mut store)
+            .map_err(|e| load_error(name, e))
+    }
+
     /// A runtime with `limits`, keeping compiled components in `artifacts`
     /// (none: compile every time).
     pub fn new(limits: Limits, artifacts: Option<PathBuf>) -> Result<Arc<Runtime>> {
@@ -188,12 +380,9 @@ impl Runtime {
         }
         let engine = Engine::new(&config).map_err(|e| load_error("engine", e))?;
         start_epoch_ticker(&engine);
-
-        let mut linker = Linker::<HostState>::new(&engine);
-        link(&mut linker).map_err(|e| load_error("linker", e))?;
         Ok(Arc::new(Runtime {
             engine,
-            linker,
+            linkers: Default::default(),
             artifacts,
             limits,
             components: Default::default(),
@@ -209,22 +398,30 @@ impl Runtime {
         &self.limits
     }
 
-    /// The driver component from `source`, loaded once per content.
-    pub fn component(&self, source: &DriverSource) -> Result<Arc<DriverComponent>> {
+    /// The driver component from `source`, checked against `policy`, loaded
+    /// once per content and grants.
+    pub fn component(
+        &self,
+        source: &DriverSource,
+        policy: &LoadPolicy,
+    ) -> Result<Arc<DriverComponent>> {
         let bytes = self.read_source(source)?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        if let Some(c) = self.components.lock().unwrap().get(&sha256) {
+        let sha256 = sha256_hex(&bytes);
+        let grants = grants_for(source, policy);
+        if let Some(c) = self.components.lock().unwrap().get(&(sha256.clone(), grants)) {
+            check_pin(&source.name(), &sha256, policy)?;
             return Ok(c.clone());
         }
-        let component = Arc::new(self.load_bytes(&source.name(), &bytes)?);
+        let component = Arc::new(self.load_bytes(&source.name(), &bytes, policy, grants)?);
         self.components
             .lock()
             .unwrap()
-            .insert(sha256, component.clone());
+            .insert((sha256, grants), component.clone());
         Ok(component)
     }
 
-    fn read_source(&self, source: &DriverSource) -> Result<std::borrow::Cow<'static, [u8]>> {
+    /// The bytes of a driver component.
+    pub fn read_source(&self, source: &DriverSource) -> Result<std::borrow::Cow<'static, [u8]>> {
         let name = source.name();
         Ok(match source {
             DriverSource::Builtin(n) => crate::builtin::find(n)
@@ -243,30 +440,22 @@ impl Runtime {
         })
     }
 
-    /// Load (compile or fetch from the artifact directory) and
-    /// pre-instantiate a driver component, without memoizing it.
-    pub fn load(&self, source: &DriverSource) -> Result<DriverComponent> {
-        let bytes = self.read_source(source)?;
-        self.load_bytes(&source.name(), &bytes)
-    }
-
-    /// The interfaces the component from `source` imports, whether or not
-    /// the cache would accept it (compiled through the artifact directory,
-    /// so this is cheap after the first time).
-    pub fn imports(&self, source: &DriverSource) -> Result<Vec<String>> {
-        let bytes = self.read_source(source)?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        let (component, _) = self.compile(&source.name(), &sha256, &bytes)?;
-        Ok(component_imports(&self.engine, &component))
-    }
-
-    /// Like [`Runtime::load`], from the component's bytes.
-    pub fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<DriverComponent> {
-        let sha256 = hex::encode(Sha256::digest(bytes));
+    /// Check, compile (or fetch from the artifact directory) and
+    /// pre-instantiate a component's bytes with `grants`, without memoizing.
+    pub fn load_bytes(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        policy: &LoadPolicy,
+        grants: Grants,
+    ) -> Result<DriverComponent> {
+        let sha256 = sha256_hex(bytes);
+        check_pin(name, &sha256, policy)?;
+        let manifest = read_manifest(name, bytes)?;
+        check_grants(name, &manifest, grants)?;
         let (component, precompiled) = self.compile(name, &sha256, bytes)?;
-        check_imports(&self.engine, name, &component)?;
-        let instance_pre = self
-            .linker
+        let linker = self.linker(grants).map_err(|e| load_error(name, e))?;
+        let instance_pre = linker
             .instantiate_pre(&component)
             .map_err(|e| load_error(name, e))?;
         let pre = DriverPre::new(instance_pre).map_err(|e| load_error(name, e))?;
@@ -274,8 +463,23 @@ impl Runtime {
             name: name.to_string(),
             pre,
             sha256,
+            manifest,
+            grants,
             precompiled,
         })
+    }
+
+    /// The linker with exactly `grants` (plus `fs`, `clock`, `types`).
+    fn linker(&self, grants: Grants) -> wasmtime::Result<Arc<Linker<HostState>>> {
+        let mut linkers = self.linkers.lock().unwrap();
+        if let Some(l) = linkers.get(&grants) {
+            return Ok(l.clone());
+        }
+        let mut linker = Linker::<HostState>::new(&self.engine);
+        link(&mut linker, grants)?;
+        let linker = Arc::new(linker);
+        linkers.insert(grants, linker.clone());
+        Ok(linker)
     }
 
     fn artifact_path(&self, sha256: &str) -> Option<PathBuf> {
@@ -331,37 +535,25 @@ impl Runtime {
         Ok((component, false))
     }
 
-    /// A store for one driver instance on `root`.
-    pub(crate) fn store(
-        &self,
-        root: &Arc<RootFs>,
-        sqlite: &Arc<SqliteRoot>,
-        xattr: XattrSupport,
-    ) -> Store<HostState> {
+    /// A store for one driver instance in `sandbox`.
+    pub(crate) fn store(&self, sandbox: &Arc<Sandbox>) -> Store<HostState> {
         let mut table = ResourceTable::new();
         table.set_max_capacity(self.limits.resources);
-        let wasi = WasiCtx::builder()
-            .inherit_stderr()
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(self.limits.memory_bytes)
-            .trap_on_grow_failure(true)
-            .build();
         let mut store = Store::new(
             &self.engine,
             HostState {
                 table,
-                wasi,
-                root: root.clone(),
-                sqlite: sqlite.clone(),
-                xattr,
-                limits,
+                sandbox: sandbox.clone(),
+                memory: InstanceMemory {
+                    budget: sandbox.memory.clone(),
+                    mine: 0,
+                },
+                deadline: Deadline(Instant::now() + self.limits.call_deadline),
+                connections: 0,
+                max_connections: self.limits.connections,
             },
         );
-        store.limiter(|s| &mut s.limits);
+        store.limiter(|s| &mut s.memory);
         store.set_epoch_deadline(self.deadline_ticks());
         store
     }
@@ -369,6 +561,52 @@ impl Runtime {
     pub(crate) fn deadline_ticks(&self) -> u64 {
         (self.limits.call_deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
     }
+}
+
+/// Built-in drivers get what they need; files what the operator granted.
+fn grants_for(source: &DriverSource, policy: &LoadPolicy) -> Grants {
+    match source {
+        DriverSource::Builtin(name) => crate::builtin::find(name)
+            .map(|b| Grants::of(b.grants))
+            .unwrap_or(Grants::NONE),
+        DriverSource::File(_) => policy.grants,
+    }
+}
+
+fn check_pin(name: &str, sha256: &str, policy: &LoadPolicy) -> Result<()> {
+    match &policy.sha256 {
+        Some(expected) if !expected.trim().eq_ignore_ascii_case(sha256) => Err(Error::Load {
+            driver: name.to_string(),
+            message: format!(
+                "its SHA-256 is {sha256}, not the pinned {}; refused before compiling it",
+                expected.trim()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Refuse a component that imports an interface it was not granted.
+fn check_grants(name: &str, manifest: &Manifest, grants: Grants) -> Result<()> {
+    for need in &manifest.needs {
+        if !grants.allows(*need) {
+            let import = manifest
+                .imports
+                .iter()
+                .find(|i| i.contains(&format!("/{}@", need.name())))
+                .cloned()
+                .unwrap_or_else(|| need.name().to_string());
+            return Err(Error::Load {
+                driver: name.to_string(),
+                message: format!(
+                    "it imports {import}, which it was not granted (granted: {grants}; \
+                     grant it with image_cache_driver_grants = {})",
+                    need.name()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn load_error(name: &str, e: impl std::fmt::Display) -> Error {
@@ -379,12 +617,14 @@ fn load_error(name: &str, e: impl std::fmt::Display) -> Error {
 }
 
 fn save_artifact(component: &Component, path: &Path) -> anyhow::Result<()> {
-    let dir = path.parent().expect("artifact path has a directory");
+    let dir = path
+        .parent()
+        .ok_or_else(|| anyhow::anyhow!("artifact path has no directory"))?;
     std::fs::create_dir_all(dir)?;
     static TEMPS: AtomicU64 = AtomicU64::new(0);
+    let file_name = path.file_name().unwrap_or_default().to_string_lossy();
     let temp = dir.join(format!(
-        ".{}.{}.{}.tmp",
-        path.file_name().unwrap().to_string_lossy(),
+        ".{file_name}.{}.{}.tmp",
         std::process::id(),
         TEMPS.fetch_add(1, Ordering::Relaxed)
     ));
@@ -393,21 +633,7 @@ fn save_artifact(component: &Component, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Refuse a component that imports anything beyond the contract.
-fn check_imports(engine: &Engine, name: &str, component: &Component) -> Result<()> {
-    let ty = component.component_type();
-    for (import, _) in ty.imports(engine) {
-        if !ALLOWED_IMPORTS.iter().any(|p| import.starts_with(p)) {
-            return Err(Error::Load {
-                driver: name.to_string(),
-                message: format!("it imports {import}, which a driver may not use"),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// The names a component imports.
+/// The names a compiled component imports.
 pub fn component_imports(engine: &Engine, component: &Component) -> Vec<String> {
     component
         .component_type()
@@ -418,7 +644,7 @@ pub fn component_imports(engine: &Engine, component: &Component) -> Vec<String> 
 
 fn start_epoch_ticker(engine: &Engine) {
     let weak = engine.weak();
-    std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("image-cache-epoch".into())
         .spawn(move || {
             loop {
@@ -428,34 +654,59 @@ fn start_epoch_ticker(engine: &Engine) {
                     None => break,
                 }
             }
-        })
-        .expect("cannot start the epoch ticker thread");
+        });
+    if let Err(e) = spawned {
+        // Without the ticker no deadline fires: that is not a usable host.
+        panic!("cannot start the epoch ticker thread: {e}");
+    }
 }
 
-struct HasTypes;
-impl wasmtime::component::HasData for HasTypes {
+struct HasState;
+impl HasData for HasState {
     type Data<'a> = &'a mut HostState;
 }
 impl types::Host for &mut HostState {}
 
-fn link(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    // What Rust's std needs; the context has no preopens and no network, and
-    // check_imports keeps components from importing filesystem or sockets.
-    wasmtime_wasi::p2::add_to_linker_sync(linker)?;
-    types::add_to_linker::<HostState, HasTypes>(linker, |s| s)?;
+impl clock::Host for &mut HostState {
+    fn now(&mut self) -> wasmtime::Result<f64> {
+        Ok(crate::fs::to_time(std::time::SystemTime::now()))
+    }
+}
+
+fn link(linker: &mut Linker<HostState>, grants: Grants) -> wasmtime::Result<()> {
+    types::add_to_linker::<HostState, HasState>(linker, |s| s)?;
+    clock::add_to_linker::<HostState, HasState>(linker, |s| s)?;
     crate::fs::add_to_linker(linker, |s| FsView {
-        root: &s.root,
+        root: &s.sandbox.root,
         table: &mut s.table,
+        deadline: s.deadline,
     })?;
-    crate::xattr::add_to_linker(linker, |s| XattrView {
-        root: &s.root,
-        table: &mut s.table,
-        support: s.xattr,
-    })?;
-    crate::sqlite::add_to_linker(linker, |s| SqliteView {
-        sqlite: &s.sqlite,
-        root: &s.root,
-        table: &mut s.table,
-    })?;
+    for capability in Capability::ALL {
+        if !grants.allows(capability) {
+            continue;
+        }
+        match capability {
+            Capability::Xattr => crate::xattr::add_to_linker(linker, |s| XattrView {
+                root: &s.sandbox.root,
+                table: &mut s.table,
+                support: s.sandbox.xattr,
+            })?,
+            Capability::Sqlite => crate::sqlite::add_to_linker(linker, |s| SqliteView {
+                sqlite: &s.sandbox.sqlite,
+                root: &s.sandbox.root,
+                table: &mut s.table,
+                deadline: s.deadline,
+                connections: &mut s.connections,
+                max_connections: s.max_connections,
+            })?,
+            Capability::Database => crate::database::add_to_linker(linker, |s| DatabaseView {
+                databases: &s.sandbox.database,
+                table: &mut s.table,
+                deadline: s.deadline,
+                connections: &mut s.connections,
+                max_connections: s.max_connections,
+            })?,
+        }
+    }
     Ok(())
 }

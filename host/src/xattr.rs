@@ -65,15 +65,20 @@ impl Attributes<'_> {
         }
     }
 
-    pub fn get(&self, name: &str) -> Result<Option<Vec<u8>>> {
+    /// The attribute's value; `not-found` if the file does not have it.
+    pub fn get(&self, name: &str) -> Result<Vec<u8>> {
         check_name(name)?;
         self.enabled()?;
         let value = self
             .file
             .file
             .get_xattr(name)
-            .map_err(|e| io_error(&self.file.path, e))?;
-        if value.as_ref().is_some_and(|v| v.len() > MAX_VALUE) {
+            .map_err(|e| io_error(&self.file.path, e))?
+            .ok_or_else(|| FsError {
+                code: ErrorCode::NotFound,
+                message: format!("{}: no attribute {name}", self.file.path),
+            })?;
+        if value.len() > MAX_VALUE {
             return Err(FsError {
                 code: ErrorCode::LimitExceeded,
                 message: format!(
@@ -154,13 +159,14 @@ pub fn probe(root: &RootFs, support: XattrSupport) -> Result<()> {
     let result = attrs
         .set("user.image-cache.probe", b"1")
         .and_then(|()| attrs.get("user.image-cache.probe"))
-        .and_then(|v| match v.as_deref() {
-            Some(b"1") => Ok(()),
-            _ => Err(unsupported(&root.path().display().to_string())),
+        .and_then(|v| match &v[..] {
+            b"1" => Ok(()),
+            _ => Err(unsupported("the cache root")),
         });
     let _ = root.remove_file(&name);
+    // The guest learns that the root lacks support, never where it is.
     result.map_err(|e| match e.code {
-        ErrorCode::Unsupported => unsupported(&root.path().display().to_string()),
+        ErrorCode::Unsupported | ErrorCode::NotFound => unsupported("the cache root"),
         _ => e,
     })
 }
@@ -182,11 +188,7 @@ impl XattrView<'_> {
 }
 
 impl wit::Host for XattrView<'_> {
-    fn get(
-        &mut self,
-        f: Resource<OpenFile>,
-        name: String,
-    ) -> wasmtime::Result<Result<Option<Vec<u8>>>> {
+    fn get(&mut self, f: Resource<OpenFile>, name: String) -> wasmtime::Result<Result<Vec<u8>>> {
         Ok(self.attrs(&f)?.get(&name))
     }
 
@@ -259,9 +261,12 @@ mod tests {
             file: &file,
             support: XattrSupport::FileSystem,
         };
-        assert_eq!(attrs.get("user.hits").unwrap(), None);
+        assert_eq!(
+            attrs.get("user.hits").unwrap_err().code,
+            ErrorCode::NotFound
+        );
         attrs.set("user.hits", b"3").unwrap();
-        assert_eq!(attrs.get("user.hits").unwrap().as_deref(), Some(&b"3"[..]));
+        assert_eq!(attrs.get("user.hits").unwrap(), b"3");
         assert_eq!(attrs.list().unwrap(), ["user.hits"]);
         // Renaming does not matter: the attribute follows the open file.
         root.rename("img", "renamed").unwrap();
@@ -271,7 +276,7 @@ mod tests {
             file: &reopened,
             support: XattrSupport::FileSystem,
         };
-        assert_eq!(again.get("user.hits").unwrap().as_deref(), Some(&b"4"[..]));
+        assert_eq!(again.get("user.hits").unwrap(), b"4");
         attrs.remove("user.hits").unwrap();
         attrs.remove("user.hits").unwrap();
         assert_eq!(
@@ -295,8 +300,8 @@ mod tests {
         let e = probe(&root, XattrSupport::Disabled).unwrap_err();
         assert_eq!(e.code, ErrorCode::Unsupported);
         assert!(
-            e.message.contains(&dir.path().display().to_string()),
-            "{}",
+            !e.message.contains(&dir.path().display().to_string()),
+            "the guest never learns where the root is: {}",
             e.message
         );
         assert_eq!(

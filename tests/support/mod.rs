@@ -43,6 +43,17 @@ pub fn driver(name: &str) -> Option<DriverSource> {
     }
 }
 
+/// Grants for a third-party driver under test: `IMAGE_CACHE_TEST_DRIVER_GRANTS`
+/// (e.g. `sqlite` or `xattr,sqlite`), none by default.
+pub fn external_policy() -> image_cache::LoadPolicy {
+    let grants = std::env::var("IMAGE_CACHE_TEST_DRIVER_GRANTS").unwrap_or_default();
+    image_cache::LoadPolicy {
+        sha256: None,
+        grants: image_cache::Grants::parse(&grants)
+            .unwrap_or_else(|e| panic!("IMAGE_CACHE_TEST_DRIVER_GRANTS: {e}")),
+    }
+}
+
 /// A cache on a fresh temporary root.
 pub struct TestCache {
     pub dir: TempDir,
@@ -101,7 +112,8 @@ impl TestCache {
 pub fn open(root: &Path, driver: &DriverSource) -> ImageCache {
     let config = CacheConfig::new(root)
         .driver(driver.clone())
-        .fallback_to_sqlite(false);
+        .fallback_to_sqlite(false)
+        .policy(external_policy());
     ImageCache::with_runtime(runtime(), config)
         .unwrap_or_else(|e| panic!("opening {}: {e}", root.display()))
 }
@@ -163,12 +175,19 @@ macro_rules! for_each_driver {
         mod xattr {
             $( #[test] fn $test() { super::$test(&$crate::driver("xattr").unwrap()) } )*
         }
-        /// Set IMAGE_CACHE_TEST_DRIVER=path/to/driver.wasm to run these.
+        /// A third-party driver: `IMAGE_CACHE_TEST_DRIVER=path/to/driver.wasm
+        /// cargo test --test conformance external -- --include-ignored`
+        /// (grants from `IMAGE_CACHE_TEST_DRIVER_GRANTS`, e.g. `sqlite`).
         mod external {
-            $( #[test] fn $test() {
+            $( #[test]
+               #[ignore = "needs IMAGE_CACHE_TEST_DRIVER=path/to/driver.wasm and --include-ignored"]
+               fn $test() {
                 match $crate::driver("external") {
                     Some(d) => super::$test(&d),
-                    None => eprintln!("{} not set: no third-party driver to test", $crate::EXTERNAL_DRIVER_ENV),
+                    None => panic!(
+                        "{} is not set: name the third-party driver component to test",
+                        $crate::EXTERNAL_DRIVER_ENV
+                    ),
                 }
             } )*
         }
@@ -178,11 +197,7 @@ macro_rules! for_each_driver {
 /// A test-fixture component built by host/build.rs but not embedded, e.g.
 /// `hostile_driver`.
 pub fn fixture(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let target = exe.ancestors().nth(3).expect("target directory");
-    let path = target
-        .join("guest/wasm32-wasip2/release")
-        .join(format!("{name}.wasm"));
+    let path = Path::new(image_cache::builtin::COMPONENTS_DIR).join(format!("{name}.wasm"));
     assert!(
         path.exists(),
         "{} is missing: build the workspace first",

@@ -298,6 +298,10 @@ impl<B: Backend> Guest for Driver<B> {
         })
     }
 
+    fn get_cached_nodes(image_id: String) -> Result<Vec<String>, Error> {
+        with_image(&image_id, |s| s.store.cached_nodes(&image_id))
+    }
+
     fn clean(stall_time: Option<u64>) -> Result<CleanReport, Error> {
         let state = state()?;
         let older_than = now() - stall_time.unwrap_or(DEFAULT_STALL_TIME) as f64;

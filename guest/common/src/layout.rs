@@ -18,12 +18,10 @@ pub const INCOMPLETE: &str = "incomplete";
 pub const INVALID: &str = "invalid";
 pub const QUEUE: &str = "queue";
 
-/// Seconds since the Unix epoch, from the host's wall clock.
+/// Seconds since the Unix epoch, from the host's wall clock (the `clock`
+/// import: the guest has no WASI).
 pub fn now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    crate::bindings::image_cache::driver::clock::now()
 }
 
 pub struct Layout {

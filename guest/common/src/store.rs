@@ -89,6 +89,13 @@ pub trait MetadataStore {
     fn record_abort(&self, id: &str, reason: &str) -> Result<(), Error>;
     /// Drop the metadata of images whose files were removed.
     fn forget(&self, ids: &[String]) -> Result<(), Error>;
+    /// The nodes whose caches hold `id`, for stores shared by several
+    /// nodes; a store local to one root does not know of others.
+    fn cached_nodes(&self, _id: &str) -> Result<Vec<String>, Error> {
+        Err(Error::Unsupported(
+            "this driver keeps metadata for one node only; get-cached-nodes needs the centralized driver".to_string(),
+        ))
+    }
 }
 
 /// A driver's metadata store, as the driver opens it at configure time.

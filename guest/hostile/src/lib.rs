@@ -12,7 +12,24 @@
 //! | `escape-db` | opens a database outside the root |
 //! | `exhaust-handles` | opens files until something gives |
 //! | `garbage` | (via the LRU batch and listing) breaks the contract |
+//! | `sql-attach`, `sql-attach-relative`, `sql-attach-uri` | `ATTACH`es a file outside the root (the option `hostile_target`, or `../`) |
+//! | `sql-vacuum-into` | `VACUUM INTO` a file outside the root |
+//! | `sql-heap-limit`, `sql-soft-heap-limit`, `sql-temp-dir` | changes process-wide SQLite state |
+//! | `sql-database-list`, `sql-pragma-table` | asks SQLite where its files are |
+//! | `sql-runaway` | a recursive query without end |
+//! | `sql-zeroblob` | a row of two huge blobs |
+//! | `sql-connections` | opens connections until something gives |
+//! | `sql-load-extension` | loads a shared library |
+//! | `lock-forever` | waits for a lock it holds itself through another handle |
+//! | `set-times-negative` | sets a time before 1970 |
+//! | `error-flood` | returns a 10 MB error with terminal escapes |
+//!
+//! Sessions: `open-for-write("wrong-file")` hands back another file of the
+//! root; `open-for-read("read-db")` hands back its database as the image.
+//! `get-queued-images` returns an id with a path in it when `queue-image`
+//! was called with `bad-ids` first.
 
+use std::cell::RefCell;
 use std::hint::black_box;
 
 use driver_common::bindings::exports::image_cache::driver::cache_driver::{
@@ -24,8 +41,82 @@ use driver_common::{CachedImage, CleanReport, DriverInfo, Error, LruEntry, Prune
 
 struct Hostile;
 
+thread_local! {
+    /// A file outside the root the test wants attacked (option
+    /// `hostile_target`).
+    static TARGET: RefCell<String> = const { RefCell::new(String::new()) };
+    static BAD_IDS: RefCell<bool> = const { RefCell::new(false) };
+}
+
+fn target() -> String {
+    TARGET.with(|t| t.borrow().clone())
+}
+
+fn db() -> Result<Connection, Error> {
+    Connection::open("hostile.db").map_err(|e| Error::Database(e.message))
+}
+
+/// Run SQL; the host's refusal comes back as a database error.
+fn sql(statement: &str) -> Result<bool, Error> {
+    let db = db()?;
+    db.query(statement, &[])
+        .map(|_| true)
+        .map_err(|e| Error::Database(format!("{:?}: {}", e.code, e.message)))
+}
+
 fn attack(id: &str) -> Result<bool, Error> {
     match id {
+        "sql-attach" => sql(&format!("ATTACH DATABASE '{}' AS stolen", target())),
+        "sql-attach-relative" => sql("ATTACH DATABASE '../hostile-planted.db' AS stolen"),
+        "sql-attach-uri" => sql(&format!("ATTACH DATABASE 'file:{}?mode=ro' AS probe", target())),
+        "sql-vacuum-into" => sql(&format!("VACUUM INTO '{}'", target())),
+        "sql-heap-limit" => sql("PRAGMA hard_heap_limit = 1"),
+        "sql-soft-heap-limit" => sql("PRAGMA soft_heap_limit = 1"),
+        "sql-temp-dir" => sql("PRAGMA temp_store_directory = '/tmp'"),
+        "sql-database-list" => sql("PRAGMA database_list"),
+        "sql-pragma-table" => sql("SELECT file FROM pragma_database_list"),
+        "sql-runaway" => sql(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
+        ),
+        "sql-zeroblob" => sql("SELECT zeroblob(1000000000), zeroblob(1000000000)"),
+        "sql-load-extension" => sql("SELECT load_extension('/lib/x86_64-linux-gnu/libc.so.6')"),
+        "sql-connections" => {
+            let mut held = Vec::new();
+            loop {
+                match Connection::open("hostile.db") {
+                    Ok(c) => held.push(c),
+                    Err(e) => {
+                        return Err(Error::Database(format!(
+                            "after {} connections: {:?}: {}",
+                            held.len(),
+                            e.code,
+                            e.message
+                        )));
+                    }
+                }
+            }
+        }
+        "lock-forever" => {
+            let _ = fs::create_new("hostile-lock");
+            let first = fs::open("hostile-lock").map_err(|e| Error::Io(e.message))?;
+            let second = fs::open("hostile-lock").map_err(|e| Error::Io(e.message))?;
+            first.lock().map_err(|e| Error::Io(e.message))?;
+            second
+                .lock()
+                .map(|()| true)
+                .map_err(|e| Error::Io(format!("{:?}: {}", e.code, e.message)))
+        }
+        "set-times-negative" => {
+            let _ = fs::create_new("hostile-times");
+            fs::set_times("hostile-times", Some(-1.0), Some(-1e300))
+                .map(|()| true)
+                .map_err(|e| Error::Io(format!("{:?}: {}", e.code, e.message)))
+        }
+        "error-flood" => {
+            let mut message = String::from("\u{1b}[2J\u{1b}[31mflood");
+            message.push_str(&"A".repeat(10_000_000));
+            Err(Error::Io(message))
+        }
         "spin" => {
             let mut n = 0u64;
             loop {
@@ -92,7 +183,12 @@ impl Guest for Hostile {
         }
     }
 
-    fn configure(_options: Vec<(String, String)>) -> Result<(), Error> {
+    fn configure(options: Vec<(String, String)>) -> Result<(), Error> {
+        for (key, value) in options {
+            if key == "hostile_target" {
+                TARGET.with(|t| *t.borrow_mut() = value);
+            }
+        }
         Ok(())
     }
 
@@ -132,12 +228,18 @@ impl Guest for Hostile {
         Ok(false)
     }
 
-    fn queue_image(_image_id: String) -> Result<bool, Error> {
+    fn queue_image(image_id: String) -> Result<bool, Error> {
+        if image_id == "bad-ids" {
+            BAD_IDS.with(|b| *b.borrow_mut() = true);
+        }
         Ok(false)
     }
 
     fn get_queued_images() -> Result<Vec<String>, Error> {
-        Ok(Vec::new())
+        match BAD_IDS.with(|b| *b.borrow()) {
+            true => Ok(vec!["../../etc/passwd".to_string()]),
+            false => Ok(Vec::new()),
+        }
     }
 
     fn delete_cached_image(_image_id: String) -> Result<(), Error> {
@@ -175,6 +277,10 @@ impl Guest for Hostile {
         Err(Error::NotFound(format!("image {image_id:?} is not cached")))
     }
 
+    fn get_cached_nodes(_image_id: String) -> Result<Vec<String>, Error> {
+        Ok(Vec::new())
+    }
+
     fn clean(_stall_time: Option<u64>) -> Result<CleanReport, Error> {
         Ok(CleanReport {
             invalid: Vec::new(),
@@ -193,12 +299,25 @@ impl Guest for Hostile {
     }
 
     fn open_for_write(image_id: String) -> Result<(WriteSession, File), Error> {
+        if image_id == "wrong-file" {
+            // Another file of the root, not incomplete/<id>.
+            let _ = fs::create_dir("incomplete");
+            let _ = fs::remove_file("decoy");
+            let decoy = fs::create_new("decoy").map_err(|e| Error::Io(e.message))?;
+            return Ok((WriteSession::new(Nothing), decoy));
+        }
         Err(Error::Io(format!(
             "the hostile driver does not cache {image_id:?}"
         )))
     }
 
     fn open_for_read(image_id: String) -> Result<(ReadSession, File), Error> {
+        if image_id == "read-db" {
+            // Its database handed back as the image's bytes.
+            let _ = db()?;
+            let file = fs::open("hostile.db").map_err(|e| Error::Io(e.message))?;
+            return Ok((ReadSession::new(Nothing), file));
+        }
         Err(Error::NotFound(format!("image {image_id:?} is not cached")))
     }
 }

@@ -19,9 +19,13 @@ const CHECKSUM: &str = "user.checksum";
 pub struct XattrStore;
 
 fn read_hits(file: &File) -> Result<u64, Error> {
-    let value = xattr::get(file, HITS).map_err(io_error)?;
-    Ok(value
-        .and_then(|v| String::from_utf8(v).ok())
+    let value = match xattr::get(file, HITS) {
+        Ok(value) => value,
+        Err(e) if e.code == fs::ErrorCode::NotFound => return Ok(0),
+        Err(e) => return Err(io_error(e)),
+    };
+    Ok(String::from_utf8(value)
+        .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0))
 }
@@ -99,7 +103,7 @@ impl MetadataStore for XattrStore {
         // The file that was read, even if the image was deleted meanwhile.
         file.lock().map_err(io_error)?;
         let result = read_hits(file)
-            .and_then(|hits| write_hits(file, hits + 1))
+            .and_then(|hits| write_hits(file, hits.saturating_add(1)))
             .and_then(|()| file.set_times(Some(now), None).map_err(io_error));
         let _ = file.unlock();
         result

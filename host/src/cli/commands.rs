@@ -5,8 +5,9 @@ use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use image_cache::runtime::{ALLOWED_IMPORTS, default_artifact_dir};
-use image_cache::{Checksum, DriverSource, Error, ImageCache, Limits, Runtime};
+use image_cache::contract;
+use image_cache::runtime::{Inspection, default_artifact_dir};
+use image_cache::{Checksum, DriverSource, Error, Grants, ImageCache, Limits, Runtime};
 use serde_json::{Value, json};
 
 use super::format::{Table, count, human_size, iso_utc, local_time};
@@ -22,7 +23,10 @@ type Outcome = Result<(), Failure>;
 pub fn run(settings: &Settings, command: &Command) -> Outcome {
     let mut out = io::stdout().lock();
     match command {
-        Command::Drivers => drivers(settings, &mut out)?,
+        Command::Drivers { action: None } => drivers(settings, &mut out)?,
+        Command::Drivers {
+            action: Some(super::DriversAction::Inspect { path }),
+        } => inspect(settings, path, &mut out)?,
         command => {
             let cache = settings.open()?;
             let cache = &cache;
@@ -47,7 +51,7 @@ pub fn run(settings: &Settings, command: &Command) -> Outcome {
                 Command::Prefetch { source } => prefetch(s, cache, o, source)?,
                 Command::Status { id } => status(s, cache, o, id)?,
                 Command::Size => size(s, cache, o)?,
-                Command::Drivers => unreachable!("handled above"),
+                Command::Drivers { .. } => unreachable!("handled above"),
             }
         }
     }
@@ -736,85 +740,153 @@ fn size(s: &Settings, cache: &ImageCache, out: &mut Out) -> Outcome {
 }
 
 /// Built-in drivers (and the one --driver names, if it is a file), each
-/// with the imports its component needs, checked against ALLOWED_IMPORTS.
+/// with its contract version, imports and grants.
 fn drivers(s: &Settings, out: &mut Out) -> Outcome {
     let runtime = Runtime::new(Limits::default(), default_artifact_dir())?;
-    let mut entries = Vec::new();
-    let mut components: Vec<(String, String, DriverSource)> = image_cache::builtin::ALL
+    let mut sources: Vec<(DriverSource, String)> = image_cache::builtin::ALL
         .iter()
-        .map(|b| {
-            (
-                b.name.to_string(),
-                b.description.to_string(),
-                DriverSource::Builtin(b.name),
-            )
-        })
+        .map(|b| (DriverSource::Builtin(b.name), b.description.to_string()))
         .collect();
     if let DriverSource::File(path) = s.driver_source()? {
-        components.push((
-            path.display().to_string(),
-            "component file (--driver)".to_string(),
-            DriverSource::File(path),
-        ));
+        sources.push((DriverSource::File(path), "component file (--driver)".into()));
     }
-    for (name, description, source) in components {
-        let imports = runtime
-            .imports(&source)
-            .map_err(|e| Failure::op("load", e.to_string()))?;
-        let refused: Vec<&String> = imports
-            .iter()
-            .filter(|i| !ALLOWED_IMPORTS.iter().any(|p| i.starts_with(p)))
-            .collect();
-        entries.push(json!({
-            "name": name,
-            "description": description,
-            "builtin": image_cache::builtin::find(&name).is_some(),
-            "default": name == "sqlite",
-            "imports": imports,
-            "refused_imports": refused,
-        }));
+    let mut entries = Vec::new();
+    for (source, description) in sources {
+        let inspection = runtime.inspect(&source)?;
+        let builtin = matches!(source, DriverSource::Builtin(_));
+        let granted = match &source {
+            DriverSource::Builtin(name) => image_cache::builtin::find(name)
+                .map(|b| Grants::of(b.grants))
+                .unwrap_or(Grants::NONE),
+            DriverSource::File(_) => s.grants,
+        };
+        let mut entry = inspection_json(&source.name(), &inspection, granted);
+        entry["description"] = json!(description);
+        entry["builtin"] = json!(builtin);
+        entry["default"] = json!(source.name() == "sqlite");
+        entries.push(entry);
     }
     if s.json {
         return print_json(
             out,
-            &json!({"drivers": entries, "allowed_import_prefixes": ALLOWED_IMPORTS}),
+            &json!({"drivers": entries, "contract": contract::VERSION.to_string(), "supported": contract::SUPPORTED}),
         );
     }
     for (i, e) in entries.iter().enumerate() {
         if i > 0 {
             outln!(out);
         }
-        let default = if e["default"] == true {
-            " (default)"
-        } else {
-            ""
-        };
+        let default = if e["default"] == true { " (default)" } else { "" };
         outln!(
             out,
             "{}{default}: {}",
             e["name"].as_str().unwrap_or_default(),
             e["description"].as_str().unwrap_or_default()
         );
-        outln!(out, "  imports:");
-        for import in e["imports"].as_array().into_iter().flatten() {
-            let import = import.as_str().unwrap_or_default();
-            let refused = if ALLOWED_IMPORTS.iter().any(|p| import.starts_with(p)) {
-                ""
-            } else {
-                "  (NOT ALLOWED: the host refuses this component)"
-            };
-            outln!(out, "    {import}{refused}");
-        }
+        print_inspection(out, e)?;
     }
     outln!(out);
     outln!(
         out,
-        "a driver component may import only: {}",
-        ALLOWED_IMPORTS
-            .iter()
-            .map(|p| format!("{p}*"))
-            .collect::<Vec<_>>()
-            .join(" ")
+        "this host runs contract {} ({}); a driver imports only image-cache:driver interfaces",
+        contract::VERSION,
+        contract::SUPPORTED
     );
+    Ok(())
+}
+
+/// `drivers inspect PATH`: what a component is, before anyone runs it.
+pub fn inspect(s: &Settings, path: &Path, out: &mut Out) -> Outcome {
+    let runtime = Runtime::new(Limits::default(), default_artifact_dir())?;
+    let source = DriverSource::File(path.to_path_buf());
+    let inspection = runtime.inspect(&source)?;
+    let entry = inspection_json(&source.name(), &inspection, s.grants);
+    if s.json {
+        return print_json(out, &entry);
+    }
+    outln!(out, "{}", path.display());
+    print_inspection(out, &entry)
+}
+
+fn inspection_json(name: &str, i: &Inspection, granted: Grants) -> Value {
+    let needs: Vec<&str> = i.declared.needs.iter().map(|c| c.name()).collect();
+    let missing: Vec<&str> = i
+        .declared
+        .needs
+        .iter()
+        .filter(|c| !granted.allows(**c))
+        .map(|c| c.name())
+        .collect();
+    let (info, refused) = match &i.info {
+        Ok(info) => (
+            json!({"name": info.name, "version": info.version, "description": info.description}),
+            Value::Null,
+        ),
+        Err(why) => (Value::Null, json!(why)),
+    };
+    json!({
+        "name": name,
+        "sha256": i.sha256,
+        "contract": i.declared.version,
+        "contract_supported": i.declared.version.as_deref()
+            .and_then(contract::Version::parse)
+            .is_some_and(|v| v.is_supported()),
+        "imports": i.declared.imports,
+        "grants_needed": needs,
+        "granted": granted.names(),
+        "not_granted": missing,
+        "driver": info,
+        "refused": refused,
+    })
+}
+
+fn print_inspection(out: &mut Out, e: &Value) -> Outcome {
+    let text = |v: &Value| v.as_str().unwrap_or("none").to_string();
+    let list = |v: &Value| {
+        let items: Vec<String> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| x.as_str().unwrap_or_default().to_string())
+            .collect();
+        if items.is_empty() { "none".to_string() } else { items.join(", ") }
+    };
+    if !e["driver"].is_null() {
+        outln!(
+            out,
+            "  driver:        {} {}",
+            text(&e["driver"]["name"]),
+            text(&e["driver"]["version"])
+        );
+    }
+    let supported = if e["contract_supported"] == true {
+        "supported"
+    } else {
+        "NOT supported by this host"
+    };
+    outln!(
+        out,
+        "  contract:      image-cache:driver@{} ({supported})",
+        text(&e["contract"])
+    );
+    outln!(out, "  sha256:        {}", text(&e["sha256"]));
+    outln!(out, "  grants needed: fs, clock{}", {
+        let needs = list(&e["grants_needed"]);
+        if needs == "none" { String::new() } else { format!(", {needs}") }
+    });
+    if e["not_granted"].as_array().is_some_and(|a| !a.is_empty()) {
+        outln!(
+            out,
+            "  not granted:   {} (the host refuses it unless granted)",
+            list(&e["not_granted"])
+        );
+    }
+    outln!(out, "  imports:");
+    for import in e["imports"].as_array().into_iter().flatten() {
+        outln!(out, "    {}", import.as_str().unwrap_or_default());
+    }
+    if !e["refused"].is_null() {
+        outln!(out, "  refused:       {}", text(&e["refused"]));
+    }
     Ok(())
 }

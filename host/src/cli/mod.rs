@@ -16,7 +16,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use image_cache::cache::{DEFAULT_MAX_SIZE, DEFAULT_SQLITE_DB, DEFAULT_STALL_TIME};
 use image_cache::config::{Options, parse_duration, parse_size};
-use image_cache::{CacheConfig, Checksum, DriverSource, ImageCache};
+use image_cache::{CacheConfig, Checksum, DriverSource, Grants, ImageCache, LoadPolicy};
 
 /// Manage an image cache directory (Glance's image cache): list, cache,
 /// read, queue, prefetch, prune and clean images. The directory's driver
@@ -67,6 +67,17 @@ struct Global {
     /// driver cannot use the directory.
     #[arg(long, global = true)]
     no_fallback: bool,
+
+    /// The SHA-256 (hex) a --driver component file must have; anything
+    /// else is refused before it is compiled (image_cache_driver_sha256).
+    #[arg(long, env = "IMAGE_CACHE_DRIVER_SHA256", value_name = "HEX", global = true)]
+    driver_sha256: Option<String>,
+
+    /// What a --driver component file is granted beyond fs and clock, e.g.
+    /// `sqlite` or `xattr,sqlite` (image_cache_driver_grants; default
+    /// none). Built-in drivers get what they need.
+    #[arg(long, env = "IMAGE_CACHE_DRIVER_GRANTS", value_name = "LIST", global = true)]
+    driver_grants: Option<String>,
 
     /// Machine-readable output: one JSON document on stdout.
     #[arg(long, global = true)]
@@ -180,8 +191,35 @@ enum Command {
     /// Show the total size of the cached images.
     Size,
 
-    /// List the built-in drivers and the imports each component needs.
-    Drivers,
+    /// List the built-in drivers: contract version, imports, grants and
+    /// SHA-256 of each component; `inspect PATH` for a component file.
+    Drivers {
+        #[command(subcommand)]
+        action: Option<DriversAction>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DriversAction {
+    /// Show what a driver component is before running it: its name and
+    /// version, contract version, imports, the grants it needs and its
+    /// SHA-256 (to pin with --driver-sha256).
+    Inspect {
+        /// The component file (.wasm).
+        path: PathBuf,
+    },
+}
+
+/// A SHA-256 as 64 hex digits (any case), lowercased.
+fn parse_sha256(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "image_cache_driver_sha256 {s:?} is not a SHA-256 (64 hex digits, as `image-cache drivers inspect` prints)"
+        ))
+    }
 }
 
 fn parse_checksum(s: &str) -> Result<Checksum, String> {
@@ -255,6 +293,10 @@ pub struct Settings {
     pub driver: String,
     pub sqlite_db: String,
     pub no_fallback: bool,
+    /// Pin of a component file driver.
+    pub driver_sha256: Option<String>,
+    /// Grants of a component file driver.
+    pub grants: Grants,
     pub max_size: u64,
     pub stall_time: Duration,
     pub json: bool,
@@ -274,6 +316,8 @@ impl Settings {
             image_cache_dir: global.dir.clone(),
             image_cache_driver: global.driver.clone(),
             image_cache_sqlite_db: global.sqlite_db.clone(),
+            image_cache_driver_sha256: global.driver_sha256.clone(),
+            image_cache_driver_grants: global.driver_grants.clone(),
             ..Options::default()
         };
         let o = flags.or(file);
@@ -288,6 +332,12 @@ impl Settings {
                 .image_cache_sqlite_db
                 .unwrap_or_else(|| DEFAULT_SQLITE_DB.to_string()),
             no_fallback: global.no_fallback,
+            driver_sha256: match o.image_cache_driver_sha256 {
+                Some(hex) => Some(parse_sha256(&hex).map_err(Failure::Usage)?),
+                None => None,
+            },
+            grants: Grants::parse(o.image_cache_driver_grants.as_deref().unwrap_or(""))
+                .map_err(|e| Failure::Usage(format!("image_cache_driver_grants: {e}")))?,
             max_size: o.image_cache_max_size.unwrap_or(DEFAULT_MAX_SIZE),
             stall_time: o.image_cache_stall_time.unwrap_or(DEFAULT_STALL_TIME),
             json: global.json,
@@ -332,7 +382,11 @@ impl Settings {
         };
         let mut config = CacheConfig::new(dir)
             .driver(self.driver_source()?)
-            .fallback_to_sqlite(!self.no_fallback);
+            .fallback_to_sqlite(!self.no_fallback)
+            .policy(LoadPolicy {
+                sha256: self.driver_sha256.clone(),
+                grants: self.grants,
+            });
         config.sqlite_db = self.sqlite_db.clone();
         let cache = ImageCache::open(config)?;
         log::info!(

@@ -1,0 +1,352 @@
+//! What a driver component says about itself before any of it is compiled:
+//! the contract version it speaks and the interfaces it imports, read from
+//! the component's binary (its top-level import and export names).
+//!
+//! Version policy: the contract is the WIT package `image-cache:driver`.
+//! While it is `0.x`, a minor bump (0.2 -> 0.3) may break drivers, so the
+//! host runs exactly one minor line (`>=0.2.0, <0.3.0`) and a patch bump
+//! only adds (a new optional import, a documented detail). From `1.0` on, a
+//! minor bump only adds and a major bump breaks. A component of another
+//! line is refused before compilation, with a message naming its version
+//! and the supported range.
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+
+/// The WIT package of the contract.
+pub const PACKAGE: &str = "image-cache:driver";
+/// The interface every driver exports.
+pub const EXPORT: &str = "cache-driver";
+/// The contract version this host implements.
+pub const VERSION: Version = Version {
+    major: 0,
+    minor: 2,
+    patch: 0,
+};
+/// The range of contract versions this host runs, for messages.
+pub const SUPPORTED: &str = ">=0.2.0, <0.3.0";
+
+/// A contract version (semver, no pre-release).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Version {
+    pub major: u64,
+    pub minor: u64,
+    pub patch: u64,
+}
+
+impl Version {
+    pub fn parse(s: &str) -> Option<Version> {
+        let mut parts = s.split('.');
+        let mut next = || parts.next()?.parse::<u64>().ok();
+        let v = Version {
+            major: next()?,
+            minor: next()?,
+            patch: next()?,
+        };
+        parts.next().is_none().then_some(v)
+    }
+
+    /// Whether this host runs components of contract `self`.
+    pub fn is_supported(&self) -> bool {
+        if VERSION.major == 0 {
+            self.major == 0 && self.minor == VERSION.minor && self.patch <= VERSION.patch
+        } else {
+            self.major == VERSION.major && *self <= VERSION
+        }
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// A host interface a driver can be granted. `fs`, `clock` and `types`
+/// (which holds only types) come with every driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Capability {
+    Xattr,
+    Sqlite,
+    Database,
+}
+
+impl Capability {
+    pub const ALL: [Capability; 3] = [Capability::Xattr, Capability::Sqlite, Capability::Database];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Capability::Xattr => "xattr",
+            Capability::Sqlite => "sqlite",
+            Capability::Database => "database",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Capability> {
+        Capability::ALL.into_iter().find(|c| c.name() == s)
+    }
+}
+
+/// Interfaces every driver is linked with.
+pub const ALWAYS_LINKED: &[&str] = &["fs", "clock", "types"];
+
+/// A set of granted capabilities.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Grants {
+    pub xattr: bool,
+    pub sqlite: bool,
+    pub database: bool,
+}
+
+impl Grants {
+    /// Only `fs` (and the clock): what a third-party driver gets by default.
+    pub const NONE: Grants = Grants {
+        xattr: false,
+        sqlite: false,
+        database: false,
+    };
+
+    pub fn of(capabilities: &[Capability]) -> Grants {
+        let mut g = Grants::NONE;
+        for c in capabilities {
+            g = g.with(*c);
+        }
+        g
+    }
+
+    pub fn with(mut self, c: Capability) -> Grants {
+        match c {
+            Capability::Xattr => self.xattr = true,
+            Capability::Sqlite => self.sqlite = true,
+            Capability::Database => self.database = true,
+        }
+        self
+    }
+
+    pub fn allows(&self, c: Capability) -> bool {
+        match c {
+            Capability::Xattr => self.xattr,
+            Capability::Sqlite => self.sqlite,
+            Capability::Database => self.database,
+        }
+    }
+
+    /// `xattr,sqlite` (Glance-style list option); empty means none.
+    pub fn parse(list: &str) -> std::result::Result<Grants, String> {
+        let mut g = Grants::NONE;
+        for word in list.split([',', ' ']).map(str::trim).filter(|w| !w.is_empty()) {
+            match Capability::parse(word) {
+                Some(c) => g = g.with(c),
+                None if ALWAYS_LINKED.contains(&word) => {}
+                None => {
+                    return Err(format!(
+                        "unknown capability {word:?}: grant any of xattr, sqlite, database (fs and clock come with every driver)"
+                    ));
+                }
+            }
+        }
+        Ok(g)
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        let mut names = vec!["fs", "clock"];
+        names.extend(
+            Capability::ALL
+                .into_iter()
+                .filter(|c| self.allows(*c))
+                .map(Capability::name),
+        );
+        names
+    }
+}
+
+impl fmt::Display for Grants {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.names().join(","))
+    }
+}
+
+/// What a component binary declares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    /// The contract version of its exported `cache-driver` interface.
+    pub version: Version,
+    /// Every import name, as in the binary (`image-cache:driver/fs@0.2.0`).
+    pub imports: Vec<String>,
+    /// The capabilities its imports need beyond `fs` and `clock`.
+    pub needs: Vec<Capability>,
+}
+
+/// What a component binary says, whatever this host makes of it (for
+/// `image-cache drivers inspect`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Declared {
+    pub imports: Vec<String>,
+    pub exports: Vec<String>,
+    /// The version of its `cache-driver` export, if it has one.
+    pub version: Option<String>,
+    /// The capabilities its imports name (beyond `fs` and `clock`).
+    pub needs: Vec<Capability>,
+}
+
+/// Read the import and export names of a component binary.
+pub fn declared(bytes: &[u8]) -> std::result::Result<Declared, String> {
+    let (imports, exports) = top_level_names(bytes)?;
+    let prefix = format!("{PACKAGE}/{EXPORT}@");
+    let version = exports
+        .iter()
+        .find_map(|e| e.strip_prefix(&prefix))
+        .map(str::to_string);
+    let mut needs: Vec<Capability> = imports
+        .iter()
+        .filter_map(|i| split_import(i).and_then(|(name, _)| Capability::parse(name)))
+        .collect();
+    needs.sort();
+    needs.dedup();
+    Ok(Declared {
+        imports,
+        exports,
+        version,
+        needs,
+    })
+}
+
+/// Read a component's contract version and imports without compiling it.
+/// A core module, a component that exports no `cache-driver`, or one that
+/// imports anything outside the contract is refused here, by name.
+pub fn read_manifest(driver: &str, bytes: &[u8]) -> Result<Manifest> {
+    let refuse = |message: String| Error::Load {
+        driver: driver.to_string(),
+        message,
+    };
+    let (imports, exports) = top_level_names(bytes).map_err(refuse)?;
+    let prefix = format!("{PACKAGE}/{EXPORT}@");
+    let exported = exports
+        .iter()
+        .find_map(|e| e.strip_prefix(&prefix))
+        .ok_or_else(|| {
+            refuse(format!(
+                "it exports no {PACKAGE}/{EXPORT} interface (exports: {}); it is not an image-cache driver",
+                if exports.is_empty() { "none".to_string() } else { exports.join(", ") }
+            ))
+        })?;
+    let version = Version::parse(exported)
+        .ok_or_else(|| refuse(format!("its contract version {exported:?} is not a version")))?;
+    if !version.is_supported() {
+        return Err(refuse(format!(
+            "it speaks contract {PACKAGE}@{version}; this host runs {SUPPORTED} \
+             (rebuild the driver against wit/ of this release)"
+        )));
+    }
+    let mut needs = Vec::new();
+    for import in &imports {
+        let (interface, import_version) = split_import(import)
+            .ok_or_else(|| refuse(format!("it imports {import}, which is not part of the driver contract")))?;
+        if import_version != version.to_string() {
+            return Err(refuse(format!(
+                "it imports {import} but exports contract {version}: one component speaks one contract version"
+            )));
+        }
+        match Capability::parse(interface) {
+            Some(c) => needs.push(c),
+            None if ALWAYS_LINKED.contains(&interface) => {}
+            None => {
+                return Err(refuse(format!(
+                    "it imports {import}, which is not an interface of the driver contract"
+                )));
+            }
+        }
+    }
+    needs.sort();
+    needs.dedup();
+    Ok(Manifest {
+        version,
+        imports,
+        needs,
+    })
+}
+
+/// `image-cache:driver/fs@0.2.0` -> (`fs`, `0.2.0`).
+fn split_import(name: &str) -> Option<(&str, &str)> {
+    let rest = name.strip_prefix(PACKAGE)?.strip_prefix('/')?;
+    rest.split_once('@')
+}
+
+/// The component's top-level import and export names.
+fn top_level_names(bytes: &[u8]) -> std::result::Result<(Vec<String>, Vec<String>), String> {
+    use wasmparser::{Encoding, Parser, Payload};
+    let mut imports = Vec::new();
+    let mut exports = Vec::new();
+    let mut depth = 0usize;
+    for payload in Parser::new(0).parse_all(bytes) {
+        let payload = payload.map_err(|e| format!("it is not a valid WebAssembly component: {e}"))?;
+        match payload {
+            Payload::Version { encoding, .. } => {
+                if depth == 0 && encoding != Encoding::Component {
+                    return Err(
+                        "it is a core WebAssembly module, not a component (turn it into one with `wasm-tools component new`)"
+                            .to_string(),
+                    );
+                }
+                depth += 1;
+            }
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentImportSection(section) if depth == 1 => {
+                for import in section {
+                    let import = import.map_err(|e| format!("unreadable import: {e}"))?;
+                    imports.push(import.name.0.to_string());
+                }
+            }
+            Payload::ComponentExportSection(section) if depth == 1 => {
+                for export in section {
+                    let export = export.map_err(|e| format!("unreadable export: {e}"))?;
+                    exports.push(export.name.0.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    if depth != 0 && imports.is_empty() && exports.is_empty() {
+        return Err("it is truncated".to_string());
+    }
+    Ok((imports, exports))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_in_the_supported_line_only() {
+        assert!(Version::parse("0.2.0").unwrap().is_supported());
+        assert!(!Version::parse("0.1.0").unwrap().is_supported());
+        assert!(!Version::parse("0.3.0").unwrap().is_supported());
+        assert!(!Version::parse("1.0.0").unwrap().is_supported());
+        assert!(!Version::parse("0.2.1").unwrap().is_supported(), "newer than the host");
+        assert_eq!(Version::parse("0.2"), None);
+        assert_eq!(Version::parse("0.2.0.1"), None);
+        assert_eq!(Version::parse("a.b.c"), None);
+    }
+
+    #[test]
+    fn grants_parse_operator_lists() {
+        assert_eq!(Grants::parse("").unwrap(), Grants::NONE);
+        assert_eq!(
+            Grants::parse("xattr, sqlite").unwrap(),
+            Grants::of(&[Capability::Xattr, Capability::Sqlite])
+        );
+        assert_eq!(Grants::parse("fs,clock").unwrap(), Grants::NONE);
+        assert!(Grants::parse("network").unwrap_err().contains("unknown capability \"network\""));
+        assert_eq!(Grants::of(&[Capability::Database]).to_string(), "fs,clock,database");
+    }
+
+    #[test]
+    fn a_core_module_or_garbage_is_refused_by_name() {
+        let core = b"\0asm\x01\0\0\0";
+        let e = read_manifest("x.wasm", core).unwrap_err().to_string();
+        assert!(e.contains("core WebAssembly module, not a component"), "{e}");
+        let e = read_manifest("x.wasm", b"not wasm at all").unwrap_err().to_string();
+        assert!(e.contains("not a valid WebAssembly component"), "{e}");
+    }
+}

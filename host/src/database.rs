@@ -1,0 +1,147 @@
+//! `image-cache:driver/database`: shared SQL databases the operator
+//! configured, opened by name.
+//!
+//! The guest names a database; the host maps the name to a configured
+//! backend. A name that is not configured is `access-denied`, and the guest
+//! never learns a host name, a connection string or a password.
+
+use std::collections::HashMap;
+
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
+
+use crate::bindings::database::{self as wit, DatabaseError, ErrorCode, Value};
+use crate::runtime::Deadline;
+
+pub type Result<T> = std::result::Result<T, DatabaseError>;
+
+fn error(code: ErrorCode, message: impl Into<String>) -> DatabaseError {
+    DatabaseError {
+        code,
+        message: message.into(),
+    }
+}
+
+/// A database backend the operator configured under a name.
+pub trait Backend: Send + Sync {
+    /// A connection for one guest resource, ready by `deadline`.
+    fn connect(&self, deadline: Deadline) -> Result<Box<dyn BackendConnection>>;
+}
+
+/// One connection of a backend.
+pub trait BackendConnection: Send {
+    fn execute(&mut self, sql: &str, params: Vec<Value>, deadline: Deadline) -> Result<u64>;
+    fn query(
+        &mut self,
+        sql: &str,
+        params: Vec<Value>,
+        deadline: Deadline,
+    ) -> Result<Vec<Vec<Value>>>;
+}
+
+/// The databases a driver may open, by name.
+#[derive(Default)]
+pub struct DatabaseRoot {
+    backends: HashMap<String, Box<dyn Backend>>,
+}
+
+impl DatabaseRoot {
+    pub fn new() -> DatabaseRoot {
+        DatabaseRoot::default()
+    }
+
+    pub fn with_backend(mut self, name: &str, backend: Box<dyn Backend>) -> DatabaseRoot {
+        self.backends.insert(name.to_string(), backend);
+        self
+    }
+
+    pub fn open(&self, name: &str, deadline: Deadline) -> Result<Connection> {
+        match self.backends.get(name) {
+            Some(backend) => Ok(Connection {
+                inner: backend.connect(deadline)?,
+            }),
+            None => Err(error(
+                ErrorCode::AccessDenied,
+                format!("no database named {name:?} is configured for this driver"),
+            )),
+        }
+    }
+}
+
+/// One open database connection (a guest resource).
+pub struct Connection {
+    inner: Box<dyn BackendConnection>,
+}
+
+/// What the `database` host functions borrow from a store.
+pub struct DatabaseView<'a> {
+    pub databases: &'a DatabaseRoot,
+    pub table: &'a mut ResourceTable,
+    pub deadline: Deadline,
+    /// Connections the instance holds, against `max_connections`.
+    pub connections: &'a mut usize,
+    pub max_connections: usize,
+}
+
+impl wit::Host for DatabaseView<'_> {}
+
+impl wit::HostConnection for DatabaseView<'_> {
+    fn open(&mut self, name: String) -> wasmtime::Result<Result<Resource<Connection>>> {
+        if *self.connections >= self.max_connections {
+            return Ok(Err(error(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "an instance may hold at most {} database connections",
+                    self.max_connections
+                ),
+            )));
+        }
+        Ok(match self.databases.open(&name, self.deadline) {
+            Ok(conn) => {
+                let resource = self.table.push(conn)?;
+                *self.connections += 1;
+                Ok(resource)
+            }
+            Err(e) => Err(e),
+        })
+    }
+
+    fn execute(
+        &mut self,
+        c: Resource<Connection>,
+        sql: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Result<u64>> {
+        let deadline = self.deadline;
+        Ok(self.table.get_mut(&c)?.inner.execute(&sql, params, deadline))
+    }
+
+    fn query(
+        &mut self,
+        c: Resource<Connection>,
+        sql: String,
+        params: Vec<Value>,
+    ) -> wasmtime::Result<Result<Vec<Vec<Value>>>> {
+        let deadline = self.deadline;
+        Ok(self.table.get_mut(&c)?.inner.query(&sql, params, deadline))
+    }
+
+    fn drop(&mut self, c: Resource<Connection>) -> wasmtime::Result<()> {
+        self.table.delete(c)?;
+        *self.connections = self.connections.saturating_sub(1);
+        Ok(())
+    }
+}
+
+struct HasDatabase;
+
+impl HasData for HasDatabase {
+    type Data<'a> = DatabaseView<'a>;
+}
+
+/// Add the `database` interface to a linker; `view` borrows it from the store.
+pub fn add_to_linker<T: 'static>(
+    linker: &mut Linker<T>,
+    view: fn(&mut T) -> DatabaseView<'_>,
+) -> wasmtime::Result<()> {
+    wit::add_to_linker::<T, HasDatabase>(linker, view)
+}

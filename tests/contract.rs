@@ -1,0 +1,288 @@
+//! Drivers as plugins: which contract a component speaks, what it may
+//! touch, whether it is the component the operator meant, and going back
+//! when a new one misbehaves.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use image_cache::contract::{Capability, SUPPORTED};
+use image_cache::{
+    CacheConfig, DriverSource, Error, Grants, ImageCache, Limits, LoadPolicy, RollbackPolicy,
+    Runtime,
+};
+use image_cache_tests::{fixture, runtime};
+
+/// The components of the previous release (contract 0.1.0), kept as built.
+fn previous_release(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/contract-0.1.0")
+        .join(format!("{name}.wasm"))
+}
+
+fn load_error(result: image_cache::Result<impl Sized>) -> String {
+    match result {
+        Err(Error::Load { message, .. }) => message,
+        Err(e) => panic!("expected a load error, got {e:?}"),
+        Ok(_) => panic!("expected a load error, got a driver"),
+    }
+}
+
+/// A fresh runtime (no artifact directory) whose compile counter starts at 0.
+fn fresh_runtime() -> Arc<Runtime> {
+    Runtime::new(Limits::default(), None).unwrap()
+}
+
+#[test]
+fn components_of_the_previous_contract_are_refused_before_compiling() {
+    for name in ["sqlite_driver", "xattr_driver"] {
+        let rt = fresh_runtime();
+        let path = previous_release(name);
+        assert!(path.exists(), "{} is a committed fixture", path.display());
+        let message = load_error(rt.component(
+            &DriverSource::File(path),
+            &LoadPolicy {
+                sha256: None,
+                grants: Grants::of(&Capability::ALL),
+            },
+        ));
+        assert!(
+            message.contains("image-cache:driver@0.1.0") && message.contains(SUPPORTED),
+            "{name}: names its version and the supported range: {message}"
+        );
+        assert_eq!(rt.stats.compiled.load(Ordering::Relaxed), 0, "nothing compiled");
+    }
+}
+
+#[test]
+fn a_previous_release_driver_is_refused_on_swap_and_the_cache_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ImageCache::with_runtime(runtime(), CacheConfig::new(dir.path())).unwrap();
+    cache.cache_reader("kept", None, &b"bytes"[..]).unwrap();
+    let message = load_error(cache.swap_driver(&DriverSource::File(previous_release(
+        "sqlite_driver",
+    ))));
+    assert!(message.contains("0.1.0"), "{message}");
+    assert_eq!(cache.driver().name(), "sqlite");
+    assert!(cache.is_cached("kept").unwrap());
+}
+
+/// A component that says it speaks a future contract.
+fn future_component(dir: &Path, version: &str) -> PathBuf {
+    let wat = format!(
+        r#"(component
+            (instance $driver)
+            (export "image-cache:driver/cache-driver@{version}" (instance $driver))
+        )"#
+    );
+    let path = dir.join(format!("future-{version}.wasm"));
+    std::fs::write(&path, wat::parse_str(&wat).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn components_of_a_newer_contract_are_refused_with_the_supported_range() {
+    let dir = tempfile::tempdir().unwrap();
+    for version in ["0.3.0", "1.0.0", "0.2.1"] {
+        let message = load_error(fresh_runtime().component(
+            &DriverSource::File(future_component(dir.path(), version)),
+            &LoadPolicy::default(),
+        ));
+        assert!(
+            message.contains(&format!("image-cache:driver@{version}")) && message.contains(SUPPORTED),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn something_that_is_not_a_driver_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_driver = dir.path().join("empty.wasm");
+    std::fs::write(&not_a_driver, wat::parse_str("(component)").unwrap()).unwrap();
+    let message = load_error(
+        fresh_runtime().component(&DriverSource::File(not_a_driver), &LoadPolicy::default()),
+    );
+    assert!(message.contains("exports no image-cache:driver/cache-driver"), "{message}");
+
+    let wasi = dir.path().join("greedy.wasm");
+    let wat = r#"(component
+        (import "wasi:filesystem/preopens@0.2.6" (instance))
+        (instance $driver)
+        (export "image-cache:driver/cache-driver@0.2.0" (instance $driver))
+    )"#;
+    std::fs::write(&wasi, wat::parse_str(wat).unwrap()).unwrap();
+    let message =
+        load_error(fresh_runtime().component(&DriverSource::File(wasi), &LoadPolicy::default()));
+    assert!(
+        message.contains("wasi:filesystem/preopens@0.2.6")
+            && message.contains("not part of the driver contract"),
+        "{message}"
+    );
+}
+
+/// The built-in sqlite driver, as a third party would ship it: a file.
+fn sqlite_as_a_file(dir: &Path) -> PathBuf {
+    let path = dir.join("third-party-sqlite.wasm");
+    std::fs::write(&path, image_cache::builtin::SQLITE.component).unwrap();
+    path
+}
+
+#[test]
+fn an_ungranted_import_is_refused_at_load_naming_the_interface() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sqlite_as_a_file(dir.path());
+    let rt = fresh_runtime();
+    let message = load_error(rt.component(&DriverSource::File(path.clone()), &LoadPolicy::default()));
+    assert!(
+        message.contains("image-cache:driver/sqlite@0.2.0")
+            && message.contains("not granted")
+            && message.contains("image_cache_driver_grants = sqlite"),
+        "{message}"
+    );
+    assert_eq!(rt.stats.compiled.load(Ordering::Relaxed), 0);
+
+    // Granted xattr only: still refused (it asks for sqlite).
+    let xattr_only = LoadPolicy {
+        sha256: None,
+        grants: Grants::of(&[Capability::Xattr]),
+    };
+    assert!(load_error(rt.component(&DriverSource::File(path.clone()), &xattr_only)).contains("sqlite@0.2.0"));
+
+    // Granted what it needs: it runs, through the cache, as a third party.
+    let granted = LoadPolicy {
+        sha256: None,
+        grants: Grants::of(&[Capability::Sqlite]),
+    };
+    let root = tempfile::tempdir().unwrap();
+    let cache = ImageCache::with_runtime(
+        runtime(),
+        CacheConfig::new(root.path())
+            .driver(DriverSource::File(path))
+            .fallback_to_sqlite(false)
+            .policy(granted),
+    )
+    .unwrap();
+    assert_eq!(cache.driver().component().grants(), Grants::of(&[Capability::Sqlite]));
+    cache.cache_reader("1", None, &b"third party"[..]).unwrap();
+    assert!(cache.is_cached("1").unwrap());
+}
+
+#[test]
+fn a_wrong_sha256_is_refused_before_compiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sqlite_as_a_file(dir.path());
+    let right = image_cache::runtime::sha256_hex(image_cache::builtin::SQLITE.component);
+    let rt = fresh_runtime();
+    let wrong = LoadPolicy {
+        sha256: Some("0".repeat(64)),
+        grants: Grants::of(&[Capability::Sqlite]),
+    };
+    let message = load_error(rt.component(&DriverSource::File(path.clone()), &wrong));
+    assert!(
+        message.contains(&right) && message.contains("not the pinned") && message.contains("before compiling"),
+        "{message}"
+    );
+    assert_eq!(rt.stats.compiled.load(Ordering::Relaxed), 0, "refused before compiling");
+
+    let pinned = LoadPolicy {
+        sha256: Some(right.to_uppercase()),
+        grants: Grants::of(&[Capability::Sqlite]),
+    };
+    let component = rt.component(&DriverSource::File(path.clone()), &pinned).unwrap();
+    assert_eq!(component.sha256(), right);
+    // Loaded once, the pin is still checked on the next load.
+    assert!(load_error(rt.component(&DriverSource::File(path), &wrong)).contains("not the pinned"));
+}
+
+#[test]
+fn rollback_swaps_back_to_the_previous_driver() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ImageCache::with_runtime(runtime(), CacheConfig::new(dir.path())).unwrap();
+    match cache.rollback() {
+        Err(Error::NotFound(m)) => assert!(m.contains("no previous driver"), "{m}"),
+        other => panic!("nothing to roll back to yet: {other:?}"),
+    }
+    cache.cache_reader("a", None, &b"bytes"[..]).unwrap();
+    cache.swap_driver(&DriverSource::Builtin("xattr")).unwrap();
+    assert_eq!(cache.driver().name(), "xattr");
+    cache.rollback().unwrap();
+    assert_eq!(cache.driver().name(), "sqlite");
+    assert!(cache.is_cached("a").unwrap());
+    assert_eq!(cache.stats.rollbacks.load(Ordering::Relaxed), 1);
+    // And forward again: the rolled-back driver is the one to go back to.
+    cache.rollback().unwrap();
+    assert_eq!(cache.driver().name(), "xattr");
+}
+
+/// A swapped-in driver that faults more than the policy allows within its
+/// window is rolled back by itself, while other threads keep calling; none
+/// of their calls fails.
+#[test]
+fn a_faulting_new_driver_is_rolled_back_automatically_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let quick = Limits {
+        call_deadline: Duration::from_secs(10),
+        ..Limits::default()
+    };
+    let rt = Runtime::new(quick, None).unwrap();
+    let cache = Arc::new(
+        ImageCache::with_runtime(
+            rt,
+            CacheConfig::new(dir.path()).policy(LoadPolicy {
+                sha256: None,
+                grants: Grants::of(&[Capability::Sqlite, Capability::Xattr]),
+            }),
+        )
+        .unwrap(),
+    );
+    cache.cache_reader("steady", None, &b"bytes"[..]).unwrap();
+    cache.set_rollback_policy(Some(RollbackPolicy {
+        max_faults: 3,
+        window: Duration::from_secs(60),
+    }));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let start = Arc::new(Barrier::new(5));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (cache, stop, calls, start) =
+                (cache.clone(), stop.clone(), calls.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                while !stop.load(Ordering::Relaxed) {
+                    // Benign traffic: both drivers answer it without fault.
+                    cache
+                        .is_cacheable("benign")
+                        .unwrap_or_else(|e| panic!("a benign call failed: {e}"));
+                    calls.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    start.wait();
+    cache
+        .swap_driver(&DriverSource::File(fixture("hostile_driver")))
+        .unwrap();
+    let mut faults = 0;
+    while cache.driver().name() != "sqlite" {
+        assert!(cache.is_cached("panic").is_err());
+        faults += 1;
+        assert!(faults <= 4, "rolled back after more than 3 faults");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().expect("no benign call failed");
+    }
+    assert_eq!(faults, 4, "the fourth fault rolls back");
+    let reason = cache.last_rollback().expect("the reason is kept");
+    assert!(
+        reason.contains("faulted 4 times") && reason.contains("rolled back to sqlite"),
+        "{reason}"
+    );
+    assert_eq!(cache.stats.rollbacks.load(Ordering::Relaxed), 1);
+    assert!(calls.load(Ordering::Relaxed) > 0);
+    assert!(cache.is_cached("steady").unwrap());
+}
