@@ -735,19 +735,20 @@ fn drivers_and_driver_selection() {
     assert!(text.contains("xattr:"), "{text}");
     assert!(text.contains("image-cache:driver/sqlite@"), "{text}");
     assert!(text.contains("image-cache:driver/xattr@"), "{text}");
-    assert!(!text.contains("NOT ALLOWED"), "{text}");
+    assert!(
+        text.contains("contract:      image-cache:driver@0.2.0 (supported)"),
+        "{text}"
+    );
+    assert!(!text.contains("wasi:"), "{text}");
     let doc = run(s.bare().args(["--json", "drivers"])).ok().json();
     let drivers = doc["drivers"].as_array().unwrap();
     assert_eq!(drivers.len(), 2);
     assert_eq!(drivers[0]["name"], "sqlite");
-    assert!(drivers[0]["imports"].as_array().unwrap().len() > 3);
-    assert!(drivers[0]["refused_imports"].as_array().unwrap().is_empty());
-    assert!(
-        !doc["allowed_import_prefixes"]
-            .as_array()
-            .unwrap()
-            .is_empty()
-    );
+    assert_eq!(drivers[0]["driver"]["name"], "sqlite");
+    assert_eq!(drivers[0]["imports"].as_array().unwrap().len(), 4);
+    assert_eq!(drivers[0]["grants_needed"], serde_json::json!(["sqlite"]));
+    assert!(drivers[0]["not_granted"].as_array().unwrap().is_empty());
+    assert_eq!(doc["supported"], ">=0.2.0, <0.3.0");
 
     // A driver file that cannot be loaded: fall back with a warning, or
     // fail with --no-fallback.
@@ -864,4 +865,91 @@ fn sqlite_db_name_and_verbosity() {
     assert!(r.stderr.contains("image-cache: info:"), "{}", r.stderr);
     let r = s.run(&["size"]).ok();
     assert!(r.stderr.is_empty(), "{}", r.stderr);
+}
+
+/// `drivers inspect`, pinning and grants, as an operator uses them.
+#[test]
+fn inspect_pin_and_grant_a_third_party_driver() {
+    let s = Sandbox::new();
+    let path = s.file("third-party.wasm", image_cache::builtin::SQLITE.component);
+    let path = path.to_str().unwrap();
+    let sha = image_cache::runtime::sha256_hex(image_cache::builtin::SQLITE.component);
+
+    let text = run(s.bare().args(["drivers", "inspect", path])).ok().out();
+    for expected in [
+        "driver:        sqlite ",
+        "contract:      image-cache:driver@0.2.0 (supported)",
+        &format!("sha256:        {sha}"),
+        "grants needed: fs, clock, sqlite",
+        "not granted:   sqlite",
+        "image-cache:driver/sqlite@0.2.0",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in {text}");
+    }
+    let doc = run(s.bare().args([
+        "--json",
+        "--driver-grants",
+        "sqlite",
+        "drivers",
+        "inspect",
+        path,
+    ]))
+    .ok()
+    .json();
+    assert_eq!(doc["sha256"], sha);
+    assert!(doc["not_granted"].as_array().unwrap().is_empty());
+
+    // The previous release's component: inspected, marked unsupported.
+    let old = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/contract-0.1.0/sqlite_driver.wasm");
+    let text = run(s.bare().args(["drivers", "inspect", old.to_str().unwrap()]))
+        .ok()
+        .out();
+    assert!(
+        text.contains("image-cache:driver@0.1.0 (NOT supported by this host)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("refused:") && text.contains(">=0.2.0, <0.3.0"),
+        "{text}"
+    );
+
+    // Not granted: refused at load, naming the interface.
+    s.run(&["--driver", path, "--no-fallback", "size"]).fails(
+        1,
+        "image-cache:driver/sqlite@0.2.0, which it was not granted",
+    );
+    // Granted, but the wrong pin: refused before compiling.
+    s.run(&[
+        "--driver",
+        path,
+        "--driver-grants",
+        "sqlite",
+        "--driver-sha256",
+        &"ab".repeat(32),
+        "--no-fallback",
+        "size",
+    ])
+    .fails(1, "not the pinned");
+    // A pin that is not a SHA-256 is a usage error.
+    s.run(&["--driver", path, "--driver-sha256", "xyz", "size"])
+        .fails(2, "64 hex digits");
+    // An unknown capability is a usage error.
+    s.run(&["--driver", path, "--driver-grants", "network", "size"])
+        .fails(2, "unknown capability \"network\"");
+    // Granted and pinned (any case): it runs.
+    let r = s
+        .run(&[
+            "--driver",
+            path,
+            "--driver-grants",
+            "sqlite",
+            "--driver-sha256",
+            &sha.to_uppercase(),
+            "--no-fallback",
+            "--json",
+            "size",
+        ])
+        .ok();
+    assert_eq!(r.json()["bytes"], 0);
 }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use image_cache::{CacheConfig, DriverSource, Error, ImageCache, Limits, Runtime};
+use image_cache::{
+    CacheConfig, Capability, DriverSource, Error, Grants, ImageCache, Limits, LoadPolicy, Runtime,
+};
 use image_cache_tests::fixture;
 
 fn hostile_cache(limits: Limits) -> (tempfile::TempDir, ImageCache) {
@@ -14,9 +16,19 @@ fn hostile_cache(limits: Limits) -> (tempfile::TempDir, ImageCache) {
     let runtime = Runtime::new(limits, None).unwrap();
     let config = CacheConfig::new(dir.path())
         .driver(DriverSource::File(fixture("hostile_driver")))
-        .fallback_to_sqlite(false);
+        .fallback_to_sqlite(false)
+        .policy(hostile_grants());
     let cache = ImageCache::with_runtime(runtime, config).unwrap();
     (dir, cache)
+}
+
+/// The hostile driver imports sqlite and xattr: grant them, so its attacks
+/// reach the host's checks instead of being refused at load.
+fn hostile_grants() -> LoadPolicy {
+    LoadPolicy {
+        sha256: None,
+        grants: Grants::of(&[Capability::Sqlite, Capability::Xattr]),
+    }
 }
 
 fn limits() -> Limits {
@@ -172,7 +184,9 @@ fn an_embedder_can_share_one_runtime_across_hostile_and_good_drivers() {
     let hostile = ImageCache::with_runtime(
         runtime.clone(),
         CacheConfig::new(dir.path().join("a"))
-            .driver(DriverSource::File(fixture("hostile_driver"))),
+            .driver(DriverSource::File(fixture("hostile_driver")))
+            .fallback_to_sqlite(false)
+            .policy(hostile_grants()),
     )
     .unwrap();
     let good = ImageCache::with_runtime(runtime, CacheConfig::new(dir.path().join("b"))).unwrap();

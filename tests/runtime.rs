@@ -22,17 +22,23 @@ fn the_cache_handle_is_send_and_sync() {
 fn a_restart_reuses_compiled_artifacts() {
     let artifacts = tempfile::tempdir().unwrap();
     let first = Runtime::new(Limits::default(), Some(artifacts.path().to_path_buf())).unwrap();
-    let component = first.component(&DriverSource::Builtin("sqlite"), &Default::default()).unwrap();
+    let component = first
+        .component(&DriverSource::Builtin("sqlite"), &Default::default())
+        .unwrap();
     assert!(!component.was_precompiled());
     assert_eq!(first.stats.compiled.load(Ordering::Relaxed), 1);
     // The same process asks again: nothing is loaded twice.
-    first.component(&DriverSource::Builtin("sqlite"), &Default::default()).unwrap();
+    first
+        .component(&DriverSource::Builtin("sqlite"), &Default::default())
+        .unwrap();
     assert_eq!(first.stats.compiled.load(Ordering::Relaxed), 1);
     drop(first);
 
     // "Restart": a new engine with the same artifact directory.
     let second = Runtime::new(Limits::default(), Some(artifacts.path().to_path_buf())).unwrap();
-    let component = second.component(&DriverSource::Builtin("sqlite"), &Default::default()).unwrap();
+    let component = second
+        .component(&DriverSource::Builtin("sqlite"), &Default::default())
+        .unwrap();
     assert!(component.was_precompiled());
     assert_eq!(second.stats.compiled.load(Ordering::Relaxed), 0);
     assert_eq!(second.stats.loaded_precompiled.load(Ordering::Relaxed), 1);
@@ -80,8 +86,13 @@ fn a_session_finishes_on_its_driver_and_the_old_driver_is_freed() {
 
     writer.commit(None).unwrap();
     assert!(
+        old.upgrade().is_some(),
+        "the old driver is kept ready for a rollback"
+    );
+    cache.swap_driver(&DriverSource::Builtin("sqlite")).unwrap();
+    assert!(
         old.upgrade().is_none(),
-        "the old driver is freed with its last session"
+        "once it is no longer the one to roll back to, it is freed (its last session ended)"
     );
     let mut out = Vec::new();
     cache.read_image("in-flight", &mut out).unwrap();

@@ -4,7 +4,7 @@
 //! runtime and keep going.
 //!
 //! ```text
-//! cargo run --release -p image-cache --example demo [-- ROOT [DRIVER]]
+//! cargo run -p image-cache --example demo [-- ROOT [DRIVER]]
 //! ```
 //!
 //! ROOT defaults to a fresh temporary directory; DRIVER to `sqlite`.
@@ -99,6 +99,13 @@ fn main() -> Result<()> {
     }
     ensure!(cache.is_cached(id)?, "the image survives the swap");
     list(&cache)?;
+    let t = Instant::now();
+    cache.rollback()?;
+    println!(
+        "rolled back to {} in {:?} (the previous driver was kept ready)",
+        cache.driver().info().name,
+        t.elapsed()
+    );
     let clean = cache.clean(Duration::from_secs(86_400))?;
     println!(
         "clean: {} invalid, {} stalled files removed",

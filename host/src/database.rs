@@ -67,6 +67,17 @@ impl DatabaseRoot {
     }
 }
 
+impl std::fmt::Debug for DatabaseRoot {
+    /// Names only: a backend may hold credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&String> = self.backends.keys().collect();
+        names.sort();
+        f.debug_struct("DatabaseRoot")
+            .field("names", &names)
+            .finish()
+    }
+}
+
 /// One open database connection (a guest resource).
 pub struct Connection {
     inner: Box<dyn BackendConnection>,
@@ -112,7 +123,11 @@ impl wit::HostConnection for DatabaseView<'_> {
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<u64>> {
         let deadline = self.deadline;
-        Ok(self.table.get_mut(&c)?.inner.execute(&sql, params, deadline))
+        Ok(self
+            .table
+            .get_mut(&c)?
+            .inner
+            .execute(&sql, params, deadline))
     }
 
     fn query(

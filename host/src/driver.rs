@@ -49,6 +49,9 @@ pub struct Driver {
 struct Pool {
     idle: Vec<(Instance, Instant)>,
     live: usize,
+    /// Calls waiting for an instance (only then is the condvar signalled:
+    /// a signal is a system call on the hot path).
+    waiting: usize,
 }
 
 /// One instance of the driver: its store and its exports.
@@ -99,6 +102,7 @@ impl Driver {
             pool: Mutex::new(Pool {
                 idle: Vec::new(),
                 live: 1,
+                waiting: 0,
             }),
             freed: Condvar::new(),
         };
@@ -261,18 +265,23 @@ impl Driver {
                     limits.instance_wait
                 )));
             }
+            pool.waiting += 1;
             pool = self
                 .freed
                 .wait_timeout(pool, give_up - now)
                 .map(|(guard, _)| guard)
                 .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+            pool.waiting -= 1;
         }
     }
 
     /// An instance is gone (dropped after a fault, or never made).
     fn forget_instance(&self) {
-        lock(&self.pool).live -= 1;
-        self.freed.notify_one();
+        let mut pool = lock(&self.pool);
+        pool.live -= 1;
+        if pool.waiting > 0 {
+            self.freed.notify_one();
+        }
     }
 
     /// After a call: the instance goes back to the pool, unless the call
@@ -291,7 +300,7 @@ impl Driver {
         let idle_timeout = self.runtime.limits().idle_timeout;
         let now = Instant::now();
         let mut released = Vec::new();
-        {
+        let waiting = {
             let mut pool = lock(&self.pool);
             pool.idle.push((instance, now));
             // Oldest first; keep one warm whatever its age.
@@ -301,8 +310,11 @@ impl Driver {
                 released.push(pool.idle.remove(0));
                 pool.live -= 1;
             }
+            pool.waiting
+        };
+        if waiting > 0 {
+            self.freed.notify_all();
         }
-        self.freed.notify_all();
         drop(released); // stores are freed outside the lock
     }
 
@@ -402,7 +414,12 @@ impl Driver {
     pub fn get_least_recently_accessed(&self) -> Result<Option<(String, u64)>> {
         self.call_checked(
             |g, s| g.call_get_least_recently_accessed(s),
-            |lru| valid_ids("get-least-recently-accessed", lru.iter().map(|(id, _)| &id[..])),
+            |lru| {
+                valid_ids(
+                    "get-least-recently-accessed",
+                    lru.iter().map(|(id, _)| &id[..]),
+                )
+            },
         )
     }
 
@@ -428,7 +445,10 @@ impl Driver {
     pub fn get_cached_nodes(&self, id: &str) -> Result<Vec<String>> {
         self.call_checked(
             |g, s| g.call_get_cached_nodes(s, id),
-            |nodes| match nodes.iter().find(|n| n.len() > 2048 || n.chars().any(char::is_control)) {
+            |nodes| match nodes
+                .iter()
+                .find(|n| n.len() > 2048 || n.chars().any(char::is_control))
+            {
                 Some(n) => Err(format!(
                     "get-cached-nodes returned an unusable node name {:?}",
                     printable(n, 64)
@@ -490,17 +510,19 @@ impl Driver {
         ) -> GuestResult<(ResourceAny, Resource<OpenFile>)>,
     ) -> Result<Session> {
         let mut instance = self.checkout()?;
-        let result = self.guarded(&mut instance, open).and_then(|(resource, file)| {
-            // The file moves to the host: image bytes never enter the guest.
-            let file = instance
-                .store
-                .data_mut()
-                .table
-                .delete(file)
-                .map_err(|e| self.fault(e.into()))?;
-            let identity = self.check_session_file(kind, id, &file)?;
-            Ok((resource, file, identity))
-        });
+        let result = self
+            .guarded(&mut instance, open)
+            .and_then(|(resource, file)| {
+                // The file moves to the host: image bytes never enter the guest.
+                let file = instance
+                    .store
+                    .data_mut()
+                    .table
+                    .delete(file)
+                    .map_err(|e| self.fault(e.into()))?;
+                let identity = self.check_session_file(kind, id, &file)?;
+                Ok((resource, file, identity))
+            });
         let (resource, file, identity) = match result {
             Ok(opened) => opened,
             Err(e) => {
@@ -546,7 +568,10 @@ impl Driver {
         match self.root().identity(&path) {
             Ok(expected) if expected == handed => Ok(handed),
             Ok(_) => Err(broke(format!("{:?}, which is not {path}", file.path))),
-            Err(e) => Err(broke(format!("{:?} while {path} is unusable ({})", file.path, e.message))),
+            Err(e) => Err(broke(format!(
+                "{:?}, which is not {path} ({})",
+                file.path, e.message
+            ))),
         }
     }
 
@@ -567,7 +592,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Every id a driver returned must be a valid image id before the host
 /// uses it (in a path, a URL, a log line).
-fn valid_ids<'a>(what: &str, ids: impl Iterator<Item = &'a str>) -> std::result::Result<(), String> {
+fn valid_ids<'a>(
+    what: &str,
+    ids: impl Iterator<Item = &'a str>,
+) -> std::result::Result<(), String> {
     for id in ids {
         if let Err(e) = validate_image_id(id) {
             return Err(format!("{what} returned {e}"));

@@ -21,6 +21,9 @@ use crate::runtime::Deadline;
 /// Most entries one `list-dir` returns; a guest cannot make the host
 /// allocate without bound by filling a directory.
 pub const DEFAULT_MAX_LISTING: usize = 4_000_000;
+/// Most bytes of names one listing returns (with the entry cap, what a
+/// directory full of long names can make the host allocate).
+pub const MAX_LISTING_BYTES: usize = 256 * 1024 * 1024;
 /// Most paths one `remove-files` takes.
 pub const MAX_BATCH: usize = 1_000_000;
 
@@ -280,7 +283,10 @@ impl RootFs {
     pub fn identity(&self, path: &str) -> Result<FileIdentity> {
         use cap_std::fs::MetadataExt;
         let p = check_name(path)?;
-        let meta = self.dir.symlink_metadata(p).map_err(|e| io_error(path, e))?;
+        let meta = self
+            .dir
+            .symlink_metadata(p)
+            .map_err(|e| io_error(path, e))?;
         if !meta.is_file() {
             return Err(error(
                 ErrorCode::IsADirectory,
@@ -316,6 +322,7 @@ impl RootFs {
         }
         .map_err(|e| io_error(path, e))?;
         let mut listing = Vec::new();
+        let mut name_bytes = 0usize;
         for entry in entries {
             let entry = entry.map_err(|e| io_error(path, e))?;
             if listing.len() >= self.max_listing {
@@ -330,6 +337,13 @@ impl RootFs {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
+            name_bytes += name.len();
+            if name_bytes > MAX_LISTING_BYTES {
+                return Err(error(
+                    ErrorCode::LimitExceeded,
+                    format!("{path}: more than {MAX_LISTING_BYTES} bytes of names"),
+                ));
+            }
             match describe(&entry, name.clone()) {
                 Ok(item) => listing.push(item),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -361,11 +375,7 @@ impl RootFs {
     }
 
     /// Like [`RootFs::list_names`], stopping at `deadline`.
-    pub fn list_names_until(
-        &self,
-        path: &str,
-        deadline: Option<Deadline>,
-    ) -> Result<Vec<DirName>> {
+    pub fn list_names_until(&self, path: &str, deadline: Option<Deadline>) -> Result<Vec<DirName>> {
         self.walk(path, deadline, |entry, name| {
             let ft = entry.file_type()?;
             Ok(DirName {

@@ -70,7 +70,7 @@ impl Default for Limits {
             memory_bytes: 1 << 30,
             resources: 256,
             connections: 4,
-            instances: 16,
+            instances: 128,
             instance_wait: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_listing: crate::fs::DEFAULT_MAX_LISTING,
@@ -408,7 +408,12 @@ impl Runtime {
         let bytes = self.read_source(source)?;
         let sha256 = sha256_hex(&bytes);
         let grants = grants_for(source, policy);
-        if let Some(c) = self.components.lock().unwrap().get(&(sha256.clone(), grants)) {
+        if let Some(c) = self
+            .components
+            .lock()
+            .unwrap()
+            .get(&(sha256.clone(), grants))
+        {
             check_pin(&source.name(), &sha256, policy)?;
             return Ok(c.clone());
         }

@@ -61,12 +61,13 @@ impl State {
     fn cache_size(&self) -> Result<u64, Error> {
         let ids = self.layout.image_ids()?;
         let sizes = self.store.sizes(&ids)?;
-        let mut total = 0;
+        let mut total: u64 = 0;
         for (id, size) in ids.iter().zip(sizes) {
-            total += match size {
+            let size = match size {
                 Some(size) => size,
                 None => self.layout.regular_file(id)?.map_or(0, |m| m.size),
             };
+            total = total.saturating_add(size);
         }
         Ok(total)
     }
@@ -341,15 +342,9 @@ impl<B: Backend> Guest for Driver<B> {
     fn prune(max_size: u64) -> Result<PruneReport, Error> {
         let state = state()?;
         let images = state.images_by_lru()?;
-        let mut size: u64 = images.iter().map(|i| i.image.size).sum();
-        let mut victims = Vec::new();
-        for image in images {
-            if size <= max_size {
-                break;
-            }
-            size -= image.image.size;
-            victims.push(image);
-        }
+        let sizes: Vec<u64> = images.iter().map(|i| i.image.size).collect();
+        let (evict, size) = select_victims(&sizes, max_size);
+        let victims: Vec<CachedFile> = images.into_iter().take(evict).collect();
         let (removed, failures) =
             state.remove_all(victims.iter().map(|i| Layout::image(&i.id)).collect());
         let removed: Vec<RemovedFile> = removed
@@ -359,14 +354,15 @@ impl<B: Backend> Guest for Driver<B> {
                 size: victims[i].image.size,
             })
             .collect();
-        let bytes_removed = removed.iter().map(|r| r.size).sum();
+        let bytes_removed = saturating_sum(removed.iter().map(|r| r.size));
         let removed_ids: Vec<String> = removed.iter().map(|r| r.image_id.clone()).collect();
         state.store.forget(&removed_ids)?;
-        let failed_bytes: u64 = victims.iter().map(|v| v.image.size).sum::<u64>() - bytes_removed;
+        let failed_bytes =
+            saturating_sum(victims.iter().map(|v| v.image.size)).saturating_sub(bytes_removed);
         Ok(PruneReport {
             removed,
             bytes_removed,
-            size_after: size + failed_bytes,
+            size_after: size.saturating_add(failed_bytes),
             failures,
         })
     }
@@ -421,6 +417,29 @@ impl<B: Backend> Guest for Driver<B> {
             }
         })
     }
+}
+
+/// Sizes add up without wrapping: a file system (or a store) that reports
+/// absurd sizes gives a saturated total, never a small one.
+pub fn saturating_sum(sizes: impl IntoIterator<Item = u64>) -> u64 {
+    sizes.into_iter().fold(0, u64::saturating_add)
+}
+
+/// Prune's choice: with images in least-recently-accessed order, how many
+/// of the first must go for the rest to fit in `max_size`, and the size
+/// left after they do.
+pub fn select_victims(sizes_lru_first: &[u64], max_size: u64) -> (usize, u64) {
+    // Counted in u128: no sum of u64 sizes we can list overflows it.
+    let mut size: u128 = sizes_lru_first.iter().map(|&s| s as u128).sum();
+    let mut evict = 0;
+    for &s in sizes_lru_first {
+        if size <= max_size as u128 {
+            break;
+        }
+        size -= s as u128;
+        evict += 1;
+    }
+    (evict, u64::try_from(size).unwrap_or(u64::MAX))
 }
 
 fn being_cached(id: &str) -> Error {
@@ -555,5 +574,31 @@ impl GuestReadSession for Reader {
             return Ok(());
         }
         state()?.store.record_read(&self.id, read, now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_evicts_least_recently_accessed_until_it_fits() {
+        assert_eq!(select_victims(&[10, 20, 30], 60), (0, 60));
+        assert_eq!(select_victims(&[10, 20, 30], 59), (1, 50));
+        assert_eq!(select_victims(&[10, 20, 30], 30), (2, 30));
+        assert_eq!(select_victims(&[10, 20, 30], 0), (3, 0));
+        assert_eq!(select_victims(&[], 0), (0, 0));
+        // Zero-byte images before a large one go too: LRU order decides.
+        assert_eq!(select_victims(&[0, 0, 100], 50), (3, 0));
+    }
+
+    #[test]
+    fn sizes_saturate_instead_of_wrapping() {
+        assert_eq!(saturating_sum([u64::MAX, 1]), u64::MAX);
+        assert_eq!(select_victims(&[u64::MAX, u64::MAX, 5], 10), (2, 5));
+        assert_eq!(
+            select_victims(&[1, u64::MAX, u64::MAX], u64::MAX),
+            (2, u64::MAX)
+        );
     }
 }

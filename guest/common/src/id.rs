@@ -37,3 +37,53 @@ fn quoted(id: &str) -> String {
     }
     format!("{shown:?}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glance_ids_pass() {
+        for id in [
+            "1",
+            "xxx",
+            "99",
+            "6bd3c1a4-2f1e-4f8e-9d2a-7c1c2a9e0001",
+            "a.b",
+            "...",
+            "é",
+        ] {
+            validate_image_id(id).unwrap_or_else(|e| panic!("{id}: {e:?}"));
+        }
+        validate_image_id(&"x".repeat(255)).unwrap();
+    }
+
+    #[test]
+    fn ids_that_are_not_one_file_name_are_refused_with_the_reason() {
+        for (id, reason) in [
+            ("", "it is empty"),
+            (".", "relative directory name"),
+            ("..", "relative directory name"),
+            ("a/b", "path separator"),
+            ("../etc/passwd", "path separator"),
+            ("a\\b", "path separator"),
+            ("a\0b", "control character"),
+            ("a\nb", "control character"),
+            ("\u{1b}[2J", "control character"),
+        ] {
+            match validate_image_id(id) {
+                Err(Error::InvalidImageId(m)) => assert!(m.contains(reason), "{id:?}: {m}"),
+                other => panic!("{id:?}: {other:?}"),
+            }
+        }
+        match validate_image_id(&"x".repeat(256)) {
+            Err(Error::InvalidImageId(m)) => {
+                assert!(
+                    m.contains("longer than 255 bytes") && m.contains("..."),
+                    "{m}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -137,3 +137,36 @@ pub fn remove_if_present(path: &str) -> Result<bool, fs::FsError> {
         Err(e) => Err(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_of_the_layout() {
+        assert_eq!(Layout::image("abc"), "abc");
+        assert_eq!(Layout::incomplete("abc"), "incomplete/abc");
+        assert_eq!(Layout::invalid("abc"), "invalid/abc");
+        assert_eq!(Layout::queued("abc"), "queue/abc");
+    }
+
+    #[test]
+    fn the_database_and_its_files_are_never_images() {
+        let layout = Layout::new("cache.db");
+        for name in [
+            "cache.db",
+            "cache.db-wal",
+            "cache.db-shm",
+            "cache.db-journal",
+            GLANCE_DB_LOCK,
+        ] {
+            assert!(!layout.is_image_name(name), "{name}");
+        }
+        assert!(layout.is_image_name("cache.db2"));
+        assert!(layout.is_image_name("1"));
+        assert!(!layout.is_image_name("a/b"));
+        let other = Layout::new("glance.db");
+        assert!(other.is_image_name("cache.db"));
+        assert!(!other.is_image_name("glance.db-wal"));
+    }
+}

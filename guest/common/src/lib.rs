@@ -23,7 +23,7 @@ mod id;
 mod layout;
 mod store;
 
-pub use driver::Driver;
+pub use driver::{Driver, saturating_sum, select_victims};
 pub use id::validate_image_id;
 pub use layout::remove_if_present;
 pub use layout::{Layout, now};

@@ -68,7 +68,10 @@ fn attack(id: &str) -> Result<bool, Error> {
     match id {
         "sql-attach" => sql(&format!("ATTACH DATABASE '{}' AS stolen", target())),
         "sql-attach-relative" => sql("ATTACH DATABASE '../hostile-planted.db' AS stolen"),
-        "sql-attach-uri" => sql(&format!("ATTACH DATABASE 'file:{}?mode=ro' AS probe", target())),
+        "sql-attach-uri" => sql(&format!(
+            "ATTACH DATABASE 'file:{}?mode=ro' AS probe",
+            target()
+        )),
         "sql-vacuum-into" => sql(&format!("VACUUM INTO '{}'", target())),
         "sql-heap-limit" => sql("PRAGMA hard_heap_limit = 1"),
         "sql-soft-heap-limit" => sql("PRAGMA soft_heap_limit = 1"),

@@ -196,7 +196,8 @@ impl MetadataStore for SqliteStore {
         let changed = self
             .db
             .execute(
-                "UPDATE cached_images SET hits = hits + 1, last_accessed = ? WHERE image_id = ?",
+                "UPDATE cached_images SET hits = MIN(hits, 9223372036854775806) + 1, last_accessed = ? \
+                 WHERE image_id = ?",
                 &[Value::Real(now), text(id)],
             )
             .map_err(db_error)?;
@@ -211,7 +212,8 @@ impl MetadataStore for SqliteStore {
                 .execute(
                     "INSERT INTO cached_images (image_id, last_accessed, last_modified, size, hits) \
                      VALUES (?, ?, ?, ?, 1) \
-                     ON CONFLICT(image_id) DO UPDATE SET hits = hits + 1, last_accessed = excluded.last_accessed",
+                     ON CONFLICT(image_id) DO UPDATE SET hits = MIN(hits, 9223372036854775806) + 1, \
+                     last_accessed = excluded.last_accessed",
                     &[text(id), Value::Real(now), Value::Real(modified), Value::Integer(size as i64)],
                 )
                 .map_err(db_error)?;

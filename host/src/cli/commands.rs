@@ -776,7 +776,11 @@ fn drivers(s: &Settings, out: &mut Out) -> Outcome {
         if i > 0 {
             outln!(out);
         }
-        let default = if e["default"] == true { " (default)" } else { "" };
+        let default = if e["default"] == true {
+            " (default)"
+        } else {
+            ""
+        };
         outln!(
             out,
             "{}{default}: {}",
@@ -849,7 +853,11 @@ fn print_inspection(out: &mut Out, e: &Value) -> Outcome {
             .flatten()
             .map(|x| x.as_str().unwrap_or_default().to_string())
             .collect();
-        if items.is_empty() { "none".to_string() } else { items.join(", ") }
+        if items.is_empty() {
+            "none".to_string()
+        } else {
+            items.join(", ")
+        }
     };
     if !e["driver"].is_null() {
         outln!(
@@ -872,7 +880,11 @@ fn print_inspection(out: &mut Out, e: &Value) -> Outcome {
     outln!(out, "  sha256:        {}", text(&e["sha256"]));
     outln!(out, "  grants needed: fs, clock{}", {
         let needs = list(&e["grants_needed"]);
-        if needs == "none" { String::new() } else { format!(", {needs}") }
+        if needs == "none" {
+            String::new()
+        } else {
+            format!(", {needs}")
+        }
     });
     if e["not_granted"].as_array().is_some_and(|a| !a.is_empty()) {
         outln!(

@@ -70,13 +70,23 @@ struct Global {
 
     /// The SHA-256 (hex) a --driver component file must have; anything
     /// else is refused before it is compiled (image_cache_driver_sha256).
-    #[arg(long, env = "IMAGE_CACHE_DRIVER_SHA256", value_name = "HEX", global = true)]
+    #[arg(
+        long,
+        env = "IMAGE_CACHE_DRIVER_SHA256",
+        value_name = "HEX",
+        global = true
+    )]
     driver_sha256: Option<String>,
 
     /// What a --driver component file is granted beyond fs and clock, e.g.
     /// `sqlite` or `xattr,sqlite` (image_cache_driver_grants; default
     /// none). Built-in drivers get what they need.
-    #[arg(long, env = "IMAGE_CACHE_DRIVER_GRANTS", value_name = "LIST", global = true)]
+    #[arg(
+        long,
+        env = "IMAGE_CACHE_DRIVER_GRANTS",
+        value_name = "LIST",
+        global = true
+    )]
     driver_grants: Option<String>,
 
     /// Machine-readable output: one JSON document on stdout.
