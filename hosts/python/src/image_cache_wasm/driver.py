@@ -21,7 +21,7 @@ from wasmtime import WasmtimeError
 from wasmtime.component import ResourceHost, Variant
 
 from . import errors
-from .errors import DriverFault, printable, validate_image_id
+from .errors import DriverFault, printable, quoted, validate_image_id
 from .fs import OpenFile, RootFs
 from .runtime import FILE_TYPE, InstanceState, LoadedComponent, Runtime, enter, iface
 from .sqlite import SqliteRoot
@@ -290,7 +290,7 @@ class Driver:
                 return broken
             for a, b in zip(ids, ids[1:]):
                 if a.encode() >= b.encode():
-                    return f"get-cached-images is not ordered by id ({a!r} before {b!r})"
+                    return f"get-cached-images is not ordered by id ({quoted(a)} before {quoted(b)})"
             return None
 
         return [
@@ -442,11 +442,11 @@ class Driver:
         def broke(why: str) -> DriverFault:
             f.close()
             return self._broke(
-                f"it broke the driver contract: the {kind} session of {image_id!r} handed back {why}"
+                f"it broke the driver contract: the {kind} session of {quoted(image_id)} handed back {why}"
             )
 
         if kind == "write" and not f.writable:
-            raise broke(f"{f.path!r}, not a file it created")
+            raise broke(f"{quoted(f.path)}, not a file it created")
         try:
             handed = f.identity()
         except OSError as e:
@@ -454,9 +454,9 @@ class Driver:
         try:
             expected = self.root.identity(path)
         except Exception as e:  # FsError
-            raise broke(f"{f.path!r} while {path} is unusable ({getattr(e, 'message', e)})") from None
+            raise broke(f"{quoted(f.path)} while {path} is unusable ({getattr(e, 'message', e)})") from None
         if expected != handed:
-            raise broke(f"{f.path!r}, which is not {path}")
+            raise broke(f"{quoted(f.path)}, which is not {path}")
         return handed
 
 
@@ -482,7 +482,7 @@ class Session:
     def _end(self, export: Optional[str], *args: Any) -> None:
         inst, resource = self._inst, self._resource
         if inst is None:
-            raise errors.IoError(f"the session of image {self.image_id!r} has already ended")
+            raise errors.IoError(f"the session of image {quoted(self.image_id)} has already ended")
         self._inst = self._resource = None
         failed: Optional[BaseException] = None
         try:
@@ -517,8 +517,8 @@ class Session:
             published = None
         if published != self.identity:
             raise self.driver._broke(
-                f"it broke the driver contract: after the commit of {self.image_id!r}, "
-                f"{self.image_id!r} is not the file that was written"
+                f"it broke the driver contract: after the commit of {quoted(self.image_id)}, "
+                f"{quoted(self.image_id)} is not the file that was written"
             )
 
     def abort(self, reason: str) -> None:

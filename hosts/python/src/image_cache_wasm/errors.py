@@ -123,6 +123,14 @@ DRIVER_ERRORS = {
 MAX_ID_LEN = 255
 
 
+def quoted(s: str) -> str:
+    """A string in double quotes with escapes, as the Rust host's messages
+    show it (``{:?}``), so that messages read the same in every host."""
+    import json
+
+    return json.dumps(s, ensure_ascii=False)
+
+
 def printable(s: str, limit: int) -> str:
     """A guest-supplied string as one printable line of at most ``limit``
     characters: control characters (terminal escapes included) become ``?``."""
@@ -155,4 +163,4 @@ def validate_image_id(image_id: str) -> None:
     else:
         return
     shown = image_id[:64] + ("..." if len(image_id) > 64 else "")
-    raise InvalidImageId(f"invalid image id {shown!r}: {reason}")
+    raise InvalidImageId(f"invalid image id {quoted(shown)}: {reason}")
