@@ -151,17 +151,21 @@ class Driver:
     def _fault(self, e: BaseException) -> DriverFault:
         text = str(e) if not isinstance(e, wasmtime.Trap) else e.message
         lines = [l.strip() for l in text.splitlines() if l.strip()]
-        cause = lines[0] if lines else type(e).__name__
-        if any("interrupt" in l for l in lines[:3]):
+        if "wasm trap: interrupt" in text:
             message = (
                 f"it ran past its deadline of {self.runtime.limits.call_deadline:g}s and was stopped"
             )
         else:
-            # The root cause is the last line wasmtime gives (after the
-            # backtrace); keep the first and the cause.
-            root_cause = next((l for l in reversed(lines) if not l.startswith(("0:", "1:"))), cause)
-            detail = cause if cause == root_cause else f"{cause}: {root_cause}"
-            message = f"it trapped: {printable(detail, 512)}"
+            # wasmtime puts a backtrace between the context and the cause:
+            # keep the cause (the trap, or the host's own message).
+            trap = [l for l in lines if "wasm trap:" in l]
+            if trap:
+                cause = trap[-1][trap[-1].index("wasm trap:"):]
+            elif "Caused by:" in lines and lines[-1] != "Caused by:":
+                cause = lines[-1]
+            else:
+                cause = lines[0] if lines else type(e).__name__
+            message = f"it trapped: {printable(cause, 512)}"
         return self._broke(message)
 
     def _broke(self, message: str) -> DriverFault:
@@ -454,7 +458,7 @@ class Driver:
         try:
             expected = self.root.identity(path)
         except Exception as e:  # FsError
-            raise broke(f"{quoted(f.path)} while {path} is unusable ({getattr(e, 'message', e)})") from None
+            raise broke(f"{quoted(f.path)}, which is not {path} ({getattr(e, 'message', e)})") from None
         if expected != handed:
             raise broke(f"{quoted(f.path)}, which is not {path}")
         return handed

@@ -17,6 +17,7 @@ import fcntl
 import os
 import stat as stat_mod
 import time
+from json import dumps as _dumps
 from typing import Callable, Iterator, List, Optional, Tuple
 
 #: Most entries one listing returns (``fs.rs`` DEFAULT_MAX_LISTING).
@@ -64,19 +65,24 @@ def io_error(path: str, e: OSError) -> FsError:
     return FsError(code, f"{_shown(path)}: {reason} (os error {e.errno})")
 
 
+def _q(path: str) -> str:
+    # As the Rust host quotes a path (`{:?}`), so messages read the same.
+    return _dumps(path, ensure_ascii=False)
+
+
 def check_path(path: str) -> List[str]:
     """The components of a guest path, checked before any system call. The
     empty path and ``.`` name the root itself (no components)."""
     if "\0" in path or "\\" in path:
-        raise FsError("invalid-path", f"{path!r}: NUL or backslash in a path")
+        raise FsError("invalid-path", f"{_q(path)}: NUL or backslash in a path")
     if path.startswith("/"):
-        raise FsError("access-denied", f"{path!r}: absolute paths are not allowed")
+        raise FsError("access-denied", f"{_q(path)}: absolute paths are not allowed")
     parts = []
     for part in path.split("/"):
         if part in ("", "."):
             continue
         if part == "..":
-            raise FsError("access-denied", f"{path!r}: `..` is not allowed")
+            raise FsError("access-denied", f"{_q(path)}: `..` is not allowed")
         parts.append(part)
     return parts
 
@@ -84,7 +90,7 @@ def check_path(path: str) -> List[str]:
 def check_name(path: str) -> List[str]:
     parts = check_path(path)
     if not parts:
-        raise FsError("invalid-path", f"{path!r} names the root, not a file")
+        raise FsError("invalid-path", f"{_q(path)} names the root, not a file")
     return parts
 
 

@@ -26,7 +26,7 @@ from typing import Dict, FrozenSet, Iterable, Optional, Tuple
 
 import wasmtime
 from wasmtime import WasmtimeError
-from wasmtime.component import Component, Linker, Record, ResourceHost, ResourceType
+from wasmtime.component import Component, Linker, Record, ResourceHost, ResourceType, Variant
 
 from . import errors
 from .fs import FsError, OpenFile, RootFs
@@ -180,6 +180,19 @@ def _fs_result(fn):
     return wrapped
 
 
+def _fs_record_result(fn):
+    """Like ``_fs_result`` for ``result<record, fs-error>``: both cases are
+    records, so wasmtime-py wants them tagged."""
+
+    def wrapped(store, *args):
+        try:
+            return Variant("ok", fn(store, *args))
+        except FsError as e:
+            return Variant("err", _fs_error(e))
+
+    return wrapped
+
+
 def _own_file(store, f: OpenFile) -> ResourceHost:
     return ResourceHost.own(current().add_file(f), FILE_TYPE)
 
@@ -204,7 +217,7 @@ def _open(store, path):
     return _own_file(store, current().root.open(path))
 
 
-@_fs_result
+@_fs_record_result
 def _stat(store, path):
     return _metadata(current().root.stat(path))
 
@@ -264,7 +277,7 @@ def _set_times(store, path, accessed, modified):
     current().root.set_times(path, accessed, modified)
 
 
-@_fs_result
+@_fs_record_result
 def _file_metadata(store, handle):
     return _metadata(_file(store, handle).metadata())
 
