@@ -21,6 +21,7 @@ from wasmtime import WasmtimeError
 from wasmtime.component import ResourceHost, Variant
 
 from . import errors
+from ._fastcall import Export
 from .errors import DriverFault, printable, quoted, validate_image_id
 from .fs import OpenFile, RootFs
 from .runtime import FILE_TYPE, InstanceState, LoadedComponent, Runtime, enter, iface
@@ -130,7 +131,7 @@ class Driver:
                 func = instance.get_func(store, idx) if idx is not None else None
                 if func is None:
                     raise WasmtimeError(f"it does not export {name}")
-                funcs[name] = func
+                funcs[name] = Export(func, store)
         except WasmtimeError as e:
             state.close()
             raise self._fault(e) from None

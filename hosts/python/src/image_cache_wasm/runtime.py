@@ -29,6 +29,7 @@ from wasmtime import WasmtimeError
 from wasmtime.component import Component, Linker, Record, ResourceHost, ResourceType, Variant
 
 from . import errors
+from ._fastcall import add_func
 from .fs import FsError, OpenFile, RootFs
 from .sqlite import Connection, SqliteError, SqliteRoot
 from .xattr import Attributes, probe as xattr_probe
@@ -436,7 +437,7 @@ def link(engine: wasmtime.Engine, grants: FrozenSet[str]) -> Linker:
         with root.add_instance(iface("types")):
             pass
         with root.add_instance(iface("clock")) as i:
-            i.add_func("now", _guard_host(_now))
+            add_func(i, "now", _guard_host(_now))
         with root.add_instance(iface("fs")) as i:
             i.add_resource("file", ResourceType.host(FILE_TYPE), _file_drop)
             for name, fn in [
@@ -457,7 +458,7 @@ def link(engine: wasmtime.Engine, grants: FrozenSet[str]) -> Linker:
                 ("[method]file.try-lock", _file_try_lock),
                 ("[method]file.unlock", _file_unlock),
             ]:
-                i.add_func(name, _guard_host(fn))
+                add_func(i, name, _guard_host(fn))
         if "xattr" in grants:
             with root.add_instance(iface("xattr")) as i:
                 for name, fn in [
@@ -467,7 +468,7 @@ def link(engine: wasmtime.Engine, grants: FrozenSet[str]) -> Linker:
                     ("list-names", _xattr_list),
                     ("probe", _xattr_probe),
                 ]:
-                    i.add_func(name, _guard_host(fn))
+                    add_func(i, name, _guard_host(fn))
         if "sqlite" in grants:
             with root.add_instance(iface("sqlite")) as i:
                 i.add_resource("connection", ResourceType.host(CONNECTION_TYPE), _sql_drop)
@@ -477,7 +478,7 @@ def link(engine: wasmtime.Engine, grants: FrozenSet[str]) -> Linker:
                     ("[method]connection.execute-batch", _sql_execute_batch),
                     ("[method]connection.query", _sql_query),
                 ]:
-                    i.add_func(name, _guard_host(fn))
+                    add_func(i, name, _guard_host(fn))
     return linker
 
 
