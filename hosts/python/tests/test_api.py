@@ -217,3 +217,16 @@ def test_the_components_import_only_the_contract(runtime):
     for name, interfaces in expected.items():
         loaded = runtime.load(component(name), grants=interfaces & {"sqlite", "xattr"})
         assert set(loaded.imports) == {f"image-cache:driver/{i}@0.2.0" for i in interfaces}, loaded.imports
+
+
+def test_the_readme_example_runs(capsys):
+    component("sqlite_driver")
+    component("xattr_driver")
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Python"):]
+    start = section.index("<<'PY'\n") + len("<<'PY'\n")
+    example = section[start:section.index("\nPY\n", start)]
+    exec(compile(example, "README.md (Embedding in Python)", "exec"), {})
+    out = capsys.readouterr().out
+    assert "b'disk image bytes' 1" in out
+    assert "'bytes_removed': 16" in out
