@@ -230,3 +230,18 @@ def test_the_readme_example_runs(capsys):
     out = capsys.readouterr().out
     assert "b'disk image bytes' 1" in out
     assert "'bytes_removed': 16" in out
+
+
+def test_a_host_bug_is_a_fault_for_that_call_only(cache, monkeypatch):
+    from image_cache_wasm import DriverFault
+    from image_cache_wasm.fs import RootFs
+
+    def broken(self, path):
+        raise ZeroDivisionError("host bug")
+
+    with monkeypatch.context() as m:
+        m.setattr(RootFs, "stat", broken)
+        with pytest.raises(DriverFault, match=r"the host failed while serving it \(ZeroDivisionError\)"):
+            cache.is_cached("1")
+    assert cache.driver.discarded == 1
+    assert cache.is_cached("1") is False, "the next call works"
