@@ -245,3 +245,17 @@ def test_a_host_bug_is_a_fault_for_that_call_only(cache, monkeypatch):
             cache.is_cached("1")
     assert cache.driver.discarded == 1
     assert cache.is_cached("1") is False, "the next call works"
+
+
+def test_sizes_are_accepted_as_glance_writes_them(cache):
+    from image_cache_wasm.cache import parse_size
+
+    assert parse_size("10G") == 10 * 1024**3
+    assert parse_size("512MiB") == 512 * 1024**2
+    assert parse_size("1048576") == 1048576
+    assert parse_size(7) == 7
+    for bad in ["-1", "10X", "", "G", -1]:
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    cache.cache("1", io.BytesIO(b"x" * 2048))
+    assert cache.prune("1K")["removed"][0]["image_id"] == "1"

@@ -175,3 +175,20 @@ def test_a_driver_that_cannot_configure_falls_back_to_glances_sqlite(tmp_path):
     finally:
         CONF.clear_override("image_cache_wasm_driver")
         CONF.clear_override("image_cache_dir")
+
+
+def test_the_driver_class_implements_every_method_of_glances_interface():
+    import inspect
+
+    from glance.image_cache.drivers import base
+
+    required = {
+        name
+        for name, fn in inspect.getmembers(base.Driver, inspect.isfunction)
+        if "NotImplementedError" in inspect.getsource(fn) or name in ("configure", "get_image_size")
+    }
+    assert {"get_cache_size", "get_cached_images", "is_cached", "open_for_write", "open_for_read",
+            "clean", "get_least_recently_accessed", "get_queued_images"} <= required
+    missing = [n for n in sorted(required) if getattr(wasm_glance.Driver, n) is getattr(base.Driver, n)]
+    assert missing == [], f"not implemented on the component: {missing}"
+    assert issubclass(wasm_glance.Driver, base.Driver)

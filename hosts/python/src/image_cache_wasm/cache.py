@@ -48,6 +48,26 @@ def components_dir(explicit: Optional[PathLike] = None) -> Path:
     return _repo_components()
 
 
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
+          "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3, "t": 1024**4, "tb": 1024**4,
+          "tib": 1024**4}
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """Bytes from an int or a size as Glance's options are written
+    (``10G``, ``512MiB``, ``1048576``); units are powers of 1024."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 0:
+            raise ValueError(f"size {size} is negative")
+        return size
+    text = str(size).strip()
+    digits = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ")
+    unit = text[len(digits):].strip().lower()
+    if not digits.isdigit() or unit not in _UNITS:
+        raise ValueError(f"size {size!r}: write bytes, or a number with K, M, G or T (KiB, MiB, ...)")
+    return int(digits) * _UNITS[unit]
+
+
 class Checksum:
     """An expected digest: ``md5:HEX``, ``sha256:HEX``, ``sha512:HEX``, or a
     bare hex digest whose length names the algorithm (Glance's ``checksum``
@@ -503,11 +523,12 @@ class ImageCache:
     def get_cached_nodes(self, image_id: str) -> List[str]:
         return self.driver.get_cached_nodes(image_id)
 
-    def prune(self, max_size: int = DEFAULT_MAX_SIZE) -> dict:
+    def prune(self, max_size: Union[int, str] = DEFAULT_MAX_SIZE) -> dict:
         """Evict least recently accessed images until the cache is at or
-        under ``max_size`` bytes: ``{removed: [{image_id, size}],
-        bytes_removed, size_after, failures}``."""
-        return self.driver.prune(int(max_size))
+        under ``max_size`` (bytes, or ``"10G"``, ``"512MiB"``):
+        ``{removed: [{image_id, size}], bytes_removed, size_after,
+        failures}``."""
+        return self.driver.prune(parse_size(max_size))
 
     def clean(self, stall_time: int = DEFAULT_STALL_TIME) -> dict:
         """Delete invalid files and incomplete files older than
