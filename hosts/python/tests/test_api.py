@@ -223,7 +223,7 @@ def test_the_readme_example_runs(capsys):
     component("sqlite_driver")
     component("xattr_driver")
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("### Python"):]
+    section = readme[readme.index("### Embedding in Python"):]
     start = section.index("<<'PY'\n") + len("<<'PY'\n")
     example = section[start:section.index("\nPY\n", start)]
     exec(compile(example, "README.md (Embedding in Python)", "exec"), {})
