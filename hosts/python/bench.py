@@ -167,7 +167,6 @@ def main() -> None:
         shutil.rmtree(top, ignore_errors=True)
 
     import platform
-    import wasmtime  # noqa: F401
 
     try:
         from importlib.metadata import version

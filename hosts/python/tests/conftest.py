@@ -4,7 +4,6 @@ every test that needs one fails rather than being skipped."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

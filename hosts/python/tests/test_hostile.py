@@ -6,9 +6,8 @@ root changes, the root's location is in no message, and the next call works.
 
 from __future__ import annotations
 
-import os
+import io
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -266,9 +265,10 @@ def test_one_runtime_shared_by_a_hostile_and_a_good_driver(tmp_path):
     runtime = Runtime(Limits(call_deadline=10.0, memory_bytes=64 << 20), artifacts=None)
     hostile = ImageCache(tmp_path / "a", driver=component("hostile_driver"),
                          grants=["sqlite", "xattr"], runtime=runtime, fallback_to_sqlite=False)
-    good = ImageCache(tmp_path / "b", driver=component("sqlite_driver") and "sqlite", runtime=runtime)
+    component("sqlite_driver")
+    good = ImageCache(tmp_path / "b", driver="sqlite", runtime=runtime)
     with pytest.raises(DriverFault):
         hostile.is_cached("panic")
-    good.cache("1", __import__("io").BytesIO(b"unaffected"))
+    good.cache("1", io.BytesIO(b"unaffected"))
     assert good.is_cached("1")
     assert good.read("1") == b"unaffected"

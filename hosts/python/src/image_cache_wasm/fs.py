@@ -18,7 +18,7 @@ import os
 import stat as stat_mod
 import time
 from json import dumps as _dumps
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 #: Most entries one listing returns (``fs.rs`` DEFAULT_MAX_LISTING).
 DEFAULT_MAX_LISTING = 4_000_000
