@@ -1,0 +1,127 @@
+"""``image-cache:driver/xattr``: extended attributes of files the guest
+opened. Mirrors ``host/src/xattr.rs``: only ``user.`` names pass, checked
+before any system call; attributes are read and written through the open
+file descriptor, so a path is never resolved twice."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+
+from .fs import FsError, OpenFile, RootFs, io_error
+
+#: Longest attribute name (Linux's XATTR_NAME_MAX).
+MAX_NAME = 255
+#: Largest value a guest may store or read back. Linux never stores more
+#: than 64 KiB in one attribute, so ``os.getxattr`` cannot be made to
+#: allocate more than this.
+MAX_VALUE = 64 * 1024
+
+_probes = itertools.count()
+
+
+def check_name(name: str) -> None:
+    if (
+        not name.startswith("user.")
+        or len(name) == len("user.")
+        or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME
+        or "\0" in name
+    ):
+        raise FsError(
+            "access-denied", f"extended attribute {name!r}: only user.* names are allowed"
+        )
+
+
+def _unsupported(what: str) -> FsError:
+    return FsError("unsupported", f"{what}: user extended attributes are not supported here")
+
+
+class Attributes:
+    """Attribute operations on one open file."""
+
+    def __init__(self, file: OpenFile, enabled: bool = True):
+        self.file = file
+        self.enabled = enabled
+
+    def _check(self) -> None:
+        if not self.enabled:
+            raise _unsupported(self.file.path)
+
+    def get(self, name: str) -> bytes:
+        check_name(name)
+        self._check()
+        try:
+            value = os.getxattr(self.file.fd, name)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                raise FsError("not-found", f"{self.file.path}: no attribute {name}") from None
+            raise io_error(self.file.path, e) from None
+        if len(value) > MAX_VALUE:
+            raise FsError(
+                "limit-exceeded",
+                f"{self.file.path}: attribute {name} is larger than {MAX_VALUE} bytes",
+            )
+        return value
+
+    def set(self, name: str, value: bytes) -> None:
+        check_name(name)
+        self._check()
+        if len(value) > MAX_VALUE:
+            raise FsError(
+                "limit-exceeded",
+                f"{self.file.path}: attribute values are limited to {MAX_VALUE} bytes",
+            )
+        try:
+            os.setxattr(self.file.fd, name, value)
+        except OSError as e:
+            raise io_error(self.file.path, e) from None
+
+    def remove(self, name: str) -> None:
+        check_name(name)
+        self._check()
+        try:
+            os.removexattr(self.file.fd, name)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                return
+            raise io_error(self.file.path, e) from None
+
+    def list(self) -> list:
+        self._check()
+        try:
+            names = os.listxattr(self.file.fd)
+        except OSError as e:
+            raise io_error(self.file.path, e) from None
+        return [n for n in names if n.startswith("user.")]
+
+
+def probe(root: RootFs, enabled: bool = True) -> None:
+    """Whether the root's file system stores ``user.`` attributes: set one
+    on a scratch file in the root (in ``incomplete/`` if it exists, so no
+    listing takes it for an image), read it back, remove the file."""
+    scratch = f".image-cache-xattr-probe-{os.getpid()}-{next(_probes)}"
+    name = f"incomplete/{scratch}"
+    try:
+        f = root.create_new(name)
+    except FsError as e:
+        if e.code != "not-found":
+            raise
+        name = scratch
+        f = root.create_new(name)
+    try:
+        attrs = Attributes(f, enabled)
+        attrs.set("user.image-cache.probe", b"1")
+        if attrs.get("user.image-cache.probe") != b"1":
+            raise _unsupported("the cache root")
+    except FsError as e:
+        # The guest learns that the root lacks support, never where it is.
+        if e.code in ("unsupported", "not-found"):
+            raise _unsupported("the cache root") from None
+        raise
+    finally:
+        f.close()
+        try:
+            root.remove_file(name)
+        except FsError:
+            pass

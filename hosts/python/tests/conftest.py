@@ -1,0 +1,45 @@
+"""Shared fixtures. The driver components must have been built (`cargo
+build` at the repository root, or IMAGE_CACHE_COMPONENTS_DIR): without them
+every test that needs one fails rather than being skipped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from image_cache_wasm import ImageCache, Limits, Runtime, components_dir
+
+REPO = Path(__file__).resolve().parents[3]
+SCENARIOS = REPO / "tests" / "scenarios"
+
+
+def component(name: str) -> Path:
+    path = components_dir() / f"{name}.wasm"
+    if not path.is_file():
+        pytest.fail(
+            f"driver component {path} is missing: build it with `cargo build` at the "
+            "repository root, or point IMAGE_CACHE_COMPONENTS_DIR at the built components"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def runtime(tmp_path_factory) -> Runtime:
+    """One runtime (engine, compiled components) for the whole test run, as
+    an embedding application would share it; compiled artifacts go to a
+    scratch directory, never to the user's cache."""
+    return Runtime(Limits(call_deadline=20.0), artifacts=tmp_path_factory.mktemp("artifacts"))
+
+
+@pytest.fixture(params=["sqlite", "xattr"])
+def driver_name(request) -> str:
+    component(f"{request.param}_driver")
+    return request.param
+
+
+@pytest.fixture
+def cache(tmp_path, runtime, driver_name) -> ImageCache:
+    c = ImageCache(tmp_path / "root", driver=driver_name, runtime=runtime, fallback_to_sqlite=False)
+    yield c
+    c.close()

@@ -1,0 +1,261 @@
+"""The Pythonic API beyond the shared scenarios: files and readers in and
+out, checksums, context managers, driver selection, fallback and swap."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+
+import pytest
+
+from conftest import REPO, component
+from image_cache_wasm import (
+    AlreadyCached,
+    BadConfiguration,
+    ChecksumMismatch,
+    ImageCache,
+    InvalidImageId,
+    LoadError,
+    NotFound,
+    Runtime,
+    SourceError,
+)
+
+
+def test_cache_a_file_object_and_read_it_back(cache, tmp_path):
+    src = tmp_path / "disk.img"
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    src.write_bytes(data)
+    with open(src, "rb") as f:
+        assert cache.cache("img", f) == len(data)  # copied natively (fd to fd)
+    assert cache.get_image_size("img") == len(data)
+    with cache.open_for_read("img") as image:
+        assert image.size == len(data)
+        assert image.read() == data
+    assert cache.get_hit_count("img") == 1
+    out = tmp_path / "out.img"
+    with open(out, "wb") as sink:
+        assert cache.read_into("img", sink) == len(data)  # sendfile
+    assert out.read_bytes() == data
+    assert cache.get_hit_count("img") == 2
+    with pytest.raises(AlreadyCached):
+        cache.cache("img", io.BytesIO(b"again"))
+
+
+def test_checksums_are_verified_before_the_commit(cache):
+    data = b"an image" * 1000
+    for algorithm in ("md5", "sha256", "sha512"):
+        digest = hashlib.new(algorithm, data).hexdigest()
+        cache.cache(f"ok-{algorithm}", io.BytesIO(data), checksum=f"{algorithm}:{digest}")
+    cache.cache("bare-md5", io.BytesIO(data), checksum=hashlib.md5(data).hexdigest())
+    with pytest.raises(ChecksumMismatch) as e:
+        cache.cache("bad", io.BytesIO(data), checksum="sha256:" + "0" * 64)
+    assert e.value.image_id == "bad"
+    assert not cache.is_cached("bad")
+    assert os.listdir(cache.root / "invalid") == ["bad"]
+    with pytest.raises(ValueError):
+        cache.cache("x", io.BytesIO(data), checksum="crc32:1234")
+
+
+def test_a_failing_source_is_reported_and_nothing_is_cached(cache):
+    class Broken(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            raise OSError("disk on fire")
+
+    with pytest.raises(SourceError, match="disk on fire"):
+        cache.cache("1", Broken(), checksum="md5:" + "0" * 32)
+    assert not cache.is_cached("1")
+    assert os.listdir(cache.root / "invalid") == ["1"]
+
+
+def test_the_writer_context_manager_commits_or_aborts(cache):
+    with cache.open_for_write("good") as w:
+        w.write(b"whole")
+    assert cache.read("good") == b"whole"
+    with pytest.raises(RuntimeError):
+        with cache.open_for_write("bad") as w:
+            w.write(b"half")
+            raise RuntimeError("the upload broke")
+    assert not cache.is_cached("bad")
+    assert os.listdir(cache.root / "invalid") == ["bad"]
+
+
+def test_a_reader_closed_early_counts_nothing(cache):
+    cache.cache("1", io.BytesIO(b"0123456789"))
+    with cache.open_for_read("1") as r:
+        assert r.read(3) == b"012"
+    assert cache.get_hit_count("1") == 0
+    with cache.open_for_read("1") as r:
+        assert b"".join(r) == b"0123456789"
+    assert cache.get_hit_count("1") == 1
+    with pytest.raises(NotFound):
+        cache.open_for_read("2")
+
+
+def test_invalid_ids_touch_nothing(cache):
+    before = sorted(os.listdir(cache.root))
+    for bad in ["", ".", "..", "a/b", "../x", "x\0y", "x" * 256]:
+        with pytest.raises(InvalidImageId):
+            cache.open_for_write(bad)
+        with pytest.raises(InvalidImageId):
+            cache.cache(bad, io.BytesIO(b"x"))
+    assert sorted(os.listdir(cache.root)) == before
+    assert os.listdir(cache.root / "incomplete") == []
+
+
+def test_the_tee_keeps_flowing_when_the_image_is_being_cached(cache):
+    w = cache.open_for_write("busy")
+    tee = cache.cache_stream("busy", [b"a", b"b"])
+    assert b"".join(tee) == b"ab"
+    assert tee.report.cached is False and tee.report.cache_error is None
+    w.write(b"mine")
+    w.commit()
+    assert cache.read("busy") == b"mine"
+
+
+def test_list_cached_prune_and_clean_reports(cache):
+    for i in range(3):
+        cache.cache(str(i), io.BytesIO(b"x" * 100))
+    assert [i["image_id"] for i in cache.list_cached()] == ["0", "1", "2"]
+    report = cache.prune(150)
+    assert [r["image_id"] for r in report["removed"]] == ["0", "1"]
+    assert report["bytes_removed"] == 200 and report["size_after"] == 100
+    (cache.root / "invalid" / "junk").write_bytes(b"j")
+    assert [r["image_id"] for r in cache.clean()["invalid"]] == ["junk"]
+
+
+def test_threads_share_one_cache(cache):
+    cache.cache("shared", io.BytesIO(b"y" * 4096))
+    errors = []
+
+    def work(n):
+        try:
+            for k in range(20):
+                cache.cache(f"t{n}-{k}", io.BytesIO(b"z" * 100))
+                assert cache.read("shared") == b"y" * 4096
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert cache.get_hit_count("shared") == 120
+    assert len(cache.list_cached()) == 121
+
+
+def test_swap_driver_at_runtime_keeps_the_images(tmp_path, runtime):
+    component("sqlite_driver")
+    component("xattr_driver")
+    c = ImageCache(tmp_path / "root", driver="sqlite", runtime=runtime)
+    c.cache("1", io.BytesIO(b"kept"))
+    reader = c.open_for_read("1")  # a session open across the swap
+    c.swap_driver("xattr")
+    assert c.driver_name == "xattr"
+    assert reader.read() == b"kept", "a session finishes on the driver it began on"
+    assert c.is_cached("1")
+    assert c.read("1") == b"kept"
+    c.swap_driver(component("sqlite_driver"), grants=["sqlite"])
+    assert c.is_cached("1")
+    c.close()
+
+
+def test_xattr_unsupported_falls_back_to_sqlite_unless_told_not_to(tmp_path, runtime):
+    component("xattr_driver")
+    component("sqlite_driver")
+    c = ImageCache(tmp_path / "a", driver="xattr", xattr=False, runtime=runtime)
+    assert c.driver_name == "sqlite"
+    c.close()
+    with pytest.raises(BadConfiguration) as e:
+        ImageCache(tmp_path / "b", driver="xattr", xattr=False, runtime=runtime, fallback_to_sqlite=False)
+    assert "xattr" in str(e.value)
+
+
+def test_a_root_that_cannot_be_used_is_a_bad_configuration(tmp_path, runtime):
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(BadConfiguration) as e:
+        ImageCache(tmp_path / "file", runtime=runtime)
+    assert str(tmp_path / "file") in str(e.value), "the operator's message names the root"
+
+
+def test_components_are_found_by_argument_then_environment(tmp_path, runtime, monkeypatch):
+    with pytest.raises(LoadError, match="no component at"):
+        ImageCache(tmp_path / "root", components=tmp_path / "nowhere", runtime=runtime)
+    monkeypatch.setenv("IMAGE_CACHE_COMPONENTS_DIR", str(tmp_path / "nowhere-either"))
+    with pytest.raises(LoadError, match="nowhere-either"):
+        ImageCache(tmp_path / "root", runtime=runtime)
+
+
+def test_a_component_of_another_contract_version_is_refused(tmp_path, runtime):
+    old = REPO / "tests" / "fixtures" / "contract-0.1.0" / "sqlite_driver.wasm"
+    with pytest.raises(LoadError, match="it implements contract 0.1.0, this host speaks 0.2.0"):
+        ImageCache(tmp_path / "root", driver=old, runtime=runtime, fallback_to_sqlite=False)
+
+
+def test_precompiled_artifacts_are_reused(tmp_path):
+    component("sqlite_driver")
+    first = Runtime(artifacts=tmp_path / "artifacts")
+    ImageCache(tmp_path / "a", runtime=first).close()
+    assert first.stats["compiled"] == 1
+    second = Runtime(artifacts=tmp_path / "artifacts")
+    ImageCache(tmp_path / "b", runtime=second).close()
+    assert second.stats == {**second.stats, "compiled": 0, "loaded_precompiled": 1}
+
+
+def test_the_components_import_only_the_contract(runtime):
+    expected = {
+        "sqlite_driver": {"clock", "fs", "sqlite", "types"},
+        "xattr_driver": {"clock", "fs", "types", "xattr"},
+    }
+    for name, interfaces in expected.items():
+        loaded = runtime.load(component(name), grants=interfaces & {"sqlite", "xattr"})
+        assert set(loaded.imports) == {f"image-cache:driver/{i}@0.2.0" for i in interfaces}, loaded.imports
+
+
+def test_the_readme_example_runs(capsys):
+    component("sqlite_driver")
+    component("xattr_driver")
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Embedding in Python"):]
+    start = section.index("<<'PY'\n") + len("<<'PY'\n")
+    example = section[start:section.index("\nPY\n", start)]
+    exec(compile(example, "README.md (Embedding in Python)", "exec"), {})
+    out = capsys.readouterr().out
+    assert "b'disk image bytes' 1" in out
+    assert "'bytes_removed': 16" in out
+
+
+def test_a_host_bug_is_a_fault_for_that_call_only(cache, monkeypatch):
+    from image_cache_wasm import DriverFault
+    from image_cache_wasm.fs import RootFs
+
+    def broken(self, path):
+        raise ZeroDivisionError("host bug")
+
+    with monkeypatch.context() as m:
+        m.setattr(RootFs, "stat", broken)
+        with pytest.raises(DriverFault, match=r"the host failed while serving it \(ZeroDivisionError\)"):
+            cache.is_cached("1")
+    assert cache.driver.discarded == 1
+    assert cache.is_cached("1") is False, "the next call works"
+
+
+def test_sizes_are_accepted_as_glance_writes_them(cache):
+    from image_cache_wasm.cache import parse_size
+
+    assert parse_size("10G") == 10 * 1024**3
+    assert parse_size("512MiB") == 512 * 1024**2
+    assert parse_size("1048576") == 1048576
+    assert parse_size(7) == 7
+    for bad in ["-1", "10X", "", "G", -1]:
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    cache.cache("1", io.BytesIO(b"x" * 2048))
+    assert cache.prune("1K")["removed"][0]["image_id"] == "1"

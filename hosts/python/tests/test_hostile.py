@@ -1,0 +1,274 @@
+"""A hostile driver component (guest/hostile: `is_cached(attack)` picks the
+attack) gets the same refusals from the Python host as from the Rust host
+(tests/hostile.rs, tests/attacks.rs): the attack fails, nothing outside the
+root changes, the root's location is in no message, and the next call works.
+"""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import component
+from image_cache_wasm import (
+    DatabaseError,
+    DriverFault,
+    ImageCache,
+    IoError,
+    Limits,
+    LoadError,
+    Overloaded,
+    Runtime,
+)
+
+DEADLINE = 0.8
+
+
+def canary_state(d: Path):
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in d.iterdir())
+
+
+class Scene:
+    def __init__(self, top: Path, limits: Limits):
+        self.root = top / "root"
+        self.canary = top / "canary"
+        self.canary.mkdir()
+        (self.canary / "secret").write_bytes(b"do not read")
+        victim = sqlite3.connect(self.canary / "victim.db")
+        victim.executescript("CREATE TABLE t (x); INSERT INTO t VALUES ('victim');")
+        victim.close()
+        self.before = canary_state(self.canary)
+        self.runtime = Runtime(limits, artifacts=None)
+        self.cache = ImageCache(
+            self.root,
+            driver=component("hostile_driver"),
+            grants=["sqlite", "xattr"],
+            options=[("hostile_target", str(self.canary / "victim.db"))],
+            fallback_to_sqlite=False,
+            runtime=self.runtime,
+        )
+
+    def discarded(self) -> int:
+        return self.runtime.stats["instances_discarded"]
+
+    def refusal(self, attack: str) -> Exception:
+        with pytest.raises(Exception) as e:
+            got = self.cache.is_cached(attack)
+            pytest.fail(f"{attack}: the attack succeeded ({got})")
+        text = str(e.value)
+        assert str(self.root) not in text, f"{attack}: the root's location leaked: {text}"
+        assert self.cache.is_cached("benign") is False, f"{attack}: the next call works"
+        return e.value
+
+    def database_refusal(self, attack: str, code: str) -> str:
+        e = self.refusal(attack)
+        assert isinstance(e, DatabaseError), f"{attack}: expected a database error, got {e!r}"
+        assert code in e.message, f"{attack}: expected {code}: {e.message}"
+        return e.message
+
+    def fault(self, attack: str) -> str:
+        before = self.discarded()
+        e = self.refusal(attack)
+        assert isinstance(e, DriverFault), f"{attack}: expected a driver fault, got {e!r}"
+        assert self.discarded() == before + 1, f"{attack}: the instance is discarded"
+        return e.message
+
+    def check_nothing_outside_changed(self) -> None:
+        assert canary_state(self.canary) == self.before, "nothing outside the root changed"
+        assert not (self.root.parent / "hostile-planted.db").exists()
+        assert not (self.root.parent / "outside.db").exists()
+        assert not Path("hostile-planted.db").exists(), "nothing in the working directory"
+
+
+@pytest.fixture
+def scene(tmp_path):
+    s = Scene(tmp_path, Limits(call_deadline=DEADLINE, memory_bytes=64 << 20))
+    yield s
+    s.cache.close()
+    s.check_nothing_outside_changed()
+
+
+def test_path_escapes_are_refused_by_the_host(scene):
+    e = scene.refusal("escape-parent")
+    assert isinstance(e, IoError) and "`..` is not allowed" in e.message
+    e = scene.refusal("escape-absolute")
+    assert isinstance(e, IoError) and "absolute paths are not allowed" in e.message
+    assert scene.discarded() == 0, "a refusal is a value: the instance lives on"
+
+
+def test_trusted_xattrs_are_refused(scene):
+    e = scene.refusal("trusted-xattr")
+    assert isinstance(e, IoError) and "only user.* names are allowed" in e.message, e
+
+
+def test_a_database_outside_the_root_is_refused(scene):
+    e = scene.refusal("escape-db")
+    assert isinstance(e, DatabaseError)
+    assert "not a plain file name in the cache root" in e.message
+
+
+def test_sql_cannot_attach_files_outside_the_root(scene):
+    for attack in ["sql-attach", "sql-attach-relative", "sql-attach-uri"]:
+        m = scene.database_refusal(attack, "AccessDenied")
+        assert "not authorized" in m, m
+
+
+def test_sql_cannot_write_a_file_with_vacuum_into(scene):
+    e = scene.refusal("sql-vacuum-into")
+    assert isinstance(e, DatabaseError)
+    assert any(
+        m in e.message for m in ("not authorized", "authorization denied", "too many attached databases")
+    ), e.message
+    assert not (scene.canary / "victim.db-journal").exists()
+
+
+def test_sql_cannot_change_process_wide_state(scene):
+    for attack in ["sql-heap-limit", "sql-soft-heap-limit", "sql-temp-dir"]:
+        scene.database_refusal(attack, "AccessDenied")
+    # The embedding application's own SQLite still works, unlimited.
+    mine = sqlite3.connect(":memory:")
+    mine.executescript("CREATE TABLE x (y); INSERT INTO x VALUES (zeroblob(1000000));")
+    assert mine.execute("PRAGMA hard_heap_limit").fetchone() == (0,)
+    assert mine.execute("PRAGMA soft_heap_limit").fetchone() == (0,)
+
+
+def test_sql_cannot_learn_where_its_files_are_or_load_code(scene):
+    scene.database_refusal("sql-database-list", "AccessDenied")
+    scene.database_refusal("sql-pragma-table", "AccessDenied")
+    scene.database_refusal("sql-load-extension", "AccessDenied")
+
+
+def test_a_runaway_query_is_stopped_at_the_deadline(scene):
+    started = time.monotonic()
+    m = scene.fault("sql-runaway")
+    took = time.monotonic() - started
+    assert "deadline" in m and "inside a host call" in m, m
+    assert took >= DEADLINE, f"ran until the deadline: {took}"
+    assert took < DEADLINE + 3, f"stopped: {took}"
+
+
+def test_a_lock_never_waits_past_the_deadline(scene):
+    started = time.monotonic()
+    m = scene.fault("lock-forever")
+    assert "deadline" in m and "TimedOut" in m, m
+    assert time.monotonic() - started < DEADLINE + 3
+
+
+def test_huge_values_are_refused_before_they_are_copied(scene):
+    m = scene.database_refusal("sql-zeroblob", "LimitExceeded")
+    assert "too big" in m, m
+
+
+def test_connections_per_instance_are_capped(scene):
+    m = scene.database_refusal("sql-connections", "LimitExceeded")
+    assert "after 4 connections" in m, m
+
+
+def test_a_time_before_1970_is_an_error(scene):
+    e = scene.refusal("set-times-negative")
+    assert isinstance(e, IoError)
+    assert "InvalidArgument" in e.message and "not a usable time" in e.message, e.message
+
+
+def test_a_flood_of_error_text_is_cut_and_made_printable(scene):
+    e = scene.refusal("error-flood")
+    assert isinstance(e, IoError)
+    assert len(e.message) < 2000
+    assert "\x1b" not in e.message
+    assert "flood" in e.message
+
+
+def test_a_driver_that_spins_is_stopped_at_its_deadline(scene):
+    started = time.monotonic()
+    m = scene.fault("spin")
+    assert "deadline" in m, m
+    assert time.monotonic() - started < DEADLINE + 5
+
+
+def test_a_driver_that_panics_gets_an_error_for_that_call(scene):
+    m = scene.fault("panic")
+    assert "unreachable" in m, m
+    assert "\n" not in m
+
+
+def test_a_driver_that_allocates_without_end_hits_its_memory_cap(scene):
+    m = scene.fault("alloc")
+    assert "trapped" in m, m
+
+
+def test_a_driver_that_exhausts_handles_hits_the_resource_cap(scene):
+    m = scene.fault("exhaust-handles")
+    assert "resource table has no free keys" in m, m
+
+
+def test_a_driver_that_returns_garbage_is_discarded(scene):
+    before = scene.discarded()
+    with pytest.raises(DriverFault, match="asked for 3 LRU entries, got 8"):
+        scene.cache.get_least_recently_accessed_batch(3)
+    with pytest.raises(DriverFault, match="not ordered by id"):
+        scene.cache.get_cached_images()
+    assert scene.discarded() == before + 2
+    assert scene.cache.is_cached("benign") is False
+
+
+def test_a_write_session_must_hand_back_its_own_incomplete_file(scene):
+    before = scene.discarded()
+    with pytest.raises(DriverFault) as e:
+        scene.cache.open_for_write("wrong-file")
+    assert 'handed back "decoy", which is not incomplete/wrong-file' in e.value.message, e.value.message
+    assert scene.discarded() == before + 1
+    assert scene.cache.is_cached("benign") is False
+
+
+def test_a_read_session_must_hand_back_the_cached_image(scene):
+    with pytest.raises(DriverFault) as e:
+        scene.cache.open_for_read("read-db")
+    assert "which is not read-db" in e.value.message, e.value.message
+
+
+def test_ids_from_a_driver_are_checked_before_the_host_uses_them(scene):
+    assert scene.cache.queue("bad-ids") is False
+    with pytest.raises(DriverFault) as e:
+        scene.cache.get_queued_images()
+    assert 'get-queued-images returned invalid image id "../../etc/passwd"' in e.value.message
+
+
+def test_instances_per_driver_are_capped_and_callers_wait_then_fail_clearly(tmp_path):
+    runtime = Runtime(Limits(call_deadline=5.0, instances=2, instance_wait=0.3), artifacts=None)
+    cache = ImageCache(tmp_path / "root", driver=component("hostile_driver"),
+                       grants=["sqlite", "xattr"], runtime=runtime, fallback_to_sqlite=False)
+    # Hold both instances with sessions the hostile driver never hands out:
+    # use the pool directly, as a long call would.
+    held = [cache.driver.checkout(), cache.driver.checkout()]
+    started = time.monotonic()
+    with pytest.raises(Overloaded, match="all 2 instances stayed busy for 0.3s"):
+        cache.is_cached("c")
+    assert time.monotonic() - started >= 0.3
+    for inst in held:
+        cache.driver.settle(inst, None)
+    assert cache.is_cached("c") is False, "a freed instance serves the next call"
+
+
+def test_a_component_is_refused_at_load_for_an_interface_it_was_not_granted(tmp_path):
+    with pytest.raises(LoadError) as e:
+        ImageCache(tmp_path / "root", driver=component("hostile_driver"), grants=["xattr"],
+                   fallback_to_sqlite=False, runtime=Runtime(artifacts=None))
+    assert "image-cache:driver/sqlite@0.2.0, which it was not granted" in str(e.value)
+    assert not (tmp_path / "root" / "incomplete").exists(), "refused before anything ran"
+
+
+def test_one_runtime_shared_by_a_hostile_and_a_good_driver(tmp_path):
+    runtime = Runtime(Limits(call_deadline=10.0, memory_bytes=64 << 20), artifacts=None)
+    hostile = ImageCache(tmp_path / "a", driver=component("hostile_driver"),
+                         grants=["sqlite", "xattr"], runtime=runtime, fallback_to_sqlite=False)
+    component("sqlite_driver")
+    good = ImageCache(tmp_path / "b", driver="sqlite", runtime=runtime)
+    with pytest.raises(DriverFault):
+        hostile.is_cached("panic")
+    good.cache("1", io.BytesIO(b"unaffected"))
+    assert good.is_cached("1")
+    assert good.read("1") == b"unaffected"
