@@ -6,14 +6,20 @@
 
 import fs from 'node:fs';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { GENERATED_DIR, PACKAGE_DIR, transpile, checkContract } from '../src/component.js';
 
-const dir = process.env.IMAGE_CACHE_COMPONENTS_DIR
-  ? path.resolve(process.env.IMAGE_CACHE_COMPONENTS_DIR)
-  : path.resolve(PACKAGE_DIR, '..', '..', 'target', 'guest', 'components');
+/** Where the built components are. */
+export function componentsDir() {
+  return process.env.IMAGE_CACHE_COMPONENTS_DIR
+    ? path.resolve(process.env.IMAGE_CACHE_COMPONENTS_DIR)
+    : path.resolve(PACKAGE_DIR, '..', '..', 'target', 'guest', 'components');
+}
 
 const drivers = { sqlite: 'sqlite_driver.wasm', xattr: 'xattr_driver.wasm', hostile: 'hostile_driver.wasm' };
 
+async function main() {
+const dir = componentsDir();
 let failed = false;
 fs.mkdirSync(GENERATED_DIR, { recursive: true });
 for (const [name, file] of Object.entries(drivers)) {
@@ -34,3 +40,6 @@ for (const [name, file] of Object.entries(drivers)) {
   console.log(`transpile: ${name}: ${file} -> generated/${name} (imports: ${meta.imports.join(', ')})`);
 }
 process.exit(failed ? 1 : 0);
+}
+
+if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) await main();

@@ -255,6 +255,9 @@ function nameSpot(tokens, i, kind) {
 export function checkStatement(tokens) {
   if (tokens.length === 0) return;
   const first = tokens[0];
+  for (const tok of tokens) {
+    if (tok.t === 'word' && REFUSED.has(tok.v)) deny(tok.v.toUpperCase());
+  }
   if (first.t !== 'word' || !STATEMENTS.has(first.v)) {
     deny(`a statement starting with ${JSON.stringify(first.v)}`);
   }

@@ -145,7 +145,7 @@ export function makeSqlite(ctx) {
         db.defaultSafeIntegers(true);
         const capped = (make) => (n) => {
           const len = Number(n);
-          if (!(len <= MAX_VALUE_BYTES)) throw new RangeError(`values are limited to ${MAX_VALUE_BYTES} bytes`);
+          if (!(len <= MAX_VALUE_BYTES)) throw new RangeError(`string or blob too big: values are limited to ${MAX_VALUE_BYTES} bytes`);
           return make(Math.max(0, len));
         };
         db.function('zeroblob', { deterministic: true }, capped((n) => Buffer.alloc(n)));
