@@ -136,17 +136,17 @@ export async function loadDriver(source, { grants = DEFAULT_GRANTS, memoryBytes 
     if (compiled.has(key)) {
       const c = compiled.get(key);
       checkContract(c, grants);
-      return c;
+      return { ...c, name: fileDriverName(source) };
     }
     try {
-      meta = await transpile(bytes, path.basename(source).replace(/\.wasm$/, '').replace(/[^A-Za-z0-9_]/g, '_'));
+      meta = await transpile(bytes, fileDriverName(source));
     } catch (e) {
       throw new CacheError('load', `cannot load driver ${path.basename(source)}: not a component jco can transpile (${String(e?.message ?? e).split('\n')[0]})`);
     }
   }
   checkContract(meta, grants);
   const key = `${meta.sha256}:${memoryBytes}`;
-  if (compiled.has(key)) return compiled.get(key);
+  if (compiled.has(key)) return { ...compiled.get(key), name: meta.name };
   const js = Object.keys(meta.files).find((f) => f.endsWith('.js'));
   const modules = {};
   for (const [f, bytes] of Object.entries(meta.files)) {
@@ -162,6 +162,11 @@ export async function loadDriver(source, { grants = DEFAULT_GRANTS, memoryBytes 
   };
   compiled.set(key, driver);
   return driver;
+}
+
+/** A driver loaded from a file is named after it. */
+function fileDriverName(source) {
+  return path.basename(String(source)).replace(/\.wasm$/, '').replace(/[^A-Za-z0-9_]/g, '_');
 }
 
 // ---- linear memory cap -------------------------------------------------
