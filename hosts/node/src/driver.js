@@ -76,6 +76,7 @@ export class Driver {
     const worker = new Worker(WORKER, {
       workerData: {
         source: this.component.source,
+        sourcePath: this.component.sourcePath,
         modules: this.component.modules,
         root: this.root,
         options: this.options,

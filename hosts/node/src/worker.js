@@ -8,12 +8,13 @@
 
 import fs from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
+import { pathToFileURL } from 'node:url';
 import { RootFs } from './host/rootfs.js';
 import { Locks } from './host/locks.js';
 import { makeImports, Deadline } from './host/imports.js';
 import { printable } from './errors.js';
 
-const { source, modules, root, options, limits, lockTable, fdTable, wid } = workerData;
+const { source, sourcePath, modules, root, options, limits, lockTable, fdTable, wid } = workerData;
 
 const ctx = {
   root: new RootFs(root, { maxListing: limits.maxListing }),
@@ -35,7 +36,9 @@ for (const [iface, impl] of Object.entries(imports)) {
   importObject[`image-cache:driver/${iface}@0.2.0`] = impl;
 }
 
-const generated = await import(`data:text/javascript;base64,${Buffer.from(source).toString('base64')}`);
+const generated = await import(
+  sourcePath ? pathToFileURL(sourcePath).href : `data:text/javascript;base64,${Buffer.from(source).toString('base64')}`
+);
 
 /** A broken driver: the main thread discards this instance. */
 class Fault extends Error {}

@@ -23,7 +23,7 @@
 // refuses recursive CTEs, the one way to loop without data.
 
 import fs from 'node:fs';
-import Database from 'better-sqlite3';
+import { createRequire } from 'node:module';
 import { gate, GateError } from './sqlgate.js';
 
 export const DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024;
@@ -39,6 +39,14 @@ export class SqliteError extends Error {
 }
 
 const sqliteError = (code, message) => new SqliteError(code, message);
+
+// Loaded on the first open: a driver that never opens a database (or an
+// instance of the xattr driver) does not pay for the native add-on.
+let Database = null;
+function database() {
+  Database ??= createRequire(import.meta.url)('better-sqlite3');
+  return Database;
+}
 
 function plainName(name) {
   return (
@@ -136,7 +144,8 @@ export function makeSqlite(ctx) {
       }
       let db;
       try {
-        db = new Database(`${root.real}/${name}`, { timeout: 1 });
+        const Db = database();
+        db = new Db(`${root.real}/${name}`, { timeout: 1 });
         db.unsafeMode(false);
         db.pragma('temp_store = MEMORY');
         db.pragma(`cache_size = -${CACHE_KIB}`);
