@@ -289,6 +289,14 @@ async function startDriver(root, config, source, grants) {
   }
 }
 
+/** A session the application dropped without ending it: when it is
+ * garbage-collected, its descriptor is closed and the driver told (a write
+ * then aborts as "incomplete fetch", as in Glance's `finally`). */
+const forgotten = new FinalizationRegistry(({ driver, inst, sid, fd }) => {
+  if (fd.value >= 0) fs.close(fd.value, () => {});
+  if (!inst.dead) driver.sessionCall(inst, 'drop', { sid }).catch(() => {});
+});
+
 /** A session's descriptor and its end, shared by writer and reader. */
 class Session {
   constructor(driver, id, { inst, sid, fd, size }) {
@@ -300,7 +308,11 @@ class Session {
     this.size = size;
     this.ended = false;
     this.lost = false;
-    inst.sessions.add(this);
+    // The registry must not hold the session itself: a shared box for fd.
+    this.fdBox = { value: fd };
+    forgotten.register(this, { driver, inst, sid, fd: this.fdBox }, this);
+    this.ref = new WeakRef(this);
+    inst.sessions.add(this.ref);
   }
 
   /** The instance was stopped (a fault elsewhere): the session is over. */
@@ -313,6 +325,9 @@ class Session {
     if (this.fd >= 0) {
       const fd = this.fd;
       this.fd = -1;
+      this.fdBox.value = -1;
+      forgotten.unregister(this);
+      this.inst.sessions.delete(this.ref);
       close(fd).catch(() => {});
     }
   }
@@ -328,7 +343,6 @@ class Session {
     try {
       await this.driver.sessionCall(this.inst, op, { sid: this.sid, ...args });
     } finally {
-      this.inst.sessions.delete(this);
       this.closeFd();
     }
   }

@@ -149,7 +149,7 @@ export class Driver {
       }
     }
     LOCKS.releaseWorker(inst.wid);
-    for (const session of inst.sessions) session.instanceLost();
+    for (const ref of inst.sessions) ref.deref()?.instanceLost();
     inst.sessions.clear();
     for (const { reject, timer } of inst.pending.values()) {
       clearTimeout(timer);

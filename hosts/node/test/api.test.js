@@ -9,6 +9,8 @@ import os from 'node:os';
 import path from 'node:path';
 import crypto from 'node:crypto';
 import { Readable } from 'node:stream';
+import v8 from 'node:v8';
+import vm from 'node:vm';
 import { ImageCache, CacheError } from '../src/index.js';
 import { componentsDir } from '../scripts/transpile.js';
 
@@ -132,4 +134,21 @@ test('listCached and queue are the Glance names of getCachedImages and queueImag
   assert.equal(await cache.queue('c'), true);
   assert.equal(await cache.queue('a'), false);
   assert.deepEqual(await cache.getQueuedImages(), ['c']);
+});
+
+test('a session the application forgets is closed and aborted when it is collected', async () => {
+  v8.setFlagsFromString('--expose-gc');
+  const gc = vm.runInNewContext('gc');
+  const cache = await open();
+  await (async () => {
+    const w = await cache.openForWrite('forgotten');
+    await w.write('partial');
+  })();
+  for (let i = 0; i < 20 && !fs.existsSync(path.join(cache.root, 'invalid', 'forgotten')); i++) {
+    gc();
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  assert.deepEqual(fs.readdirSync(path.join(cache.root, 'invalid')), ['forgotten'], 'aborted as an incomplete fetch');
+  assert.deepEqual(fs.readdirSync(path.join(cache.root, 'incomplete')), []);
+  assert.equal(await cache.isCached('forgotten'), false);
 });
