@@ -77,6 +77,7 @@ export class Driver {
       workerData: {
         source: this.component.source,
         sourcePath: this.component.sourcePath,
+        codeCache: this.component.codeCache ?? null,
         modules: this.component.modules,
         root: this.root,
         options: this.options,
@@ -111,7 +112,8 @@ export class Driver {
     this.instance = inst;
     stats.instances++;
     try {
-      const info = await this.send(inst, 'start', { options: this.options });
+      const { info, codeCache } = await this.send(inst, 'start', { options: this.options });
+      if (codeCache && !this.component.codeCache) this.component.codeCache = codeCache;
       this.info = {
         name: printable(info.name, 64),
         version: printable(info.version, 64),

@@ -8,13 +8,13 @@
 
 import fs from 'node:fs';
 import { parentPort, workerData } from 'node:worker_threads';
-import { pathToFileURL } from 'node:url';
+import vm from 'node:vm';
 import { RootFs } from './host/rootfs.js';
 import { Locks } from './host/locks.js';
 import { makeImports, Deadline } from './host/imports.js';
 import { printable } from './errors.js';
 
-const { source, sourcePath, modules, root, options, limits, lockTable, fdTable, wid } = workerData;
+const { source, sourcePath, codeCache, modules, root, options, limits, lockTable, fdTable, wid } = workerData;
 
 const ctx = {
   root: new RootFs(root, { maxListing: limits.maxListing }),
@@ -36,9 +36,18 @@ for (const [iface, impl] of Object.entries(imports)) {
   importObject[`image-cache:driver/${iface}@0.2.0`] = impl;
 }
 
-const generated = await import(
-  sourcePath ? pathToFileURL(sourcePath).href : `data:text/javascript;base64,${Buffer.from(source).toString('base64')}`
+// The transpiled glue is one large function; V8 compiles it on first use
+// in every worker (tens of ms). It runs as a classic script so that the
+// code V8 compiled in the first worker (its code cache, handed back to the
+// main thread) is reused by the next ones.
+const glue = new vm.Script(
+  `${(sourcePath ? fs.readFileSync(sourcePath, 'utf8') : source)
+    .replace(/^export function instantiate\(/m, 'function instantiate(')
+    .replace(/^export const _util = /m, 'const _util = ')}\n;({ instantiate });`,
+  { filename: 'driver-glue.js', cachedData: codeCache ?? undefined },
 );
+const generated = glue.runInThisContext();
+const codeCacheUsed = codeCache ? !glue.cachedDataRejected : false;
 
 /** A broken driver: the main thread discards this instance. */
 class Fault extends Error {}
@@ -145,7 +154,8 @@ function run(op, args) {
       start();
       const info = driver.info();
       driver.configure(args.options);
-      return info;
+      // After configure, the cache holds the code of what a call runs.
+      return { info, codeCache: codeCacheUsed ? null : glue.createCachedData() };
     }
     case 'call':
       if (!FUNCTIONS.has(args.fn)) throw new Fault(`no driver function ${args.fn}`);
