@@ -283,7 +283,8 @@ async function startDriver(root, config, source, grants) {
     return await Driver.start(component, { root, options, limits: config.limits });
   } catch (e) {
     if (e.kind === 'bad-configuration') {
-      throw new CacheError('bad-configuration', `driver ${component.name} cannot use cache root ${root}: ${e.message}`);
+      const why = e.message.replace(/^bad configuration: /, '');
+      throw new CacheError('bad-configuration', `bad configuration: driver ${component.name} cannot use cache root ${root}: ${why}`);
     }
     throw e;
   }

@@ -92,6 +92,9 @@ export class Driver {
       // Descriptors are tracked by the fd table (sessions' ones belong to
       // the main thread and must outlive the worker).
       trackUnmanagedFds: false,
+      // The application's flags, less those that only make sense for its
+      // own entry point (`node --input-type=module -e ...`).
+      execArgv: process.execArgv.filter((a) => !a.startsWith('--input-type')),
       stdout: false,
       stderr: false,
     });
@@ -121,9 +124,6 @@ export class Driver {
       };
     } catch (e) {
       this.discard(inst, e, { count: false });
-      if (e.kind === 'bad-configuration') {
-        throw new CacheError('bad-configuration', `driver ${this.name} cannot use the cache root: ${e.message}`);
-      }
       throw e;
     }
     return inst;

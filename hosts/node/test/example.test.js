@@ -23,3 +23,18 @@ test('examples/embed.js caches, tees, reads, lists, queues, prunes and cleans', 
     fs.rmSync(root, { recursive: true, force: true });
   }
 });
+
+test('the library works from `node --input-type=module -e` (workers do not inherit that flag)', () => {
+  const root = fs.mkdtempSync(path.join(os.tmpdir(), 'image-cache-node-eval-'));
+  const index = new URL('../src/index.js', import.meta.url).href;
+  try {
+    const out = execFileSync(
+      process.execPath,
+      ['--input-type=module', '-e', `import { ImageCache } from '${index}'; const c = await ImageCache.open(process.argv[1]); await c.cache('a', 'x'); console.log(await c.isCached('a')); await c.close();`, root],
+      { encoding: 'utf8' },
+    );
+    assert.equal(out.trim(), 'true');
+  } finally {
+    fs.rmSync(root, { recursive: true, force: true });
+  }
+});
