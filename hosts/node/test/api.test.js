@@ -152,3 +152,16 @@ test('a session the application forgets is closed and aborted when it is collect
   assert.deepEqual(fs.readdirSync(path.join(cache.root, 'incomplete')), []);
   assert.equal(await cache.isCached('forgotten'), false);
 });
+
+test('two caches on one root in one process: writers exclude each other, readers see each other', async () => {
+  const root = tmp();
+  const a = await open(root);
+  const b = await open(root);
+  const w = await a.openForWrite('img');
+  await w.write('from a');
+  await assert.rejects(b.openForWrite('img'), (e) => e.kind === 'being-cached');
+  assert.equal(await b.isBeingCached('img'), true);
+  await w.commit();
+  assert.equal((await b.readImage('img')).toString(), 'from a');
+  assert.equal(await a.getHitCount('img'), 1);
+});
