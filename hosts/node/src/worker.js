@@ -61,11 +61,17 @@ const FUNCTIONS = new Set([
 ]);
 
 let driver;
+/** The guest's linear memories, to tell a trap at the memory cap. */
+const memories = [];
 const sessions = new Map();
 let nextSession = 1;
 
 function start() {
-  const instance = generated.instantiate((name) => modules[name], importObject);
+  const instance = generated.instantiate((name) => modules[name], importObject, (module, imports) => {
+    const core = new WebAssembly.Instance(module, imports);
+    for (const x of Object.values(core.exports)) if (x instanceof WebAssembly.Memory) memories.push(x);
+    return core;
+  });
   driver =
     instance['image-cache:driver/cache-driver@0.2.0'] ??
     instance['image-cache:driver/cache-driver'] ??
@@ -191,8 +197,14 @@ function guestError(e) {
 function faultMessage(e) {
   if (e instanceof Fault) return printable(e.message, 512);
   if (e instanceof WebAssembly.RuntimeError) {
-    const m = String(e.message);
-    return `it trapped: ${printable(m, 256)}`;
+    const m = printable(String(e.message), 256);
+    // The cap is the memories' maximum (component.js): a guest that trapped
+    // within 2 MiB of it ran out of memory there.
+    const cap = limits.memoryBytes;
+    if (cap && memories.some((mem) => mem.buffer.byteLength > cap - (2 << 20))) {
+      return `it trapped: it exceeded its memory cap of ${cap} bytes (${m})`;
+    }
+    return `it trapped: ${m}`;
   }
   return `it trapped: ${printable(e?.message ?? e, 256)}`;
 }
