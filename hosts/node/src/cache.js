@@ -309,6 +309,7 @@ class Session {
     this.size = size;
     this.ended = false;
     this.lost = false;
+    this.busy = 0;
     // The registry must not hold the session itself: a shared box for fd.
     this.fdBox = { value: fd };
     forgotten.register(this, { driver, inst, sid, fd: this.fdBox }, this);
@@ -316,10 +317,25 @@ class Session {
     inst.sessions.add(this.ref);
   }
 
-  /** The instance was stopped (a fault elsewhere): the session is over. */
+  /** The instance was stopped (a fault elsewhere): the session is over.
+   * A read or write still in flight on the descriptor closes it when it
+   * returns (closing it under that operation could let it reach a file
+   * that reused the number). */
   instanceLost() {
     this.lost = true;
-    this.closeFd();
+    if (this.busy === 0) this.closeFd();
+  }
+
+  /** Run one I/O operation on the descriptor. */
+  async io(op) {
+    this.checkOpen();
+    this.busy++;
+    try {
+      return await op(this.fd);
+    } finally {
+      this.busy--;
+      if (this.lost && this.busy === 0) this.closeFd();
+    }
   }
 
   closeFd() {
@@ -360,9 +376,8 @@ export class ImageWriter extends Session {
   }
 
   async write(chunk) {
-    this.checkOpen();
     const bytes = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
-    await writeAll(this.fd, bytes);
+    await this.io((fd) => writeAll(fd, bytes));
     this.written += bytes.length;
   }
 
@@ -370,8 +385,9 @@ export class ImageWriter extends Session {
   async commit(checksum) {
     this.checkOpen();
     try {
-      await fdatasync(this.fd);
+      await this.io((fd) => fdatasync(fd));
     } catch (e) {
+      if (e instanceof CacheError) throw e;
       const message = `flushing image ${JSON.stringify(this.id)}: ${e.code}`;
       await this.abort(message).catch(() => {});
       throw new CacheError('io', `I/O error: ${message}`);
@@ -400,8 +416,7 @@ export class ImageReader extends Session {
 
   /** Read up to buf.length bytes; 0 at the end (which counts the hit). */
   async read(buf) {
-    this.checkOpen();
-    const { bytesRead } = await read(this.fd, buf, 0, buf.length, null);
+    const { bytesRead } = await this.io((fd) => read(fd, buf, 0, buf.length, null));
     if (bytesRead === 0 && buf.length > 0) await this.finish();
     return bytesRead;
   }

@@ -141,15 +141,20 @@ export class Driver {
     if (inst.dead) return;
     inst.dead = true;
     if (count) stats.discarded++;
-    inst.worker.terminate().catch(() => {});
-    for (let i = 0; i < inst.fdTable.length; i++) {
-      const fd = Atomics.exchange(inst.fdTable, i, -1);
-      if (fd >= 0) {
-        try {
-          fs.closeSync(fd);
-        } catch {}
+    // The guest's descriptors are closed once the thread has stopped (a
+    // thread still inside a system call could otherwise reach a file that
+    // reused a closed number); its locks go now.
+    const closeGuestFiles = () => {
+      for (let i = 0; i < inst.fdTable.length; i++) {
+        const fd = Atomics.exchange(inst.fdTable, i, -1);
+        if (fd >= 0) {
+          try {
+            fs.closeSync(fd);
+          } catch {}
+        }
       }
-    }
+    };
+    inst.worker.terminate().then(closeGuestFiles, closeGuestFiles);
     LOCKS.releaseWorker(inst.wid);
     for (const ref of inst.sessions) ref.deref()?.instanceLost();
     inst.sessions.clear();

@@ -256,3 +256,11 @@ test('a component asking for an interface it was not granted is refused at load'
     },
   );
 });
+
+test('stopping an instance leaves no descriptor of it open', async () => {
+  await databaseRefusal('sql-connections', 'LimitExceeded'); // the instance has used databases
+  const fds = openFds();
+  await fault('spin');
+  await new Promise((r) => setTimeout(r, 200)); // the thread's exit
+  assert.ok(openFds() <= fds, `${openFds()} open, ${fds} before`);
+});
