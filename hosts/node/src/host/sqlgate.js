@@ -262,7 +262,6 @@ export function checkStatement(tokens) {
     deny(`a statement starting with ${JSON.stringify(first.v)}`);
   }
   if (first.v === 'pragma') return checkPragma(tokens);
-  const ddlOrInsert = ['create', 'alter', 'insert', 'replace', 'with'].includes(first.v);
   for (let i = 0; i < tokens.length; i++) {
     const tok = tokens[i];
     if (tok.t === 'word' && REFUSED.has(tok.v)) deny(tok.v.toUpperCase());
@@ -271,13 +270,11 @@ export function checkStatement(tokens) {
     if ((tok.t === 'word' || tok.t === 'qword') && READ_REFUSED.test(tok.v)) deny(`reading ${tok.v}`);
     if (tok.t === 'word' || tok.t === 'qword') {
       const next = tokens[i + 1];
-      if (next?.v === '(' && tok.t === 'word' && !KEYWORDS_BEFORE_PAREN.has(tok.v)) {
+      // A call: `name(` (quoted names too: SQLite calls `"f"(x)` as f).
+      const keyword = tok.t === 'word' && KEYWORDS_BEFORE_PAREN.has(tok.v);
+      if (next?.v === '(' && !keyword) {
         if (FUNCTIONS.has(tok.v)) continue;
         if (!nameSpot(tokens, i, first.v)) deny(`function ${tok.v}()`);
-        continue;
-      }
-      if (next?.v === '(' && tok.t === 'qword' && !ddlOrInsert) {
-        deny(`a quoted name called as function ${JSON.stringify(tok.v)}`);
       }
     }
   }
