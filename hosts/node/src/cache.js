@@ -107,7 +107,9 @@ export class ImageCache {
    * Open a cache on `root`.
    * options: driver ('sqlite' | 'xattr' | 'hostile' | a component file),
    *   fallbackToSqlite (true), sqliteDb ('cache.db'), limits (see
-   *   DEFAULT_LIMITS), grants (['sqlite', 'xattr']), driverOptions ({}).
+   *   DEFAULT_LIMITS), grants (['sqlite', 'xattr']), driverOptions ({}),
+   *   xattr (true; false makes every xattr call `unsupported`, as a file
+   *   system without user xattrs would).
    */
   static async open(root, options = {}) {
     const config = {
@@ -117,6 +119,7 @@ export class ImageCache {
       limits: { ...DEFAULT_LIMITS, ...options.limits },
       grants: options.grants ?? DEFAULT_GRANTS,
       driverOptions: options.driverOptions ?? {},
+      xattr: options.xattr ?? true,
       onWarning: options.onWarning ?? ((m) => process.emitWarning(m, 'ImageCacheWarning')),
     };
     const real = prepareRoot(path.resolve(String(root)));
@@ -280,7 +283,7 @@ async function startDriver(root, config, source, grants) {
   const component = await loadDriver(source, { grants, memoryBytes: config.limits.memoryBytes });
   const options = [['image_cache_sqlite_db', config.sqliteDb], ...Object.entries(config.driverOptions)];
   try {
-    return await Driver.start(component, { root, options, limits: config.limits });
+    return await Driver.start(component, { root, options, limits: config.limits, xattr: config.xattr });
   } catch (e) {
     if (e.kind === 'bad-configuration') {
       const why = e.message.replace(/^bad configuration: /, '');

@@ -39,9 +39,10 @@ let nextWorkerId = 1;
 export const stats = { instances: 0, discarded: 0 };
 
 export class Driver {
-  constructor(component, { root, options, limits }) {
+  constructor(component, { root, options, limits, xattr = true }) {
     this.component = component;
     this.root = root;
+    this.xattr = xattr && component.imports.some((i) => i.startsWith('image-cache:driver/xattr@'));
     this.options = options;
     this.limits = { ...DEFAULT_LIMITS, ...limits };
     this.instance = null; // {worker, wid, fdTable, pending: Map, sessions: Set}
@@ -85,6 +86,7 @@ export class Driver {
         lockTable: LOCK_TABLE,
         fdTable,
         wid,
+        xattr: this.xattr,
       },
       resourceLimits: { maxOldGenerationSizeMb: this.limits.heapMb },
       // The guest gets no environment of ours; the worker needs none.

@@ -14,7 +14,18 @@ import { Locks } from './host/locks.js';
 import { makeImports, Deadline } from './host/imports.js';
 import { printable } from './errors.js';
 
-const { source, sourcePath, codeCache, modules, root, options, limits, lockTable, fdTable, wid } = workerData;
+const { source, sourcePath, codeCache, modules, root, options, limits, lockTable, fdTable, wid, xattr } = workerData;
+
+/** fs-xattr, when the driver imports xattr and the cache allows it. */
+async function loadXattr() {
+  if (!xattr) return null;
+  try {
+    fs.accessSync('/proc/self/fd');
+    return await import('fs-xattr');
+  } catch {
+    return null; // no add-on or no /proc: the xattr import says unsupported
+  }
+}
 
 const ctx = {
   root: new RootFs(root, { maxListing: limits.maxListing }),
@@ -25,6 +36,7 @@ const ctx = {
   deadline: new Deadline(),
   connections: 0,
   databases: new Set(),
+  xattrLib: await loadXattr(),
 };
 const { File, imports } = makeImports(ctx);
 

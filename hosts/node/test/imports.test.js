@@ -11,6 +11,7 @@ import { RootFs } from '../src/host/rootfs.js';
 import { makeImports, Deadline } from '../src/host/imports.js';
 import { Locks, createLockTable, createFdTable } from '../src/host/locks.js';
 import { gate } from '../src/host/sqlgate.js';
+import * as xattrLib from 'fs-xattr';
 
 const dirs = [];
 after(() => dirs.forEach((d) => fs.rmSync(d, { recursive: true, force: true })));
@@ -21,7 +22,7 @@ function tmp() {
   return d;
 }
 
-function setup({ openFiles = 16, connections = 4, maxQueryBytes = 1 << 20, maxListing } = {}) {
+function setup({ openFiles = 16, connections = 4, maxQueryBytes = 1 << 20, maxListing, xattrLib = null } = {}) {
   const dir = tmp();
   const ctx = {
     root: new RootFs(dir, { maxListing }),
@@ -32,6 +33,7 @@ function setup({ openFiles = 16, connections = 4, maxQueryBytes = 1 << 20, maxLi
     deadline: new Deadline(Date.now() + 10_000),
     connections: 0,
     databases: new Set(),
+    xattrLib,
   };
   const { File, imports } = makeImports(ctx);
   return { dir, ctx, File, imports, fsi: imports.fs };
@@ -188,7 +190,7 @@ test('locks exclude other open files of the same file, in and across instances, 
   b.close();
 });
 
-test('xattr: only user.* names, and every call unsupported on Node', () => {
+test('xattr without the add-on: only user.* names, and every call unsupported', () => {
   const { imports, fsi } = setup();
   const f = fsi.createNew('x');
   assert.equal(fsErr(() => imports.xattr.set(f, 'trusted.x', new Uint8Array([1]))).code, 'access-denied');
@@ -196,6 +198,34 @@ test('xattr: only user.* names, and every call unsupported on Node', () => {
   assert.equal(fsErr(() => imports.xattr.set(f, 'user.hits', new Uint8Array([1]))).code, 'unsupported');
   assert.equal(fsErr(() => imports.xattr.probe()).code, 'unsupported');
   f.close();
+});
+
+test('xattr attributes live on the open file (through /proc/self/fd), user.* only, capped', () => {
+  const outside = tmp();
+  fs.writeFileSync(path.join(outside, 'target'), '');
+  const { dir, imports, fsi } = setup({ xattrLib });
+  const x = imports.xattr;
+  const f = fsi.createNew('img');
+  assert.equal(fsErr(() => x.get(f, 'user.hits')).code, 'not-found');
+  x.set(f, 'user.hits', new Uint8Array([0x33]));
+  assert.deepEqual(x.get(f, 'user.hits'), new Uint8Array([0x33]));
+  assert.deepEqual(x.listNames(f), ['user.hits']);
+  // Renamed under it, or its name taken by a symlink out: the attribute
+  // still goes to the open file, never to what the name now points at.
+  fsi.rename('img', 'renamed');
+  fs.symlinkSync(path.join(outside, 'target'), path.join(dir, 'img'));
+  x.set(f, 'user.hits', new Uint8Array([0x34]));
+  const again = fsi.open('renamed');
+  assert.deepEqual(x.get(again, 'user.hits'), new Uint8Array([0x34]));
+  assert.deepEqual(xattrLib.listAttributesSync(path.join(outside, 'target')).filter((n) => n.startsWith('user.')), []);
+  x.remove(f, 'user.hits');
+  x.remove(f, 'user.hits'); // a missing one is fine
+  assert.equal(fsErr(() => x.set(f, 'trusted.hits', new Uint8Array([1]))).code, 'access-denied');
+  assert.equal(fsErr(() => x.set(f, 'user.big', new Uint8Array(64 * 1024 + 1))).code, 'limit-exceeded');
+  x.probe();
+  assert.deepEqual(fs.readdirSync(dir).sort(), ['img', 'renamed'], 'the probe leaves nothing');
+  f.close();
+  again.close();
 });
 
 // ---- sqlite ----

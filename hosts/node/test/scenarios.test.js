@@ -1,11 +1,11 @@
 // Plays the shared scenarios (tests/scenarios/README.md, format 1) against
 // the Node host, for both drivers.
 //
-// On Node the xattr driver cannot run: Node 20 has no extended-attribute
-// calls (see README.md). So "xattr" is played as the cache really behaves
-// there: opening it without the fallback is a bad-configuration error that
-// says user xattrs are unsupported, and with the fallback (the default, as
-// in Glance) the cache runs on sqlite and every scenario must still pass.
+// The xattr driver runs on the fs-xattr add-on (host/imports.js). Where user
+// xattrs are unsupported (a file system without them, or `xattr: false`),
+// opening it without the fallback is a bad-configuration error that says
+// so, and with the fallback (the default, as in Glance) the cache runs on
+// sqlite: both are tested at the end.
 
 import { test, describe, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -68,9 +68,10 @@ function matches(actual, expected, where = '$') {
 const BYTES_OPS = new Set(['get', 'last_passed']);
 
 class Runner {
-  constructor(root, driver) {
+  constructor(root, driver, openOptions = {}) {
     this.root = root;
     this.driver = driver;
+    this.openOptions = openOptions;
     this.sessions = new Map();
     this.lastPassed = Buffer.alloc(0);
     this.caches = [];
@@ -78,7 +79,11 @@ class Runner {
 
   async open() {
     const warnings = [];
-    const cache = await ImageCache.open(this.root, { driver: this.driver, onWarning: (m) => warnings.push(m) });
+    const cache = await ImageCache.open(this.root, {
+      driver: this.driver,
+      onWarning: (m) => warnings.push(m),
+      ...this.openOptions,
+    });
     this.caches.push(cache);
     this.cache = cache;
     return { cache, warnings };
@@ -234,16 +239,17 @@ class Runner {
   }
 }
 
-async function play(scenario, driver) {
-  const runner = new Runner(freshRoot(), driver);
+async function play(scenario, driver, openOptions = {}) {
+  const runner = new Runner(freshRoot(), driver, openOptions);
   const { cache, warnings } = await runner.open();
-  if (driver === 'xattr') {
-    // What the xattr driver is on Node: unsupported, so sqlite serves.
+  if (openOptions.xattr === false && driver === 'xattr') {
+    // No user xattrs: the xattr driver cannot configure; sqlite serves.
     assert.equal(cache.driverInfo.name, 'sqlite');
     assert.equal(cache.driverInfo.fellBackFrom, 'xattr');
     assert.match(warnings.join('\n'), /extended attributes are not supported/);
   } else {
     assert.equal(cache.driverInfo.name, driver);
+    assert.equal(cache.driverInfo.fellBackFrom, undefined, warnings.join('\n'));
   }
   try {
     for (const [i, st] of scenario.steps.entries()) {
@@ -282,7 +288,7 @@ assert.equal(suite.format, 1, 'the Node runner reads scenario format 1');
 assert.equal(suite.contract, 'image-cache:driver@0.2.0');
 
 for (const driver of ['sqlite', 'xattr']) {
-  describe(`scenarios on ${driver}${driver === 'xattr' ? ' (unsupported on Node: falls back to sqlite)' : ''}`, () => {
+  describe(`scenarios on ${driver}`, () => {
     for (const scenario of suite.scenarios) {
       if (scenario.drivers && !scenario.drivers.includes(driver)) continue;
       test(scenario.name, () => play(scenario, driver));
@@ -290,16 +296,19 @@ for (const driver of ['sqlite', 'xattr']) {
   });
 }
 
-test('the xattr driver without the fallback is a bad configuration: user xattrs are unsupported', async () => {
-  const root = freshRoot();
-  await assert.rejects(
-    ImageCache.open(root, { driver: 'xattr', fallbackToSqlite: false }),
-    (e) => {
-      assert.equal(e.kind, 'bad-configuration');
-      assert.match(e.message, /extended attributes are not supported/);
-      return true;
-    },
-  );
+describe('scenarios on xattr where user xattrs are unsupported (it falls back to sqlite)', () => {
+  for (const scenario of suite.scenarios) {
+    if (scenario.drivers && !scenario.drivers.includes('sqlite')) continue;
+    test(scenario.name, () => play(scenario, 'xattr', { xattr: false }));
+  }
+});
+
+test('where user xattrs are unsupported, the xattr driver is a bad configuration without the fallback', async () => {
+  await assert.rejects(ImageCache.open(freshRoot(), { driver: 'xattr', fallbackToSqlite: false, xattr: false }), (e) => {
+    assert.equal(e.kind, 'bad-configuration');
+    assert.match(e.message, /extended attributes are not supported/);
+    return true;
+  });
 });
 
 test('an unknown scenario op fails the runner', async () => {

@@ -189,35 +189,111 @@ export function makeImports(ctx) {
     setTimes: (p, a, m) => root.setTimes(p, a, m),
   };
 
-  // Node 20 has no xattr calls, and the one maintained add-on
-  // (@napi-rs/xattr) works on paths, not open files: every call reports
-  // `unsupported`, as a file system without user xattrs would, and the
-  // xattr driver's configure fails so the cache falls back to sqlite.
-  const unsupported = (f) => {
-    throw fsError('unsupported', `${f?.path ?? 'the cache root'}: user extended attributes are not supported by the Node host`);
-  };
+  // Extended attributes. Node 20 has no xattr calls; the fs-xattr add-on
+  // has path-based ones that follow symlinks (getxattr, not lgetxattr).
+  // Given /proc/self/fd/<fd>, the kernel resolves that link to the very
+  // file the descriptor is open on, never by name: the attributes are
+  // those of the guest's open file, as in the Rust host. Without the
+  // add-on or /proc (or with `xattr: false`), every call is `unsupported`.
+  const MAX_XATTR_VALUE = 64 * 1024;
+  const lib = ctx.xattrLib ?? null;
+  let probes = 0;
+  const unsupported = (where) =>
+    fsError('unsupported', `${where ?? 'the cache root'}: user extended attributes are not supported here`);
   const checkXattrName = (name) => {
     if (typeof name !== 'string' || !/^user\../.test(name) || Buffer.byteLength(name) > 255 || name.includes('\0')) {
       throw fsError('access-denied', `extended attribute ${JSON.stringify(String(name))}: only user.* names are allowed`);
     }
   };
+  const onFile = (f) => {
+    if (!(f instanceof File)) throw fsError('io', 'not a file of this instance');
+    f.checkOpen();
+    if (!lib) throw unsupported(f.path);
+    return `/proc/self/fd/${f.fd}`;
+  };
+  const xattrError = (f, name, e) => {
+    if (e?.code === 'ENODATA') return fsError('not-found', `${f.path}: no attribute ${name}`);
+    if (e?.code === 'ENOTSUP' || e?.code === 'EOPNOTSUPP') return unsupported(f.path);
+    if (e?.code === 'ERANGE' || e?.code === 'E2BIG') {
+      return fsError('limit-exceeded', `${f.path}: attribute ${name} is larger than ${MAX_XATTR_VALUE} bytes`);
+    }
+    const code = { ENOENT: 'not-found', EACCES: 'access-denied', EPERM: 'access-denied', ENOSPC: 'no-space', EDQUOT: 'no-space' }[e?.code] ?? 'io';
+    return fsError(code, `${f.path}: ${e?.code ?? 'extended attribute call failed'}`);
+  };
   const xattrImports = {
     get(f, name) {
       checkXattrName(name);
-      unsupported(f);
+      const at = onFile(f);
+      let value;
+      try {
+        value = lib.getAttributeSync(at, name);
+      } catch (e) {
+        throw xattrError(f, name, e);
+      }
+      if (value.length > MAX_XATTR_VALUE) {
+        throw fsError('limit-exceeded', `${f.path}: attribute ${name} is larger than ${MAX_XATTR_VALUE} bytes`);
+      }
+      return new Uint8Array(value);
     },
-    set(f, name) {
+    set(f, name, value) {
       checkXattrName(name);
-      unsupported(f);
+      const at = onFile(f);
+      if (value.length > MAX_XATTR_VALUE) {
+        throw fsError('limit-exceeded', `${f.path}: attribute values are limited to ${MAX_XATTR_VALUE} bytes`);
+      }
+      try {
+        lib.setAttributeSync(at, name, Buffer.from(value.buffer, value.byteOffset, value.byteLength));
+      } catch (e) {
+        throw xattrError(f, name, e);
+      }
     },
     remove(f, name) {
       checkXattrName(name);
-      unsupported(f);
+      const at = onFile(f);
+      try {
+        lib.removeAttributeSync(at, name);
+      } catch (e) {
+        if (e?.code !== 'ENODATA') throw xattrError(f, name, e);
+      }
     },
-    listNames: (f) => unsupported(f),
-    probe: () => unsupported(),
+    listNames(f) {
+      const at = onFile(f);
+      try {
+        return lib.listAttributesSync(at).filter((n) => n.startsWith('user.'));
+      } catch (e) {
+        throw xattrError(f, '(list)', e);
+      }
+    },
+    probe() {
+      if (!lib) throw unsupported();
+      // A scratch file in incomplete/ (if the driver made it), so no
+      // listing of the root takes it for an image while it exists.
+      const scratch = `.image-cache-xattr-probe-${process.pid}-${ctx.wid}-${probes++}`;
+      let rel = `incomplete/${scratch}`;
+      let f;
+      try {
+        f = fsImports.createNew(rel);
+      } catch (e) {
+        if (e.payload?.code !== 'not-found') throw e;
+        rel = scratch;
+        f = fsImports.createNew(rel);
+      }
+      try {
+        xattrImports.set(f, 'user.image-cache.probe', new Uint8Array([0x31]));
+        const v = xattrImports.get(f, 'user.image-cache.probe');
+        if (v.length !== 1 || v[0] !== 0x31) throw unsupported();
+      } catch (e) {
+        // The guest learns that the root lacks support, never where it is.
+        const code = e.payload?.code;
+        throw code === 'unsupported' || code === 'not-found' ? unsupported() : e;
+      } finally {
+        f.close();
+        try {
+          root.removeFile(rel);
+        } catch {}
+      }
+    },
   };
-
   return {
     File,
     imports: {
