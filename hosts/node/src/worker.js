@@ -52,10 +52,14 @@ for (const [iface, impl] of Object.entries(imports)) {
 // in every worker (tens of ms). It runs as a classic script so that the
 // code V8 compiled in the first worker (its code cache, handed back to the
 // main thread) is reused by the next ones.
+globalThis.JCO_DEBUG = Boolean(process.env.JCO_DEBUG);
 const glue = new vm.Script(
   `${(sourcePath ? fs.readFileSync(sourcePath, 'utf8') : source)
     .replace(/^export function instantiate\(/m, 'function instantiate(')
-    .replace(/^export const _util = /m, 'const _util = ')}\n;({ instantiate });`,
+    .replace(/^export const _util = /m, 'const _util = ')
+    // jco's debug log reads process.env (a call into C++) on every
+    // lowering, ~20 times a driver call: read it once.
+    .replace('if (!globalThis?.process?.env?.JCO_DEBUG) { return; }', 'if (!JCO_DEBUG) { return; }')}\n;({ instantiate });`,
   { filename: 'driver-glue.js', cachedData: codeCache ?? undefined },
 );
 const generated = glue.runInThisContext();

@@ -38,11 +38,18 @@ export const MAX_BATCH = 1_000_000;
 /** Latest time a guest may set (as in the Rust host). */
 export const MAX_TIME = 1e12;
 
-/** An `fs-error` as jco wants it thrown from an import: a `payload`. */
-export class FsError extends Error {
+/** An `fs-error` as jco wants it thrown from an import: a `payload`. Not
+ * an Error: a refusal is an expected value (e.g. `stat` of a missing file
+ * on every is-cached miss), and capturing a stack trace for each one cost
+ * more than the system call. */
+export class FsError {
   constructor(code, message) {
-    super(message);
     this.payload = { code, message };
+    this.message = message;
+  }
+
+  toString() {
+    return `FsError(${this.payload.code}): ${this.message}`;
   }
 }
 
@@ -224,11 +231,15 @@ export class RootFs {
   stat(rel) {
     const parts = checkPath(rel);
     const abs = this.resolve(rel, parts);
+    let st;
     try {
-      return metadataOf(fs.lstatSync(abs, { bigint: true }));
+      // A missing entry is common (every is-cached miss): no exception.
+      st = fs.lstatSync(abs, { bigint: true, throwIfNoEntry: false });
     } catch (e) {
       throw ioError(rel, e);
     }
+    if (st === undefined) throw fsError('not-found', `${rel}: no such file or directory (ENOENT)`);
+    return metadataOf(st);
   }
 
   /** dev and ino of the regular file at rel (never through a symlink). */
