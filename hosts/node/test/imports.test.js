@@ -354,3 +354,19 @@ test('the statement gate allows what the drivers need and refuses the rest', () 
   ];
   for (const sql of refused) assert.throws(() => gate(sql, { batch: true }), /may not do this/, sql);
 });
+
+test('the clock is the wall clock, to the microsecond, and never goes back', () => {
+  const { imports } = setup();
+  const now = imports.clock.now;
+  assert.ok(Math.abs(now() - Date.now() / 1000) < 1);
+  let last = now();
+  let distinct = 0;
+  for (let i = 0; i < 1000; i++) {
+    const t = now();
+    assert.ok(t >= last);
+    if (t > last) distinct++;
+    last = t;
+  }
+  assert.ok(distinct > 100, 'sub-millisecond steps');
+  assert.notEqual(now() % 0.001, 0);
+});

@@ -7,6 +7,17 @@ import { fsError, ioError, metadataOf, checkTime, seconds, MAX_BATCH } from './r
 import { Locks } from './locks.js';
 import { makeSqlite } from './sqlite.js';
 
+/** The wall clock in seconds, to the microsecond: Date.now() has only
+ * milliseconds, and drivers order queue markers made in quick succession
+ * by the times they set. performance.timeOrigin is the wall clock at the
+ * thread's start with a fraction; never behind Date.now(), never back. */
+let lastClock = 0;
+export function wallClock() {
+  const t = Math.max(Date.now(), performance.timeOrigin + performance.now()) / 1000;
+  lastClock = Math.max(lastClock, t);
+  return lastClock;
+}
+
 /** A deadline as an absolute Date.now() time. */
 export class Deadline {
   constructor(at = Infinity) {
@@ -297,7 +308,7 @@ export function makeImports(ctx) {
   return {
     File,
     imports: {
-      clock: { now: () => Date.now() / 1000 },
+      clock: { now: wallClock },
       types: {},
       fs: fsImports,
       xattr: xattrImports,
