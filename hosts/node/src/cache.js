@@ -95,8 +95,12 @@ function prepareRoot(root) {
 }
 
 export class ImageCache {
-  /** Use `await ImageCache.open(root, options)`. */
+  /** Use `await ImageCache.open(root, options)`: opening starts a worker
+   * and configures the driver, which cannot happen in a constructor. */
   constructor(root, driver, config) {
+    if (!(driver instanceof Driver)) {
+      throw new TypeError('open a cache with `await ImageCache.open(root, options)`');
+    }
     this.root = root;
     this.driver = driver;
     this.previous = null;

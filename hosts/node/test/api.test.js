@@ -165,3 +165,7 @@ test('two caches on one root in one process: writers exclude each other, readers
   assert.equal((await b.readImage('img')).toString(), 'from a');
   assert.equal(await a.getHitCount('img'), 1);
 });
+
+test('new ImageCache(root, options) points to ImageCache.open', () => {
+  assert.throws(() => new ImageCache(tmp(), { driver: 'sqlite' }), /await ImageCache\.open\(root, options\)/);
+});
