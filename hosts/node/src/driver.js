@@ -29,6 +29,10 @@ export const DEFAULT_LIMITS = {
   maxQueryBytes: 64 * 1024 * 1024,
   /** The JS heap of the worker (MiB). */
   heapMb: 512,
+  /** Stopped instances whose thread has not ended yet (stuck in a
+   * statement inside SQLite, which cannot be interrupted from Node) that a
+   * driver may leave behind before it gets no new instance. */
+  maxStoppedRunning: 2,
 };
 
 /** One lock table for the whole process (see host/locks.js). */
@@ -50,6 +54,8 @@ export class Driver {
     this.nextCall = 1;
     this.info = null;
     this.closed = false;
+    /** Stopped instances whose threads still run. */
+    this.stoppedRunning = 0;
   }
 
   get name() {
@@ -134,6 +140,12 @@ export class Driver {
   async ensureInstance() {
     if (this.closed) throw new CacheError('io', `driver ${this.name} is closed`);
     if (this.instance && !this.instance.dead) return this.instance;
+    if (this.stoppedRunning >= this.limits.maxStoppedRunning) {
+      throw new CacheError(
+        'overloaded',
+        `driver ${this.name}: ${this.stoppedRunning} of its stopped instances are still running (a statement inside SQLite cannot be interrupted on Node); no new instance until they end`,
+      );
+    }
     return this.spawn();
   }
 
@@ -156,7 +168,12 @@ export class Driver {
         }
       }
     };
-    inst.worker.terminate().then(closeGuestFiles, closeGuestFiles);
+    this.stoppedRunning++;
+    const ended = () => {
+      this.stoppedRunning--;
+      closeGuestFiles();
+    };
+    inst.worker.terminate().then(ended, ended);
     LOCKS.releaseWorker(inst.wid);
     for (const ref of inst.sessions) ref.deref()?.instanceLost();
     inst.sessions.clear();

@@ -169,3 +169,20 @@ test('two caches on one root in one process: writers exclude each other, readers
 test('new ImageCache(root, options) points to ImageCache.open', () => {
   assert.throws(() => new ImageCache(tmp(), { driver: 'sqlite' }), /await ImageCache\.open\(root, options\)/);
 });
+
+test('a driver whose stopped instances keep running gets no new instance until they end', async () => {
+  const cache = await open(tmp(), { limits: { maxStoppedRunning: 1 } });
+  const driver = cache.driver;
+  // An instance whose thread will not end (as one inside a long SQLite
+  // statement): stopping it leaves it running.
+  let end;
+  const stuck = { ...driver.instance, dead: false, sessions: new Set(), pending: new Map() };
+  stuck.worker = { terminate: () => new Promise((r) => (end = r)) };
+  driver.discard(driver.instance, new CacheError('driver-fault', 'test')); // the real one
+  await new Promise((r) => setTimeout(r, 100));
+  driver.discard(stuck, new CacheError('driver-fault', 'test'));
+  await assert.rejects(cache.isCached('x'), (e) => e.kind === 'overloaded' && /still running/.test(e.message));
+  end();
+  await new Promise((r) => setImmediate(r));
+  assert.equal(await cache.isCached('x'), false, 'a new instance once it ended');
+});
