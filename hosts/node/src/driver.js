@@ -9,6 +9,7 @@
 
 import fs from 'node:fs';
 import { Worker } from 'node:worker_threads';
+import { createRequire } from 'node:module';
 import { CacheError, printable, invalidIdReason, validateImageId } from './errors.js';
 import { createLockTable, createFdTable, Locks } from './host/locks.js';
 
@@ -34,6 +35,22 @@ export const DEFAULT_LIMITS = {
    * driver may leave behind before it gets no new instance. */
   maxStoppedRunning: 2,
 };
+
+/** flock(2) from fs-ext, loaded in the main thread only: a NAN add-on,
+ * it crashed the process when loaded in a second worker after one had been
+ * stopped. Workers ask the main thread to flock their descriptors (which
+ * are the process's); without it, the lock table below is all there is. */
+let FLOCK;
+function flocker() {
+  if (FLOCK === undefined) {
+    try {
+      FLOCK = createRequire(import.meta.url)('fs-ext');
+    } catch {
+      FLOCK = null;
+    }
+  }
+  return FLOCK;
+}
 
 /** One lock table for the whole process (see host/locks.js). */
 const LOCK_TABLE = createLockTable();
@@ -80,6 +97,8 @@ export class Driver {
   async spawn() {
     const wid = nextWorkerId++;
     const fdTable = createFdTable(this.limits.openFiles);
+    // [0]: the last answered lock request, [1]: its answer.
+    const lockChannel = new Int32Array(new SharedArrayBuffer(8));
     const worker = new Worker(WORKER, {
       workerData: {
         source: this.component.source,
@@ -93,6 +112,7 @@ export class Driver {
         fdTable,
         wid,
         xattr: this.xattr,
+        lockChannel: flocker() ? lockChannel : null,
       },
       resourceLimits: { maxOldGenerationSizeMb: this.limits.heapMb },
       // The guest gets no environment of ours; the worker needs none.
@@ -106,7 +126,7 @@ export class Driver {
       stdout: false,
       stderr: false,
     });
-    const inst = { worker, wid, fdTable, pending: new Map(), sessions: new Set(), dead: false };
+    const inst = { worker, wid, fdTable, lockChannel, pending: new Map(), sessions: new Set(), dead: false };
     worker.unref();
     await new Promise((resolve, reject) => {
       const early = (e) => reject(this.fault(`its worker did not start (${printable(e?.message ?? e, 256)})`));
@@ -185,7 +205,26 @@ export class Driver {
     if (this.instance === inst) this.instance = null;
   }
 
+  /** A worker asks for flock(fd, op) on one of its descriptors; it waits
+   * on the lock channel for the answer: 1 done, 0 held by another, -1
+   * failed. A stopped instance's requests are ignored (its numbers may be
+   * reused by now). */
+  flock(inst, { fd, op, seq }) {
+    if (inst.dead) return;
+    let answer;
+    try {
+      FLOCK.flockSync(fd, op);
+      answer = 1;
+    } catch (e) {
+      answer = e?.code === 'EAGAIN' || e?.code === 'EWOULDBLOCK' ? 0 : -1;
+    }
+    Atomics.store(inst.lockChannel, 1, answer);
+    Atomics.store(inst.lockChannel, 0, seq);
+    Atomics.notify(inst.lockChannel, 0);
+  }
+
   reply(inst, m) {
+    if (m.flock) return this.flock(inst, m.flock);
     const p = inst.pending.get(m.id);
     if (!p) return;
     inst.pending.delete(m.id);

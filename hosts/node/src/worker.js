@@ -14,7 +14,25 @@ import { Locks } from './host/locks.js';
 import { makeImports, Deadline } from './host/imports.js';
 import { printable } from './errors.js';
 
-const { source, sourcePath, codeCache, modules, root, options, limits, lockTable, fdTable, wid, xattr } = workerData;
+const { source, sourcePath, codeCache, modules, root, options, limits, lockTable, fdTable, wid, xattr, lockChannel } =
+  workerData;
+
+/** flock(fd, op) done by the main thread (see driver.js): 'done', 'busy',
+ * or 'timed-out' when no answer came before the call's deadline. */
+let lockSeq = 0;
+function mainThreadFlock(fd, op) {
+  const seq = ++lockSeq;
+  parentPort.postMessage({ flock: { fd, op, seq } });
+  for (;;) {
+    const answered = Atomics.load(lockChannel, 0);
+    if (answered === seq) break;
+    const left = ctx.deadline.remaining();
+    if (left <= 0) return 'timed-out';
+    Atomics.wait(lockChannel, 0, answered, Math.min(left, 1000));
+  }
+  const answer = Atomics.load(lockChannel, 1);
+  return answer === 1 ? 'done' : answer === 0 ? 'busy' : 'failed';
+}
 
 /** fs-xattr, when the driver imports xattr and the cache allows it. */
 async function loadXattr() {
@@ -37,6 +55,7 @@ const ctx = {
   connections: 0,
   databases: new Set(),
   xattrLib: await loadXattr(),
+  flock: lockChannel ? mainThreadFlock : null,
 };
 const { File, imports } = makeImports(ctx);
 

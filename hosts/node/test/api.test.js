@@ -11,6 +11,8 @@ import crypto from 'node:crypto';
 import { Readable } from 'node:stream';
 import v8 from 'node:v8';
 import vm from 'node:vm';
+import { spawn } from 'node:child_process';
+import { createRequire } from 'node:module';
 import { ImageCache, CacheError } from '../src/index.js';
 import { componentsDir } from '../scripts/transpile.js';
 
@@ -185,4 +187,36 @@ test('a driver whose stopped instances keep running gets no new instance until t
   end();
   await new Promise((r) => setImmediate(r));
   assert.equal(await cache.isCached('x'), false, 'a new instance once it ended');
+});
+
+test('file locks are flock(2): a writer of another process that holds its lock is not taken over', async () => {
+  const root = tmp();
+  const cache = await open(root);
+  const stale = path.join(root, 'incomplete', 'img');
+  fs.writeFileSync(stale, 'partial');
+  const old = Date.now() / 1000 - 60;
+  fs.utimesSync(stale, old, old); // untouched for a minute: a takeover candidate
+  const fsExt = createRequire(import.meta.url).resolve('fs-ext');
+  const holder = spawn(
+    process.execPath,
+    ['-e', `const fe = require(${JSON.stringify(fsExt)}); const fd = require('fs').openSync(${JSON.stringify(stale)}, 'r'); fe.flockSync(fd, 'ex'); console.log('locked'); setInterval(() => {}, 1000);`],
+    { stdio: ['ignore', 'pipe', 'inherit'] },
+  );
+  try {
+    await new Promise((resolve, reject) => {
+      holder.stdout.once('data', resolve);
+      holder.once('exit', () => reject(new Error('the lock holder exited')));
+    });
+    await assert.rejects(cache.openForWrite('img'), (e) => e.kind === 'being-cached');
+    assert.equal(fs.readFileSync(stale, 'utf8'), 'partial', 'its file is untouched');
+  } finally {
+    holder.kill();
+    await new Promise((r) => (holder.exitCode !== null ? r() : holder.once('exit', r)));
+  }
+  // The holder is gone: its lock with it; the stalled file is taken over.
+  const w = await cache.openForWrite('img');
+  await w.write('fresh');
+  await w.commit();
+  assert.equal((await cache.readImage('img')).toString(), 'fresh');
+  assert.deepEqual(fs.readdirSync(path.join(root, 'invalid')), ['img']);
 });

@@ -35,8 +35,15 @@ export class Deadline {
  * ctx: {root: RootFs, fdTable: Int32Array, locks: Locks, wid, limits,
  *       deadline: Deadline, xattr: 'unsupported', connections, databases}
  */
+/** Something to sleep on between two tries of a lock. */
+const SLEEP = new Int32Array(new SharedArrayBuffer(4));
+
 export function makeImports(ctx) {
   const { root, fdTable, locks } = ctx;
+  // flock(fd, op) through the main thread ('done' | 'busy' | 'timed-out' |
+  // 'failed'), or null: then locks are a table shared by the workers of
+  // this process only (host/locks.js).
+  const flock = ctx.flock ?? null;
 
   function takeSlot(rel) {
     for (let i = 0; i < fdTable.length; i++) {
@@ -113,26 +120,45 @@ export function makeImports(ctx) {
 
     tryLock() {
       this.checkOpen();
+      if (flock) {
+        // flock(2) on the descriptor, as the Rust host: per open file, seen
+        // by other processes, gone when the descriptor is closed.
+        const r = flock(this.fd, 'exnb');
+        if (r === 'done') return true;
+        if (r === 'busy') return false;
+        if (r === 'timed-out') throw fsError('timed-out', `${this.path}: the lock was not answered before the call's deadline`);
+        throw fsError('io', `${this.path}: flock failed`);
+      }
       const r = locks.tryLock(this.key(), this.token, ctx.wid);
       if (r === 'full') throw fsError('limit-exceeded', `${this.path}: the host's lock table is full`);
       return r !== 'busy';
     }
 
+    /** Wait for the lock, never past the call's deadline (a blocking
+     * flock could not be interrupted). */
     lock() {
       this.checkOpen();
+      let pause = 0.2;
       for (;;) {
         if (this.tryLock()) return;
         const left = ctx.deadline.remaining();
         if (left <= 0) {
           throw fsError('timed-out', `${this.path}: another holder kept the lock until the call's deadline`);
         }
-        locks.waitForRelease(Math.min(left, 10));
+        if (flock) Atomics.wait(SLEEP, 0, 0, Math.min(left, pause));
+        else locks.waitForRelease(Math.min(left, 10));
+        pause = Math.min(pause * 2, 10);
       }
     }
 
     unlock() {
       this.checkOpen();
-      if (this.lockKey !== null) locks.unlock(this.lockKey, this.token);
+      if (flock) {
+        const r = flock(this.fd, 'un');
+        if (r !== 'done') throw fsError(r === 'timed-out' ? 'timed-out' : 'io', `${this.path}: unlock failed`);
+      } else if (this.lockKey !== null) {
+        locks.unlock(this.lockKey, this.token);
+      }
     }
 
     /** Release the lock and, unless the main thread owns the descriptor
