@@ -1,15 +1,15 @@
-// File locks for `file.lock` / `try-lock` / `unlock`, and the table of
-// descriptors an instance holds.
+// File locks for `file.lock` / `try-lock` / `unlock` when fs-ext's flock(2)
+// cannot be loaded (driver.js asks the main thread to flock otherwise), and
+// the table of descriptors an instance holds.
 //
-// Node 20 has no flock(2). The locks here are advisory and exclusive like
-// flock's, keyed by the file's device and inode, held per open file (two
-// handles on one file in one instance exclude each other, as flock's open
-// file descriptions do), and shared by every worker of this process through
-// one SharedArrayBuffer: drivers of several caches and instances in the
-// process see each other's locks. They are not seen by other processes
-// (another Node process, the Rust CLI): README.md says so. When a worker is
-// stopped, the main thread releases every lock it held, as the kernel would
-// at a process exit.
+// The locks here are advisory and exclusive like flock's, keyed by the
+// file's device and inode, held per open file (two handles on one file in
+// one instance exclude each other, as flock's open file descriptions do),
+// and shared by every worker of this process through one
+// SharedArrayBuffer. They are not seen by other processes (another Node
+// process, the Rust CLI): README.md says so. When a worker is stopped, the
+// main thread releases every lock it held, as the kernel would at a
+// process exit.
 
 export const LOCK_SLOTS = 4096;
 
