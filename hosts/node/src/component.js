@@ -1,0 +1,237 @@
+// Loading a driver component: the built-in ones transpiled at build time
+// (scripts/transpile.js, into generated/), any other component file
+// transpiled when it is loaded; its contract (version, imports) checked
+// before anything is instantiated; its core modules compiled once, with a
+// cap on linear memory written into them.
+
+import fs from 'node:fs';
+import path from 'node:path';
+import crypto from 'node:crypto';
+import { fileURLToPath } from 'node:url';
+import { CacheError } from './errors.js';
+
+export const CONTRACT = 'image-cache:driver@0.2.0';
+export const PACKAGE_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+export const GENERATED_DIR = path.join(PACKAGE_DIR, 'generated');
+export const BUILTIN = ['sqlite', 'xattr', 'hostile'];
+
+/** Interfaces a driver may import, and which need a grant. */
+const ALWAYS = ['clock', 'fs', 'types'];
+const GRANTABLE = ['sqlite', 'xattr'];
+/** `database` (shared PostgreSQL) has no Node implementation. */
+export const DEFAULT_GRANTS = ['sqlite', 'xattr'];
+
+/** The options every transpile uses (build time and load time alike). */
+export const TRANSPILE_OPTIONS = {
+  instantiation: 'sync',
+  emitTypescriptDeclarations: false,
+  nodejsCompat: false,
+  wasiShim: false,
+  base64Cutoff: 0,
+  tlaCompat: false,
+  namespacedExports: false,
+};
+
+/** Transpile component bytes with jco. */
+export async function transpile(bytes, name) {
+  const { transpileBytes } = await import('@bytecodealliance/jco-transpile');
+  const { componentWit } = await import('@bytecodealliance/jco-transpile/wasm-tools');
+  const result = await transpileBytes(new Uint8Array(bytes), { ...TRANSPILE_OPTIONS, name });
+  // jco's lists drop versions and interfaces without functions: the
+  // component's own world (wasm-tools) is what the contract is checked on.
+  const world = worldOf(await componentWit(new Uint8Array(bytes)));
+  return {
+    name,
+    sha256: crypto.createHash('sha256').update(bytes).digest('hex'),
+    imports: world.imports,
+    exports: world.exports,
+    files: result.files,
+  };
+}
+
+/** The imports and exports of a component's world, from its WIT text:
+ * `import image-cache:driver/fs@0.2.0;` lines. Anything else imported
+ * (a function, an inline interface) is listed as it is written, so the
+ * contract check refuses it. */
+export function worldOf(wit) {
+  const lines = wit.split('\n');
+  const start = lines.findIndex((l) => /^world /.test(l));
+  const imports = [];
+  const exports = [];
+  let depth = 0;
+  for (const line of lines.slice(start + 1)) {
+    const t = line.trim();
+    if (depth === 0 && t === '}') break;
+    const m = /^(import|export)\s+([^;{]+?)\s*(;|\{|$)/.exec(t);
+    if (depth === 0 && m) (m[1] === 'import' ? imports : exports).push(m[2]);
+    depth += (t.match(/\{/g) ?? []).length - (t.match(/\}/g) ?? []).length;
+  }
+  return { imports, exports };
+}
+
+/** The interface part of an import or export name: `fs` from
+ * `image-cache:driver/fs@0.2.0`; null for anything not of our package. */
+function ourInterface(spec) {
+  const m = /^image-cache:driver\/([a-z-]+)@(\d+\.\d+\.\d+)$/.exec(spec);
+  if (!m) return null;
+  return { name: m[1], version: m[2] };
+}
+
+/** Check what a component imports and exports against the contract and
+ * the grants, before instantiating it. Throws a `load` CacheError. */
+export function checkContract(meta, grants = DEFAULT_GRANTS) {
+  const fail = (why) => {
+    throw new CacheError('load', `cannot load driver ${meta.name}: ${why}`);
+  };
+  const exported = meta.exports;
+  const driverExport = exported.find((n) => n.startsWith('image-cache:driver/cache-driver'));
+  if (!driverExport) fail(`it does not export image-cache:driver/cache-driver (exports: ${exported.join(', ') || 'nothing'})`);
+  const v = ourInterface(driverExport);
+  if (!v || `image-cache:driver@${v.version}` !== CONTRACT) {
+    fail(`it implements ${driverExport}, this host speaks ${CONTRACT}`);
+  }
+  for (const spec of meta.imports) {
+    const i = ourInterface(spec);
+    if (!i || `image-cache:driver@${i.version}` !== CONTRACT) fail(`it imports ${spec}, which is not part of ${CONTRACT}`);
+    if (ALWAYS.includes(i.name)) continue;
+    if (!GRANTABLE.includes(i.name)) fail(`it imports ${spec}, which the Node host does not provide`);
+    if (!grants.includes(i.name)) fail(`it imports ${spec}, which it was not granted`);
+  }
+}
+
+/** Read a transpiled built-in driver from generated/. */
+export function loadBuiltin(name) {
+  const dir = path.join(GENERATED_DIR, name);
+  let meta;
+  try {
+    meta = JSON.parse(fs.readFileSync(path.join(dir, 'manifest.json'), 'utf8'));
+  } catch {
+    throw new CacheError(
+      'load',
+      `built-in driver ${name} is not built: run \`npm run build\` in hosts/node (components from IMAGE_CACHE_COMPONENTS_DIR)`,
+    );
+  }
+  const files = {};
+  for (const f of meta.files) files[f] = fs.readFileSync(path.join(dir, f));
+  const js = meta.files.find((f) => f.endsWith('.js'));
+  return { ...meta, files, sourcePath: path.join(dir, js) };
+}
+
+/** A driver source (built-in name or component file path) as a checked,
+ * compiled driver, cached per content and memory cap. */
+const compiled = new Map();
+
+export async function loadDriver(source, { grants = DEFAULT_GRANTS, memoryBytes } = {}) {
+  let meta;
+  if (BUILTIN.includes(source)) {
+    meta = loadBuiltin(source);
+  } else {
+    let bytes;
+    try {
+      bytes = fs.readFileSync(source);
+    } catch (e) {
+      throw new CacheError('load', `cannot load driver ${path.basename(String(source))}: ${e.code ?? e.message}`);
+    }
+    const sha = crypto.createHash('sha256').update(bytes).digest('hex');
+    const key = `${sha}:${memoryBytes}`;
+    if (compiled.has(key)) {
+      const c = compiled.get(key);
+      checkContract(c, grants);
+      return { ...c, name: fileDriverName(source) };
+    }
+    try {
+      meta = await transpile(bytes, fileDriverName(source));
+    } catch (e) {
+      throw new CacheError('load', `cannot load driver ${path.basename(source)}: not a component jco can transpile (${String(e?.message ?? e).split('\n')[0]})`);
+    }
+  }
+  checkContract(meta, grants);
+  const key = `${meta.sha256}:${memoryBytes}`;
+  if (compiled.has(key)) return { ...compiled.get(key), name: meta.name };
+  const js = Object.keys(meta.files).find((f) => f.endsWith('.js'));
+  const modules = {};
+  for (const [f, bytes] of Object.entries(meta.files)) {
+    if (f.endsWith('.wasm')) modules[f] = await WebAssembly.compile(capMemory(bytes, memoryBytes));
+  }
+  const driver = {
+    name: meta.name,
+    sha256: meta.sha256,
+    imports: meta.imports,
+    exports: meta.exports,
+    // Built-ins are imported from their file (faster than a data: URL).
+    source: meta.sourcePath ? null : Buffer.from(meta.files[js]).toString('utf8'),
+    sourcePath: meta.sourcePath ?? null,
+    modules,
+  };
+  compiled.set(key, driver);
+  return driver;
+}
+
+/** A driver loaded from a file is named after it. */
+function fileDriverName(source) {
+  return path.basename(String(source)).replace(/\.wasm$/, '').replace(/[^A-Za-z0-9_]/g, '_');
+}
+
+// ---- linear memory cap -------------------------------------------------
+
+function readU32(buf, pos) {
+  let result = 0;
+  let shift = 0;
+  for (;;) {
+    const b = buf[pos++];
+    result += (b & 0x7f) * 2 ** shift;
+    if ((b & 0x80) === 0) return [result, pos];
+    shift += 7;
+  }
+}
+
+function writeU32(n) {
+  const out = [];
+  do {
+    let b = n % 128;
+    n = Math.floor(n / 128);
+    if (n !== 0) b |= 0x80;
+    out.push(b);
+  } while (n !== 0);
+  return out;
+}
+
+/** Rewrite the limits of every 32-bit memory a core module defines so its
+ * maximum is at most maxBytes: growing past it fails inside the guest
+ * (its allocator traps), instead of taking the host's memory. */
+export function capMemory(bytes, maxBytes) {
+  const buf = Buffer.from(bytes);
+  if (!maxBytes || buf.length < 8 || buf.readUInt32LE(0) !== 0x6d736100) return buf;
+  const capPages = Math.max(1, Math.floor(maxBytes / 65536));
+  const parts = [buf.subarray(0, 8)];
+  let pos = 8;
+  while (pos < buf.length) {
+    const id = buf[pos];
+    const [size, start] = readU32(buf, pos + 1);
+    const end = start + size;
+    if (id !== 5) {
+      parts.push(buf.subarray(pos, end));
+      pos = end;
+      continue;
+    }
+    let p = start;
+    const [count, p1] = readU32(buf, p);
+    p = p1;
+    const body = [...writeU32(count)];
+    for (let i = 0; i < count; i++) {
+      const flags = buf[p++];
+      const [min, p2] = readU32(buf, p);
+      p = p2;
+      let max = null;
+      if (flags & 1) {
+        [max, p] = readU32(buf, p);
+      }
+      if (flags & ~0x03) return buf; // memory64 or unknown flags: leave it
+      const newMax = Math.max(min, max === null ? capPages : Math.min(max, capPages));
+      body.push(flags | 1, ...writeU32(min), ...writeU32(newMax));
+    }
+    parts.push(Buffer.from([5, ...writeU32(body.length), ...body]));
+    pos = end;
+  }
+  return Buffer.concat(parts);
+}

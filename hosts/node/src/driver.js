@@ -1,0 +1,440 @@
+// A loaded driver on one cache root, seen from the main thread: its
+// instance runs in a worker (src/worker.js); calls go one at a time, each
+// with a deadline; a fault (trap, deadline, broken contract, a worker that
+// died) discards the instance and the next call starts a fresh one.
+//
+// What a driver returns is checked here before the host acts on it: ids
+// are valid ids, listings sorted and bounded, counts sane, messages cut to
+// a printable line.
+
+import fs from 'node:fs';
+import { Worker } from 'node:worker_threads';
+import { createRequire } from 'node:module';
+import { CacheError, printable, invalidIdReason, validateImageId } from './errors.js';
+import { createLockTable, createFdTable, Locks } from './host/locks.js';
+
+const WORKER = new URL('./worker.js', import.meta.url);
+
+export const DEFAULT_LIMITS = {
+  /** Longest one driver call may run, host imports included (ms). */
+  callDeadlineMs: 30_000,
+  /** Most linear memory the instance may grow to. */
+  memoryBytes: 1 << 30,
+  /** Most files the instance may hold open. */
+  openFiles: 256,
+  /** Most database connections the instance may hold. */
+  connections: 4,
+  /** Most entries one directory listing may return. */
+  maxListing: 4_000_000,
+  /** Most bytes one SQL query result may hold. */
+  maxQueryBytes: 64 * 1024 * 1024,
+  /** The JS heap of the worker (MiB). */
+  heapMb: 512,
+  /** Stopped instances whose thread has not ended yet (stuck in a
+   * statement inside SQLite, which cannot be interrupted from Node) that a
+   * driver may leave behind before it gets no new instance. */
+  maxStoppedRunning: 2,
+};
+
+/** flock(2) from fs-ext, loaded in the main thread only: a NAN add-on,
+ * it crashed the process when loaded in a second worker after one had been
+ * stopped. Workers ask the main thread to flock their descriptors (which
+ * are the process's); without it, the lock table below is all there is. */
+let FLOCK;
+function flocker() {
+  if (FLOCK === undefined) {
+    try {
+      FLOCK = createRequire(import.meta.url)('fs-ext');
+    } catch {
+      FLOCK = null;
+    }
+  }
+  return FLOCK;
+}
+
+/** One lock table for the whole process (see host/locks.js). */
+const LOCK_TABLE = createLockTable();
+const LOCKS = new Locks(LOCK_TABLE);
+let nextWorkerId = 1;
+
+export const stats = { instances: 0, discarded: 0 };
+
+export class Driver {
+  constructor(component, { root, options, limits, xattr = true }) {
+    this.component = component;
+    this.root = root;
+    this.xattr = xattr && component.imports.some((i) => i.startsWith('image-cache:driver/xattr@'));
+    this.options = options;
+    this.limits = { ...DEFAULT_LIMITS, ...limits };
+    this.instance = null; // {worker, wid, fdTable, pending: Map, sessions: Set}
+    this.queue = Promise.resolve();
+    this.nextCall = 1;
+    this.info = null;
+    this.closed = false;
+    /** Stopped instances whose threads still run. */
+    this.stoppedRunning = 0;
+  }
+
+  get name() {
+    return this.component.name;
+  }
+
+  /** Instantiate and configure: a driver that cannot configure itself is
+   * an error here, before anyone uses it. */
+  static async start(component, placement) {
+    const d = new Driver(component, placement);
+    await d.serialized(() => d.ensureInstance());
+    return d;
+  }
+
+  fault(message) {
+    return new CacheError('driver-fault', `driver ${this.name} failed: ${message}`, {
+      driver: this.name,
+    });
+  }
+
+  /** A new worker with a configured instance. */
+  async spawn() {
+    const wid = nextWorkerId++;
+    const fdTable = createFdTable(this.limits.openFiles);
+    // [0]: the last answered lock request, [1]: its answer.
+    const lockChannel = new Int32Array(new SharedArrayBuffer(8));
+    const worker = new Worker(WORKER, {
+      workerData: {
+        source: this.component.source,
+        sourcePath: this.component.sourcePath,
+        codeCache: this.component.codeCache ?? null,
+        modules: this.component.modules,
+        root: this.root,
+        options: this.options,
+        limits: this.limits,
+        lockTable: LOCK_TABLE,
+        fdTable,
+        wid,
+        xattr: this.xattr,
+        lockChannel: flocker() ? lockChannel : null,
+      },
+      resourceLimits: { maxOldGenerationSizeMb: this.limits.heapMb },
+      // The guest gets no environment of ours; the worker needs none.
+      env: {},
+      // Descriptors are tracked by the fd table (sessions' ones belong to
+      // the main thread and must outlive the worker).
+      trackUnmanagedFds: false,
+      // The application's flags, less those that only make sense for its
+      // own entry point (`node --input-type=module -e ...`).
+      execArgv: process.execArgv.filter((a) => !a.startsWith('--input-type')),
+      stdout: false,
+      stderr: false,
+    });
+    const inst = { worker, wid, fdTable, lockChannel, pending: new Map(), sessions: new Set(), dead: false };
+    worker.unref();
+    await new Promise((resolve, reject) => {
+      const early = (e) => reject(this.fault(`its worker did not start (${printable(e?.message ?? e, 256)})`));
+      worker.once('error', early);
+      worker.once('message', (m) => {
+        worker.off('error', early);
+        if (m?.ready) resolve();
+        else reject(this.fault('its worker did not start'));
+      });
+    });
+    worker.on('message', (m) => this.reply(inst, m));
+    worker.on('error', (e) => this.discard(inst, this.fault(`its worker stopped: ${printable(e?.message ?? e, 256)}`)));
+    worker.on('exit', () => this.discard(inst, this.fault('its worker exited')));
+    this.instance = inst;
+    stats.instances++;
+    try {
+      const { info, codeCache } = await this.send(inst, 'start', { options: this.options });
+      if (codeCache && !this.component.codeCache) this.component.codeCache = codeCache;
+      this.info = {
+        name: printable(info.name, 64),
+        version: printable(info.version, 64),
+        description: printable(info.description, 512),
+      };
+    } catch (e) {
+      this.discard(inst, e, { count: false });
+      throw e;
+    }
+    return inst;
+  }
+
+  async ensureInstance() {
+    if (this.closed) throw new CacheError('io', `driver ${this.name} is closed`);
+    if (this.instance && !this.instance.dead) return this.instance;
+    if (this.stoppedRunning >= this.limits.maxStoppedRunning) {
+      throw new CacheError(
+        'overloaded',
+        `driver ${this.name}: ${this.stoppedRunning} of its stopped instances are still running (a statement inside SQLite cannot be interrupted on Node); no new instance until they end`,
+      );
+    }
+    return this.spawn();
+  }
+
+  /** Stop an instance: its worker, its descriptors, its locks, its
+   * sessions. */
+  discard(inst, error, { count = true } = {}) {
+    if (inst.dead) return;
+    inst.dead = true;
+    if (count) stats.discarded++;
+    // The guest's descriptors are closed once the thread has stopped (a
+    // thread still inside a system call could otherwise reach a file that
+    // reused a closed number); its locks go now.
+    const closeGuestFiles = () => {
+      for (let i = 0; i < inst.fdTable.length; i++) {
+        const fd = Atomics.exchange(inst.fdTable, i, -1);
+        if (fd >= 0) {
+          try {
+            fs.closeSync(fd);
+          } catch {}
+        }
+      }
+    };
+    this.stoppedRunning++;
+    const ended = () => {
+      this.stoppedRunning--;
+      closeGuestFiles();
+    };
+    inst.worker.terminate().then(ended, ended);
+    LOCKS.releaseWorker(inst.wid);
+    for (const ref of inst.sessions) ref.deref()?.instanceLost();
+    inst.sessions.clear();
+    for (const { reject, timer } of inst.pending.values()) {
+      clearTimeout(timer);
+      reject(error);
+    }
+    inst.pending.clear();
+    if (this.instance === inst) this.instance = null;
+  }
+
+  /** A worker asks for flock(fd, op) on one of its descriptors; it waits
+   * on the lock channel for the answer: 1 done, 0 held by another, -1
+   * failed. A stopped instance's requests are ignored (its numbers may be
+   * reused by now). */
+  flock(inst, { fd, op, seq }) {
+    if (inst.dead) return;
+    let answer;
+    try {
+      FLOCK.flockSync(fd, op);
+      answer = 1;
+    } catch (e) {
+      answer = e?.code === 'EAGAIN' || e?.code === 'EWOULDBLOCK' ? 0 : -1;
+    }
+    Atomics.store(inst.lockChannel, 1, answer);
+    Atomics.store(inst.lockChannel, 0, seq);
+    Atomics.notify(inst.lockChannel, 0);
+  }
+
+  reply(inst, m) {
+    if (m.flock) return this.flock(inst, m.flock);
+    const p = inst.pending.get(m.id);
+    if (!p) return;
+    inst.pending.delete(m.id);
+    clearTimeout(p.timer);
+    if (m.ok) return p.resolve(m.value);
+    if (m.fault) {
+      const e = this.fault(m.fault);
+      this.discard(inst, e);
+      return p.reject(e);
+    }
+    p.reject(guestError(m.error));
+  }
+
+  /** Send one call to an instance, with the deadline. */
+  send(inst, op, args) {
+    const id = this.nextCall++;
+    const deadlineMs = this.limits.callDeadlineMs;
+    return new Promise((resolve, reject) => {
+      // The worker stops itself at the deadline inside host imports; this
+      // timer stops the worker when the guest does not come back at all.
+      const timer = setTimeout(() => {
+        const e = this.fault(`it ran past its deadline of ${deadlineMs} ms and was stopped`);
+        this.discard(inst, e);
+      }, deadlineMs + 50);
+      inst.pending.set(id, { resolve, reject, timer });
+      inst.worker.postMessage({ id, op, args, deadlineMs });
+    });
+  }
+
+  /** Run fn with no other call of this driver in flight. */
+  serialized(fn) {
+    const run = this.queue.then(fn, fn);
+    this.queue = run.then(
+      () => {},
+      () => {},
+    );
+    return run;
+  }
+
+  /** One call on the current instance (a fresh one if the last faulted). */
+  call(op, args) {
+    return this.serialized(async () => {
+      const inst = await this.ensureInstance();
+      return { inst, value: await this.send(inst, op, args) };
+    });
+  }
+
+  /** A session's call: on the instance it began on, or a fault if that
+   * instance is gone. */
+  sessionCall(inst, op, args) {
+    return this.serialized(async () => {
+      if (inst.dead) throw this.fault('its instance was stopped while the session was open');
+      return this.send(inst, op, args);
+    });
+  }
+
+  async fn(name, ...args) {
+    return (await this.call('call', { fn: name, args })).value;
+  }
+
+  /** A call whose result must pass check(value) or the driver is broken. */
+  async checked(name, args, check) {
+    const { inst, value } = await this.call('call', { fn: name, args });
+    const broken = check(value);
+    if (broken) {
+      const e = this.fault(`it broke the driver contract: ${broken}`);
+      this.discard(inst, e);
+      throw e;
+    }
+    return value;
+  }
+
+  async close() {
+    this.closed = true;
+    await this.queue;
+    if (this.instance) this.discard(this.instance, new CacheError('io', `driver ${this.name} is closed`), { count: false });
+  }
+
+  // ---- the driver's operations, checked ----
+
+  getCacheSize() {
+    return this.fn('getCacheSize').then(Number);
+  }
+  getHitCount(id) {
+    return this.fn('getHitCount', id).then(Number);
+  }
+  async getCachedImages() {
+    const images = await this.checked('getCachedImages', [], (list) => {
+      const bad = badIds('get-cached-images', list.map((i) => i.imageId));
+      if (bad) return bad;
+      for (let i = 1; i < list.length; i++) {
+        if (!(list[i - 1].imageId < list[i].imageId)) {
+          return `get-cached-images is not ordered by id (${JSON.stringify(printable(list[i - 1].imageId, 64))} before ${JSON.stringify(printable(list[i].imageId, 64))})`;
+        }
+      }
+      return null;
+    });
+    return images.map((i) => ({
+      imageId: i.imageId,
+      hits: Number(i.hits),
+      lastModified: i.lastModified,
+      lastAccessed: i.lastAccessed,
+      size: Number(i.size),
+    }));
+  }
+  isCached(id) {
+    return this.fn('isCached', id);
+  }
+  isBeingCached(id) {
+    return this.fn('isBeingCached', id);
+  }
+  isCacheable(id) {
+    return this.fn('isCacheable', id);
+  }
+  isQueued(id) {
+    return this.fn('isQueued', id);
+  }
+  queueImage(id) {
+    return this.fn('queueImage', id);
+  }
+  getQueuedImages() {
+    return this.checked('getQueuedImages', [], (ids) => badIds('get-queued-images', ids));
+  }
+  deleteCachedImage(id) {
+    return this.fn('deleteCachedImage', id).then(() => undefined);
+  }
+  deleteAllCachedImages() {
+    return this.fn('deleteAllCachedImages').then(Number);
+  }
+  deleteQueuedImage(id) {
+    return this.fn('deleteQueuedImage', id).then(() => undefined);
+  }
+  deleteAllQueuedImages() {
+    return this.fn('deleteAllQueuedImages').then(Number);
+  }
+  async getLeastRecentlyAccessed() {
+    const lru = await this.checked('getLeastRecentlyAccessed', [], (v) =>
+      v === undefined ? null : badIds('get-least-recently-accessed', [v[0]]),
+    );
+    return lru === undefined ? null : [lru[0], Number(lru[1])];
+  }
+  async getLeastRecentlyAccessedBatch(count) {
+    const n = Math.max(0, Math.min(0xffffffff, Math.floor(Number(count))));
+    const batch = await this.checked('getLeastRecentlyAccessedBatch', [n], (list) =>
+      list.length > n ? `asked for ${n} LRU entries, got ${list.length}` : badIds('the LRU batch', list.map((e) => e.imageId)),
+    );
+    return batch.map((e) => ({ imageId: e.imageId, size: Number(e.size), lastAccessed: e.lastAccessed }));
+  }
+  getImageSize(id) {
+    return this.fn('getImageSize', id).then(Number);
+  }
+  getCachedNodes(id) {
+    return this.checked('getCachedNodes', [id], (nodes) => {
+      const bad = nodes.find((n) => n.length > 2048 || /\p{Cc}/u.test(n));
+      return bad === undefined ? null : `get-cached-nodes returned an unusable node name ${JSON.stringify(printable(bad, 64))}`;
+    });
+  }
+  async clean(stallTime) {
+    const r = await this.checked('clean', [stallTime === undefined ? undefined : BigInt(Math.max(0, Math.floor(stallTime)))], (report) =>
+      badIds('clean', [...report.invalid, ...report.incomplete].map((f) => f.imageId)),
+    );
+    return {
+      invalid: r.invalid.map(removed),
+      incomplete: r.incomplete.map(removed),
+      failures: r.failures.slice(0, 1000).map((f) => printable(f, 512)),
+    };
+  }
+  async prune(maxSize) {
+    const r = await this.checked('prune', [BigInt(Math.max(0, Math.floor(maxSize)))], (report) => {
+      const bad = badIds('prune', report.removed.map((f) => f.imageId));
+      if (bad) return bad;
+      const sum = report.removed.reduce((t, f) => t + f.size, 0n);
+      return sum === report.bytesRemoved ? null : `prune reported ${report.bytesRemoved} bytes removed, but its files add up to ${sum}`;
+    });
+    return {
+      removed: r.removed.map(removed),
+      bytesRemoved: Number(r.bytesRemoved),
+      sizeAfter: Number(r.sizeAfter),
+      failures: r.failures.slice(0, 1000).map((f) => printable(f, 512)),
+    };
+  }
+
+  /** Open a session; returns {inst, sid, fd, size}. The caller owns fd. */
+  async openSession(kind, id) {
+    validateImageId(id);
+    const { inst, value } = await this.call(kind === 'write' ? 'openForWrite' : 'openForRead', { id });
+    return { inst, ...value };
+  }
+}
+
+function removed(f) {
+  return { imageId: f.imageId, size: Number(f.size) };
+}
+
+/** Every id a driver returned must be valid before the host uses it. */
+function badIds(what, ids) {
+  for (const id of ids) {
+    const reason = invalidIdReason(id);
+    if (reason) return `${what} returned invalid image id ${JSON.stringify(printable(String(id), 64))}: ${reason}`;
+  }
+  return null;
+}
+
+const GUEST_KINDS = new Set([
+  'bad-configuration', 'invalid-image-id', 'not-found', 'already-cached', 'being-cached', 'io',
+  'database', 'not-configured', 'unsupported',
+]);
+
+function guestError({ kind, message }) {
+  if (!GUEST_KINDS.has(kind)) return new CacheError('driver-fault', `unknown error kind ${printable(kind, 32)}`);
+  const prefix = kind === 'io' ? 'I/O error: ' : kind === 'database' ? 'database error: ' : kind === 'bad-configuration' ? 'bad configuration: ' : '';
+  return new CacheError(kind, prefix + message);
+}

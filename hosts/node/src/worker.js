@@ -1,0 +1,268 @@
+// One driver instance, in a worker thread. The main thread sends one call
+// at a time and stops this worker (worker.terminate) when a call overruns
+// its deadline: a guest spinning in wasm, or a host import that does not
+// return, cannot hold the embedding application's thread.
+//
+// Image bytes never pass through here: a session's file descriptor is
+// handed to the main thread, which reads or writes it natively.
+
+import fs from 'node:fs';
+import { parentPort, workerData } from 'node:worker_threads';
+import vm from 'node:vm';
+import { RootFs } from './host/rootfs.js';
+import { Locks } from './host/locks.js';
+import { makeImports, Deadline } from './host/imports.js';
+import { printable } from './errors.js';
+
+const { source, sourcePath, codeCache, modules, root, options, limits, lockTable, fdTable, wid, xattr, lockChannel } =
+  workerData;
+
+/** flock(fd, op) done by the main thread (see driver.js): 'done', 'busy',
+ * or 'timed-out' when no answer came before the call's deadline. */
+let lockSeq = 0;
+function mainThreadFlock(fd, op) {
+  const seq = ++lockSeq;
+  parentPort.postMessage({ flock: { fd, op, seq } });
+  for (;;) {
+    const answered = Atomics.load(lockChannel, 0);
+    if (answered === seq) break;
+    const left = ctx.deadline.remaining();
+    if (left <= 0) return 'timed-out';
+    Atomics.wait(lockChannel, 0, answered, Math.min(left, 1000));
+  }
+  const answer = Atomics.load(lockChannel, 1);
+  return answer === 1 ? 'done' : answer === 0 ? 'busy' : 'failed';
+}
+
+/** fs-xattr, when the driver imports xattr and the cache allows it. */
+async function loadXattr() {
+  if (!xattr) return null;
+  try {
+    fs.accessSync('/proc/self/fd');
+    return await import('fs-xattr');
+  } catch {
+    return null; // no add-on or no /proc: the xattr import says unsupported
+  }
+}
+
+const ctx = {
+  root: new RootFs(root, { maxListing: limits.maxListing }),
+  fdTable,
+  locks: new Locks(lockTable),
+  wid,
+  limits,
+  deadline: new Deadline(),
+  connections: 0,
+  databases: new Set(),
+  xattrLib: await loadXattr(),
+  flock: lockChannel ? mainThreadFlock : null,
+};
+const { File, imports } = makeImports(ctx);
+
+// jco's instantiation mode takes imports by interface name; give both the
+// versioned and the plain spelling.
+const importObject = {};
+for (const [iface, impl] of Object.entries(imports)) {
+  importObject[`image-cache:driver/${iface}`] = impl;
+  importObject[`image-cache:driver/${iface}@0.2.0`] = impl;
+}
+
+// The transpiled glue is one large function; V8 compiles it on first use
+// in every worker (tens of ms). It runs as a classic script so that the
+// code V8 compiled in the first worker (its code cache, handed back to the
+// main thread) is reused by the next ones.
+globalThis.JCO_DEBUG = Boolean(process.env.JCO_DEBUG);
+const glue = new vm.Script(
+  `${(sourcePath ? fs.readFileSync(sourcePath, 'utf8') : source)
+    .replace(/^export function instantiate\(/m, 'function instantiate(')
+    .replace(/^export const _util = /m, 'const _util = ')
+    // jco's debug log reads process.env (a call into C++) on every
+    // lowering, ~20 times a driver call: read it once.
+    .replace('if (!globalThis?.process?.env?.JCO_DEBUG) { return; }', 'if (!JCO_DEBUG) { return; }')}\n;({ instantiate });`,
+  { filename: 'driver-glue.js', cachedData: codeCache ?? undefined },
+);
+const generated = glue.runInThisContext();
+const codeCacheUsed = codeCache ? !glue.cachedDataRejected : false;
+
+/** A broken driver: the main thread discards this instance. */
+class Fault extends Error {}
+
+const FUNCTIONS = new Set([
+  'info', 'configure', 'getCacheSize', 'getHitCount', 'getCachedImages', 'isCached',
+  'isBeingCached', 'isCacheable', 'isQueued', 'queueImage', 'getQueuedImages',
+  'deleteCachedImage', 'deleteAllCachedImages', 'deleteQueuedImage', 'deleteAllQueuedImages',
+  'getLeastRecentlyAccessed', 'getLeastRecentlyAccessedBatch', 'getImageSize', 'getCachedNodes',
+  'clean', 'prune',
+]);
+
+let driver;
+/** The guest's linear memories, to tell a trap at the memory cap. */
+const memories = [];
+const sessions = new Map();
+let nextSession = 1;
+
+function start() {
+  const instance = generated.instantiate((name) => modules[name], importObject, (module, imports) => {
+    const core = new WebAssembly.Instance(module, imports);
+    for (const x of Object.values(core.exports)) if (x instanceof WebAssembly.Memory) memories.push(x);
+    return core;
+  });
+  driver =
+    instance['image-cache:driver/cache-driver@0.2.0'] ??
+    instance['image-cache:driver/cache-driver'] ??
+    instance.cacheDriver;
+  if (!driver) throw new Fault('it exports no cache-driver interface');
+}
+
+function dispose(resource) {
+  const d = resource?.[Symbol.dispose] ?? resource?.[Symbol.for('dispose')];
+  if (typeof d === 'function') d.call(resource);
+}
+
+function identityOfFd(fd) {
+  const st = fs.fstatSync(fd, { bigint: true });
+  return `${st.dev}:${st.ino}`;
+}
+
+/** The file a session hands back must be its own: `incomplete/<id>` it
+ * created (write) or the cached `<id>` (read), same device and inode. */
+function checkSessionFile(kind, id, file) {
+  const where = kind === 'write' ? `incomplete/${id}` : id;
+  const broke = (why) =>
+    new Fault(`it broke the driver contract: the ${kind} session of ${JSON.stringify(id)} handed back ${why}`);
+  if (!(file instanceof File) || file.fd < 0) throw broke('something that is not an open file');
+  if (kind === 'write' && !file.writable) throw broke(`${JSON.stringify(file.path)}, not a file it created`);
+  const handed = identityOfFd(file.fd);
+  let expected;
+  try {
+    expected = ctx.root.identity(where);
+  } catch (e) {
+    throw broke(`${JSON.stringify(file.path)} while ${where} is unusable (${e.payload?.message ?? e.message})`);
+  }
+  if (expected !== handed) throw broke(`${JSON.stringify(file.path)}, which is not ${where}`);
+  return handed;
+}
+
+function openSession(kind, id) {
+  const [resource, file] = kind === 'write' ? driver.openForWrite(id) : driver.openForRead(id);
+  let identity;
+  try {
+    identity = checkSessionFile(kind, id, file);
+  } catch (e) {
+    try {
+      dispose(resource);
+    } catch {}
+    if (file instanceof File) file.close();
+    throw e;
+  }
+  file.handOver();
+  const sid = nextSession++;
+  sessions.set(sid, { kind, id, resource, file, identity });
+  return { sid, fd: file.fd, size: file.sizeAtOpen };
+}
+
+function endSession(sid, how, arg) {
+  const s = sessions.get(sid);
+  if (!s) throw new Fault(`session ${sid} is not open`);
+  sessions.delete(sid);
+  try {
+    if (how === 'commit') s.resource.commit(arg);
+    else if (how === 'abort') s.resource.abort(arg);
+    else if (how === 'finish') s.resource.finish(s.file);
+  } finally {
+    try {
+      dispose(s.resource);
+    } finally {
+      s.file.close(); // the lock goes; the main thread closes the descriptor
+    }
+  }
+  if (how === 'commit') {
+    let published;
+    try {
+      published = ctx.root.identity(s.id);
+    } catch {}
+    if (published !== s.identity) {
+      throw new Fault(
+        `it broke the driver contract: after the commit of ${JSON.stringify(s.id)}, ${JSON.stringify(s.id)} is not the file that was written`,
+      );
+    }
+  }
+}
+
+function run(op, args) {
+  switch (op) {
+    case 'start': {
+      start();
+      const info = driver.info();
+      driver.configure(args.options);
+      // After configure, the cache holds the code of what a call runs.
+      return { info, codeCache: codeCacheUsed ? null : glue.createCachedData() };
+    }
+    case 'call':
+      if (!FUNCTIONS.has(args.fn)) throw new Fault(`no driver function ${args.fn}`);
+      return driver[args.fn](...args.args);
+    case 'openForWrite':
+      return openSession('write', args.id);
+    case 'openForRead':
+      return openSession('read', args.id);
+    case 'commit':
+      return endSession(args.sid, 'commit', args.checksum);
+    case 'abort':
+      return endSession(args.sid, 'abort', args.reason);
+    case 'finish':
+      return endSession(args.sid, 'finish');
+    case 'drop':
+      return endSession(args.sid, 'drop');
+    default:
+      throw new Fault(`unknown operation ${op}`);
+  }
+}
+
+/** What the guest's error variant says, bounded. */
+function guestError(e) {
+  // jco throws the error variant itself ({tag, val}); older versions wrap
+  // it in a ComponentError's payload.
+  const p = e instanceof Error ? e.payload : e;
+  if (p && typeof p === 'object' && typeof p.tag === 'string' && typeof p.val === 'string') {
+    return { kind: p.tag, message: printable(p.val ?? '', 1024) };
+  }
+  return null;
+}
+
+function faultMessage(e) {
+  if (e instanceof Fault) return printable(e.message, 512);
+  if (e instanceof WebAssembly.RuntimeError) {
+    const m = printable(String(e.message), 256);
+    // The cap is the memories' maximum (component.js): a guest that trapped
+    // within 2 MiB of it ran out of memory there.
+    const cap = limits.memoryBytes;
+    if (cap && memories.some((mem) => mem.buffer.byteLength > cap - (2 << 20))) {
+      return `it trapped: it exceeded its memory cap of ${cap} bytes (${m})`;
+    }
+    return `it trapped: ${m}`;
+  }
+  return `it trapped: ${printable(e?.message ?? e, 256)}`;
+}
+
+parentPort.on('message', ({ id, op, args, deadlineMs }) => {
+  ctx.deadline = new Deadline(Date.now() + deadlineMs);
+  let reply;
+  try {
+    const value = run(op, args);
+    reply = { id, ok: true, value };
+  } catch (e) {
+    const g = guestError(e);
+    reply = g ? { id, ok: false, error: g } : { id, ok: false, fault: faultMessage(e) };
+  }
+  if (ctx.deadline.passed() && !reply.fault) {
+    const what = reply.ok ? '' : ` (${reply.error.kind}: ${printable(reply.error.message, 256)})`;
+    reply = {
+      id,
+      ok: false,
+      fault: `it ran past its deadline of ${deadlineMs} ms inside a host call and was stopped${what}`,
+    };
+  }
+  parentPort.postMessage(reply);
+});
+
+parentPort.postMessage({ ready: true });
