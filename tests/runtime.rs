@@ -148,14 +148,14 @@ fn hot_swap_under_load_fails_no_request() {
                     assert!(report.cached, "{id}: {:?}", report.cache_error);
                     assert_eq!(out, bytes);
                     mine.insert(id.clone(), bytes);
-                    if let Some(prev) = i.checked_sub(1).map(|p| format!("t{t}-{p}")) {
-                        if let Some(expected) = mine.get(&prev) {
-                            let mut got = Vec::new();
-                            cache
-                                .read_image(&prev, &mut got)
-                                .unwrap_or_else(|e| panic!("reading {prev}: {e}"));
-                            assert_eq!(&got, expected, "{prev}");
-                        }
+                    if let Some(prev) = i.checked_sub(1).map(|p| format!("t{t}-{p}"))
+                        && let Some(expected) = mine.get(&prev)
+                    {
+                        let mut got = Vec::new();
+                        cache
+                            .read_image(&prev, &mut got)
+                            .unwrap_or_else(|e| panic!("reading {prev}: {e}"));
+                        assert_eq!(&got, expected, "{prev}");
                     }
                     if i % 3 == 2 {
                         cache

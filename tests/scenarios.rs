@@ -9,12 +9,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use image_cache::{Checksum, DriverSource, Error, ImageCache, ImageWriter};
+use image_cache::{
+    CacheConfig, Checksum, DriverSource, Error, Grants, ImageCache, ImageWriter, Limits,
+    LoadPolicy, Runtime,
+};
 use image_cache_tests::{TestCache, driver};
 use serde_json::{Value, json};
 
-fn scenarios() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/conformance.json");
+fn scenarios(file: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scenarios")
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -80,9 +85,10 @@ impl Read for Chunks {
 
 /// One scenario played against one driver.
 struct Player {
-    test: TestCache,
+    root: PathBuf,
     cache: Arc<ImageCache>,
-    driver: DriverSource,
+    /// Opens another handle on the same root, as the first was opened.
+    open: Box<dyn Fn() -> ImageCache>,
     sessions: HashMap<String, ImageWriter>,
     last_passed: Vec<u8>,
 }
@@ -93,20 +99,18 @@ enum Outcome {
 }
 
 impl Player {
-    fn new(driver: &DriverSource) -> Player {
-        let test = TestCache::new(driver);
-        let cache = Arc::new(test.reopen(driver));
+    fn new(root: &Path, open: Box<dyn Fn() -> ImageCache>) -> Player {
         Player {
-            test,
-            cache,
-            driver: driver.clone(),
+            root: root.to_path_buf(),
+            cache: Arc::new(open()),
+            open,
             sessions: HashMap::new(),
             last_passed: Vec::new(),
         }
     }
 
     fn root(&self) -> PathBuf {
-        self.test.root().to_path_buf()
+        self.root.clone()
     }
 
     fn step(&mut self, op: &str, a: &Value) -> Result<Outcome, Error> {
@@ -284,7 +288,7 @@ impl Player {
                 v(json!(names))
             }
             "reopen" => {
-                self.cache = Arc::new(self.test.reopen(&self.driver));
+                self.cache = Arc::new((self.open)());
                 v(Value::Null)
             }
             other => panic!("unknown op {other:?}: a runner must never skip a step"),
@@ -293,9 +297,7 @@ impl Player {
 }
 
 /// Play one scenario; the first failing step, described.
-fn play(scenario: &Value, driver_name: &str) -> Result<(), String> {
-    let source = driver(driver_name).expect("built-in driver");
-    let mut player = Player::new(&source);
+fn play(scenario: &Value, player: &mut Player) -> Result<(), String> {
     let none = json!({});
     for (i, step) in scenario["steps"]
         .as_array()
@@ -316,10 +318,10 @@ fn play(scenario: &Value, driver_name: &str) -> Result<(), String> {
                         e.kind()
                     ));
                 }
-                if let Some(needle) = want.get("message_contains").and_then(Value::as_str) {
-                    if !e.to_string().contains(needle) {
-                        return Err(format!("{here}: error {e:?} lacks {needle:?}"));
-                    }
+                if let Some(needle) = want.get("message_contains").and_then(Value::as_str)
+                    && !e.to_string().contains(needle)
+                {
+                    return Err(format!("{here}: error {e:?} lacks {needle:?}"));
                 }
             }
             (_, Some(want), Ok(_)) => {
@@ -347,7 +349,7 @@ fn play(scenario: &Value, driver_name: &str) -> Result<(), String> {
 
 #[test]
 fn every_shared_scenario_passes_for_every_builtin_driver() {
-    let doc = scenarios();
+    let doc = scenarios("conformance.json");
     assert_eq!(doc["format"], 1, "a runner for format 1");
     let all = doc["scenarios"].as_array().expect("scenarios");
     assert!(!all.is_empty(), "no scenarios: nothing would be tested");
@@ -366,7 +368,16 @@ fn every_shared_scenario_passes_for_every_builtin_driver() {
         };
         for d in drivers {
             played += 1;
-            if let Err(e) = play(scenario, &d) {
+            let source = driver(&d).expect("built-in driver");
+            let test = TestCache::new(&source);
+            let root = test.root().to_path_buf();
+            let opener = source.clone();
+            let open_root = root.clone();
+            let mut player = Player::new(
+                &root,
+                Box::new(move || image_cache_tests::open(&open_root, &opener)),
+            );
+            if let Err(e) = play(scenario, &mut player) {
                 failures.push(format!("{name} [{d}]: {e}"));
             }
         }
@@ -377,4 +388,103 @@ fn every_shared_scenario_passes_for_every_builtin_driver() {
         "failing scenarios:\n{}",
         failures.join("\n")
     );
+}
+
+/// What every host must refuse (`hostile.json`), against the hostile
+/// fixture component, with a directory beside the root that must not change.
+#[test]
+fn every_hostile_scenario_is_refused_as_every_host_refuses_it() {
+    let doc = scenarios("hostile.json");
+    assert_eq!(doc["format"], 1);
+    let component = image_cache_tests::fixture(doc["component"].as_str().expect("component"));
+    let grants = Grants::parse(
+        &doc["grants"]
+            .as_array()
+            .expect("grants")
+            .iter()
+            .map(|g| g.as_str().expect("grant"))
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+    .expect("grants");
+    let deadline = Duration::from_millis(
+        doc["limits"]["call_deadline_ms"]
+            .as_u64()
+            .expect("deadline"),
+    );
+    let runtime = Runtime::new(
+        Limits {
+            call_deadline: deadline,
+            ..Limits::default()
+        },
+        None,
+    )
+    .unwrap();
+    let all = doc["scenarios"].as_array().expect("scenarios");
+    assert!(!all.is_empty());
+    let mut failures = Vec::new();
+    for scenario in all {
+        let name = scenario["name"].as_str().expect("name");
+        let top = tempfile::tempdir().unwrap();
+        let root = top.path().join("root");
+        let outside = top.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"secret").unwrap();
+        rusqlite::Connection::open(outside.join("victim.db"))
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        let before = tree(&outside);
+        let options: Vec<(String, String)> = doc["options"]
+            .as_array()
+            .expect("options")
+            .iter()
+            .map(|pair| {
+                let value = pair[1].as_str().expect("value");
+                (
+                    pair[0].as_str().expect("name").to_string(),
+                    value.replace("$OUTSIDE", &outside.display().to_string()),
+                )
+            })
+            .collect();
+        let (rt, component, open_root) = (runtime.clone(), component.clone(), root.clone());
+        let open = move || {
+            let mut config = CacheConfig::new(&open_root)
+                .driver(DriverSource::File(component.clone()))
+                .fallback_to_sqlite(false)
+                .policy(LoadPolicy {
+                    sha256: None,
+                    grants,
+                });
+            config.driver_options = options.clone();
+            ImageCache::with_runtime(rt.clone(), config).expect("the hostile driver loads")
+        };
+        let mut player = Player::new(&root, Box::new(open));
+        if let Err(e) = play(scenario, &mut player) {
+            failures.push(format!("{name}: {e}"));
+        }
+        drop(player);
+        if tree(&outside) != before {
+            failures.push(format!("{name}: the directory beside the root changed"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "failing scenarios:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// Names, sizes and modification times under `dir`.
+fn tree(dir: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let m = e.metadata().unwrap();
+            (e.path(), m.len(), m.modified().unwrap())
+        })
+        .collect();
+    out.sort();
+    out
 }

@@ -580,10 +580,10 @@ impl ImageCache {
         mut cache_error: Option<String>,
     ) -> Result<TeeReport> {
         let abort = |writer: &mut Option<ImageWriter>, reason: &str| {
-            if let Some(w) = writer.take() {
-                if let Err(e) = w.abort(reason) {
-                    log::warn!("aborting the write of image {id:?}: {e}");
-                }
+            if let Some(w) = writer.take()
+                && let Err(e) = w.abort(reason)
+            {
+                log::warn!("aborting the write of image {id:?}: {e}");
             }
         };
         let mut hasher = expected.map(|c| Hasher::new(c.algorithm));
@@ -606,13 +606,13 @@ impl ImageCache {
             if let Some(h) = hasher.as_mut() {
                 h.update(chunk);
             }
-            if let Some(w) = writer.as_mut() {
-                if let Err(e) = w.write_all(chunk) {
-                    let message = format!("writing image {id:?} into the cache failed: {e}");
-                    log::warn!("{message}; passing the rest through");
-                    abort(&mut writer, &message);
-                    cache_error = Some(message);
-                }
+            if let Some(w) = writer.as_mut()
+                && let Err(e) = w.write_all(chunk)
+            {
+                let message = format!("writing image {id:?} into the cache failed: {e}");
+                log::warn!("{message}; passing the rest through");
+                abort(&mut writer, &message);
+                cache_error = Some(message);
             }
             if let Err(e) = sink.write_all(chunk) {
                 abort(&mut writer, &format!("the destination failed: {e}"));

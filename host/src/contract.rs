@@ -50,7 +50,7 @@ impl Version {
     /// Whether this host runs components of contract `self`.
     pub fn is_supported(&self) -> bool {
         if VERSION.major == 0 {
-            self.major == 0 && self.minor == VERSION.minor && self.patch <= VERSION.patch
+            (self.major, self.minor) == (0, VERSION.minor) && *self <= VERSION
         } else {
             self.major == VERSION.major && *self <= VERSION
         }

@@ -763,10 +763,10 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if let (Some(instance), Some(resource)) = (self.instance.take(), self.resource.take()) {
-            if let Err(e) = self.release(instance, resource, Ok(())) {
-                log::warn!("ending a session of driver {}: {e}", self.driver.name());
-            }
+        if let (Some(instance), Some(resource)) = (self.instance.take(), self.resource.take())
+            && let Err(e) = self.release(instance, resource, Ok(()))
+        {
+            log::warn!("ending a session of driver {}: {e}", self.driver.name());
         }
     }
 }

@@ -529,13 +529,13 @@ impl Runtime {
         let component = Component::new(&self.engine, bytes).map_err(|e| load_error(name, e))?;
         self.stats.compiled.fetch_add(1, Ordering::Relaxed);
         log::debug!("driver {name}: compiled in {:?}", started.elapsed());
-        if let Some(path) = artifact {
-            if let Err(e) = save_artifact(&component, &path) {
-                log::warn!(
-                    "driver {name}: cannot keep compiled artifact {}: {e}",
-                    path.display()
-                );
-            }
+        if let Some(path) = artifact
+            && let Err(e) = save_artifact(&component, &path)
+        {
+            log::warn!(
+                "driver {name}: cannot keep compiled artifact {}: {e}",
+                path.display()
+            );
         }
         Ok((component, false))
     }

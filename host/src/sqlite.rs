@@ -249,13 +249,13 @@ impl SqliteRoot {
                 ),
             ));
         }
-        if let Ok(meta) = root.dir().symlink_metadata(name) {
-            if !meta.is_file() {
-                return Err(error(
-                    ErrorCode::AccessDenied,
-                    format!("database {name:?} in the cache root is not a regular file"),
-                ));
-            }
+        if let Ok(meta) = root.dir().symlink_metadata(name)
+            && !meta.is_file()
+        {
+            return Err(error(
+                ErrorCode::AccessDenied,
+                format!("database {name:?} in the cache root is not a regular file"),
+            ));
         }
         // No SQLITE_OPEN_URI: a name is a name.
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE

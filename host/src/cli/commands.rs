@@ -179,10 +179,10 @@ fn queue(s: &Settings, cache: &ImageCache, out: &mut Out, ids: &[String]) -> Out
             }
         }
     }
-    if ids.len() == 1 {
-        if let Some(e) = errors.pop() {
-            return Err(e.into());
-        }
+    if ids.len() == 1
+        && let Some(e) = errors.pop()
+    {
+        return Err(e.into());
     }
     if s.json {
         print_json(out, &json!({"results": results}))?;

@@ -40,10 +40,10 @@ impl<R> Progress<R> {
         if now.duration_since(self.started) < DELAY {
             return;
         }
-        if let Some(last) = self.last_draw {
-            if now.duration_since(last) < INTERVAL {
-                return;
-            }
+        if let Some(last) = self.last_draw
+            && now.duration_since(last) < INTERVAL
+        {
+            return;
         }
         self.last_draw = Some(now);
         let elapsed = now.duration_since(self.started).as_secs_f64().max(1e-3);
