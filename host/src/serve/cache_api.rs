@@ -269,6 +269,54 @@ pub fn versions_document(headers: &HeaderMap) -> Value {
     json!({ "versions": versions })
 }
 
+/// `GET /v2/schemas/image`: python-glanceclient's shell fetches it (and
+/// caches it in ~/.glanceclient) before any v2 command, and falls back to
+/// the v1 API, which has no cache commands, if it cannot. This server
+/// serves image files, not image records; the schema describes Glance's
+/// image record so the client can proceed.
+pub async fn image_schema() -> Json<Value> {
+    let s = |t: &str, d: &str| json!({"type": t, "readOnly": true, "description": d});
+    let ns = |d: &str| json!({"type": ["null", "string"], "description": d});
+    Json(json!({
+        "name": "image",
+        "properties": {
+            "id": {"type": "string", "description": "An identifier for the image", "pattern": "^([0-9a-fA-F]){8}-([0-9a-fA-F]){4}-([0-9a-fA-F]){4}-([0-9a-fA-F]){4}-([0-9a-fA-F]){12}$"},
+            "name": ns("Descriptive name for the image"),
+            "status": {"type": "string", "readOnly": true, "description": "Status of the image",
+                       "enum": ["queued", "saving", "active", "killed", "deleted", "uploading", "importing", "pending_delete", "deactivated"]},
+            "visibility": {"type": "string", "description": "Scope of image accessibility",
+                           "enum": ["community", "public", "private", "shared"]},
+            "protected": {"type": "boolean", "description": "If true, image will not be deletable."},
+            "os_hidden": {"type": "boolean", "description": "If true, image will not appear in default image list response."},
+            "checksum": {"type": ["null", "string"], "readOnly": true, "maxLength": 32, "description": "md5 hash of image contents."},
+            "os_hash_algo": {"type": ["null", "string"], "readOnly": true, "maxLength": 64, "description": "Algorithm to calculate the os_hash_value"},
+            "os_hash_value": {"type": ["null", "string"], "readOnly": true, "maxLength": 128, "description": "Hexdigest of the image contents using the algorithm specified by the os_hash_algo"},
+            "owner": ns("Owner of the image"),
+            "size": {"type": ["null", "integer"], "readOnly": true, "description": "Size of image file in bytes"},
+            "virtual_size": {"type": ["null", "integer"], "readOnly": true, "description": "Virtual size of image in bytes"},
+            "container_format": {"type": ["null", "string"], "description": "Format of the container",
+                                 "enum": [null, "ami", "ari", "aki", "bare", "ovf", "ova", "docker", "compressed"]},
+            "disk_format": {"type": ["null", "string"], "description": "Format of the disk",
+                            "enum": [null, "ami", "ari", "aki", "vhd", "vhdx", "vmdk", "raw", "qcow2", "vdi", "iso", "ploop"]},
+            "created_at": {"type": "string", "readOnly": true, "description": "Date and time of image registration"},
+            "updated_at": {"type": "string", "readOnly": true, "description": "Date and time of the last image modification"},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 255}, "description": "List of strings related to the image"},
+            "direct_url": {"type": "string", "readOnly": true, "description": "URL to access the image file kept in external store"},
+            "min_ram": {"type": "integer", "description": "Amount of ram (in MB) required to boot image."},
+            "min_disk": {"type": "integer", "description": "Amount of disk space (in GB) required to boot image."},
+            "self": s("string", "An image self url"),
+            "file": s("string", "An image file url"),
+            "schema": s("string", "An image schema url"),
+        },
+        "additionalProperties": {"type": "string"},
+        "links": [
+            {"rel": "self", "href": "{self}"},
+            {"rel": "enclosure", "href": "{file}"},
+            {"rel": "describedby", "href": "{schema}"},
+        ],
+    }))
+}
+
 /// `GET /versions`
 pub async fn versions(headers: HeaderMap) -> Json<Value> {
     Json(versions_document(&headers))

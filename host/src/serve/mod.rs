@@ -446,6 +446,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/v2/cache/{id}",
             put(c::queue_image).delete(c::delete_cache_entry),
         )
+        .route("/v2/schemas/image", get(c::image_schema))
         .route("/versions", get(c::versions))
         .route("/", get(c::root))
         .route("/healthz", get(healthz))
