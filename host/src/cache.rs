@@ -759,6 +759,14 @@ impl ImageReader {
         }
     }
 
+    /// The open cached file, for a caller that moves the bytes itself
+    /// (e.g. a server answering range requests with positioned reads);
+    /// [`finish`](ImageReader::finish) still counts the hit. `None` once
+    /// the read has finished.
+    pub fn file(&self) -> Option<&std::fs::File> {
+        self.session.as_ref().map(|s| s.file_ref())
+    }
+
     /// End the read and count the hit (once).
     pub fn finish(&mut self) -> Result<()> {
         match self.session.take() {

@@ -3,6 +3,7 @@
 //! -prefetcher in one binary). See `image-cache --help`.
 
 mod cli;
+mod serve;
 
 fn main() -> std::process::ExitCode {
     cli::main()

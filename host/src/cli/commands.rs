@@ -52,6 +52,7 @@ pub fn run(settings: &Settings, command: &Command) -> Outcome {
                 Command::Status { id } => status(s, cache, o, id)?,
                 Command::Size => size(s, cache, o)?,
                 Command::Drivers { .. } => unreachable!("handled above"),
+                Command::Serve(_) => unreachable!("cli::main runs the server"),
             }
         }
     }

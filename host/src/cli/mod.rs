@@ -37,7 +37,7 @@ pub struct Cli {
     command: Command,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct Global {
     /// The cache directory (image_cache_dir).
     #[arg(long, env = "IMAGE_CACHE_DIR", value_name = "DIR", global = true)]
@@ -207,6 +207,12 @@ enum Command {
         #[command(subcommand)]
         action: Option<DriversAction>,
     },
+
+    /// Serve the cache over HTTP: image downloads (GET/HEAD
+    /// /v2/images/ID/file) with pull-through caching from an upstream,
+    /// Glance's cache management API, prefetch/prune/clean on intervals,
+    /// /healthz and /metrics.
+    Serve(crate::serve::ServeArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -316,6 +322,11 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The `--config` file, if one was given.
+    pub fn config_file(&self) -> Option<&std::path::Path> {
+        self.config_file.as_deref()
+    }
+
     fn resolve(global: &Global) -> Result<Settings, Failure> {
         let file = match &global.config {
             Some(path) => Options::from_ini_file(path)
@@ -444,6 +455,33 @@ fn init_logging(global: &Global) {
         .init();
 }
 
+/// The server logs through `tracing` (the library's `log` records too):
+/// info by default, -v debug (every request), -vv trace, -q errors only;
+/// RUST_LOG overrides.
+fn init_tracing(global: &Global, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let ours = if global.quiet {
+        "error"
+    } else {
+        match global.verbose {
+            0 => "info",
+            1 => "debug",
+            _ => "trace",
+        }
+    };
+    let default = format!("warn,image_cache={ours}");
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal());
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
 /// One line on stderr, whatever happens to stderr.
 fn error_line(message: &str) {
     let one_line = message.replace(['\n', '\r'], " ");
@@ -476,11 +514,21 @@ pub fn main() -> ExitCode {
             return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
         }
     };
-    init_logging(&cli.global);
+    match &cli.command {
+        Command::Serve(args) => init_tracing(&cli.global, args.log_json()),
+        _ => init_logging(&cli.global),
+    }
 
     let json = cli.global.json;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Settings::resolve(&cli.global).and_then(|settings| commands::run(&settings, &cli.command))
+        Settings::resolve(&cli.global).and_then(|settings| match &cli.command {
+            Command::Serve(args) => {
+                let global = cli.global.clone();
+                let reload = Box::new(move || Settings::resolve(&global));
+                crate::serve::run(&settings, args, reload)
+            }
+            command => commands::run(&settings, command),
+        })
     }));
     let result = match result {
         Ok(r) => r,

@@ -1,0 +1,97 @@
+//! Tokens: the admin token guarding the cache management API, and the
+//! optional token guarding image downloads. Clients send them as
+//! `X-Auth-Token`, as python-glanceclient does.
+//!
+//! Both sides are hashed with SHA-256 before a constant-time comparison,
+//! so neither the bytes nor the length of the configured token leak
+//! through response timing.
+
+use std::path::Path;
+
+use axum::http::{HeaderMap, StatusCode};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::ApiError;
+
+/// The header glanceclient sends.
+pub const TOKEN_HEADER: &str = "x-auth-token";
+
+/// A configured secret, kept only as its digest.
+pub struct Token {
+    digest: [u8; 32],
+}
+
+impl Token {
+    pub fn new(secret: &str) -> Result<Token, String> {
+        let secret = secret.trim();
+        if secret.is_empty() {
+            return Err("the token is empty".into());
+        }
+        if secret.len() < 16 {
+            return Err("the token is shorter than 16 characters".into());
+        }
+        Ok(Token {
+            digest: Sha256::digest(secret.as_bytes()).into(),
+        })
+    }
+
+    /// Read a token from a file (the whole file, surrounding whitespace
+    /// trimmed). The error names the file, never the contents.
+    pub fn from_file(path: &Path) -> Result<Token, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("token file {}: {e}", path.display()))?;
+        Token::new(&text).map_err(|e| format!("token file {}: {e}", path.display()))
+    }
+
+    fn matches(&self, presented: &[u8]) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented).into();
+        self.digest.ct_eq(&digest).into()
+    }
+}
+
+/// Check the request's `X-Auth-Token` against any of `accepted`:
+/// 401 when none is sent, 403 when it matches none.
+pub fn check(headers: &HeaderMap, accepted: &[&Token]) -> Result<(), ApiError> {
+    let Some(value) = headers.get(TOKEN_HEADER) else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "this endpoint requires a token in the X-Auth-Token header",
+        ));
+    };
+    let presented = value.as_bytes();
+    // Check every token (no early exit) so timing does not tell which.
+    let mut ok = false;
+    for token in accepted {
+        ok |= token.matches(presented);
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "the X-Auth-Token is not accepted for this endpoint",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_checked() {
+        let t = Token::new("0123456789abcdef-secret").unwrap();
+        let mut h = HeaderMap::new();
+        assert_eq!(
+            check(&h, &[&t]).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+        h.insert(TOKEN_HEADER, "0123456789abcdef-secreT".parse().unwrap());
+        assert_eq!(check(&h, &[&t]).unwrap_err().status, StatusCode::FORBIDDEN);
+        h.insert(TOKEN_HEADER, "0123456789abcdef-secret".parse().unwrap());
+        assert!(check(&h, &[&t]).is_ok());
+        assert!(Token::new("  ").is_err());
+        assert!(Token::new("short").is_err());
+    }
+}

@@ -1,0 +1,225 @@
+//! Glance's periodic jobs, built in: the prefetcher (queued images fetched
+//! from the upstream), prune to `image_cache_max_size`, clean with
+//! `image_cache_stall_time`. Each runs on its own interval (0 disables it);
+//! the API's clean and prune take the same lock, so no two of them ever
+//! run at once on the root.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::metrics::{add, inc};
+use super::upstream::{self, Outcome};
+use super::{ApiError, App};
+
+/// Start the loops; they stop when `stop` turns true.
+pub fn spawn(app: &Arc<App>, stop: watch::Receiver<bool>) {
+    let i = app.intervals;
+    if !i.prefetch.is_zero() {
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            every(i.prefetch, stop, Some(app.clone()), || {
+                let app = app.clone();
+                async move {
+                    let _ = prefetch_once(&app).await;
+                }
+            })
+            .await
+        });
+    }
+    if !i.prune.is_zero() {
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            every(i.prune, stop, None, || {
+                let app = app.clone();
+                async move {
+                    let _ = prune_once(&app).await;
+                }
+            })
+            .await
+        });
+    }
+    if !i.clean.is_zero() {
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            every(i.clean, stop, None, || {
+                let app = app.clone();
+                async move {
+                    let _ = clean_once(&app).await;
+                }
+            })
+            .await
+        });
+    }
+}
+
+/// Run `job` every `interval` (and, for the prefetcher, when an image is
+/// queued through the API) until `stop`.
+async fn every<F, Fut>(
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+    nudged_by: Option<Arc<App>>,
+    job: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    loop {
+        let nudge = async {
+            match &nudged_by {
+                Some(app) => app.prefetch_now.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = nudge => {}
+            _ = stop.changed() => return,
+        }
+        if *stop.borrow() {
+            return;
+        }
+        job().await;
+    }
+}
+
+/// Evict least recently accessed images down to `image_cache_max_size`.
+pub async fn prune_once(app: &Arc<App>) -> Result<Value, ApiError> {
+    let _one = app.maintenance.lock().await;
+    inc(&app.metrics.prune_runs);
+    let max_size = app.tunables.read().unwrap().max_size;
+    let started = Instant::now();
+    let app2 = app.clone();
+    let report = tokio::task::spawn_blocking(move || app2.cache.prune(max_size))
+        .await
+        .map_err(|e| ApiError::internal(format!("prune task: {e}")))?
+        .map_err(|e| app.library_error(e, "prune"))?;
+    let files = report.removed.len() as u64;
+    add(&app.metrics.evictions, files);
+    add(&app.metrics.evicted_bytes, report.bytes_removed);
+    for f in &report.failures {
+        warn!(failure = %f, "prune could not remove an image");
+    }
+    info!(
+        files,
+        bytes = report.bytes_removed,
+        size_after = report.size_after,
+        max_size,
+        ms = started.elapsed().as_millis() as u64,
+        "prune"
+    );
+    Ok(json!({
+        "total_files_pruned": files,
+        "total_bytes_pruned": report.bytes_removed,
+    }))
+}
+
+/// Remove invalid files and incomplete ones older than the stall time.
+pub async fn clean_once(app: &Arc<App>) -> Result<Value, ApiError> {
+    let _one = app.maintenance.lock().await;
+    inc(&app.metrics.clean_runs);
+    let stall = app.tunables.read().unwrap().stall_time;
+    let app2 = app.clone();
+    let report = tokio::task::spawn_blocking(move || app2.cache.clean(stall))
+        .await
+        .map_err(|e| ApiError::internal(format!("clean task: {e}")))?
+        .map_err(|e| app.library_error(e, "clean"))?;
+    let files = (report.invalid.len() + report.incomplete.len()) as u64;
+    let bytes: u64 = report
+        .invalid
+        .iter()
+        .chain(report.incomplete.iter())
+        .map(|f| f.size)
+        .sum();
+    add(&app.metrics.cleaned_files, files);
+    for f in &report.failures {
+        warn!(failure = %f, "clean could not remove a file");
+    }
+    info!(
+        invalid = report.invalid.len(),
+        incomplete = report.incomplete.len(),
+        bytes,
+        stall_seconds = stall.as_secs(),
+        "clean"
+    );
+    Ok(json!({
+        "total_files_cleaned": files,
+        "total_bytes_cleaned": bytes,
+        "invalid_files_removed": report.invalid.len(),
+        "stalled_files_removed": report.incomplete.len(),
+    }))
+}
+
+/// Fetch every queued image from the upstream (Glance's prefetcher).
+/// Images that fail stay queued for the next run.
+pub async fn prefetch_once(app: &Arc<App>) -> Result<(), ApiError> {
+    let _one = app.maintenance.lock().await;
+    if app.upstream.is_none() {
+        return Ok(());
+    }
+    let app2 = app.clone();
+    let queued = tokio::task::spawn_blocking(move || app2.cache.get_queued_images())
+        .await
+        .map_err(|e| ApiError::internal(format!("prefetch task: {e}")))?
+        .map_err(|e| app.library_error(e, "get-queued-images"))?;
+    if queued.is_empty() {
+        return Ok(());
+    }
+    inc(&app.metrics.prefetch_runs);
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for id in queued {
+        if app.shutting_down() {
+            break;
+        }
+        if super::validate_id(&id).is_err() {
+            warn!(image_id = %id.escape_debug(), "skipping a queued id this server would not accept");
+            failed += 1;
+            continue;
+        }
+        let (flight, _) = match upstream::join_or_start(app, &id, app.upstream_token.clone()) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(image_id = %id, error = %e.message, "prefetch could not start");
+                failed += 1;
+                continue;
+            }
+        };
+        let mut progress = flight.progress.clone();
+        let outcome = loop {
+            if let Some(o) = progress.borrow_and_update().outcome.clone() {
+                break Some(o);
+            }
+            if progress.changed().await.is_err() {
+                break None;
+            }
+        };
+        match outcome {
+            Some(Outcome::Complete { cached: true }) => ok += 1,
+            Some(Outcome::AlreadyCached) | Some(Outcome::Complete { cached: false }) => {
+                // Cached by someone else, or over the ceiling: not ours to
+                // keep queued forever.
+                let app2 = app.clone();
+                let id2 = id.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    if !app2.cache.is_cached(&id2)? {
+                        return Ok(());
+                    }
+                    app2.cache.delete_queued_image(&id2)
+                })
+                .await;
+            }
+            Some(Outcome::Failed(e)) => {
+                failed += 1;
+                warn!(image_id = %id, error = %e.message, "prefetch failed; left queued");
+            }
+            None => failed += 1,
+        }
+    }
+    add(&app.metrics.prefetched, ok);
+    add(&app.metrics.prefetch_failures, failed);
+    info!(cached = ok, failed, "prefetch");
+    Ok(())
+}

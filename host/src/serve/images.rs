@@ -1,0 +1,542 @@
+//! `GET` and `HEAD /v2/images/{id}/file`: the cached file if there is
+//! one, else the upstream through a shared fetch (see `upstream`).
+//!
+//! Cached bodies are read with large positioned reads on the blocking
+//! pool and handed to hyper as `Bytes` (measured against nginx's sendfile
+//! in the README's benchmark table). The hit is counted (the read session
+//! finished) once the last byte went to hyper; a client that goes away
+//! earlier counts nothing.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::stream;
+use image_cache::{Error, ImageReader};
+use tracing::{debug, warn};
+
+use super::metrics::{InFlight, add, inc};
+use super::upstream::{self, Flight, Outcome, Progress};
+use super::{ApiError, App, RawId, auth, validate_id};
+
+/// Largest read per chunk of a cached body.
+const CHUNK: u64 = 2 << 20;
+/// Largest positioned read per chunk of a spooled (miss) body.
+const SPOOL_CHUNK: u64 = 1 << 20;
+
+pub async fn image_file(
+    State(app): State<Arc<App>>,
+    RawId(id): RawId,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    match serve(app, id, method, headers).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn serve(
+    app: Arc<App>,
+    id: String,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if let Some(image_token) = app.tokens.image.as_ref() {
+        let mut accepted = vec![image_token];
+        accepted.extend(app.tokens.admin.as_ref());
+        auth::check(&headers, &accepted)?;
+    }
+    validate_id(&id)?;
+    let head = method == Method::HEAD;
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+
+    if let Some(r) = try_cached(&app, &id, range.as_deref(), head).await? {
+        return Ok(r);
+    }
+    inc(&app.metrics.misses);
+    // Glance passes the client's token to its store; a token that only
+    // grants access to this server is replaced by the upstream token.
+    let token = if app.tokens.image.is_some() {
+        app.upstream_token.clone()
+    } else {
+        headers
+            .get(auth::TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| app.upstream_token.clone())
+    };
+    if head {
+        let Some(up) = app.upstream.as_ref() else {
+            return Err(not_cached(&id));
+        };
+        let size = up
+            .size(&id, token.as_deref())
+            .await
+            .map_err(ApiError::from)?;
+        let mut r = Response::new(Body::empty());
+        set_common(r.headers_mut());
+        if let Some(size) = size {
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        }
+        return Ok(r);
+    }
+    let (flight, joined) = upstream::join_or_start(&app, &id, token).map_err(ApiError::from)?;
+    if joined {
+        inc(&app.metrics.coalesced);
+    }
+    let mut progress = flight.progress.clone();
+    // Wait for the fetch to start (or end).
+    let first = loop {
+        let p = progress.borrow_and_update().clone();
+        if p.start.is_some() || p.outcome.is_some() {
+            break p;
+        }
+        if progress.changed().await.is_err() {
+            return Err(ApiError::internal(
+                "the fetch ended without a result".into(),
+            ));
+        }
+    };
+    if p_is_already_cached(&first) {
+        // Cached between our look and the fetch: read the cache.
+        return match try_cached(&app, &id, range.as_deref(), false).await? {
+            Some(r) => Ok(r),
+            None => Err(not_cached(&id)),
+        };
+    }
+    if first.start.is_none() {
+        if let Some(Outcome::Failed(e)) = first.outcome {
+            return Err(e.into());
+        }
+    }
+    let start = first.start.clone().unwrap_or_default();
+    // A range on a miss is answered with the whole image (RFC 9110 lets a
+    // server ignore Range); the image is being fetched anyway.
+    let mut response = Response::new(Body::from_stream(spool_stream(app.clone(), flight)));
+    let h = response.headers_mut();
+    set_common(h);
+    if let Some(size) = start.size {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
+    if let Some(md5) = start.md5.as_deref() {
+        if let Ok(v) = HeaderValue::from_str(md5) {
+            h.insert("content-md5", v);
+        }
+    }
+    h.insert("x-image-cache", HeaderValue::from_static("miss"));
+    Ok(response)
+}
+
+fn p_is_already_cached(p: &Progress) -> bool {
+    matches!(p.outcome, Some(Outcome::AlreadyCached))
+}
+
+fn not_cached(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("image {id:?} is not cached (and no upstream is configured)"),
+    )
+}
+
+fn set_common(h: &mut HeaderMap) {
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+}
+
+/// What a `Range` header asks of an image of `size` bytes.
+#[derive(Debug, PartialEq)]
+pub enum RangeRequest {
+    Full,
+    /// First and last byte, inclusive.
+    Part(u64, u64),
+    Unsatisfiable,
+}
+
+/// One `bytes=` range; anything else (several ranges, other units,
+/// malformed) is ignored and the whole image is sent, as RFC 9110 allows.
+pub fn parse_range(value: Option<&str>, size: u64) -> RangeRequest {
+    let Some(value) = value else {
+        return RangeRequest::Full;
+    };
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Full;
+    };
+    if spec.contains(',') {
+        return RangeRequest::Full;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return RangeRequest::Full;
+    };
+    let (first, last) = (first.trim(), last.trim());
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if first.is_empty() {
+        // Suffix: the last N bytes.
+        if !digits(last) {
+            return RangeRequest::Full;
+        }
+        let Ok(n) = last.parse::<u64>() else {
+            return RangeRequest::Full;
+        };
+        if n == 0 || size == 0 {
+            return RangeRequest::Unsatisfiable;
+        }
+        return RangeRequest::Part(size - n.min(size), size - 1);
+    }
+    if !digits(first) || !(last.is_empty() || digits(last)) {
+        return RangeRequest::Full;
+    }
+    let Ok(a) = first.parse::<u64>() else {
+        return RangeRequest::Unsatisfiable;
+    };
+    let b = if last.is_empty() {
+        u64::MAX
+    } else {
+        match last.parse::<u64>() {
+            Ok(b) => b,
+            Err(_) => u64::MAX,
+        }
+    };
+    if b < a {
+        return RangeRequest::Full;
+    }
+    if a >= size {
+        return RangeRequest::Unsatisfiable;
+    }
+    RangeRequest::Part(a, b.min(size - 1))
+}
+
+/// What the blocking open hands back.
+struct Opened {
+    reader: ImageReader,
+    file: File,
+    size: u64,
+    range: RangeRequest,
+    first: Bytes,
+}
+
+/// Serve from the cache if the image is there; `None` on a miss.
+async fn try_cached(
+    app: &Arc<App>,
+    id: &str,
+    range: Option<&str>,
+    head: bool,
+) -> Result<Option<Response>, ApiError> {
+    let app2 = app.clone();
+    let id2 = id.to_string();
+    let range = range.map(str::to_string);
+    // One hop to the blocking pool: open (one driver call), size, and the
+    // first chunk, so a small image needs no second hop before sending.
+    let opened = tokio::task::spawn_blocking(move || -> Result<Opened, Error> {
+        let reader = app2.cache.open_for_read(&id2)?;
+        let io_err = |e: io::Error| Error::Io(format!("reading cached image: {e}"));
+        let mut file = reader
+            .file()
+            .ok_or_else(|| Error::Io("read session has no file".into()))?
+            .try_clone()
+            .map_err(io_err)?;
+        let size = file.metadata().map_err(io_err)?.len();
+        let range = parse_range(range.as_deref(), size);
+        let mut first = Vec::new();
+        if !head {
+            let (start, len) = match range {
+                RangeRequest::Full => (0, size),
+                RangeRequest::Part(a, b) => (a, b - a + 1),
+                RangeRequest::Unsatisfiable => (0, 0),
+            };
+            if len > 0 {
+                file.seek(SeekFrom::Start(start)).map_err(io_err)?;
+                read_up_to(&mut file, &mut first, len.min(CHUNK)).map_err(io_err)?;
+            }
+        }
+        Ok(Opened {
+            reader,
+            file,
+            size,
+            range,
+            first: Bytes::from(first),
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("open task: {e}")))?;
+    let opened = match opened {
+        Ok(o) => o,
+        Err(Error::NotFound(_)) => return Ok(None),
+        Err(Error::InvalidImageId(_)) => return Err(ApiError::bad_id("the driver rejected it")),
+        Err(e) => {
+            // The cache cannot answer: treat it as a miss and let the
+            // upstream serve (the tee passes the bytes through).
+            app.note_driver_error(&e, "open-for-read");
+            return Ok(None);
+        }
+    };
+    let Opened {
+        reader,
+        file,
+        size,
+        range,
+        first,
+    } = opened;
+    let mut response;
+    let (start, end) = match range {
+        RangeRequest::Unsatisfiable => {
+            let mut r = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                format!("the image has {size} bytes"),
+            )
+            .into_response();
+            r.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+            );
+            return Ok(Some(r));
+        }
+        RangeRequest::Full => (0, size),
+        RangeRequest::Part(a, b) => (a, b + 1),
+    };
+    if head {
+        // No body, no hit: the read session ends uncounted.
+        drop(reader);
+        response = Response::new(Body::empty());
+    } else {
+        response = Response::new(Body::from_stream(cached_stream(
+            app.clone(),
+            reader,
+            file,
+            first,
+            start,
+            end,
+        )));
+    }
+    let h = response.headers_mut();
+    set_common(h);
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    h.insert("x-image-cache", HeaderValue::from_static("hit"));
+    if let RangeRequest::Part(a, b) = range {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        response.headers_mut().insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes {a}-{b}/{size}")).expect("ascii"),
+        );
+    }
+    Ok(Some(response))
+}
+
+/// Read up to `n` bytes at the file's offset into `buf` without zeroing
+/// it first.
+fn read_up_to(file: &mut File, buf: &mut Vec<u8>, n: u64) -> io::Result<()> {
+    buf.reserve_exact(n as usize);
+    let got = file.take(n).read_to_end(buf)? as u64;
+    if got < n {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the cached file is shorter than when it was opened",
+        ));
+    }
+    Ok(())
+}
+
+struct CachedState {
+    app: Arc<App>,
+    reader: Option<ImageReader>,
+    file: Option<File>,
+    first: Option<Bytes>,
+    pos: u64,
+    end: u64,
+    _in_flight: InFlight,
+}
+
+/// hyper stops polling a body once `Content-Length` bytes went out and
+/// drops it: the hit is counted then, when every byte was handed to hyper.
+/// Dropped earlier (the client left, a read failed), the read session ends
+/// without a hit.
+impl Drop for CachedState {
+    fn drop(&mut self) {
+        let Some(mut reader) = self.reader.take() else {
+            return;
+        };
+        if self.pos < self.end || self.first.as_ref().is_some_and(|f| !f.is_empty()) {
+            return;
+        }
+        let app = self.app.clone();
+        let mut finish = move || match reader.finish() {
+            Ok(()) => inc(&app.metrics.hits),
+            Err(e) => app.note_driver_error(&e, "finish-read"),
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(finish);
+            }
+            Err(_) => finish(),
+        }
+    }
+}
+
+fn cached_stream(
+    app: Arc<App>,
+    reader: ImageReader,
+    file: File,
+    first: Bytes,
+    start: u64,
+    end: u64,
+) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let state = CachedState {
+        _in_flight: InFlight::new(&app.metrics),
+        app,
+        reader: Some(reader),
+        file: Some(file),
+        first: Some(first),
+        pos: start,
+        end,
+    };
+    stream::unfold(state, |mut s| async move {
+        if let Some(first) = s.first.take() {
+            if !first.is_empty() {
+                s.pos += first.len() as u64;
+                add(&s.app.metrics.bytes_from_cache, first.len() as u64);
+                return Some((Ok(first), s));
+            }
+        }
+        if s.pos < s.end {
+            let n = (s.end - s.pos).min(CHUNK);
+            let mut file = s.file.take()?;
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = Vec::new();
+                let r = read_up_to(&mut file, &mut buf, n);
+                (file, buf, r)
+            })
+            .await;
+            return match read {
+                Ok((file, buf, Ok(()))) => {
+                    s.file = Some(file);
+                    s.pos += n;
+                    add(&s.app.metrics.bytes_from_cache, n);
+                    Some((Ok(Bytes::from(buf)), s))
+                }
+                Ok((_, _, Err(e))) => {
+                    inc(&s.app.metrics.responses_aborted);
+                    warn!(error = %e, "reading a cached image failed; aborting the response");
+                    s.pos = s.end;
+                    s.reader = None;
+                    Some((Err(e), s))
+                }
+                Err(e) => {
+                    inc(&s.app.metrics.responses_aborted);
+                    s.pos = s.end;
+                    s.reader = None;
+                    Some((Err(io::Error::other(e.to_string())), s))
+                }
+            };
+        }
+        None
+    })
+}
+
+struct SpoolState {
+    app: Arc<App>,
+    flight: Arc<Flight>,
+    progress: tokio::sync::watch::Receiver<Progress>,
+    pos: u64,
+    done: bool,
+    _in_flight: InFlight,
+}
+
+/// A client's view of a fetch: the spool's bytes as they arrive; an error
+/// (which aborts the response) if the fetch fails.
+fn spool_stream(
+    app: Arc<App>,
+    flight: Arc<Flight>,
+) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let state = SpoolState {
+        _in_flight: InFlight::new(&app.metrics),
+        progress: flight.progress.clone(),
+        app,
+        flight,
+        pos: 0,
+        done: false,
+    };
+    stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        loop {
+            let p = s.progress.borrow_and_update().clone();
+            if s.pos < p.written {
+                let n = (p.written - s.pos).min(SPOOL_CHUNK);
+                let spool = s.flight.spool.clone();
+                let pos = s.pos;
+                let read = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; n as usize];
+                    spool.read_exact_at(&mut buf, pos).map(|()| buf)
+                })
+                .await
+                .map_err(|e| io::Error::other(e.to_string()))
+                .and_then(|r| r);
+                return match read {
+                    Ok(buf) => {
+                        s.pos += n;
+                        add(&s.app.metrics.bytes_from_upstream, n);
+                        Some((Ok(Bytes::from(buf)), s))
+                    }
+                    Err(e) => {
+                        s.done = true;
+                        inc(&s.app.metrics.responses_aborted);
+                        Some((Err(e), s))
+                    }
+                };
+            }
+            match p.outcome {
+                Some(Outcome::Complete { .. }) => return None,
+                Some(Outcome::Failed(e)) => {
+                    s.done = true;
+                    inc(&s.app.metrics.responses_aborted);
+                    debug!(error = %e.message, "aborting a response: the fetch failed");
+                    return Some((Err(io::Error::other(e.message)), s));
+                }
+                Some(Outcome::AlreadyCached) => return None,
+                None => {}
+            }
+            if s.progress.changed().await.is_err() {
+                // The fetch task is gone without an outcome (it panicked).
+                s.done = true;
+                return Some((Err(io::Error::other("the fetch ended without a result")), s));
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        use RangeRequest::*;
+        assert_eq!(parse_range(None, 10), Full);
+        assert_eq!(parse_range(Some("bytes=0-3"), 10), Part(0, 3));
+        assert_eq!(parse_range(Some("bytes=5-"), 10), Part(5, 9));
+        assert_eq!(parse_range(Some("bytes=-3"), 10), Part(7, 9));
+        assert_eq!(parse_range(Some("bytes=-30"), 10), Part(0, 9));
+        assert_eq!(parse_range(Some("bytes=8-100"), 10), Part(8, 9));
+        assert_eq!(parse_range(Some("bytes=10-"), 10), Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=-0"), 10), Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=0-0"), 0), Unsatisfiable);
+        assert_eq!(parse_range(Some("bytes=3-1"), 10), Full);
+        assert_eq!(parse_range(Some("bytes=0-1,4-5"), 10), Full);
+        assert_eq!(parse_range(Some("items=0-1"), 10), Full);
+        assert_eq!(parse_range(Some("bytes=a-b"), 10), Full);
+    }
+}
