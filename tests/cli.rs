@@ -227,6 +227,7 @@ fn help_for_every_command() {
         "status",
         "size",
         "drivers",
+        "serve",
     ];
     for command in commands {
         assert!(top.out().contains(command), "--help lacks {command}");

@@ -230,13 +230,7 @@ impl Server {
         let mut cmd = Command::new(cli_binary());
         cmd.arg("--dir")
             .arg(&root)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--shutdown-timeout",
-                "20s",
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0"])
             .args(extra)
             .env("XDG_CACHE_HOME", xdg_cache_home())
             .env_remove("IMAGE_CACHE_ADMIN_TOKEN")
@@ -248,6 +242,9 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if !extra.contains(&"--shutdown-timeout") {
+            cmd.args(["--shutdown-timeout", "20s"]);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -1321,6 +1318,39 @@ fn sigterm_lets_in_flight_responses_finish() {
     assert!(log.contains("SIGTERM"), "{log}");
     // New connections are refused once it has stopped.
     assert!(TcpStream::connect(addr).is_err());
+}
+
+#[test]
+fn sigterm_past_the_grace_period_aborts_the_fetch_and_leaves_no_image() {
+    let bytes = image_bytes(8, 4 << 20);
+    let up = Upstream::start(
+        one_image("endless", bytes),
+        Behaviour::Slow(Duration::from_millis(50)),
+    );
+    let mut s = Server::start(&["--upstream", &up.url(), "--shutdown-timeout", "1s"]);
+    let addr = s.addr;
+    let client = std::thread::spawn(move || get(addr, "/v2/images/endless/file"));
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let (status, log) = s.stop();
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "shutdown took too long"
+    );
+    assert!(status.success(), "exit {status:?}\n{log}");
+    let r = client.join().unwrap();
+    assert!(!r.complete, "the response cannot have completed");
+    assert!(log.contains("aborting unfinished fetches"), "{log}");
+    let root = s.root();
+    assert!(
+        image_files(&root).is_empty(),
+        "a partial image was published"
+    );
+    assert!(
+        image_files(&root.join("incomplete")).is_empty(),
+        "left in incomplete/"
+    );
+    assert_eq!(image_files(&root.join("invalid")), ["endless"]);
 }
 
 #[test]
