@@ -1487,3 +1487,98 @@ fn real_glance_client() {
         "stdout {out}\nstderr {err}"
     );
 }
+
+/// A driver swapped in that faults more than --rollback-max-faults times
+/// within the window is rolled back by itself, while image downloads go on
+/// without a single failure; the reason is in the log, the count in the
+/// metrics, and the operator can roll back by hand as well.
+#[test]
+fn a_faulting_driver_is_rolled_back_automatically_under_load() {
+    let store = tempfile::tempdir().unwrap();
+    let bytes = image_bytes(9, 64 << 10);
+    fs::write(store.path().join("img"), &bytes).unwrap();
+    let hostile = image_cache_tests::fixture("hostile_driver");
+    let s = Server::start(&[
+        "--upstream",
+        store.path().to_str().unwrap(),
+        "--driver-grants",
+        "sqlite,xattr",
+        "--rollback-max-faults",
+        "3",
+        "--rollback-window",
+        "10m",
+    ]);
+    assert_eq!(get(s.addr, "/v2/images/img/file").body, bytes);
+    s.wait_cached("img");
+
+    let stop = AtomicBool::new(false);
+    let ok = AtomicU64::new(0);
+    let failed = Mutex::new(Vec::<String>::new());
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            let (stop, ok, failed, bytes) = (&stop, &ok, &failed, &bytes);
+            let addr = s.addr;
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match try_request(addr, "GET", "/v2/images/img/file", &[], b"") {
+                        Ok(r) if r.status == 200 && r.complete && &r.body == bytes => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => failed.lock().unwrap().push(format!("{}", r.status)),
+                        Err(e) => failed.lock().unwrap().push(e.to_string()),
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let r = request(
+            s.addr,
+            "POST",
+            "/v2/cache/driver",
+            &[
+                ("X-Auth-Token", ADMIN),
+                ("Content-Type", "application/json"),
+            ],
+            format!("{{\"driver\":{:?}}}", hostile.display().to_string()).as_bytes(),
+        );
+        assert_eq!(r.status, 200, "swap to the hostile driver: {}", r.text());
+        // The hostile driver lists its images out of order: every listing
+        // is a contract fault. The fourth rolls it back.
+        let mut faults = 0;
+        while admin(s.addr, "GET", "/v2/cache/driver").json()["name"] != "sqlite" {
+            assert_eq!(admin(s.addr, "GET", "/v2/cache").status, 500);
+            faults += 1;
+            assert!(faults <= 4, "not rolled back after {faults} faults");
+        }
+        assert_eq!(faults, 4);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let failed = failed.into_inner().unwrap();
+    assert!(failed.is_empty(), "failed downloads: {failed:?}");
+    assert!(ok.load(Ordering::Relaxed) > 0);
+    let driver = admin(s.addr, "GET", "/v2/cache/driver").json();
+    let reason = driver["last_rollback"]
+        .as_str()
+        .expect("the reason is kept");
+    assert!(reason.contains("faulted 4 times"), "{reason}");
+    assert_eq!(s.metric("image_cache_driver_rollbacks_total"), 1);
+    assert!(s.log().contains("rolled back"), "{}", s.log());
+    assert_eq!(get(s.addr, "/v2/images/img/file").body, bytes);
+
+    // By hand: back to the hostile driver, then back again.
+    assert_eq!(
+        admin(s.addr, "POST", "/v2/cache/driver/rollback").status,
+        200
+    );
+    assert_eq!(
+        admin(s.addr, "POST", "/v2/cache/driver/rollback").json()["driver"],
+        "sqlite"
+    );
+    assert_eq!(s.metric("image_cache_driver_rollbacks_total"), 3);
+    let fresh = Server::start(&[]);
+    assert_eq!(
+        admin(fresh.addr, "POST", "/v2/cache/driver/rollback").status,
+        404
+    );
+}

@@ -214,7 +214,34 @@ pub async fn get_driver(
         "name": info.name,
         "version": info.version,
         "description": info.description,
+        "contract": d.component().manifest().version.to_string(),
+        "grants": d.component().grants().names(),
+        "sha256": d.component().sha256(),
+        "last_rollback": app.cache.last_rollback(),
     })))
+}
+
+/// `POST /v2/cache/driver/rollback`: swap back to the driver that served
+/// before the last swap (kept configured); 404 if there was no swap.
+pub async fn rollback_driver(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    admin(&app, &headers)?;
+    let _one = app.swap_lock.lock().await;
+    let app2 = app.clone();
+    let result = tokio::task::spawn_blocking(move || app2.cache.rollback())
+        .await
+        .map_err(|e| ApiError::internal(format!("rollback task: {e}")))?;
+    match result {
+        Ok(()) => {
+            let name = app.cache.driver().name().to_string();
+            tracing::warn!(driver = %name, "driver rolled back by the operator");
+            Ok(Json(json!({"driver": name})))
+        }
+        Err(image_cache::Error::NotFound(m)) => Err(ApiError::new(StatusCode::NOT_FOUND, m)),
+        Err(e) => Err(app.library_error(e, "rollback")),
+    }
 }
 
 /// `POST /v2/cache/driver` with `{"driver": "sqlite" | "xattr" | PATH}`:

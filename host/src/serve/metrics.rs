@@ -160,6 +160,16 @@ impl Metrics {
                 get(&self.swap_failures),
             ),
             (
+                "image_cache_driver_rollbacks_total",
+                "Drivers rolled back: by the operator, or automatically after faults.",
+                cache.stats.rollbacks.load(Ordering::Relaxed),
+            ),
+            (
+                "image_cache_driver_faults_seen_total",
+                "Driver faults (trap, deadline, broken contract) seen by the cache library.",
+                cache.stats.driver_faults.load(Ordering::Relaxed),
+            ),
+            (
                 "image_cache_prefetch_runs_total",
                 "Prefetcher runs.",
                 get(&self.prefetch_runs),

@@ -151,6 +151,21 @@ pub struct ServeArgs {
     /// Logs as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+
+    /// A driver swapped in that faults more than this many times within
+    /// --rollback-window of the swap is rolled back to the previous driver
+    /// by itself (0: never).
+    #[arg(
+        long,
+        env = "IMAGE_CACHE_ROLLBACK_MAX_FAULTS",
+        value_name = "N",
+        default_value = "5"
+    )]
+    rollback_max_faults: u64,
+
+    /// How long after a swap faults count towards an automatic rollback.
+    #[arg(long, env = "IMAGE_CACHE_ROLLBACK_WINDOW", value_name = "DURATION", default_value = "5m", value_parser = parse_duration_arg)]
+    rollback_window: Duration,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -441,6 +456,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v2/cache/clean", post(c::clean))
         .route("/v2/cache/prune", post(c::prune))
         .route("/v2/cache/driver", get(c::get_driver).post(c::swap_driver))
+        .route("/v2/cache/driver/rollback", post(c::rollback_driver))
         .route("/v2/cache/nodes/{id}", get(c::cached_nodes))
         .route(
             "/v2/cache/{id}",
@@ -687,6 +703,12 @@ pub fn run(
         }
     }
     let cache = Arc::new(settings.open()?);
+    if args.rollback_max_faults > 0 {
+        cache.set_rollback_policy(Some(image_cache::RollbackPolicy {
+            max_faults: args.rollback_max_faults,
+            window: args.rollback_window,
+        }));
+    }
     let app = Arc::new(App {
         cache,
         upstream,
