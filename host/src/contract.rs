@@ -295,13 +295,13 @@ fn top_level_names(bytes: &[u8]) -> std::result::Result<(Vec<String>, Vec<String
             Payload::ComponentImportSection(section) if depth == 1 => {
                 for import in section {
                     let import = import.map_err(|e| format!("unreadable import: {e}"))?;
-                    imports.push(import.name.0.to_string());
+                    imports.push(import.name.name.to_string());
                 }
             }
             Payload::ComponentExportSection(section) if depth == 1 => {
                 for export in section {
                     let export = export.map_err(|e| format!("unreadable export: {e}"))?;
-                    exports.push(export.name.0.to_string());
+                    exports.push(export.name.name.to_string());
                 }
             }
             _ => {}

@@ -51,6 +51,7 @@ pub fn run(settings: &Settings, command: &Command) -> Outcome {
                 Command::Prefetch { source } => prefetch(s, cache, o, source)?,
                 Command::Status { id } => status(s, cache, o, id)?,
                 Command::Size => size(s, cache, o)?,
+                Command::Nodes { id } => nodes(s, cache, o, id)?,
                 Command::Drivers { .. } => unreachable!("handled above"),
             }
         }
@@ -739,6 +740,20 @@ fn size(s: &Settings, cache: &ImageCache, out: &mut Out) -> Outcome {
     Ok(())
 }
 
+fn nodes(s: &Settings, cache: &ImageCache, out: &mut Out, id: &str) -> Outcome {
+    let nodes = cache.get_cached_nodes(id)?;
+    if s.json {
+        return print_json(out, &json!({"image_id": id, "nodes": nodes}));
+    }
+    if nodes.is_empty() {
+        outln!(out, "image {id:?} is cached on no node");
+    }
+    for node in &nodes {
+        outln!(out, "{node}");
+    }
+    Ok(())
+}
+
 /// Built-in drivers (and the one --driver names, if it is a file), each
 /// with its contract version, imports and grants.
 fn drivers(s: &Settings, out: &mut Out) -> Outcome {
@@ -776,7 +791,11 @@ fn drivers(s: &Settings, out: &mut Out) -> Outcome {
         if i > 0 {
             outln!(out);
         }
-        let default = if e["default"] == true { " (default)" } else { "" };
+        let default = if e["default"] == true {
+            " (default)"
+        } else {
+            ""
+        };
         outln!(
             out,
             "{}{default}: {}",
@@ -849,7 +868,11 @@ fn print_inspection(out: &mut Out, e: &Value) -> Outcome {
             .flatten()
             .map(|x| x.as_str().unwrap_or_default().to_string())
             .collect();
-        if items.is_empty() { "none".to_string() } else { items.join(", ") }
+        if items.is_empty() {
+            "none".to_string()
+        } else {
+            items.join(", ")
+        }
     };
     if !e["driver"].is_null() {
         outln!(
@@ -872,7 +895,11 @@ fn print_inspection(out: &mut Out, e: &Value) -> Outcome {
     outln!(out, "  sha256:        {}", text(&e["sha256"]));
     outln!(out, "  grants needed: fs, clock{}", {
         let needs = list(&e["grants_needed"]);
-        if needs == "none" { String::new() } else { format!(", {needs}") }
+        if needs == "none" {
+            String::new()
+        } else {
+            format!(", {needs}")
+        }
     });
     if e["not_granted"].as_array().is_some_and(|a| !a.is_empty()) {
         outln!(
