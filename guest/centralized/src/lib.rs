@@ -404,9 +404,7 @@ impl MetadataStore for CentralizedStore {
         let recorded = self.rows()?;
         let gone: Vec<&str> = recorded
             .iter()
-            .filter(|(id, image)| {
-                !present.contains(id.as_str()) && image.last_modified < settled
-            })
+            .filter(|(id, image)| !present.contains(id.as_str()) && image.last_modified < settled)
             .map(|(id, _)| id.as_str())
             .collect();
         self.delete_rows(&gone)

@@ -121,7 +121,6 @@ pub trait MetadataStore {
     }
 }
 
-
 /// Stores that can drop records whose files are gone do it when `clean`
 /// asks (see [`MetadataStore::forget_missing`]).
 pub const FORGET_MISSING_AFTER: f64 = 60.0;
