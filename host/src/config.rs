@@ -284,6 +284,9 @@ mod tests {
         let err =
             Options::from_ini("[DEFAULT]\nimage_cache_database_allow_privileged_role = maybe\n")
                 .unwrap_err();
-        assert!(err.contains("image_cache_database_allow_privileged_role"), "{err}");
+        assert!(
+            err.contains("image_cache_database_allow_privileged_role"),
+            "{err}"
+        );
     }
 }
