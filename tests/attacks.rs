@@ -94,10 +94,7 @@ impl Scene {
             !text.contains(&self.root.display().to_string()),
             "{attack}: the root's location leaked: {text}"
         );
-        assert!(
-            !self.cache.is_cached("benign").unwrap(),
-            "{attack}: next call works"
-        );
+        assert!(!self.cache.is_cached("benign").unwrap(), "{attack}: next call works");
         e
     }
 
@@ -118,11 +115,7 @@ impl Scene {
             Error::DriverFault { message, .. } => message,
             e => panic!("{attack}: expected a driver fault, got {e:?}"),
         };
-        assert_eq!(
-            self.discarded(),
-            discarded + 1,
-            "{attack}: instance discarded"
-        );
+        assert_eq!(self.discarded(), discarded + 1, "{attack}: instance discarded");
         message
     }
 
@@ -143,18 +136,8 @@ impl Drop for Scene {
                 self.before,
                 "nothing outside the root changed"
             );
-            assert!(
-                !self
-                    .root
-                    .parent()
-                    .unwrap()
-                    .join("hostile-planted.db")
-                    .exists()
-            );
-            assert!(
-                !Path::new("hostile-planted.db").exists(),
-                "nothing in the working directory"
-            );
+            assert!(!self.root.parent().unwrap().join("hostile-planted.db").exists());
+            assert!(!Path::new("hostile-planted.db").exists(), "nothing in the working directory");
         }
     }
 }
@@ -218,16 +201,10 @@ fn a_runaway_query_is_stopped_at_the_deadline() {
     let started = Instant::now();
     let m = s.fault("sql-runaway");
     let took = started.elapsed();
-    assert!(
-        m.contains("deadline") && m.contains("inside a host call"),
-        "{m}"
-    );
+    assert!(m.contains("deadline") && m.contains("inside a host call"), "{m}");
     assert!(took >= DEADLINE, "ran until the deadline: {took:?}");
     // Generous: a shared machine; the point is "stopped", not "waited out".
-    assert!(
-        took < DEADLINE + Duration::from_secs(3),
-        "stopped: {took:?}"
-    );
+    assert!(took < DEADLINE + Duration::from_secs(3), "stopped: {took:?}");
 }
 
 #[test]
@@ -257,10 +234,7 @@ fn connections_per_instance_are_capped() {
 fn a_time_before_1970_is_an_error_not_a_host_panic() {
     let s = scene();
     match s.refusal("set-times-negative") {
-        Error::Io(m) => assert!(
-            m.contains("InvalidArgument") && m.contains("not a usable time"),
-            "{m}"
-        ),
+        Error::Io(m) => assert!(m.contains("InvalidArgument") && m.contains("not a usable time"), "{m}"),
         e => panic!("expected the host's refusal, got {e:?}"),
     }
 }
@@ -344,10 +318,7 @@ fn instances_per_driver_are_capped_and_callers_wait_then_fail_clearly() {
     }
     assert!(started.elapsed() >= Duration::from_millis(300));
     drop(a);
-    assert!(
-        !cache.is_cached("c").unwrap(),
-        "a freed instance serves the next call"
-    );
+    assert!(!cache.is_cached("c").unwrap(), "a freed instance serves the next call");
     drop(b);
 }
 
@@ -374,9 +345,7 @@ fn memory_is_capped_across_all_instances_of_a_driver() {
         assert!(sessions.len() < 64, "8 MiB cannot hold 64 instances");
     };
     assert!(
-        fault
-            .to_string()
-            .contains("memory cap of 8388608 bytes across its instances"),
+        fault.to_string().contains("memory cap of 8388608 bytes across its instances"),
         "{fault}"
     );
     assert!(cache.driver().memory_used() <= 8 << 20);
@@ -389,8 +358,7 @@ fn opening_a_root_leaves_no_probe_in_it() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = Runtime::new(Limits::default(), None).unwrap();
     for _ in 0..3 {
-        let cache =
-            ImageCache::with_runtime(runtime.clone(), CacheConfig::new(dir.path())).unwrap();
+        let cache = ImageCache::with_runtime(runtime.clone(), CacheConfig::new(dir.path())).unwrap();
         assert!(cache.get_cached_images().unwrap().is_empty());
     }
     let names: Vec<String> = std::fs::read_dir(dir.path())

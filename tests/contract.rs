@@ -51,11 +51,7 @@ fn components_of_the_previous_contract_are_refused_before_compiling() {
             message.contains("image-cache:driver@0.1.0") && message.contains(SUPPORTED),
             "{name}: names its version and the supported range: {message}"
         );
-        assert_eq!(
-            rt.stats.compiled.load(Ordering::Relaxed),
-            0,
-            "nothing compiled"
-        );
+        assert_eq!(rt.stats.compiled.load(Ordering::Relaxed), 0, "nothing compiled");
     }
 }
 
@@ -64,8 +60,9 @@ fn a_previous_release_driver_is_refused_on_swap_and_the_cache_keeps_working() {
     let dir = tempfile::tempdir().unwrap();
     let cache = ImageCache::with_runtime(runtime(), CacheConfig::new(dir.path())).unwrap();
     cache.cache_reader("kept", None, &b"bytes"[..]).unwrap();
-    let message =
-        load_error(cache.swap_driver(&DriverSource::File(previous_release("sqlite_driver"))));
+    let message = load_error(cache.swap_driver(&DriverSource::File(previous_release(
+        "sqlite_driver",
+    ))));
     assert!(message.contains("0.1.0"), "{message}");
     assert_eq!(cache.driver().name(), "sqlite");
     assert!(cache.is_cached("kept").unwrap());
@@ -93,8 +90,7 @@ fn components_of_a_newer_contract_are_refused_with_the_supported_range() {
             &LoadPolicy::default(),
         ));
         assert!(
-            message.contains(&format!("image-cache:driver@{version}"))
-                && message.contains(SUPPORTED),
+            message.contains(&format!("image-cache:driver@{version}")) && message.contains(SUPPORTED),
             "{message}"
         );
     }
@@ -108,10 +104,7 @@ fn something_that_is_not_a_driver_is_refused_by_name() {
     let message = load_error(
         fresh_runtime().component(&DriverSource::File(not_a_driver), &LoadPolicy::default()),
     );
-    assert!(
-        message.contains("exports no image-cache:driver/cache-driver"),
-        "{message}"
-    );
+    assert!(message.contains("exports no image-cache:driver/cache-driver"), "{message}");
 
     let wasi = dir.path().join("greedy.wasm");
     let wat = r#"(component
@@ -141,8 +134,7 @@ fn an_ungranted_import_is_refused_at_load_naming_the_interface() {
     let dir = tempfile::tempdir().unwrap();
     let path = sqlite_as_a_file(dir.path());
     let rt = fresh_runtime();
-    let message =
-        load_error(rt.component(&DriverSource::File(path.clone()), &LoadPolicy::default()));
+    let message = load_error(rt.component(&DriverSource::File(path.clone()), &LoadPolicy::default()));
     assert!(
         message.contains("image-cache:driver/sqlite@0.2.0")
             && message.contains("not granted")
@@ -156,10 +148,7 @@ fn an_ungranted_import_is_refused_at_load_naming_the_interface() {
         sha256: None,
         grants: Grants::of(&[Capability::Xattr]),
     };
-    assert!(
-        load_error(rt.component(&DriverSource::File(path.clone()), &xattr_only))
-            .contains("sqlite@0.2.0")
-    );
+    assert!(load_error(rt.component(&DriverSource::File(path.clone()), &xattr_only)).contains("sqlite@0.2.0"));
 
     // Granted what it needs: it runs, through the cache, as a third party.
     let granted = LoadPolicy {
@@ -175,10 +164,7 @@ fn an_ungranted_import_is_refused_at_load_naming_the_interface() {
             .policy(granted),
     )
     .unwrap();
-    assert_eq!(
-        cache.driver().component().grants(),
-        Grants::of(&[Capability::Sqlite])
-    );
+    assert_eq!(cache.driver().component().grants(), Grants::of(&[Capability::Sqlite]));
     cache.cache_reader("1", None, &b"third party"[..]).unwrap();
     assert!(cache.is_cached("1").unwrap());
 }
@@ -195,24 +181,16 @@ fn a_wrong_sha256_is_refused_before_compiling() {
     };
     let message = load_error(rt.component(&DriverSource::File(path.clone()), &wrong));
     assert!(
-        message.contains(&right)
-            && message.contains("not the pinned")
-            && message.contains("before compiling"),
+        message.contains(&right) && message.contains("not the pinned") && message.contains("before compiling"),
         "{message}"
     );
-    assert_eq!(
-        rt.stats.compiled.load(Ordering::Relaxed),
-        0,
-        "refused before compiling"
-    );
+    assert_eq!(rt.stats.compiled.load(Ordering::Relaxed), 0, "refused before compiling");
 
     let pinned = LoadPolicy {
         sha256: Some(right.to_uppercase()),
         grants: Grants::of(&[Capability::Sqlite]),
     };
-    let component = rt
-        .component(&DriverSource::File(path.clone()), &pinned)
-        .unwrap();
+    let component = rt.component(&DriverSource::File(path.clone()), &pinned).unwrap();
     assert_eq!(component.sha256(), right);
     // Loaded once, the pin is still checked on the next load.
     assert!(load_error(rt.component(&DriverSource::File(path), &wrong)).contains("not the pinned"));

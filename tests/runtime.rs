@@ -22,23 +22,17 @@ fn the_cache_handle_is_send_and_sync() {
 fn a_restart_reuses_compiled_artifacts() {
     let artifacts = tempfile::tempdir().unwrap();
     let first = Runtime::new(Limits::default(), Some(artifacts.path().to_path_buf())).unwrap();
-    let component = first
-        .component(&DriverSource::Builtin("sqlite"), &Default::default())
-        .unwrap();
+    let component = first.component(&DriverSource::Builtin("sqlite"), &Default::default()).unwrap();
     assert!(!component.was_precompiled());
     assert_eq!(first.stats.compiled.load(Ordering::Relaxed), 1);
     // The same process asks again: nothing is loaded twice.
-    first
-        .component(&DriverSource::Builtin("sqlite"), &Default::default())
-        .unwrap();
+    first.component(&DriverSource::Builtin("sqlite"), &Default::default()).unwrap();
     assert_eq!(first.stats.compiled.load(Ordering::Relaxed), 1);
     drop(first);
 
     // "Restart": a new engine with the same artifact directory.
     let second = Runtime::new(Limits::default(), Some(artifacts.path().to_path_buf())).unwrap();
-    let component = second
-        .component(&DriverSource::Builtin("sqlite"), &Default::default())
-        .unwrap();
+    let component = second.component(&DriverSource::Builtin("sqlite"), &Default::default()).unwrap();
     assert!(component.was_precompiled());
     assert_eq!(second.stats.compiled.load(Ordering::Relaxed), 0);
     assert_eq!(second.stats.loaded_precompiled.load(Ordering::Relaxed), 1);

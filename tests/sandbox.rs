@@ -52,10 +52,7 @@ fn the_compiled_component_agrees_and_imports_no_wasi() {
         let mut compiled = image_cache::runtime::component_imports(rt.engine(), &component);
         compiled.sort();
         assert_eq!(compiled, imports_of(builtin(name)), "{name}");
-        assert!(
-            compiled.iter().all(|i| !i.starts_with("wasi:")),
-            "{compiled:?}"
-        );
+        assert!(compiled.iter().all(|i| !i.starts_with("wasi:")), "{compiled:?}");
     }
 }
 

@@ -186,12 +186,8 @@ fn writable(root: &RootFs) -> io::Result<()> {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EOPNOTSUPP) | Some(libc::EISDIR) | Some(libc::EINVAL) => {
-                if libc::faccessat(
-                    dir,
-                    c".".as_ptr(),
-                    libc::W_OK | libc::X_OK,
-                    libc::AT_EACCESS,
-                ) == 0
+                if libc::faccessat(dir, c".".as_ptr(), libc::W_OK | libc::X_OK, libc::AT_EACCESS)
+                    == 0
                 {
                     Ok(())
                 } else {
@@ -213,7 +209,8 @@ impl ImageCache {
     /// Open a cache on a shared runtime (one engine for many caches).
     pub fn with_runtime(runtime: Arc<Runtime>, config: CacheConfig) -> Result<ImageCache> {
         let root = Arc::new(prepare_root(&config.root)?);
-        let driver = match start_driver(&runtime, &root, &config, &config.driver, &config.policy) {
+        let driver = match start_driver(&runtime, &root, &config, &config.driver, &config.policy)
+        {
             Ok(driver) => driver,
             Err(e) if config.fallback_to_sqlite && !is_sqlite(&config.driver) => {
                 log::warn!(
@@ -257,10 +254,7 @@ impl ImageCache {
 
     /// The driver now serving calls.
     pub fn driver(&self) -> Arc<Driver> {
-        self.driver
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.driver.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Replace the driver: the new one is loaded and configured first; if
@@ -318,10 +312,7 @@ impl ImageCache {
     /// than `policy.max_faults` times within `policy.window` of the swap
     /// (none: never).
     pub fn set_rollback_policy(&self, policy: Option<RollbackPolicy>) {
-        *self
-            .rollback_policy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = policy;
+        *self.rollback_policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
     }
 
     /// Why the last automatic rollback happened, if one did.
@@ -345,11 +336,7 @@ impl ImageCache {
 
     fn note_fault(&self, driver: &Arc<Driver>, message: &str) {
         self.stats.driver_faults.fetch_add(1, Ordering::Relaxed);
-        let Some(policy) = *self
-            .rollback_policy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-        else {
+        let Some(policy) = *self.rollback_policy.lock().unwrap_or_else(|p| p.into_inner()) else {
             return;
         };
         let mut drivers = self.drivers_lock();

@@ -135,11 +135,7 @@ impl Grants {
     /// `xattr,sqlite` (Glance-style list option); empty means none.
     pub fn parse(list: &str) -> std::result::Result<Grants, String> {
         let mut g = Grants::NONE;
-        for word in list
-            .split([',', ' '])
-            .map(str::trim)
-            .filter(|w| !w.is_empty())
-        {
+        for word in list.split([',', ' ']).map(str::trim).filter(|w| !w.is_empty()) {
             match Capability::parse(word) {
                 Some(c) => g = g.with(c),
                 None if ALWAYS_LINKED.contains(&word) => {}
@@ -235,11 +231,8 @@ pub fn read_manifest(driver: &str, bytes: &[u8]) -> Result<Manifest> {
                 if exports.is_empty() { "none".to_string() } else { exports.join(", ") }
             ))
         })?;
-    let version = Version::parse(exported).ok_or_else(|| {
-        refuse(format!(
-            "its contract version {exported:?} is not a version"
-        ))
-    })?;
+    let version = Version::parse(exported)
+        .ok_or_else(|| refuse(format!("its contract version {exported:?} is not a version")))?;
     if !version.is_supported() {
         return Err(refuse(format!(
             "it speaks contract {PACKAGE}@{version}; this host runs {SUPPORTED} \
@@ -248,11 +241,8 @@ pub fn read_manifest(driver: &str, bytes: &[u8]) -> Result<Manifest> {
     }
     let mut needs = Vec::new();
     for import in &imports {
-        let (interface, import_version) = split_import(import).ok_or_else(|| {
-            refuse(format!(
-                "it imports {import}, which is not part of the driver contract"
-            ))
-        })?;
+        let (interface, import_version) = split_import(import)
+            .ok_or_else(|| refuse(format!("it imports {import}, which is not part of the driver contract")))?;
         if import_version != version.to_string() {
             return Err(refuse(format!(
                 "it imports {import} but exports contract {version}: one component speaks one contract version"
@@ -290,8 +280,7 @@ fn top_level_names(bytes: &[u8]) -> std::result::Result<(Vec<String>, Vec<String
     let mut exports = Vec::new();
     let mut depth = 0usize;
     for payload in Parser::new(0).parse_all(bytes) {
-        let payload =
-            payload.map_err(|e| format!("it is not a valid WebAssembly component: {e}"))?;
+        let payload = payload.map_err(|e| format!("it is not a valid WebAssembly component: {e}"))?;
         match payload {
             Payload::Version { encoding, .. } => {
                 if depth == 0 && encoding != Encoding::Component {
@@ -334,10 +323,7 @@ mod tests {
         assert!(!Version::parse("0.1.0").unwrap().is_supported());
         assert!(!Version::parse("0.3.0").unwrap().is_supported());
         assert!(!Version::parse("1.0.0").unwrap().is_supported());
-        assert!(
-            !Version::parse("0.2.1").unwrap().is_supported(),
-            "newer than the host"
-        );
+        assert!(!Version::parse("0.2.1").unwrap().is_supported(), "newer than the host");
         assert_eq!(Version::parse("0.2"), None);
         assert_eq!(Version::parse("0.2.0.1"), None);
         assert_eq!(Version::parse("a.b.c"), None);
@@ -351,28 +337,16 @@ mod tests {
             Grants::of(&[Capability::Xattr, Capability::Sqlite])
         );
         assert_eq!(Grants::parse("fs,clock").unwrap(), Grants::NONE);
-        assert!(
-            Grants::parse("network")
-                .unwrap_err()
-                .contains("unknown capability \"network\"")
-        );
-        assert_eq!(
-            Grants::of(&[Capability::Database]).to_string(),
-            "fs,clock,database"
-        );
+        assert!(Grants::parse("network").unwrap_err().contains("unknown capability \"network\""));
+        assert_eq!(Grants::of(&[Capability::Database]).to_string(), "fs,clock,database");
     }
 
     #[test]
     fn a_core_module_or_garbage_is_refused_by_name() {
         let core = b"\0asm\x01\0\0\0";
         let e = read_manifest("x.wasm", core).unwrap_err().to_string();
-        assert!(
-            e.contains("core WebAssembly module, not a component"),
-            "{e}"
-        );
-        let e = read_manifest("x.wasm", b"not wasm at all")
-            .unwrap_err()
-            .to_string();
+        assert!(e.contains("core WebAssembly module, not a component"), "{e}");
+        let e = read_manifest("x.wasm", b"not wasm at all").unwrap_err().to_string();
         assert!(e.contains("not a valid WebAssembly component"), "{e}");
     }
 }

@@ -402,12 +402,7 @@ impl Driver {
     pub fn get_least_recently_accessed(&self) -> Result<Option<(String, u64)>> {
         self.call_checked(
             |g, s| g.call_get_least_recently_accessed(s),
-            |lru| {
-                valid_ids(
-                    "get-least-recently-accessed",
-                    lru.iter().map(|(id, _)| &id[..]),
-                )
-            },
+            |lru| valid_ids("get-least-recently-accessed", lru.iter().map(|(id, _)| &id[..])),
         )
     }
 
@@ -433,10 +428,7 @@ impl Driver {
     pub fn get_cached_nodes(&self, id: &str) -> Result<Vec<String>> {
         self.call_checked(
             |g, s| g.call_get_cached_nodes(s, id),
-            |nodes| match nodes
-                .iter()
-                .find(|n| n.len() > 2048 || n.chars().any(char::is_control))
-            {
+            |nodes| match nodes.iter().find(|n| n.len() > 2048 || n.chars().any(char::is_control)) {
                 Some(n) => Err(format!(
                     "get-cached-nodes returned an unusable node name {:?}",
                     printable(n, 64)
@@ -498,19 +490,17 @@ impl Driver {
         ) -> GuestResult<(ResourceAny, Resource<OpenFile>)>,
     ) -> Result<Session> {
         let mut instance = self.checkout()?;
-        let result = self
-            .guarded(&mut instance, open)
-            .and_then(|(resource, file)| {
-                // The file moves to the host: image bytes never enter the guest.
-                let file = instance
-                    .store
-                    .data_mut()
-                    .table
-                    .delete(file)
-                    .map_err(|e| self.fault(e.into()))?;
-                let identity = self.check_session_file(kind, id, &file)?;
-                Ok((resource, file, identity))
-            });
+        let result = self.guarded(&mut instance, open).and_then(|(resource, file)| {
+            // The file moves to the host: image bytes never enter the guest.
+            let file = instance
+                .store
+                .data_mut()
+                .table
+                .delete(file)
+                .map_err(|e| self.fault(e.into()))?;
+            let identity = self.check_session_file(kind, id, &file)?;
+            Ok((resource, file, identity))
+        });
         let (resource, file, identity) = match result {
             Ok(opened) => opened,
             Err(e) => {
@@ -556,10 +546,7 @@ impl Driver {
         match self.root().identity(&path) {
             Ok(expected) if expected == handed => Ok(handed),
             Ok(_) => Err(broke(format!("{:?}, which is not {path}", file.path))),
-            Err(e) => Err(broke(format!(
-                "{:?} while {path} is unusable ({})",
-                file.path, e.message
-            ))),
+            Err(e) => Err(broke(format!("{:?} while {path} is unusable ({})", file.path, e.message))),
         }
     }
 
@@ -580,10 +567,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Every id a driver returned must be a valid image id before the host
 /// uses it (in a path, a URL, a log line).
-fn valid_ids<'a>(
-    what: &str,
-    ids: impl Iterator<Item = &'a str>,
-) -> std::result::Result<(), String> {
+fn valid_ids<'a>(what: &str, ids: impl Iterator<Item = &'a str>) -> std::result::Result<(), String> {
     for id in ids {
         if let Err(e) = validate_image_id(id) {
             return Err(format!("{what} returned {e}"));

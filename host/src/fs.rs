@@ -280,10 +280,7 @@ impl RootFs {
     pub fn identity(&self, path: &str) -> Result<FileIdentity> {
         use cap_std::fs::MetadataExt;
         let p = check_name(path)?;
-        let meta = self
-            .dir
-            .symlink_metadata(p)
-            .map_err(|e| io_error(path, e))?;
+        let meta = self.dir.symlink_metadata(p).map_err(|e| io_error(path, e))?;
         if !meta.is_file() {
             return Err(error(
                 ErrorCode::IsADirectory,
@@ -364,7 +361,11 @@ impl RootFs {
     }
 
     /// Like [`RootFs::list_names`], stopping at `deadline`.
-    pub fn list_names_until(&self, path: &str, deadline: Option<Deadline>) -> Result<Vec<DirName>> {
+    pub fn list_names_until(
+        &self,
+        path: &str,
+        deadline: Option<Deadline>,
+    ) -> Result<Vec<DirName>> {
         self.walk(path, deadline, |entry, name| {
             let ft = entry.file_type()?;
             Ok(DirName {

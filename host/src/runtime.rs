@@ -408,12 +408,7 @@ impl Runtime {
         let bytes = self.read_source(source)?;
         let sha256 = sha256_hex(&bytes);
         let grants = grants_for(source, policy);
-        if let Some(c) = self
-            .components
-            .lock()
-            .unwrap()
-            .get(&(sha256.clone(), grants))
-        {
+        if let Some(c) = self.components.lock().unwrap().get(&(sha256.clone(), grants)) {
             check_pin(&source.name(), &sha256, policy)?;
             return Ok(c.clone());
         }

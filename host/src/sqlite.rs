@@ -55,60 +55,13 @@ const PROGRESS_STEPS: i32 = 1000;
 /// and the date functions; nothing that reads files, loads code or reports
 /// pointers (`load_extension`, `fts3_tokenizer`, ...).
 const FUNCTIONS: &[&str] = &[
-    "abs",
-    "avg",
-    "changes",
-    "char",
-    "coalesce",
-    "concat",
-    "concat_ws",
-    "count",
-    "date",
-    "datetime",
-    "format",
-    "glob",
-    "group_concat",
-    "hex",
-    "ifnull",
-    "iif",
-    "instr",
-    "julianday",
-    "last_insert_rowid",
-    "length",
-    "like",
-    "likelihood",
-    "likely",
-    "lower",
-    "ltrim",
-    "max",
-    "min",
-    "nullif",
-    "octet_length",
-    "printf",
-    "quote",
-    "random",
-    "randomblob",
-    "replace",
-    "round",
-    "rtrim",
-    "sign",
-    "strftime",
-    "string_agg",
-    "substr",
-    "substring",
-    "sum",
-    "time",
-    "timediff",
-    "total",
-    "total_changes",
-    "trim",
-    "typeof",
-    "unhex",
-    "unicode",
-    "unixepoch",
-    "unlikely",
-    "upper",
-    "zeroblob",
+    "abs", "avg", "changes", "char", "coalesce", "concat", "concat_ws", "count", "date",
+    "datetime", "format", "glob", "group_concat", "hex", "ifnull", "iif", "instr", "julianday",
+    "last_insert_rowid", "length", "like", "likelihood", "likely", "lower", "ltrim", "max", "min",
+    "nullif", "octet_length", "printf", "quote", "random", "randomblob", "replace", "round",
+    "rtrim", "sign", "strftime", "string_agg", "substr", "substring", "sum", "time", "timediff",
+    "total", "total_changes", "trim", "typeof", "unhex", "unicode", "unixepoch", "unlikely",
+    "upper", "zeroblob",
 ];
 
 /// `PRAGMA`s a driver may run, each with the values it may set (`None`:
@@ -123,21 +76,12 @@ const PRAGMAS: &[(&str, Option<&[&str]>)] = &[
         "synchronous",
         Some(&["0", "1", "2", "3", "off", "normal", "full", "extra"]),
     ),
-    (
-        "foreign_keys",
-        Some(&["0", "1", "on", "off", "true", "false"]),
-    ),
+    ("foreign_keys", Some(&["0", "1", "on", "off", "true", "false"])),
     ("user_version", None),
     ("application_id", None),
-    (
-        "auto_vacuum",
-        Some(&["0", "1", "2", "none", "full", "incremental"]),
-    ),
+    ("auto_vacuum", Some(&["0", "1", "2", "none", "full", "incremental"])),
     ("incremental_vacuum", None),
-    (
-        "wal_checkpoint",
-        Some(&["passive", "full", "restart", "truncate"]),
-    ),
+    ("wal_checkpoint", Some(&["passive", "full", "restart", "truncate"])),
     ("optimize", None),
     ("integrity_check", None),
     ("quick_check", None),
@@ -426,11 +370,16 @@ impl Connection {
             ));
         }
         if deadline.passed() {
-            return Err(error(ErrorCode::TimedOut, "the call's deadline has passed"));
+            return Err(error(
+                ErrorCode::TimedOut,
+                "the call's deadline has passed",
+            ));
         }
         self.guard.begin(deadline);
         let wait = deadline.remaining().max(Duration::from_millis(1));
-        self.conn.busy_timeout(wait).map_err(|e| self.sql_error(e))
+        self.conn
+            .busy_timeout(wait)
+            .map_err(|e| self.sql_error(e))
     }
 
     /// A SQLite error in the guest's terms.
@@ -480,7 +429,9 @@ impl Connection {
 
     pub fn execute_batch(&self, sql: &str, deadline: Deadline) -> Result<()> {
         self.begin(sql, deadline)?;
-        self.conn.execute_batch(sql).map_err(|e| self.sql_error(e))
+        self.conn
+            .execute_batch(sql)
+            .map_err(|e| self.sql_error(e))
     }
 
     pub fn query(
@@ -658,11 +609,8 @@ mod tests {
     fn executes_and_queries_with_typed_values() {
         let (_dir, root, sqlite) = setup();
         let c = sqlite.open(&root, "t.db").unwrap();
-        c.execute_batch(
-            "CREATE TABLE t (i INTEGER, r REAL, s TEXT, b BLOB, n)",
-            soon(),
-        )
-        .unwrap();
+        c.execute_batch("CREATE TABLE t (i INTEGER, r REAL, s TEXT, b BLOB, n)", soon())
+            .unwrap();
         let row = vec![
             Value::Integer(-7),
             Value::Real(1.5),
@@ -684,8 +632,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.code, ErrorCode::Other);
         // Rows returned by `execute` are skipped, not an error.
-        c.execute("PRAGMA journal_mode=WAL", vec![], soon())
-            .unwrap();
+        c.execute("PRAGMA journal_mode=WAL", vec![], soon()).unwrap();
     }
 
     #[test]
