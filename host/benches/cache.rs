@@ -656,13 +656,17 @@ impl BenchPostgres {
         )
     }
 
-    fn sql(&self, sql: &str, params: Vec<image_cache::bindings::database::Value>) {
+    /// Run SQL through the same database interface drivers use.
+    fn sql(
+        &self,
+        sql: &str,
+        params: Vec<image_cache::bindings::database::Value>,
+    ) -> Result<u64, String> {
         let deadline = image_cache::runtime::Deadline(Instant::now() + Duration::from_secs(600));
         self.databases()
             .open(image_cache::database::CENTRALIZED_DATABASE, deadline)
-            .unwrap()
-            .execute(sql, params, deadline)
-            .unwrap();
+            .and_then(|mut c| c.execute(sql, params, deadline))
+            .map_err(|e| e.message)
     }
 }
 
@@ -719,7 +723,8 @@ fn populate_centralized(root: &Path, pg: &BenchPostgres, node: &str, n: usize, s
             Value::Text(node.to_string()),
             Value::Integer(n as i64 - 1),
         ],
-    );
+    )
+    .unwrap();
 }
 
 fn bench_centralized(table: &mut Table, runtime: &std::sync::Arc<Runtime>, scratch: &Path) {
@@ -729,9 +734,10 @@ fn bench_centralized(table: &mut Table, runtime: &std::sync::Arc<Runtime>, scrat
     let group = "centralized";
     let meta_n = env_usize("BENCH_META_N", 10_000);
     let id = |i: usize| format!("{:08}-0000-4000-8000-000000000000", i % meta_n);
+    // Empty the tables (if there are any yet) between phases.
     let reset = || {
-        pg.sql("DROP TABLE IF EXISTS cached_images", vec![]);
-        pg.sql("DROP TABLE IF EXISTS node_reference", vec![]);
+        let _ = pg.sql("DELETE FROM cached_images", vec![]);
+        let _ = pg.sql("DELETE FROM node_reference", vec![]);
     };
 
     // Metadata at `meta_n` images, over the local socket.
