@@ -735,10 +735,13 @@ fn drivers_and_driver_selection() {
     assert!(text.contains("xattr:"), "{text}");
     assert!(text.contains("image-cache:driver/sqlite@"), "{text}");
     assert!(text.contains("image-cache:driver/xattr@"), "{text}");
+    assert!(text.contains("centralized:"), "{text}");
+    assert!(text.contains("image-cache:driver/database@"), "{text}");
     assert!(!text.contains("NOT ALLOWED"), "{text}");
     let doc = run(s.bare().args(["--json", "drivers"])).ok().json();
     let drivers = doc["drivers"].as_array().unwrap();
-    assert_eq!(drivers.len(), 2);
+    assert_eq!(drivers.len(), 3);
+    assert_eq!(drivers[2]["name"], "centralized");
     assert_eq!(drivers[0]["name"], "sqlite");
     assert!(drivers[0]["imports"].as_array().unwrap().len() > 3);
     assert!(drivers[0]["refused_imports"].as_array().unwrap().is_empty());
