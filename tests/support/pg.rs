@@ -60,6 +60,34 @@ extern "C" fn stop_clusters() {
     }
 }
 
+/// Clusters of test processes that were killed (no `atexit` ran): stopped
+/// and removed by the next test process.
+fn stop_abandoned_clusters(as_postgres: bool) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let named = entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("image-cache-pg-");
+        let Ok(owner) = std::fs::read_to_string(dir.join("owner.pid")) else {
+            continue;
+        };
+        let alive = Path::new("/proc").join(owner.trim()).exists();
+        if named && !alive {
+            let _ = pg_command(&Path::new(PG_BIN).join("pg_ctl"), as_postgres)
+                .args(["stop", "-m", "immediate", "-D"])
+                .arg(dir.join("data"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 fn is_root() -> bool {
     // SAFETY: a plain system call without arguments.
     unsafe { libc::geteuid() == 0 }
@@ -138,11 +166,14 @@ impl Cluster {
             );
         }
         let as_postgres = is_root();
+        stop_abandoned_clusters(as_postgres);
         let dir = tempfile::Builder::new()
             .prefix("image-cache-pg-")
             .tempdir()
             .expect("temp dir")
             .keep();
+        std::fs::write(dir.join("owner.pid"), std::process::id().to_string())
+            .expect("writing owner.pid");
         {
             let mut dirs = CLUSTERS.lock().unwrap();
             if dirs.is_empty() {
