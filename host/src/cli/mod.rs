@@ -452,6 +452,7 @@ impl Settings {
             let mut postgres = PostgresSettings::new(url.clone());
             postgres.allow_privileged_role = self.allow_privileged_role;
             postgres.statement_timeout = config.limits.call_deadline;
+            postgres.max_result_bytes = config.limits.max_query_bytes;
             let databases = DatabaseRoot::new()
                 .with_postgres(CENTRALIZED_DATABASE, &postgres)
                 .map_err(Failure::Usage)?;
