@@ -30,6 +30,13 @@ fn main() {
     let guest = root.join("guest");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
 
+    // Worktrees sharing one target directory share this script's output
+    // directory too: naming the script itself makes an edited checkout's
+    // build run it again rather than take another checkout's components.
+    println!(
+        "cargo::rerun-if-changed={}",
+        manifest_dir.join("build.rs").display()
+    );
     for path in ["wit", "guest/Cargo.toml", "guest/Cargo.lock"] {
         println!("cargo::rerun-if-changed={}", root.join(path).display());
     }

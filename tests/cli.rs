@@ -741,9 +741,12 @@ fn drivers_and_driver_selection() {
         "{text}"
     );
     assert!(!text.contains("wasi:"), "{text}");
+    assert!(text.contains("centralized:"), "{text}");
+    assert!(text.contains("image-cache:driver/database@"), "{text}");
     let doc = run(s.bare().args(["--json", "drivers"])).ok().json();
     let drivers = doc["drivers"].as_array().unwrap();
-    assert_eq!(drivers.len(), 2);
+    assert_eq!(drivers.len(), 3);
+    assert_eq!(drivers[2]["name"], "centralized");
     assert_eq!(drivers[0]["name"], "sqlite");
     assert_eq!(drivers[0]["driver"]["name"], "sqlite");
     assert_eq!(drivers[0]["imports"].as_array().unwrap().len(), 4);

@@ -3,7 +3,12 @@
 //! ```text
 //! cargo bench -p image-cache --bench cache              # full run
 //! BENCH_BIG_MIB=256 BENCH_PEER=0 cargo bench ...        # smaller, no Glance
+//! BENCH_ONLY=centralized cargo bench ...                 # one driver's rows
 //! ```
+//!
+//! The centralized driver's rows need PostgreSQL: `BENCH_POSTGRES` (a
+//! connection string), or the server binaries in /usr/lib/postgresql/15/bin
+//! for a throwaway cluster reached over its Unix socket.
 //!
 //! For each built-in driver: the data plane (1 GiB through the cache versus
 //! plain Rust file I/O), metadata operations at 10,000 images, pruning at
@@ -548,6 +553,305 @@ fn attach_glance(table: &mut Table, driver: &str, g: &serde_json::Value) {
     }
 }
 
+/// The centralized column's PostgreSQL: `BENCH_POSTGRES` (a connection
+/// string whose role may create tables), or a throwaway cluster started
+/// here from /usr/lib/postgresql/15/bin, reached over its Unix socket with
+/// the server's default durability settings.
+struct BenchPostgres {
+    url: String,
+    /// Our own cluster's directory, stopped and removed at the end.
+    dir: Option<PathBuf>,
+    as_postgres: bool,
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn pg_command(program: &str, as_postgres: bool) -> Command {
+    let path = Path::new(PG_BIN).join(program);
+    if as_postgres {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+impl BenchPostgres {
+    fn start() -> Option<BenchPostgres> {
+        if let Ok(url) = std::env::var("BENCH_POSTGRES") {
+            return Some(BenchPostgres {
+                url,
+                dir: None,
+                as_postgres: false,
+            });
+        }
+        if !Path::new(PG_BIN).join("initdb").exists() {
+            eprintln!("no PostgreSQL ({PG_BIN}, or BENCH_POSTGRES): centralized skipped");
+            return None;
+        }
+        // SAFETY: a plain system call.
+        let as_postgres = unsafe { libc::geteuid() } == 0;
+        let dir = tempfile::Builder::new()
+            .prefix("image-cache-bench-pg-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        if as_postgres {
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+        }
+        let ok = pg_command("initdb", as_postgres)
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "-D"])
+            .arg(dir.join("data"))
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let ok = ok
+            && pg_command("pg_ctl", as_postgres)
+                .args(["start", "-w", "-D"])
+                .arg(dir.join("data"))
+                .arg("-l")
+                .arg(dir.join("log"))
+                .arg("-o")
+                .arg(format!(
+                    "-p {port} -k {} -c listen_addresses='' -c max_connections=100",
+                    dir.display()
+                ))
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+        if !ok {
+            eprintln!("could not start PostgreSQL: centralized skipped");
+            return None;
+        }
+        Some(BenchPostgres {
+            url: format!(
+                "host={} port={port} user=postgres dbname=postgres",
+                dir.display()
+            ),
+            dir: Some(dir),
+            as_postgres,
+        })
+    }
+
+    fn databases(&self) -> std::sync::Arc<image_cache::database::DatabaseRoot> {
+        let mut settings = image_cache::database::PostgresSettings::new(self.url.clone());
+        // The throwaway cluster's only role is its superuser.
+        settings.allow_privileged_role = true;
+        std::sync::Arc::new(
+            image_cache::database::DatabaseRoot::new()
+                .with_postgres(image_cache::database::CENTRALIZED_DATABASE, &settings)
+                .unwrap(),
+        )
+    }
+
+    /// Run SQL through the same database interface drivers use.
+    fn sql(
+        &self,
+        sql: &str,
+        params: Vec<image_cache::bindings::database::Value>,
+    ) -> Result<u64, String> {
+        let deadline = image_cache::runtime::Deadline(Instant::now() + Duration::from_secs(600));
+        self.databases()
+            .open(image_cache::database::CENTRALIZED_DATABASE, deadline)
+            .and_then(|mut c| c.execute(sql, params, deadline))
+            .map_err(|e| e.message)
+    }
+}
+
+impl Drop for BenchPostgres {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            let _ = pg_command("pg_ctl", self.as_postgres)
+                .args(["stop", "-m", "fast", "-D"])
+                .arg(dir.join("data"))
+                .stdout(std::process::Stdio::null())
+                .status();
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn open_centralized(
+    runtime: &std::sync::Arc<Runtime>,
+    root: &Path,
+    pg: &BenchPostgres,
+    node: &str,
+) -> ImageCache {
+    let mut config = CacheConfig::new(root)
+        .driver(DriverSource::Builtin("centralized"))
+        .fallback_to_sqlite(false);
+    config.databases = pg.databases();
+    config
+        .driver_options
+        .push(("worker_self_reference_url".into(), node.into()));
+    ImageCache::with_runtime(runtime.clone(), config).unwrap()
+}
+
+/// `n` image files in `root` and their rows for `node` (one statement).
+fn populate_centralized(root: &Path, pg: &BenchPostgres, node: &str, n: usize, size: usize) {
+    use image_cache::bindings::database::Value;
+    let data = vec![7u8; size];
+    for i in 0..n {
+        std::fs::write(
+            root.join(format!("{i:08}-0000-4000-8000-000000000000")),
+            &data,
+        )
+        .unwrap();
+    }
+    pg.sql(
+        "INSERT INTO cached_images \
+         (image_id, last_accessed, last_modified, size, hits, node_reference_id) \
+         SELECT lpad(i::text, 8, '0') || '-0000-4000-8000-000000000000', \
+                to_timestamp(1700000000 + i) AT TIME ZONE 'UTC', \
+                to_timestamp(1700000000) AT TIME ZONE 'UTC', $1, 0, \
+                (SELECT node_reference_id FROM node_reference WHERE node_reference_url = $2) \
+         FROM generate_series(0, $3) AS i",
+        vec![
+            Value::Integer(size as i64),
+            Value::Text(node.to_string()),
+            Value::Integer(n as i64 - 1),
+        ],
+    )
+    .unwrap();
+}
+
+fn bench_centralized(table: &mut Table, runtime: &std::sync::Arc<Runtime>, scratch: &Path) {
+    let Some(pg) = BenchPostgres::start() else {
+        return;
+    };
+    let group = "centralized";
+    let meta_n = env_usize("BENCH_META_N", 10_000);
+    let id = |i: usize| format!("{:08}-0000-4000-8000-000000000000", i % meta_n);
+    // Empty the tables (if there are any yet) between phases.
+    let reset = || {
+        let _ = pg.sql("DELETE FROM cached_images", vec![]);
+        let _ = pg.sql("DELETE FROM node_reference", vec![]);
+    };
+
+    // Metadata at `meta_n` images, over the local socket.
+    reset();
+    let dir = scratch.join("centralized-meta");
+    let cache = open_centralized(runtime, &dir, &pg, "http://bench-1:9292");
+    populate_centralized(&dir, &pg, "http://bench-1:9292", meta_n, 4096);
+    let v = per_call(5_000, |i| assert!(cache.is_cached(&id(i * 7)).unwrap()));
+    table.add(group, format!("is-cached at {meta_n} images"), "us/op", v);
+    let v = per_call(5_000, |i| {
+        cache.get_hit_count(&id(i * 3)).unwrap();
+    });
+    table.add(
+        group,
+        format!("get-hit-count at {meta_n} images"),
+        "us/op",
+        v,
+    );
+    let v = per_call(2_000, |i| {
+        assert_eq!(cache.get_cached_nodes(&id(i)).unwrap().len(), 1);
+    });
+    table.add(group, "get-cached-nodes (nodes ID)", "us/op", v);
+    let v = per_call(20, |_| {
+        assert_eq!(cache.get_cached_images().unwrap().len(), meta_n)
+    });
+    table.add(group, format!("list cached images ({meta_n})"), "us/op", v);
+    let v = per_call(20, |_| {
+        assert_eq!(cache.get_cache_size().unwrap(), meta_n as u64 * 4096)
+    });
+    table.add(group, format!("cache size ({meta_n})"), "us/op", v);
+    let mut buf = Vec::with_capacity(4096);
+    let v = per_call(2_000, |i| {
+        buf.clear();
+        cache.read_image(&id(i), &mut buf).unwrap();
+    });
+    table.add(group, "read a 4 KiB image (open+read+finish)", "us/op", v);
+    let small = vec![3u8; 4096];
+    let v = per_call(500, |i| {
+        cache
+            .cache_reader(&format!("small-{i}"), None, &small[..])
+            .unwrap();
+    });
+    table.add(group, "cache a 4 KiB image (fdatasync)", "us/op", v);
+    drop(cache);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // Two nodes writing at once, against one node alone.
+    let writes = 300;
+    let one_node = {
+        let dir = scratch.join("centralized-solo");
+        let cache = open_centralized(runtime, &dir, &pg, "http://solo:9292");
+        let t = Instant::now();
+        for i in 0..writes {
+            cache
+                .cache_reader(&format!("solo-{i}"), None, &small[..])
+                .unwrap();
+        }
+        let s = t.elapsed().as_secs_f64();
+        drop(cache);
+        std::fs::remove_dir_all(&dir).unwrap();
+        writes as f64 / s
+    };
+    let dirs: Vec<PathBuf> = (0..2)
+        .map(|n| scratch.join(format!("centralized-node-{n}")))
+        .collect();
+    let caches: Vec<ImageCache> = dirs
+        .iter()
+        .enumerate()
+        .map(|(n, d)| open_centralized(runtime, d, &pg, &format!("http://node-{n}:9292")))
+        .collect();
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for cache in &caches {
+            let small = &small;
+            s.spawn(move || {
+                for i in 0..writes {
+                    cache
+                        .cache_reader(&format!("both-{i}"), None, &small[..])
+                        .unwrap();
+                    cache.read_image(&format!("both-{i}"), io::sink()).unwrap();
+                }
+            });
+        }
+    });
+    let both = (2 * writes) as f64 / t.elapsed().as_secs_f64();
+    table
+        .add(
+            group,
+            "two nodes caching+reading 4 KiB images at once (both)",
+            "images/s",
+            both,
+        )
+        .baseline = Some(("one node alone, cache only".into(), one_node));
+    drop(caches);
+    for d in dirs {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    // Pruning at 20,000 images.
+    let n = 20_000;
+    reset();
+    let dir = scratch.join("centralized-prune");
+    let cache = open_centralized(runtime, &dir, &pg, "http://bench-1:9292");
+    populate_centralized(&dir, &pg, "http://bench-1:9292", n, 1024);
+    let t = Instant::now();
+    let report = cache.prune((n as u64 * 1024) / 2).unwrap();
+    let s = t.elapsed().as_secs_f64();
+    assert_eq!(report.removed.len(), n / 2);
+    assert_eq!(report.removed[0].image_id, id(0));
+    table.add(group, format!("prune {n} images to half"), "s", s);
+    drop(cache);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
     let scratch_parent = std::env::var_os("BENCH_DIR")
@@ -564,8 +868,12 @@ fn main() {
     let runtime = Runtime::new(Limits::default(), Some(scratch.join("artifacts-shared"))).unwrap();
     let mut table = Table { rows: Vec::new() };
 
-    bench_startup(&mut table, scratch);
-    for driver in ["sqlite", "xattr"] {
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let runs = |driver: &str| only.is_empty() || only == driver;
+    if only.is_empty() {
+        bench_startup(&mut table, scratch);
+    }
+    for driver in ["sqlite", "xattr"].into_iter().filter(|d| runs(d)) {
         eprintln!("driver {driver}:");
         bench_driver(&mut table, &runtime, scratch, driver);
         if let Some(g) = glance(driver, scratch) {
@@ -580,6 +888,11 @@ fn main() {
                 );
             }
         }
+    }
+
+    if runs("centralized") {
+        eprintln!("driver centralized:");
+        bench_centralized(&mut table, &runtime, scratch);
     }
 
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

@@ -30,7 +30,16 @@ pub const XATTR: Builtin = Builtin {
     component: include_bytes!(concat!(env!("OUT_DIR"), "/xattr_driver.wasm")),
 };
 
-pub const ALL: &[Builtin] = &[SQLITE, XATTR];
+pub const CENTRALIZED: Builtin = Builtin {
+    name: "centralized",
+    aliases: &["centralized_db"],
+    description: "every node's hits and access times in Glance's cached_images and node_reference \
+                  tables, in a shared PostgreSQL database (the host's database named glance)",
+    grants: &[Capability::Database],
+    component: include_bytes!(concat!(env!("OUT_DIR"), "/centralized_driver.wasm")),
+};
+
+pub const ALL: &[Builtin] = &[SQLITE, XATTR, CENTRALIZED];
 
 /// Where this build put every driver component it built, test fixtures
 /// included (`hostile_driver.wasm`, ...). Other hosts and third parties

@@ -14,6 +14,16 @@ pub struct Options {
     pub image_cache_sqlite_db: Option<String>,
     pub image_cache_driver_sha256: Option<String>,
     pub image_cache_driver_grants: Option<String>,
+    /// The centralized driver's PostgreSQL database: our own option (a
+    /// libpq or SQLAlchemy URL); wins over `database_connection`.
+    pub image_cache_database_url: Option<String>,
+    /// Glance's `[database] connection` (SQLAlchemy URL).
+    pub database_connection: Option<String>,
+    /// Glance's name for this node in the shared database.
+    pub worker_self_reference_url: Option<String>,
+    /// Accept a database role that is a superuser or may reach server
+    /// files and programs.
+    pub image_cache_database_allow_privileged_role: Option<bool>,
 }
 
 impl Options {
@@ -28,6 +38,13 @@ impl Options {
     pub fn from_ini(text: &str) -> Result<Options, String> {
         let ini = ini::Ini::load_from_str_noescape(text).map_err(|e| e.to_string())?;
         let mut options = Options::default();
+        if let Some(database) = ini.section(Some("database")) {
+            if let Some(url) = database.get("connection").map(str::trim) {
+                if !url.is_empty() {
+                    options.database_connection = Some(url.to_string());
+                }
+            }
+        }
         let Some(section) = ini.section(Some("DEFAULT")) else {
             return Ok(options);
         };
@@ -50,6 +67,16 @@ impl Options {
                 "image_cache_driver_grants" => {
                     options.image_cache_driver_grants = Some(value.to_string())
                 }
+                "image_cache_database_url" => {
+                    options.image_cache_database_url = Some(value.to_string())
+                }
+                "worker_self_reference_url" => {
+                    options.worker_self_reference_url = Some(value.to_string())
+                }
+                "image_cache_database_allow_privileged_role" => {
+                    options.image_cache_database_allow_privileged_role =
+                        Some(parse_bool(value).map_err(bad)?)
+                }
                 _ => {}
             }
         }
@@ -70,7 +97,34 @@ impl Options {
             image_cache_driver_grants: self
                 .image_cache_driver_grants
                 .or(other.image_cache_driver_grants),
+            image_cache_database_url: self
+                .image_cache_database_url
+                .or(other.image_cache_database_url),
+            database_connection: self.database_connection.or(other.database_connection),
+            worker_self_reference_url: self
+                .worker_self_reference_url
+                .or(other.worker_self_reference_url),
+            image_cache_database_allow_privileged_role: self
+                .image_cache_database_allow_privileged_role
+                .or(other.image_cache_database_allow_privileged_role),
         }
+    }
+
+    /// The centralized driver's database URL: ours, else Glance's.
+    pub fn database_url(&self) -> Option<&str> {
+        self.image_cache_database_url
+            .as_deref()
+            .or(self.database_connection.as_deref())
+            .filter(|u| !u.trim().is_empty())
+    }
+}
+
+/// oslo.config's booleans: true/false, yes/no, on/off, 1/0.
+pub fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Ok(true),
+        "false" | "no" | "off" | "0" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean (true or false)")),
     }
 }
 
@@ -206,5 +260,33 @@ mod tests {
         assert_eq!(o.image_cache_sqlite_db, None);
         let err = Options::from_ini("[DEFAULT]\nimage_cache_max_size = lots\n").unwrap_err();
         assert!(err.contains("image_cache_max_size"), "{err}");
+    }
+
+    #[test]
+    fn reads_the_database_of_glance_api_conf() {
+        let text = "[DEFAULT]\nimage_cache_dir = /c\nimage_cache_driver = centralized_db\n\
+                    worker_self_reference_url = http://node-1:9292\n\
+                    [database]\nconnection = postgresql+psycopg2://glance:pw@db/glance\n";
+        let o = Options::from_ini(text).unwrap();
+        assert_eq!(
+            o.database_url(),
+            Some("postgresql+psycopg2://glance:pw@db/glance")
+        );
+        assert_eq!(
+            o.worker_self_reference_url.as_deref(),
+            Some("http://node-1:9292")
+        );
+        let ours = Options::from_ini(
+            "[DEFAULT]\nimage_cache_database_url = postgresql://x@y/z\n[database]\nconnection = postgresql://a@b/c\n",
+        )
+        .unwrap();
+        assert_eq!(ours.database_url(), Some("postgresql://x@y/z"));
+        let err =
+            Options::from_ini("[DEFAULT]\nimage_cache_database_allow_privileged_role = maybe\n")
+                .unwrap_err();
+        assert!(
+            err.contains("image_cache_database_allow_privileged_role"),
+            "{err}"
+        );
     }
 }

@@ -4,6 +4,19 @@
 //! The guest names a database; the host maps the name to a configured
 //! backend. A name that is not configured is `access-denied`, and the guest
 //! never learns a host name, a connection string or a password.
+//!
+//! - [`postgres`]: the PostgreSQL backend (pool, deadlines, typed
+//!   parameters, role checks, scrubbed errors);
+//! - [`policy`]: what a driver's SQL may say, checked before it is sent.
+
+pub mod policy;
+pub mod postgres;
+
+pub use postgres::{PostgresBackend, PostgresSettings};
+
+/// The name the centralized driver opens its database by (Glance's
+/// central database).
+pub const CENTRALIZED_DATABASE: &str = "glance";
 
 use std::collections::HashMap;
 
@@ -44,6 +57,15 @@ pub struct DatabaseRoot {
     backends: HashMap<String, Box<dyn Backend>>,
 }
 
+impl std::fmt::Debug for DatabaseRoot {
+    // Names only: what they map to stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseRoot")
+            .field("names", &self.names())
+            .finish()
+    }
+}
+
 impl DatabaseRoot {
     pub fn new() -> DatabaseRoot {
         DatabaseRoot::default()
@@ -54,6 +76,24 @@ impl DatabaseRoot {
         self
     }
 
+    /// A root with the PostgreSQL database `settings` known to drivers as
+    /// `name` (the centralized driver uses `glance`).
+    pub fn with_postgres(
+        self,
+        name: &str,
+        settings: &PostgresSettings,
+    ) -> std::result::Result<DatabaseRoot, String> {
+        let backend = PostgresBackend::new(name, settings)?;
+        Ok(self.with_backend(name, Box::new(backend)))
+    }
+
+    /// The names drivers may open.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.backends.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     pub fn open(&self, name: &str, deadline: Deadline) -> Result<Connection> {
         match self.backends.get(name) {
             Some(backend) => Ok(Connection {
@@ -61,26 +101,37 @@ impl DatabaseRoot {
             }),
             None => Err(error(
                 ErrorCode::AccessDenied,
-                format!("no database named {name:?} is configured for this driver"),
+                format!(
+                    "no database named {:?} is configured for this driver (the operator sets it \
+                     with image_cache_database_url, IMAGE_CACHE_DATABASE_URL, --database-url \
+                     or Glance's [database] connection)",
+                    name.chars().take(64).collect::<String>()
+                ),
             )),
         }
-    }
-}
-
-impl std::fmt::Debug for DatabaseRoot {
-    /// Names only: a backend may hold credentials.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut names: Vec<&String> = self.backends.keys().collect();
-        names.sort();
-        f.debug_struct("DatabaseRoot")
-            .field("names", &names)
-            .finish()
     }
 }
 
 /// One open database connection (a guest resource).
 pub struct Connection {
     inner: Box<dyn BackendConnection>,
+}
+
+impl Connection {
+    /// Run one statement by `deadline`; rows changed.
+    pub fn execute(&mut self, sql: &str, params: Vec<Value>, deadline: Deadline) -> Result<u64> {
+        self.inner.execute(sql, params, deadline)
+    }
+
+    /// Run one query by `deadline`; its rows.
+    pub fn query(
+        &mut self,
+        sql: &str,
+        params: Vec<Value>,
+        deadline: Deadline,
+    ) -> Result<Vec<Vec<Value>>> {
+        self.inner.query(sql, params, deadline)
+    }
 }
 
 /// What the `database` host functions borrow from a store.

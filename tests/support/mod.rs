@@ -10,6 +10,53 @@ use std::time::{Duration, SystemTime};
 use image_cache::{CacheConfig, DriverSource, Error, ImageCache, Limits, Runtime};
 use tempfile::TempDir;
 
+pub mod pg;
+
+/// What a cache on the centralized driver uses: the shared PostgreSQL
+/// (held up while it lives), a database of its own and a node name.
+pub struct PgSetup {
+    _use: std::sync::RwLockReadGuard<'static, ()>,
+    pub db: pg::TestDatabase,
+    pub node: String,
+    pub databases: Arc<image_cache::database::DatabaseRoot>,
+}
+
+impl PgSetup {
+    pub fn new() -> PgSetup {
+        let (guard, cluster) = pg::postgres();
+        let db = cluster.database();
+        PgSetup {
+            _use: guard,
+            node: format!("http://{}:9292", db.name.replace('_', "-")),
+            databases: db.root(),
+            db,
+        }
+    }
+
+    /// Point a cache config at this database and node.
+    pub fn configure(&self, config: &mut CacheConfig) {
+        self.configure_node(config, &self.node);
+    }
+
+    pub fn configure_node(&self, config: &mut CacheConfig, node: &str) {
+        config.databases = self.databases.clone();
+        config
+            .driver_options
+            .push(("worker_self_reference_url".to_string(), node.to_string()));
+    }
+}
+
+impl Default for PgSetup {
+    fn default() -> Self {
+        PgSetup::new()
+    }
+}
+
+/// Whether `driver` is the built-in centralized driver.
+pub fn is_centralized(driver: &DriverSource) -> bool {
+    matches!(driver, DriverSource::Builtin("centralized"))
+}
+
 /// Environment variable naming a third-party driver component to run the
 /// conformance suite against as well.
 pub const EXTERNAL_DRIVER_ENV: &str = "IMAGE_CACHE_TEST_DRIVER";
@@ -59,6 +106,8 @@ pub struct TestCache {
     pub dir: TempDir,
     pub cache: ImageCache,
     pub driver: DriverSource,
+    /// The database and node of a centralized driver's cache.
+    pub pg: Option<PgSetup>,
 }
 
 impl TestCache {
@@ -66,11 +115,13 @@ impl TestCache {
     /// must not hide behind the sqlite driver).
     pub fn new(driver: &DriverSource) -> TestCache {
         let dir = tempfile::tempdir().expect("temp dir");
-        let cache = open(dir.path(), driver);
+        let pg = is_centralized(driver).then(PgSetup::new);
+        let cache = open_with(dir.path(), driver, pg.as_ref());
         TestCache {
             dir,
             cache,
             driver: driver.clone(),
+            pg,
         }
     }
 
@@ -104,16 +155,25 @@ impl TestCache {
     }
 
     /// Reopen the same root with another driver (or the same).
+    /// (A centralized driver keeps its database and node.)
     pub fn reopen(&self, driver: &DriverSource) -> ImageCache {
-        open(self.root(), driver)
+        open_with(self.root(), driver, self.pg.as_ref())
     }
 }
 
 pub fn open(root: &Path, driver: &DriverSource) -> ImageCache {
-    let config = CacheConfig::new(root)
+    open_with(root, driver, None)
+}
+
+/// A cache on `root` with exactly `driver`, its database set up by `pg`.
+pub fn open_with(root: &Path, driver: &DriverSource, pg: Option<&PgSetup>) -> ImageCache {
+    let mut config = CacheConfig::new(root)
         .driver(driver.clone())
         .fallback_to_sqlite(false)
         .policy(external_policy());
+    if let Some(pg) = pg {
+        pg.configure(&mut config);
+    }
     ImageCache::with_runtime(runtime(), config)
         .unwrap_or_else(|e| panic!("opening {}: {e}", root.display()))
 }
@@ -174,6 +234,10 @@ macro_rules! for_each_driver {
         }
         mod xattr {
             $( #[test] fn $test() { super::$test(&$crate::driver("xattr").unwrap()) } )*
+        }
+        /// On a real PostgreSQL (see `support/pg.rs`).
+        mod centralized {
+            $( #[test] fn $test() { super::$test(&$crate::driver("centralized").unwrap()) } )*
         }
         /// A third-party driver: `IMAGE_CACHE_TEST_DRIVER=path/to/driver.wasm
         /// cargo test --test conformance external -- --include-ignored`

@@ -300,7 +300,10 @@ impl<B: Backend> Guest for Driver<B> {
     }
 
     fn get_cached_nodes(image_id: String) -> Result<Vec<String>, Error> {
-        with_image(&image_id, |s| s.store.cached_nodes(&image_id))
+        with_image(&image_id, |s| {
+            let here = s.is_cached(&image_id)?;
+            s.store.cached_nodes(&image_id, here)
+        })
     }
 
     fn clean(stall_time: Option<u64>) -> Result<CleanReport, Error> {
@@ -332,6 +335,11 @@ impl<B: Backend> Guest for Driver<B> {
         let invalid = clean_dir(INVALID, &|_| false)?;
         // Glance: files written to on or before `older_than` are stalled.
         let incomplete = clean_dir(INCOMPLETE, &|modified| modified > older_than)?;
+        // Records of images whose files are gone (a wiped root).
+        let present = state.layout.image_ids()?;
+        if let Err(e) = state.store.forget_missing(&present) {
+            failures.push(format!("dropping records of vanished images: {e:?}"));
+        }
         Ok(CleanReport {
             invalid,
             incomplete,

@@ -27,12 +27,12 @@ pub use driver::{Driver, saturating_sum, select_victims};
 pub use id::validate_image_id;
 pub use layout::remove_if_present;
 pub use layout::{Layout, now};
-pub use store::{Backend, Image, MetadataStore, Options};
+pub use store::{Backend, FORGET_MISSING_AFTER, Image, MetadataStore, Options};
 
 pub use bindings::image_cache::driver::types::{
     CachedImage, CleanReport, DriverInfo, Error, LruEntry, PruneReport, RemovedFile,
 };
-pub use bindings::image_cache::driver::{fs, sqlite, xattr};
+pub use bindings::image_cache::driver::{database, fs, sqlite, xattr};
 
 /// Turn a host `fs` error into the driver's `io` error, keeping its message.
 pub fn io_error(e: fs::FsError) -> Error {

@@ -7,6 +7,9 @@ use crate::{DriverInfo, Error};
 pub struct Options {
     /// `image_cache_sqlite_db`: the database file name in the root.
     pub sqlite_db: String,
+    /// Every option as the host passed it, for what one driver alone reads
+    /// (e.g. the centralized driver's `worker_self_reference_url`).
+    pub all: Vec<(String, String)>,
 }
 
 pub const DEFAULT_SQLITE_DB: &str = "cache.db";
@@ -15,6 +18,7 @@ impl Options {
     pub fn parse(options: &[(String, String)]) -> Result<Options, Error> {
         let mut parsed = Options {
             sqlite_db: DEFAULT_SQLITE_DB.to_string(),
+            all: options.to_vec(),
         };
         for (key, value) in options {
             if key == "image_cache_sqlite_db" {
@@ -31,6 +35,15 @@ impl Options {
             }
         }
         Ok(parsed)
+    }
+
+    /// The last value given for `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.all
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -89,14 +102,28 @@ pub trait MetadataStore {
     fn record_abort(&self, id: &str, reason: &str) -> Result<(), Error>;
     /// Drop the metadata of images whose files were removed.
     fn forget(&self, ids: &[String]) -> Result<(), Error>;
+    /// `clean`: drop records of images whose files are not among `present`
+    /// (a wiped or edited root), except records younger than
+    /// [`FORGET_MISSING_AFTER`] seconds (a commit records before it
+    /// renames); how many were dropped. Stores whose stale records do no
+    /// harm need not.
+    fn forget_missing(&self, _present: &[String]) -> Result<u64, Error> {
+        Ok(0)
+    }
     /// The nodes whose caches hold `id`, for stores shared by several
     /// nodes; a store local to one root does not know of others.
-    fn cached_nodes(&self, _id: &str) -> Result<Vec<String>, Error> {
+    /// `here` says whether this node's root holds the image's file now (the
+    /// files are the truth for this node; the store for the others).
+    fn cached_nodes(&self, _id: &str, _here: bool) -> Result<Vec<String>, Error> {
         Err(Error::Unsupported(
             "this driver keeps metadata for one node only; get-cached-nodes needs the centralized driver".to_string(),
         ))
     }
 }
+
+/// Stores that can drop records whose files are gone do it when `clean`
+/// asks (see [`MetadataStore::forget_missing`]).
+pub const FORGET_MISSING_AFTER: f64 = 60.0;
 
 /// A driver's metadata store, as the driver opens it at configure time.
 pub trait Backend: MetadataStore + Sized + 'static {

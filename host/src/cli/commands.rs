@@ -51,6 +51,7 @@ pub fn run(settings: &Settings, command: &Command) -> Outcome {
                 Command::Prefetch { source } => prefetch(s, cache, o, source)?,
                 Command::Status { id } => status(s, cache, o, id)?,
                 Command::Size => size(s, cache, o)?,
+                Command::Nodes { id } => nodes(s, cache, o, id)?,
                 Command::Drivers { .. } => unreachable!("handled above"),
                 Command::Serve(_) => unreachable!("cli::main runs the server"),
             }
@@ -737,6 +738,20 @@ fn size(s: &Settings, cache: &ImageCache, out: &mut Out) -> Outcome {
         sized(bytes),
         human_size(s.max_size)
     );
+    Ok(())
+}
+
+fn nodes(s: &Settings, cache: &ImageCache, out: &mut Out, id: &str) -> Outcome {
+    let nodes = cache.get_cached_nodes(id)?;
+    if s.json {
+        return print_json(out, &json!({"image_id": id, "nodes": nodes}));
+    }
+    if nodes.is_empty() {
+        outln!(out, "image {id:?} is cached on no node");
+    }
+    for node in &nodes {
+        outln!(out, "{node}");
+    }
     Ok(())
 }
 

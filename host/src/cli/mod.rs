@@ -16,7 +16,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use image_cache::cache::{DEFAULT_MAX_SIZE, DEFAULT_SQLITE_DB, DEFAULT_STALL_TIME};
 use image_cache::config::{Options, parse_duration, parse_size};
+use image_cache::database::{CENTRALIZED_DATABASE, DatabaseRoot, PostgresSettings};
 use image_cache::{CacheConfig, Checksum, DriverSource, Grants, ImageCache, LoadPolicy};
+use std::sync::Arc;
 
 /// Manage an image cache directory (Glance's image cache): list, cache,
 /// read, queue, prefetch, prune and clean images. The directory's driver
@@ -27,7 +29,9 @@ use image_cache::{CacheConfig, Checksum, DriverSource, Grants, ImageCache, LoadP
 #[command(
     after_help = "Settings come from flags, then environment variables, then the \
 --config file ([DEFAULT] image_cache_dir, image_cache_driver, image_cache_max_size, \
-image_cache_stall_time, image_cache_sqlite_db), then the defaults.\n\n\
+image_cache_stall_time, image_cache_sqlite_db, worker_self_reference_url, \
+image_cache_database_url, image_cache_database_allow_privileged_role; [database] connection), \
+then the defaults.\n\n\
 Exit status: 0 success, 1 an operation failed, 2 a usage error."
 )]
 pub struct Cli {
@@ -88,6 +92,29 @@ struct Global {
         global = true
     )]
     driver_grants: Option<String>,
+
+    /// The centralized driver's PostgreSQL database, as a URL
+    /// (postgresql://user:password@host/db, or Glance's SQLAlchemy form
+    /// postgresql+psycopg2://...) (image_cache_database_url; else the
+    /// config file's [database] connection). Never shown in output.
+    #[arg(
+        long,
+        env = "IMAGE_CACHE_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL",
+        global = true
+    )]
+    database_url: Option<String>,
+
+    /// This node's name in the centralized driver's shared database
+    /// (Glance's worker_self_reference_url, e.g. http://glance-api-1:9292).
+    #[arg(
+        long,
+        env = "IMAGE_CACHE_WORKER_SELF_REFERENCE_URL",
+        value_name = "URL",
+        global = true
+    )]
+    worker_self_reference_url: Option<String>,
 
     /// Machine-readable output: one JSON document on stdout.
     #[arg(long, global = true)]
@@ -200,6 +227,14 @@ enum Command {
 
     /// Show the total size of the cached images.
     Size,
+
+    /// List the nodes whose caches hold an image (the centralized driver:
+    /// their worker_self_reference_url), like Glance's
+    /// GET /v2/cache/nodes/{image_id}.
+    Nodes {
+        /// Image id.
+        id: String,
+    },
 
     /// List the built-in drivers: contract version, imports, grants and
     /// SHA-256 of each component; `inspect PATH` for a component file.
@@ -315,6 +350,10 @@ pub struct Settings {
     pub grants: Grants,
     pub max_size: u64,
     pub stall_time: Duration,
+    /// The centralized driver's database URL (never printed).
+    database_url: Option<String>,
+    pub worker_self_reference_url: Option<String>,
+    allow_privileged_role: bool,
     pub json: bool,
     pub quiet: bool,
     /// Where the directory came from, for messages.
@@ -339,9 +378,12 @@ impl Settings {
             image_cache_sqlite_db: global.sqlite_db.clone(),
             image_cache_driver_sha256: global.driver_sha256.clone(),
             image_cache_driver_grants: global.driver_grants.clone(),
+            image_cache_database_url: global.database_url.clone(),
+            worker_self_reference_url: global.worker_self_reference_url.clone(),
             ..Options::default()
         };
         let o = flags.or(file);
+        let database_url = o.database_url().map(str::to_string);
         let driver = o
             .image_cache_driver
             .filter(|d| !d.trim().is_empty())
@@ -361,6 +403,14 @@ impl Settings {
                 .map_err(|e| Failure::Usage(format!("image_cache_driver_grants: {e}")))?,
             max_size: o.image_cache_max_size.unwrap_or(DEFAULT_MAX_SIZE),
             stall_time: o.image_cache_stall_time.unwrap_or(DEFAULT_STALL_TIME),
+            database_url,
+            worker_self_reference_url: o
+                .worker_self_reference_url
+                .clone()
+                .filter(|u| !u.trim().is_empty()),
+            allow_privileged_role: o
+                .image_cache_database_allow_privileged_role
+                .unwrap_or(false),
             json: global.json,
             quiet: global.quiet,
             config_file: global.config.clone(),
@@ -409,6 +459,21 @@ impl Settings {
                 grants: self.grants,
             });
         config.sqlite_db = self.sqlite_db.clone();
+        if let Some(url) = &self.database_url {
+            let mut postgres = PostgresSettings::new(url.clone());
+            postgres.allow_privileged_role = self.allow_privileged_role;
+            postgres.statement_timeout = config.limits.call_deadline;
+            postgres.max_result_bytes = config.limits.max_query_bytes;
+            let databases = DatabaseRoot::new()
+                .with_postgres(CENTRALIZED_DATABASE, &postgres)
+                .map_err(Failure::Usage)?;
+            config.databases = Arc::new(databases);
+        }
+        if let Some(url) = &self.worker_self_reference_url {
+            config
+                .driver_options
+                .push(("worker_self_reference_url".to_string(), url.clone()));
+        }
         let cache = ImageCache::open(config)?;
         log::info!(
             "cache {} with driver {}",

@@ -186,8 +186,10 @@ pub async fn prune(
     Ok(Json(report))
 }
 
-/// `GET /v2/cache/nodes/{id}`: Glance answers 409 unless its centralized
-/// cache is on; this cache is one node.
+/// `GET /v2/cache/nodes/{id}`: the nodes (their
+/// `worker_self_reference_url`) whose caches hold the image, with the
+/// centralized driver; 409, as Glance answers, when the driver keeps one
+/// node's metadata only.
 pub async fn cached_nodes(
     State(app): State<Arc<App>>,
     RawId(id): RawId,
@@ -195,10 +197,18 @@ pub async fn cached_nodes(
 ) -> Result<Response, ApiError> {
     admin(&app, &headers)?;
     validate_id(&id)?;
-    Err(ApiError::new(
-        StatusCode::CONFLICT,
-        "listing cached nodes needs Glance's centralized_db cache; this is a single-node cache",
-    ))
+    let app2 = app.clone();
+    let result = tokio::task::spawn_blocking(move || app2.cache.get_cached_nodes(&id))
+        .await
+        .map_err(|e| ApiError::internal(format!("nodes task: {e}")))?;
+    match result {
+        Ok(nodes) => Ok(Json(json!({ "nodes": nodes })).into_response()),
+        Err(image_cache::Error::Unsupported(_)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "listing cached nodes needs the centralized driver (Glance's centralized_db); this driver keeps one node's metadata",
+        )),
+        Err(e) => Err(app.library_error(e, "nodes")),
+    }
 }
 
 /// `GET /v2/cache/driver`

@@ -1,0 +1,376 @@
+//! What a driver's SQL may say to a shared database, checked on the host
+//! before the statement is sent.
+//!
+//! The real fence is the database role the operator gives the host (no
+//! superuser, no `pg_read_server_files`, `pg_write_server_files` or
+//! `pg_execute_server_program`; the backend checks that when it connects).
+//! This is defence in depth on top of it, and it closes what any role can
+//! do that a cache driver never needs:
+//!
+//! - **One statement** per call (the extended protocol refuses several as
+//!   well; this says so before a round trip).
+//! - **Statements a driver needs**, by their first word: `SELECT`, `INSERT`,
+//!   `UPDATE`, `DELETE`, `WITH`, `VALUES`, transactions and savepoints,
+//!   `CREATE TABLE` / `CREATE [UNIQUE] INDEX` and `LOCK`. Not `COPY` (files
+//!   and programs on the server), `SET`/`RESET` (`SET ROLE`, `SET SESSION
+//!   AUTHORIZATION`, the host's timeouts), `SHOW` (server settings), `ALTER
+//!   SYSTEM`, `LOAD`, `DO`, `CALL`, `CREATE FUNCTION`/`EXTENSION`/`ROLE`,
+//!   `GRANT`, `LISTEN`/`NOTIFY`, `PREPARE`, cursors, `VACUUM`, ...
+//! - **No names** that reach beyond the driver's tables or tell it where it
+//!   runs, anywhere in the statement (outside string literals and
+//!   comments): the catalogs (`pg_*`, `information_schema`), large objects
+//!   (`lo_*`: `lo_import`/`lo_export` read and write server files),
+//!   `dblink*`, settings (`set_config`, `current_setting`), the server's and
+//!   client's addresses (`inet_*`), who the session is (`current_user`,
+//!   `session_user`, `user`, `current_database`, ...), and functions that
+//!   run SQL given as a string (`query_to_xml` and the other `*_to_xml`,
+//!   `ts_stat`, `ts_rewrite`), which would carry any of the above past
+//!   this check.
+
+/// Longest SQL text a driver may send.
+pub const MAX_SQL_BYTES: usize = 64 * 1024;
+
+/// First words a statement may start with.
+const STATEMENTS: &[&str] = &[
+    "select",
+    "insert",
+    "update",
+    "delete",
+    "with",
+    "values",
+    "begin",
+    "start",
+    "commit",
+    "end",
+    "rollback",
+    "abort",
+    "savepoint",
+    "release",
+    "create",
+    "lock",
+];
+
+/// What may follow `CREATE`.
+const CREATABLE: &[&str] = &["table", "index", "unique"];
+
+/// Names refused anywhere in a statement.
+const DENIED: &[&str] = &[
+    "information_schema",
+    "set_config",
+    "current_setting",
+    "inet_server_addr",
+    "inet_server_port",
+    "inet_client_addr",
+    "inet_client_port",
+    "current_user",
+    "session_user",
+    "system_user",
+    "user",
+    "current_role",
+    "current_database",
+    "current_catalog",
+    "current_schema",
+    "current_schemas",
+    "version",
+    "ts_stat",
+    "ts_rewrite",
+    "txid_current_snapshot",
+];
+
+/// Prefixes of names refused anywhere.
+const DENIED_PREFIXES: &[&str] = &["pg_", "lo_", "dblink"];
+
+/// Suffixes of names refused anywhere (`query_to_xml`, `table_to_xmlschema`).
+const DENIED_SUFFIXES: &[&str] = &["_to_xml", "_to_xmlschema", "_to_xml_and_xmlschema"];
+
+/// A word of SQL outside literals and comments, lowercased, and whether it
+/// was a quoted identifier.
+#[derive(Debug, PartialEq)]
+enum Token {
+    Word(String),
+    Semicolon,
+    Other,
+}
+
+/// Why a statement is refused; the message says what to change.
+pub fn check(sql: &str) -> Result<(), String> {
+    if sql.len() > MAX_SQL_BYTES {
+        return Err(format!("SQL text is longer than {MAX_SQL_BYTES} bytes"));
+    }
+    let tokens = tokenize(sql)?;
+    let mut words = tokens.iter().filter_map(|t| match t {
+        Token::Word(w) => Some(w.as_str()),
+        _ => None,
+    });
+    let Some(first) = words.next() else {
+        return Err("empty statement".to_string());
+    };
+    if !STATEMENTS.contains(&first) {
+        return Err(format!(
+            "a driver may not run {} statements",
+            first.to_ascii_uppercase()
+        ));
+    }
+    if first == "create" {
+        let what = words.next().unwrap_or("");
+        if !CREATABLE.contains(&what) {
+            return Err(format!(
+                "a driver may create tables and indexes, not {}",
+                what.to_ascii_uppercase()
+            ));
+        }
+    }
+    // One statement: nothing but a trailing `;` after the first one.
+    if let Some(i) = tokens.iter().position(|t| *t == Token::Semicolon) {
+        if tokens[i + 1..].iter().any(|t| *t != Token::Semicolon) {
+            return Err("one statement per call".to_string());
+        }
+    }
+    for t in &tokens {
+        if let Token::Word(w) = t {
+            let denied = DENIED.contains(&w.as_str())
+                || DENIED_PREFIXES.iter().any(|p| w.starts_with(p))
+                || DENIED_SUFFIXES.iter().any(|s| w.ends_with(s));
+            if denied {
+                return Err(format!("a driver's SQL may not use {w:?}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Split SQL into words, `;` and the rest, skipping whitespace, comments
+/// and string literals ('...', E'...', $tag$...$tag$). Quoted identifiers
+/// are words (lowercased, so `"PG_READ_FILE"` is caught too).
+fn tokenize(sql: &str) -> Result<Vec<Token>, String> {
+    let b = sql.as_bytes();
+    let mut tokens = Vec::new();
+    let mut i = 0;
+    let unterminated = |what: &str| format!("unterminated {what} in SQL");
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            _ if c.is_ascii_whitespace() => i += 1,
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                // Comments nest in PostgreSQL.
+                let mut depth = 0usize;
+                loop {
+                    if i + 1 >= b.len() {
+                        return Err(unterminated("comment"));
+                    }
+                    if b[i] == b'/' && b[i + 1] == b'*' {
+                        depth += 1;
+                        i += 2;
+                    } else if b[i] == b'*' && b[i + 1] == b'/' {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            b'\'' => {
+                // E'...' strings take backslash escapes; the E was read as
+                // a word just before, which is harmless.
+                let escapes = i > 0
+                    && matches!(b[i - 1], b'e' | b'E')
+                    && (i < 2
+                        || !(b[i - 2].is_ascii_alphanumeric()
+                            || b[i - 2] == b'_'
+                            || b[i - 2] >= 0x80));
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None => return Err(unterminated("string")),
+                        Some(b'\\') if escapes => i += 2,
+                        Some(b'\'') if b.get(i + 1) == Some(&b'\'') => i += 2,
+                        Some(b'\'') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+                tokens.push(Token::Other);
+            }
+            b'"' => {
+                let mut word = Vec::new();
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None => return Err(unterminated("quoted identifier")),
+                        Some(b'"') if b.get(i + 1) == Some(&b'"') => {
+                            word.push(b'"');
+                            i += 2;
+                        }
+                        Some(b'"') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(&x) => {
+                            word.push(x);
+                            i += 1;
+                        }
+                    }
+                }
+                tokens.push(Token::Word(
+                    String::from_utf8_lossy(&word).to_ascii_lowercase(),
+                ));
+            }
+            b'$' if b
+                .get(i + 1)
+                .is_some_and(|&n| n == b'$' || n.is_ascii_alphabetic() || n == b'_') =>
+            {
+                // A dollar-quoted string: $tag$ ... $tag$.
+                let tag_end = b[i + 1..].iter().position(|&x| x == b'$');
+                let Some(len) = tag_end else {
+                    return Err(unterminated("dollar quote"));
+                };
+                let tag = &b[i..i + len + 2];
+                if !tag[1..tag.len() - 1]
+                    .iter()
+                    .all(|x| x.is_ascii_alphanumeric() || *x == b'_')
+                {
+                    return Err("malformed dollar quote in SQL".to_string());
+                }
+                let body = i + tag.len();
+                let close = b[body..].windows(tag.len()).position(|w| w == tag);
+                let Some(at) = close else {
+                    return Err(unterminated("dollar-quoted string"));
+                };
+                i = body + at + tag.len();
+                tokens.push(Token::Other);
+            }
+            b'&' if i > 0
+                && matches!(b[i - 1], b'u' | b'U')
+                && matches!(b.get(i + 1), Some(b'"') | Some(b'\'')) =>
+            {
+                // U&"..." spells a name with escapes (U&"pg\005fread_file").
+                return Err("Unicode-escaped names and strings (U&) are not allowed".to_string());
+            }
+            b';' => {
+                tokens.push(Token::Semicolon);
+                i += 1;
+            }
+            _ if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                let start = i;
+                while i < b.len()
+                    && (b[i].is_ascii_alphanumeric()
+                        || b[i] == b'_'
+                        || b[i] == b'$'
+                        || b[i] >= 0x80)
+                {
+                    i += 1;
+                }
+                tokens.push(Token::Word(sql[start..i].to_ascii_lowercase()));
+            }
+            _ => {
+                tokens.push(Token::Other);
+                i += 1;
+            }
+        }
+    }
+    Ok(tokens)
+}
+
+/// The first word of a statement, lowercased (`begin`, `commit`, ...).
+pub fn first_word(sql: &str) -> Option<String> {
+    tokenize(sql).ok()?.into_iter().find_map(|t| match t {
+        Token::Word(w) => Some(w),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allows_what_the_centralized_driver_runs() {
+        for sql in [
+            "SELECT hits FROM cached_images WHERE image_id = $1 AND node_reference_id = $2",
+            "INSERT INTO cached_images (image_id) VALUES ($1) ON CONFLICT (image_id, node_reference_id) DO UPDATE SET hits = 0",
+            "UPDATE cached_images SET hits = hits + 1 WHERE id = $1;",
+            "DELETE FROM cached_images WHERE node_reference_id = $1",
+            "CREATE TABLE IF NOT EXISTS node_reference (node_reference_id BIGSERIAL NOT NULL)",
+            "CREATE UNIQUE INDEX IF NOT EXISTS x ON t (a)",
+            "BEGIN",
+            "COMMIT",
+            "ROLLBACK",
+            "WITH n AS (SELECT 1) SELECT * FROM n",
+            "SELECT 'pg_read_file(''/etc/passwd'')' -- pg_read_file\n",
+            "SELECT $$ COPY x TO PROGRAM $$",
+            "SELECT /* SET ROLE postgres; */ 1",
+        ] {
+            assert_eq!(check(sql), Ok(()), "{sql}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_reaches_beyond_the_tables() {
+        for sql in [
+            "COPY cached_images TO '/tmp/x'",
+            "COPY (SELECT 1) TO PROGRAM 'touch /tmp/pwned'",
+            "copy t from program 'id'",
+            "SELECT pg_read_file('/etc/passwd')",
+            "SELECT \"pg_read_file\"('/etc/passwd')",
+            "SELECT PG_READ_BINARY_FILE('/etc/passwd')",
+            "SELECT pg_catalog.pg_ls_dir('.')",
+            "SELECT lo_import('/etc/passwd')",
+            "SELECT lo_export(1, '/tmp/x')",
+            "SELECT dblink_exec('host=10.0.0.1', 'x')",
+            "SET ROLE postgres",
+            "SET SESSION AUTHORIZATION postgres",
+            "SET statement_timeout = 0",
+            "RESET ALL",
+            "SHOW data_directory",
+            "ALTER SYSTEM SET archive_command = 'x'",
+            "ALTER ROLE glance SUPERUSER",
+            "LOAD 'plpgsql'",
+            "DO $$ BEGIN PERFORM 1; END $$",
+            "CREATE EXTENSION dblink",
+            "CREATE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql",
+            "CREATE OR REPLACE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql",
+            "CREATE ROLE evil SUPERUSER",
+            "GRANT pg_execute_server_program TO glance",
+            "SELECT set_config('role', 'postgres', false)",
+            "SELECT current_setting('data_directory')",
+            "SELECT inet_server_addr()",
+            "SELECT current_user",
+            "SELECT user",
+            "SELECT version()",
+            "SELECT query_to_xml('select pg_read_file(''x'')', true, true, '')",
+            "SELECT * FROM information_schema.tables",
+            "SELECT * FROM pg_stat_activity",
+            "SELECT 1; SELECT 2",
+            "SELECT 1; COPY t TO '/tmp/x'",
+            "LISTEN x",
+            "NOTIFY x",
+            "PREPARE p AS SELECT 1",
+            "VACUUM FULL",
+            "TRUNCATE cached_images",
+            "",
+            "   ",
+            "SELECT 'unterminated",
+            "SELECT U&\"pg\\005fread_file\"('x')",
+            "SELECT date'\\' , pg_read_file('x') --'",
+        ] {
+            assert!(check(sql).is_err(), "{sql} was allowed");
+        }
+        assert!(check(&"SELECT 1 ".repeat(20_000)).is_err());
+    }
+
+    #[test]
+    fn first_words() {
+        assert_eq!(first_word("  -- x\n begin").as_deref(), Some("begin"));
+        assert_eq!(first_word("COMMIT;").as_deref(), Some("commit"));
+    }
+}

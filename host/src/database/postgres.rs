@@ -1,0 +1,839 @@
+//! The `database` interface on PostgreSQL.
+//!
+//! tokio-postgres with a deadpool pool, driven by a small tokio runtime of
+//! the host's own (one worker thread for the whole process): the async
+//! client lets every call be bounded by the driver call's deadline from the
+//! outside (`tokio::time::timeout` around pool checkout, connect, prepare
+//! and the rows) and a query still running at the deadline is cancelled on
+//! the server, while the driver calls themselves stay blocking. A sync
+//! client (`postgres` + `r2d2`) could only bound a call by socket timeouts
+//! and the server's own `statement_timeout`, which do not cover a server
+//! that stops answering.
+//!
+//! What the host enforces, whatever the driver's SQL says:
+//! - the driver names a database; the URL, host, user and password stay
+//!   here and are scrubbed from every message the driver (or a user) sees;
+//! - a role that is a superuser or may read or write server files or run
+//!   programs (`pg_read_server_files`, `pg_write_server_files`,
+//!   `pg_execute_server_program`) is refused unless the operator allowed it;
+//! - each statement passes [`super::policy::check`] (one statement, an
+//!   allow-list of statement kinds, no catalog, file, large-object,
+//!   `dblink`, settings or address functions);
+//! - parameters are converted to the types the server inferred for them,
+//!   and a value that does not fit is refused before anything is sent;
+//! - results are capped in bytes; the pool's size caps the connections;
+//! - every session has `statement_timeout`, `lock_timeout` and
+//!   `idle_in_transaction_session_timeout` set at connect time, so the
+//!   server ends what the host stopped waiting for, and a transaction left
+//!   open by a driver does not hold locks for long.
+
+use std::future::Future;
+use std::pin::pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use futures_util::StreamExt;
+use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
+use tokio_postgres::{Config, NoTls, Row};
+
+use super::{Backend, BackendConnection, Result, error, policy};
+use crate::bindings::database::{DatabaseError, ErrorCode, Value};
+use crate::runtime::Deadline;
+
+/// Prepared statements one connection keeps before its cache is emptied
+/// (a driver sending endless distinct SQL must not grow it forever).
+const MAX_CACHED_STATEMENTS: usize = 256;
+
+/// What the operator configured for one PostgreSQL database.
+#[derive(Clone)]
+pub struct PostgresSettings {
+    /// A libpq-style URL (`postgresql://user:password@host:port/db`) or a
+    /// SQLAlchemy one (`postgresql+psycopg2://...`, Glance's `[database]
+    /// connection`).
+    pub url: String,
+    /// Most connections the pool holds (what all drivers on one cache can
+    /// hold together).
+    pub pool_size: usize,
+    /// Accept a superuser role or one that may reach server files and
+    /// programs (never needed by a cache driver).
+    pub allow_privileged_role: bool,
+    /// Most bytes one query result may hold.
+    pub max_result_bytes: usize,
+    /// The server-side bound of one statement, lock wait and idle
+    /// transaction (the driver call's deadline bounds the host's wait).
+    pub statement_timeout: Duration,
+    /// How long opening a connection may take at most.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for PostgresSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSettings")
+            .field("url", &"(not shown)")
+            .field("pool_size", &self.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresSettings {
+    pub fn new(url: impl Into<String>) -> PostgresSettings {
+        PostgresSettings {
+            url: url.into(),
+            pool_size: 8,
+            allow_privileged_role: false,
+            max_result_bytes: crate::sqlite::DEFAULT_MAX_RESULT_BYTES,
+            statement_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A SQLAlchemy database URL (`postgresql+psycopg2://...`) as a libpq one;
+/// a libpq URL as it is. Errors never contain the URL.
+pub fn libpq_url(url: &str) -> std::result::Result<String, String> {
+    let url = url.trim();
+    let Some((scheme, rest)) = url.split_once("://") else {
+        // libpq's key=value form (`host=/run/postgresql dbname=glance`).
+        if url.contains('=') {
+            return Ok(url.to_string());
+        }
+        return Err(
+            "the database connection is not a URL (postgresql://user:password@host/db)".to_string(),
+        );
+    };
+    let dialect = scheme.split('+').next().unwrap_or("");
+    match dialect {
+        "postgresql" | "postgres" => Ok(format!("postgresql://{rest}")),
+        other => Err(format!(
+            "the database connection is a {other:?} URL; the centralized driver needs PostgreSQL (postgresql://...)"
+        )),
+    }
+}
+
+/// The host's tokio runtime for database connections: one worker thread.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("image-cache-db")
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("cannot start the database runtime: {e}"))
+    })
+}
+
+/// Run `work` on the database runtime; it is dropped (and so stopped) at
+/// `deadline`. Works from any thread, inside another runtime or not.
+fn run<T: Send + 'static>(
+    deadline: Deadline,
+    work: impl Future<Output = T> + Send + 'static,
+) -> std::result::Result<T, DatabaseError> {
+    let remaining = deadline.remaining();
+    if remaining.is_zero() {
+        return Err(timed_out());
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    runtime().spawn(async move {
+        let _ = tx.send(tokio::time::timeout(remaining, work).await);
+    });
+    // The task ends itself at the deadline; a little slack for it to say so.
+    match rx.recv_timeout(remaining + Duration::from_millis(250)) {
+        Ok(Ok(value)) => Ok(value),
+        _ => Err(timed_out()),
+    }
+}
+
+fn timed_out() -> DatabaseError {
+    error(
+        ErrorCode::TimedOut,
+        "the database did not answer before the call's deadline",
+    )
+}
+
+/// Role checks: not yet done, passed, refused.
+const ROLE_UNCHECKED: u8 = 0;
+const ROLE_OK: u8 = 1;
+const ROLE_REFUSED: u8 = 2;
+
+struct Shared {
+    /// The name drivers use.
+    name: String,
+    pool: Pool,
+    /// Strings never shown to a driver or user: the URL, password, hosts.
+    secrets: Vec<String>,
+    max_result_bytes: usize,
+    allow_privileged_role: bool,
+    role: AtomicU8,
+    refusal: Mutex<String>,
+}
+
+/// A PostgreSQL database a driver may open by name.
+pub struct PostgresBackend {
+    shared: Arc<Shared>,
+}
+
+impl PostgresBackend {
+    /// A backend for `settings`, known to drivers as `name`. Nothing is
+    /// connected until a driver opens it.
+    pub fn new(name: &str, settings: &PostgresSettings) -> std::result::Result<Self, String> {
+        let url = libpq_url(&settings.url)?;
+        let mut config = Config::from_str(&url).map_err(|_| {
+            format!("the connection URL of database {name:?} is not a valid PostgreSQL URL")
+        })?;
+        let mut secrets = vec![settings.url.trim().to_string(), url.clone()];
+        if let Some(password) = config.get_password() {
+            secrets.push(String::from_utf8_lossy(password).into_owned());
+        }
+        for host in config.get_hosts() {
+            match host {
+                tokio_postgres::config::Host::Tcp(h) => secrets.push(h.clone()),
+                tokio_postgres::config::Host::Unix(p) => secrets.push(p.display().to_string()),
+            }
+        }
+        secrets.retain(|s| !s.is_empty());
+        // Longest first, so the URL goes before its parts.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        let ms = settings.statement_timeout.as_millis().max(1);
+        let options = format!(
+            "{} -c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={ms}",
+            config.get_options().unwrap_or("")
+        );
+        config
+            .options(options.trim())
+            .application_name("image-cache")
+            .connect_timeout(settings.connect_timeout)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30));
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size.max(1))
+            .build()
+            .map_err(|e| format!("database {name:?}: cannot make its connection pool: {e}"))?;
+        Ok(PostgresBackend {
+            shared: Arc::new(Shared {
+                name: name.to_string(),
+                pool,
+                secrets,
+                max_result_bytes: settings.max_result_bytes,
+                allow_privileged_role: settings.allow_privileged_role,
+                role: AtomicU8::new(ROLE_UNCHECKED),
+                refusal: Mutex::new(String::new()),
+            }),
+        })
+    }
+
+    /// Connections the pool holds now, and at most.
+    pub fn pool_status(&self) -> (usize, usize) {
+        let s = self.shared.pool.status();
+        (s.size, s.max_size)
+    }
+}
+
+impl Shared {
+    /// `message` without any secret.
+    fn scrub(&self, message: &str) -> String {
+        let mut m = message.to_string();
+        for s in &self.secrets {
+            if m.contains(s.as_str()) {
+                m = m.replace(s.as_str(), "(hidden)");
+            }
+        }
+        m
+    }
+
+    fn error(&self, code: ErrorCode, message: &str) -> DatabaseError {
+        error(
+            code,
+            format!("database {:?}: {}", self.name, self.scrub(message)),
+        )
+    }
+
+    /// A client error in the driver's terms, scrubbed.
+    fn client_error(&self, e: &tokio_postgres::Error) -> DatabaseError {
+        if let Some(db) = e.as_db_error() {
+            let state = db.code().code();
+            let code = match state {
+                s if s.starts_with("23") => ErrorCode::Constraint,
+                "57014" | "55P03" => ErrorCode::TimedOut,
+                "42501" => ErrorCode::AccessDenied,
+                s if s.starts_with("08")
+                    || s.starts_with("57P")
+                    || s.starts_with("28")
+                    || s == "53300"
+                    || s == "3D000" =>
+                {
+                    ErrorCode::Unavailable
+                }
+                s if s.starts_with("54") => ErrorCode::LimitExceeded,
+                _ => ErrorCode::Other,
+            };
+            return self.error(
+                code,
+                &format!("{} ({state}): {}", db.severity(), db.message()),
+            );
+        }
+        // No answer from the server: refused, reset, closed, timed out.
+        self.error(ErrorCode::Unavailable, &e.to_string())
+    }
+
+    /// Check out a connection, checking the role once per backend.
+    async fn checkout(self: Arc<Self>) -> Result<Object> {
+        let object = self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => self.client_error(&e),
+            other => self.error(ErrorCode::Unavailable, &other.to_string()),
+        })?;
+        match self.role.load(Ordering::Acquire) {
+            ROLE_OK => Ok(object),
+            ROLE_REFUSED => Err(self.refused()),
+            _ => {
+                self.check_role(&object).await?;
+                Ok(object)
+            }
+        }
+    }
+
+    fn refused(&self) -> DatabaseError {
+        let why = self
+            .refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.error(ErrorCode::AccessDenied, &why)
+    }
+
+    async fn check_role(&self, client: &Object) -> Result<()> {
+        let row = client
+            .query_one(
+                "SELECT r.rolsuper, \
+                 pg_has_role(current_user, 'pg_read_server_files', 'MEMBER'), \
+                 pg_has_role(current_user, 'pg_write_server_files', 'MEMBER'), \
+                 pg_has_role(current_user, 'pg_execute_server_program', 'MEMBER') \
+                 FROM pg_roles r WHERE r.rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(|e| self.client_error(&e))?;
+        let mut powers = Vec::new();
+        for (i, what) in [
+            "is a superuser",
+            "may read server files (pg_read_server_files)",
+            "may write server files (pg_write_server_files)",
+            "may run server programs (pg_execute_server_program)",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if row.try_get::<_, bool>(i).unwrap_or(true) {
+                powers.push(what);
+            }
+        }
+        if powers.is_empty() || self.allow_privileged_role {
+            if !powers.is_empty() {
+                log::warn!(
+                    "database {:?}: its role {}; allowed by configuration",
+                    self.name,
+                    powers.join(", ")
+                );
+            }
+            self.role.store(ROLE_OK, Ordering::Release);
+            return Ok(());
+        }
+        *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = format!(
+            "refused: the configured role {} (give the cache a role without these powers, \
+             or allow it with image_cache_database_allow_privileged_role)",
+            powers.join(", ")
+        );
+        self.role.store(ROLE_REFUSED, Ordering::Release);
+        Err(self.refused())
+    }
+}
+
+impl Backend for PostgresBackend {
+    fn connect(&self, deadline: Deadline) -> Result<Box<dyn BackendConnection>> {
+        let shared = self.shared.clone();
+        let object = run(deadline, shared.clone().checkout())??;
+        Ok(Box::new(PostgresConnection {
+            shared,
+            held: Some(Held {
+                object: Some(object),
+                healthy: true,
+            }),
+            in_transaction: false,
+        }))
+    }
+}
+
+/// A pooled connection: back to the pool when dropped healthy, out of it
+/// otherwise (a call stopped half-way, a lost server, an open transaction).
+struct Held {
+    object: Option<Object>,
+    healthy: bool,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(object) = self.object.take() {
+            if !self.healthy || object.is_closed() {
+                drop(Object::take(object));
+            }
+        }
+    }
+}
+
+/// One connection a driver opened.
+struct PostgresConnection {
+    shared: Arc<Shared>,
+    /// `None` once a call lost it.
+    held: Option<Held>,
+    /// A `BEGIN` without its `COMMIT`/`ROLLBACK` yet: the connection is not
+    /// given back to the pool like this (closing it rolls back).
+    in_transaction: bool,
+}
+
+impl Drop for PostgresConnection {
+    fn drop(&mut self) {
+        if let Some(held) = self.held.as_mut() {
+            if self.in_transaction {
+                held.healthy = false;
+            }
+        }
+    }
+}
+
+enum Want {
+    Count,
+    Rows,
+}
+
+enum Outcome {
+    Count(u64),
+    Rows(Vec<Vec<Value>>),
+}
+
+impl PostgresConnection {
+    fn call(
+        &mut self,
+        sql: &str,
+        params: Vec<Value>,
+        deadline: Deadline,
+        want: Want,
+    ) -> Result<Outcome> {
+        policy::check(sql).map_err(|why| self.shared.error(ErrorCode::AccessDenied, &why))?;
+        let Some(mut held) = self.held.take() else {
+            return Err(self.shared.error(
+                ErrorCode::Unavailable,
+                "this connection was lost; open a new one",
+            ));
+        };
+        let shared = self.shared.clone();
+        let sql_owned = sql.to_string();
+        let cancel = held.object.as_ref().map(|o| o.cancel_token());
+        // Until the work says otherwise, a connection stopped half-way is
+        // not given back.
+        held.healthy = false;
+        let outcome = run(deadline, async move {
+            let result = statement(&shared, &held, &sql_owned, params, want).await;
+            held.healthy = held.object.as_ref().is_some_and(|o| !o.is_closed());
+            (held, result)
+        });
+        match outcome {
+            Ok((held, result)) => {
+                if held.healthy {
+                    self.held = Some(held);
+                }
+                if result.is_ok() {
+                    match policy::first_word(sql).as_deref() {
+                        Some("begin" | "start") => self.in_transaction = true,
+                        Some("commit" | "end" | "abort") => self.in_transaction = false,
+                        Some("rollback") if !sql.to_ascii_lowercase().contains(" to ") => {
+                            self.in_transaction = false
+                        }
+                        _ => {}
+                    }
+                }
+                result
+            }
+            Err(e) => {
+                // Stopped at the deadline: the server stops too.
+                if let Some(token) = cancel {
+                    runtime().spawn(async move {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(5), token.cancel_query(NoTls))
+                                .await;
+                    });
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+async fn statement(
+    shared: &Shared,
+    held: &Held,
+    sql: &str,
+    params: Vec<Value>,
+    want: Want,
+) -> Result<Outcome> {
+    let Some(client) = held.object.as_ref() else {
+        return Err(shared.error(ErrorCode::Unavailable, "no connection"));
+    };
+    if client.statement_cache.size() >= MAX_CACHED_STATEMENTS {
+        client.statement_cache.clear();
+    }
+    let stmt = client
+        .prepare_cached(sql)
+        .await
+        .map_err(|e| shared.client_error(&e))?;
+    let types = stmt.params();
+    if types.len() != params.len() {
+        return Err(shared.error(
+            ErrorCode::Other,
+            &format!(
+                "the statement has {} parameters, {} values were given",
+                types.len(),
+                params.len()
+            ),
+        ));
+    }
+    let params = params
+        .into_iter()
+        .zip(types)
+        .enumerate()
+        .map(|(i, (v, ty))| {
+            Param::convert(v, ty).map_err(|why| {
+                shared.error(ErrorCode::Other, &format!("parameter ${}: {why}", i + 1))
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let refs = params.iter().map(|p| p as &(dyn ToSql + Sync));
+    match want {
+        Want::Count => client
+            .execute_raw(&stmt, refs)
+            .await
+            .map(Outcome::Count)
+            .map_err(|e| shared.client_error(&e)),
+        Want::Rows => {
+            let columns: Vec<Type> = stmt.columns().iter().map(|c| c.type_().clone()).collect();
+            let mut stream = pin!(
+                client
+                    .query_raw(&stmt, refs)
+                    .await
+                    .map_err(|e| shared.client_error(&e))?
+            );
+            let mut rows = Vec::new();
+            let mut bytes = 0usize;
+            while let Some(row) = stream.next().await {
+                let row = row.map_err(|e| shared.client_error(&e))?;
+                let mut values = Vec::with_capacity(columns.len());
+                for (i, ty) in columns.iter().enumerate() {
+                    let value = column(&row, i, ty).map_err(|why| {
+                        shared.error(ErrorCode::Other, &format!("column {}: {why}", i + 1))
+                    })?;
+                    bytes = bytes.saturating_add(value_size(&value));
+                    if bytes > shared.max_result_bytes {
+                        return Err(shared.error(
+                            ErrorCode::LimitExceeded,
+                            &format!("query result exceeds {} bytes", shared.max_result_bytes),
+                        ));
+                    }
+                    values.push(value);
+                }
+                rows.push(values);
+            }
+            Ok(Outcome::Rows(rows))
+        }
+    }
+}
+
+fn value_size(v: &Value) -> usize {
+    8 + match v {
+        Value::Text(t) => t.len(),
+        Value::Blob(b) => b.len(),
+        _ => 0,
+    }
+}
+
+impl BackendConnection for PostgresConnection {
+    fn execute(&mut self, sql: &str, params: Vec<Value>, deadline: Deadline) -> Result<u64> {
+        match self.call(sql, params, deadline, Want::Count)? {
+            Outcome::Count(n) => Ok(n),
+            Outcome::Rows(rows) => Ok(rows.len() as u64),
+        }
+    }
+
+    fn query(
+        &mut self,
+        sql: &str,
+        params: Vec<Value>,
+        deadline: Deadline,
+    ) -> Result<Vec<Vec<Value>>> {
+        match self.call(sql, params, deadline, Want::Rows)? {
+            Outcome::Rows(rows) => Ok(rows),
+            Outcome::Count(_) => Ok(Vec::new()),
+        }
+    }
+}
+
+/// A guest value converted to the type the server inferred for its `$n`.
+#[derive(Debug)]
+enum Param {
+    Null,
+    Bool(bool),
+    I16(i16),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Text(String),
+    Bytes(Vec<u8>),
+    Time(SystemTime),
+}
+
+/// Integers a `real` carries exactly.
+const EXACT_FLOAT_INT: i64 = 1 << 53;
+
+impl Param {
+    fn convert(v: Value, ty: &Type) -> std::result::Result<Param, String> {
+        let mismatch = |v: &Value| {
+            let given = match v {
+                Value::Null => "null",
+                Value::Boolean(_) => "a boolean",
+                Value::Integer(_) => "an integer",
+                Value::Real(_) => "a real",
+                Value::Text(_) => "text",
+                Value::Blob(_) => "a blob",
+            };
+            format!("the server expects {ty}, not {given}")
+        };
+        let out_of_range = |i: i64| format!("{i} does not fit in {ty}");
+        let seconds = match v {
+            Value::Real(r) => Some(r),
+            Value::Integer(i) => Some(i as f64),
+            _ => None,
+        };
+        Ok(match (v, ty) {
+            (Value::Null, _) => Param::Null,
+            (Value::Boolean(b), &Type::BOOL) => Param::Bool(b),
+            (Value::Integer(i), &Type::INT2) => {
+                Param::I16(i16::try_from(i).map_err(|_| out_of_range(i))?)
+            }
+            (Value::Integer(i), &Type::INT4) => {
+                Param::I32(i32::try_from(i).map_err(|_| out_of_range(i))?)
+            }
+            (Value::Integer(i), &Type::INT8) => Param::I64(i),
+            (Value::Integer(i), &Type::FLOAT4 | &Type::FLOAT8) if i.abs() <= EXACT_FLOAT_INT => {
+                if *ty == Type::FLOAT4 {
+                    Param::F32(i as f32)
+                } else {
+                    Param::F64(i as f64)
+                }
+            }
+            (Value::Real(r), &Type::FLOAT8) => Param::F64(r),
+            (Value::Real(r), &Type::FLOAT4) => Param::F32(r as f32),
+            (Value::Text(t), &Type::TEXT | &Type::VARCHAR | &Type::BPCHAR | &Type::NAME) => {
+                Param::Text(t)
+            }
+            (Value::Blob(b), &Type::BYTEA) => Param::Bytes(b),
+            (Value::Real(_) | Value::Integer(_), &Type::TIMESTAMP | &Type::TIMESTAMPTZ) => {
+                let seconds = seconds.unwrap_or(f64::NAN);
+                Param::Time(unix_time(seconds).ok_or_else(|| {
+                    format!("{seconds} is not a time (Unix seconds) the server can store")
+                })?)
+            }
+            (v, _) => return Err(mismatch(&v)),
+        })
+    }
+}
+
+/// Unix seconds as a `SystemTime`, within years 1 to 9999.
+fn unix_time(seconds: f64) -> Option<SystemTime> {
+    if !seconds.is_finite() || !(-62_135_596_800.0..=253_402_300_799.0).contains(&seconds) {
+        return None;
+    }
+    let span = Duration::from_secs_f64(seconds.abs());
+    if seconds >= 0.0 {
+        UNIX_EPOCH.checked_add(span)
+    } else {
+        UNIX_EPOCH.checked_sub(span)
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+impl ToSql for Param {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> std::result::Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Param::Null => Ok(IsNull::Yes),
+            Param::Bool(v) => v.to_sql(ty, out),
+            Param::I16(v) => v.to_sql(ty, out),
+            Param::I32(v) => v.to_sql(ty, out),
+            Param::I64(v) => v.to_sql(ty, out),
+            Param::F32(v) => v.to_sql(ty, out),
+            Param::F64(v) => v.to_sql(ty, out),
+            Param::Text(v) => v.to_sql(ty, out),
+            Param::Bytes(v) => v.to_sql(ty, out),
+            Param::Time(v) => v.to_sql(ty, out),
+        }
+    }
+
+    // Checked in `Param::convert`, against the server's types.
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+
+    to_sql_checked!();
+}
+
+/// A `numeric` as the nearest `f64` (e.g. `EXTRACT(EPOCH FROM t)`).
+struct Numeric(f64);
+
+impl<'a> FromSql<'a> for Numeric {
+    fn from_sql(
+        _: &Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let word =
+            |i: usize| -> std::result::Result<u16, Box<dyn std::error::Error + Sync + Send>> {
+                raw.get(i * 2..i * 2 + 2)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                    .ok_or_else(|| "short numeric".into())
+            };
+        let ndigits = word(0)? as usize;
+        let weight = word(1)? as i16 as i32;
+        let sign = word(2)?;
+        match sign {
+            0xC000 => return Ok(Numeric(f64::NAN)),
+            0xD000 => return Ok(Numeric(f64::INFINITY)),
+            0xF000 => return Ok(Numeric(f64::NEG_INFINITY)),
+            _ => {}
+        }
+        let mut value = 0f64;
+        for k in 0..ndigits {
+            let digit = word(4 + k)? as f64;
+            value += digit * 10_000f64.powi(weight - k as i32);
+        }
+        Ok(Numeric(if sign == 0x4000 { -value } else { value }))
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::NUMERIC
+    }
+}
+
+/// Column `i` of `row` as a guest value.
+fn column(row: &Row, i: usize, ty: &Type) -> std::result::Result<Value, String> {
+    fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> std::result::Result<Option<T>, String> {
+        row.try_get::<_, Option<T>>(i).map_err(|e| e.to_string())
+    }
+    let value = match *ty {
+        Type::BOOL => get::<bool>(row, i)?.map(Value::Boolean),
+        Type::INT2 => get::<i16>(row, i)?.map(|v| Value::Integer(v.into())),
+        Type::INT4 => get::<i32>(row, i)?.map(|v| Value::Integer(v.into())),
+        Type::INT8 => get::<i64>(row, i)?.map(Value::Integer),
+        Type::OID => get::<u32>(row, i)?.map(|v| Value::Integer(v.into())),
+        Type::FLOAT4 => get::<f32>(row, i)?.map(|v| Value::Real(v.into())),
+        Type::FLOAT8 => get::<f64>(row, i)?.map(Value::Real),
+        Type::NUMERIC => get::<Numeric>(row, i)?.map(|n| Value::Real(n.0)),
+        Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
+            get::<String>(row, i)?.map(Value::Text)
+        }
+        Type::BYTEA => get::<Vec<u8>>(row, i)?.map(Value::Blob),
+        Type::TIMESTAMP | Type::TIMESTAMPTZ => {
+            get::<SystemTime>(row, i)?.map(|t| Value::Real(unix_seconds(t)))
+        }
+        ref other => {
+            return Err(format!(
+                "its type {other} is not one this interface carries; cast it (::text, ::float8, ...)"
+            ));
+        }
+    };
+    Ok(value.unwrap_or(Value::Null))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlalchemy_urls_become_libpq_urls() {
+        assert_eq!(
+            libpq_url("postgresql+psycopg2://glance:s3cret@db.example/glance").unwrap(),
+            "postgresql://glance:s3cret@db.example/glance"
+        );
+        assert_eq!(
+            libpq_url(" postgres://u@h/d ").unwrap(),
+            "postgresql://u@h/d"
+        );
+        let e = libpq_url("mysql+pymysql://glance:s3cret@db/glance").unwrap_err();
+        assert!(e.contains("mysql") && !e.contains("s3cret"), "{e}");
+        assert_eq!(
+            libpq_url("host=/run/postgresql dbname=glance").unwrap(),
+            "host=/run/postgresql dbname=glance"
+        );
+        let e = libpq_url("glance:s3cret@db").unwrap_err();
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn parameters_take_the_servers_types() {
+        assert!(matches!(
+            Param::convert(Value::Integer(7), &Type::INT4),
+            Ok(Param::I32(7))
+        ));
+        assert!(Param::convert(Value::Integer(1 << 40), &Type::INT4).is_err());
+        assert!(Param::convert(Value::Integer(70_000), &Type::INT2).is_err());
+        assert!(Param::convert(Value::Text("1".into()), &Type::INT8).is_err());
+        assert!(Param::convert(Value::Real(1.5), &Type::INT8).is_err());
+        assert!(Param::convert(Value::Boolean(true), &Type::INT4).is_err());
+        assert!(Param::convert(Value::Blob(vec![1]), &Type::TEXT).is_err());
+        assert!(matches!(
+            Param::convert(Value::Null, &Type::TIMESTAMP),
+            Ok(Param::Null)
+        ));
+        assert!(matches!(
+            Param::convert(Value::Real(1.5e9), &Type::TIMESTAMP),
+            Ok(Param::Time(_))
+        ));
+        assert!(Param::convert(Value::Real(f64::NAN), &Type::TIMESTAMP).is_err());
+        assert!(Param::convert(Value::Real(1e300), &Type::TIMESTAMP).is_err());
+        assert!(Param::convert(Value::Text("x".into()), &Type::INET).is_err());
+    }
+
+    #[test]
+    fn secrets_are_scrubbed() {
+        let backend = PostgresBackend::new(
+            "glance",
+            &PostgresSettings::new("postgresql+psycopg2://glance:hunter22@db.internal:5433/glance"),
+        )
+        .unwrap();
+        let m = backend
+            .shared
+            .scrub("could not connect to db.internal with password hunter22");
+        assert!(!m.contains("hunter22") && !m.contains("db.internal"), "{m}");
+        assert!(
+            format!("{:?}", PostgresSettings::new("postgresql://a:hunter22@h/d"))
+                .find("hunter22")
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,794 @@
+//! The centralized driver on a real PostgreSQL (see `support/pg.rs`): many
+//! nodes in one database, Glance's own schema, the database going away and
+//! coming back, switching drivers on a live root, and what a driver's SQL
+//! may not do. (The conformance suite runs on it too: `conformance
+//! centralized::`.)
+
+use std::time::{Duration, Instant};
+
+use image_cache::bindings::database::{ErrorCode, Value};
+use image_cache::database::{CENTRALIZED_DATABASE, PostgresSettings};
+use image_cache::runtime::Deadline;
+use image_cache::{CacheConfig, DriverSource, Error, ImageCache, Limits};
+use image_cache_tests::pg::{self, PASSWORD, TestDatabase};
+use image_cache_tests::{PgSetup, bad_configuration, cached_ids, cli_binary, image_bytes, runtime};
+
+const CENTRALIZED: DriverSource = DriverSource::Builtin("centralized");
+const SQLITE: DriverSource = DriverSource::Builtin("sqlite");
+
+/// A cache on `root` with the centralized driver as node `node` of `pg`.
+fn node(root: &std::path::Path, pg: &PgSetup, node: &str) -> ImageCache {
+    let mut config = CacheConfig::new(root)
+        .driver(CENTRALIZED)
+        .fallback_to_sqlite(false);
+    pg.configure_node(&mut config, node);
+    ImageCache::with_runtime(runtime(), config).expect("a centralized cache")
+}
+
+fn put(cache: &ImageCache, id: &str, bytes: &[u8]) {
+    cache.cache_reader(id, None, bytes).unwrap();
+}
+
+fn get(cache: &ImageCache, id: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    cache.read_image(id, &mut out).unwrap();
+    out
+}
+
+const UUID_A: &str = "6f1e9d2a-4a8b-4c3e-9d7f-0a1b2c3d4e5f";
+const UUID_B: &str = "0c9b8a7d-6e5f-4a3b-8c1d-2e3f4a5b6c7d";
+
+#[test]
+fn two_nodes_share_one_database_and_keep_their_own_caches() {
+    let pg = PgSetup::new();
+    let (one_dir, two_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let one = node(one_dir.path(), &pg, "http://node-1:9292");
+    let two = node(two_dir.path(), &pg, "http://node-2:9292");
+
+    put(&one, UUID_A, &image_bytes(1, 1000));
+    put(&two, UUID_A, &image_bytes(1, 1000));
+    put(&two, UUID_B, &image_bytes(2, 3000));
+
+    assert_eq!(cached_ids(&one), [UUID_A]);
+    assert_eq!(cached_ids(&two), [UUID_B, UUID_A]);
+    let both = ["http://node-1:9292", "http://node-2:9292"];
+    assert_eq!(one.get_cached_nodes(UUID_A).unwrap(), both);
+    assert_eq!(two.get_cached_nodes(UUID_A).unwrap(), both);
+    assert_eq!(
+        one.get_cached_nodes(UUID_B).unwrap(),
+        ["http://node-2:9292"]
+    );
+    assert!(one.get_cached_nodes("never").unwrap().is_empty());
+
+    // Hits are per node.
+    get(&one, UUID_A);
+    get(&one, UUID_A);
+    assert_eq!(one.get_hit_count(UUID_A).unwrap(), 2);
+    assert_eq!(two.get_hit_count(UUID_A).unwrap(), 0);
+    assert_eq!(one.get_cache_size().unwrap(), 1000);
+    assert_eq!(two.get_cache_size().unwrap(), 4000);
+
+    // Pruning node 2 leaves node 1 alone.
+    let report = two.prune(0).unwrap();
+    assert_eq!(report.removed.len(), 2);
+    assert!(cached_ids(&two).is_empty());
+    assert_eq!(cached_ids(&one), [UUID_A]);
+    assert_eq!(one.get_hit_count(UUID_A).unwrap(), 2);
+    assert_eq!(
+        one.get_cached_nodes(UUID_A).unwrap(),
+        ["http://node-1:9292"]
+    );
+
+    // Deleting on node 1 touches only its rows.
+    put(&two, UUID_A, &image_bytes(1, 1000));
+    one.delete_cached_image(UUID_A).unwrap();
+    assert_eq!(
+        two.get_cached_nodes(UUID_A).unwrap(),
+        ["http://node-2:9292"]
+    );
+    assert_eq!(one.delete_all_cached_images().unwrap(), 0);
+    assert_eq!(cached_ids(&two), [UUID_A]);
+
+    // What Glance sees in its tables.
+    let rows = pg.db.sql(
+        "SELECT n.node_reference_url || ' ' || c.image_id || ' ' || c.hits FROM cached_images c \
+         JOIN node_reference n USING (node_reference_id) ORDER BY 1",
+    );
+    assert_eq!(rows, format!("http://node-2:9292 {UUID_A} 0"));
+    assert_eq!(
+        pg.db.sql("SELECT count(*) FROM node_reference"),
+        "2",
+        "one node_reference row per node"
+    );
+}
+
+#[test]
+fn two_nodes_write_at_once() {
+    let pg = PgSetup::new();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let caches: Vec<_> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| node(d.path(), &pg, &format!("http://node-{i}:9292")))
+        .collect();
+    std::thread::scope(|s| {
+        for cache in &caches {
+            s.spawn(move || {
+                for i in 0..40 {
+                    put(cache, &format!("img-{i:03}"), &image_bytes(i as u8, 100));
+                    get(cache, &format!("img-{i:03}"));
+                }
+            });
+        }
+    });
+    for cache in &caches {
+        assert_eq!(cached_ids(cache).len(), 40);
+        assert_eq!(cache.get_hit_count("img-007").unwrap(), 1);
+        assert_eq!(cache.get_cached_nodes("img-007").unwrap().len(), 2);
+    }
+    assert_eq!(pg.db.sql("SELECT count(*) FROM cached_images"), "80");
+}
+
+/// Glance's 2024.1 migration as SQLAlchemy emits it on PostgreSQL.
+const GLANCE_DDL: &str = "
+CREATE TABLE node_reference (
+    node_reference_id BIGSERIAL NOT NULL,
+    node_reference_url VARCHAR(255) NOT NULL,
+    PRIMARY KEY (node_reference_id),
+    CONSTRAINT uq_node_reference_node_reference_url UNIQUE (node_reference_url)
+);
+CREATE TABLE cached_images (
+    id BIGSERIAL NOT NULL,
+    image_id VARCHAR(36) NOT NULL,
+    last_accessed TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+    last_modified TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+    size BIGINT NOT NULL,
+    hits INTEGER NOT NULL,
+    checksum VARCHAR(32),
+    node_reference_id BIGINT NOT NULL,
+    PRIMARY KEY (id),
+    FOREIGN KEY(node_reference_id) REFERENCES node_reference (node_reference_id),
+    CONSTRAINT ix_cached_images_image_id_node_reference_id UNIQUE (image_id, node_reference_id)
+);";
+
+/// The tables' columns and constraints, as the catalog describes them.
+fn schema_of(db: &TestDatabase) -> String {
+    db.sql(
+        "SELECT string_agg(x, E'\\n' ORDER BY x) FROM ( \
+           SELECT table_name || '.' || column_name || ' ' || data_type || ' ' || \
+                  coalesce(character_maximum_length::text, '-') || ' ' || is_nullable || ' ' || \
+                  coalesce(column_default, '-') AS x \
+           FROM information_schema.columns WHERE table_schema = 'public' \
+           UNION ALL \
+           SELECT conrelid::regclass || ' ' || conname || ' ' || pg_get_constraintdef(oid) \
+           FROM pg_constraint WHERE connamespace = 'public'::regnamespace) s",
+    )
+}
+
+#[test]
+fn tables_made_by_glance_work_as_they_are_and_the_driver_makes_the_same() {
+    let (_use, cluster) = pg::postgres();
+    let glance = cluster.database();
+    // Glance's migrations run as its own role, which owns the tables.
+    glance.sql(&format!("SET ROLE glance; {GLANCE_DDL}"));
+    let before = schema_of(&glance);
+    assert!(before.contains("cached_images.last_accessed timestamp without time zone"));
+    // Glance's API node cached an image (naive UTC times).
+    glance.sql(&format!(
+        "SET ROLE glance; INSERT INTO node_reference (node_reference_url) VALUES ('http://glance-api:9292'), ('http://us:9292'); \
+         INSERT INTO cached_images (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id) \
+         SELECT '{UUID_A}', '2024-01-01 00:00:00', '2023-12-31 00:00:00', 5, 7, 'd41d8cd98f00b204e9800998ecf8427e', node_reference_id \
+         FROM node_reference"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(UUID_A), b"12345").unwrap();
+    let mut config = CacheConfig::new(dir.path())
+        .driver(CENTRALIZED)
+        .fallback_to_sqlite(false);
+    config.databases = glance.root();
+    config
+        .driver_options
+        .push(("worker_self_reference_url".into(), "http://us:9292".into()));
+    let cache = ImageCache::with_runtime(runtime(), config).unwrap();
+    let images = cache.get_cached_images().unwrap();
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0].hits, 7);
+    assert_eq!(images[0].last_accessed, 1_704_067_200.0);
+    assert_eq!(images[0].last_modified, 1_703_980_800.0);
+    assert_eq!(
+        cache.get_cached_nodes(UUID_A).unwrap(),
+        ["http://glance-api:9292", "http://us:9292"]
+    );
+    // What this driver writes, Glance reads: naive UTC, hits, md5 hex.
+    let md5: image_cache::Checksum = "md5:5d41402abc4b2a76b9719d911017c592".parse().unwrap();
+    cache
+        .cache_reader(UUID_B, Some(&md5), &b"hello"[..])
+        .unwrap();
+    let row = glance.sql(&format!(
+        "SELECT hits, size, checksum, \
+           abs(extract(epoch FROM (now() AT TIME ZONE 'UTC') - last_modified)) < 60 \
+         FROM cached_images WHERE image_id = '{UUID_B}'"
+    ));
+    assert_eq!(row, "0|5|5d41402abc4b2a76b9719d911017c592|t");
+    assert_eq!(
+        schema_of(&glance),
+        before,
+        "the driver changed Glance's tables"
+    );
+
+    // A database without the tables gets exactly Glance's.
+    let fresh = PgSetup::new();
+    let other = tempfile::tempdir().unwrap();
+    node(other.path(), &fresh, "http://fresh:9292");
+    assert_eq!(schema_of(&fresh.db), before);
+}
+
+#[test]
+fn a_node_without_worker_self_reference_url_is_a_bad_configuration() {
+    let pg = PgSetup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = CacheConfig::new(dir.path())
+        .driver(CENTRALIZED)
+        .fallback_to_sqlite(false);
+    config.databases = pg.databases.clone();
+    let message = bad_configuration(ImageCache::with_runtime(runtime(), config));
+    assert!(message.contains("worker_self_reference_url"), "{message}");
+}
+
+#[test]
+fn an_unreachable_database_is_a_bad_configuration_that_never_shows_the_password() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgresql+psycopg2://glance:{PASSWORD}@127.0.0.1:{port}/glance");
+    let dir = tempfile::tempdir().unwrap();
+    let config = |fallback: bool| {
+        let mut c = CacheConfig::new(dir.path())
+            .driver(CENTRALIZED)
+            .fallback_to_sqlite(fallback);
+        c.databases = std::sync::Arc::new(
+            image_cache::database::DatabaseRoot::new()
+                .with_postgres(CENTRALIZED_DATABASE, &PostgresSettings::new(url.clone()))
+                .unwrap(),
+        );
+        c.driver_options
+            .push(("worker_self_reference_url".into(), "http://n:9292".into()));
+        c
+    };
+    let message = bad_configuration(ImageCache::with_runtime(runtime(), config(false)));
+    assert!(message.contains("\"glance\""), "{message}");
+    assert!(!message.contains(PASSWORD), "{message}");
+    assert!(!message.contains(&port.to_string()), "{message}");
+    // The usual fallback.
+    let cache = ImageCache::with_runtime(runtime(), config(true)).unwrap();
+    assert_eq!(cache.driver().name(), "sqlite");
+    // No database configured at all.
+    let mut none = CacheConfig::new(dir.path())
+        .driver(CENTRALIZED)
+        .fallback_to_sqlite(false);
+    none.driver_options
+        .push(("worker_self_reference_url".into(), "http://n:9292".into()));
+    let message = bad_configuration(ImageCache::with_runtime(runtime(), none));
+    assert!(message.contains("image_cache_database_url"), "{message}");
+}
+
+#[test]
+fn a_superuser_role_is_refused_unless_allowed() {
+    let (_use, cluster) = pg::postgres();
+    let db = cluster.database();
+    let Some(superuser) = db.superuser_url.clone() else {
+        return; // an external server: its admin is not ours to hand out
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let open = |allow: bool| {
+        let mut settings = PostgresSettings::new(superuser.clone());
+        settings.allow_privileged_role = allow;
+        let mut c = CacheConfig::new(dir.path())
+            .driver(CENTRALIZED)
+            .fallback_to_sqlite(false);
+        c.databases = db.root_with(settings);
+        c.driver_options
+            .push(("worker_self_reference_url".into(), "http://n:9292".into()));
+        ImageCache::with_runtime(runtime(), c)
+    };
+    let message = bad_configuration(open(false));
+    assert!(message.contains("superuser"), "{message}");
+    assert!(!message.contains(PASSWORD), "{message}");
+    open(true).unwrap();
+
+    // A role that may run server programs is refused as well.
+    db.sql(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'runner') THEN \
+         CREATE ROLE runner LOGIN PASSWORD 'runner-pw'; END IF; END $$; \
+         GRANT pg_execute_server_program TO runner",
+    );
+    let root = db.root_with(PostgresSettings::new(
+        db.url
+            .replace(&format!("glance:{PASSWORD}"), "runner:runner-pw"),
+    ));
+    let e = root.open(CENTRALIZED_DATABASE, soon()).err().unwrap();
+    assert_eq!(e.code, ErrorCode::AccessDenied, "{}", e.message);
+    assert!(
+        e.message.contains("pg_execute_server_program"),
+        "{}",
+        e.message
+    );
+}
+
+fn soon() -> Deadline {
+    Deadline(Instant::now() + Duration::from_secs(10))
+}
+
+fn within(d: Duration) -> Deadline {
+    Deadline(Instant::now() + d)
+}
+
+#[test]
+fn losing_the_database_mid_run_fails_calls_and_recovers_when_it_is_back() {
+    let (_alone, cluster) = pg::postgres_alone();
+    let db = cluster.database();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = CacheConfig::new(dir.path())
+        .driver(CENTRALIZED)
+        .fallback_to_sqlite(false);
+    let limits = Limits {
+        call_deadline: Duration::from_secs(3),
+        ..Limits::default()
+    };
+    config.limits = limits.clone();
+    config.databases = db.root();
+    config
+        .driver_options
+        .push(("worker_self_reference_url".into(), "http://n:9292".into()));
+    let runtime =
+        image_cache::Runtime::new(limits, Some(image_cache_tests::artifact_dir())).unwrap();
+    let cache = ImageCache::with_runtime(runtime, config).unwrap();
+    put(&cache, "kept", &image_bytes(1, 2000));
+    get(&cache, "kept");
+
+    cluster.stop();
+    let started = Instant::now();
+    let e = cache
+        .cache_reader("new", None, &image_bytes(2, 2000)[..])
+        .unwrap_err();
+    // The commit could not record the image: the write is aborted.
+    assert!(matches!(e, Error::Io(_) | Error::Database(_)), "{e:?}");
+    assert!(e.to_string().contains("glance"), "{e}");
+    assert!(!e.to_string().contains(PASSWORD), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(matches!(cache.get_cached_images(), Err(Error::Database(_))));
+    let mut out = Vec::new();
+    assert!(
+        cache.read_image("kept", &mut out).is_err(),
+        "the hit cannot be counted"
+    );
+    // No image file lost, none half-published.
+    assert!(dir.path().join("kept").exists());
+    assert!(!dir.path().join("new").exists());
+    assert!(!dir.path().join("incomplete").join("new").exists());
+    assert!(cache.is_cached("kept").unwrap());
+
+    cluster.start();
+    // Back by itself: the pool drops the dead connections.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match cache.get_cached_images() {
+            Ok(images) => {
+                assert_eq!(images.len(), 1);
+                assert_eq!(images[0].hits, 1);
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("the driver did not recover: {e}"),
+        }
+    }
+    put(&cache, "new", &image_bytes(2, 2000));
+    get(&cache, "kept");
+    assert_eq!(cache.get_hit_count("kept").unwrap(), 2);
+    assert_eq!(cached_ids(&cache), ["kept", "new"]);
+
+    // A server that stops answering (frozen, not gone): the call still
+    // ends by its deadline.
+    let frozen = Frozen::server(&cluster_pid(&db));
+    let started = Instant::now();
+    let e = cache.get_cached_images().unwrap_err();
+    let took = started.elapsed();
+    drop(frozen);
+    assert!(took < Duration::from_secs(5), "took {took:?}: {e}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cache.get_cached_images().is_err() {
+        assert!(Instant::now() < deadline, "no recovery after the freeze");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The postmaster's pid of the cluster serving `db` (our own cluster).
+fn cluster_pid(db: &TestDatabase) -> String {
+    db.sql("SELECT pg_backend_pid()"); // proves the server is up
+    let dir = db.sql("SHOW data_directory");
+    std::fs::read_to_string(std::path::Path::new(&dir).join("postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The server's processes stopped with SIGSTOP until dropped.
+struct Frozen(Vec<i32>);
+
+impl Frozen {
+    fn server(postmaster: &str) -> Frozen {
+        let postmaster: i32 = postmaster.trim().parse().unwrap();
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        for &pid in &pids {
+            // SAFETY: signals to the server processes this test started.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        Frozen(pids)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+}
+
+#[test]
+fn hot_swap_sqlite_to_centralized_and_back_on_a_live_root() {
+    let pg = PgSetup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = CacheConfig::new(dir.path())
+        .driver(SQLITE)
+        .fallback_to_sqlite(false);
+    pg.configure(&mut config);
+    let cache = ImageCache::with_runtime(runtime(), config).unwrap();
+    put(&cache, UUID_A, &image_bytes(1, 100));
+    get(&cache, UUID_A);
+    get(&cache, UUID_A);
+    assert_eq!(cache.get_hit_count(UUID_A).unwrap(), 2);
+    // A write in flight across the swap.
+    let mut writer = cache.open_for_write("in-flight").unwrap();
+    std::io::Write::write_all(&mut writer, b"half").unwrap();
+
+    cache.swap_driver(&CENTRALIZED).unwrap();
+    assert_eq!(cache.driver().name(), "centralized");
+    // The file carries over; the sqlite hits stay in cache.db.
+    assert_eq!(cached_ids(&cache), [UUID_A]);
+    assert_eq!(cache.get_hit_count(UUID_A).unwrap(), 0);
+    std::io::Write::write_all(&mut writer, b" and the rest").unwrap();
+    writer.commit(None).unwrap();
+    put(&cache, UUID_B, &image_bytes(2, 200));
+    get(&cache, UUID_B);
+    get(&cache, UUID_A);
+    assert_eq!(cache.get_hit_count(UUID_A).unwrap(), 1);
+    assert_eq!(cache.get_cached_nodes(UUID_B).unwrap(), [pg.node.clone()]);
+    assert_eq!(cache.get_cached_nodes(UUID_A).unwrap(), [pg.node.clone()]);
+    assert_eq!(cached_ids(&cache), [UUID_B, UUID_A, "in-flight"]);
+
+    cache.swap_driver(&SQLITE).unwrap();
+    assert_eq!(cached_ids(&cache), [UUID_B, UUID_A, "in-flight"]);
+    assert_eq!(cache.get_hit_count(UUID_A).unwrap(), 2);
+    assert_eq!(get(&cache, UUID_B), image_bytes(2, 200));
+    assert!(matches!(
+        cache.get_cached_nodes(UUID_A),
+        Err(Error::Unsupported(_))
+    ));
+}
+
+#[test]
+fn rows_and_files_are_reconciled() {
+    let pg = PgSetup::new();
+    let t_dir = tempfile::tempdir().unwrap();
+    let cache = node(t_dir.path(), &pg, &pg.node);
+    put(&cache, "a", b"aaaa");
+    put(&cache, "b", b"bb");
+    // A file without a row: listed with no hits; its first read makes one.
+    std::fs::write(t_dir.path().join("copied-in"), b"xyz").unwrap();
+    // A row without a file (wiped by hand): not listed, not a node of it.
+    std::fs::remove_file(t_dir.path().join("b")).unwrap();
+    assert_eq!(cached_ids(&cache), ["a", "copied-in"]);
+    assert!(cache.get_cached_nodes("b").unwrap().is_empty());
+    assert_eq!(
+        cache.get_cached_nodes("copied-in").unwrap(),
+        [pg.node.clone()]
+    );
+    get(&cache, "copied-in");
+    assert_eq!(cache.get_hit_count("copied-in").unwrap(), 1);
+    // clean drops rows whose files are gone (once they are settled).
+    pg.db
+        .sql("UPDATE cached_images SET last_modified = last_modified - interval '1 hour'");
+    cache.clean(Duration::from_secs(86_400)).unwrap();
+    assert_eq!(
+        pg.db
+            .sql("SELECT string_agg(image_id, ',' ORDER BY image_id) FROM cached_images"),
+        "a,copied-in"
+    );
+    // Ids longer than Glance's VARCHAR(36) are cached without a row.
+    let long = "l".repeat(100);
+    put(&cache, &long, b"long");
+    assert_eq!(get(&cache, &long), b"long");
+    assert_eq!(cache.get_hit_count(&long).unwrap(), 0);
+    assert_eq!(cache.get_cached_nodes(&long).unwrap(), [pg.node.clone()]);
+}
+
+// The database import under attack: what a driver's SQL may reach.
+
+fn attack_db() -> (PgSetup, std::sync::Arc<image_cache::database::DatabaseRoot>) {
+    let pg = PgSetup::new();
+    let root = pg.databases.clone();
+    (pg, root)
+}
+
+#[test]
+fn sql_that_reaches_beyond_the_tables_is_refused() {
+    let (pg, root) = attack_db();
+    let canary = tempfile::tempdir().unwrap();
+    let target = canary.path().join("pwned");
+    let target = target.display();
+    let mut c = root.open(CENTRALIZED_DATABASE, soon()).unwrap();
+    c.execute("CREATE TABLE t (s TEXT)", vec![], soon())
+        .unwrap();
+    for sql in [
+        format!("COPY t TO '{target}'"),
+        format!("COPY (SELECT 1) TO PROGRAM 'touch {target}'"),
+        "SELECT pg_read_file('/etc/passwd')".to_string(),
+        "SELECT lo_import('/etc/passwd')".to_string(),
+        format!("SELECT lo_export(1, '{target}')"),
+        "SELECT dblink('host=127.0.0.1', 'select 1')".to_string(),
+        "SET ROLE postgres".to_string(),
+        "SET statement_timeout = 0".to_string(),
+        "ALTER SYSTEM SET archive_command = 'touch /tmp/x'".to_string(),
+        "SELECT inet_server_addr()".to_string(),
+        "SELECT current_setting('port')".to_string(),
+        "SELECT current_user".to_string(),
+        "SELECT * FROM pg_stat_activity".to_string(),
+        "SELECT query_to_xml('select 1', true, true, '')".to_string(),
+        "SELECT 1; DROP TABLE t".to_string(),
+        "CREATE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql".to_string(),
+        "DO $$ BEGIN END $$".to_string(),
+    ] {
+        let e = c.query(&sql, vec![], soon()).unwrap_err();
+        assert_eq!(e.code, ErrorCode::AccessDenied, "{sql}: {}", e.message);
+    }
+    assert!(!canary.path().join("pwned").exists());
+    // The table is still there and the connection still works.
+    c.execute(
+        "INSERT INTO t VALUES ($1)",
+        vec![Value::Text("ok".into())],
+        soon(),
+    )
+    .unwrap();
+    drop(pg);
+}
+
+#[test]
+fn parameters_must_fit_the_servers_types() {
+    let (_pg, root) = attack_db();
+    let mut c = root.open(CENTRALIZED_DATABASE, soon()).unwrap();
+    c.execute(
+        "CREATE TABLE t (i INTEGER, b BIGINT, f DOUBLE PRECISION, s VARCHAR(4), x BYTEA, at TIMESTAMP, ok BOOLEAN)",
+        vec![],
+        soon(),
+    )
+    .unwrap();
+    let insert = "INSERT INTO t VALUES ($1, $2, $3, $4, $5, $6, $7)";
+    let good = vec![
+        Value::Integer(7),
+        Value::Integer(1 << 40),
+        Value::Integer(3),
+        Value::Text("abcd".into()),
+        Value::Blob(vec![0, 1, 2]),
+        Value::Real(1_700_000_000.25),
+        Value::Boolean(true),
+    ];
+    assert_eq!(c.execute(insert, good.clone(), soon()).unwrap(), 1);
+    for (i, bad) in [
+        (0, Value::Integer(1 << 40)),
+        (0, Value::Text("7".into())),
+        (1, Value::Real(1.5)),
+        (4, Value::Text("x".into())),
+        (5, Value::Real(f64::INFINITY)),
+        (6, Value::Integer(1)),
+    ] {
+        let mut values = good.clone();
+        values[i] = bad;
+        let e = c.execute(insert, values, soon()).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Other, "{}", e.message);
+        assert!(e.message.contains(&format!("${}", i + 1)), "{}", e.message);
+    }
+    // Too long for VARCHAR(4): the server says so.
+    let mut values = good.clone();
+    values[3] = Value::Text("abcde".into());
+    assert!(c.execute(insert, values, soon()).is_err());
+    let rows = c.query("SELECT * FROM t", vec![], soon()).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(matches!(rows[0][1], Value::Integer(i) if i == 1 << 40));
+    assert!(matches!(rows[0][5], Value::Real(t) if t == 1_700_000_000.25));
+    assert!(matches!(rows[0][6], Value::Boolean(true)));
+    let e = c.execute(insert, vec![Value::Null], soon()).unwrap_err();
+    assert!(e.message.contains("7 parameters"), "{}", e.message);
+}
+
+#[test]
+fn results_time_and_connections_are_bounded() {
+    let (pg, _) = attack_db();
+    let mut settings = PostgresSettings::new(pg.db.url.clone());
+    settings.max_result_bytes = 10_000;
+    settings.pool_size = 2;
+    let root = pg.db.root_with(settings);
+    let mut c = root.open(CENTRALIZED_DATABASE, soon()).unwrap();
+    let e = c
+        .query(
+            "SELECT repeat('x', 1000) FROM generate_series(1, 100)",
+            vec![],
+            soon(),
+        )
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::LimitExceeded, "{}", e.message);
+
+    // A statement that runs past the deadline is stopped there, and on the
+    // server too.
+    let started = Instant::now();
+    let e = c
+        .query(
+            "SELECT count(*) FROM generate_series(1, 10000000000)",
+            vec![],
+            within(Duration::from_millis(500)),
+        )
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::TimedOut, "{}", e.message);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pg.db.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%generate_series(1, 10000000000)%' \
+         AND state = 'active' AND pid <> pg_backend_pid()",
+    ) != "0"
+    {
+        assert!(Instant::now() < deadline, "the query still runs on the server");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(c);
+
+    // The pool's size bounds the connections: a third waits, then gives up
+    // at its deadline.
+    let a = root.open(CENTRALIZED_DATABASE, soon()).unwrap();
+    let b = root.open(CENTRALIZED_DATABASE, soon()).unwrap();
+    let started = Instant::now();
+    let e = root
+        .open(CENTRALIZED_DATABASE, within(Duration::from_millis(300)))
+        .err()
+        .unwrap();
+    assert_eq!(e.code, ErrorCode::TimedOut, "{}", e.message);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    drop(a);
+    root.open(CENTRALIZED_DATABASE, soon()).unwrap();
+    drop(b);
+}
+
+#[test]
+fn a_transaction_left_open_is_rolled_back_not_handed_on() {
+    let (_pg, root) = attack_db();
+    let mut c = root.open(CENTRALIZED_DATABASE, soon()).unwrap();
+    c.execute("CREATE TABLE t (i INTEGER)", vec![], soon())
+        .unwrap();
+    c.execute("BEGIN", vec![], soon()).unwrap();
+    c.execute("INSERT INTO t VALUES (1)", vec![], soon())
+        .unwrap();
+    drop(c);
+    let mut d = root.open(CENTRALIZED_DATABASE, soon()).unwrap();
+    let rows = d.query("SELECT count(*) FROM t", vec![], soon()).unwrap();
+    assert!(matches!(rows[0][0], Value::Integer(0)));
+    // Not inside the abandoned transaction: this commits by itself.
+    d.execute("INSERT INTO t VALUES (2)", vec![], soon())
+        .unwrap();
+    let mut e = root.open(CENTRALIZED_DATABASE, soon()).unwrap();
+    let rows = e.query("SELECT count(*) FROM t", vec![], soon()).unwrap();
+    assert!(matches!(rows[0][0], Value::Integer(1)));
+}
+
+#[test]
+fn errors_never_show_the_password_or_the_host() {
+    let (pg, root) = attack_db();
+    let mut c = root.open(CENTRALIZED_DATABASE, soon()).unwrap();
+    for sql in [
+        "SELECT * FROM no_such_table",
+        "SELECT 'Pw-9f3c2e-s3cr3t'::int",
+        "INSERT INTO nowhere VALUES (1)",
+    ] {
+        let e = c.query(sql, vec![], soon()).unwrap_err();
+        assert!(!e.message.contains(PASSWORD), "{}", e.message);
+        assert!(!e.message.contains("127.0.0.1"), "{}", e.message);
+    }
+    let e = root.open("not-configured", soon()).err().unwrap();
+    assert_eq!(e.code, ErrorCode::AccessDenied);
+    drop(pg);
+}
+
+#[test]
+fn the_cli_lists_the_nodes_of_an_image() {
+    let pg = PgSetup::new();
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let run = |dir: &std::path::Path, node: &str, args: &[&str]| {
+        let out = std::process::Command::new(cli_binary())
+            .arg("--dir")
+            .arg(dir)
+            .args(["--driver", "centralized_db", "--no-fallback"])
+            .args(["--worker-self-reference-url", node])
+            .env("IMAGE_CACHE_DATABASE_URL", &pg.db.url)
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!stdout.contains(PASSWORD) && !stderr.contains(PASSWORD));
+        (out.status.success(), stdout, stderr)
+    };
+    let src = one.path().join("src");
+    std::fs::write(&src, b"image").unwrap();
+    let src = src.display().to_string();
+    assert!(
+        run(
+            one.path(),
+            "http://one:9292",
+            &["cache", UUID_A, "--from", &src]
+        )
+        .0
+    );
+    assert!(
+        run(
+            two.path(),
+            "http://two:9292",
+            &["cache", UUID_A, "--from", &src]
+        )
+        .0
+    );
+    let (ok, stdout, stderr) = run(one.path(), "http://one:9292", &["nodes", UUID_A]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout, "http://one:9292\nhttp://two:9292\n");
+    let (ok, stdout, _) = run(two.path(), "http://two:9292", &["--json", "nodes", UUID_A]);
+    assert!(ok);
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(doc["nodes"][1], "http://two:9292");
+    // --help with the URL in the environment does not print it.
+    let (_, help, _) = run(one.path(), "http://one:9292", &["--help"]);
+    assert!(help.contains("--database-url"));
+    // No node name: the error says which option.
+    let out = std::process::Command::new(cli_binary())
+        .arg("--dir")
+        .arg(one.path())
+        .args(["--driver", "centralized", "--no-fallback", "nodes", UUID_A])
+        .env("IMAGE_CACHE_DATABASE_URL", &pg.db.url)
+        .env_remove("IMAGE_CACHE_WORKER_SELF_REFERENCE_URL")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("worker_self_reference_url"));
+}
