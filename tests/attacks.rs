@@ -219,10 +219,9 @@ fn a_runaway_query_is_stopped_at_the_deadline() {
     let started = Instant::now();
     let m = s.fault("sql-runaway");
     let took = started.elapsed();
-    assert!(
-        m.contains("deadline") && m.contains("inside a host call"),
-        "{m}"
-    );
+    // Stopped inside SQLite by the host, or (if the host returned at the
+    // deadline and the driver's own code ran on) by the epoch in wasm.
+    assert!(m.contains("ran past its deadline"), "{m}");
     assert!(took >= DEADLINE, "ran until the deadline: {took:?}");
     // Generous: a shared machine; the point is "stopped", not "waited out".
     assert!(
@@ -236,7 +235,9 @@ fn a_lock_never_waits_past_the_deadline() {
     let s = scene();
     let started = Instant::now();
     let m = s.fault("lock-forever");
-    assert!(m.contains("deadline") && m.contains("TimedOut"), "{m}");
+    // The host's wait ends at the deadline (timed-out); the call is then a
+    // fault, stopped in the host call or, a moment later, in wasm.
+    assert!(m.contains("ran past its deadline"), "{m}");
     assert!(started.elapsed() < DEADLINE + Duration::from_secs(3));
 }
 
