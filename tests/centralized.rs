@@ -489,8 +489,14 @@ fn hot_swap_sqlite_to_centralized_and_back_on_a_live_root() {
     get(&cache, UUID_B);
     get(&cache, UUID_A);
     assert_eq!(cache.get_hit_count(UUID_A).unwrap(), 1);
-    assert_eq!(cache.get_cached_nodes(UUID_B).unwrap(), [pg.node.clone()]);
-    assert_eq!(cache.get_cached_nodes(UUID_A).unwrap(), [pg.node.clone()]);
+    assert_eq!(
+        cache.get_cached_nodes(UUID_B).unwrap(),
+        std::slice::from_ref(&pg.node)
+    );
+    assert_eq!(
+        cache.get_cached_nodes(UUID_A).unwrap(),
+        std::slice::from_ref(&pg.node)
+    );
     assert_eq!(cached_ids(&cache), [UUID_B, UUID_A, "in-flight"]);
 
     cache.swap_driver(&SQLITE).unwrap();
@@ -518,7 +524,7 @@ fn rows_and_files_are_reconciled() {
     assert!(cache.get_cached_nodes("b").unwrap().is_empty());
     assert_eq!(
         cache.get_cached_nodes("copied-in").unwrap(),
-        [pg.node.clone()]
+        std::slice::from_ref(&pg.node)
     );
     get(&cache, "copied-in");
     assert_eq!(cache.get_hit_count("copied-in").unwrap(), 1);
@@ -536,7 +542,10 @@ fn rows_and_files_are_reconciled() {
     put(&cache, &long, b"long");
     assert_eq!(get(&cache, &long), b"long");
     assert_eq!(cache.get_hit_count(&long).unwrap(), 0);
-    assert_eq!(cache.get_cached_nodes(&long).unwrap(), [pg.node.clone()]);
+    assert_eq!(
+        cache.get_cached_nodes(&long).unwrap(),
+        std::slice::from_ref(&pg.node)
+    );
 }
 
 // The database import under attack: what a driver's SQL may reach.

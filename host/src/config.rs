@@ -38,12 +38,11 @@ impl Options {
     pub fn from_ini(text: &str) -> Result<Options, String> {
         let ini = ini::Ini::load_from_str_noescape(text).map_err(|e| e.to_string())?;
         let mut options = Options::default();
-        if let Some(database) = ini.section(Some("database")) {
-            if let Some(url) = database.get("connection").map(str::trim) {
-                if !url.is_empty() {
-                    options.database_connection = Some(url.to_string());
-                }
-            }
+        if let Some(database) = ini.section(Some("database"))
+            && let Some(url) = database.get("connection").map(str::trim)
+            && !url.is_empty()
+        {
+            options.database_connection = Some(url.to_string());
         }
         let Some(section) = ini.section(Some("DEFAULT")) else {
             return Ok(options);

@@ -178,18 +178,17 @@ impl CentralizedStore {
             .map_err(db_error)?;
         let mut recorded = HashMap::with_capacity(rows.len());
         for row in rows {
-            if let [Value::Text(id), size, hits, accessed, modified] = &row[..] {
-                if let (Some(last_accessed), Some(last_modified)) =
+            if let [Value::Text(id), size, hits, accessed, modified] = &row[..]
+                && let (Some(last_accessed), Some(last_modified)) =
                     (as_f64(accessed), as_f64(modified))
-                {
-                    let image = Image {
-                        size: as_u64(size),
-                        hits: as_u64(hits),
-                        last_accessed,
-                        last_modified,
-                    };
-                    recorded.insert(id.clone(), image);
-                }
+            {
+                let image = Image {
+                    size: as_u64(size),
+                    hits: as_u64(hits),
+                    last_accessed,
+                    last_modified,
+                };
+                recorded.insert(id.clone(), image);
             }
         }
         Ok(recorded)
@@ -430,7 +429,7 @@ impl MetadataStore for CentralizedStore {
             Vec::new()
         };
         // For this node the files are the truth.
-        let listed = nodes.iter().any(|n| *n == self.node_url);
+        let listed = nodes.contains(&self.node_url);
         if here && !listed {
             nodes.push(self.node_url.clone());
             nodes.sort();

@@ -121,10 +121,10 @@ pub fn check(sql: &str) -> Result<(), String> {
         }
     }
     // One statement: nothing but a trailing `;` after the first one.
-    if let Some(i) = tokens.iter().position(|t| *t == Token::Semicolon) {
-        if tokens[i + 1..].iter().any(|t| *t != Token::Semicolon) {
-            return Err("one statement per call".to_string());
-        }
+    if let Some(i) = tokens.iter().position(|t| *t == Token::Semicolon)
+        && tokens[i + 1..].iter().any(|t| *t != Token::Semicolon)
+    {
+        return Err("one statement per call".to_string());
     }
     for t in &tokens {
         if let Token::Word(w) = t {

@@ -382,10 +382,12 @@ struct Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if let Some(object) = self.object.take() {
-            if !self.healthy || object.is_closed() {
-                drop(Object::take(object));
-            }
+        // A healthy connection goes back to the pool when `object` drops;
+        // a broken one is taken out of it first.
+        if let Some(object) = self.object.take()
+            && (!self.healthy || object.is_closed())
+        {
+            drop(Object::take(object));
         }
     }
 }
@@ -402,10 +404,10 @@ struct PostgresConnection {
 
 impl Drop for PostgresConnection {
     fn drop(&mut self) {
-        if let Some(held) = self.held.as_mut() {
-            if self.in_transaction {
-                held.healthy = false;
-            }
+        if let Some(held) = self.held.as_mut()
+            && self.in_transaction
+        {
+            held.healthy = false;
         }
     }
 }
