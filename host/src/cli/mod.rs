@@ -129,6 +129,8 @@ struct Global {
     quiet: bool,
 }
 
+// Parsed once at start-up; the serve variant's size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// List the cached images: id, size, hits, last accessed and last

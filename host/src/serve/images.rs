@@ -114,10 +114,10 @@ async fn serve(
             None => Err(not_cached(&id)),
         };
     }
-    if first.start.is_none() {
-        if let Some(Outcome::Failed(e)) = first.outcome {
-            return Err(e.into());
-        }
+    if first.start.is_none()
+        && let Some(Outcome::Failed(e)) = first.outcome
+    {
+        return Err(e.into());
     }
     let start = first.start.clone().unwrap_or_default();
     // A range on a miss is answered with the whole image (RFC 9110 lets a
@@ -128,10 +128,10 @@ async fn serve(
     if let Some(size) = start.size {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     }
-    if let Some(md5) = start.md5.as_deref() {
-        if let Ok(v) = HeaderValue::from_str(md5) {
-            h.insert("content-md5", v);
-        }
+    if let Some(md5) = start.md5.as_deref()
+        && let Ok(v) = HeaderValue::from_str(md5)
+    {
+        h.insert("content-md5", v);
     }
     h.insert("x-image-cache", HeaderValue::from_static("miss"));
     Ok(response)
@@ -204,10 +204,7 @@ pub fn parse_range(value: Option<&str>, size: u64) -> RangeRequest {
     let b = if last.is_empty() {
         u64::MAX
     } else {
-        match last.parse::<u64>() {
-            Ok(b) => b,
-            Err(_) => u64::MAX,
-        }
+        last.parse::<u64>().unwrap_or(u64::MAX)
     };
     if b < a {
         return RangeRequest::Full;
@@ -402,12 +399,12 @@ fn cached_stream(
         end,
     };
     stream::unfold(state, |mut s| async move {
-        if let Some(first) = s.first.take() {
-            if !first.is_empty() {
-                s.pos += first.len() as u64;
-                add(&s.app.metrics.bytes_from_cache, first.len() as u64);
-                return Some((Ok(first), s));
-            }
+        if let Some(first) = s.first.take()
+            && !first.is_empty()
+        {
+            s.pos += first.len() as u64;
+            add(&s.app.metrics.bytes_from_cache, first.len() as u64);
+            return Some((Ok(first), s));
         }
         if s.pos < s.end {
             let n = (s.end - s.pos).min(CHUNK);

@@ -346,14 +346,14 @@ pub fn driver_source(spec: &str) -> Result<DriverSource, String> {
         return Err("the driver name is empty".into());
     }
     let source = DriverSource::parse(spec);
-    if let DriverSource::File(path) = &source {
-        if !path.is_file() {
-            let builtins: Vec<&str> = image_cache::builtin::ALL.iter().map(|b| b.name).collect();
-            return Err(format!(
-                "unknown driver {spec:?}: use {} or the path of an existing driver component (.wasm)",
-                builtins.join(", ")
-            ));
-        }
+    if let DriverSource::File(path) = &source
+        && !path.is_file()
+    {
+        let builtins: Vec<&str> = image_cache::builtin::ALL.iter().map(|b| b.name).collect();
+        return Err(format!(
+            "unknown driver {spec:?}: use {} or the path of an existing driver component (.wasm)",
+            builtins.join(", ")
+        ));
     }
     Ok(source)
 }
