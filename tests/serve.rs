@@ -618,6 +618,101 @@ fn miss_then_hit_with_ranges_and_head() {
     assert!(missing.json()["error"]["message"].is_string());
 }
 
+/// Read one response with a `Content-Length` body off a kept-alive
+/// connection.
+fn read_kept_alive(r: &mut BufReader<TcpStream>) -> Resp {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = r
+            .read_until(b'\n', &mut head)
+            .expect("reading a response head");
+        assert!(n > 0, "the server closed the connection");
+    }
+    let mut resp = parse_response(&head, true).expect("a response head");
+    let len: usize = resp
+        .header("content-length")
+        .expect("content-length")
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).expect("the whole body");
+    resp.body = body;
+    resp.complete = true;
+    resp
+}
+
+#[test]
+fn kept_alive_connections_mix_sendfile_downloads_and_other_requests() {
+    // Cached downloads are answered by the connection's front with
+    // sendfile; anything else hands the connection to hyper. One
+    // connection, both kinds, pipelined too.
+    let store = tempfile::tempdir().unwrap();
+    let bytes = image_bytes(5, 300_000);
+    fs::write(store.path().join("ka"), &bytes).unwrap();
+    let s = Server::start(&["--upstream", store.path().to_str().unwrap()]);
+    assert!(get(s.addr, "/v2/images/ka/file").body == bytes);
+    s.wait_cached("ka");
+
+    let c = TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = c.try_clone().unwrap();
+    let mut r = BufReader::new(c);
+    // Two downloads in one write (pipelined), then a range.
+    w.write_all(
+        b"GET /v2/images/ka/file HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /v2/images/ka/file HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let hit = read_kept_alive(&mut r);
+        assert_eq!(hit.status, 200);
+        assert_eq!(hit.header("x-image-cache"), Some("hit"));
+        assert!(hit.header("date").is_some());
+        assert!(hit.body == bytes, "pipelined hit body differs");
+    }
+    w.write_all(b"GET /v2/images/ka/file HTTP/1.1\r\nHost: x\r\nRange: bytes=100-199\r\n\r\n")
+        .unwrap();
+    let part = read_kept_alive(&mut r);
+    assert_eq!(part.status, 206);
+    assert_eq!(part.header("content-range"), Some("bytes 100-199/300000"));
+    assert_eq!(part.body, &bytes[100..200]);
+    assert_eq!(s.metric("image_cache_sendfile_responses_total"), 3);
+    // Not a download: hyper takes the connection over and answers the
+    // rest of its requests, downloads included.
+    w.write_all(b"GET /versions HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let versions = read_kept_alive(&mut r);
+    assert_eq!(versions.status, 200);
+    w.write_all(b"GET /v2/images/ka/file HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let hit = read_kept_alive(&mut r);
+    assert_eq!(hit.status, 200);
+    assert!(hit.body == bytes, "hit through hyper differs");
+    // An unsatisfiable range is answered by hyper too, on a new connection.
+    let r416 = request(
+        s.addr,
+        "GET",
+        "/v2/images/ka/file",
+        &[("Range", "bytes=300000-")],
+        b"",
+    );
+    assert_eq!(r416.status, 416);
+    // HTTP/1.0 is hyper's.
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.write_all(b"GET /v2/images/ka/file HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw).unwrap();
+    let old = parse_response(&raw, false).unwrap();
+    assert_eq!(old.status, 200);
+    assert!(old.body == bytes, "HTTP/1.0 body differs");
+
+    // Four full downloads and one range: five hits, all counted once.
+    assert_eq!(s.cached()[0]["hits"].as_u64().unwrap(), 5);
+    assert_eq!(s.metric("image_cache_hits_total"), 5);
+    assert_eq!(s.metric("image_cache_sendfile_responses_total"), 3);
+}
+
 #[test]
 fn a_client_leaving_early_counts_no_hit() {
     // Larger than what loopback socket buffers can hold, so the server

@@ -1,11 +1,13 @@
 //! `GET` and `HEAD /v2/images/{id}/file`: the cached file if there is
 //! one, else the upstream through a shared fetch (see `upstream`).
 //!
-//! Cached bodies are read with large positioned reads on the blocking
-//! pool and handed to hyper as `Bytes` (measured against nginx's sendfile
-//! in the README's benchmark table). The hit is counted (the read session
-//! finished) once the last byte went to hyper; a client that goes away
-//! earlier counts nothing.
+//! Plain HTTP/1.1 `GET`s of cached images are answered with `sendfile` by
+//! the connection front ([`sendfile`](super::sendfile)) before they reach
+//! here; this module answers the rest (`HEAD`, HTTP/1.0, misses, errors):
+//! cached bodies are read with large reads on the blocking pool and
+//! handed to hyper as `Bytes`. The hit is counted (the read session
+//! finished) once the last byte went out; a client that goes away earlier
+//! counts nothing.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -215,13 +217,52 @@ pub fn parse_range(value: Option<&str>, size: u64) -> RangeRequest {
     RangeRequest::Part(a, b.min(size - 1))
 }
 
-/// What the blocking open hands back.
-struct Opened {
-    reader: ImageReader,
-    file: File,
-    size: u64,
-    range: RangeRequest,
-    first: Bytes,
+/// A cached image opened for a download.
+pub struct Opened {
+    pub reader: ImageReader,
+    pub file: File,
+    pub size: u64,
+    pub range: RangeRequest,
+}
+
+/// Open a cached image for a download (blocking: one driver call), with
+/// its size and what the `Range` header asks of it.
+pub fn open_cached(app: &App, id: &str, range: Option<String>) -> Result<Opened, Error> {
+    let reader = app.cache.open_for_read(id)?;
+    let io_err = |e: io::Error| Error::Io(format!("reading cached image: {e}"));
+    let file = reader
+        .file()
+        .ok_or_else(|| Error::Io("read session has no file".into()))?
+        .try_clone()
+        .map_err(io_err)?;
+    let size = file.metadata().map_err(io_err)?.len();
+    let range = parse_range(range.as_deref(), size);
+    Ok(Opened {
+        reader,
+        file,
+        size,
+        range,
+    })
+}
+
+/// The head of a download from the cache (200 or 206), without `Date`
+/// (hyper adds it; the sendfile front writes its own).
+pub fn hit_headers(opened: &Opened) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(6);
+    set_common(&mut h);
+    let (start, end) = match opened.range {
+        RangeRequest::Part(a, b) => (a, b + 1),
+        _ => (0, opened.size),
+    };
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+    h.insert("x-image-cache", HeaderValue::from_static("hit"));
+    if let RangeRequest::Part(a, b) = opened.range {
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes {a}-{b}/{}", opened.size)).expect("ascii"),
+        );
+    }
+    h
 }
 
 /// Serve from the cache if the image is there; `None` on a miss.
@@ -236,39 +277,26 @@ async fn try_cached(
     let range = range.map(str::to_string);
     // One hop to the blocking pool: open (one driver call), size, and the
     // first chunk, so a small image needs no second hop before sending.
-    let opened = tokio::task::spawn_blocking(move || -> Result<Opened, Error> {
-        let reader = app2.cache.open_for_read(&id2)?;
-        let io_err = |e: io::Error| Error::Io(format!("reading cached image: {e}"));
-        let mut file = reader
-            .file()
-            .ok_or_else(|| Error::Io("read session has no file".into()))?
-            .try_clone()
-            .map_err(io_err)?;
-        let size = file.metadata().map_err(io_err)?.len();
-        let range = parse_range(range.as_deref(), size);
+    let opened = tokio::task::spawn_blocking(move || -> Result<(Opened, Bytes), Error> {
+        let mut opened = open_cached(&app2, &id2, range)?;
         let mut first = Vec::new();
         if !head {
-            let (start, len) = match range {
-                RangeRequest::Full => (0, size),
+            let (start, len) = match opened.range {
+                RangeRequest::Full => (0, opened.size),
                 RangeRequest::Part(a, b) => (a, b - a + 1),
                 RangeRequest::Unsatisfiable => (0, 0),
             };
             if len > 0 {
-                file.seek(SeekFrom::Start(start)).map_err(io_err)?;
-                read_up_to(&mut file, &mut first, len.min(CHUNK)).map_err(io_err)?;
+                let io_err = |e: io::Error| Error::Io(format!("reading cached image: {e}"));
+                opened.file.seek(SeekFrom::Start(start)).map_err(io_err)?;
+                read_up_to(&mut opened.file, &mut first, len.min(CHUNK)).map_err(io_err)?;
             }
         }
-        Ok(Opened {
-            reader,
-            file,
-            size,
-            range,
-            first: Bytes::from(first),
-        })
+        Ok((opened, Bytes::from(first)))
     })
     .await
     .map_err(|e| ApiError::internal(format!("open task: {e}")))?;
-    let opened = match opened {
+    let (opened, first) = match opened {
         Ok(o) => o,
         Err(Error::NotFound(_)) => return Ok(None),
         Err(Error::InvalidImageId(_)) => return Err(ApiError::bad_id("the driver rejected it")),
@@ -279,15 +307,8 @@ async fn try_cached(
             return Ok(None);
         }
     };
-    let Opened {
-        reader,
-        file,
-        size,
-        range,
-        first,
-    } = opened;
-    let mut response;
-    let (start, end) = match range {
+    let size = opened.size;
+    let (start, end) = match opened.range {
         RangeRequest::Unsatisfiable => {
             let mut r = ApiError::new(
                 StatusCode::RANGE_NOT_SATISFIABLE,
@@ -303,30 +324,26 @@ async fn try_cached(
         RangeRequest::Full => (0, size),
         RangeRequest::Part(a, b) => (a, b + 1),
     };
-    if head {
+    let headers = hit_headers(&opened);
+    let partial = matches!(opened.range, RangeRequest::Part(..));
+    let Opened { reader, file, .. } = opened;
+    let mut response = if head {
         // No body, no hit: the read session ends uncounted.
         drop(reader);
-        response = Response::new(Body::empty());
+        Response::new(Body::empty())
     } else {
-        response = Response::new(Body::from_stream(cached_stream(
+        Response::new(Body::from_stream(cached_stream(
             app.clone(),
             reader,
             file,
             first,
             start,
             end,
-        )));
-    }
-    let h = response.headers_mut();
-    set_common(h);
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
-    h.insert("x-image-cache", HeaderValue::from_static("hit"));
-    if let RangeRequest::Part(a, b) = range {
+        )))
+    };
+    *response.headers_mut() = headers;
+    if partial {
         *response.status_mut() = StatusCode::PARTIAL_CONTENT;
-        response.headers_mut().insert(
-            header::CONTENT_RANGE,
-            HeaderValue::from_str(&format!("bytes {a}-{b}/{size}")).expect("ascii"),
-        );
     }
     Ok(Some(response))
 }

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub prune_runs: AtomicU64,
     pub clean_runs: AtomicU64,
     pub responses_aborted: AtomicU64,
+    pub sendfile_responses: AtomicU64,
     pub in_flight: AtomicI64,
     pub flights_active: AtomicI64,
 }
@@ -198,6 +199,11 @@ impl Metrics {
                 "image_cache_responses_aborted_total",
                 "Image responses ended with an error (upstream failure, timeout).",
                 get(&self.responses_aborted),
+            ),
+            (
+                "image_cache_sendfile_responses_total",
+                "Downloads of cached images sent whole with sendfile(2).",
+                get(&self.sendfile_responses),
             ),
         ];
         for (name, help, value) in counters {

@@ -5,6 +5,7 @@
 //! | module | does |
 //! | --- | --- |
 //! | `mod` (here) | settings, router, listener, signals, shutdown, swap |
+//! | [`sendfile`] | each connection's front: cached downloads over `sendfile(2)` |
 //! | [`images`] | image downloads: cached files, ranges, misses |
 //! | [`upstream`] | the image store and single-flight fetches |
 //! | [`cache_api`] | Glance's `/v2/cache` API, `/versions`, driver swap |
@@ -19,6 +20,7 @@ mod background;
 mod cache_api;
 mod images;
 mod metrics;
+mod sendfile;
 mod upstream;
 
 use std::future::Future;
@@ -39,12 +41,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use clap::Args;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use image_cache::config::{parse_duration, parse_size};
 use image_cache::{DriverSource, Error, ImageCache};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Mutex as AsyncMutex, Notify, watch};
 use tokio::time::Sleep;
 use tracing::{debug, error, info, warn};
@@ -56,9 +58,9 @@ use upstream::Upstream;
 /// Glance's default bind address for the API.
 const DEFAULT_LISTEN: &str = "127.0.0.1:9292";
 /// Largest request head (request line and headers) accepted.
-const MAX_HEAD_BYTES: usize = 16 << 10;
+pub(crate) const MAX_HEAD_BYTES: usize = 16 << 10;
 /// Most request headers accepted.
-const MAX_HEADERS: usize = 64;
+pub(crate) const MAX_HEADERS: usize = 64;
 /// Largest request body accepted (the driver swap's JSON).
 const MAX_BODY_BYTES: usize = 16 << 10;
 
@@ -477,15 +479,15 @@ pub fn router(app: Arc<App>) -> Router {
 /// A connection that fails when neither a read nor a write makes progress
 /// for `timeout` while one is waiting: slow or stuck clients cannot hold a
 /// connection (and the driver instance of a read session) forever.
-struct IdleTimeout {
-    io: TcpStream,
+pub(crate) struct IdleTimeout {
+    io: sendfile::Rewind,
     timeout: Duration,
     timer: Pin<Box<Sleep>>,
     armed: bool,
 }
 
 impl IdleTimeout {
-    fn new(io: TcpStream, timeout: Duration) -> IdleTimeout {
+    fn new(io: sendfile::Rewind, timeout: Duration) -> IdleTimeout {
         IdleTimeout {
             io,
             timeout,
@@ -794,9 +796,8 @@ async fn serve(
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    background::spawn(&app, stop_rx);
+    background::spawn(&app, stop_rx.clone());
 
-    let router = router(app.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -804,6 +805,12 @@ async fn serve(
         .max_buf_size(MAX_HEAD_BYTES.max(8192))
         .max_headers(MAX_HEADERS)
         .writev(true);
+    let front = Arc::new(sendfile::Front {
+        app: app.clone(),
+        router: router(app.clone()),
+        http,
+        client_timeout: args.client_timeout,
+    });
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -817,15 +824,13 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let io = TokioIo::new(IdleTimeout::new(stream, args.client_timeout));
-                let service = hyper_util::service::TowerToHyperService::new(router.clone());
-                let conn = http.serve_connection(io, service);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
+                tokio::spawn(sendfile::connection(
+                    front.clone(),
+                    stream,
+                    peer,
+                    graceful.watcher(),
+                    stop_rx.clone(),
+                ));
             }
             _ = sighup.recv() => {
                 reload_settings(&app, &reload, fixed).await;
