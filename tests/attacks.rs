@@ -309,6 +309,27 @@ fn a_read_session_must_hand_back_the_cached_image() {
 }
 
 #[test]
+fn a_checksum_that_would_inject_a_header_is_a_fault() {
+    // The checksum becomes an HTTP header value in `serve`: a driver that
+    // slips a line break into it broke the contract.
+    let s = scene();
+    std::fs::write(s.root.join("bad-checksum"), b"bytes").unwrap();
+    let discarded = s.discarded();
+    let mut reader = s.cache.open_for_read("bad-checksum").unwrap();
+    match reader.checksum() {
+        Err(Error::DriverFault { message, .. }) => assert!(
+            message.contains("the checksum of \"bad-checksum\" is not a short token"),
+            "{message}"
+        ),
+        other => panic!("expected a contract fault, got {other:?}"),
+    }
+    // The read ended uncounted; the instance is gone; the next call works.
+    assert!(reader.checksum().unwrap().is_none());
+    assert_eq!(s.discarded(), discarded + 1);
+    assert!(!s.cache.is_cached("benign").unwrap());
+}
+
+#[test]
 fn ids_from_a_driver_are_checked_before_the_host_uses_them() {
     let s = scene();
     assert!(!s.cache.queue_image("bad-ids").unwrap());

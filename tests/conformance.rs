@@ -38,6 +38,7 @@ for_each_driver!(
     configure_is_idempotent,
     concurrent_reads_never_lose_a_hit,
     rereading_moves_an_image_to_the_back_of_the_lru,
+    a_read_reports_the_recorded_checksum,
 );
 
 fn caches_an_image(driver: &DriverSource) {
@@ -522,4 +523,35 @@ fn rereading_moves_an_image_to_the_back_of_the_lru(driver: &DriverSource) {
             .collect::<Vec<_>>(),
         ["b"]
     );
+}
+
+fn a_read_reports_the_recorded_checksum(driver: &DriverSource) {
+    let t = TestCache::new(driver);
+    let data = chunks().concat();
+    let checksum: Checksum = format!("md5:{}", digest("md5", &data)).parse().unwrap();
+    let mut out = Vec::new();
+    t.cache
+        .cache_stream("summed", Some(&checksum), &data[..], &mut out)
+        .unwrap();
+    t.put("plain", &data);
+
+    let mut reader = t.cache.open_for_read("summed").unwrap();
+    // As given (`md5:HEX`), or as Glance's schema keeps it (bare hex).
+    let recorded: Checksum = reader
+        .checksum()
+        .unwrap()
+        .expect("a recorded checksum")
+        .parse()
+        .unwrap();
+    assert_eq!(recorded.to_string(), checksum.to_string());
+    // Asking does not end the read: the bytes and the hit follow.
+    let mut read = Vec::new();
+    reader.read_to_end(&mut read).unwrap();
+    assert_eq!(read, data);
+    assert_eq!(t.cache.get_hit_count("summed").unwrap(), 1);
+
+    let mut reader = t.cache.open_for_read("plain").unwrap();
+    assert_eq!(reader.checksum().unwrap(), None);
+    reader.finish().unwrap();
+    assert_eq!(t.cache.get_hit_count("plain").unwrap(), 1);
 }

@@ -776,11 +776,28 @@ fn concurrent_misses_share_one_upstream_fetch() {
         results[0].header("content-md5").map(str::to_string),
         Some(md5_digest(&bytes).0)
     );
-    // Later requests are hits: still one fetch.
-    assert_eq!(
-        get(s.addr, "/v2/images/shared/file").header("x-image-cache"),
-        Some("hit")
+    // Later requests are hits: still one fetch. The checksum recorded
+    // when the image was cached comes back as Content-MD5 and ETag, from
+    // the sendfile front and from hyper's path (HEAD) alike.
+    let md5 = md5_digest(&bytes).0;
+    let hit = get(s.addr, "/v2/images/shared/file");
+    assert_eq!(hit.header("x-image-cache"), Some("hit"));
+    assert_eq!(hit.header("content-md5"), Some(md5.as_str()));
+    assert_eq!(hit.header("etag"), Some(format!("\"md5:{md5}\"").as_str()));
+    let head = request(s.addr, "HEAD", "/v2/images/shared/file", &[], b"");
+    assert_eq!(head.header("content-md5"), Some(md5.as_str()));
+    assert_eq!(head.header("etag"), hit.header("etag"));
+    // A range has the ETag but no Content-MD5 (that is of the whole image).
+    let part = request(
+        s.addr,
+        "GET",
+        "/v2/images/shared/file",
+        &[("Range", "bytes=0-9")],
+        b"",
     );
+    assert_eq!(part.status, 206);
+    assert_eq!(part.header("etag"), hit.header("etag"));
+    assert_eq!(part.header("content-md5"), None);
     assert_eq!(up.fetches(), 1);
 }
 

@@ -767,6 +767,23 @@ impl ImageReader {
         self.session.as_ref().map(|s| s.file_ref())
     }
 
+    /// The checksum recorded when the image was cached (Glance's MD5 hex
+    /// digest when the writer gave one), if the driver keeps one. One
+    /// driver call; it does not end the read. An error (a driver fault)
+    /// ends the read without a hit.
+    pub fn checksum(&mut self) -> Result<Option<String>> {
+        match self.session.as_mut() {
+            Some(session) => {
+                let result = session.checksum();
+                if result.is_err() {
+                    self.session = None;
+                }
+                result
+            }
+            None => Ok(None),
+        }
+    }
+
     /// End the read and count the hit (once).
     pub fn finish(&mut self) -> Result<()> {
         match self.session.take() {

@@ -736,6 +736,59 @@ impl Session {
         self.finish_with(|g, s, r| g.write_session().call_abort(s, r, reason))
     }
 
+    /// The checksum the driver recorded for the image being read. The file
+    /// is lent to the guest for the call, as for `finish`. A checksum that
+    /// could not be sent as a header value (longer than 128 bytes, or not
+    /// letters, digits and `+/=_:-`) breaks the contract; any failure ends
+    /// the session uncounted.
+    pub fn checksum(&mut self) -> Result<Option<String>> {
+        let (Some(file), Some(mut instance), Some(resource)) =
+            (self.file.take(), self.instance.take(), self.resource)
+        else {
+            return Err(Error::Io(format!(
+                "the session of image {:?} has already ended",
+                self.id
+            )));
+        };
+        let lent = match instance.store.data_mut().table.push(file) {
+            Ok(lent) => lent,
+            Err(e) => {
+                let fault = self.driver.fault(e.into());
+                self.resource = None;
+                return self.release(instance, resource, Err(fault)).map(|()| None);
+            }
+        };
+        let borrowed = Resource::<OpenFile>::new_borrow(lent.rep());
+        let result = self.driver.guarded(&mut instance, |g, s| {
+            g.read_session().call_checksum(s, resource, borrowed)
+        });
+        match instance.store.data_mut().table.delete(lent) {
+            Ok(file) => self.file = Some(file),
+            Err(e) => {
+                let fault = self.driver.fault(e.into());
+                self.resource = None;
+                return self.release(instance, resource, Err(fault)).map(|()| None);
+            }
+        }
+        let result = result.and_then(|c| match c {
+            Some(c) if !usable_checksum(&c) => Err(self.driver.broke(format!(
+                "it broke the driver contract: the checksum of {:?} is not a short token of letters, digits and +/=_:-",
+                self.id
+            ))),
+            c => Ok(c),
+        });
+        match result {
+            Ok(c) => {
+                self.instance = Some(instance);
+                Ok(c)
+            }
+            Err(e) => {
+                self.resource = None;
+                self.release(instance, resource, Err(e)).map(|()| None)
+            }
+        }
+    }
+
     /// End a read: the file goes back into the guest's table for the
     /// duration of `finish`, so the driver records the access on the very
     /// file that was read.
@@ -759,6 +812,14 @@ impl Session {
         let _ = instance.store.data_mut().table.delete(lent);
         self.release(instance, resource, result)
     }
+}
+
+/// A checksum that can go into a header value and an `ETag` as it is.
+fn usable_checksum(c: &str) -> bool {
+    !c.is_empty()
+        && c.len() <= 128
+        && c.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+/=_:-".contains(&b))
 }
 
 impl Drop for Session {

@@ -35,7 +35,7 @@ pub use bindings::types::{
     CachedImage, CleanReport, DriverInfo, LruEntry, PruneReport, RemovedFile,
 };
 pub use cache::{CacheConfig, ImageCache, ImageReader, ImageWriter, RollbackPolicy, TeeReport};
-pub use checksum::Checksum;
+pub use checksum::{Algorithm, Checksum};
 pub use contract::{Capability, Grants};
 pub use error::{Error, Result, validate_image_id};
 pub use runtime::{DriverSource, Limits, LoadPolicy, Runtime};

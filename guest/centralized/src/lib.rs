@@ -312,6 +312,23 @@ impl MetadataStore for CentralizedStore {
             .unwrap_or(0))
     }
 
+    fn checksum(&self, id: &str, _file: &driver_common::fs::File) -> Result<Option<String>, Error> {
+        if !recordable(id) {
+            return Ok(None);
+        }
+        let rows = self
+            .db()?
+            .query(
+                "SELECT checksum FROM cached_images WHERE image_id = $1 AND node_reference_id = $2",
+                &[text(id), self.node()],
+            )
+            .map_err(db_error)?;
+        Ok(match rows.first().and_then(|r| r.first()) {
+            Some(Value::Text(c)) if !c.is_empty() => Some(c.clone()),
+            _ => None,
+        })
+    }
+
     fn record_commit(
         &self,
         id: &str,

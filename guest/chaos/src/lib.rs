@@ -421,6 +421,9 @@ impl GuestReadSession for Nothing {
     fn image_id(&self) -> String {
         String::new()
     }
+    fn checksum(&self, _read: &File) -> Result<Option<String>, Error> {
+        Ok(None)
+    }
     fn finish(&self, _read: &File) -> Result<(), Error> {
         Ok(())
     }

@@ -577,6 +577,10 @@ impl GuestReadSession for Reader {
         self.id.clone()
     }
 
+    fn checksum(&self, read: &File) -> Result<Option<String>, Error> {
+        state()?.store.checksum(&self.id, read)
+    }
+
     fn finish(&self, read: &File) -> Result<(), Error> {
         if self.done.replace(true) {
             return Ok(());

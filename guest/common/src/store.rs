@@ -98,6 +98,11 @@ pub trait MetadataStore {
     /// `file` is the file that was read. Must not lose increments when
     /// several instances read at once.
     fn record_read(&self, id: &str, file: &crate::fs::File, now: f64) -> Result<(), Error>;
+    /// The checksum recorded by `record_commit` for the cached image `id`,
+    /// whose open file is `file`; `None` when none was recorded.
+    fn checksum(&self, _id: &str, _file: &crate::fs::File) -> Result<Option<String>, Error> {
+        Ok(None)
+    }
     /// A write was abandoned; its file is now `invalid/<id>`.
     fn record_abort(&self, id: &str, reason: &str) -> Result<(), Error>;
     /// Drop the metadata of images whose files were removed.

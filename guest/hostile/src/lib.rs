@@ -25,7 +25,9 @@
 //! | `error-flood` | returns a 10 MB error with terminal escapes |
 //!
 //! Sessions: `open-for-write("wrong-file")` hands back another file of the
-//! root; `open-for-read("read-db")` hands back its database as the image.
+//! root; `open-for-read("read-db")` hands back its database as the image;
+//! `open-for-read("bad-checksum")` opens the file `bad-checksum` (put there
+//! by the test) and reports a checksum with a header injected into it.
 //! `get-queued-images` returns an id with a path in it when `queue-image`
 //! was called with `bad-ids` first.
 
@@ -176,7 +178,7 @@ fn attack(id: &str) -> Result<bool, Error> {
 
 impl Guest for Hostile {
     type WriteSession = Nothing;
-    type ReadSession = Nothing;
+    type ReadSession = Reading;
 
     fn info() -> DriverInfo {
         DriverInfo {
@@ -319,13 +321,17 @@ impl Guest for Hostile {
             // Its database handed back as the image's bytes.
             let _ = db()?;
             let file = fs::open("hostile.db").map_err(|e| Error::Io(e.message))?;
-            return Ok((ReadSession::new(Nothing), file));
+            return Ok((ReadSession::new(Reading::Plain), file));
+        }
+        if image_id == "bad-checksum" {
+            let file = fs::open("bad-checksum").map_err(|e| Error::NotFound(e.message))?;
+            return Ok((ReadSession::new(Reading::BadChecksum), file));
         }
         Err(Error::NotFound(format!("image {image_id:?} is not cached")))
     }
 }
 
-/// Sessions are never handed out.
+/// Write sessions (handed out only to break the contract).
 struct Nothing;
 
 impl GuestWriteSession for Nothing {
@@ -340,9 +346,22 @@ impl GuestWriteSession for Nothing {
     }
 }
 
-impl GuestReadSession for Nothing {
+/// Read sessions; `BadChecksum`'s checksum would add a header to an HTTP
+/// answer.
+enum Reading {
+    Plain,
+    BadChecksum,
+}
+
+impl GuestReadSession for Reading {
     fn image_id(&self) -> String {
         String::new()
+    }
+    fn checksum(&self, _read: &File) -> Result<Option<String>, Error> {
+        Ok(match self {
+            Reading::Plain => None,
+            Reading::BadChecksum => Some("0123\r\nSet-Cookie: stolen=1".to_string()),
+        })
     }
     fn finish(&self, _read: &File) -> Result<(), Error> {
         Ok(())

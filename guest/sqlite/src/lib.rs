@@ -160,6 +160,20 @@ impl MetadataStore for SqliteStore {
             .unwrap_or(0))
     }
 
+    fn checksum(&self, id: &str, _file: &driver_common::fs::File) -> Result<Option<String>, Error> {
+        let rows = self
+            .db
+            .query(
+                "SELECT checksum FROM cached_images WHERE image_id = ?",
+                &[text(id)],
+            )
+            .map_err(db_error)?;
+        Ok(match rows.first().and_then(|r| r.first()) {
+            Some(Value::Text(c)) if !c.is_empty() => Some(c.clone()),
+            _ => None,
+        })
+    }
+
     fn record_commit(
         &self,
         id: &str,

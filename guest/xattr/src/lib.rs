@@ -99,6 +99,14 @@ impl MetadataStore for XattrStore {
         file.set_times(Some(now), Some(now)).map_err(io_error)
     }
 
+    fn checksum(&self, _id: &str, file: &File) -> Result<Option<String>, Error> {
+        match xattr::get(file, CHECKSUM) {
+            Ok(value) => Ok(String::from_utf8(value).ok().filter(|c| !c.is_empty())),
+            Err(e) if e.code == fs::ErrorCode::NotFound => Ok(None),
+            Err(e) => Err(io_error(e)),
+        }
+    }
+
     fn record_read(&self, _id: &str, file: &File, now: f64) -> Result<(), Error> {
         // The file that was read, even if the image was deleted meanwhile.
         file.lock().map_err(io_error)?;

@@ -223,32 +223,114 @@ pub struct Opened {
     pub file: File,
     pub size: u64,
     pub range: RangeRequest,
+    /// The checksum the driver recorded, for `ETag` and `Content-MD5`.
+    pub checksum: Option<String>,
 }
 
-/// Open a cached image for a download (blocking: one driver call), with
-/// its size and what the `Range` header asks of it.
+/// Open a cached image for a download (blocking: one driver call, two
+/// the first time an image file is seen, to learn its checksum), with its
+/// size and what the `Range` header asks of it.
 pub fn open_cached(app: &App, id: &str, range: Option<String>) -> Result<Opened, Error> {
-    let reader = app.cache.open_for_read(id)?;
+    let mut reader = app.cache.open_for_read(id)?;
     let io_err = |e: io::Error| Error::Io(format!("reading cached image: {e}"));
     let file = reader
         .file()
         .ok_or_else(|| Error::Io("read session has no file".into()))?
         .try_clone()
         .map_err(io_err)?;
-    let size = file.metadata().map_err(io_err)?.len();
+    let meta = file.metadata().map_err(io_err)?;
+    let size = meta.len();
+    let checksum = app.checksums.get(id, &meta, || reader.checksum())?;
     let range = parse_range(range.as_deref(), size);
+    if let RangeRequest::Full | RangeRequest::Part(..) = range {
+        let (start, end) = match range {
+            RangeRequest::Part(a, b) => (a, b + 1),
+            _ => (0, size),
+        };
+        if end - start > READAHEAD_FROM {
+            // Start reading the pages in now, so the sends that follow
+            // (on the event loop with sendfile) find them in memory.
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid descriptor; advice only.
+            unsafe {
+                libc::posix_fadvise(
+                    file.as_raw_fd(),
+                    start as libc::off_t,
+                    (end - start) as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+        }
+    }
     Ok(Opened {
         reader,
         file,
         size,
         range,
+        checksum,
     })
 }
 
+/// Bodies at least this large get `POSIX_FADV_WILLNEED`.
+const READAHEAD_FROM: u64 = 1 << 20;
+
+/// Checksums of image files already seen, keyed by id and checked against
+/// the file (device, inode, size, modification time): a published image
+/// file never changes, and an image cached again is a new file. Serving a
+/// cached image then takes only `open-for-read` and `finish`.
+#[derive(Default)]
+pub struct Checksums {
+    known: std::sync::Mutex<std::collections::HashMap<String, (FileKey, Option<String>)>>,
+}
+
+type FileKey = (u64, u64, u64, i64, i64);
+
+/// Entries kept before the map starts over.
+const CHECKSUMS_KEPT: usize = 100_000;
+
+impl Checksums {
+    fn get(
+        &self,
+        id: &str,
+        meta: &std::fs::Metadata,
+        ask: impl FnOnce() -> Result<Option<String>, Error>,
+    ) -> Result<Option<String>, Error> {
+        use std::os::unix::fs::MetadataExt;
+        let key = (
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        );
+        if let Some((k, c)) = self.lock().get(id)
+            && *k == key
+        {
+            return Ok(c.clone());
+        }
+        let checksum = ask()?;
+        let mut known = self.lock();
+        if known.len() >= CHECKSUMS_KEPT {
+            known.clear();
+        }
+        known.insert(id.to_string(), (key, checksum.clone()));
+        Ok(checksum)
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (FileKey, Option<String>)>>
+    {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// The head of a download from the cache (200 or 206), without `Date`
-/// (hyper adds it; the sendfile front writes its own).
+/// (hyper adds it; the sendfile front writes its own). The recorded
+/// checksum is the `ETag`, and Glance's `Content-MD5` (hex, as Glance and
+/// python-glanceclient use it) when it is an MD5 digest.
 pub fn hit_headers(opened: &Opened) -> HeaderMap {
-    let mut h = HeaderMap::with_capacity(6);
+    let mut h = HeaderMap::with_capacity(8);
     set_common(&mut h);
     let (start, end) = match opened.range {
         RangeRequest::Part(a, b) => (a, b + 1),
@@ -261,6 +343,19 @@ pub fn hit_headers(opened: &Opened) -> HeaderMap {
             header::CONTENT_RANGE,
             HeaderValue::from_str(&format!("bytes {a}-{b}/{}", opened.size)).expect("ascii"),
         );
+    }
+    if let Some(c) = opened.checksum.as_deref() {
+        // The host checked it is a short token (letters, digits, +/=_:-).
+        if let Ok(v) = HeaderValue::from_str(&format!("\"{c}\"")) {
+            h.insert(header::ETAG, v);
+        }
+        if let Ok(parsed) = c.parse::<image_cache::Checksum>()
+            && parsed.algorithm == image_cache::Algorithm::Md5
+            && matches!(opened.range, RangeRequest::Full)
+            && let Ok(v) = HeaderValue::from_str(&parsed.hex)
+        {
+            h.insert("content-md5", v);
+        }
     }
     h
 }

@@ -293,6 +293,8 @@ pub struct App {
     pub upstream: Option<Upstream>,
     pub upstream_token: Option<String>,
     pub flights: upstream::Flights,
+    /// Recorded checksums of the image files served.
+    pub checksums: images::Checksums,
     pub metrics: Arc<Metrics>,
     pub tokens: Tokens,
     pub tunables: RwLock<Tunables>,
@@ -716,6 +718,7 @@ pub fn run(
         upstream,
         upstream_token,
         flights: Default::default(),
+        checksums: Default::default(),
         metrics: Arc::new(Metrics::default()),
         tokens,
         tunables: RwLock::new(Tunables {
