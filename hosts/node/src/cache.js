@@ -428,6 +428,24 @@ export class ImageReader extends Session {
     return bytesRead;
   }
 
+  /** The checksum recorded when the image was committed (what the writer
+   * passed to commit, e.g. `md5:HEX`), or null if there is none or the
+   * read has ended. One driver call; the read goes on (reading to the end
+   * still counts the hit). Any failure ends the read uncounted; a checksum
+   * that could not go into an HTTP header (empty, over 128 bytes, other
+   * than ASCII letters, digits and `+/=_:-`) is a `driver-fault`. */
+  async checksum() {
+    if (this.ended) return null;
+    this.checkOpen();
+    try {
+      return await this.driver.sessionChecksum(this.inst, this.sid, this.id);
+    } catch (e) {
+      this.ended = true;
+      this.closeFd();
+      throw e;
+    }
+  }
+
   /** End the read and count the hit. */
   finish() {
     if (this.ended) return Promise.resolve();

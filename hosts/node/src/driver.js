@@ -15,6 +15,9 @@ import { createLockTable, createFdTable, Locks } from './host/locks.js';
 
 const WORKER = new URL('./worker.js', import.meta.url);
 
+/** Most bytes of a checksum a driver reports (it goes into headers). */
+export const MAX_CHECKSUM = 128;
+
 export const DEFAULT_LIMITS = {
   /** Longest one driver call may run, host imports included (ms). */
   callDeadlineMs: 30_000,
@@ -407,12 +410,35 @@ export class Driver {
     };
   }
 
+  /** The checksum a read session's driver recorded when the image was
+   * committed, or null. It goes into HTTP headers as it is: one that is
+   * empty, longer than 128 bytes or has characters other than ASCII
+   * letters, digits and `+/=_:-` breaks the contract (the instance is
+   * discarded), as in the Rust host. */
+  async sessionChecksum(inst, sid, id) {
+    const value = await this.sessionCall(inst, 'checksum', { sid });
+    if (value === null || value === undefined) return null;
+    if (!usableChecksum(value)) {
+      const e = this.fault(
+        `it broke the driver contract: the checksum of ${JSON.stringify(id)} is not a short token of letters, digits and +/=_:-`,
+      );
+      this.discard(inst, e);
+      throw e;
+    }
+    return value;
+  }
+
   /** Open a session; returns {inst, sid, fd, size}. The caller owns fd. */
   async openSession(kind, id) {
     validateImageId(id);
     const { inst, value } = await this.call(kind === 'write' ? 'openForWrite' : 'openForRead', { id });
     return { inst, ...value };
   }
+}
+
+/** A checksum that can go into a header value and an ETag as it is. */
+export function usableChecksum(c) {
+  return typeof c === 'string' && c.length > 0 && c.length <= MAX_CHECKSUM && /^[A-Za-z0-9+/=_:-]+$/.test(c);
 }
 
 function removed(f) {

@@ -189,6 +189,26 @@ function endSession(sid, how, arg) {
   }
 }
 
+/** The checksum a read session's driver recorded (null if none), the
+ * session's file lent to it as for `finish`. The session stays open; any
+ * failure ends it here, uncounted (a fault discards the instance anyway).
+ * The main thread checks the value (driver.js). */
+function sessionChecksum(sid) {
+  const s = sessions.get(sid);
+  if (!s) throw new Fault(`session ${sid} is not open`);
+  if (s.kind !== 'read') throw new Fault(`session ${sid} is not a read session`);
+  try {
+    return s.resource.checksum(s.file) ?? null;
+  } catch (e) {
+    sessions.delete(sid);
+    try {
+      dispose(s.resource);
+    } catch {}
+    s.file.close(); // the lock goes; the main thread closes the descriptor
+    throw e;
+  }
+}
+
 function run(op, args) {
   switch (op) {
     case 'start': {
@@ -209,6 +229,8 @@ function run(op, args) {
       return endSession(args.sid, 'commit', args.checksum);
     case 'abort':
       return endSession(args.sid, 'abort', args.reason);
+    case 'checksum':
+      return sessionChecksum(args.sid);
     case 'finish':
       return endSession(args.sid, 'finish');
     case 'drop':

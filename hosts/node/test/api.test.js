@@ -13,7 +13,8 @@ import v8 from 'node:v8';
 import vm from 'node:vm';
 import { spawn } from 'node:child_process';
 import { createRequire } from 'node:module';
-import { ImageCache, CacheError } from '../src/index.js';
+import { ImageCache, CacheError, stats } from '../src/index.js';
+import { usableChecksum } from '../src/driver.js';
 import { componentsDir } from '../scripts/transpile.js';
 
 const dirs = [];
@@ -71,6 +72,68 @@ test('strict cache(): already cached, being cached and a bad checksum are errors
   await assert.rejects(cache.cache('z', 'bytes', { checksum: 'md5:00000000000000000000000000000000' }), (e) => e.kind === 'checksum-mismatch');
   assert.equal(await cache.isCached('z'), false);
   await assert.rejects(cache.cache('z', 'bytes', { checksum: 'crc32:00' }), /unknown checksum algorithm/);
+});
+
+for (const driver of ['sqlite', 'xattr']) {
+  test(`${driver}: a reader reports the checksum the image was cached with; the read still counts`, async () => {
+    const cache = await open(tmp(), { driver, fallbackToSqlite: false });
+    assert.equal(cache.driverInfo.name, driver);
+    const data = Buffer.from('checksummed image'.repeat(500));
+    const md5 = crypto.createHash('md5').update(data).digest('hex');
+    const sha256 = crypto.createHash('sha256').update(data).digest('hex');
+    const discarded = stats.discarded;
+    await cache.cache('md5', data, { checksum: `md5:${md5}` });
+    await cache.cache('bare', data, { checksum: md5.toUpperCase() }); // Glance's bare md5
+    const tee = await cache.cacheStream('sha', [data], { checksum: `sha256:${sha256}` });
+    for await (const _ of tee);
+    assert.equal(tee.report.cached, true);
+    for (const [id, expected] of [['md5', `md5:${md5}`], ['bare', `md5:${md5}`], ['sha', `sha256:${sha256}`]]) {
+      const reader = await cache.openForRead(id);
+      assert.equal(await reader.checksum(), expected);
+      assert.equal(await reader.checksum(), expected, 'asking again is fine: the read goes on');
+      assert.equal(reader.ended, false);
+      assert.ok((await reader.readAll()).equals(data), 'the read still completes');
+      assert.equal(await reader.checksum(), null, 'the read has ended');
+      assert.equal(await cache.getHitCount(id), 1, `${id}: and counts the hit`);
+    }
+    // Part of the image, the checksum, then the rest: one hit more.
+    const reader = await cache.openForRead('md5');
+    const head = Buffer.alloc(10);
+    assert.equal(await reader.read(head), 10);
+    assert.equal(await reader.checksum(), `md5:${md5}`);
+    const rest = await reader.readAll();
+    assert.ok(Buffer.concat([head, rest]).equals(data));
+    assert.equal(await cache.getHitCount('md5'), 2);
+    assert.equal(stats.discarded, discarded, 'no instance was discarded');
+  });
+
+  test(`${driver}: an image cached without a checksum reports null`, async () => {
+    const cache = await open(tmp(), { driver, fallbackToSqlite: false });
+    await cache.cache('plain', 'no checksum');
+    let reader = await cache.openForRead('plain');
+    assert.equal(await reader.checksum(), null);
+    assert.equal((await reader.readAll()).toString(), 'no checksum');
+    assert.equal(await cache.getHitCount('plain'), 1);
+    // The checksum, then a reader closed early: nothing counted.
+    reader = await cache.openForRead('plain');
+    assert.equal(await reader.checksum(), null);
+    await reader.close();
+    assert.equal(await cache.getHitCount('plain'), 1);
+    // The checksum, then finish() without reading: counted.
+    reader = await cache.openForRead('plain');
+    assert.equal(await reader.checksum(), null);
+    await reader.finish();
+    assert.equal(await cache.getHitCount('plain'), 2);
+  });
+}
+
+test('only checksums that fit in a header are usable', () => {
+  for (const good of [`md5:${'a'.repeat(32)}`, '0'.repeat(32), `sha256:${'F'.repeat(64)}`, 'x'.repeat(128), 'b64+/=_-:Zz9']) {
+    assert.ok(usableChecksum(good), good);
+  }
+  for (const bad of ['', 'x'.repeat(129), '0123\r\nSet-Cookie: stolen=1', 'md5 abc', 'md5:"abc"', 'é', 'md5:\u0000', null, undefined, 7]) {
+    assert.ok(!usableChecksum(bad), String(bad));
+  }
 });
 
 test('a root that is a file is a bad configuration naming the root', async () => {

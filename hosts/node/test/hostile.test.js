@@ -224,6 +224,31 @@ test('a read session must hand back the cached image', async () => {
   });
 });
 
+test('a checksum that would inject a header is a fault; the read ends, the next call works', async () => {
+  fs.writeFileSync(path.join(cache.root, 'bad-checksum'), 'image bytes');
+  const discarded = stats.discarded;
+  const fds = openFds();
+  const reader = await cache.openForRead('bad-checksum');
+  await assert.rejects(reader.checksum(), (e) => {
+    assert.equal(e.kind, 'driver-fault');
+    assert.match(e.message, /the checksum of "bad-checksum" is not a short token of letters, digits and \+\/=_:-/);
+    assert.ok(!e.message.includes('Set-Cookie') && !e.message.includes('\n'), e.message);
+    assert.ok(!e.message.includes(root) && !e.message.includes(cache.root), e.message);
+    return true;
+  });
+  assert.equal(stats.discarded, discarded + 1, 'the instance is discarded');
+  assert.equal(reader.ended, true, 'the read has ended');
+  assert.equal(await reader.checksum(), null);
+  await reader.close();
+  assert.equal(await cache.isCached('benign'), false, 'the next call works');
+  // A fresh session on the fresh instance is refused the same way.
+  const again = await cache.openForRead('bad-checksum');
+  await assert.rejects(again.checksum(), (e) => e.kind === 'driver-fault');
+  assert.equal(await cache.isCached('benign'), false);
+  await new Promise((r) => setTimeout(r, 200)); // the stopped threads' exit
+  assert.ok(openFds() <= fds, `no descriptor leaked: ${openFds()} open, ${fds} before`);
+});
+
 test('ids and listings from a driver are checked before the host uses them', async () => {
   assert.equal(await cache.queueImage('bad-ids'), false);
   await assert.rejects(cache.getQueuedImages(), /get-queued-images returned invalid image id "\.\.\/\.\.\/etc\/passwd"/);

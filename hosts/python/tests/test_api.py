@@ -97,6 +97,57 @@ def test_a_reader_closed_early_counts_nothing(cache):
         cache.open_for_read("2")
 
 
+def test_a_reader_reports_the_checksum_the_image_was_cached_with(cache):
+    data = b"checksummed image" * 500
+    md5 = hashlib.md5(data).hexdigest()
+    sha256 = hashlib.sha256(data).hexdigest()
+    cache.cache("md5", io.BytesIO(data), checksum=f"md5:{md5}")
+    cache.cache("bare", io.BytesIO(data), checksum=md5.upper())  # Glance's bare md5
+    assert b"".join(cache.cache_stream("sha", [data], checksum=f"sha256:{sha256}")) == data
+    for image_id, expected in [("md5", f"md5:{md5}"), ("bare", f"md5:{md5}"), ("sha", f"sha256:{sha256}")]:
+        with cache.open_for_read(image_id) as r:
+            assert r.checksum() == expected
+            assert r.checksum() == expected, "asking again is fine: the read goes on"
+            assert not r.closed
+            assert r.read() == data, "the read still completes"
+            assert r.closed
+            assert r.checksum() is None, "the read has ended"
+        assert cache.get_hit_count(image_id) == 1, "and counts the hit"
+    # Half a read, a checksum, then the rest: one hit more.
+    with cache.open_for_read("md5") as r:
+        assert r.read(10) == data[:10]
+        assert r.checksum() == f"md5:{md5}"
+        assert r.read() == data[10:]
+    assert cache.get_hit_count("md5") == 2
+    assert cache.driver.discarded == 0
+
+
+def test_a_reader_of_an_image_cached_without_a_checksum_reports_none(cache, tmp_path):
+    cache.cache("plain", io.BytesIO(b"no checksum"))
+    with cache.open_for_read("plain") as r:
+        assert r.checksum() is None
+        assert r.read() == b"no checksum"
+    assert cache.get_hit_count("plain") == 1
+    # A checksum, then a reader closed early: still nothing counted.
+    with cache.open_for_read("plain") as r:
+        assert r.checksum() is None
+    assert cache.get_hit_count("plain") == 1
+    # Through sendfile after the checksum.
+    with cache.open_for_read("plain") as r, open(tmp_path / "out", "wb") as sink:
+        assert r.checksum() is None
+        assert r.copy_to(sink) == len(b"no checksum")
+    assert cache.get_hit_count("plain") == 2
+
+
+def test_only_checksums_that_fit_in_a_header_are_usable():
+    from image_cache_wasm.driver import usable_checksum
+
+    for good in ["md5:" + "a" * 32, "0" * 32, "sha256:" + "F" * 64, "x" * 128, "b64+/=_-:Zz9"]:
+        assert usable_checksum(good), good
+    for bad in ["", "x" * 129, "0123\r\nSet-Cookie: stolen=1", "md5 abc", 'md5:"abc"', "é", "md5:\x00", None, 7]:
+        assert not usable_checksum(bad), bad
+
+
 def test_invalid_ids_touch_nothing(cache):
     before = sorted(os.listdir(cache.root))
     for bad in ["", ".", "..", "a/b", "../x", "x\0y", "x" * 256]:

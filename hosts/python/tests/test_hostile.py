@@ -230,6 +230,28 @@ def test_a_read_session_must_hand_back_the_cached_image(scene):
     assert "which is not read-db" in e.value.message, e.value.message
 
 
+def test_a_checksum_that_would_inject_a_header_is_a_fault(scene):
+    (scene.root / "bad-checksum").write_bytes(b"image bytes")
+    before = scene.discarded()
+    reader = scene.cache.open_for_read("bad-checksum")
+    with pytest.raises(DriverFault) as e:
+        reader.checksum()
+    m = e.value.message
+    assert 'the checksum of "bad-checksum" is not a short token of letters, digits and +/=_:-' in m, m
+    assert "Set-Cookie" not in m and "\n" not in m
+    assert str(scene.root) not in str(e.value)
+    assert scene.discarded() == before + 1, "the instance is discarded"
+    assert reader.closed, "the session ended"
+    assert reader.checksum() is None and reader.read() == b"", "uncounted, nothing more to read"
+    reader.close()
+    assert scene.cache.is_cached("benign") is False, "the next call works"
+    # A fresh session on a fresh instance is refused the same way.
+    with scene.cache.open_for_read("bad-checksum") as again:
+        with pytest.raises(DriverFault):
+            again.checksum()
+    assert scene.cache.is_cached("benign") is False
+
+
 def test_ids_from_a_driver_are_checked_before_the_host_uses_them(scene):
     assert scene.cache.queue("bad-ids") is False
     with pytest.raises(DriverFault) as e:

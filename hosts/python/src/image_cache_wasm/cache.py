@@ -265,6 +265,18 @@ class ImageReader:
         self.finish()
         return total
 
+    def checksum(self) -> Optional[str]:
+        """The checksum recorded when the image was cached (what the writer
+        passed to ``commit``, e.g. ``md5:HEX``, for the sqlite and xattr
+        drivers), or None if there is none, or once the read has ended. One driver call; it does not end the read, so reading on and
+        finishing still count the hit. A failure ends the read without a
+        hit: a checksum that could not go into an HTTP header (empty, over
+        128 bytes, characters other than ASCII letters, digits and
+        ``+/=_:-``) is a :class:`~image_cache_wasm.errors.DriverFault`."""
+        if not self._session.open:
+            return None
+        return self._session.checksum()
+
     def finish(self) -> None:
         """End the read and count the hit (once)."""
         if self._session.open:

@@ -32,6 +32,10 @@ log = logging.getLogger("image_cache_wasm")
 MAX_IDLE = 32
 MAX_DRIVER_MESSAGE = 1024
 MAX_REPORTED_FAILURES = 1000
+#: A checksum a driver reports goes into HTTP headers (``ETag``,
+#: ``Content-MD5``) as it is: at most this many bytes of these characters.
+MAX_CHECKSUM = 128
+_CHECKSUM_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=_:-")
 
 _EXPORTS = [
     "info",
@@ -59,6 +63,7 @@ _EXPORTS = [
     "open-for-read",
     "[method]write-session.commit",
     "[method]write-session.abort",
+    "[method]read-session.checksum",
     "[method]read-session.finish",
 ]
 
@@ -77,6 +82,13 @@ class Instance:
 
 def _field(record: Any, name: str) -> Any:
     return getattr(record, name)
+
+
+def usable_checksum(c: Any) -> bool:
+    """A checksum that can go into a header value and an ``ETag`` as it is
+    (as the Rust host's ``usable_checksum``): not empty, at most 128 bytes,
+    ASCII letters, digits and ``+/=_:-`` only."""
+    return isinstance(c, str) and 0 < len(c) <= MAX_CHECKSUM and all(ch in _CHECKSUM_CHARS for ch in c)
 
 
 class Driver:
@@ -495,8 +507,13 @@ class Session:
                 self.driver._guarded(inst, export, resource, *args)
         except BaseException as e:
             failed = e
-        # Drop the guest's resource (running its destructor) whatever
-        # happened, unless the instance is already poisoned.
+        self._release(inst, resource, failed)
+
+    def _release(self, inst: Instance, resource, failed: Optional[BaseException]) -> None:
+        """The session is over: drop the guest's resource (running its
+        destructor) whatever happened, unless the instance is already
+        poisoned; the instance back to the pool (or discarded after a
+        fault); the file closed; then raise ``failed`` if set."""
         if not isinstance(failed, DriverFault):
             try:
                 inst.state.deadline = time.monotonic() + self.driver.runtime.limits.call_deadline
@@ -528,6 +545,45 @@ class Session:
 
     def abort(self, reason: str) -> None:
         self._end("[method]write-session.abort", reason)
+
+    def checksum(self) -> Optional[str]:
+        """The checksum the driver recorded for the image being read, or
+        None. The file is lent to the guest for the call, as for
+        ``finish``; the session stays open. A checksum that could not be
+        sent as a header value (empty, longer than 128 bytes, or not ASCII
+        letters, digits and ``+/=_:-``) breaks the contract; any failure
+        ends the session uncounted."""
+        inst, f = self._inst, self.file
+        if inst is None or f is None:
+            raise errors.IoError(f"the session of image {quoted(self.image_id)} has already ended")
+        failed: Optional[BaseException] = None
+        result = None
+        try:
+            rep = inst.state.add_file(f)
+        except WasmtimeError as e:
+            # add_file closed the file: the session cannot go on.
+            self.file = None
+            failed = self.driver._fault(e)
+        else:
+            try:
+                result = self.driver._guarded(
+                    inst, "[method]read-session.checksum", self._resource, ResourceHost.borrow(rep, FILE_TYPE)
+                )
+            except BaseException as e:
+                failed = e
+            finally:
+                # The file comes back to the host; the session keeps it.
+                inst.state.files.pop(rep, None)
+        if failed is None and result is not None and not usable_checksum(result):
+            failed = self.driver._broke(
+                f"it broke the driver contract: the checksum of {quoted(self.image_id)} "
+                "is not a short token of letters, digits and +/=_:-"
+            )
+        if failed is None:
+            return result
+        resource, self._inst, self._resource = self._resource, None, None
+        self._release(inst, resource, failed)
+        raise failed  # not reached: _release raises it
 
     def finish_read(self) -> None:
         """End a read: the file goes back into the guest's table for the
