@@ -306,6 +306,16 @@ impl Server {
             .expect("metric value")
     }
 
+    /// Wait (a bounded time) for a counter that is bumped after the
+    /// response's last byte went out, as on a kept-alive connection.
+    fn wait_metric(&self, name: &str, want: u64) {
+        let give_up = Instant::now() + Duration::from_secs(20);
+        while self.metric(name) != want && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(self.metric(name), want, "{name}");
+    }
+
     fn cached(&self) -> Vec<Value> {
         let r = admin(self.addr, "GET", "/v2/cache");
         assert_eq!(r.status, 200, "{}", r.text());
@@ -395,6 +405,9 @@ enum Behaviour {
     Slow(Duration),
     /// Promise the whole image, send `n` bytes, close.
     CutAfter(usize),
+    /// No `Content-Length`: the body ends when the connection closes,
+    /// after `n` bytes (all of them when `n` is the size).
+    NoLength(usize),
 }
 
 /// A Glance-like upstream: `GET /v2/images/{id}/file`, counting fetches
@@ -488,10 +501,16 @@ fn upstream_conn(
         fetches.fetch_add(1, Ordering::Relaxed);
     }
     let md5 = format!("{:x}", md5_digest(bytes));
-    let head = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nContent-MD5: {md5}\r\nConnection: close\r\n\r\n",
-        bytes.len()
-    );
+    let head = match behaviour {
+        Behaviour::NoLength(_) => {
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+                .to_string()
+        }
+        _ => format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nContent-MD5: {md5}\r\nConnection: close\r\n\r\n",
+            bytes.len()
+        ),
+    };
     if conn.write_all(head.as_bytes()).is_err() || method == "HEAD" {
         return;
     }
@@ -510,6 +529,15 @@ fn upstream_conn(
         Behaviour::CutAfter(n) => {
             let _ = conn.write_all(&bytes[..n.min(bytes.len())]);
             std::thread::sleep(Duration::from_millis(100));
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        Behaviour::NoLength(n) => {
+            for piece in bytes[..n.min(bytes.len())].chunks(256 << 10) {
+                if conn.write_all(piece).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let _ = conn.shutdown(std::net::Shutdown::Both);
         }
     }
@@ -676,7 +704,7 @@ fn kept_alive_connections_mix_sendfile_downloads_and_other_requests() {
     assert_eq!(part.status, 206);
     assert_eq!(part.header("content-range"), Some("bytes 100-199/300000"));
     assert_eq!(part.body, &bytes[100..200]);
-    assert_eq!(s.metric("image_cache_sendfile_responses_total"), 3);
+    s.wait_metric("image_cache_sendfile_responses_total", 3);
     // Not a download: hyper takes the connection over and answers the
     // rest of its requests, downloads included.
     w.write_all(b"GET /versions HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -708,8 +736,8 @@ fn kept_alive_connections_mix_sendfile_downloads_and_other_requests() {
     assert!(old.body == bytes, "HTTP/1.0 body differs");
 
     // Four full downloads and one range: five hits, all counted once.
+    s.wait_metric("image_cache_hits_total", 5);
     assert_eq!(s.cached()[0]["hits"].as_u64().unwrap(), 5);
-    assert_eq!(s.metric("image_cache_hits_total"), 5);
     assert_eq!(s.metric("image_cache_sendfile_responses_total"), 3);
 }
 
@@ -798,6 +826,34 @@ fn concurrent_misses_share_one_upstream_fetch() {
     assert_eq!(part.status, 206);
     assert_eq!(part.header("etag"), hit.header("etag"));
     assert_eq!(part.header("content-md5"), None);
+    assert_eq!(up.fetches(), 1);
+}
+
+#[test]
+fn an_upstream_without_a_length_is_sent_chunked() {
+    // The upstream gives no size: the miss is sent chunked as the spool
+    // fills, and the image is cached once the upstream closed.
+    let bytes = image_bytes(4, (3 << 20) + 123);
+    let up = Upstream::start(
+        one_image("nolen", bytes.clone()),
+        Behaviour::NoLength(bytes.len()),
+    );
+    let s = Server::start(&["--upstream", &up.url()]);
+    let miss = get(s.addr, "/v2/images/nolen/file");
+    assert_eq!(miss.status, 200, "{}", miss.text());
+    assert_eq!(miss.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(miss.header("x-image-cache"), Some("miss"));
+    assert!(
+        miss.complete && miss.body == bytes,
+        "chunked miss body differs"
+    );
+    s.wait_cached("nolen");
+    let hit = get(s.addr, "/v2/images/nolen/file");
+    assert_eq!(
+        hit.header("content-length"),
+        Some(bytes.len().to_string().as_str())
+    );
+    assert!(hit.body == bytes);
     assert_eq!(up.fetches(), 1);
 }
 
@@ -1100,6 +1156,31 @@ fn request_limits() {
     assert!(
         started.elapsed() < Duration::from_secs(8),
         "slow client not cut"
+    );
+    // One that drips a download's head a byte at a time (each byte within
+    // the timeout) is cut too: the timeout is for the whole head.
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    let started = Instant::now();
+    let mut cut = false;
+    for b in b"GET /v2/images/drip/file HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaa\r\n\r\n"
+    {
+        if c.write_all(&[*b]).is_err() {
+            cut = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = Vec::new();
+    let got = c.read_to_end(&mut buf);
+    assert!(
+        cut || matches!(got, Ok(0)) || got.is_err() || !buf.starts_with(b"HTTP/1.1 200"),
+        "a dripping client was served"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "a dripping client held the connection for {:?}",
+        started.elapsed()
     );
 }
 

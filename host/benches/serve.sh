@@ -13,7 +13,7 @@
 # 3. Swap under load: 64 connections for 30 s on a cached image with a
 #    driver swap every second; failed requests counted.
 #
-# Environment: BIN (the image-cache binary; default: build it with cargo),
+# Environment: BIN (the image-cache binary; default: the release build),
 # DURATION (seconds per wrk cell, default 5), SWAP_SECONDS (default 30).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,8 +24,8 @@ for tool in wrk nginx curl; do
     command -v "$tool" >/dev/null || { echo "needs $tool: apt-get install wrk nginx curl" >&2; exit 2; }
 done
 if [ -z "${BIN:-}" ]; then
-    cargo build --quiet -p image-cache --bin image-cache
-    BIN="${CARGO_TARGET_DIR:-target}/debug/image-cache"
+    cargo build --quiet --release -p image-cache --bin image-cache
+    BIN="${CARGO_TARGET_DIR:-target}/release/image-cache"
 fi
 PROFILE=${BUILD_LABEL:-$(basename "$(dirname "$BIN")")}
 

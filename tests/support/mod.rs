@@ -291,15 +291,41 @@ pub fn cli_binary() -> &'static Path {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut build = Command::new(cargo);
         build
+            // Both packages, as `cargo test` builds them: the same feature
+            // unification, so this build reuses the test build's
+            // dependencies instead of rebuilding them with other features.
             .args([
                 "build",
                 "--quiet",
                 "-p",
                 "image-cache",
+                "-p",
+                "image-cache-tests",
                 "--bin",
                 "image-cache",
             ])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
+        // The variables `cargo test` sets for this process describe this
+        // package; some build scripts (ring's) ask cargo to rerun them when
+        // such a variable changes, so passing them on would rebuild half
+        // the dependency tree for the nested build, and again for the next
+        // test build.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|p| name.starts_with(p))
+                || name == "CARGO_TARGET_TMPDIR"
+            {
+                build.env_remove(&*name);
+            }
+        }
         if profile.file_name().is_some_and(|n| n == "release") {
             build.arg("--release");
         }

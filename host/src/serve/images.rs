@@ -65,17 +65,7 @@ async fn serve(
         return Ok(r);
     }
     inc(&app.metrics.misses);
-    // Glance passes the client's token to its store; a token that only
-    // grants access to this server is replaced by the upstream token.
-    let token = if app.tokens.image.is_some() {
-        app.upstream_token.clone()
-    } else {
-        headers
-            .get(auth::TOKEN_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| app.upstream_token.clone())
-    };
+    let token = upstream_token(&app, &headers);
     if head {
         let Some(up) = app.upstream.as_ref() else {
             return Err(not_cached(&id));
@@ -92,12 +82,71 @@ async fn serve(
         }
         return Ok(r);
     }
-    let (flight, joined) = upstream::join_or_start(&app, &id, token).map_err(ApiError::from)?;
+    let (flight, start) = match start_miss(&app, &id, token).await? {
+        Miss::Fetching(flight, start) => (flight, start),
+        Miss::AlreadyCached => {
+            // Cached between our look and the fetch: read the cache.
+            return match try_cached(&app, &id, range.as_deref(), false).await? {
+                Some(r) => Ok(r),
+                None => Err(not_cached(&id)),
+            };
+        }
+    };
+    // A range on a miss is answered with the whole image (RFC 9110 lets a
+    // server ignore Range); the image is being fetched anyway.
+    let mut response = Response::new(Body::from_stream(spool_stream(app.clone(), flight)));
+    *response.headers_mut() = miss_headers(&start);
+    Ok(response)
+}
+
+/// The head of a download through a fetch: the upstream's size (else the
+/// body is chunked) and `Content-MD5`.
+pub fn miss_headers(start: &upstream::Start) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(6);
+    set_common(&mut h);
+    if let Some(size) = start.size {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
+    if let Some(md5) = start.md5.as_deref()
+        && let Ok(v) = HeaderValue::from_str(md5)
+    {
+        h.insert("content-md5", v);
+    }
+    h.insert("x-image-cache", HeaderValue::from_static("miss"));
+    h
+}
+
+/// The token passed to the upstream for a miss. Glance passes the
+/// client's token to its store; a token that only grants access to this
+/// server is replaced by the upstream token.
+pub fn upstream_token(app: &App, headers: &HeaderMap) -> Option<String> {
+    if app.tokens.image.is_some() {
+        app.upstream_token.clone()
+    } else {
+        headers
+            .get(auth::TOKEN_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| app.upstream_token.clone())
+    }
+}
+
+/// A miss once its fetch has begun.
+pub enum Miss {
+    /// Stream the spool of this fetch, which started with this.
+    Fetching(Arc<Flight>, upstream::Start),
+    /// The image was cached meanwhile: serve it from the cache.
+    AlreadyCached,
+}
+
+/// Join the image's fetch (or start it) and wait until it has started,
+/// ended, or found the image cached.
+pub async fn start_miss(app: &Arc<App>, id: &str, token: Option<String>) -> Result<Miss, ApiError> {
+    let (flight, joined) = upstream::join_or_start(app, id, token).map_err(ApiError::from)?;
     if joined {
         inc(&app.metrics.coalesced);
     }
     let mut progress = flight.progress.clone();
-    // Wait for the fetch to start (or end).
     let first = loop {
         let p = progress.borrow_and_update().clone();
         if p.start.is_some() || p.outcome.is_some() {
@@ -109,41 +158,19 @@ async fn serve(
             ));
         }
     };
-    if p_is_already_cached(&first) {
-        // Cached between our look and the fetch: read the cache.
-        return match try_cached(&app, &id, range.as_deref(), false).await? {
-            Some(r) => Ok(r),
-            None => Err(not_cached(&id)),
-        };
+    if matches!(first.outcome, Some(Outcome::AlreadyCached)) {
+        return Ok(Miss::AlreadyCached);
     }
     if first.start.is_none()
         && let Some(Outcome::Failed(e)) = first.outcome
     {
         return Err(e.into());
     }
-    let start = first.start.clone().unwrap_or_default();
-    // A range on a miss is answered with the whole image (RFC 9110 lets a
-    // server ignore Range); the image is being fetched anyway.
-    let mut response = Response::new(Body::from_stream(spool_stream(app.clone(), flight)));
-    let h = response.headers_mut();
-    set_common(h);
-    if let Some(size) = start.size {
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-    }
-    if let Some(md5) = start.md5.as_deref()
-        && let Ok(v) = HeaderValue::from_str(md5)
-    {
-        h.insert("content-md5", v);
-    }
-    h.insert("x-image-cache", HeaderValue::from_static("miss"));
-    Ok(response)
+    let start = first.start.unwrap_or_default();
+    Ok(Miss::Fetching(flight, start))
 }
 
-fn p_is_already_cached(p: &Progress) -> bool {
-    matches!(p.outcome, Some(Outcome::AlreadyCached))
-}
-
-fn not_cached(id: &str) -> ApiError {
+pub fn not_cached(id: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         format!("image {id:?} is not cached (and no upstream is configured)"),

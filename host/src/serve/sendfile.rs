@@ -1,30 +1,32 @@
-//! Cached downloads over `sendfile(2)`: the front of every connection.
+//! Image downloads over `sendfile(2)`: the front of every connection.
 //!
-//! hyper writes a body from buffers in user space, so a cached image
-//! served through it is read into memory and copied out again. The front
-//! reads each request head itself (`httparse`, the parser hyper uses);
-//! when it is a plain HTTP/1.1 `GET /v2/images/{id}/file` of an image
-//! that is cached, it writes the response head and lets the kernel move
-//! the file's pages to the socket with `sendfile`, then keeps the
-//! connection for the next request. Anything else (other paths and
-//! methods, `HEAD`, HTTP/1.0, percent-encoded ids, a missing or refused
-//! token, a miss, an unsatisfiable range, a malformed or oversized head)
-//! goes to hyper and the router with the bytes read so far, and hyper
-//! keeps the connection from then on: every error answer and every miss
-//! has one implementation, in [`images`](super::images) and the router.
+//! hyper writes a body from buffers in user space, so an image served
+//! through it is read into memory and copied out again. The front reads
+//! each request head itself (`httparse`, the parser hyper uses); when it
+//! is a plain HTTP/1.1 `GET /v2/images/{id}/file`, it answers it: a cached
+//! image's pages go from the page cache to the socket with `sendfile`,
+//! and a miss joins (or starts) the image's fetch and sends the spool's
+//! bytes the same way as they arrive. It then keeps the connection for
+//! the next request. Anything else (other paths and methods, `HEAD`,
+//! HTTP/1.0, percent-encoded ids, a missing or refused token, no upstream,
+//! an unsatisfiable range, a malformed or oversized head) goes to hyper
+//! and the router with the bytes read so far, and hyper keeps the
+//! connection from then on.
 //!
 //! What holds on this path as on hyper's: the token check, id
 //! validation, one `open-for-read` and one `finish` per download, the
-//! hit counted only when every byte went to the socket, the client
-//! timeout on reads and writes, graceful shutdown (an idle connection is
-//! closed, a download in progress completes), the metrics and the
-//! request log.
+//! hit counted only when every byte went to the socket, the fetch shared
+//! by every client and never stopped by one leaving, a failed fetch
+//! cutting the response short, the client timeout on reads and writes,
+//! graceful shutdown (an idle connection is closed, a download in
+//! progress completes), the metrics and the request log.
 
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -41,7 +43,8 @@ use tracing::{debug, warn};
 
 use super::images::{self, RangeRequest};
 use super::metrics::{InFlight, add, inc};
-use super::{App, IdleTimeout, MAX_HEAD_BYTES, MAX_HEADERS, auth, validate_id};
+use super::upstream::Outcome;
+use super::{ApiError, App, IdleTimeout, MAX_HEAD_BYTES, MAX_HEADERS, auth, validate_id};
 
 /// What every connection needs from the server.
 pub struct Front {
@@ -62,7 +65,10 @@ pub async fn connection(
 ) {
     let mut buf = BytesMut::with_capacity(4096);
     loop {
-        // Read until a whole request head is in `buf`.
+        // Read until a whole request head is in `buf`, within the client
+        // timeout for the whole head (a client dripping bytes cannot hold
+        // the connection longer).
+        let deadline = tokio::time::Instant::now() + front.client_timeout;
         let head = loop {
             if !buf.is_empty() {
                 match parse(&buf) {
@@ -76,7 +82,7 @@ pub async fn connection(
                 return;
             }
             let read = tokio::select! {
-                r = tokio::time::timeout(front.client_timeout, stream.readable()) => r,
+                r = tokio::time::timeout_at(deadline, stream.readable()) => r,
                 _ = stop.changed(), if buf.is_empty() => return,
             };
             match read {
@@ -94,12 +100,34 @@ pub async fn connection(
         let Some(head) = head else {
             return hand_over(&front, stream, buf, peer, watcher).await;
         };
-        let Some(hit) = open_hit(&front.app, &head).await else {
+        let opened = open_hit(&front.app, &head).await;
+        if let Opened::NotOurs = opened {
             return hand_over(&front, stream, buf, peer, watcher).await;
-        };
+        }
         buf.advance(head.len);
         let close = head.close || front.app.shutting_down();
-        if send(&front, &stream, hit, &head, close).await.is_err() || close {
+        let app = &front.app;
+        inc(&app.metrics.requests);
+        let _in_flight = InFlight::new(&app.metrics);
+        let started = Instant::now();
+        let (status, result) = match opened {
+            Opened::Hit(hit) => send(&front, &stream, hit, close).await,
+            Opened::Miss => miss(&front, &stream, &head, close).await,
+            Opened::NotOurs => unreachable!("handed over above"),
+        };
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        match &result {
+            Ok(()) if status >= 500 => {
+                warn!(method = "GET", path = %head.path, status, ms, "request")
+            }
+            Ok(()) => {
+                debug!(method = "GET", path = %head.path, status, ms, sendfile = true, "request")
+            }
+            Err(e) => {
+                debug!(path = %head.path, status, error = %e, ms, "download over sendfile ended early")
+            }
+        }
+        if result.is_err() || close {
             return;
         }
     }
@@ -196,71 +224,70 @@ struct Hit {
     headers: HeaderMap,
 }
 
-/// Open the image for a download the front answers, or `None` to leave
-/// the request to hyper (which also gives every refusal its answer).
-async fn open_hit(app: &Arc<App>, head: &Head) -> Option<Hit> {
+/// What the front makes of a request for it.
+enum Opened {
+    /// Cached: send it.
+    Hit(Box<Hit>),
+    /// Not cached, and there is an upstream: fetch it.
+    Miss,
+    /// Anything else (a refused token, a bad id, no upstream, an
+    /// unsatisfiable range): hyper answers it.
+    NotOurs,
+}
+
+/// Open the image for a download the front answers.
+async fn open_hit(app: &Arc<App>, head: &Head) -> Opened {
     if let Some(image_token) = app.tokens.image.as_ref() {
         let mut accepted = vec![image_token];
         accepted.extend(app.tokens.admin.as_ref());
-        auth::check(&head.headers, &accepted).ok()?;
+        if auth::check(&head.headers, &accepted).is_err() {
+            return Opened::NotOurs;
+        }
     }
-    validate_id(&head.id).ok()?;
-    let app2 = app.clone();
-    let id = head.id.clone();
+    if validate_id(&head.id).is_err() {
+        return Opened::NotOurs;
+    }
+    // A driver call is short: run it here, and let tokio move this
+    // worker's other tasks to another thread meanwhile (no hop to the
+    // blocking pool and back).
     let range = head.range.clone();
-    let opened = tokio::task::spawn_blocking(move || images::open_cached(&app2, &id, range))
-        .await
-        .ok()?;
+    let opened = tokio::task::block_in_place(|| images::open_cached(app, &head.id, range));
     let opened = match opened {
         Ok(o) => o,
-        Err(Error::NotFound(_)) => return None,
+        Err(Error::NotFound(_)) if app.upstream.is_some() => return Opened::Miss,
+        Err(Error::NotFound(_)) => return Opened::NotOurs,
         Err(e) => {
+            // hyper's path asks again, and falls back to the upstream.
             app.note_driver_error(&e, "open-for-read");
-            return None;
+            return Opened::NotOurs;
         }
     };
     let (start, end, status) = match opened.range {
-        RangeRequest::Unsatisfiable => return None,
+        RangeRequest::Unsatisfiable => return Opened::NotOurs,
         RangeRequest::Full => (0, opened.size, 200),
         RangeRequest::Part(a, b) => (a, b + 1, 206),
     };
     let headers = images::hit_headers(&opened);
-    Some(Hit {
+    Opened::Hit(Box::new(Hit {
         reader: opened.reader,
         file: opened.file,
         start,
         end,
         status,
         headers,
-    })
+    }))
 }
 
-/// Write the head, `sendfile` the body, count the hit.
-async fn send(
-    front: &Front,
-    stream: &TcpStream,
-    hit: Hit,
-    head: &Head,
-    close: bool,
-) -> io::Result<()> {
-    let app = &front.app;
-    inc(&app.metrics.requests);
-    let _in_flight = InFlight::new(&app.metrics);
-    let started = Instant::now();
-    let Hit {
-        mut reader,
-        file,
-        start,
-        end,
-        status,
-        headers,
-    } = hit;
+/// The response head: status line, `headers`, `Date`, and `Connection:
+/// close` when the connection ends after it.
+fn response_head(status: u16, headers: &HeaderMap, close: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(512);
-    out.extend_from_slice(match status {
-        206 => b"HTTP/1.1 206 Partial Content\r\n".as_slice(),
-        _ => b"HTTP/1.1 200 OK\r\n".as_slice(),
-    });
-    for (name, value) in &headers {
+    let reason = axum::http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    out.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+    for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
@@ -273,32 +300,188 @@ async fn send(
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    let more = end > start;
+    out
+}
+
+/// A miss: join or start the image's fetch, and send the spool's bytes
+/// with `sendfile` as they arrive (chunked when the upstream gave no
+/// size). A fetch that fails cuts the response (the client sees a short
+/// body, never a complete-looking one).
+async fn miss(
+    front: &Front,
+    stream: &TcpStream,
+    head: &Head,
+    close: bool,
+) -> (u16, io::Result<()>) {
+    let app = &front.app;
+    inc(&app.metrics.misses);
+    let token = images::upstream_token(app, &head.headers);
+    let (flight, start) = match images::start_miss(app, &head.id, token).await {
+        Ok(images::Miss::Fetching(flight, start)) => (flight, start),
+        Ok(images::Miss::AlreadyCached) => {
+            return match open_hit(app, head).await {
+                Opened::Hit(hit) => send(front, stream, hit, close).await,
+                _ => error(front, stream, images::not_cached(&head.id), close).await,
+            };
+        }
+        Err(e) => return error(front, stream, e, close).await,
+    };
+    let mut headers = images::miss_headers(&start);
+    let chunked = start.size.is_none();
+    if chunked {
+        headers.insert(
+            axum::http::header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     let result = async {
-        write_all(stream, &out, more, front.client_timeout).await?;
-        send_file(front, stream, &file, start, end).await
+        write_all(
+            stream,
+            &response_head(200, &headers, close),
+            true,
+            front.client_timeout,
+        )
+        .await?;
+        let mut progress = flight.progress.clone();
+        let mut pos = 0u64;
+        loop {
+            let (written, outcome) = {
+                let p = progress.borrow_and_update();
+                (p.written, p.outcome.clone())
+            };
+            if pos < written {
+                let n = written - pos;
+                if let Some(size) = start.size
+                    && written > size
+                {
+                    return Err(io::Error::other("the upstream sent more than its size"));
+                }
+                if chunked {
+                    write_all(
+                        stream,
+                        format!("{n:x}\r\n").as_bytes(),
+                        true,
+                        front.client_timeout,
+                    )
+                    .await?;
+                }
+                send_file(
+                    front,
+                    stream,
+                    &flight.spool,
+                    pos,
+                    written,
+                    &app.metrics.bytes_from_upstream,
+                )
+                .await?;
+                if chunked {
+                    write_all(stream, b"\r\n", false, front.client_timeout).await?;
+                }
+                pos = written;
+                continue;
+            }
+            match outcome {
+                Some(Outcome::Complete { .. }) => {
+                    if start.size.is_some_and(|size| size != pos) {
+                        return Err(io::Error::other("the fetch ended short of its size"));
+                    }
+                    if chunked {
+                        write_all(stream, b"0\r\n\r\n", false, front.client_timeout).await?;
+                    }
+                    return Ok(());
+                }
+                Some(Outcome::Failed(e)) => {
+                    return Err(io::Error::other(e.message));
+                }
+                Some(Outcome::AlreadyCached) => return Ok(()),
+                None => {}
+            }
+            if progress.changed().await.is_err() {
+                return Err(io::Error::other("the fetch ended without a result"));
+            }
+        }
     }
     .await;
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if result.is_err() {
+        inc(&app.metrics.responses_aborted);
+    }
+    (200, result)
+}
+
+/// An error answer, as hyper's path gives it (JSON).
+async fn error(
+    front: &Front,
+    stream: &TcpStream,
+    e: ApiError,
+    close: bool,
+) -> (u16, io::Result<()>) {
+    let status = e.status.as_u16();
+    let body = serde_json::to_vec(&serde_json::json!({"error": {
+        "code": status,
+        "title": e.status.canonical_reason().unwrap_or(""),
+        "message": e.message,
+    }}))
+    .unwrap_or_default();
+    let mut headers = HeaderMap::with_capacity(2);
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        axum::http::header::CONTENT_LENGTH,
+        HeaderValue::from(body.len()),
+    );
+    let mut out = response_head(status, &headers, close);
+    out.extend_from_slice(&body);
+    (
+        status,
+        write_all(stream, &out, false, front.client_timeout).await,
+    )
+}
+
+/// Write the head, `sendfile` the body, count the hit.
+async fn send(
+    front: &Front,
+    stream: &TcpStream,
+    hit: Box<Hit>,
+    close: bool,
+) -> (u16, io::Result<()>) {
+    let app = &front.app;
+    let Hit {
+        mut reader,
+        file,
+        start,
+        end,
+        status,
+        headers,
+    } = *hit;
+    let head = response_head(status, &headers, close);
+    let result = async {
+        write_all(stream, &head, end > start, front.client_timeout).await?;
+        send_file(
+            front,
+            stream,
+            &file,
+            start,
+            end,
+            &app.metrics.bytes_from_cache,
+        )
+        .await
+    }
+    .await;
     match &result {
         Ok(()) => {
             inc(&app.metrics.sendfile_responses);
             // Every byte went to the socket: the read is complete.
-            let app2 = app.clone();
-            let _ = tokio::task::spawn_blocking(move || match reader.finish() {
-                Ok(()) => inc(&app2.metrics.hits),
-                Err(e) => app2.note_driver_error(&e, "finish-read"),
-            })
-            .await;
-            debug!(method = "GET", path = %head.path, status, ms, sendfile = true, "request");
+            tokio::task::block_in_place(|| match reader.finish() {
+                Ok(()) => inc(&app.metrics.hits),
+                Err(e) => app.note_driver_error(&e, "finish-read"),
+            });
         }
-        Err(e) => {
-            // The client went away or stalled: no hit.
-            inc(&app.metrics.responses_aborted);
-            debug!(path = %head.path, error = %e, ms, "download over sendfile ended early");
-        }
+        // The client went away or stalled: no hit.
+        Err(_) => inc(&app.metrics.responses_aborted),
     }
-    result
+    (status, result)
 }
 
 /// Write `bytes` to the socket within the client timeout; `more` tells
@@ -359,6 +542,7 @@ async fn send_file(
     file: &std::fs::File,
     mut pos: u64,
     end: u64,
+    counter: &AtomicU64,
 ) -> io::Result<()> {
     while pos < end {
         writable(stream, front.client_timeout).await?;
@@ -376,15 +560,15 @@ async fn send_file(
             }
         }) {
             Ok(0) => {
-                warn!("a cached image is shorter than when it was opened; aborting the response");
+                warn!("a file is shorter than when it was opened; aborting the response");
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    "the cached file is shorter than when it was opened",
+                    "the file is shorter than when it was opened",
                 ));
             }
             Ok(n) => {
                 pos += n;
-                add(&front.app.metrics.bytes_from_cache, n);
+                add(counter, n);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
