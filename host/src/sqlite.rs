@@ -315,7 +315,37 @@ fn confine(conn: &mut rusqlite::Connection, guard: Arc<CallGuard>) -> rusqlite::
     ))?;
     conn.authorizer(Some(authorize))?;
     conn.progress_handler(PROGRESS_STEPS, Some(move || guard.should_stop()))?;
+    conn.busy_handler(Some(busy_wait))?;
     Ok(())
+}
+
+thread_local! {
+    /// The deadline of the SQL call running on this thread (set by
+    /// `Connection::begin`; the statement runs on the caller's thread).
+    static BUSY_DEADLINE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// The busy handler: another connection holds the write lock. SQLite's
+/// own (`busy_timeout`) sleeps 1 ms and more from the first retry, which
+/// caps concurrent writers (every hit of a read session is one) at a few
+/// hundred per second; this yields first, then sleeps from 20 µs up to
+/// 1 ms, and gives up at the call's deadline (the statement then fails
+/// with `timed-out`).
+fn busy_wait(retries: i32) -> bool {
+    let Some(deadline) = BUSY_DEADLINE.with(|d| d.get()) else {
+        return false;
+    };
+    let now = Instant::now();
+    if now >= deadline {
+        return false;
+    }
+    if retries < 8 {
+        std::thread::yield_now();
+    } else {
+        let pause = Duration::from_micros(20 * (retries as u64 - 7).min(50));
+        std::thread::sleep(pause.min(deadline - now));
+    }
+    true
 }
 
 /// The authorizer: what a guest statement may do.
@@ -429,8 +459,8 @@ impl Connection {
             return Err(error(ErrorCode::TimedOut, "the call's deadline has passed"));
         }
         self.guard.begin(deadline);
-        let wait = deadline.remaining().max(Duration::from_millis(1));
-        self.conn.busy_timeout(wait).map_err(|e| self.sql_error(e))
+        BUSY_DEADLINE.with(|d| d.set(Some(deadline.0)));
+        Ok(())
     }
 
     /// A SQLite error in the guest's terms.
