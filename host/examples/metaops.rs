@@ -46,14 +46,54 @@ fn main() {
     }
     let tag = std::process::id();
     let ops: Vec<(&str, usize, Box<dyn Fn(usize)>)> = vec![
-        ("is-cached", 20_000, Box::new(|i| assert!(cache.is_cached(&id(i * 7)).unwrap()))),
-        ("is-cached (miss)", 20_000, Box::new(|i| assert!(!cache.is_cached(&format!("missing-{i}")).unwrap()))),
-        ("get-hit-count", 20_000, Box::new(|i| { cache.get_hit_count(&id(i * 3)).unwrap(); })),
-        ("queue-image (new id)", 1_000, Box::new(|i| assert!(cache.queue_image(&format!("q-{tag}-{i}")).unwrap()))),
-        ("queue-image (already cached)", 20_000, Box::new(|i| assert!(!cache.queue_image(&id(i)).unwrap()))),
-        ("read a 16-byte image (open+read+finish)", 5_000, Box::new(|i| { cache.read_image(&id(i * 11), std::io::sink()).unwrap(); })),
-        ("list cached images", 20, Box::new(|_| { cache.get_cached_images().unwrap(); })),
-        ("cache size", 20, Box::new(|_| { cache.get_cache_size().unwrap(); })),
+        (
+            "is-cached",
+            20_000,
+            Box::new(|i| assert!(cache.is_cached(&id(i * 7)).unwrap())),
+        ),
+        (
+            "is-cached (miss)",
+            20_000,
+            Box::new(|i| assert!(!cache.is_cached(&format!("missing-{i}")).unwrap())),
+        ),
+        (
+            "get-hit-count",
+            20_000,
+            Box::new(|i| {
+                cache.get_hit_count(&id(i * 3)).unwrap();
+            }),
+        ),
+        (
+            "queue-image (new id)",
+            1_000,
+            Box::new(|i| assert!(cache.queue_image(&format!("q-{tag}-{i}")).unwrap())),
+        ),
+        (
+            "queue-image (already cached)",
+            20_000,
+            Box::new(|i| assert!(!cache.queue_image(&id(i)).unwrap())),
+        ),
+        (
+            "read a 16-byte image (open+read+finish)",
+            5_000,
+            Box::new(|i| {
+                cache.read_image(&id(i * 11), std::io::sink()).unwrap();
+            }),
+        ),
+        (
+            "list cached images",
+            20,
+            Box::new(|_| {
+                cache.get_cached_images().unwrap();
+            }),
+        ),
+        (
+            "cache size",
+            20,
+            Box::new(|_| {
+                cache.get_cache_size().unwrap();
+            }),
+        ),
     ];
     let mut best = vec![f64::MAX; ops.len()];
     for round in 0..rounds {
