@@ -14,6 +14,9 @@ use image_cache::{CacheConfig, DriverSource, ImageCache};
 
 const N: usize = 10_000;
 
+/// A named operation, how many calls a round makes, and one call.
+type Op<'a> = (&'static str, usize, Box<dyn Fn(usize) + 'a>);
+
 fn id(i: usize) -> String {
     format!("{:08}-0000-4000-8000-000000000000", i % N)
 }
@@ -45,7 +48,7 @@ fn main() {
         tx.commit().unwrap();
     }
     let tag = std::process::id();
-    let ops: Vec<(&str, usize, Box<dyn Fn(usize)>)> = vec![
+    let ops: Vec<Op> = vec![
         (
             "is-cached",
             20_000,
