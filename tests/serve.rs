@@ -826,6 +826,32 @@ fn concurrent_misses_share_one_upstream_fetch() {
     assert_eq!(part.status, 206);
     assert_eq!(part.header("etag"), hit.header("etag"));
     assert_eq!(part.header("content-md5"), None);
+    // A client that has the image (If-None-Match with its tag) gets 304,
+    // no body, and no hit is counted; another tag gets the image.
+    let etag = hit.header("etag").unwrap().to_string();
+    s.wait_metric("image_cache_hits_total", 2);
+    for method in ["GET", "HEAD"] {
+        let r = request(
+            s.addr,
+            method,
+            "/v2/images/shared/file",
+            &[("If-None-Match", &etag)],
+            b"",
+        );
+        assert_eq!(r.status, 304, "{method}");
+        assert!(r.body.is_empty(), "{method}");
+        assert_eq!(r.header("etag"), Some(etag.as_str()));
+    }
+    let r = request(
+        s.addr,
+        "GET",
+        "/v2/images/shared/file",
+        &[("If-None-Match", "W/\"other\", \"md5:0\"")],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.body == bytes);
+    s.wait_metric("image_cache_hits_total", 3);
     assert_eq!(up.fetches(), 1);
 }
 

@@ -61,7 +61,12 @@ async fn serve(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
 
-    if let Some(r) = try_cached(&app, &id, range.as_deref(), head).await? {
+    let if_none_match = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if let Some(r) = try_cached(&app, &id, range.as_deref(), if_none_match.as_deref(), head).await?
+    {
         return Ok(r);
     }
     inc(&app.metrics.misses);
@@ -86,7 +91,9 @@ async fn serve(
         Miss::Fetching(flight, start) => (flight, start),
         Miss::AlreadyCached => {
             // Cached between our look and the fetch: read the cache.
-            return match try_cached(&app, &id, range.as_deref(), false).await? {
+            return match try_cached(&app, &id, range.as_deref(), if_none_match.as_deref(), false)
+                .await?
+            {
                 Some(r) => Ok(r),
                 None => Err(not_cached(&id)),
             };
@@ -352,6 +359,29 @@ impl Checksums {
     }
 }
 
+/// `If-None-Match` names the image's entity tag (weak comparison, RFC
+/// 9110 13.1.2) or is `*`: the client has the image already, and gets 304.
+/// An image without a recorded checksum has no tag and never matches.
+pub fn not_modified(if_none_match: Option<&str>, checksum: Option<&str>) -> bool {
+    let (Some(inm), Some(c)) = (if_none_match, checksum) else {
+        return false;
+    };
+    let tag = format!("\"{c}\"");
+    inm.split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == tag)
+}
+
+/// The head of a 304 for a cached image: its `ETag`, no body.
+pub fn not_modified_headers(checksum: &str) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(2);
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{checksum}\"")) {
+        h.insert(header::ETAG, v);
+    }
+    h.insert("x-image-cache", HeaderValue::from_static("hit"));
+    h
+}
+
 /// The head of a download from the cache (200 or 206), without `Date`
 /// (hyper adds it; the sendfile front writes its own). The recorded
 /// checksum is the `ETag`, and Glance's `Content-MD5` (hex, as Glance and
@@ -392,17 +422,19 @@ async fn try_cached(
     app: &Arc<App>,
     id: &str,
     range: Option<&str>,
+    if_none_match: Option<&str>,
     head: bool,
 ) -> Result<Option<Response>, ApiError> {
     let app2 = app.clone();
     let id2 = id.to_string();
     let range = range.map(str::to_string);
+    let inm = if_none_match.map(str::to_string);
     // One hop to the blocking pool: open (one driver call), size, and the
     // first chunk, so a small image needs no second hop before sending.
     let opened = tokio::task::spawn_blocking(move || -> Result<(Opened, Bytes), Error> {
         let mut opened = open_cached(&app2, &id2, range)?;
         let mut first = Vec::new();
-        if !head {
+        if !head && !not_modified(inm.as_deref(), opened.checksum.as_deref()) {
             let (start, len) = match opened.range {
                 RangeRequest::Full => (0, opened.size),
                 RangeRequest::Part(a, b) => (a, b - a + 1),
@@ -429,6 +461,15 @@ async fn try_cached(
             return Ok(None);
         }
     };
+    if let Some(c) = opened.checksum.as_deref()
+        && not_modified(if_none_match, Some(c))
+    {
+        // The client has it: no body, no hit.
+        let mut r = Response::new(Body::empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        *r.headers_mut() = not_modified_headers(c);
+        return Ok(Some(r));
+    }
     let size = opened.size;
     let (start, end) = match opened.range {
         RangeRequest::Unsatisfiable => {
@@ -657,6 +698,19 @@ fn spool_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn if_none_match() {
+        let c = Some("md5:abc");
+        assert!(not_modified(Some("\"md5:abc\""), c));
+        assert!(not_modified(Some("W/\"md5:abc\""), c));
+        assert!(not_modified(Some("\"x\", \"md5:abc\""), c));
+        assert!(not_modified(Some("*"), c));
+        assert!(!not_modified(Some("\"md5:abd\""), c));
+        assert!(!not_modified(Some("md5:abc"), c));
+        assert!(!not_modified(None, c));
+        assert!(!not_modified(Some("*"), None));
+    }
 
     #[test]
     fn ranges() {

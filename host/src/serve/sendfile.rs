@@ -113,6 +113,13 @@ pub async fn connection(
         let (status, result) = match opened {
             Opened::Hit(hit) => send(&front, &stream, hit, close).await,
             Opened::Miss => miss(&front, &stream, &head, close).await,
+            Opened::NotModified(checksum) => {
+                let out = response_head(304, &images::not_modified_headers(&checksum), close);
+                (
+                    304,
+                    write_all(&stream, &out, false, front.client_timeout).await,
+                )
+            }
             Opened::NotOurs => unreachable!("handed over above"),
         };
         let ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -141,6 +148,7 @@ struct Head {
     path: String,
     headers: HeaderMap,
     range: Option<String>,
+    if_none_match: Option<String>,
     close: bool,
 }
 
@@ -204,12 +212,17 @@ fn parse(buf: &[u8]) -> Parsed {
         .get(axum::http::header::RANGE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let if_none_match = headers
+        .get(axum::http::header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     Parsed::Ours(Head {
         len,
         id: id.to_string(),
         path: bare.to_string(),
         headers,
         range,
+        if_none_match,
         close,
     })
 }
@@ -228,6 +241,8 @@ struct Hit {
 enum Opened {
     /// Cached: send it.
     Hit(Box<Hit>),
+    /// Cached, and the client has it (`If-None-Match`): 304, with the tag.
+    NotModified(String),
     /// Not cached, and there is an upstream: fetch it.
     Miss,
     /// Anything else (a refused token, a bad id, no upstream, an
@@ -262,6 +277,12 @@ async fn open_hit(app: &Arc<App>, head: &Head) -> Opened {
             return Opened::NotOurs;
         }
     };
+    if let Some(c) = opened.checksum.as_deref()
+        && images::not_modified(head.if_none_match.as_deref(), Some(c))
+    {
+        // No body, no hit: the read session ends uncounted.
+        return Opened::NotModified(c.to_string());
+    }
     let (start, end, status) = match opened.range {
         RangeRequest::Unsatisfiable => return Opened::NotOurs,
         RangeRequest::Full => (0, opened.size, 200),
@@ -321,6 +342,13 @@ async fn miss(
         Ok(images::Miss::AlreadyCached) => {
             return match open_hit(app, head).await {
                 Opened::Hit(hit) => send(front, stream, hit, close).await,
+                Opened::NotModified(checksum) => {
+                    let out = response_head(304, &images::not_modified_headers(&checksum), close);
+                    (
+                        304,
+                        write_all(stream, &out, false, front.client_timeout).await,
+                    )
+                }
                 _ => error(front, stream, images::not_cached(&head.id), close).await,
             };
         }
