@@ -154,7 +154,7 @@ struct Head {
 
 enum Parsed {
     /// A whole head of a download the front may answer.
-    Ours(Head),
+    Ours(Box<Head>),
     /// Not yet a whole head.
     Partial,
     /// Anything else, malformed heads included: hyper's.
@@ -216,7 +216,7 @@ fn parse(buf: &[u8]) -> Parsed {
         .get(axum::http::header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    Parsed::Ours(Head {
+    Parsed::Ours(Box::new(Head {
         len,
         id: id.to_string(),
         path: bare.to_string(),
@@ -224,7 +224,7 @@ fn parse(buf: &[u8]) -> Parsed {
         range,
         if_none_match,
         close,
-    })
+    }))
 }
 
 /// An open cached image and the answer's head.
@@ -690,7 +690,7 @@ mod tests {
 
     fn head(raw: &str) -> Option<Head> {
         match parse(raw.as_bytes()) {
-            Parsed::Ours(h) => Some(h),
+            Parsed::Ours(h) => Some(*h),
             _ => None,
         }
     }
