@@ -884,6 +884,60 @@ fn an_upstream_without_a_length_is_sent_chunked() {
 }
 
 #[test]
+fn ranges_on_a_miss_are_served_from_the_fetch() {
+    // The upstream gives the size: a Range on a miss is answered (206) as
+    // soon as the fetch has reached it, by the sendfile front and by
+    // hyper's path (HTTP/1.0) alike; one fetch caches the whole image.
+    let bytes = image_bytes(6, 2 << 20);
+    let size = bytes.len();
+    let up = Upstream::start(
+        one_image("ranged", bytes.clone()),
+        Behaviour::Slow(Duration::from_millis(10)),
+    );
+    let s = Server::start(&["--upstream", &up.url()]);
+    let part = request(
+        s.addr,
+        "GET",
+        "/v2/images/ranged/file",
+        &[("Range", "bytes=100-199")],
+        b"",
+    );
+    assert_eq!(part.status, 206, "{}", part.text());
+    assert_eq!(part.header("x-image-cache"), Some("miss"));
+    assert_eq!(
+        part.header("content-range"),
+        Some(format!("bytes 100-199/{size}").as_str())
+    );
+    assert_eq!(part.header("content-md5"), None);
+    assert_eq!(part.body, &bytes[100..200]);
+    // While the fetch goes on: the tail, through hyper's path.
+    let mut c = TcpStream::connect(s.addr).unwrap();
+    c.write_all(b"GET /v2/images/ranged/file HTTP/1.0\r\nRange: bytes=-1000\r\n\r\n")
+        .unwrap();
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw).unwrap();
+    let tail = parse_response(&raw, false).unwrap();
+    assert_eq!(tail.status, 206);
+    assert_eq!(tail.body, &bytes[size - 1000..]);
+    let past = request(
+        s.addr,
+        "GET",
+        "/v2/images/ranged/file",
+        &[("Range", &format!("bytes={size}-"))],
+        b"",
+    );
+    s.wait_cached("ranged");
+    assert_eq!(up.fetches(), 1);
+    // Past the end: 416 with the size, from the fetch or from the cache.
+    assert_eq!(past.status, 416, "{}", past.text());
+    assert_eq!(
+        past.header("content-range"),
+        Some(format!("bytes */{size}").as_str())
+    );
+    assert!(get(s.addr, "/v2/images/ranged/file").body == bytes);
+}
+
+#[test]
 fn a_client_disconnecting_does_not_stop_the_fetch() {
     let bytes = image_bytes(4, 2 << 20);
     let up = Upstream::start(

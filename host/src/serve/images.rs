@@ -99,22 +99,64 @@ async fn serve(
             };
         }
     };
-    // A range on a miss is answered with the whole image (RFC 9110 lets a
-    // server ignore Range); the image is being fetched anyway.
-    let mut response = Response::new(Body::from_stream(spool_stream(app.clone(), flight)));
-    *response.headers_mut() = miss_headers(&start);
+    let range = miss_range(&start, range.as_deref());
+    let (from, to) = match range {
+        RangeRequest::Unsatisfiable => return Err(unsatisfiable(start.size.unwrap_or(0))),
+        RangeRequest::Part(a, b) => (a, Some(b + 1)),
+        RangeRequest::Full => (0, None),
+    };
+    let mut response = Response::new(Body::from_stream(spool_stream(
+        app.clone(),
+        flight,
+        from,
+        to,
+    )));
+    *response.headers_mut() = miss_headers(&start, &range);
+    if let RangeRequest::Part(..) = range {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+    }
     Ok(response)
 }
 
+/// What a `Range` asks of a miss: a part once the upstream gave the size
+/// (sent as soon as the fetch has reached it), else the whole image (RFC
+/// 9110 lets a server ignore Range).
+pub fn miss_range(start: &upstream::Start, range: Option<&str>) -> RangeRequest {
+    match start.size {
+        Some(size) => parse_range(range, size),
+        None => RangeRequest::Full,
+    }
+}
+
+/// 416 for an image of `size` bytes.
+pub fn unsatisfiable(size: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        format!("the image has {size} bytes"),
+    )
+    .with_content_range(size)
+}
+
 /// The head of a download through a fetch: the upstream's size (else the
-/// body is chunked) and `Content-MD5`.
-pub fn miss_headers(start: &upstream::Start) -> HeaderMap {
+/// body is chunked), `Content-MD5` for the whole image, `Content-Range`
+/// for a part.
+pub fn miss_headers(start: &upstream::Start, range: &RangeRequest) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(6);
     set_common(&mut h);
-    if let Some(size) = start.size {
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    match (range, start.size) {
+        (RangeRequest::Part(a, b), Some(size)) => {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(b - a + 1));
+            h.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes {a}-{b}/{size}")).expect("ascii"),
+            );
+        }
+        (_, Some(size)) => {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        }
+        (_, None) => {}
     }
-    if let Some(md5) = start.md5.as_deref()
+    if let (Some(md5), RangeRequest::Full) = (start.md5.as_deref(), range)
         && let Ok(v) = HeaderValue::from_str(md5)
     {
         h.insert("content-md5", v);
@@ -472,18 +514,7 @@ async fn try_cached(
     }
     let size = opened.size;
     let (start, end) = match opened.range {
-        RangeRequest::Unsatisfiable => {
-            let mut r = ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                format!("the image has {size} bytes"),
-            )
-            .into_response();
-            r.headers_mut().insert(
-                header::CONTENT_RANGE,
-                HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
-            );
-            return Ok(Some(r));
-        }
+        RangeRequest::Unsatisfiable => return Err(unsatisfiable(size)),
         RangeRequest::Full => (0, size),
         RangeRequest::Part(a, b) => (a, b + 1),
     };
@@ -626,22 +657,27 @@ struct SpoolState {
     flight: Arc<Flight>,
     progress: tokio::sync::watch::Receiver<Progress>,
     pos: u64,
+    end: Option<u64>,
     done: bool,
     _in_flight: InFlight,
 }
 
-/// A client's view of a fetch: the spool's bytes as they arrive; an error
-/// (which aborts the response) if the fetch fails.
+/// A client's view of a fetch: the spool's bytes `from..to` (to the end
+/// when `to` is `None`) as they arrive; an error (which aborts the
+/// response) if the fetch fails.
 fn spool_stream(
     app: Arc<App>,
     flight: Arc<Flight>,
+    from: u64,
+    to: Option<u64>,
 ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
     let state = SpoolState {
         _in_flight: InFlight::new(&app.metrics),
         progress: flight.progress.clone(),
         app,
         flight,
-        pos: 0,
+        pos: from,
+        end: to,
         done: false,
     };
     stream::unfold(state, |mut s| async move {
@@ -649,9 +685,13 @@ fn spool_stream(
             return None;
         }
         loop {
+            if s.end.is_some_and(|end| s.pos >= end) {
+                return None;
+            }
             let p = s.progress.borrow_and_update().clone();
-            if s.pos < p.written {
-                let n = (p.written - s.pos).min(SPOOL_CHUNK);
+            let available = s.end.map_or(p.written, |end| end.min(p.written));
+            if s.pos < available {
+                let n = (available - s.pos).min(SPOOL_CHUNK);
                 let spool = s.flight.spool.clone();
                 let pos = s.pos;
                 let read = tokio::task::spawn_blocking(move || {

@@ -190,6 +190,8 @@ impl ServeArgs {
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// For a 416: the image's size, sent as `Content-Range: bytes */size`.
+    pub content_range_size: Option<u64>,
 }
 
 impl ApiError {
@@ -197,7 +199,23 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            content_range_size: None,
         }
+    }
+
+    /// A 416's `Content-Range: bytes */size`.
+    pub fn with_content_range(mut self, size: u64) -> ApiError {
+        self.content_range_size = Some(size);
+        self
+    }
+
+    /// The JSON body every error answer has.
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "code": self.status.as_u16(),
+            "title": self.status.canonical_reason().unwrap_or(""),
+            "message": self.message,
+        }})
     }
 
     /// A server-side failure: the detail goes to the log, not the client.
@@ -216,12 +234,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {
-            "code": self.status.as_u16(),
-            "title": self.status.canonical_reason().unwrap_or(""),
-            "message": self.message,
-        }});
-        (self.status, axum::Json(body)).into_response()
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(size) = self.content_range_size {
+            r.headers_mut().insert(
+                axum::http::header::CONTENT_RANGE,
+                axum::http::HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+            );
+        }
+        r
     }
 }
 

@@ -354,7 +354,16 @@ async fn miss(
         }
         Err(e) => return error(front, stream, e, close).await,
     };
-    let mut headers = images::miss_headers(&start);
+    let range = images::miss_range(&start, head.range.as_deref());
+    let (from, to, status) = match range {
+        RangeRequest::Unsatisfiable => {
+            let e = images::unsatisfiable(start.size.unwrap_or(0));
+            return error(front, stream, e, close).await;
+        }
+        RangeRequest::Part(a, b) => (a, Some(b + 1), 206),
+        RangeRequest::Full => (0, None, 200),
+    };
+    let mut headers = images::miss_headers(&start, &range);
     let chunked = start.size.is_none();
     if chunked {
         headers.insert(
@@ -365,18 +374,23 @@ async fn miss(
     let result = async {
         write_all(
             stream,
-            &response_head(200, &headers, close),
+            &response_head(status, &headers, close),
             true,
             front.client_timeout,
         )
         .await?;
         let mut progress = flight.progress.clone();
-        let mut pos = 0u64;
+        let mut pos = from;
         loop {
+            if to.is_some_and(|to| pos >= to) {
+                // The part asked for is sent; the fetch goes on for others.
+                return Ok(());
+            }
             let (written, outcome) = {
                 let p = progress.borrow_and_update();
                 (p.written, p.outcome.clone())
             };
+            let written = to.map_or(written, |to| to.min(written));
             if pos < written {
                 let n = written - pos;
                 if let Some(size) = start.size
@@ -433,7 +447,7 @@ async fn miss(
     if result.is_err() {
         inc(&app.metrics.responses_aborted);
     }
-    (200, result)
+    (status, result)
 }
 
 /// An error answer, as hyper's path gives it (JSON).
@@ -444,13 +458,13 @@ async fn error(
     close: bool,
 ) -> (u16, io::Result<()>) {
     let status = e.status.as_u16();
-    let body = serde_json::to_vec(&serde_json::json!({"error": {
-        "code": status,
-        "title": e.status.canonical_reason().unwrap_or(""),
-        "message": e.message,
-    }}))
-    .unwrap_or_default();
-    let mut headers = HeaderMap::with_capacity(2);
+    let body = serde_json::to_vec(&e.body()).unwrap_or_default();
+    let mut headers = HeaderMap::with_capacity(3);
+    if let Some(size) = e.content_range_size
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}"))
+    {
+        headers.insert(axum::http::header::CONTENT_RANGE, v);
+    }
     headers.insert(
         axum::http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
