@@ -243,6 +243,18 @@ pub enum RangeRequest {
     Unsatisfiable,
 }
 
+impl RangeRequest {
+    /// The bytes to send of an image of `size` bytes, `start..end`; `None`
+    /// when the range cannot be satisfied.
+    pub fn span(&self, size: u64) -> Option<(u64, u64)> {
+        match *self {
+            RangeRequest::Full => Some((0, size)),
+            RangeRequest::Part(a, b) => Some((a, b + 1)),
+            RangeRequest::Unsatisfiable => None,
+        }
+    }
+}
+
 /// One `bytes=` range; anything else (several ranges, other units,
 /// malformed) is ignored and the whole image is sent, as RFC 9110 allows.
 pub fn parse_range(value: Option<&str>, size: u64) -> RangeRequest {
@@ -318,24 +330,20 @@ pub fn open_cached(app: &App, id: &str, range: Option<String>) -> Result<Opened,
     let size = meta.len();
     let checksum = app.checksums.get(id, &meta, || reader.checksum())?;
     let range = parse_range(range.as_deref(), size);
-    if let RangeRequest::Full | RangeRequest::Part(..) = range {
-        let (start, end) = match range {
-            RangeRequest::Part(a, b) => (a, b + 1),
-            _ => (0, size),
-        };
-        if end - start > READAHEAD_FROM {
-            // Start reading the pages in now, so the sends that follow
-            // (on the event loop with sendfile) find them in memory.
-            use std::os::fd::AsRawFd;
-            // SAFETY: a valid descriptor; advice only.
-            unsafe {
-                libc::posix_fadvise(
-                    file.as_raw_fd(),
-                    start as libc::off_t,
-                    (end - start) as libc::off_t,
-                    libc::POSIX_FADV_WILLNEED,
-                );
-            }
+    if let Some((start, end)) = range.span(size)
+        && end - start > READAHEAD_FROM
+    {
+        // Start reading the pages in now, so the sends that follow (on
+        // the event loop with sendfile) find them in memory.
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid descriptor; advice only.
+        unsafe {
+            libc::posix_fadvise(
+                file.as_raw_fd(),
+                start as libc::off_t,
+                (end - start) as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            );
         }
     }
     Ok(Opened {
@@ -431,10 +439,7 @@ pub fn not_modified_headers(checksum: &str) -> HeaderMap {
 pub fn hit_headers(opened: &Opened) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(8);
     set_common(&mut h);
-    let (start, end) = match opened.range {
-        RangeRequest::Part(a, b) => (a, b + 1),
-        _ => (0, opened.size),
-    };
+    let (start, end) = opened.range.span(opened.size).unwrap_or((0, opened.size));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
     h.insert("x-image-cache", HeaderValue::from_static("hit"));
     if let RangeRequest::Part(a, b) = opened.range {
@@ -473,26 +478,24 @@ async fn try_cached(
     let inm = if_none_match.map(str::to_string);
     // One hop to the blocking pool: open (one driver call), size, and the
     // first chunk, so a small image needs no second hop before sending.
-    let opened = tokio::task::spawn_blocking(move || -> Result<(Opened, Bytes), Error> {
+    let opened = tokio::task::spawn_blocking(move || -> Result<(Opened, Bytes, bool), Error> {
         let mut opened = open_cached(&app2, &id2, range)?;
+        let fresh = not_modified(inm.as_deref(), opened.checksum.as_deref());
         let mut first = Vec::new();
-        if !head && !not_modified(inm.as_deref(), opened.checksum.as_deref()) {
-            let (start, len) = match opened.range {
-                RangeRequest::Full => (0, opened.size),
-                RangeRequest::Part(a, b) => (a, b - a + 1),
-                RangeRequest::Unsatisfiable => (0, 0),
-            };
-            if len > 0 {
-                let io_err = |e: io::Error| Error::Io(format!("reading cached image: {e}"));
-                opened.file.seek(SeekFrom::Start(start)).map_err(io_err)?;
-                read_up_to(&mut opened.file, &mut first, len.min(CHUNK)).map_err(io_err)?;
-            }
+        if !head
+            && !fresh
+            && let Some((start, end)) = opened.range.span(opened.size)
+            && end > start
+        {
+            let io_err = |e: io::Error| Error::Io(format!("reading cached image: {e}"));
+            opened.file.seek(SeekFrom::Start(start)).map_err(io_err)?;
+            read_up_to(&mut opened.file, &mut first, (end - start).min(CHUNK)).map_err(io_err)?;
         }
-        Ok((opened, Bytes::from(first)))
+        Ok((opened, Bytes::from(first), fresh))
     })
     .await
     .map_err(|e| ApiError::internal(format!("open task: {e}")))?;
-    let (opened, first) = match opened {
+    let (opened, first, fresh) = match opened {
         Ok(o) => o,
         Err(Error::NotFound(_)) => return Ok(None),
         Err(Error::InvalidImageId(_)) => return Err(ApiError::bad_id("the driver rejected it")),
@@ -503,20 +506,15 @@ async fn try_cached(
             return Ok(None);
         }
     };
-    if let Some(c) = opened.checksum.as_deref()
-        && not_modified(if_none_match, Some(c))
-    {
+    if let (true, Some(c)) = (fresh, opened.checksum.as_deref()) {
         // The client has it: no body, no hit.
         let mut r = Response::new(Body::empty());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         *r.headers_mut() = not_modified_headers(c);
         return Ok(Some(r));
     }
-    let size = opened.size;
-    let (start, end) = match opened.range {
-        RangeRequest::Unsatisfiable => return Err(unsatisfiable(size)),
-        RangeRequest::Full => (0, size),
-        RangeRequest::Part(a, b) => (a, b + 1),
+    let Some((start, end)) = opened.range.span(opened.size) else {
+        return Err(unsatisfiable(opened.size));
     };
     let headers = hit_headers(&opened);
     let partial = matches!(opened.range, RangeRequest::Part(..));

@@ -206,12 +206,6 @@ impl Metrics {
                 get(&self.sendfile_responses),
             ),
         ];
-        for (name, help, value) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        }
         let stats = &cache.runtime().stats;
         let runtime: &[(&str, &str, u64)] = &[
             (
@@ -225,7 +219,7 @@ impl Metrics {
                 stats.instances.load(Ordering::Relaxed),
             ),
         ];
-        for (name, help, value) in runtime {
+        for (name, help, value) in counters.iter().chain(runtime) {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"

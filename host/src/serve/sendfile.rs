@@ -113,13 +113,7 @@ pub async fn connection(
         let (status, result) = match opened {
             Opened::Hit(hit) => send(&front, &stream, hit, close).await,
             Opened::Miss => miss(&front, &stream, &head, close).await,
-            Opened::NotModified(checksum) => {
-                let out = response_head(304, &images::not_modified_headers(&checksum), close);
-                (
-                    304,
-                    write_all(&stream, &out, false, front.client_timeout).await,
-                )
-            }
+            Opened::NotModified(checksum) => not_modified(&front, &stream, &checksum, close).await,
             Opened::NotOurs => unreachable!("handed over above"),
         };
         let ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -283,10 +277,12 @@ async fn open_hit(app: &Arc<App>, head: &Head) -> Opened {
         // No body, no hit: the read session ends uncounted.
         return Opened::NotModified(c.to_string());
     }
-    let (start, end, status) = match opened.range {
-        RangeRequest::Unsatisfiable => return Opened::NotOurs,
-        RangeRequest::Full => (0, opened.size, 200),
-        RangeRequest::Part(a, b) => (a, b + 1, 206),
+    let Some((start, end)) = opened.range.span(opened.size) else {
+        return Opened::NotOurs;
+    };
+    let status = match opened.range {
+        RangeRequest::Part(..) => 206,
+        _ => 200,
     };
     let headers = images::hit_headers(&opened);
     Opened::Hit(Box::new(Hit {
@@ -343,11 +339,7 @@ async fn miss(
             return match open_hit(app, head).await {
                 Opened::Hit(hit) => send(front, stream, hit, close).await,
                 Opened::NotModified(checksum) => {
-                    let out = response_head(304, &images::not_modified_headers(&checksum), close);
-                    (
-                        304,
-                        write_all(stream, &out, false, front.client_timeout).await,
-                    )
+                    not_modified(front, stream, &checksum, close).await
                 }
                 _ => error(front, stream, images::not_cached(&head.id), close).await,
             };
@@ -448,6 +440,20 @@ async fn miss(
         inc(&app.metrics.responses_aborted);
     }
     (status, result)
+}
+
+/// 304: the client has the image; its tag, no body.
+async fn not_modified(
+    front: &Front,
+    stream: &TcpStream,
+    checksum: &str,
+    close: bool,
+) -> (u16, io::Result<()>) {
+    let out = response_head(304, &images::not_modified_headers(checksum), close);
+    (
+        304,
+        write_all(stream, &out, false, front.client_timeout).await,
+    )
 }
 
 /// An error answer, as hyper's path gives it (JSON).
