@@ -25,6 +25,7 @@ use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 
 use driver_common::database::{Connection, DatabaseError, ErrorCode, Value};
+use driver_common::values::{as_f64, as_u64, text};
 use driver_common::{
     Backend, DriverInfo, Error, FORGET_MISSING_AFTER, Image, Layout, MetadataStore, Options, now,
 };
@@ -72,26 +73,6 @@ pub struct CentralizedStore {
 
 fn db_error(e: DatabaseError) -> Error {
     Error::Database(e.message)
-}
-
-fn text(s: &str) -> Value {
-    Value::Text(s.to_string())
-}
-
-fn as_u64(v: &Value) -> u64 {
-    match v {
-        Value::Integer(i) => (*i).max(0) as u64,
-        Value::Real(r) if *r > 0.0 => *r as u64,
-        _ => 0,
-    }
-}
-
-fn as_f64(v: &Value) -> Option<f64> {
-    match v {
-        Value::Real(r) => Some(*r),
-        Value::Integer(i) => Some(*i as f64),
-        _ => None,
-    }
 }
 
 /// Whether Glance's schema can hold a row for `id`.

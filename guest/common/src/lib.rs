@@ -22,6 +22,7 @@ mod driver;
 mod id;
 mod layout;
 mod store;
+pub mod values;
 
 pub use driver::{Driver, saturating_sum, select_victims};
 pub use id::validate_image_id;

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 
 use driver_common::sqlite::{Connection, SqliteError, Value};
+use driver_common::values::{as_f64, as_u64, text};
 use driver_common::{Backend, DriverInfo, Error, Image, Layout, MetadataStore, Options};
 
 const SCHEMA: &str = "
@@ -31,26 +32,6 @@ pub struct SqliteStore {
 
 fn db_error(e: SqliteError) -> Error {
     Error::Database(e.message)
-}
-
-fn text(s: &str) -> Value {
-    Value::Text(s.to_string())
-}
-
-fn as_u64(v: &Value) -> u64 {
-    match v {
-        Value::Integer(i) => (*i).max(0) as u64,
-        Value::Real(r) if *r > 0.0 => *r as u64,
-        _ => 0,
-    }
-}
-
-fn as_f64(v: &Value) -> Option<f64> {
-    match v {
-        Value::Real(r) => Some(*r),
-        Value::Integer(i) => Some(*i as f64),
-        _ => None,
-    }
 }
 
 impl SqliteStore {
