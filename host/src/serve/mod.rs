@@ -46,7 +46,7 @@ use image_cache::config::{parse_duration, parse_size};
 use image_cache::{DriverSource, Error, ImageCache};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex as AsyncMutex, Notify, watch};
 use tokio::time::Sleep;
 use tracing::{debug, error, info, warn};
@@ -498,20 +498,24 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// A connection that fails when neither a read nor a write makes progress
-/// for `timeout` while one is waiting: slow or stuck clients cannot hold a
-/// connection (and the driver instance of a read session) forever.
+/// A connection as hyper sees it: the bytes the front already read
+/// (`prefix`) come first, then the socket's; it fails when neither a read
+/// nor a write makes progress for `timeout` while one is waiting, so slow
+/// or stuck clients cannot hold a connection (and the driver instance of a
+/// read session) forever.
 pub(crate) struct IdleTimeout {
-    io: sendfile::Rewind,
+    io: TcpStream,
+    prefix: bytes::BytesMut,
     timeout: Duration,
     timer: Pin<Box<Sleep>>,
     armed: bool,
 }
 
 impl IdleTimeout {
-    fn new(io: sendfile::Rewind, timeout: Duration) -> IdleTimeout {
+    fn new(io: TcpStream, prefix: bytes::BytesMut, timeout: Duration) -> IdleTimeout {
         IdleTimeout {
             io,
+            prefix,
             timeout,
             timer: Box::pin(tokio::time::sleep(timeout)),
             armed: false,
@@ -545,6 +549,14 @@ impl AsyncRead for IdleTimeout {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            use bytes::Buf;
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            this.progress();
+            return Poll::Ready(Ok(()));
+        }
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 this.progress();
