@@ -25,7 +25,7 @@ use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 
 use driver_common::database::{Connection, DatabaseError, ErrorCode, Value};
-use driver_common::values::{as_f64, as_u64, text};
+use driver_common::values::{as_f64, as_u64, first_text, text};
 use driver_common::{
     Backend, DriverInfo, Error, FORGET_MISSING_AFTER, Image, Layout, MetadataStore, Options, now,
 };
@@ -304,10 +304,7 @@ impl MetadataStore for CentralizedStore {
                 &[text(id), self.node()],
             )
             .map_err(db_error)?;
-        Ok(match rows.first().and_then(|r| r.first()) {
-            Some(Value::Text(c)) if !c.is_empty() => Some(c.clone()),
-            _ => None,
-        })
+        Ok(first_text(&rows))
     }
 
     fn record_commit(

@@ -8,6 +8,7 @@ use crate::{database, sqlite};
 pub trait DbValue {
     fn integer(&self) -> Option<i64>;
     fn real(&self) -> Option<f64>;
+    fn as_text(&self) -> Option<&str>;
     fn from_text(s: String) -> Self;
 }
 
@@ -21,6 +22,12 @@ impl DbValue for sqlite::Value {
     fn real(&self) -> Option<f64> {
         match self {
             sqlite::Value::Real(r) => Some(*r),
+            _ => None,
+        }
+    }
+    fn as_text(&self) -> Option<&str> {
+        match self {
+            sqlite::Value::Text(t) => Some(t),
             _ => None,
         }
     }
@@ -39,6 +46,12 @@ impl DbValue for database::Value {
     fn real(&self) -> Option<f64> {
         match self {
             database::Value::Real(r) => Some(*r),
+            _ => None,
+        }
+    }
+    fn as_text(&self) -> Option<&str> {
+        match self {
+            database::Value::Text(t) => Some(t),
             _ => None,
         }
     }
@@ -64,4 +77,14 @@ pub fn as_u64<V: DbValue>(v: &V) -> u64 {
 /// A time; `None` unless the value is a number.
 pub fn as_f64<V: DbValue>(v: &V) -> Option<f64> {
     v.real().or_else(|| v.integer().map(|i| i as f64))
+}
+
+/// The first column of the first row as text, if it is a non-empty text
+/// (a recorded checksum).
+pub fn first_text<V: DbValue>(rows: &[Vec<V>]) -> Option<String> {
+    rows.first()
+        .and_then(|r| r.first())
+        .and_then(V::as_text)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
 }

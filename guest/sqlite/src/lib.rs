@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use driver_common::sqlite::{Connection, SqliteError, Value};
-use driver_common::values::{as_f64, as_u64, text};
+use driver_common::values::{as_f64, as_u64, first_text, text};
 use driver_common::{Backend, DriverInfo, Error, Image, Layout, MetadataStore, Options};
 
 const SCHEMA: &str = "
@@ -149,10 +149,7 @@ impl MetadataStore for SqliteStore {
                 &[text(id)],
             )
             .map_err(db_error)?;
-        Ok(match rows.first().and_then(|r| r.first()) {
-            Some(Value::Text(c)) if !c.is_empty() => Some(c.clone()),
-            _ => None,
-        })
+        Ok(first_text(&rows))
     }
 
     fn record_commit(
