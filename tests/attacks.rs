@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use image_cache::{
     CacheConfig, Capability, DriverSource, Error, Grants, ImageCache, Limits, LoadPolicy, Runtime,
 };
-use image_cache_tests::fixture;
+use image_cache_tests::{canary_state, fixture};
 
 const DEADLINE: Duration = Duration::from_millis(800);
 
@@ -25,19 +25,6 @@ struct Scene {
     canary: PathBuf,
     before: Vec<(PathBuf, u64, SystemTime)>,
     cache: ImageCache,
-}
-
-fn canary_state(dir: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
-    let mut out: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            let m = e.metadata().unwrap();
-            (e.path(), m.len(), m.modified().unwrap())
-        })
-        .collect();
-    out.sort();
-    out
 }
 
 fn scene() -> Scene {

@@ -25,7 +25,7 @@ use image_cache::sqlite::SqliteRoot;
 use image_cache::{
     CacheConfig, Capability, DriverSource, Error, Grants, ImageCache, Limits, LoadPolicy, Runtime,
 };
-use image_cache_tests::fixture;
+use image_cache_tests::{canary_state, fixture};
 
 fn iterations(default: u64) -> u64 {
     std::env::var("IMAGE_CACHE_FUZZ_ITERATIONS")
@@ -73,19 +73,6 @@ struct Arena {
     before: Vec<(PathBuf, u64, SystemTime)>,
 }
 
-fn listing(dir: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
-    let mut out: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            let m = e.path().symlink_metadata().unwrap();
-            (e.path(), m.len(), m.modified().unwrap())
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 impl Arena {
     fn new() -> Arena {
         let top = tempfile::tempdir().unwrap();
@@ -101,7 +88,7 @@ impl Arena {
         std::os::unix::fs::symlink(&canary, root.join("link")).unwrap();
         std::os::unix::fs::symlink(canary.join("secret"), root.join("a")).unwrap();
         std::os::unix::fs::symlink("../canary/victim.db", root.join("chaos.db")).unwrap();
-        let before = listing(&canary);
+        let before = canary_state(&canary);
         Arena {
             top: top.path().to_path_buf(),
             _top: top,
@@ -112,7 +99,11 @@ impl Arena {
     }
 
     fn check(&self, what: &str) {
-        assert_eq!(listing(&self.canary), self.before, "{what}: canary changed");
+        assert_eq!(
+            canary_state(&self.canary),
+            self.before,
+            "{what}: canary changed"
+        );
         let beside: Vec<_> = std::fs::read_dir(&self.top)
             .unwrap()
             .flatten()

@@ -13,7 +13,7 @@ use image_cache::{
     CacheConfig, Checksum, DriverSource, Error, Grants, ImageCache, ImageWriter, Limits,
     LoadPolicy, Runtime,
 };
-use image_cache_tests::{TestCache, driver};
+use image_cache_tests::{TestCache, canary_state, driver};
 use serde_json::{Value, json};
 
 fn scenarios(file: &str) -> Value {
@@ -434,7 +434,7 @@ fn every_hostile_scenario_is_refused_as_every_host_refuses_it() {
             .unwrap()
             .execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
             .unwrap();
-        let before = tree(&outside);
+        let before = canary_state(&outside);
         let options: Vec<(String, String)> = doc["options"]
             .as_array()
             .expect("options")
@@ -464,7 +464,7 @@ fn every_hostile_scenario_is_refused_as_every_host_refuses_it() {
             failures.push(format!("{name}: {e}"));
         }
         drop(player);
-        if tree(&outside) != before {
+        if canary_state(&outside) != before {
             failures.push(format!("{name}: the directory beside the root changed"));
         }
     }
@@ -473,18 +473,4 @@ fn every_hostile_scenario_is_refused_as_every_host_refuses_it() {
         "failing scenarios:\n{}",
         failures.join("\n")
     );
-}
-
-/// Names, sizes and modification times under `dir`.
-fn tree(dir: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
-    let mut out: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            let m = e.metadata().unwrap();
-            (e.path(), m.len(), m.modified().unwrap())
-        })
-        .collect();
-    out.sort();
-    out
 }

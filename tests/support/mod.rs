@@ -192,6 +192,23 @@ pub fn files_in(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Names, sizes and modification times of the entries of `dir` (symbolic
+/// links as themselves), sorted: a canary directory's state, which a
+/// driver must never change.
+pub fn canary_state(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            // `DirEntry::metadata` does not follow a symbolic link.
+            let m = e.metadata().unwrap();
+            (e.path(), m.len(), m.modified().unwrap())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// Every path under `dir` with its size, for "touches nothing" checks.
 pub fn snapshot(dir: &Path) -> Vec<(PathBuf, u64)> {
     let mut out = Vec::new();
