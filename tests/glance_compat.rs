@@ -169,3 +169,30 @@ fn md5_of(data: &[u8]) -> String {
     h.update(data);
     h.finish()
 }
+
+/// Release 0.1's driver added an index on `last_accessed` that no query
+/// used and every hit paid for: the driver drops it, keeps Glance's table
+/// as it is, and still counts hits.
+#[test]
+fn the_index_of_release_0_1_is_dropped() {
+    let dir = glance_directory();
+    let db = Connection::open(dir.path().join("cache.db")).unwrap();
+    db.execute_batch(
+        "CREATE INDEX cached_images_last_accessed ON cached_images (last_accessed, image_id)",
+    )
+    .unwrap();
+    let indexes = |db: &Connection| -> Vec<String> {
+        let mut q = db
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")
+            .unwrap();
+        q.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    assert_eq!(indexes(&db), ["cached_images_last_accessed"]);
+    let cache = open(dir.path(), &DriverSource::Builtin("sqlite"));
+    cache.read_image("22222222-bbbb", std::io::sink()).unwrap();
+    assert_eq!(indexes(&db), Vec::<String>::new());
+    assert_eq!(cache.get_hit_count("22222222-bbbb").unwrap(), 3);
+}

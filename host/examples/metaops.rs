@@ -7,6 +7,8 @@
 //!
 //! `DIR` is populated once (10,000 images of 16 bytes, with sqlite rows);
 //! each round times every operation, and the best round is printed.
+//! `METAOPS_ONLY=list` times only the operations whose names contain
+//! `list` (for a profiler).
 use std::path::Path;
 use std::time::Instant;
 
@@ -98,6 +100,11 @@ fn main() {
             }),
         ),
     ];
+    let only = std::env::var("METAOPS_ONLY").unwrap_or_default();
+    let ops: Vec<Op> = ops
+        .into_iter()
+        .filter(|(name, _, _)| name.contains(only.as_str()))
+        .collect();
     let mut best = vec![f64::MAX; ops.len()];
     for round in 0..rounds {
         for (k, (_, calls, op)) in ops.iter().enumerate() {

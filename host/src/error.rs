@@ -106,6 +106,18 @@ pub const MAX_ID_LEN: usize = 255;
 /// Applied to every id before the host puts it in a path, and to every id
 /// a driver returns.
 pub fn validate_image_id(id: &str) -> Result<()> {
+    // The common case, checked in one pass over the bytes: printable
+    // ASCII without a separator, and not `.` or `..`.
+    if !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'/' && b != b'\\')
+        && id != "."
+        && id != ".."
+    {
+        return Ok(());
+    }
     let reason = if id.is_empty() {
         "it is empty"
     } else if id.len() > MAX_ID_LEN {

@@ -22,12 +22,13 @@
 //! not counted and other nodes do not see it.
 
 use std::cell::Cell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use driver_common::database::{Connection, DatabaseError, ErrorCode, Value};
-use driver_common::values::{as_f64, as_u64, first_text, text};
+use driver_common::values::{as_u64, first_text, image_rows, size_rows, text};
 use driver_common::{
-    Backend, DriverInfo, Error, FORGET_MISSING_AFTER, Image, Layout, MetadataStore, Options, now,
+    Backend, DriverInfo, Error, FORGET_MISSING_AFTER, IdMap, Image, Layout, MetadataStore, Options,
+    now,
 };
 
 /// The name the host maps to the configured database.
@@ -148,7 +149,7 @@ impl CentralizedStore {
     }
 
     /// Every row of this node: id -> (size, hits, accessed, modified).
-    fn rows(&self) -> Result<HashMap<String, Image>, Error> {
+    fn rows(&self) -> Result<IdMap<Image>, Error> {
         let rows = self
             .db()?
             .query(
@@ -157,22 +158,7 @@ impl CentralizedStore {
                 &[self.node()],
             )
             .map_err(db_error)?;
-        let mut recorded = HashMap::with_capacity(rows.len());
-        for row in rows {
-            if let [Value::Text(id), size, hits, accessed, modified] = &row[..]
-                && let (Some(last_accessed), Some(last_modified)) =
-                    (as_f64(accessed), as_f64(modified))
-            {
-                let image = Image {
-                    size: as_u64(size),
-                    hits: as_u64(hits),
-                    last_accessed,
-                    last_modified,
-                };
-                recorded.insert(id.clone(), image);
-            }
-        }
-        Ok(recorded)
+        Ok(image_rows(rows))
     }
 
     /// Delete this node's rows of `ids`, in batches, in one transaction.
@@ -265,13 +251,7 @@ impl MetadataStore for CentralizedStore {
                 &[self.node()],
             )
             .map_err(db_error)?;
-        let recorded: HashMap<String, u64> = rows
-            .into_iter()
-            .filter_map(|row| match &row[..] {
-                [Value::Text(id), size] => Some((id.clone(), as_u64(size))),
-                _ => None,
-            })
-            .collect();
+        let recorded = size_rows(rows);
         Ok(ids.iter().map(|id| recorded.get(id).copied()).collect())
     }
 

@@ -12,7 +12,7 @@ use crate::layout::{INCOMPLETE, INVALID, QUEUE, remove_if_present};
 use crate::store::{Backend, Image, MetadataStore, Options};
 use crate::{
     CachedImage, CleanReport, DriverInfo, Error, Layout, LruEntry, PruneReport, RemovedFile,
-    io_error, now, validate_image_id,
+    cmp_ids, io_error, now, validate_image_id,
 };
 
 /// Glance's default `image_cache_stall_time`: one day.
@@ -79,7 +79,7 @@ impl State {
             a.image
                 .last_accessed
                 .total_cmp(&b.image.last_accessed)
-                .then_with(|| a.id.cmp(&b.id))
+                .then_with(|| cmp_ids(&a.id, &b.id))
         });
         Ok(images)
     }
@@ -159,7 +159,7 @@ impl<B: Backend> Guest for Driver<B> {
 
     fn get_cached_images() -> Result<Vec<CachedImage>, Error> {
         let mut images = state()?.images()?;
-        images.sort_by(|a, b| a.id.cmp(&b.id));
+        images.sort_unstable_by(|a, b| cmp_ids(&a.id, &b.id));
         Ok(images
             .into_iter()
             .map(|i| CachedImage {
@@ -217,8 +217,11 @@ impl<B: Backend> Guest for Driver<B> {
             .into_iter()
             .filter(|(name, _)| validate_image_id(name).is_ok())
             .collect();
-        markers
-            .sort_by(|(a, ma), (b, mb)| ma.modified.total_cmp(&mb.modified).then_with(|| a.cmp(b)));
+        markers.sort_by(|(a, ma), (b, mb)| {
+            ma.modified
+                .total_cmp(&mb.modified)
+                .then_with(|| cmp_ids(a, b))
+        });
         Ok(markers.into_iter().map(|(name, _)| name).collect())
     }
 

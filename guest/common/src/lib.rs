@@ -25,7 +25,7 @@ mod store;
 pub mod values;
 
 pub use driver::{Driver, saturating_sum, select_victims};
-pub use id::validate_image_id;
+pub use id::{IdMap, cmp_ids, id_map, validate_image_id};
 pub use layout::remove_if_present;
 pub use layout::{Layout, now};
 pub use store::{Backend, FORGET_MISSING_AFTER, Image, MetadataStore, Options};

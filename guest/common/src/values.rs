@@ -2,7 +2,7 @@
 //! They are two WIT types (the database's has a `boolean` case) with the
 //! same numeric and text cases, read the same way by every store.
 
-use crate::{database, sqlite};
+use crate::{IdMap, Image, database, id_map, sqlite};
 
 /// A value of either import.
 pub trait DbValue {
@@ -10,6 +10,7 @@ pub trait DbValue {
     fn real(&self) -> Option<f64>;
     fn as_text(&self) -> Option<&str>;
     fn from_text(s: String) -> Self;
+    fn into_text(self) -> Option<String>;
 }
 
 impl DbValue for sqlite::Value {
@@ -34,6 +35,12 @@ impl DbValue for sqlite::Value {
     fn from_text(s: String) -> Self {
         sqlite::Value::Text(s)
     }
+    fn into_text(self) -> Option<String> {
+        match self {
+            sqlite::Value::Text(t) => Some(t),
+            _ => None,
+        }
+    }
 }
 
 impl DbValue for database::Value {
@@ -57,6 +64,12 @@ impl DbValue for database::Value {
     }
     fn from_text(s: String) -> Self {
         database::Value::Text(s)
+    }
+    fn into_text(self) -> Option<String> {
+        match self {
+            database::Value::Text(t) => Some(t),
+            _ => None,
+        }
     }
 }
 
@@ -87,4 +100,42 @@ pub fn first_text<V: DbValue>(rows: &[Vec<V>]) -> Option<String> {
         .and_then(V::as_text)
         .filter(|t| !t.is_empty())
         .map(str::to_string)
+}
+
+/// Rows of `image_id, size, hits, last_accessed, last_modified`, by id. A
+/// row without usable times is left out: the driver then asks the file.
+pub fn image_rows<V: DbValue>(rows: Vec<Vec<V>>) -> IdMap<Image> {
+    let mut recorded = id_map(rows.len());
+    for row in rows {
+        let mut row = row.into_iter();
+        let (Some(id), Some(size), Some(hits), Some(accessed), Some(modified)) =
+            (row.next(), row.next(), row.next(), row.next(), row.next())
+        else {
+            continue;
+        };
+        if let (Some(id), Some(last_accessed), Some(last_modified)) =
+            (id.into_text(), as_f64(&accessed), as_f64(&modified))
+        {
+            let image = Image {
+                size: as_u64(&size),
+                hits: as_u64(&hits),
+                last_accessed,
+                last_modified,
+            };
+            recorded.insert(id, image);
+        }
+    }
+    recorded
+}
+
+/// Rows of `image_id, size`, by id.
+pub fn size_rows<V: DbValue>(rows: Vec<Vec<V>>) -> IdMap<u64> {
+    let mut recorded = id_map(rows.len());
+    for row in rows {
+        let mut row = row.into_iter();
+        if let (Some(id), Some(size)) = (row.next().and_then(V::into_text), row.next()) {
+            recorded.insert(id, as_u64(&size));
+        }
+    }
+    recorded
 }

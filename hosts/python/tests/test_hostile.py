@@ -154,7 +154,9 @@ def test_a_runaway_query_is_stopped_at_the_deadline(scene):
 def test_a_lock_never_waits_past_the_deadline(scene):
     started = time.monotonic()
     m = scene.fault("lock-forever")
-    assert "deadline" in m and "TimedOut" in m, m
+    # The lock gives up at the deadline (TimedOut); the epoch may stop the
+    # guest's next instruction first. Either way: a deadline fault, on time.
+    assert "deadline" in m, m
     assert time.monotonic() - started < DEADLINE + 3
 
 
