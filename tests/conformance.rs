@@ -5,7 +5,7 @@
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
-use image_cache::{Checksum, DriverSource, Error};
+use image_cache::{Checksum, DriverSource, Error, ReadRecord};
 use image_cache_tests::{TestCache, age_file, cached_ids, for_each_driver, image_bytes, lru_ids};
 
 const KIB: usize = 1024;
@@ -39,6 +39,7 @@ for_each_driver!(
     concurrent_reads_never_lose_a_hit,
     rereading_moves_an_image_to_the_back_of_the_lru,
     a_read_reports_the_recorded_checksum,
+    reads_recorded_in_a_batch_count_as_hits,
 );
 
 fn caches_an_image(driver: &DriverSource) {
@@ -554,4 +555,39 @@ fn a_read_reports_the_recorded_checksum(driver: &DriverSource) {
     assert_eq!(reader.checksum().unwrap(), None);
     reader.finish().unwrap();
     assert_eq!(t.cache.get_hit_count("plain").unwrap(), 1);
+}
+
+/// `record-reads` (a server's batched hits): each read of a cached image
+/// is a hit at its own time, as `finish` would record it; reads of images
+/// that are not cached are skipped and create nothing.
+fn reads_recorded_in_a_batch_count_as_hits(driver: &DriverSource) {
+    let t = TestCache::new(driver);
+    t.put("a", &image_bytes(1, KIB));
+    t.put("b", &image_bytes(2, KIB));
+    let read = |id: &str, accessed: f64| ReadRecord {
+        image_id: id.to_string(),
+        accessed,
+    };
+    let recorded = t
+        .cache
+        .record_reads(&[
+            read("a", 2_000_000_000.0),
+            read("missing", 2_000_000_001.0),
+            read("a", 2_000_000_002.5),
+            read("b", 2_000_000_003.0),
+        ])
+        .unwrap();
+    assert_eq!(recorded, 3);
+    assert_eq!(t.cache.get_hit_count("a").unwrap(), 2);
+    assert_eq!(t.cache.get_hit_count("b").unwrap(), 1);
+    assert!(!t.cache.is_cached("missing").unwrap());
+    let images = t.cache.get_cached_images().unwrap();
+    let seen: Vec<_> = images
+        .iter()
+        .map(|i| (i.image_id.as_str(), i.hits, i.last_accessed))
+        .collect();
+    assert_eq!(seen, [("a", 2, 2_000_000_002.5), ("b", 1, 2_000_000_003.0)]);
+    // The LRU order follows the recorded times.
+    assert_eq!(lru_ids(&t.cache, 2), ["a", "b"]);
+    assert_eq!(t.cache.record_reads(&[]).unwrap(), 0);
 }

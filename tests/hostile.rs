@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use image_cache::{
-    CacheConfig, Capability, DriverSource, Error, Grants, ImageCache, Limits, LoadPolicy, Runtime,
+    CacheConfig, Capability, DriverSource, Error, Grants, ImageCache, Limits, LoadPolicy,
+    ReadRecord, Runtime,
 };
 use image_cache_tests::fixture;
 
@@ -136,13 +137,35 @@ fn a_driver_that_returns_garbage_is_discarded() {
         }
         other => panic!("expected a contract fault, got {other:?}"),
     }
+    let reads = |ids: &[&str]| -> Vec<ReadRecord> {
+        ids.iter()
+            .map(|id| ReadRecord {
+                image_id: id.to_string(),
+                accessed: 1.7e9,
+            })
+            .collect()
+    };
+    match cache.record_reads(&reads(&["a", "record-reads-overcount"])) {
+        Err(Error::DriverFault { message, .. }) => {
+            assert!(
+                message.contains("record-reads recorded 3 reads of the 2 it was given"),
+                "{message}"
+            )
+        }
+        other => panic!("expected a contract fault, got {other:?}"),
+    }
+    // An invalid id never reaches the driver.
+    assert!(matches!(
+        cache.record_reads(&reads(&["a", "../x"])),
+        Err(Error::InvalidImageId(_))
+    ));
     assert_eq!(
         cache
             .runtime()
             .stats
             .instances_discarded
             .load(Ordering::Relaxed),
-        discarded + 2
+        discarded + 3
     );
     assert!(!cache.is_cached("benign").unwrap());
 }

@@ -1592,6 +1592,32 @@ fn sigterm_lets_in_flight_responses_finish() {
     assert!(TcpStream::connect(addr).is_err());
 }
 
+/// Hits are recorded by the driver in batches (one `record-reads` call per
+/// batch): the cache API shows every one at once, and none is lost when
+/// the server stops right after the downloads.
+#[test]
+fn batched_hits_are_all_recorded_by_shutdown() {
+    let store = tempfile::tempdir().unwrap();
+    let bytes = image_bytes(5, 4096);
+    fs::write(store.path().join("small"), &bytes).unwrap();
+    let mut s = Server::start(&["--upstream", store.path().to_str().unwrap()]);
+    assert_eq!(get(s.addr, "/v2/images/small/file").body, bytes);
+    s.wait_cached("small");
+    for _ in 0..20 {
+        assert_eq!(get(s.addr, "/v2/images/small/file").body, bytes);
+    }
+    // The management API flushes the batch before it reads.
+    assert_eq!(s.cached()[0]["hits"].as_u64().unwrap(), 20);
+    for _ in 0..30 {
+        assert_eq!(get(s.addr, "/v2/images/small/file").body, bytes);
+    }
+    let root = s.root();
+    let (status, log) = s.stop();
+    assert!(status.success(), "exit {status:?}\n{log}");
+    let cache = image_cache_tests::open(&root, &image_cache::DriverSource::Builtin("sqlite"));
+    assert_eq!(cache.get_hit_count("small").unwrap(), 50, "{log}");
+}
+
 #[test]
 fn sigterm_past_the_grace_period_aborts_the_fetch_and_leaves_no_image() {
     let bytes = image_bytes(8, 4 << 20);

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::bindings::types::{CachedImage, CleanReport, LruEntry, PruneReport};
+use crate::bindings::types::{CachedImage, CleanReport, LruEntry, PruneReport, ReadRecord};
 use crate::checksum::{Checksum, Hasher};
 use crate::database::DatabaseRoot;
 use crate::driver::{Driver, Placement, Session};
@@ -388,6 +388,17 @@ impl ImageCache {
 
     pub fn get_cached_images(&self) -> Result<Vec<CachedImage>> {
         self.run(|d| d.get_cached_images())
+    }
+
+    /// Record reads that completed in sessions dropped without
+    /// [`ImageReader::finish`], in one driver call (a server batches its
+    /// hits this way): hits + 1 and last accessed at each read's time, for
+    /// each image that is still cached. How many were recorded.
+    pub fn record_reads(&self, reads: &[ReadRecord]) -> Result<u64> {
+        if reads.is_empty() {
+            return Ok(0);
+        }
+        self.run(|d| d.record_reads(reads))
     }
 
     pub fn is_cached(&self, id: &str) -> Result<bool> {

@@ -23,7 +23,9 @@ use wasmtime::component::{Resource, ResourceAny};
 
 use crate::bindings::Driver as Bindings;
 use crate::bindings::cache_driver::Guest;
-use crate::bindings::types::{CachedImage, CleanReport, DriverInfo, LruEntry, PruneReport};
+use crate::bindings::types::{
+    CachedImage, CleanReport, DriverInfo, LruEntry, PruneReport, ReadRecord,
+};
 use crate::database::DatabaseRoot;
 use crate::error::{Error, Result, validate_image_id};
 use crate::fs::{FileIdentity, OpenFile, RootFs};
@@ -350,6 +352,27 @@ impl Driver {
 
     pub fn get_hit_count(&self, id: &str) -> Result<u64> {
         self.call(|g, s| g.call_get_hit_count(s, id))
+    }
+
+    /// `record-reads`: ids are checked first; a driver that claims more
+    /// reads than it was given broke the contract.
+    pub fn record_reads(&self, reads: &[ReadRecord]) -> Result<u64> {
+        for read in reads {
+            validate_image_id(&read.image_id)?;
+        }
+        self.call_checked(
+            |g, s| g.call_record_reads(s, reads),
+            |&recorded| {
+                if recorded > reads.len() as u64 {
+                    Err(format!(
+                        "record-reads recorded {recorded} reads of the {} it was given",
+                        reads.len()
+                    ))
+                } else {
+                    Ok(())
+                }
+            },
+        )
     }
 
     pub fn get_cached_images(&self) -> Result<Vec<CachedImage>> {

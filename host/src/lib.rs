@@ -32,7 +32,7 @@ pub mod sqlite;
 pub mod xattr;
 
 pub use bindings::types::{
-    CachedImage, CleanReport, DriverInfo, LruEntry, PruneReport, RemovedFile,
+    CachedImage, CleanReport, DriverInfo, LruEntry, PruneReport, ReadRecord, RemovedFile,
 };
 pub use cache::{CacheConfig, ImageCache, ImageReader, ImageWriter, RollbackPolicy, TeeReport};
 pub use checksum::{Algorithm, Checksum};

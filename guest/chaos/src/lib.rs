@@ -19,7 +19,9 @@ use driver_common::bindings::exports::image_cache::driver::cache_driver::{
 };
 use driver_common::fs::{self, File};
 use driver_common::sqlite::{Connection, Value};
-use driver_common::{CachedImage, CleanReport, DriverInfo, Error, LruEntry, PruneReport, xattr};
+use driver_common::{
+    CachedImage, CleanReport, DriverInfo, Error, LruEntry, PruneReport, ReadRecord, xattr,
+};
 
 /// Import calls per `is-cached`.
 const CALLS: u32 = 200;
@@ -303,6 +305,10 @@ impl Guest for Chaos {
     }
 
     fn get_hit_count(_image_id: String) -> Result<u64, Error> {
+        Ok(0)
+    }
+
+    fn record_reads(_reads: Vec<ReadRecord>) -> Result<u64, Error> {
         Ok(0)
     }
 

@@ -11,8 +11,8 @@ use crate::fs::{self, ErrorCode, File};
 use crate::layout::{INCOMPLETE, INVALID, QUEUE, remove_if_present};
 use crate::store::{Backend, Image, MetadataStore, Options};
 use crate::{
-    CachedImage, CleanReport, DriverInfo, Error, Layout, LruEntry, PruneReport, RemovedFile,
-    cmp_ids, io_error, now, validate_image_id,
+    CachedImage, CleanReport, DriverInfo, Error, Layout, LruEntry, PruneReport, ReadRecord,
+    RemovedFile, cmp_ids, io_error, now, validate_image_id,
 };
 
 /// Glance's default `image_cache_stall_time`: one day.
@@ -155,6 +155,14 @@ impl<B: Backend> Guest for Driver<B> {
                 Ok(0)
             }
         })
+    }
+
+    fn record_reads(reads: Vec<ReadRecord>) -> Result<u64, Error> {
+        for read in &reads {
+            validate_image_id(&read.image_id)?;
+        }
+        let state = state()?;
+        state.store.record_reads(&state.layout, &reads)
     }
 
     fn get_cached_images() -> Result<Vec<CachedImage>, Error> {

@@ -31,7 +31,7 @@ pub use layout::{Layout, now};
 pub use store::{Backend, FORGET_MISSING_AFTER, Image, MetadataStore, Options};
 
 pub use bindings::image_cache::driver::types::{
-    CachedImage, CleanReport, DriverInfo, Error, LruEntry, PruneReport, RemovedFile,
+    CachedImage, CleanReport, DriverInfo, Error, LruEntry, PruneReport, ReadRecord, RemovedFile,
 };
 pub use bindings::image_cache::driver::{database, fs, sqlite, xattr};
 

@@ -98,6 +98,32 @@ pub trait MetadataStore {
     /// `file` is the file that was read. Must not lose increments when
     /// several instances read at once.
     fn record_read(&self, id: &str, file: &crate::fs::File, now: f64) -> Result<(), Error>;
+    /// `record-reads`: reads completed without `finish`, each at its own
+    /// time; only ids that `layout` says are cached images count. How many
+    /// were recorded. Stores that can record many in one transaction
+    /// should; this default opens each image and records it as `finish`.
+    fn record_reads(
+        &self,
+        layout: &crate::Layout,
+        reads: &[crate::ReadRecord],
+    ) -> Result<u64, Error> {
+        let mut recorded = 0;
+        for read in reads {
+            if !layout.is_image_name(&read.image_id) {
+                continue;
+            }
+            let Ok(file) = crate::fs::open(&crate::Layout::image(&read.image_id)) else {
+                continue; // not cached (any more)
+            };
+            match file.metadata() {
+                Ok(m) if m.kind == crate::fs::EntryKind::RegularFile => {}
+                _ => continue,
+            }
+            self.record_read(&read.image_id, &file, read.accessed)?;
+            recorded += 1;
+        }
+        Ok(recorded)
+    }
     /// The checksum recorded by `record_commit` for the cached image `id`,
     /// whose open file is `file`; `None` when none was recorded.
     fn checksum(&self, _id: &str, _file: &crate::fs::File) -> Result<Option<String>, Error> {

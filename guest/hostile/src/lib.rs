@@ -39,7 +39,9 @@ use driver_common::bindings::exports::image_cache::driver::cache_driver::{
 };
 use driver_common::fs::{self, ErrorCode, File};
 use driver_common::sqlite::Connection;
-use driver_common::{CachedImage, CleanReport, DriverInfo, Error, LruEntry, PruneReport, xattr};
+use driver_common::{
+    CachedImage, CleanReport, DriverInfo, Error, LruEntry, PruneReport, ReadRecord, xattr,
+};
 
 struct Hostile;
 
@@ -202,6 +204,14 @@ impl Guest for Hostile {
     }
 
     fn get_hit_count(_image_id: String) -> Result<u64, Error> {
+        Ok(0)
+    }
+
+    fn record_reads(reads: Vec<ReadRecord>) -> Result<u64, Error> {
+        if reads.iter().any(|r| r.image_id == "record-reads-overcount") {
+            // Garbage: more reads recorded than were given.
+            return Ok(reads.len() as u64 + 1);
+        }
         Ok(0)
     }
 

@@ -10,7 +10,9 @@
 
 use driver_common::sqlite::{Connection, SqliteError, Value};
 use driver_common::values::{as_u64, first_text, image_rows, size_rows, text};
-use driver_common::{Backend, DriverInfo, Error, Image, Layout, MetadataStore, Options};
+use driver_common::{
+    Backend, DriverInfo, Error, Image, Layout, MetadataStore, Options, ReadRecord,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS cached_images (
@@ -34,6 +36,44 @@ fn db_error(e: SqliteError) -> Error {
 }
 
 impl SqliteStore {
+    /// A read of `id` completed at `now`: hits + 1, last accessed `now`.
+    /// False if the image has neither a row nor a file.
+    fn bump(&self, id: &str, now: f64) -> Result<bool, Error> {
+        // One statement: SQLite serialises it, so concurrent readers in
+        // other instances never lose an increment.
+        let changed = self
+            .db
+            .execute(
+                "UPDATE cached_images SET hits = MIN(hits, 9223372036854775806) + 1, last_accessed = ? \
+                 WHERE image_id = ?",
+                &[Value::Real(now), text(id)],
+            )
+            .map_err(db_error)?;
+        if changed > 0 {
+            return Ok(true);
+        }
+        // A file with no row (written by a crashed writer, or copied in).
+        let layout = Layout::new(&self.db_name);
+        let Some(meta) = layout.cached(id)? else {
+            return Ok(false);
+        };
+        self.db
+            .execute(
+                "INSERT INTO cached_images (image_id, last_accessed, last_modified, size, hits) \
+                 VALUES (?, ?, ?, ?, 1) \
+                 ON CONFLICT(image_id) DO UPDATE SET hits = MIN(hits, 9223372036854775806) + 1, \
+                 last_accessed = excluded.last_accessed",
+                &[
+                    text(id),
+                    Value::Real(now),
+                    Value::Real(meta.modified),
+                    Value::Integer(meta.size as i64),
+                ],
+            )
+            .map_err(db_error)?;
+        Ok(true)
+    }
+
     /// Run `body` in one write transaction, rolled back if it fails.
     fn transaction(&self, body: impl FnOnce() -> Result<(), Error>) -> Result<(), Error> {
         self.db.execute("BEGIN IMMEDIATE", &[]).map_err(db_error)?;
@@ -160,34 +200,23 @@ impl MetadataStore for SqliteStore {
         _file: &driver_common::fs::File,
         now: f64,
     ) -> Result<(), Error> {
-        // One statement: SQLite serialises it, so concurrent readers in
-        // other instances never lose an increment.
-        let changed = self
-            .db
-            .execute(
-                "UPDATE cached_images SET hits = MIN(hits, 9223372036854775806) + 1, last_accessed = ? \
-                 WHERE image_id = ?",
-                &[Value::Real(now), text(id)],
-            )
-            .map_err(db_error)?;
-        if changed == 0 {
-            // A file with no row (written by a crashed writer, or copied in).
-            let layout = Layout::new(&self.db_name);
-            let (size, modified) = match layout.cached(id)? {
-                Some(m) => (m.size, m.modified),
-                None => return Ok(()),
-            };
-            self.db
-                .execute(
-                    "INSERT INTO cached_images (image_id, last_accessed, last_modified, size, hits) \
-                     VALUES (?, ?, ?, ?, 1) \
-                     ON CONFLICT(image_id) DO UPDATE SET hits = MIN(hits, 9223372036854775806) + 1, \
-                     last_accessed = excluded.last_accessed",
-                    &[text(id), Value::Real(now), Value::Real(modified), Value::Integer(size as i64)],
-                )
-                .map_err(db_error)?;
-        }
-        Ok(())
+        self.bump(id, now).map(|_| ())
+    }
+
+    fn record_reads(&self, layout: &Layout, reads: &[ReadRecord]) -> Result<u64, Error> {
+        // One transaction for the batch: one WAL commit for many hits.
+        let mut recorded = 0;
+        self.transaction(|| {
+            for read in reads {
+                if layout.is_image_name(&read.image_id)
+                    && self.bump(&read.image_id, read.accessed)?
+                {
+                    recorded += 1;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(recorded)
     }
 
     fn record_abort(&self, id: &str, _reason: &str) -> Result<(), Error> {

@@ -93,10 +93,14 @@ pub async fn prune_once(app: &Arc<App>) -> Result<Value, ApiError> {
     let max_size = app.tunables.read().unwrap().max_size;
     let started = Instant::now();
     let app2 = app.clone();
-    let report = tokio::task::spawn_blocking(move || app2.cache.prune(max_size))
-        .await
-        .map_err(|e| ApiError::internal(format!("prune task: {e}")))?
-        .map_err(|e| app.library_error(e, "prune"))?;
+    let report = tokio::task::spawn_blocking(move || {
+        // LRU order from every access counted so far.
+        app2.hits.flush();
+        app2.cache.prune(max_size)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("prune task: {e}")))?
+    .map_err(|e| app.library_error(e, "prune"))?;
     let files = report.removed.len() as u64;
     add(&app.metrics.evictions, files);
     add(&app.metrics.evicted_bytes, report.bytes_removed);

@@ -35,7 +35,13 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&App) -> image_cache::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
     let app2 = app.clone();
-    match tokio::task::spawn_blocking(move || f(&app2)).await {
+    // Hits and access times must include every download counted so far.
+    match tokio::task::spawn_blocking(move || {
+        app2.hits.flush();
+        f(&app2)
+    })
+    .await
+    {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(app.library_error(e, what)),
         Err(e) => Err(ApiError::internal(format!("{what} task: {e}"))),

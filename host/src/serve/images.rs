@@ -5,8 +5,9 @@
 //! the connection front ([`sendfile`](super::sendfile)) before they reach
 //! here; this module answers the rest (`HEAD`, HTTP/1.0, misses, errors):
 //! cached bodies are read with large reads on the blocking pool and
-//! handed to hyper as `Bytes`. The hit is counted (the read session
-//! finished) once the last byte went out; a client that goes away earlier
+//! handed to hyper as `Bytes`. The read session ends as soon as the file
+//! is open; the hit is counted once the last byte went out (and recorded
+//! by the driver in a batch, see `hits`); a client that goes away earlier
 //! counts nothing.
 
 use std::fs::File;
@@ -19,7 +20,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream;
-use image_cache::{Error, ImageReader};
+use image_cache::Error;
 use tracing::{debug, warn};
 
 use super::metrics::{InFlight, add, inc};
@@ -307,7 +308,7 @@ pub fn parse_range(value: Option<&str>, size: u64) -> RangeRequest {
 
 /// A cached image opened for a download.
 pub struct Opened {
-    pub reader: ImageReader,
+    pub id: String,
     pub file: File,
     pub size: u64,
     pub range: RangeRequest,
@@ -329,6 +330,10 @@ pub fn open_cached(app: &App, id: &str, range: Option<String>) -> Result<Opened,
     let meta = file.metadata().map_err(io_err)?;
     let size = meta.len();
     let checksum = app.checksums.get(id, &meta, || reader.checksum())?;
+    // The session ends here, unfinished: the download reads its own
+    // descriptor, and the hit goes to the batch recorder once every byte
+    // is out (`record-reads`). The driver instance is free at once.
+    drop(reader);
     let range = parse_range(range.as_deref(), size);
     if let Some((start, end)) = range.span(size)
         && end - start > READAHEAD_FROM
@@ -347,7 +352,7 @@ pub fn open_cached(app: &App, id: &str, range: Option<String>) -> Result<Opened,
         }
     }
     Ok(Opened {
-        reader,
+        id: id.to_string(),
         file,
         size,
         range,
@@ -361,7 +366,8 @@ const READAHEAD_FROM: u64 = 1 << 20;
 /// Checksums of image files already seen, keyed by id and checked against
 /// the file (device, inode, size, modification time): a published image
 /// file never changes, and an image cached again is a new file. Serving a
-/// cached image then takes only `open-for-read` and `finish`.
+/// cached image then takes only `open-for-read` (and its hit a share of one
+/// batched `record-reads`).
 #[derive(Default)]
 pub struct Checksums {
     known: std::sync::Mutex<std::collections::HashMap<String, (FileKey, Option<String>)>>,
@@ -518,15 +524,14 @@ async fn try_cached(
     };
     let headers = hit_headers(&opened);
     let partial = matches!(opened.range, RangeRequest::Part(..));
-    let Opened { reader, file, .. } = opened;
+    let Opened { id, file, .. } = opened;
     let mut response = if head {
-        // No body, no hit: the read session ends uncounted.
-        drop(reader);
+        // No body, no hit.
         Response::new(Body::empty())
     } else {
         Response::new(Body::from_stream(cached_stream(
             app.clone(),
-            reader,
+            id,
             file,
             first,
             start,
@@ -556,7 +561,8 @@ fn read_up_to(file: &mut File, buf: &mut Vec<u8>, n: u64) -> io::Result<()> {
 
 struct CachedState {
     app: Arc<App>,
-    reader: Option<ImageReader>,
+    /// The image, until its hit is counted or the download failed.
+    id: Option<String>,
     file: Option<File>,
     first: Option<Bytes>,
     pos: u64,
@@ -566,33 +572,23 @@ struct CachedState {
 
 /// hyper stops polling a body once `Content-Length` bytes went out and
 /// drops it: the hit is counted then, when every byte was handed to hyper.
-/// Dropped earlier (the client left, a read failed), the read session ends
-/// without a hit.
+/// Dropped earlier (the client left, a read failed), there is no hit.
 impl Drop for CachedState {
     fn drop(&mut self) {
-        let Some(mut reader) = self.reader.take() else {
+        let Some(id) = self.id.take() else {
             return;
         };
         if self.pos < self.end || self.first.as_ref().is_some_and(|f| !f.is_empty()) {
             return;
         }
-        let app = self.app.clone();
-        let mut finish = move || match reader.finish() {
-            Ok(()) => inc(&app.metrics.hits),
-            Err(e) => app.note_driver_error(&e, "finish-read"),
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn_blocking(finish);
-            }
-            Err(_) => finish(),
-        }
+        self.app.hits.completed(&id);
+        inc(&self.app.metrics.hits);
     }
 }
 
 fn cached_stream(
     app: Arc<App>,
-    reader: ImageReader,
+    id: String,
     file: File,
     first: Bytes,
     start: u64,
@@ -601,7 +597,7 @@ fn cached_stream(
     let state = CachedState {
         _in_flight: InFlight::new(&app.metrics),
         app,
-        reader: Some(reader),
+        id: Some(id),
         file: Some(file),
         first: Some(first),
         pos: start,
@@ -635,13 +631,13 @@ fn cached_stream(
                     inc(&s.app.metrics.responses_aborted);
                     warn!(error = %e, "reading a cached image failed; aborting the response");
                     s.pos = s.end;
-                    s.reader = None;
+                    s.id = None;
                     Some((Err(e), s))
                 }
                 Err(e) => {
                     inc(&s.app.metrics.responses_aborted);
                     s.pos = s.end;
-                    s.reader = None;
+                    s.id = None;
                     Some((Err(io::Error::other(e.to_string())), s))
                 }
             };

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub clean_runs: AtomicU64,
     pub responses_aborted: AtomicU64,
     pub sendfile_responses: AtomicU64,
+    pub hits_unrecorded: AtomicU64,
     pub in_flight: AtomicI64,
     pub flights_active: AtomicI64,
 }
@@ -204,6 +205,11 @@ impl Metrics {
                 "image_cache_sendfile_responses_total",
                 "Downloads of cached images sent whole with sendfile(2).",
                 get(&self.sendfile_responses),
+            ),
+            (
+                "image_cache_hits_unrecorded_total",
+                "Hits counted by the server that the driver failed to record.",
+                get(&self.hits_unrecorded),
             ),
         ];
         let stats = &cache.runtime().stats;

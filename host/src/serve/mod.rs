@@ -18,6 +18,7 @@
 mod auth;
 mod background;
 mod cache_api;
+mod hits;
 mod images;
 mod metrics;
 mod sendfile;
@@ -316,6 +317,8 @@ pub struct App {
     /// Recorded checksums of the image files served.
     pub checksums: images::Checksums,
     pub metrics: Arc<Metrics>,
+    /// Hits of completed downloads, recorded in batches.
+    pub hits: Arc<hits::Hits>,
     pub tokens: Tokens,
     pub tunables: RwLock<Tunables>,
     pub intervals: Intervals,
@@ -745,13 +748,15 @@ pub fn run(
             window: args.rollback_window,
         }));
     }
+    let metrics = Arc::new(Metrics::default());
     let app = Arc::new(App {
+        hits: Arc::new(hits::Hits::new(cache.clone(), metrics.clone())),
+        metrics,
         cache,
         upstream,
         upstream_token,
         flights: Default::default(),
         checksums: Default::default(),
-        metrics: Arc::new(Metrics::default()),
         tokens,
         tunables: RwLock::new(Tunables {
             max_size: args.max_size.unwrap_or(settings.max_size),
@@ -830,6 +835,10 @@ async fn serve(
         let _ = out.flush();
     }
 
+    let recorder = app
+        .hits
+        .spawn()
+        .map_err(|e| Failure::op("io", format!("starting the hit recorder: {e}")))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     background::spawn(&app, stop_rx.clone());
 
@@ -901,6 +910,9 @@ async fn serve(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    // Every hit counted goes to the driver before the process ends.
+    app.hits.stop();
+    let _ = tokio::task::spawn_blocking(move || recorder.join()).await;
     info!("stopped");
     Ok(())
 }

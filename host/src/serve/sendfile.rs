@@ -14,7 +14,7 @@
 //! connection from then on.
 //!
 //! What holds on this path as on hyper's: the token check, id
-//! validation, one `open-for-read` and one `finish` per download, the
+//! validation, one `open-for-read` per download (its hit batched), the
 //! hit counted only when every byte went to the socket, the fetch shared
 //! by every client and never stopped by one leaving, a failed fetch
 //! cutting the response short, the client timeout on reads and writes,
@@ -33,7 +33,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use bytes::{Buf, BytesMut};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::Watcher;
-use image_cache::{Error, ImageReader};
+use image_cache::Error;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -220,7 +220,7 @@ fn parse(buf: &[u8]) -> Parsed {
 
 /// An open cached image and the answer's head.
 struct Hit {
-    reader: ImageReader,
+    id: String,
     file: std::fs::File,
     start: u64,
     end: u64,
@@ -283,7 +283,7 @@ async fn open_hit(app: &Arc<App>, head: &Head) -> Opened {
     };
     let headers = images::hit_headers(&opened);
     Opened::Hit(Box::new(Hit {
-        reader: opened.reader,
+        id: opened.id,
         file: opened.file,
         start,
         end,
@@ -493,7 +493,7 @@ async fn send(
 ) -> (u16, io::Result<()>) {
     let app = &front.app;
     let Hit {
-        mut reader,
+        id,
         file,
         start,
         end,
@@ -517,11 +517,10 @@ async fn send(
     match &result {
         Ok(()) => {
             inc(&app.metrics.sendfile_responses);
-            // Every byte went to the socket: the read is complete.
-            tokio::task::block_in_place(|| match reader.finish() {
-                Ok(()) => inc(&app.metrics.hits),
-                Err(e) => app.note_driver_error(&e, "finish-read"),
-            });
+            // Every byte went to the socket: the read is complete, and
+            // its hit goes to the batch recorder.
+            app.hits.completed(&id);
+            inc(&app.metrics.hits);
         }
         // The client went away or stalled: no hit.
         Err(_) => inc(&app.metrics.responses_aborted),
