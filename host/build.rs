@@ -37,7 +37,13 @@ fn main() {
         "cargo::rerun-if-changed={}",
         manifest_dir.join("build.rs").display()
     );
-    for path in ["wit", "guest/Cargo.toml", "guest/Cargo.lock"] {
+    for path in [
+        "wit",
+        "guest/Cargo.toml",
+        "guest/Cargo.lock",
+        "image-id/Cargo.toml",
+        "image-id/src",
+    ] {
         println!("cargo::rerun-if-changed={}", root.join(path).display());
     }
     for entry in std::fs::read_dir(&guest).unwrap().flatten() {

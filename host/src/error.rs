@@ -98,45 +98,14 @@ impl Error {
     }
 }
 
-/// Longest image id, in bytes (a file name's limit on Linux).
-pub const MAX_ID_LEN: usize = 255;
-
-/// The host's own check of an image id (SPEC.md): not empty, at most 255
+/// The host's own check of an image id (SPEC.md; the rule in the
+/// `image-id` crate, shared with the drivers): not empty, at most 255
 /// bytes, not `.` or `..`, no `/`, `\`, NUL or other control character.
 /// Applied to every id before the host puts it in a path, and to every id
 /// a driver returns.
 pub fn validate_image_id(id: &str) -> Result<()> {
-    // The common case, checked in one pass over the bytes: printable
-    // ASCII without a separator, and not `.` or `..`.
-    if !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id
-            .bytes()
-            .all(|b| (0x20..0x7f).contains(&b) && b != b'/' && b != b'\\')
-        && id != "."
-        && id != ".."
-    {
-        return Ok(());
+    match image_id::problem(id) {
+        None => Ok(()),
+        Some(reason) => Err(Error::InvalidImageId(image_id::refusal(id, reason))),
     }
-    let reason = if id.is_empty() {
-        "it is empty"
-    } else if id.len() > MAX_ID_LEN {
-        "it is longer than 255 bytes"
-    } else if id == "." || id == ".." {
-        "it is a relative directory name"
-    } else if id.contains(['/', '\\']) {
-        "it contains a path separator"
-    } else if id.chars().any(char::is_control) {
-        "it contains a control character"
-    } else {
-        return Ok(());
-    };
-    // As the drivers quote it: the first 64 characters, escaped.
-    let mut shown: String = id.chars().take(64).collect();
-    if shown.len() < id.len() {
-        shown.push_str("...");
-    }
-    Err(Error::InvalidImageId(format!(
-        "invalid image id {shown:?}: {reason}"
-    )))
 }
