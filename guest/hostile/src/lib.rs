@@ -30,6 +30,8 @@
 //! by the test) and reports a checksum with a header injected into it.
 //! `get-queued-images` returns an id with a path in it when `queue-image`
 //! was called with `bad-ids` first.
+//! `record-reads` claims one read more than it was given when one of the
+//! ids is `record-reads-overcount` (and records nothing otherwise).
 
 use std::cell::RefCell;
 use std::hint::black_box;
