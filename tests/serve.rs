@@ -201,6 +201,16 @@ fn dechunk(mut rest: &[u8]) -> (Vec<u8>, bool) {
     }
 }
 
+/// Send `raw` on a new connection and read the one response until the
+/// server closes it (HTTP/1.0).
+fn one_exchange(addr: SocketAddr, raw: &[u8]) -> Resp {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.write_all(raw).unwrap();
+    let mut answer = Vec::new();
+    c.read_to_end(&mut answer).unwrap();
+    parse_response(&answer, false).unwrap()
+}
+
 fn get(addr: SocketAddr, path: &str) -> Resp {
     request(addr, "GET", path, &[], b"")
 }
@@ -726,12 +736,7 @@ fn kept_alive_connections_mix_sendfile_downloads_and_other_requests() {
     );
     assert_eq!(r416.status, 416);
     // HTTP/1.0 is hyper's.
-    let mut c = TcpStream::connect(s.addr).unwrap();
-    c.write_all(b"GET /v2/images/ka/file HTTP/1.0\r\n\r\n")
-        .unwrap();
-    let mut raw = Vec::new();
-    c.read_to_end(&mut raw).unwrap();
-    let old = parse_response(&raw, false).unwrap();
+    let old = one_exchange(s.addr, b"GET /v2/images/ka/file HTTP/1.0\r\n\r\n");
     assert_eq!(old.status, 200);
     assert!(old.body == bytes, "HTTP/1.0 body differs");
 
@@ -911,12 +916,10 @@ fn ranges_on_a_miss_are_served_from_the_fetch() {
     assert_eq!(part.header("content-md5"), None);
     assert_eq!(part.body, &bytes[100..200]);
     // While the fetch goes on: the tail, through hyper's path.
-    let mut c = TcpStream::connect(s.addr).unwrap();
-    c.write_all(b"GET /v2/images/ranged/file HTTP/1.0\r\nRange: bytes=-1000\r\n\r\n")
-        .unwrap();
-    let mut raw = Vec::new();
-    c.read_to_end(&mut raw).unwrap();
-    let tail = parse_response(&raw, false).unwrap();
+    let tail = one_exchange(
+        s.addr,
+        b"GET /v2/images/ranged/file HTTP/1.0\r\nRange: bytes=-1000\r\n\r\n",
+    );
     assert_eq!(tail.status, 206);
     assert_eq!(tail.body, &bytes[size - 1000..]);
     let past = request(

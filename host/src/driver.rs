@@ -773,33 +773,21 @@ impl Session {
                 self.id
             )));
         };
-        let lent = match instance.store.data_mut().table.push(file) {
-            Ok(lent) => lent,
-            Err(e) => {
-                let fault = self.driver.fault(e.into());
-                self.resource = None;
-                return self.release(instance, resource, Err(fault)).map(|()| None);
+        let result = match self.lend_file(&mut instance, file, |g, s, f| {
+            g.read_session().call_checksum(s, resource, f)
+        }) {
+            Ok((result, Ok(file))) => {
+                self.file = Some(file);
+                result.and_then(|c| match c {
+                    Some(c) if !usable_checksum(&c) => Err(self.driver.broke(format!(
+                        "it broke the driver contract: the checksum of {:?} is not a short token of letters, digits and +/=_:-",
+                        self.id
+                    ))),
+                    c => Ok(c),
+                })
             }
+            Ok((_, Err(fault))) | Err(fault) => Err(fault),
         };
-        let borrowed = Resource::<OpenFile>::new_borrow(lent.rep());
-        let result = self.driver.guarded(&mut instance, |g, s| {
-            g.read_session().call_checksum(s, resource, borrowed)
-        });
-        match instance.store.data_mut().table.delete(lent) {
-            Ok(file) => self.file = Some(file),
-            Err(e) => {
-                let fault = self.driver.fault(e.into());
-                self.resource = None;
-                return self.release(instance, resource, Err(fault)).map(|()| None);
-            }
-        }
-        let result = result.and_then(|c| match c {
-            Some(c) if !usable_checksum(&c) => Err(self.driver.broke(format!(
-                "it broke the driver contract: the checksum of {:?} is not a short token of letters, digits and +/=_:-",
-                self.id
-            ))),
-            c => Ok(c),
-        });
         match result {
             Ok(c) => {
                 self.instance = Some(instance);
@@ -821,19 +809,41 @@ impl Session {
         else {
             return Ok(());
         };
-        let lent = match instance.store.data_mut().table.push(file) {
-            Ok(lent) => lent,
-            Err(e) => {
-                let fault = self.driver.fault(e.into());
-                return self.release(instance, resource, Err(fault));
-            }
-        };
-        let borrowed = Resource::<OpenFile>::new_borrow(lent.rep());
-        let result = self.driver.guarded(&mut instance, |g, s| {
-            g.read_session().call_finish(s, resource, borrowed)
-        });
-        let _ = instance.store.data_mut().table.delete(lent);
+        // The file is not needed after `finish`: whether it comes back out
+        // of the guest's table does not matter.
+        let result = self
+            .lend_file(&mut instance, file, |g, s, f| {
+                g.read_session().call_finish(s, resource, f)
+            })
+            .and_then(|(result, _file)| result);
         self.release(instance, resource, result)
+    }
+
+    /// Lend `file` to the guest for one call (as a borrowed resource of its
+    /// table, so the driver works on the very file of the session), then
+    /// take it back. `Err` if the table refused it (a fault); else the
+    /// call's result, and the file or the fault that kept it in the table.
+    fn lend_file<T>(
+        &self,
+        instance: &mut Instance,
+        file: OpenFile,
+        call: impl FnOnce(&Guest, &mut Store<HostState>, Resource<OpenFile>) -> GuestResult<T>,
+    ) -> Result<(Result<T>, Result<OpenFile>)> {
+        let lent = instance
+            .store
+            .data_mut()
+            .table
+            .push(file)
+            .map_err(|e| self.driver.fault(e.into()))?;
+        let borrowed = Resource::<OpenFile>::new_borrow(lent.rep());
+        let result = self.driver.guarded(instance, |g, s| call(g, s, borrowed));
+        let back = instance
+            .store
+            .data_mut()
+            .table
+            .delete(lent)
+            .map_err(|e| self.driver.fault(e.into()));
+        Ok((result, back))
     }
 }
 

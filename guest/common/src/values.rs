@@ -13,65 +13,44 @@ pub trait DbValue {
     fn into_text(self) -> Option<String>;
 }
 
-impl DbValue for sqlite::Value {
-    fn integer(&self) -> Option<i64> {
-        match self {
-            sqlite::Value::Integer(i) => Some(*i),
-            _ => None,
+/// The readings are the same for both types: their numeric and text cases
+/// have the same names.
+macro_rules! db_value {
+    ($value:ty) => {
+        impl DbValue for $value {
+            fn integer(&self) -> Option<i64> {
+                match self {
+                    Self::Integer(i) => Some(*i),
+                    _ => None,
+                }
+            }
+            fn real(&self) -> Option<f64> {
+                match self {
+                    Self::Real(r) => Some(*r),
+                    _ => None,
+                }
+            }
+            fn as_text(&self) -> Option<&str> {
+                match self {
+                    Self::Text(t) => Some(t),
+                    _ => None,
+                }
+            }
+            fn from_text(s: String) -> Self {
+                Self::Text(s)
+            }
+            fn into_text(self) -> Option<String> {
+                match self {
+                    Self::Text(t) => Some(t),
+                    _ => None,
+                }
+            }
         }
-    }
-    fn real(&self) -> Option<f64> {
-        match self {
-            sqlite::Value::Real(r) => Some(*r),
-            _ => None,
-        }
-    }
-    fn as_text(&self) -> Option<&str> {
-        match self {
-            sqlite::Value::Text(t) => Some(t),
-            _ => None,
-        }
-    }
-    fn from_text(s: String) -> Self {
-        sqlite::Value::Text(s)
-    }
-    fn into_text(self) -> Option<String> {
-        match self {
-            sqlite::Value::Text(t) => Some(t),
-            _ => None,
-        }
-    }
+    };
 }
 
-impl DbValue for database::Value {
-    fn integer(&self) -> Option<i64> {
-        match self {
-            database::Value::Integer(i) => Some(*i),
-            _ => None,
-        }
-    }
-    fn real(&self) -> Option<f64> {
-        match self {
-            database::Value::Real(r) => Some(*r),
-            _ => None,
-        }
-    }
-    fn as_text(&self) -> Option<&str> {
-        match self {
-            database::Value::Text(t) => Some(t),
-            _ => None,
-        }
-    }
-    fn from_text(s: String) -> Self {
-        database::Value::Text(s)
-    }
-    fn into_text(self) -> Option<String> {
-        match self {
-            database::Value::Text(t) => Some(t),
-            _ => None,
-        }
-    }
-}
+db_value!(sqlite::Value);
+db_value!(database::Value);
 
 /// A text value.
 pub fn text<V: DbValue>(s: &str) -> V {

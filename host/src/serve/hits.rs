@@ -57,7 +57,8 @@ impl Hits {
 
     /// A download of `id` sent its last byte now.
     pub fn completed(&self, id: &str) {
-        let accessed = image_cache_now();
+        // The clock drivers read (`clock.now`).
+        let accessed = image_cache::fs::to_time(std::time::SystemTime::now());
         let mut pending = lock(&self.pending);
         if pending.len() >= MAX_PENDING {
             drop(pending);
@@ -125,11 +126,4 @@ impl Hits {
         let _guard = lock(&self.pending);
         self.wake.notify_one();
     }
-}
-
-/// Seconds since the Unix epoch, as drivers record times.
-fn image_cache_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -50,22 +50,11 @@ async fn serve(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if let Some(image_token) = app.tokens.image.as_ref() {
-        let mut accepted = vec![image_token];
-        accepted.extend(app.tokens.admin.as_ref());
-        auth::check(&headers, &accepted)?;
-    }
+    app.tokens.check_download(&headers)?;
     validate_id(&id)?;
     let head = method == Method::HEAD;
-    let range = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-
-    let if_none_match = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let range = header_text(&headers, header::RANGE);
+    let if_none_match = header_text(&headers, header::IF_NONE_MATCH);
     if let Some(r) = try_cached(&app, &id, range.as_deref(), if_none_match.as_deref(), head).await?
     {
         return Ok(r);
@@ -101,10 +90,8 @@ async fn serve(
         }
     };
     let range = miss_range(&start, range.as_deref());
-    let (from, to) = match range {
-        RangeRequest::Unsatisfiable => return Err(unsatisfiable(start.size.unwrap_or(0))),
-        RangeRequest::Part(a, b) => (a, Some(b + 1)),
-        RangeRequest::Full => (0, None),
+    let Some((from, to)) = range.bounds() else {
+        return Err(unsatisfiable(start.size.unwrap_or(0)));
     };
     let mut response = Response::new(Body::from_stream(spool_stream(
         app.clone(),
@@ -113,9 +100,7 @@ async fn serve(
         to,
     )));
     *response.headers_mut() = miss_headers(&start, &range);
-    if let RangeRequest::Part(..) = range {
-        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
-    }
+    *response.status_mut() = range.status();
     Ok(response)
 }
 
@@ -147,10 +132,7 @@ pub fn miss_headers(start: &upstream::Start, range: &RangeRequest) -> HeaderMap 
     match (range, start.size) {
         (RangeRequest::Part(a, b), Some(size)) => {
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(b - a + 1));
-            h.insert(
-                header::CONTENT_RANGE,
-                HeaderValue::from_str(&format!("bytes {a}-{b}/{size}")).expect("ascii"),
-            );
+            h.insert(header::CONTENT_RANGE, content_range(*a, *b, size));
         }
         (_, Some(size)) => {
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
@@ -245,15 +227,43 @@ pub enum RangeRequest {
 }
 
 impl RangeRequest {
-    /// The bytes to send of an image of `size` bytes, `start..end`; `None`
-    /// when the range cannot be satisfied.
-    pub fn span(&self, size: u64) -> Option<(u64, u64)> {
+    /// The bytes to send, `start..end` (`end` `None`: to the end of the
+    /// image, whatever its size); `None` when the range cannot be
+    /// satisfied.
+    pub fn bounds(&self) -> Option<(u64, Option<u64>)> {
         match *self {
-            RangeRequest::Full => Some((0, size)),
-            RangeRequest::Part(a, b) => Some((a, b + 1)),
+            RangeRequest::Full => Some((0, None)),
+            RangeRequest::Part(a, b) => Some((a, Some(b + 1))),
             RangeRequest::Unsatisfiable => None,
         }
     }
+
+    /// 206 for a part, else 200.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RangeRequest::Part(..) => StatusCode::PARTIAL_CONTENT,
+            _ => StatusCode::OK,
+        }
+    }
+
+    /// The bytes to send of an image of `size` bytes, `start..end`; `None`
+    /// when the range cannot be satisfied.
+    pub fn span(&self, size: u64) -> Option<(u64, u64)> {
+        self.bounds().map(|(a, end)| (a, end.unwrap_or(size)))
+    }
+}
+
+/// `Content-Range` of the part `a..=b` of an image of `size` bytes.
+fn content_range(a: u64, b: u64, size: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("bytes {a}-{b}/{size}")).expect("ascii")
+}
+
+/// A request header as text, if it is there and is text.
+pub fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// One `bytes=` range; anything else (several ranges, other units,
@@ -370,10 +380,12 @@ const READAHEAD_FROM: u64 = 1 << 20;
 /// batched `record-reads`).
 #[derive(Default)]
 pub struct Checksums {
-    known: std::sync::Mutex<std::collections::HashMap<String, (FileKey, Option<String>)>>,
+    known: std::sync::Mutex<Known>,
 }
 
 type FileKey = (u64, u64, u64, i64, i64);
+/// Image id -> the file it was learnt from, and its checksum.
+type Known = std::collections::HashMap<String, (FileKey, Option<String>)>;
 
 /// Entries kept before the map starts over.
 const CHECKSUMS_KEPT: usize = 100_000;
@@ -407,10 +419,7 @@ impl Checksums {
         Ok(checksum)
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (FileKey, Option<String>)>>
-    {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Known> {
         self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -449,10 +458,7 @@ pub fn hit_headers(opened: &Opened) -> HeaderMap {
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
     h.insert("x-image-cache", HeaderValue::from_static("hit"));
     if let RangeRequest::Part(a, b) = opened.range {
-        h.insert(
-            header::CONTENT_RANGE,
-            HeaderValue::from_str(&format!("bytes {a}-{b}/{}", opened.size)).expect("ascii"),
-        );
+        h.insert(header::CONTENT_RANGE, content_range(a, b, opened.size));
     }
     if let Some(c) = opened.checksum.as_deref() {
         // The host checked it is a short token (letters, digits, +/=_:-).
@@ -523,7 +529,7 @@ async fn try_cached(
         return Err(unsatisfiable(opened.size));
     };
     let headers = hit_headers(&opened);
-    let partial = matches!(opened.range, RangeRequest::Part(..));
+    let status = opened.range.status();
     let Opened { id, file, .. } = opened;
     let mut response = if head {
         // No body, no hit.
@@ -539,9 +545,7 @@ async fn try_cached(
         )))
     };
     *response.headers_mut() = headers;
-    if partial {
-        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
-    }
+    *response.status_mut() = status;
     Ok(Some(response))
 }
 

@@ -210,6 +210,13 @@ impl ApiError {
         self
     }
 
+    /// A 416's `Content-Range` header value.
+    pub fn content_range(&self) -> Option<axum::http::HeaderValue> {
+        self.content_range_size.map(|size| {
+            axum::http::HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii")
+        })
+    }
+
     /// The JSON body every error answer has.
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {
@@ -236,11 +243,8 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, axum::Json(self.body())).into_response();
-        if let Some(size) = self.content_range_size {
-            r.headers_mut().insert(
-                axum::http::header::CONTENT_RANGE,
-                axum::http::HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
-            );
+        if let Some(v) = self.content_range() {
+            r.headers_mut().insert(axum::http::header::CONTENT_RANGE, v);
         }
         r
     }
@@ -292,6 +296,19 @@ impl<S: Send + Sync> FromRequestParts<S> for RawId {
 pub struct Tokens {
     pub admin: Option<auth::Token>,
     pub image: Option<auth::Token>,
+}
+
+impl Tokens {
+    /// Downloads: open unless an image token is set; then it, or the admin
+    /// token, must be sent.
+    pub fn check_download(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+        let Some(image) = self.image.as_ref() else {
+            return Ok(());
+        };
+        let mut accepted = vec![image];
+        accepted.extend(self.admin.as_ref());
+        auth::check(headers, &accepted)
+    }
 }
 
 /// What SIGHUP may change.
@@ -504,8 +521,7 @@ pub fn router(app: Arc<App>) -> Router {
 /// A connection as hyper sees it: the bytes the front already read
 /// (`prefix`) come first, then the socket's; it fails when neither a read
 /// nor a write makes progress for `timeout` while one is waiting, so slow
-/// or stuck clients cannot hold a connection (and the driver instance of a
-/// read session) forever.
+/// or stuck clients cannot hold a connection forever.
 pub(crate) struct IdleTimeout {
     io: TcpStream,
     prefix: bytes::BytesMut,

@@ -38,10 +38,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use super::images::{self, RangeRequest};
+use super::images;
 use super::metrics::{InFlight, add, inc};
 use super::upstream::Outcome;
-use super::{ApiError, App, IdleTimeout, MAX_HEAD_BYTES, MAX_HEADERS, auth, validate_id};
+use super::{ApiError, App, IdleTimeout, MAX_HEAD_BYTES, MAX_HEADERS, validate_id};
 
 /// What every connection needs from the server.
 pub struct Front {
@@ -199,14 +199,8 @@ fn parse(buf: &[u8]) -> Parsed {
         }
         headers.append(name, value);
     }
-    let range = headers
-        .get(axum::http::header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let if_none_match = headers
-        .get(axum::http::header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let range = images::header_text(&headers, axum::http::header::RANGE);
+    let if_none_match = images::header_text(&headers, axum::http::header::IF_NONE_MATCH);
     Parsed::Ours(Box::new(Head {
         len,
         id: id.to_string(),
@@ -243,12 +237,8 @@ enum Opened {
 
 /// Open the image for a download the front answers.
 async fn open_hit(app: &Arc<App>, head: &Head) -> Opened {
-    if let Some(image_token) = app.tokens.image.as_ref() {
-        let mut accepted = vec![image_token];
-        accepted.extend(app.tokens.admin.as_ref());
-        if auth::check(&head.headers, &accepted).is_err() {
-            return Opened::NotOurs;
-        }
+    if app.tokens.check_download(&head.headers).is_err() {
+        return Opened::NotOurs;
     }
     if validate_id(&head.id).is_err() {
         return Opened::NotOurs;
@@ -271,16 +261,13 @@ async fn open_hit(app: &Arc<App>, head: &Head) -> Opened {
     if let Some(c) = opened.checksum.as_deref()
         && images::not_modified(head.if_none_match.as_deref(), Some(c))
     {
-        // No body, no hit: the read session ends uncounted.
+        // No body, no hit.
         return Opened::NotModified(c.to_string());
     }
     let Some((start, end)) = opened.range.span(opened.size) else {
         return Opened::NotOurs;
     };
-    let status = match opened.range {
-        RangeRequest::Part(..) => 206,
-        _ => 200,
-    };
+    let status = opened.range.status().as_u16();
     let headers = images::hit_headers(&opened);
     Opened::Hit(Box::new(Hit {
         id: opened.id,
@@ -344,14 +331,11 @@ async fn miss(
         Err(e) => return error(front, stream, e, close).await,
     };
     let range = images::miss_range(&start, head.range.as_deref());
-    let (from, to, status) = match range {
-        RangeRequest::Unsatisfiable => {
-            let e = images::unsatisfiable(start.size.unwrap_or(0));
-            return error(front, stream, e, close).await;
-        }
-        RangeRequest::Part(a, b) => (a, Some(b + 1), 206),
-        RangeRequest::Full => (0, None, 200),
+    let Some((from, to)) = range.bounds() else {
+        let e = images::unsatisfiable(start.size.unwrap_or(0));
+        return error(front, stream, e, close).await;
     };
+    let status = range.status().as_u16();
     let mut headers = images::miss_headers(&start, &range);
     let chunked = start.size.is_none();
     if chunked {
@@ -463,9 +447,7 @@ async fn error(
     let status = e.status.as_u16();
     let body = serde_json::to_vec(&e.body()).unwrap_or_default();
     let mut headers = HeaderMap::with_capacity(3);
-    if let Some(size) = e.content_range_size
-        && let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}"))
-    {
+    if let Some(v) = e.content_range() {
         headers.insert(axum::http::header::CONTENT_RANGE, v);
     }
     headers.insert(
