@@ -354,7 +354,7 @@ fn losing_the_database_mid_run_fails_calls_and_recovers_when_it_is_back() {
         .cache_reader("new", None, &image_bytes(2, 2000)[..])
         .unwrap_err();
     // The commit could not record the image: the write is aborted.
-    assert!(matches!(e, Error::Io(_) | Error::Database(_)), "{e:?}");
+    assert!(matches!(e, Error::Io { .. } | Error::Database(_)), "{e:?}");
     assert!(e.to_string().contains("glance"), "{e}");
     assert!(!e.to_string().contains(PASSWORD), "{e}");
     assert!(

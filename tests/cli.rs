@@ -734,10 +734,10 @@ fn drivers_and_driver_selection() {
     let text = run(s.bare().arg("drivers")).ok().out();
     assert!(text.contains("sqlite (default):"), "{text}");
     assert!(text.contains("xattr:"), "{text}");
-    assert!(text.contains("image-cache:driver/sqlite@"), "{text}");
+    assert!(!text.contains("image-cache:driver/sqlite@"), "{text}");
     assert!(text.contains("image-cache:driver/xattr@"), "{text}");
     assert!(
-        text.contains("contract:      image-cache:driver@0.2.0 (supported)"),
+        text.contains("contract:      image-cache:driver@0.3.0 (supported)"),
         "{text}"
     );
     assert!(!text.contains("wasi:"), "{text}");
@@ -749,10 +749,11 @@ fn drivers_and_driver_selection() {
     assert_eq!(drivers[2]["name"], "centralized");
     assert_eq!(drivers[0]["name"], "sqlite");
     assert_eq!(drivers[0]["driver"]["name"], "sqlite");
-    assert_eq!(drivers[0]["imports"].as_array().unwrap().len(), 4);
-    assert_eq!(drivers[0]["grants_needed"], serde_json::json!(["sqlite"]));
+    assert_eq!(drivers[0]["imports"].as_array().unwrap().len(), 3);
+    assert_eq!(drivers[0]["grants_needed"], serde_json::json!([]));
     assert!(drivers[0]["not_granted"].as_array().unwrap().is_empty());
-    assert_eq!(doc["supported"], ">=0.2.0, <0.3.0");
+    assert_eq!(drivers[1]["grants_needed"], serde_json::json!(["xattr"]));
+    assert_eq!(doc["supported"], ">=0.3.0, <0.4.0");
 
     // A driver file that cannot be loaded: fall back with a warning, or
     // fail with --no-fallback.
@@ -875,25 +876,25 @@ fn sqlite_db_name_and_verbosity() {
 #[test]
 fn inspect_pin_and_grant_a_third_party_driver() {
     let s = Sandbox::new();
-    let path = s.file("third-party.wasm", image_cache::builtin::SQLITE.component);
+    let path = s.file("third-party.wasm", image_cache::builtin::XATTR.component);
     let path = path.to_str().unwrap();
-    let sha = image_cache::runtime::sha256_hex(image_cache::builtin::SQLITE.component);
+    let sha = image_cache::runtime::sha256_hex(image_cache::builtin::XATTR.component);
 
     let text = run(s.bare().args(["drivers", "inspect", path])).ok().out();
     for expected in [
-        "driver:        sqlite ",
-        "contract:      image-cache:driver@0.2.0 (supported)",
+        "driver:        xattr ",
+        "contract:      image-cache:driver@0.3.0 (supported)",
         &format!("sha256:        {sha}"),
-        "grants needed: fs, clock, sqlite",
-        "not granted:   sqlite",
-        "image-cache:driver/sqlite@0.2.0",
+        "grants needed: fs, clock, xattr",
+        "not granted:   xattr",
+        "image-cache:driver/xattr@0.3.0",
     ] {
         assert!(text.contains(expected), "{expected:?} in {text}");
     }
     let doc = run(s.bare().args([
         "--json",
         "--driver-grants",
-        "sqlite",
+        "xattr",
         "drivers",
         "inspect",
         path,
@@ -903,32 +904,37 @@ fn inspect_pin_and_grant_a_third_party_driver() {
     assert_eq!(doc["sha256"], sha);
     assert!(doc["not_granted"].as_array().unwrap().is_empty());
 
-    // The previous release's component: inspected, marked unsupported.
-    let old = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/contract-0.1.0/sqlite_driver.wasm");
-    let text = run(s.bare().args(["drivers", "inspect", old.to_str().unwrap()]))
-        .ok()
-        .out();
-    assert!(
-        text.contains("image-cache:driver@0.1.0 (NOT supported by this host)"),
-        "{text}"
-    );
-    assert!(
-        text.contains("refused:") && text.contains(">=0.2.0, <0.3.0"),
-        "{text}"
-    );
+    // Earlier releases' components: inspected, marked unsupported, with
+    // what the driver's author must change.
+    for version in ["0.1.0", "0.2.0"] {
+        let old = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("fixtures/contract-{version}/sqlite_driver.wasm"));
+        let text = run(s.bare().args(["drivers", "inspect", old.to_str().unwrap()]))
+            .ok()
+            .out();
+        assert!(
+            text.contains(&format!(
+                "image-cache:driver@{version} (NOT supported by this host)"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("refused:") && text.contains(">=0.3.0, <0.4.0"),
+            "{text}"
+        );
+    }
 
     // Not granted: refused at load, naming the interface.
     s.run(&["--driver", path, "--no-fallback", "size"]).fails(
         1,
-        "image-cache:driver/sqlite@0.2.0, which it was not granted",
+        "image-cache:driver/xattr@0.3.0, which it was not granted",
     );
     // Granted, but the wrong pin: refused before compiling.
     s.run(&[
         "--driver",
         path,
         "--driver-grants",
-        "sqlite",
+        "xattr",
         "--driver-sha256",
         &"ab".repeat(32),
         "--no-fallback",
@@ -947,7 +953,7 @@ fn inspect_pin_and_grant_a_third_party_driver() {
             "--driver",
             path,
             "--driver-grants",
-            "sqlite",
+            "xattr",
             "--driver-sha256",
             &sha.to_uppercase(),
             "--no-fallback",

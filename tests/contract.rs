@@ -14,10 +14,11 @@ use image_cache::{
 };
 use image_cache_tests::{fixture, runtime};
 
-/// The components of the previous release (contract 0.1.0), kept as built.
-fn previous_release(name: &str) -> PathBuf {
+/// The components of an earlier release (contract `version`), kept as
+/// built.
+fn release(version: &str, name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/contract-0.1.0")
+        .join(format!("fixtures/contract-{version}"))
         .join(format!("{name}.wasm"))
 }
 
@@ -35,10 +36,25 @@ fn fresh_runtime() -> Arc<Runtime> {
 }
 
 #[test]
-fn components_of_the_previous_contract_are_refused_before_compiling() {
-    for name in ["sqlite_driver", "xattr_driver"] {
+fn components_of_earlier_contracts_are_refused_before_compiling() {
+    let fixtures = [
+        ("0.1.0", "sqlite_driver", "WASI"),
+        ("0.1.0", "xattr_driver", "WASI"),
+        (
+            "0.2.0",
+            "sqlite_driver",
+            "retired the host-side `sqlite` import",
+        ),
+        ("0.2.0", "xattr_driver", "carries the fs error code"),
+        (
+            "0.2.0",
+            "centralized_driver",
+            "rebuild the driver against wit/",
+        ),
+    ];
+    for (version, name, advice) in fixtures {
         let rt = fresh_runtime();
-        let path = previous_release(name);
+        let path = release(version, name);
         assert!(path.exists(), "{} is a committed fixture", path.display());
         let message = load_error(rt.component(
             &DriverSource::File(path),
@@ -48,8 +64,11 @@ fn components_of_the_previous_contract_are_refused_before_compiling() {
             },
         ));
         assert!(
-            message.contains("image-cache:driver@0.1.0") && message.contains(SUPPORTED),
-            "{name}: names its version and the supported range: {message}"
+            message.contains(&format!("image-cache:driver@{version}"))
+                && message.contains(SUPPORTED)
+                && message.contains(advice),
+            "{version} {name}: names its version, the supported range and what to change: \
+             {message}"
         );
         assert_eq!(
             rt.stats.compiled.load(Ordering::Relaxed),
@@ -64,9 +83,11 @@ fn a_previous_release_driver_is_refused_on_swap_and_the_cache_keeps_working() {
     let dir = tempfile::tempdir().unwrap();
     let cache = ImageCache::with_runtime(runtime(), CacheConfig::new(dir.path())).unwrap();
     cache.cache_reader("kept", None, &b"bytes"[..]).unwrap();
-    let message =
-        load_error(cache.swap_driver(&DriverSource::File(previous_release("sqlite_driver"))));
-    assert!(message.contains("0.1.0"), "{message}");
+    for version in ["0.1.0", "0.2.0"] {
+        let message =
+            load_error(cache.swap_driver(&DriverSource::File(release(version, "sqlite_driver"))));
+        assert!(message.contains(version), "{message}");
+    }
     assert_eq!(cache.driver().name(), "sqlite");
     assert!(cache.is_cached("kept").unwrap());
 }
@@ -87,7 +108,7 @@ fn future_component(dir: &Path, version: &str) -> PathBuf {
 #[test]
 fn components_of_a_newer_contract_are_refused_with_the_supported_range() {
     let dir = tempfile::tempdir().unwrap();
-    for version in ["0.3.0", "1.0.0", "0.2.1"] {
+    for version in ["0.4.0", "1.0.0", "0.3.1"] {
         let message = load_error(fresh_runtime().component(
             &DriverSource::File(future_component(dir.path(), version)),
             &LoadPolicy::default(),
@@ -117,7 +138,7 @@ fn something_that_is_not_a_driver_is_refused_by_name() {
     let wat = r#"(component
         (import "wasi:filesystem/preopens@0.2.6" (instance))
         (instance $driver)
-        (export "image-cache:driver/cache-driver@0.2.0" (instance $driver))
+        (export "image-cache:driver/cache-driver@0.3.0" (instance $driver))
     )"#;
     std::fs::write(&wasi, wat::parse_str(wat).unwrap()).unwrap();
     let message =
@@ -129,42 +150,46 @@ fn something_that_is_not_a_driver_is_refused_by_name() {
     );
 }
 
-/// The built-in sqlite driver, as a third party would ship it: a file.
-fn sqlite_as_a_file(dir: &Path) -> PathBuf {
-    let path = dir.join("third-party-sqlite.wasm");
-    std::fs::write(&path, image_cache::builtin::SQLITE.component).unwrap();
+/// A built-in driver, as a third party would ship it: a file.
+fn as_a_file(dir: &Path, builtin: &image_cache::builtin::Builtin) -> PathBuf {
+    let path = dir.join(format!("third-party-{}.wasm", builtin.name));
+    std::fs::write(&path, builtin.component).unwrap();
     path
+}
+
+fn sqlite_as_a_file(dir: &Path) -> PathBuf {
+    as_a_file(dir, &image_cache::builtin::SQLITE)
 }
 
 #[test]
 fn an_ungranted_import_is_refused_at_load_naming_the_interface() {
     let dir = tempfile::tempdir().unwrap();
-    let path = sqlite_as_a_file(dir.path());
+    let path = as_a_file(dir.path(), &image_cache::builtin::XATTR);
     let rt = fresh_runtime();
     let message =
         load_error(rt.component(&DriverSource::File(path.clone()), &LoadPolicy::default()));
     assert!(
-        message.contains("image-cache:driver/sqlite@0.2.0")
+        message.contains("image-cache:driver/xattr@0.3.0")
             && message.contains("not granted")
-            && message.contains("image_cache_driver_grants = sqlite"),
+            && message.contains("image_cache_driver_grants = xattr"),
         "{message}"
     );
     assert_eq!(rt.stats.compiled.load(Ordering::Relaxed), 0);
 
-    // Granted xattr only: still refused (it asks for sqlite).
-    let xattr_only = LoadPolicy {
+    // Granted database only: still refused (it asks for xattr).
+    let database_only = LoadPolicy {
         sha256: None,
-        grants: Grants::of(&[Capability::Xattr]),
+        grants: Grants::of(&[Capability::Database]),
     };
     assert!(
-        load_error(rt.component(&DriverSource::File(path.clone()), &xattr_only))
-            .contains("sqlite@0.2.0")
+        load_error(rt.component(&DriverSource::File(path.clone()), &database_only))
+            .contains("xattr@0.3.0")
     );
 
     // Granted what it needs: it runs, through the cache, as a third party.
     let granted = LoadPolicy {
         sha256: None,
-        grants: Grants::of(&[Capability::Sqlite]),
+        grants: Grants::of(&[Capability::Xattr]),
     };
     let root = tempfile::tempdir().unwrap();
     let cache = ImageCache::with_runtime(
@@ -177,10 +202,39 @@ fn an_ungranted_import_is_refused_at_load_naming_the_interface() {
     .unwrap();
     assert_eq!(
         cache.driver().component().grants(),
-        Grants::of(&[Capability::Sqlite])
+        Grants::of(&[Capability::Xattr])
     );
     cache.cache_reader("1", None, &b"third party"[..]).unwrap();
     assert!(cache.is_cached("1").unwrap());
+}
+
+#[test]
+fn the_sqlite_driver_needs_no_grant_beyond_fs() {
+    // SQLite runs inside it: a third party's copy loads with nothing granted.
+    let dir = tempfile::tempdir().unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let cache = ImageCache::with_runtime(
+        runtime(),
+        CacheConfig::new(root.path())
+            .driver(DriverSource::File(sqlite_as_a_file(dir.path())))
+            .fallback_to_sqlite(false)
+            .policy(LoadPolicy::default()),
+    )
+    .unwrap();
+    assert_eq!(cache.driver().component().grants(), Grants::NONE);
+    assert!(
+        cache
+            .driver()
+            .component()
+            .manifest()
+            .imports
+            .iter()
+            .all(|i| i.ends_with("@0.3.0") && !i.contains("/sqlite@")),
+        "{:?}",
+        cache.driver().component().manifest().imports
+    );
+    cache.cache_reader("1", None, &b"third party"[..]).unwrap();
+    assert_eq!(cache.get_hit_count("1").unwrap(), 0);
 }
 
 #[test]
@@ -191,7 +245,7 @@ fn a_wrong_sha256_is_refused_before_compiling() {
     let rt = fresh_runtime();
     let wrong = LoadPolicy {
         sha256: Some("0".repeat(64)),
-        grants: Grants::of(&[Capability::Sqlite]),
+        grants: Grants::NONE,
     };
     let message = load_error(rt.component(&DriverSource::File(path.clone()), &wrong));
     assert!(
@@ -208,7 +262,7 @@ fn a_wrong_sha256_is_refused_before_compiling() {
 
     let pinned = LoadPolicy {
         sha256: Some(right.to_uppercase()),
-        grants: Grants::of(&[Capability::Sqlite]),
+        grants: Grants::NONE,
     };
     let component = rt
         .component(&DriverSource::File(path.clone()), &pinned)
@@ -254,7 +308,7 @@ fn a_faulting_new_driver_is_rolled_back_automatically_under_load() {
             rt,
             CacheConfig::new(dir.path()).policy(LoadPolicy {
                 sha256: None,
-                grants: Grants::of(&[Capability::Sqlite, Capability::Xattr]),
+                grants: Grants::of(&[Capability::Xattr]),
             }),
         )
         .unwrap(),

@@ -8,20 +8,19 @@
 //!
 //! Four harnesses generate inputs from hostile pieces: paths for every `fs`
 //! call (on a root holding symlinks that point at a canary directory beside
-//! it), extended attribute names, SQL statements run through the confined
-//! SQLite connection, and operator config values. A fifth runs the chaos
+//! it), extended attribute names, a driver's own file I/O (read-write opens,
+//! reads, writes, truncations and byte-range locks at hostile offsets), and
+//! operator config values. A fifth runs the chaos
 //! driver component (guest/chaos), whose every call makes 200 random import
 //! calls. Each asserts: no panic, the canary unchanged (contents and
 //! times), nothing created beside the root or in the working directory,
-//! process-wide SQLite settings unchanged, and the cache still works.
+//! and the cache still works.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
 use image_cache::config::{parse_duration, parse_size};
 use image_cache::fs::RootFs;
-use image_cache::runtime::Deadline;
-use image_cache::sqlite::SqliteRoot;
 use image_cache::{
     CacheConfig, Capability, DriverSource, Error, Grants, ImageCache, Limits, LoadPolicy, Runtime,
 };
@@ -122,14 +121,6 @@ impl Arena {
                 "{what}: {planted} in the working directory"
             );
         }
-        // SAFETY: reads of process-wide settings.
-        let limits = unsafe {
-            (
-                rusqlite::ffi::sqlite3_hard_heap_limit64(-1),
-                rusqlite::ffi::sqlite3_soft_heap_limit64(-1),
-            )
-        };
-        assert_eq!(limits, (0, 0), "{what}: process-wide SQLite limits changed");
     }
 }
 
@@ -247,89 +238,103 @@ fn fuzz_xattr_names_only_user_names_pass() {
     println!("fuzz xattr names: {n} names");
 }
 
-const SQL: &[&str] = &[
-    "ATTACH DATABASE '{canary}/victim.db' AS t",
-    "ATTACH DATABASE 'file:{canary}/victim.db?mode=rw' AS t",
-    "ATTACH '../canary/new.db' AS t",
-    "VACUUM INTO '{canary}/copy.db'",
-    "VACUUM INTO 'copy.db'",
-    "VACUUM",
-    "PRAGMA hard_heap_limit = 1",
-    "PRAGMA soft_heap_limit = 1",
-    "PRAGMA temp_store_directory = '{canary}'",
-    "PRAGMA data_store_directory = '{canary}'",
-    "PRAGMA database_list",
-    "PRAGMA journal_mode = MEMORY",
-    "PRAGMA journal_mode = WAL",
-    "PRAGMA writable_schema = 1",
-    "PRAGMA mmap_size = 268435456",
-    "PRAGMA cache_size = -100000000",
-    "PRAGMA threads = 8",
-    "SELECT * FROM pragma_database_list",
-    "SELECT load_extension('{canary}/secret')",
-    "SELECT fts3_tokenizer('simple')",
-    "SELECT readfile('{canary}/secret')",
-    "SELECT writefile('{canary}/x', 'y')",
-    "SELECT zeroblob(2000000000)",
-    "SELECT randomblob(20000000)",
-    "SELECT printf('%.*c', 20000000, 'x')",
-    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT max(x) FROM c",
-    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c ORDER BY x DESC LIMIT 1",
-    "CREATE TEMP TABLE tt (x)",
-    "CREATE TRIGGER tr AFTER INSERT ON t BEGIN SELECT 1; END",
-    "CREATE VIEW v AS SELECT 1",
-    "CREATE VIRTUAL TABLE vt USING fts5(x)",
-    "CREATE TABLE IF NOT EXISTS t (x)",
-    "INSERT INTO t VALUES (1)",
-    "SELECT x FROM t",
-    "DELETE FROM sqlite_master",
-    "SELECT * FROM sqlite_dbpage",
-    "BEGIN IMMEDIATE",
-    "COMMIT",
-    "DETACH t",
-    "SELECT 1; ATTACH '{canary}/victim.db' AS t",
+/// Offsets and lengths for the driver's own file I/O and range locks.
+const OFFSETS: &[u64] = &[
+    0,
+    1,
+    511,
+    4096,
+    1 << 20,
+    (1 << 20) + 1,
+    0x4000_0000,
+    0x4000_0002,
+    u32::MAX as u64,
+    16 << 30,
+    (16 << 30) + 1,
+    1 << 40,
+    i64::MAX as u64,
+    u64::MAX - 1,
+    u64::MAX,
 ];
 
 #[test]
-fn fuzz_sql_never_reaches_beyond_the_database() {
+fn fuzz_driver_file_io_stays_in_its_files_and_bounds() {
+    use image_cache::bindings::fs::RangeLock;
     let arena = Arena::new();
     let root = RootFs::new(&arena.root).unwrap();
-    let sqlite = SqliteRoot::new(&root);
-    let conn = sqlite.open(&root, "fuzz.db").unwrap();
-    let canary = arena.canary.display().to_string();
     let mut rng = Rng::new(3);
-    let n = iterations(3000) / 3;
+    let n = iterations(3000);
     let started = Instant::now();
+    let mut files = Vec::new();
     let mut refused = 0u64;
+    let offset = |rng: &mut Rng| OFFSETS[rng.below(OFFSETS.len())];
     for _ in 0..n {
-        let parts = 1 + rng.below(2);
-        let sql = (0..parts)
-            .map(|_| rng.pick(SQL).replace("{canary}", &canary))
-            .collect::<Vec<_>>()
-            .join("; ");
-        let deadline = Deadline(Instant::now() + Duration::from_millis(50));
-        let result = match rng.below(3) {
-            0 => conn.execute(&sql, vec![], deadline).map(|_| ()),
-            1 => conn.query(&sql, vec![], deadline).map(|_| ()),
-            _ => conn.execute_batch(&sql, deadline),
-        };
-        refused += result.is_err() as u64;
+        match rng.below(4) {
+            0 => {
+                let path = random_path(&mut rng, &arena);
+                match root.open_read_write(&path, rng.below(2) == 0, "cache.db") {
+                    Ok(f) => files.push(f),
+                    Err(_) => refused += 1,
+                }
+            }
+            _ if files.is_empty() => {}
+            _ => {
+                let f = &files[rng.below(files.len())];
+                let (a, b) = (offset(&mut rng), offset(&mut rng));
+                let lock = match rng.below(3) {
+                    0 => RangeLock::Unlocked,
+                    1 => RangeLock::Shared,
+                    _ => RangeLock::Exclusive,
+                };
+                let result = match rng.below(6) {
+                    0 => f.read_at(a, (b % (2 << 20)) as u32).map(drop),
+                    1 => f.write_at(a, &vec![7; (b % (2 << 20)) as usize]),
+                    2 => f.set_len(a),
+                    3 => f.set_range_lock(a, b, lock).map(drop),
+                    4 => f.range_locked_elsewhere(a, b).map(drop),
+                    _ => f.size().map(drop),
+                };
+                refused += result.is_err() as u64;
+                if files.len() > 16 {
+                    files.remove(rng.below(files.len()));
+                }
+            }
+        }
     }
-    arena.check("sql");
-    let names: Vec<String> = std::fs::read_dir(&arena.root)
+    drop(files);
+    arena.check("driver file io");
+    // Only the database and its journal were made at the top of the root.
+    let mut top: Vec<String> = std::fs::read_dir(&arena.root)
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with("fuzz.db"))
         .collect();
-    assert!(
-        names
-            .iter()
-            .all(|n| ["incomplete", "link", "a", "chaos.db"].contains(&n.as_str())),
-        "{names:?}"
-    );
+    top.sort();
+    for name in &top {
+        assert!(
+            [
+                "a",
+                "cache.db",
+                "cache.db-journal",
+                "cache.db-wal",
+                "chaos.db",
+                "incomplete",
+                "link"
+            ]
+            .contains(&name.as_str())
+                || std::fs::metadata(arena.root.join(name)).unwrap().is_dir(),
+            "{name} was created at the top of the root: {top:?}"
+        );
+        let len = std::fs::symlink_metadata(arena.root.join(name))
+            .unwrap()
+            .len();
+        assert!(
+            len <= image_cache::fs::MAX_DRIVER_FILE,
+            "{name}: {len} bytes"
+        );
+    }
     println!(
-        "fuzz sql: {n} statements ({refused} refused) in {:?}",
+        "fuzz driver file io: {n} calls ({refused} refused) in {:?}",
         started.elapsed()
     );
 }
@@ -388,13 +393,17 @@ fn fuzz_the_chaos_driver_calls_every_import_at_random() {
         .fallback_to_sqlite(false)
         .policy(LoadPolicy {
             sha256: None,
-            grants: Grants::of(&[Capability::Sqlite, Capability::Xattr]),
+            grants: Grants::of(&[Capability::Xattr]),
         });
     config.driver_options = vec![(
         "chaos_target".to_string(),
         arena.canary.join("victim.db").display().to_string(),
     )];
-    let cache = ImageCache::with_runtime(Runtime::new(limits, None).unwrap(), config).unwrap();
+    let cache = ImageCache::with_runtime(
+        Runtime::new(limits, Some(image_cache_tests::artifact_dir())).unwrap(),
+        config,
+    )
+    .unwrap();
     let seeds = (iterations(3000) / 100).max(5);
     let first = seed();
     let started = Instant::now();

@@ -18,15 +18,15 @@ fn builtin(name: &str) -> &'static [u8] {
 }
 
 #[test]
-fn sqlite_driver_imports_exactly_its_contract() {
+fn sqlite_driver_imports_exactly_its_contract_and_no_sqlite() {
     assert_eq!(
         imports_of(builtin("sqlite")),
         [
-            "image-cache:driver/clock@0.2.0",
-            "image-cache:driver/fs@0.2.0",
-            "image-cache:driver/sqlite@0.2.0",
-            "image-cache:driver/types@0.2.0",
-        ]
+            "image-cache:driver/clock@0.3.0",
+            "image-cache:driver/fs@0.3.0",
+            "image-cache:driver/types@0.3.0",
+        ],
+        "SQLite runs inside the driver: no sqlite import"
     );
 }
 
@@ -35,10 +35,10 @@ fn xattr_driver_imports_exactly_its_contract() {
     assert_eq!(
         imports_of(builtin("xattr")),
         [
-            "image-cache:driver/clock@0.2.0",
-            "image-cache:driver/fs@0.2.0",
-            "image-cache:driver/types@0.2.0",
-            "image-cache:driver/xattr@0.2.0",
+            "image-cache:driver/clock@0.3.0",
+            "image-cache:driver/fs@0.3.0",
+            "image-cache:driver/types@0.3.0",
+            "image-cache:driver/xattr@0.3.0",
         ]
     );
 }
@@ -65,7 +65,7 @@ fn a_component_importing_the_filesystem_is_refused() {
     let wat = r#"(component
         (import "wasi:filesystem/preopens@0.2.6" (instance))
         (instance $driver)
-        (export "image-cache:driver/cache-driver@0.2.0" (instance $driver))
+        (export "image-cache:driver/cache-driver@0.3.0" (instance $driver))
     )"#;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("greedy.wasm");

@@ -187,7 +187,7 @@ impl Player {
                 let mut buf = vec![0u8; a["bytes"].as_u64().expect("bytes") as usize];
                 reader
                     .read_exact(&mut buf)
-                    .map_err(|e| Error::Io(e.to_string()))?;
+                    .map_err(|e| Error::io("scenario bytes", &e))?;
                 drop(reader);
                 v(Value::Null)
             }
@@ -198,7 +198,8 @@ impl Player {
             }
             "write" => {
                 let w = self.sessions.get_mut(&session()).expect("open session");
-                io::Write::write_all(w, &data(&a["data"])).map_err(|e| Error::Io(e.to_string()))?;
+                io::Write::write_all(w, &data(&a["data"]))
+                    .map_err(|e| Error::io("scenario bytes", &e))?;
                 v(Value::Null)
             }
             "commit" => {
@@ -417,7 +418,7 @@ fn every_hostile_scenario_is_refused_as_every_host_refuses_it() {
             call_deadline: deadline,
             ..Limits::default()
         },
-        None,
+        Some(image_cache_tests::artifact_dir()),
     )
     .unwrap();
     let all = doc["scenarios"].as_array().expect("scenarios");

@@ -10,10 +10,9 @@ wasmtime::component::bindgen!({
     imports: { default: trappable },
     with: {
         "image-cache:driver/fs.file": crate::fs::OpenFile,
-        "image-cache:driver/sqlite.connection": crate::sqlite::Connection,
         "image-cache:driver/database.connection": crate::database::Connection,
     },
 });
 
-pub use self::image_cache::driver::{clock, database, fs, sqlite, types, xattr};
+pub use self::image_cache::driver::{clock, database, fs, types, xattr};
 pub use exports::image_cache::driver::cache_driver;

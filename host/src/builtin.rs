@@ -18,7 +18,7 @@ pub const SQLITE: Builtin = Builtin {
     name: "sqlite",
     aliases: &[],
     description: "hits and access times in Glance's cached_images table (cache.db in the root)",
-    grants: &[Capability::Sqlite],
+    grants: &[],
     component: include_bytes!(concat!(env!("OUT_DIR"), "/sqlite_driver.wasm")),
 };
 

@@ -503,7 +503,7 @@ impl ImageCache {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(Error::Io(format!("reading image {id:?}: {e}"))),
+                    Err(e) => return Err(Error::io(format_args!("reading image {id:?}"), &e)),
                 };
                 sink.write_all(&buf[..n]).map_err(Error::Sink)?;
                 total += n as u64;
@@ -548,7 +548,7 @@ impl ImageCache {
         let writer = self.open_for_write(id)?;
         let report = self.tee(id, Some(writer), expected, source, io::sink(), None)?;
         match report.cache_error {
-            Some(e) => Err(Error::Io(e)),
+            Some(e) => Err(Error::io_message(e)),
             None => Ok(report.bytes),
         }
     }
@@ -672,9 +672,7 @@ fn is_sqlite(source: &DriverSource) -> bool {
 fn classify_copy_error(e: io::Error, source: &Path) -> Error {
     // io::copy cannot say which side failed; ask the source.
     match std::fs::metadata(source) {
-        Ok(_) if e.kind() != io::ErrorKind::InvalidData => {
-            Error::Io(format!("writing into the cache: {e}"))
-        }
+        Ok(_) if e.kind() != io::ErrorKind::InvalidData => Error::io("writing into the cache", &e),
         _ => Error::Source(io::Error::new(
             e.kind(),
             format!("{}: {e}", source.display()),
@@ -723,9 +721,9 @@ impl ImageWriter {
     /// Flush the bytes to stable storage and publish the image.
     pub fn commit(self, checksum: Option<&Checksum>) -> Result<()> {
         if let Err(e) = self.session.file_ref().sync_data() {
-            let message = format!("flushing image {:?}: {e}", self.id);
-            let _ = self.abort(&message);
-            return Err(Error::Io(message));
+            let failure = Error::io(format_args!("flushing image {:?}", self.id), &e);
+            let _ = self.abort(&failure.to_string());
+            return Err(failure);
         }
         let checksum = checksum.map(|c| c.to_string());
         self.session.commit(checksum.as_deref())

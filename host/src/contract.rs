@@ -4,7 +4,7 @@
 //!
 //! Version policy: the contract is the WIT package `image-cache:driver`.
 //! While it is `0.x`, a minor bump (0.2 -> 0.3) may break drivers, so the
-//! host runs exactly one minor line (`>=0.2.0, <0.3.0`) and a patch bump
+//! host runs exactly one minor line (`>=0.3.0, <0.4.0`) and a patch bump
 //! only adds (a new optional import, a documented detail). From `1.0` on, a
 //! minor bump only adds and a major bump breaks. A component of another
 //! line is refused before compilation, with a message naming its version
@@ -21,11 +21,30 @@ pub const EXPORT: &str = "cache-driver";
 /// The contract version this host implements.
 pub const VERSION: Version = Version {
     major: 0,
-    minor: 2,
+    minor: 3,
     patch: 0,
 };
 /// The range of contract versions this host runs, for messages.
-pub const SUPPORTED: &str = ">=0.2.0, <0.3.0";
+pub const SUPPORTED: &str = ">=0.3.0, <0.4.0";
+
+/// What a driver author must change to move a driver of an older contract
+/// line to this one, for the refusal message.
+fn upgrade_advice(version: Version) -> &'static str {
+    match (version.major, version.minor) {
+        (0, 2) => {
+            "contract 0.3.0 retired the host-side `sqlite` import (link SQLite into the \
+             driver over the `fs` import's read-at, write-at and set-range-lock, as the \
+             built-in sqlite driver does: guest/sqlite-vfs), carries the fs error code in \
+             the `io` error and adds clock.sleep; rebuild the driver against wit/ of this \
+             release"
+        }
+        (0, 1) => {
+            "contract 0.1 drivers imported WASI; rebuild the driver against wit/ of this \
+             release for wasm32-unknown-unknown"
+        }
+        _ => "rebuild the driver against wit/ of this release",
+    }
+}
 
 /// A contract version (semver, no pre-release).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -68,17 +87,15 @@ impl fmt::Display for Version {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Capability {
     Xattr,
-    Sqlite,
     Database,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 3] = [Capability::Xattr, Capability::Sqlite, Capability::Database];
+    pub const ALL: [Capability; 2] = [Capability::Xattr, Capability::Database];
 
     pub fn name(self) -> &'static str {
         match self {
             Capability::Xattr => "xattr",
-            Capability::Sqlite => "sqlite",
             Capability::Database => "database",
         }
     }
@@ -91,11 +108,16 @@ impl Capability {
 /// Interfaces every driver is linked with.
 pub const ALWAYS_LINKED: &[&str] = &["fs", "clock", "types"];
 
+/// Grants of earlier contracts that name nothing any more: accepted in an
+/// operator's list (with a warning) so a configuration keeps working.
+/// `sqlite` was the host-side SQLite import of contract 0.2; SQLite now
+/// runs inside the driver, over `fs`.
+pub const RETIRED: &[&str] = &["sqlite"];
+
 /// A set of granted capabilities.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Grants {
     pub xattr: bool,
-    pub sqlite: bool,
     pub database: bool,
 }
 
@@ -103,7 +125,6 @@ impl Grants {
     /// Only `fs` (and the clock): what a third-party driver gets by default.
     pub const NONE: Grants = Grants {
         xattr: false,
-        sqlite: false,
         database: false,
     };
 
@@ -118,7 +139,6 @@ impl Grants {
     pub fn with(mut self, c: Capability) -> Grants {
         match c {
             Capability::Xattr => self.xattr = true,
-            Capability::Sqlite => self.sqlite = true,
             Capability::Database => self.database = true,
         }
         self
@@ -127,12 +147,11 @@ impl Grants {
     pub fn allows(&self, c: Capability) -> bool {
         match c {
             Capability::Xattr => self.xattr,
-            Capability::Sqlite => self.sqlite,
             Capability::Database => self.database,
         }
     }
 
-    /// `xattr,sqlite` (Glance-style list option); empty means none.
+    /// `xattr,database` (Glance-style list option); empty means none.
     pub fn parse(list: &str) -> std::result::Result<Grants, String> {
         let mut g = Grants::NONE;
         for word in list
@@ -143,9 +162,13 @@ impl Grants {
             match Capability::parse(word) {
                 Some(c) => g = g.with(c),
                 None if ALWAYS_LINKED.contains(&word) => {}
+                None if RETIRED.contains(&word) => log::warn!(
+                    "the grant {word:?} is retired (contract 0.3.0 runs SQLite inside the \
+                     driver, over fs) and grants nothing; remove it from the list"
+                ),
                 None => {
                     return Err(format!(
-                        "unknown capability {word:?}: grant any of xattr, sqlite, database (fs and clock come with every driver)"
+                        "unknown capability {word:?}: grant any of xattr, database (fs and clock come with every driver)"
                     ));
                 }
             }
@@ -242,8 +265,8 @@ pub fn read_manifest(driver: &str, bytes: &[u8]) -> Result<Manifest> {
     })?;
     if !version.is_supported() {
         return Err(refuse(format!(
-            "it speaks contract {PACKAGE}@{version}; this host runs {SUPPORTED} \
-             (rebuild the driver against wit/ of this release)"
+            "it speaks contract {PACKAGE}@{version}; this host runs {SUPPORTED} ({})",
+            upgrade_advice(version)
         )));
     }
     let mut needs = Vec::new();
@@ -277,7 +300,7 @@ pub fn read_manifest(driver: &str, bytes: &[u8]) -> Result<Manifest> {
     })
 }
 
-/// `image-cache:driver/fs@0.2.0` -> (`fs`, `0.2.0`).
+/// `image-cache:driver/fs@0.3.0` -> (`fs`, `0.3.0`).
 fn split_import(name: &str) -> Option<(&str, &str)> {
     let rest = name.strip_prefix(PACKAGE)?.strip_prefix('/')?;
     rest.split_once('@')
@@ -330,12 +353,13 @@ mod tests {
 
     #[test]
     fn versions_in_the_supported_line_only() {
-        assert!(Version::parse("0.2.0").unwrap().is_supported());
+        assert!(Version::parse("0.3.0").unwrap().is_supported());
         assert!(!Version::parse("0.1.0").unwrap().is_supported());
-        assert!(!Version::parse("0.3.0").unwrap().is_supported());
+        assert!(!Version::parse("0.2.0").unwrap().is_supported());
+        assert!(!Version::parse("0.4.0").unwrap().is_supported());
         assert!(!Version::parse("1.0.0").unwrap().is_supported());
         assert!(
-            !Version::parse("0.2.1").unwrap().is_supported(),
+            !Version::parse("0.3.1").unwrap().is_supported(),
             "newer than the host"
         );
         assert_eq!(Version::parse("0.2"), None);
@@ -347,8 +371,13 @@ mod tests {
     fn grants_parse_operator_lists() {
         assert_eq!(Grants::parse("").unwrap(), Grants::NONE);
         assert_eq!(
-            Grants::parse("xattr, sqlite").unwrap(),
-            Grants::of(&[Capability::Xattr, Capability::Sqlite])
+            Grants::parse("xattr, database").unwrap(),
+            Grants::of(&[Capability::Xattr, Capability::Database])
+        );
+        assert_eq!(
+            Grants::parse("xattr,sqlite").unwrap(),
+            Grants::of(&[Capability::Xattr]),
+            "the retired grant is accepted and grants nothing"
         );
         assert_eq!(Grants::parse("fs,clock").unwrap(), Grants::NONE);
         assert!(

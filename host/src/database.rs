@@ -18,6 +18,9 @@ pub use postgres::{PostgresBackend, PostgresSettings};
 /// central database).
 pub const CENTRALIZED_DATABASE: &str = "glance";
 
+/// Default cap on the bytes of one query's result.
+pub const DEFAULT_MAX_RESULT_BYTES: usize = 64 * 1024 * 1024;
+
 use std::collections::HashMap;
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};

@@ -30,7 +30,6 @@ use crate::database::DatabaseRoot;
 use crate::error::{Error, Result, validate_image_id};
 use crate::fs::{FileIdentity, OpenFile, RootFs};
 use crate::runtime::{Deadline, DriverComponent, HostState, MemoryBudget, Runtime, Sandbox};
-use crate::sqlite::SqliteRoot;
 use crate::xattr::XattrSupport;
 
 /// Most idle instances kept per driver.
@@ -82,11 +81,17 @@ impl Driver {
         placement: Placement,
     ) -> Result<Arc<Driver>> {
         let limits = runtime.limits().clone();
+        // The last `image_cache_sqlite_db` given, as the driver reads it.
+        let db_name = placement
+            .options
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "image_cache_sqlite_db")
+            .map_or(crate::cache::DEFAULT_SQLITE_DB, |(_, v)| v.as_str())
+            .to_string();
         let sandbox = Arc::new(Sandbox {
-            sqlite: Arc::new(
-                SqliteRoot::new(&placement.root).with_max_result_bytes(limits.max_query_bytes),
-            ),
             root: placement.root,
+            db_name,
             database: placement.databases,
             xattr: placement.xattr,
             memory: MemoryBudget::new(limits.memory_bytes),
@@ -212,6 +217,8 @@ impl Driver {
         let outcome =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(guest, &mut *store)));
         let overran = instance.store.data().deadline.passed();
+        // No byte-range lock outlives the call that took it.
+        instance.store.data_mut().range_locks.release_all();
         match outcome {
             // A call that ran into its deadline inside a host import (which
             // stopped there) is stopped, whatever the driver made of it.
@@ -712,7 +719,7 @@ impl Session {
     ) -> Result<()> {
         let (Some(mut instance), Some(resource)) = (self.instance.take(), self.resource.take())
         else {
-            return Err(Error::Io(format!(
+            return Err(Error::io_message(format!(
                 "the session of image {:?} has already ended",
                 self.id
             )));
@@ -768,7 +775,7 @@ impl Session {
         let (Some(file), Some(mut instance), Some(resource)) =
             (self.file.take(), self.instance.take(), self.resource)
         else {
-            return Err(Error::Io(format!(
+            return Err(Error::io_message(format!(
                 "the session of image {:?} has already ended",
                 self.id
             )));

@@ -2,6 +2,12 @@
 
 use crate::bindings::types::Error as DriverError;
 
+/// What kind of file-system failure an [`Error::Io`] is: the `fs` import's
+/// error code, carried through the driver's `io` error (contract 0.3.0), so
+/// a full disk or a denied access stays one up to exit codes and HTTP
+/// statuses.
+pub use crate::bindings::fs::ErrorCode as IoCode;
+
 /// Everything that can go wrong in the cache, by what the caller can do
 /// about it. Messages name the image, file or driver involved.
 #[derive(Debug, thiserror::Error)]
@@ -17,8 +23,8 @@ pub enum Error {
     AlreadyCached(String),
     #[error("{0}")]
     BeingCached(String),
-    #[error("I/O error: {0}")]
-    Io(String),
+    #[error("I/O error: {message}")]
+    Io { code: IoCode, message: String },
     #[error("database error: {0}")]
     Database(String),
     #[error("{0}")]
@@ -67,7 +73,10 @@ impl From<DriverError> for Error {
             DriverError::NotFound(m) => Error::NotFound(clean(m)),
             DriverError::AlreadyCached(m) => Error::AlreadyCached(clean(m)),
             DriverError::BeingCached(m) => Error::BeingCached(clean(m)),
-            DriverError::Io(m) => Error::Io(clean(m)),
+            DriverError::Io(e) => Error::Io {
+                code: e.code,
+                message: clean(e.message),
+            },
             DriverError::Database(m) => Error::Database(clean(m)),
             DriverError::NotConfigured(m) => Error::NotConfigured(clean(m)),
             DriverError::Unsupported(m) => Error::Unsupported(clean(m)),
@@ -76,6 +85,28 @@ impl From<DriverError> for Error {
 }
 
 impl Error {
+    /// An I/O failure of the host's own, its code from the system's error.
+    pub fn io(context: impl std::fmt::Display, e: &std::io::Error) -> Error {
+        let code = crate::fs::io_error("", std::io::Error::new(e.kind(), "")).code;
+        let code = match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => IoCode::NoSpace,
+            Some(libc::EMFILE) | Some(libc::ENFILE) => IoCode::LimitExceeded,
+            _ => code,
+        };
+        Error::Io {
+            code,
+            message: format!("{context}: {e}"),
+        }
+    }
+
+    /// An I/O failure the host found without a system error.
+    pub fn io_message(message: impl Into<String>) -> Error {
+        Error::Io {
+            code: IoCode::Io,
+            message: message.into(),
+        }
+    }
+
     /// A short name of the kind, stable for scripts (`--json` output).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -84,7 +115,7 @@ impl Error {
             Error::NotFound(_) => "not-found",
             Error::AlreadyCached(_) => "already-cached",
             Error::BeingCached(_) => "being-cached",
-            Error::Io(_) => "io",
+            Error::Io { .. } => "io",
             Error::Database(_) => "database",
             Error::NotConfigured(_) => "not-configured",
             Error::Unsupported(_) => "unsupported",

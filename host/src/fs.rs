@@ -4,17 +4,30 @@
 //! be relative, without `..`, NUL or backslash. `cap_std` then resolves it
 //! inside the root only (a symlink that points out is refused), and the last
 //! component is never followed when it is a symlink.
+//!
+//! Whatever another process planted in the root, only regular files and
+//! directories are opened: every open is non-blocking (a FIFO cannot hold
+//! the call), then checked by `fstat` (a FIFO, socket or device is refused)
+//! and by its link count (a hard link may lead to a file outside the root).
+//!
+//! A driver writes only its own files (`open-read-write`): the metadata
+//! database at the top of the root and files in its own directories, never
+//! an image's file or a fill in progress. Byte-range locks (SQLite's, inside
+//! the driver) are open-file-description locks, which exclude two opens of
+//! one file in one process as in two, and conflict with native SQLite's
+//! POSIX locks; none outlives the driver call that took it.
 
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cap_fs_ext::{DirExt, FollowSymlinks, OpenOptionsFollowExt};
-use cap_std::fs::{Dir, OpenOptions};
+use cap_std::fs::{Dir, OpenOptions, OpenOptionsExt};
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 use crate::bindings::fs::{
-    self as wit, DirEntry, DirName, EntryKind, ErrorCode, FsError, Metadata,
+    self as wit, DirEntry, DirName, EntryKind, ErrorCode, FsError, Metadata, RangeLock,
 };
 use crate::runtime::Deadline;
 
@@ -26,6 +39,12 @@ pub const DEFAULT_MAX_LISTING: usize = 4_000_000;
 pub const MAX_LISTING_BYTES: usize = 256 * 1024 * 1024;
 /// Most paths one `remove-files` takes.
 pub const MAX_BATCH: usize = 1_000_000;
+/// Most bytes one `read-at` or `write-at` moves.
+pub const MAX_IO: usize = 1 << 20;
+/// Largest file a driver may make of its own (`write-at`, `set-len`).
+pub const MAX_DRIVER_FILE: u64 = 16 << 30;
+/// Directories whose files are images or fills: never a driver's to write.
+const IMAGE_DIRS: [&str; 3] = ["incomplete", "invalid", "queue"];
 
 /// The cache root a driver instance may use, and nothing else.
 pub struct RootFs {
@@ -45,6 +64,11 @@ pub struct OpenFile {
     pub size_at_open: u64,
     /// Whether it was created for writing (`create-new`).
     pub writable: bool,
+    /// Whether the driver may write it itself (`open-read-write`).
+    pub driver_writes: bool,
+    /// The driver call in which a byte-range lock was last taken on it (see
+    /// [`RangeLocks`]).
+    locked_in_call: std::sync::atomic::AtomicU64,
 }
 
 /// Which file an open file is: device and inode.
@@ -166,6 +190,35 @@ pub fn from_time(t: f64) -> Result<SystemTime> {
     Ok(UNIX_EPOCH + Duration::from_secs_f64(t))
 }
 
+/// Refuse what is not a regular file with one link: a directory, a FIFO,
+/// socket or device (planted to block or confuse the host), or a file with
+/// other hard links (one may be outside the root).
+fn regular(path: &str, meta: &std::fs::Metadata) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if meta.is_dir() {
+        return Err(error(
+            ErrorCode::IsADirectory,
+            format!("{path}: not a regular file"),
+        ));
+    }
+    if !meta.is_file() {
+        return Err(error(
+            ErrorCode::AccessDenied,
+            format!("{path}: not a regular file"),
+        ));
+    }
+    if meta.nlink() > 1 {
+        return Err(error(
+            ErrorCode::AccessDenied,
+            format!(
+                "{path}: has {} hard links; refused (it may be a link to a file outside the root)",
+                meta.nlink()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The kind of an entry, from what std's or cap-std's file type says.
 fn kind(symlink: bool, file: bool, dir: bool) -> EntryKind {
     match (symlink, file, dir) {
@@ -224,47 +277,83 @@ impl RootFs {
         &self.dir
     }
 
-    pub fn create_new(&self, path: &str) -> Result<OpenFile> {
+    /// Open `path` without blocking and without following a final
+    /// symlink, then keep it only if it is a regular file with one link.
+    fn open_regular(&self, path: &str, options: &mut OpenOptions) -> Result<OpenFile> {
         let p = check_name(path)?;
-        let mut options = OpenOptions::new();
         options
-            .write(true)
-            .create_new(true)
-            .follow(FollowSymlinks::No);
+            .follow(FollowSymlinks::No)
+            .custom_flags(libc::O_NONBLOCK);
         let file = self
             .dir
-            .open_with(p, &options)
-            .map_err(|e| io_error(path, e))?;
-        Ok(OpenFile {
-            file: file.into_std(),
-            path: path.to_string(),
-            size_at_open: 0,
-            writable: true,
-        })
-    }
-
-    pub fn open(&self, path: &str) -> Result<OpenFile> {
-        let p = check_name(path)?;
-        let mut options = OpenOptions::new();
-        options.read(true).follow(FollowSymlinks::No);
-        let file = self
-            .dir
-            .open_with(p, &options)
+            .open_with(p, options)
             .map_err(|e| io_error(path, e))?
             .into_std();
         let meta = file.metadata().map_err(|e| io_error(path, e))?;
-        if !meta.is_file() {
-            return Err(error(
-                ErrorCode::IsADirectory,
-                format!("{path}: not a regular file"),
-            ));
+        regular(path, &meta)?;
+        // Regular files ignore O_NONBLOCK; clear it all the same.
+        // SAFETY: fcntl on a descriptor this function owns.
+        unsafe {
+            let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if flags >= 0 {
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            }
         }
         Ok(OpenFile {
             file,
             path: path.to_string(),
             size_at_open: meta.len(),
             writable: false,
+            driver_writes: false,
+            locked_in_call: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    pub fn create_new(&self, path: &str) -> Result<OpenFile> {
+        let mut options = OpenOptions::new();
+        options.write(true).create_new(true);
+        let mut file = self.open_regular(path, &mut options)?;
+        file.writable = true;
+        Ok(file)
+    }
+
+    pub fn open(&self, path: &str) -> Result<OpenFile> {
+        self.open_regular(path, OpenOptions::new().read(true))
+    }
+
+    /// Open a file of the driver's own for reading and writing (creating it
+    /// if `create`): at the top of the root only the metadata database
+    /// `db` and its journal (or the WAL a database of release 0.2 left),
+    /// nothing in the image directories.
+    pub fn open_read_write(&self, path: &str, create: bool, db: &str) -> Result<OpenFile> {
+        let p = check_name(path)?;
+        let mut parts = p.components().filter(|c| *c != Component::CurDir);
+        let first = parts.next().map(|c| c.as_os_str().to_string_lossy());
+        let top_level = parts.next().is_none();
+        let first = first.as_deref().unwrap_or_default();
+        let allowed = if top_level {
+            first == db
+                || first
+                    .strip_prefix(db)
+                    .is_some_and(|rest| rest == "-journal" || rest == "-wal")
+        } else {
+            !IMAGE_DIRS.contains(&first)
+        };
+        if !allowed {
+            return Err(error(
+                ErrorCode::AccessDenied,
+                format!(
+                    "{path}: not a file a driver may write (at the top of the root only the \
+                     metadata database {db} and its journal; nothing under {})",
+                    IMAGE_DIRS.join("/, ") + "/"
+                ),
+            ));
+        }
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(create);
+        let mut file = self.open_regular(path, &mut options)?;
+        file.driver_writes = true;
+        Ok(file)
     }
 
     pub fn stat(&self, path: &str) -> Result<Metadata> {
@@ -482,6 +571,194 @@ impl OpenFile {
     pub fn unlock(&self) -> Result<()> {
         self.file.unlock().map_err(|e| io_error(&self.path, e))
     }
+
+    pub fn size(&self) -> Result<u64> {
+        self.file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| io_error(&self.path, e))
+    }
+
+    fn refuse_driver_write(&self) -> Result<()> {
+        match self.driver_writes {
+            true => Ok(()),
+            false => Err(error(
+                ErrorCode::AccessDenied,
+                format!(
+                    "{}: not opened with open-read-write (only the host writes an image's bytes)",
+                    self.path
+                ),
+            )),
+        }
+    }
+
+    /// Up to `length` bytes (at most [`MAX_IO`]) from `offset`.
+    pub fn read_at(&self, offset: u64, length: u32) -> Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let length = length as usize;
+        if length > MAX_IO {
+            return Err(error(
+                ErrorCode::LimitExceeded,
+                format!("{}: more than {MAX_IO} bytes in one read", self.path),
+            ));
+        }
+        span(&self.path, offset, length as u64)?;
+        let mut buf = vec![0; length];
+        let mut done = 0;
+        while done < length {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error(&self.path, e)),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// Write all of `data` (at most [`MAX_IO`] bytes) at `offset`, in a file
+    /// the driver may write, never past [`MAX_DRIVER_FILE`].
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.refuse_driver_write()?;
+        if data.len() > MAX_IO {
+            return Err(error(
+                ErrorCode::LimitExceeded,
+                format!("{}: more than {MAX_IO} bytes in one write", self.path),
+            ));
+        }
+        within_driver_cap(&self.path, span(&self.path, offset, data.len() as u64)?)?;
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| io_error(&self.path, e))
+    }
+
+    pub fn set_len(&self, size: u64) -> Result<()> {
+        self.refuse_driver_write()?;
+        within_driver_cap(&self.path, size)?;
+        self.file.set_len(size).map_err(|e| io_error(&self.path, e))
+    }
+
+    pub fn sync_data(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| io_error(&self.path, e))
+    }
+
+    /// One open-file-description lock call (`F_OFD_SETLK`/`F_OFD_GETLK`).
+    fn ofd_lock(&self, cmd: i32, kind: i32, start: u64, length: u64) -> Result<libc::flock> {
+        span(&self.path, start, length)?;
+        // SAFETY: a zeroed flock is a valid value; every field is set below.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = kind as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        lock.l_start = start as libc::off_t;
+        lock.l_len = length as libc::off_t;
+        lock.l_pid = 0;
+        // SAFETY: fcntl with a valid descriptor and a flock this frame owns.
+        if unsafe { libc::fcntl(self.file.as_raw_fd(), cmd, &mut lock) } == 0 {
+            return Ok(lock);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => {
+                lock.l_type = -1; // held elsewhere
+                Ok(lock)
+            }
+            _ => Err(io_error(&self.path, e)),
+        }
+    }
+
+    /// Set a byte-range lock without waiting; false if another open file
+    /// holds a conflicting one. `length` 0 reaches past the end of file.
+    pub fn set_range_lock(&self, start: u64, length: u64, lock: RangeLock) -> Result<bool> {
+        let kind = match lock {
+            RangeLock::Unlocked => libc::F_UNLCK,
+            RangeLock::Shared => libc::F_RDLCK,
+            RangeLock::Exclusive => libc::F_WRLCK,
+        };
+        let done = self.ofd_lock(libc::F_OFD_SETLK, kind, start, length)?;
+        Ok(done.l_type != -1)
+    }
+
+    /// Whether another open file holds a lock on the range that conflicts
+    /// with an exclusive one.
+    pub fn range_locked_elsewhere(&self, start: u64, length: u64) -> Result<bool> {
+        let probe = self.ofd_lock(libc::F_OFD_GETLK, libc::F_WRLCK, start, length)?;
+        Ok(probe.l_type != libc::F_UNLCK as libc::c_short)
+    }
+}
+
+/// The end of `length` bytes from `offset`, if it fits a file offset.
+fn span(path: &str, offset: u64, length: u64) -> Result<u64> {
+    offset
+        .checked_add(length)
+        .filter(|end| *end <= i64::MAX as u64)
+        .ok_or_else(|| {
+            error(
+                ErrorCode::InvalidArgument,
+                format!("{path}: {length} bytes at offset {offset} are past any file offset"),
+            )
+        })
+}
+
+fn within_driver_cap(path: &str, end: u64) -> Result<()> {
+    match end <= MAX_DRIVER_FILE {
+        true => Ok(()),
+        false => Err(error(
+            ErrorCode::LimitExceeded,
+            format!("{path}: a driver's own file may not grow past {MAX_DRIVER_FILE} bytes"),
+        )),
+    }
+}
+
+/// Files that took a byte-range lock during the current driver call, kept
+/// open (a duplicate descriptor of the same open file) until the call ends,
+/// when every lock they hold is released: a lock never outlives the call
+/// that took it, so a driver cannot keep other processes (or its own
+/// other instances) out of a database between calls.
+pub struct RangeLocks {
+    /// The current driver call, counted from 1 (0 marks a file that never
+    /// took a range lock).
+    call: u64,
+    held: Vec<OwnedFd>,
+}
+
+impl Default for RangeLocks {
+    fn default() -> Self {
+        RangeLocks {
+            call: 1,
+            held: Vec::new(),
+        }
+    }
+}
+
+impl RangeLocks {
+    /// Remember `file`'s open file description for release at the end of
+    /// the call (once per file and call).
+    fn note(&mut self, file: &OpenFile) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if file.locked_in_call.swap(self.call, Ordering::Relaxed) == self.call {
+            return Ok(());
+        }
+        let dup = file.file.try_clone().map_err(|e| io_error(&file.path, e))?;
+        self.held.push(dup.into());
+        Ok(())
+    }
+
+    /// The driver call ended: release every range lock taken during it.
+    pub fn release_all(&mut self) {
+        for fd in self.held.drain(..) {
+            // SAFETY: a zeroed flock is valid; F_UNLCK over the whole file
+            // on a descriptor this struct owns.
+            unsafe {
+                let mut lock: libc::flock = std::mem::zeroed();
+                lock.l_type = libc::F_UNLCK as libc::c_short;
+                lock.l_whence = libc::SEEK_SET as libc::c_short;
+                libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &mut lock);
+            }
+        }
+        self.call += 1;
+    }
 }
 
 /// What the `fs` host functions borrow from a store.
@@ -490,6 +767,10 @@ pub struct FsView<'a> {
     pub table: &'a mut ResourceTable,
     /// The deadline of the driver call this import is part of.
     pub deadline: Deadline,
+    /// The metadata database's name (`image_cache_sqlite_db`), the one file
+    /// at the top of the root (with its journal) a driver may write.
+    pub db: &'a str,
+    pub range_locks: &'a mut RangeLocks,
 }
 
 impl FsView<'_> {
@@ -513,6 +794,15 @@ impl wit::Host for FsView<'_> {
 
     fn open(&mut self, path: String) -> wasmtime::Result<Result<Resource<OpenFile>>> {
         let file = self.root.open(&path);
+        self.opened(file)
+    }
+
+    fn open_read_write(
+        &mut self,
+        path: String,
+        create: bool,
+    ) -> wasmtime::Result<Result<Resource<OpenFile>>> {
+        let file = self.root.open_read_write(&path, create, self.db);
         self.opened(file)
     }
 
@@ -599,6 +889,61 @@ impl wit::HostFile for FsView<'_> {
 
     fn unlock(&mut self, f: Resource<OpenFile>) -> wasmtime::Result<Result<()>> {
         Ok(self.table.get(&f)?.unlock())
+    }
+
+    fn size(&mut self, f: Resource<OpenFile>) -> wasmtime::Result<Result<u64>> {
+        Ok(self.table.get(&f)?.size())
+    }
+
+    fn read_at(
+        &mut self,
+        f: Resource<OpenFile>,
+        offset: u64,
+        length: u32,
+    ) -> wasmtime::Result<Result<Vec<u8>>> {
+        Ok(self.table.get(&f)?.read_at(offset, length))
+    }
+
+    fn write_at(
+        &mut self,
+        f: Resource<OpenFile>,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<Result<()>> {
+        Ok(self.table.get(&f)?.write_at(offset, &data))
+    }
+
+    fn set_len(&mut self, f: Resource<OpenFile>, size: u64) -> wasmtime::Result<Result<()>> {
+        Ok(self.table.get(&f)?.set_len(size))
+    }
+
+    fn sync_data(&mut self, f: Resource<OpenFile>) -> wasmtime::Result<Result<()>> {
+        Ok(self.table.get(&f)?.sync_data())
+    }
+
+    fn set_range_lock(
+        &mut self,
+        f: Resource<OpenFile>,
+        start: u64,
+        length: u64,
+        lock: RangeLock,
+    ) -> wasmtime::Result<Result<bool>> {
+        let file = self.table.get(&f)?;
+        if lock != RangeLock::Unlocked
+            && let Err(e) = self.range_locks.note(file)
+        {
+            return Ok(Err(e));
+        }
+        Ok(file.set_range_lock(start, length, lock))
+    }
+
+    fn range_locked_elsewhere(
+        &mut self,
+        f: Resource<OpenFile>,
+        start: u64,
+        length: u64,
+    ) -> wasmtime::Result<Result<bool>> {
+        Ok(self.table.get(&f)?.range_locked_elsewhere(start, length))
     }
 
     fn drop(&mut self, f: Resource<OpenFile>) -> wasmtime::Result<()> {

@@ -9,7 +9,6 @@
 //! | --- | --- |
 //! | [`fs`] | `image-cache:driver/fs` on a `cap_std` directory |
 //! | [`xattr`] | `image-cache:driver/xattr`, `user.` names only |
-//! | [`sqlite`] | `image-cache:driver/sqlite` with rusqlite, confined to the root |
 //! | [`database`] | `image-cache:driver/database`: configured databases by name |
 //! | [`contract`] | contract versions, grants, what a component declares |
 //! | [`runtime`] | engine, checks before compiling, linking by grants, limits |
@@ -28,7 +27,6 @@ pub mod driver;
 pub mod error;
 pub mod fs;
 pub mod runtime;
-pub mod sqlite;
 pub mod xattr;
 
 pub use bindings::types::{

@@ -31,8 +31,7 @@ use crate::bindings::{DriverPre, clock, types};
 use crate::contract::{Capability, Grants, Manifest, read_manifest};
 use crate::database::{DatabaseRoot, DatabaseView};
 use crate::error::{Error, Result};
-use crate::fs::{FsView, RootFs};
-use crate::sqlite::{SqliteRoot, SqliteView};
+use crate::fs::{FsView, RangeLocks, RootFs};
 use crate::xattr::{XattrSupport, XattrView};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
@@ -48,7 +47,8 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Most host resources (open files, connections) one instance may hold.
     pub resources: usize,
-    /// Most database connections (sqlite or database) one instance may hold.
+    /// Most database connections (`database` interface) one instance may
+    /// hold.
     pub connections: usize,
     /// Most live instances of one driver; a call that finds them all busy
     /// waits up to `instance_wait`, then fails.
@@ -74,7 +74,7 @@ impl Default for Limits {
             instance_wait: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_listing: crate::fs::DEFAULT_MAX_LISTING,
-            max_query_bytes: crate::sqlite::DEFAULT_MAX_RESULT_BYTES,
+            max_query_bytes: crate::database::DEFAULT_MAX_RESULT_BYTES,
         }
     }
 }
@@ -163,7 +163,9 @@ impl Drop for InstanceMemory {
 /// What the host gives one driver on one root: shared by its instances.
 pub struct Sandbox {
     pub root: Arc<RootFs>,
-    pub sqlite: Arc<SqliteRoot>,
+    /// The metadata database's name in the root (`image_cache_sqlite_db`):
+    /// the one top-level file (with its journal) the driver may write.
+    pub db_name: String,
     pub database: Arc<DatabaseRoot>,
     pub xattr: XattrSupport,
     pub memory: Arc<MemoryBudget>,
@@ -190,7 +192,9 @@ pub struct HostState {
     sandbox: Arc<Sandbox>,
     memory: InstanceMemory,
     pub(crate) deadline: Deadline,
-    /// Database connections this instance holds (sqlite and database).
+    /// Byte-range locks taken in the current call, released when it ends.
+    pub(crate) range_locks: RangeLocks,
+    /// Database connections this instance holds.
     connections: usize,
     max_connections: usize,
 }
@@ -352,8 +356,8 @@ impl Runtime {
         let scratch = tempfile::tempdir().map_err(|e| load_error(name, e))?;
         let root = Arc::new(RootFs::new(scratch.path()).map_err(|e| load_error(name, e))?);
         let sandbox = Arc::new(Sandbox {
-            sqlite: Arc::new(SqliteRoot::new(&root)),
             root,
+            db_name: crate::cache::DEFAULT_SQLITE_DB.to_string(),
             database: Arc::new(DatabaseRoot::new()),
             xattr: XattrSupport::Disabled,
             memory: MemoryBudget::new(self.limits.memory_bytes),
@@ -554,6 +558,7 @@ impl Runtime {
                     mine: 0,
                 },
                 deadline: Deadline(Instant::now() + self.limits.call_deadline),
+                range_locks: RangeLocks::default(),
                 connections: 0,
                 max_connections: self.limits.connections,
             },
@@ -672,9 +677,26 @@ impl HasData for HasState {
 }
 impl types::Host for &mut HostState {}
 
+/// Longest single pause `clock.sleep` grants.
+pub const MAX_SLEEP: Duration = Duration::from_millis(100);
+
 impl clock::Host for &mut HostState {
     fn now(&mut self) -> wasmtime::Result<f64> {
         Ok(crate::fs::to_time(std::time::SystemTime::now()))
+    }
+
+    /// A pause for a driver waiting on another process's lock: never longer
+    /// than 100 ms or than the call has left; false once the deadline has
+    /// passed, so the driver gives up (the epoch stops it soon after if it
+    /// does not).
+    fn sleep(&mut self, microseconds: u32) -> wasmtime::Result<bool> {
+        let pause = Duration::from_micros(u64::from(microseconds))
+            .min(MAX_SLEEP)
+            .min(self.deadline.remaining());
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+        Ok(!self.deadline.passed())
     }
 }
 
@@ -685,6 +707,8 @@ fn link(linker: &mut Linker<HostState>, grants: Grants) -> wasmtime::Result<()> 
         root: &s.sandbox.root,
         table: &mut s.table,
         deadline: s.deadline,
+        db: &s.sandbox.db_name,
+        range_locks: &mut s.range_locks,
     })?;
     for capability in Capability::ALL {
         if !grants.allows(capability) {
@@ -695,14 +719,6 @@ fn link(linker: &mut Linker<HostState>, grants: Grants) -> wasmtime::Result<()> 
                 root: &s.sandbox.root,
                 table: &mut s.table,
                 support: s.sandbox.xattr,
-            })?,
-            Capability::Sqlite => crate::sqlite::add_to_linker(linker, |s| SqliteView {
-                sqlite: &s.sandbox.sqlite,
-                root: &s.sandbox.root,
-                table: &mut s.table,
-                deadline: s.deadline,
-                connections: &mut s.connections,
-                max_connections: s.max_connections,
             })?,
             Capability::Database => crate::database::add_to_linker(linker, |s| DatabaseView {
                 databases: &s.sandbox.database,

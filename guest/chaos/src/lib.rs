@@ -3,9 +3,9 @@
 //! seed (a decimal number): paths built from hostile pieces (`..`, `/`,
 //! absolute names, NUL, very long names, the option `chaos_target` outside
 //! the root), `trusted.`/`security.` attribute names, times before 1970 or
-//! not finite, locks, listings, renames, removals, and SQL built from
-//! dangerous fragments (ATTACH, VACUUM INTO, PRAGMAs that change the whole
-//! process, runaway recursion, huge blobs, extension loading).
+//! not finite, locks, listings, renames, removals, read-write opens of
+//! image files, reads and writes at huge offsets and lengths, truncations,
+//! and byte-range locks of every kind over every range.
 //!
 //! Whatever the host answers is fine; what the test checks is the host:
 //! nothing outside the root changes, nothing panics, the next call works.
@@ -18,7 +18,6 @@ use driver_common::bindings::exports::image_cache::driver::cache_driver::{
     Guest, GuestReadSession, GuestWriteSession, ReadSession, WriteSession,
 };
 use driver_common::fs::{self, File};
-use driver_common::sqlite::{Connection, Value};
 use driver_common::{
     CachedImage, CleanReport, DriverInfo, Error, LruEntry, PruneReport, ReadRecord, xattr,
 };
@@ -101,42 +100,21 @@ const XATTRS: &[&str] = &[
     "user.a/b",
 ];
 
-const SQL: &[&str] = &[
-    "ATTACH DATABASE '{target}' AS t",
-    "ATTACH DATABASE 'file:{target}?mode=rwc' AS t",
-    "ATTACH DATABASE '../chaos-planted.db' AS t",
-    "VACUUM INTO '{target}'",
-    "VACUUM",
-    "PRAGMA hard_heap_limit = 1",
-    "PRAGMA soft_heap_limit = 1",
-    "PRAGMA temp_store_directory = '/tmp'",
-    "PRAGMA database_list",
-    "PRAGMA mmap_size = 1000000000",
-    "PRAGMA journal_mode = MEMORY",
-    "PRAGMA writable_schema = ON",
-    "SELECT * FROM pragma_database_list",
-    "SELECT load_extension('/lib/x86_64-linux-gnu/libc.so.6')",
-    "SELECT fts3_tokenizer('simple')",
-    "SELECT zeroblob(2000000000)",
-    "SELECT randomblob(100000000)",
-    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
-    "CREATE TEMP TABLE t (x)",
-    "CREATE TRIGGER tr AFTER INSERT ON t BEGIN SELECT 1; END",
-    "CREATE VIEW v AS SELECT 1",
-    "CREATE TABLE IF NOT EXISTS t (x)",
-    "INSERT INTO t VALUES (?)",
-    "SELECT x FROM t",
-    "DELETE FROM sqlite_master",
-    "UPDATE sqlite_master SET sql = 'x'",
-    "SELECT * FROM sqlite_dbpage",
-    "BEGIN IMMEDIATE",
-    "COMMIT",
-    "ROLLBACK",
-    "DETACH t",
-    "SELECT printf('%.*c', 100000000, 'x')",
-    "",
-    ";;;",
-    "SELECT 1; ATTACH '{target}' AS t",
+/// Offsets and lengths for reads, writes, truncations and range locks.
+const OFFSETS: &[u64] = &[
+    0,
+    1,
+    511,
+    4096,
+    1 << 20,
+    (1 << 20) + 1,
+    0x4000_0000,
+    0x4000_0002,
+    u32::MAX as u64,
+    1 << 40,
+    i64::MAX as u64,
+    u64::MAX - 1,
+    u64::MAX,
 ];
 
 fn path(rng: &mut Rng) -> String {
@@ -161,18 +139,20 @@ fn time(rng: &mut Rng) -> Option<f64> {
     }
 }
 
-fn value(rng: &mut Rng) -> Value {
-    match rng.below(5) {
-        0 => Value::Null,
-        1 => Value::Integer(rng.next() as i64),
-        2 => Value::Real(TIMES[rng.below(TIMES.len())]),
-        3 => Value::Text("t".repeat(rng.below(1000))),
-        _ => Value::Blob(vec![7; rng.below(1000)]),
+fn offset(rng: &mut Rng) -> u64 {
+    OFFSETS[rng.below(OFFSETS.len())]
+}
+
+fn range_lock(rng: &mut Rng) -> fs::RangeLock {
+    match rng.below(3) {
+        0 => fs::RangeLock::Unlocked,
+        1 => fs::RangeLock::Shared,
+        _ => fs::RangeLock::Exclusive,
     }
 }
 
 /// One random import call; its result is ignored.
-fn chaos_call(rng: &mut Rng, files: &mut Vec<File>, dbs: &mut Vec<Connection>) {
+fn chaos_call(rng: &mut Rng, files: &mut Vec<File>) {
     let target = TARGET.with(|t| t.borrow().clone());
     match rng.below(16) {
         0 => {
@@ -251,19 +231,39 @@ fn chaos_call(rng: &mut Rng, files: &mut Vec<File>, dbs: &mut Vec<Connection>) {
                 1 => target,
                 _ => path(rng),
             };
-            if let Ok(c) = Connection::open(&name) {
-                dbs.push(c);
+            if let Ok(f) = fs::open_read_write(&name, rng.below(2) == 0) {
+                files.push(f);
             }
         }
-        12 | 13 if !dbs.is_empty() => {
-            let sql = rng.pick(SQL).replace("{target}", &target);
-            let params: Vec<Value> = (0..rng.below(3)).map(|_| value(rng)).collect();
-            let db = &dbs[rng.below(dbs.len())];
-            let _ = match rng.below(3) {
-                0 => db.execute(&sql, &params).map(|_| ()),
-                1 => db.query(&sql, &params).map(|_| ()),
-                _ => db.execute_batch(&sql),
-            };
+        12 | 13 if !files.is_empty() => {
+            let f = &files[rng.below(files.len())];
+            match rng.below(7) {
+                0 => {
+                    let length = match rng.below(3) {
+                        0 => u32::MAX,
+                        _ => rng.below(1 << 21) as u32,
+                    };
+                    let _ = f.read_at(offset(rng), length);
+                }
+                1 => {
+                    let _ = f.write_at(offset(rng), &vec![9; rng.below(1 << 21)]);
+                }
+                2 => {
+                    let _ = f.set_len(offset(rng));
+                }
+                3 => {
+                    let _ = f.size();
+                }
+                4 => {
+                    let _ = f.sync_data();
+                }
+                5 => {
+                    let _ = f.set_range_lock(offset(rng), offset(rng), range_lock(rng));
+                }
+                _ => {
+                    let _ = f.range_locked_elsewhere(offset(rng), offset(rng));
+                }
+            }
         }
         14 => {
             let _ = xattr::probe();
@@ -271,7 +271,6 @@ fn chaos_call(rng: &mut Rng, files: &mut Vec<File>, dbs: &mut Vec<Connection>) {
         15 => {
             // Drop some handles, so the resource caps are crossed both ways.
             files.truncate(rng.below(files.len() + 1));
-            dbs.truncate(rng.below(dbs.len() + 1));
         }
         _ => {}
     }
@@ -322,9 +321,8 @@ impl Guest for Chaos {
         };
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let mut files = Vec::new();
-        let mut dbs = Vec::new();
         for _ in 0..CALLS {
-            chaos_call(&mut rng, &mut files, &mut dbs);
+            chaos_call(&mut rng, &mut files);
         }
         Ok(true)
     }
@@ -399,7 +397,7 @@ impl Guest for Chaos {
     }
 
     fn open_for_write(image_id: String) -> Result<(WriteSession, File), Error> {
-        Err(Error::Io(format!(
+        Err(driver_common::io_failure(format!(
             "the chaos driver does not cache {image_id:?}"
         )))
     }

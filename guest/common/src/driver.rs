@@ -12,7 +12,7 @@ use crate::layout::{INCOMPLETE, INVALID, QUEUE, remove_if_present};
 use crate::store::{Backend, Image, MetadataStore, Options};
 use crate::{
     CachedImage, CleanReport, DriverInfo, Error, Layout, LruEntry, PruneReport, ReadRecord,
-    RemovedFile, cmp_ids, io_error, now, validate_image_id,
+    RemovedFile, cmp_ids, io_error, io_failure, now, validate_image_id,
 };
 
 /// Glance's default `image_cache_stall_time`: one day.
@@ -250,7 +250,7 @@ impl<B: Backend> Guest for Driver<B> {
         let removed_ids: Vec<String> = removed.iter().map(|&i| ids[i].clone()).collect();
         state.store.forget(&removed_ids)?;
         if let Some(first) = failures.first() {
-            return Err(Error::Io(format!(
+            return Err(io_failure(format!(
                 "removed {} cached images; {} could not be removed, first: {first}",
                 removed_ids.len(),
                 failures.len()
@@ -276,7 +276,7 @@ impl<B: Backend> Guest for Driver<B> {
             .collect();
         let (removed, failures) = state.remove_all(paths);
         if let Some(first) = failures.first() {
-            return Err(Error::Io(format!(
+            return Err(io_failure(format!(
                 "removed {} queue markers; {} could not be removed, first: {first}",
                 removed.len(),
                 failures.len()
@@ -516,7 +516,7 @@ pub struct Writer {
 
 impl Writer {
     fn finished_error(&self) -> Error {
-        Error::Io(format!(
+        io_failure(format!(
             "the write session of {:?} has already ended",
             self.id
         ))
@@ -548,7 +548,7 @@ impl GuestWriteSession for Writer {
         let state = state()?;
         let path = Layout::incomplete(&self.id);
         let Some(meta) = state.layout.regular_file(&path)? else {
-            return Err(Error::Io(format!("{path} vanished before the commit")));
+            return Err(io_failure(format!("{path} vanished before the commit")));
         };
         // Metadata first, then the atomic rename: a reader never sees the
         // image without its metadata, and a crash in between leaves only a

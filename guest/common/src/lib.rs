@@ -5,8 +5,9 @@
 //! the queue, clean, prune, LRU order and the write/read session rules are
 //! here, once; a driver crate says only where hits and times live.
 //!
-//! The driver reaches the disk only through the host's `fs`, `xattr` and
-//! `sqlite` imports, all relative to the cache root the host chose.
+//! The driver reaches the disk only through the host's `fs` and `xattr`
+//! imports (and a shared database through `database`), all relative to the
+//! cache root the host chose.
 
 pub mod bindings {
     wit_bindgen::generate!({
@@ -31,11 +32,25 @@ pub use layout::{Layout, now};
 pub use store::{Backend, FORGET_MISSING_AFTER, Image, MetadataStore, Options};
 
 pub use bindings::image_cache::driver::types::{
-    CachedImage, CleanReport, DriverInfo, Error, LruEntry, PruneReport, ReadRecord, RemovedFile,
+    CachedImage, CleanReport, DriverInfo, Error, IoError, LruEntry, PruneReport, ReadRecord,
+    RemovedFile,
 };
-pub use bindings::image_cache::driver::{database, fs, sqlite, xattr};
+pub use bindings::image_cache::driver::{clock, database, fs, xattr};
 
-/// Turn a host `fs` error into the driver's `io` error, keeping its message.
+/// Turn a host `fs` error into the driver's `io` error, keeping its code
+/// (a full disk stays `no-space` up to the CLI's exit code and the
+/// server's status) and its message.
 pub fn io_error(e: fs::FsError) -> Error {
-    Error::Io(e.message)
+    Error::Io(IoError {
+        code: e.code,
+        message: e.message,
+    })
+}
+
+/// An `io` error the driver found itself (no `fs` call failed).
+pub fn io_failure(message: impl Into<String>) -> Error {
+    Error::Io(IoError {
+        code: fs::ErrorCode::Io,
+        message: message.into(),
+    })
 }

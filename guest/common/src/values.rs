@@ -1,10 +1,9 @@
-//! Readings of the values the `sqlite` and `database` imports return.
-//! They are two WIT types (the database's has a `boolean` case) with the
-//! same numeric and text cases, read the same way by every store.
+//! Readings of the values the `database` import returns, read the same
+//! way by every store that uses it.
 
-use crate::{IdMap, Image, database, id_map, sqlite};
+use crate::{IdMap, Image, database, id_map};
 
-/// A value of either import.
+/// A value of a database import.
 pub trait DbValue {
     fn integer(&self) -> Option<i64>;
     fn real(&self) -> Option<f64>;
@@ -13,8 +12,8 @@ pub trait DbValue {
     fn into_text(self) -> Option<String>;
 }
 
-/// The readings are the same for both types: their numeric and text cases
-/// have the same names.
+/// The readings of a value type whose numeric and text cases are named
+/// `Integer`, `Real` and `Text`.
 macro_rules! db_value {
     ($value:ty) => {
         impl DbValue for $value {
@@ -49,7 +48,6 @@ macro_rules! db_value {
     };
 }
 
-db_value!(sqlite::Value);
 db_value!(database::Value);
 
 /// A text value.

@@ -9,17 +9,15 @@
 //! | `panic` | panics |
 //! | `escape-parent`, `escape-absolute` | opens a file outside the root |
 //! | `trusted-xattr` | sets a `trusted.` attribute |
-//! | `escape-db` | opens a database outside the root |
 //! | `exhaust-handles` | opens files until something gives |
 //! | `garbage` | (via the LRU batch and listing) breaks the contract |
-//! | `sql-attach`, `sql-attach-relative`, `sql-attach-uri` | `ATTACH`es a file outside the root (the option `hostile_target`, or `../`) |
-//! | `sql-vacuum-into` | `VACUUM INTO` a file outside the root |
-//! | `sql-heap-limit`, `sql-soft-heap-limit`, `sql-temp-dir` | changes process-wide SQLite state |
-//! | `sql-database-list`, `sql-pragma-table` | asks SQLite where its files are |
-//! | `sql-runaway` | a recursive query without end |
-//! | `sql-zeroblob` | a row of two huge blobs |
-//! | `sql-connections` | opens connections until something gives |
-//! | `sql-load-extension` | loads a shared library |
+//! | `sql-instr` | one SQLite opcode for minutes: `instr()` on a 4M-char haystack with a 2M-char needle (SQLite inside the driver) |
+//! | `sql-sort-memory` | `ORDER BY` over 16 MB values, past the memory cap |
+//! | `sql-attach`, `sql-attach-relative`, `sql-vacuum-into` | SQLite inside the driver `ATTACH`es or writes a file outside the root (the option `hostile_target`, or `../`) |
+//! | `hold-range-lock` | takes an exclusive byte-range lock on all of `cache.db` and keeps the file after the call returns |
+//! | `open-fifo` | opens `fifo` (a FIFO the test planted), read and read-write |
+//! | `open-hardlink` | opens `hardlink` (a hard link the test planted to a file outside the root), read and read-write |
+//! | `write-image` | opens an image's file (`hostile-image`, then `incomplete/hostile-image`) read-write to change its bytes |
 //! | `lock-forever` | waits for a lock it holds itself through another handle |
 //! | `set-times-negative` | sets a time before 1970 |
 //! | `error-flood` | returns a 10 MB error with terminal escapes |
@@ -40,7 +38,6 @@ use driver_common::bindings::exports::image_cache::driver::cache_driver::{
     Guest, GuestReadSession, GuestWriteSession, ReadSession, WriteSession,
 };
 use driver_common::fs::{self, ErrorCode, File};
-use driver_common::sqlite::Connection;
 use driver_common::{
     CachedImage, CleanReport, DriverInfo, Error, LruEntry, PruneReport, ReadRecord, xattr,
 };
@@ -58,73 +55,96 @@ fn target() -> String {
     TARGET.with(|t| t.borrow().clone())
 }
 
-fn db() -> Result<Connection, Error> {
-    Connection::open("hostile.db").map_err(|e| Error::Database(e.message))
+fn io(e: fs::FsError) -> Error {
+    Error::Io(driver_common::IoError {
+        code: e.code,
+        message: format!("{:?}: {}", e.code, e.message),
+    })
 }
 
-/// Run SQL; the host's refusal comes back as a database error.
+fn io_text(message: String) -> Error {
+    driver_common::io_failure(message)
+}
+
+thread_local! {
+    /// What `hold-range-lock` keeps past its call.
+    static HELD: RefCell<Vec<File>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Run SQL on SQLite inside this driver, on `cache.db` in the root (the
+/// one database name at the top of the root a driver may write).
 fn sql(statement: &str) -> Result<bool, Error> {
-    let db = db()?;
-    db.query(statement, &[])
-        .map(|_| true)
-        .map_err(|e| Error::Database(format!("{:?}: {}", e.code, e.message)))
+    let db = sqlite_vfs::open("cache.db").map_err(Error::Database)?;
+    let mut stmt = db
+        .prepare(statement)
+        .map_err(|e| Error::Database(e.to_string()))?;
+    let mut rows = stmt.query([]).map_err(|e| Error::Database(e.to_string()))?;
+    while rows
+        .next()
+        .map_err(|e| Error::Database(e.to_string()))?
+        .is_some()
+    {}
+    Ok(true)
+}
+
+/// Open `path` read-only, then read-write: the first failure, or true.
+fn open_both(path: &str) -> Result<bool, Error> {
+    fs::open(path).map_err(io)?;
+    fs::open_read_write(path, false).map_err(io)?;
+    Ok(true)
 }
 
 fn attack(id: &str) -> Result<bool, Error> {
     match id {
+        "sql-instr" => sql(
+            "SELECT instr(printf('%.*c', 4000000, 'a') || 'b', printf('%.*c', 2000000, 'a') || 'b')",
+        ),
+        "sql-sort-memory" => sql(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 64) \
+             SELECT x, zeroblob(16000000) || randomblob(16) AS v FROM c ORDER BY v",
+        ),
         "sql-attach" => sql(&format!("ATTACH DATABASE '{}' AS stolen", target())),
         "sql-attach-relative" => sql("ATTACH DATABASE '../hostile-planted.db' AS stolen"),
-        "sql-attach-uri" => sql(&format!(
-            "ATTACH DATABASE 'file:{}?mode=ro' AS probe",
-            target()
-        )),
         "sql-vacuum-into" => sql(&format!("VACUUM INTO '{}'", target())),
-        "sql-heap-limit" => sql("PRAGMA hard_heap_limit = 1"),
-        "sql-soft-heap-limit" => sql("PRAGMA soft_heap_limit = 1"),
-        "sql-temp-dir" => sql("PRAGMA temp_store_directory = '/tmp'"),
-        "sql-database-list" => sql("PRAGMA database_list"),
-        "sql-pragma-table" => sql("SELECT file FROM pragma_database_list"),
-        "sql-runaway" => sql(
-            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
-        ),
-        "sql-zeroblob" => sql("SELECT zeroblob(1000000000), zeroblob(1000000000)"),
-        "sql-load-extension" => sql("SELECT load_extension('/lib/x86_64-linux-gnu/libc.so.6')"),
-        "sql-connections" => {
-            let mut held = Vec::new();
-            loop {
-                match Connection::open("hostile.db") {
-                    Ok(c) => held.push(c),
-                    Err(e) => {
-                        return Err(Error::Database(format!(
-                            "after {} connections: {:?}: {}",
-                            held.len(),
-                            e.code,
-                            e.message
-                        )));
-                    }
-                }
+        "hold-range-lock" => {
+            let file = fs::open_read_write("cache.db", false).map_err(io)?;
+            let got = file
+                .set_range_lock(0, 0, fs::RangeLock::Exclusive)
+                .map_err(io)?;
+            HELD.with(|h| h.borrow_mut().push(file));
+            Ok(got)
+        }
+        "open-fifo" => open_both("fifo"),
+        "open-hardlink" => open_both("hardlink"),
+        "write-image" => {
+            // An image's file, then a fill in progress: the host writes
+            // those bytes, never the driver.
+            let _ = fs::create_new("hostile-image");
+            let _ = fs::create_dir("incomplete");
+            let _ = fs::create_new("incomplete/hostile-image");
+            for path in ["hostile-image", "incomplete/hostile-image"] {
+                let file = fs::open_read_write(path, false).map_err(io)?;
+                file.write_at(0, b"forged").map_err(io)?;
             }
+            Ok(true)
         }
         "lock-forever" => {
             let _ = fs::create_new("hostile-lock");
-            let first = fs::open("hostile-lock").map_err(|e| Error::Io(e.message))?;
-            let second = fs::open("hostile-lock").map_err(|e| Error::Io(e.message))?;
-            first.lock().map_err(|e| Error::Io(e.message))?;
-            second
-                .lock()
-                .map(|()| true)
-                .map_err(|e| Error::Io(format!("{:?}: {}", e.code, e.message)))
+            let first = fs::open("hostile-lock").map_err(io)?;
+            let second = fs::open("hostile-lock").map_err(io)?;
+            first.lock().map_err(io)?;
+            second.lock().map(|()| true).map_err(io)
         }
         "set-times-negative" => {
             let _ = fs::create_new("hostile-times");
             fs::set_times("hostile-times", Some(-1.0), Some(-1e300))
                 .map(|()| true)
-                .map_err(|e| Error::Io(format!("{:?}: {}", e.code, e.message)))
+                .map_err(io)
         }
         "error-flood" => {
             let mut message = String::from("\u{1b}[2J\u{1b}[31mflood");
             message.push_str(&"A".repeat(10_000_000));
-            Err(Error::Io(message))
+            Err(io_text(message))
         }
         "spin" => {
             let mut n = 0u64;
@@ -139,27 +159,20 @@ fn attack(id: &str) -> Result<bool, Error> {
             }
         }
         "panic" => panic!("the hostile driver panics on purpose"),
-        "escape-parent" => fs::open("../../etc/passwd")
-            .map(|_| true)
-            .map_err(|e| Error::Io(e.message)),
-        "escape-absolute" => fs::open("/etc/passwd")
-            .map(|_| true)
-            .map_err(|e| Error::Io(e.message)),
+        "escape-parent" => fs::open("../../etc/passwd").map(|_| true).map_err(io),
+        "escape-absolute" => fs::open("/etc/passwd").map(|_| true).map_err(io),
         "trusted-xattr" => {
             let file = match fs::create_new("hostile-scratch") {
                 Ok(f) => f,
                 Err(e) if e.code == ErrorCode::AlreadyExists => {
-                    fs::open("hostile-scratch").map_err(|e| Error::Io(e.message))?
+                    fs::open("hostile-scratch").map_err(io)?
                 }
-                Err(e) => return Err(Error::Io(e.message)),
+                Err(e) => return Err(io(e)),
             };
             let result = xattr::set(&file, "trusted.hostile", b"1");
             let _ = fs::remove_file("hostile-scratch");
-            result.map(|()| true).map_err(|e| Error::Io(e.message))
+            result.map(|()| true).map_err(io)
         }
-        "escape-db" => Connection::open("../outside.db")
-            .map(|_| true)
-            .map_err(|e| Error::Database(e.message)),
         "exhaust-handles" => {
             let _ = fs::create_new("hostile-handles");
             let mut held = Vec::new();
@@ -167,7 +180,7 @@ fn attack(id: &str) -> Result<bool, Error> {
                 match fs::open("hostile-handles") {
                     Ok(f) => held.push(f),
                     Err(e) => {
-                        return Err(Error::Io(format!(
+                        return Err(io_text(format!(
                             "after {} handles: {}",
                             held.len(),
                             e.message
@@ -320,10 +333,10 @@ impl Guest for Hostile {
             // Another file of the root, not incomplete/<id>.
             let _ = fs::create_dir("incomplete");
             let _ = fs::remove_file("decoy");
-            let decoy = fs::create_new("decoy").map_err(|e| Error::Io(e.message))?;
+            let decoy = fs::create_new("decoy").map_err(io)?;
             return Ok((WriteSession::new(Nothing), decoy));
         }
-        Err(Error::Io(format!(
+        Err(io_text(format!(
             "the hostile driver does not cache {image_id:?}"
         )))
     }
@@ -331,8 +344,8 @@ impl Guest for Hostile {
     fn open_for_read(image_id: String) -> Result<(ReadSession, File), Error> {
         if image_id == "read-db" {
             // Its database handed back as the image's bytes.
-            let _ = db()?;
-            let file = fs::open("hostile.db").map_err(|e| Error::Io(e.message))?;
+            let _ = sql("SELECT 1")?;
+            let file = fs::open("cache.db").map_err(io)?;
             return Ok((ReadSession::new(Reading::Plain), file));
         }
         if image_id == "bad-checksum" {

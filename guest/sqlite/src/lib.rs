@@ -1,18 +1,20 @@
 //! The sqlite driver: metadata in Glance's `cached_images` table.
 //!
-//! The database is `cache.db` in the root (option `image_cache_sqlite_db`),
-//! opened through the host's `sqlite` import. The table is exactly Glance's,
-//! so an existing Glance cache directory works unchanged and Glance can read
-//! what this driver writes; the driver only switches the database to WAL.
-//! It keeps no index beside the primary key (as Glance): LRU order comes
-//! from one scan, and an index on `last_accessed` made every hit write
-//! three pages instead of one. Release 0.1 created one; it is dropped.
+//! The database is `cache.db` in the root (option `image_cache_sqlite_db`).
+//! SQLite runs inside this component ([`sqlite_vfs`]): every statement is
+//! the driver's own wasm, bounded by the call's deadline and the driver's
+//! memory cap, and the host sees only file reads, writes and locks. The
+//! table is exactly Glance's and the journal is a rollback journal, as
+//! Glance's own driver keeps it, so Glance's processes and this driver can
+//! share one directory at once (their locks are native SQLite's). It keeps
+//! no index beside the primary key (as Glance): LRU order comes from one
+//! scan, and an index on `last_accessed` made every hit write three pages
+//! instead of one. Release 0.1 created one; it is dropped.
 
-use driver_common::sqlite::{Connection, SqliteError, Value};
-use driver_common::values::{as_u64, first_text, image_rows, size_rows, text};
 use driver_common::{
-    Backend, DriverInfo, Error, Image, Layout, MetadataStore, Options, ReadRecord,
+    Backend, DriverInfo, Error, Image, Layout, MetadataStore, Options, ReadRecord, id_map,
 };
+use sqlite_vfs::rusqlite::{self, Connection, OptionalExtension, params};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS cached_images (
@@ -26,13 +28,36 @@ CREATE TABLE IF NOT EXISTS cached_images (
 DROP INDEX IF EXISTS cached_images_last_accessed;
 ";
 
+/// Hits stop growing here rather than overflow.
+const MAX_HITS: i64 = i64::MAX - 1;
+
 pub struct SqliteStore {
     db: Connection,
     db_name: String,
 }
 
-fn db_error(e: SqliteError) -> Error {
-    Error::Database(e.message)
+fn db_error(e: rusqlite::Error) -> Error {
+    Error::Database(e.to_string())
+}
+
+/// A count or size as SQLite stored it: negative or non-numeric reads as 0.
+fn count(v: rusqlite::types::ValueRef<'_>) -> u64 {
+    use rusqlite::types::ValueRef;
+    match v {
+        ValueRef::Integer(i) => i.max(0) as u64,
+        ValueRef::Real(r) if r > 0.0 => r as u64,
+        _ => 0,
+    }
+}
+
+/// A time as SQLite stored it, if it is a number.
+fn time(v: rusqlite::types::ValueRef<'_>) -> Option<f64> {
+    use rusqlite::types::ValueRef;
+    match v {
+        ValueRef::Real(r) => Some(r),
+        ValueRef::Integer(i) => Some(i as f64),
+        _ => None,
+    }
 }
 
 impl SqliteStore {
@@ -43,11 +68,11 @@ impl SqliteStore {
         // other instances never lose an increment.
         let changed = self
             .db
-            .execute(
-                "UPDATE cached_images SET hits = MIN(hits, 9223372036854775806) + 1, last_accessed = ? \
-                 WHERE image_id = ?",
-                &[Value::Real(now), text(id)],
+            .prepare_cached(
+                "UPDATE cached_images SET hits = MIN(hits, ?1) + 1, last_accessed = ?2 \
+                 WHERE image_id = ?3",
             )
+            .and_then(|mut s| s.execute(params![MAX_HITS - 1, now, id]))
             .map_err(db_error)?;
         if changed > 0 {
             return Ok(true);
@@ -60,14 +85,15 @@ impl SqliteStore {
         self.db
             .execute(
                 "INSERT INTO cached_images (image_id, last_accessed, last_modified, size, hits) \
-                 VALUES (?, ?, ?, ?, 1) \
-                 ON CONFLICT(image_id) DO UPDATE SET hits = MIN(hits, 9223372036854775806) + 1, \
+                 VALUES (?1, ?2, ?3, ?4, 1) \
+                 ON CONFLICT(image_id) DO UPDATE SET hits = MIN(hits, ?5) + 1, \
                  last_accessed = excluded.last_accessed",
-                &[
-                    text(id),
-                    Value::Real(now),
-                    Value::Real(meta.modified),
-                    Value::Integer(meta.size as i64),
+                params![
+                    id,
+                    now,
+                    meta.modified,
+                    meta.size.min(i64::MAX as u64) as i64,
+                    MAX_HITS - 1
                 ],
             )
             .map_err(db_error)?;
@@ -76,14 +102,14 @@ impl SqliteStore {
 
     /// Run `body` in one write transaction, rolled back if it fails.
     fn transaction(&self, body: impl FnOnce() -> Result<(), Error>) -> Result<(), Error> {
-        self.db.execute("BEGIN IMMEDIATE", &[]).map_err(db_error)?;
+        self.db.execute_batch("BEGIN IMMEDIATE").map_err(db_error)?;
         match body() {
-            Ok(()) => {
-                self.db.execute("COMMIT", &[]).map_err(db_error)?;
-                Ok(())
-            }
+            Ok(()) => self.db.execute_batch("COMMIT").map_err(|e| {
+                let _ = self.db.execute_batch("ROLLBACK");
+                db_error(e)
+            }),
             Err(e) => {
-                let _ = self.db.execute("ROLLBACK", &[]);
+                let _ = self.db.execute_batch("ROLLBACK");
                 Err(e)
             }
         }
@@ -95,25 +121,22 @@ impl Backend for SqliteStore {
         DriverInfo {
             name: "sqlite".to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            description:
-                "hits and access times in Glance's cached_images table (cache.db in the root)"
-                    .to_string(),
+            description: "hits and access times in Glance's cached_images table (cache.db in \
+                 the root), SQLite inside the driver"
+                .to_string(),
         }
     }
 
     fn open(options: &Options) -> Result<Self, Error> {
         let name = &options.sqlite_db;
-        let bad = |e: SqliteError| {
-            Error::BadConfiguration(format!("cannot use the database {name}: {}", e.message))
-        };
-        let db = Connection::open(name).map_err(bad)?;
-        // WAL lets readers go on while one instance writes; it is a property
-        // of the file, which Glance's sqlite3 module reads as well.
-        db.query("PRAGMA journal_mode=WAL", &[]).map_err(bad)?;
-        // In WAL mode NORMAL never corrupts the database; a power cut may
-        // lose the last hit counts, which a cache can afford.
-        db.execute("PRAGMA synchronous=NORMAL", &[]).map_err(bad)?;
-        db.execute_batch(SCHEMA).map_err(bad)?;
+        let bad =
+            |e: String| Error::BadConfiguration(format!("cannot use the database {name}: {e}"));
+        let db = sqlite_vfs::open(name).map_err(bad)?;
+        // What Glance's driver sets: a power cut may lose the last hit
+        // counts, which a cache can afford; the journal keeps the file whole.
+        db.pragma_update(None, "synchronous", "NORMAL")
+            .and_then(|()| db.execute_batch(SCHEMA))
+            .map_err(|e| bad(e.to_string()))?;
         Ok(SqliteStore {
             db,
             db_name: name.clone(),
@@ -123,50 +146,79 @@ impl Backend for SqliteStore {
 
 impl MetadataStore for SqliteStore {
     fn images(&self, ids: &[String]) -> Result<Vec<Option<Image>>, Error> {
-        let rows = self
+        let mut stmt = self
             .db
-            .query(
+            .prepare_cached(
                 "SELECT image_id, size, hits, last_accessed, last_modified FROM cached_images",
-                &[],
             )
             .map_err(db_error)?;
-        let recorded = image_rows(rows);
+        let mut rows = stmt.query([]).map_err(db_error)?;
+        let mut recorded = id_map(ids.len());
+        while let Some(row) = rows.next().map_err(db_error)? {
+            let (Ok(id), Ok(size), Ok(hits), Ok(accessed), Ok(modified)) = (
+                row.get_ref(0).map(|v| v.as_str().ok()),
+                row.get_ref(1),
+                row.get_ref(2),
+                row.get_ref(3),
+                row.get_ref(4),
+            ) else {
+                continue;
+            };
+            // A row without usable times is left out: the driver then asks
+            // the file.
+            if let (Some(id), Some(last_accessed), Some(last_modified)) =
+                (id, time(accessed), time(modified))
+            {
+                let image = Image {
+                    size: count(size),
+                    hits: count(hits),
+                    last_accessed,
+                    last_modified,
+                };
+                recorded.insert(id.to_string(), image);
+            }
+        }
         Ok(ids.iter().map(|id| recorded.get(id).copied()).collect())
     }
 
     fn sizes(&self, ids: &[String]) -> Result<Vec<Option<u64>>, Error> {
-        let rows = self
+        let mut stmt = self
             .db
-            .query("SELECT image_id, size FROM cached_images", &[])
+            .prepare_cached("SELECT image_id, size FROM cached_images")
             .map_err(db_error)?;
-        let recorded = size_rows(rows);
+        let mut rows = stmt.query([]).map_err(db_error)?;
+        let mut recorded = id_map(ids.len());
+        while let Some(row) = rows.next().map_err(db_error)? {
+            if let (Ok(Some(id)), Ok(size)) =
+                (row.get_ref(0).map(|v| v.as_str().ok()), row.get_ref(1))
+            {
+                recorded.insert(id.to_string(), count(size));
+            }
+        }
         Ok(ids.iter().map(|id| recorded.get(id).copied()).collect())
     }
 
     fn hits(&self, id: &str) -> Result<u64, Error> {
-        let rows = self
+        let hits = self
             .db
-            .query(
-                "SELECT hits FROM cached_images WHERE image_id = ?",
-                &[text(id)],
-            )
+            .prepare_cached("SELECT hits FROM cached_images WHERE image_id = ?1")
+            .and_then(|mut s| s.query_row([id], |r| Ok(count(r.get_ref(0)?))).optional())
             .map_err(db_error)?;
-        Ok(rows
-            .first()
-            .and_then(|r| r.first())
-            .map(as_u64)
-            .unwrap_or(0))
+        Ok(hits.unwrap_or(0))
     }
 
     fn checksum(&self, id: &str, _file: &driver_common::fs::File) -> Result<Option<String>, Error> {
-        let rows = self
+        let checksum: Option<Option<String>> = self
             .db
-            .query(
-                "SELECT checksum FROM cached_images WHERE image_id = ?",
-                &[text(id)],
-            )
+            .prepare_cached("SELECT checksum FROM cached_images WHERE image_id = ?1")
+            .and_then(|mut s| {
+                s.query_row([id], |r| {
+                    Ok(r.get_ref(0)?.as_str().ok().map(str::to_string))
+                })
+                .optional()
+            })
             .map_err(db_error)?;
-        Ok(first_text(&rows))
+        Ok(checksum.flatten().filter(|c| !c.is_empty()))
     }
 
     fn record_commit(
@@ -181,14 +233,8 @@ impl MetadataStore for SqliteStore {
             .execute(
                 "INSERT OR REPLACE INTO cached_images \
                  (image_id, last_accessed, last_modified, size, hits, checksum) \
-                 VALUES (?, ?, ?, ?, 0, ?)",
-                &[
-                    text(id),
-                    Value::Real(now),
-                    Value::Real(now),
-                    Value::Integer(size as i64),
-                    checksum.map(text).unwrap_or(Value::Null),
-                ],
+                 VALUES (?1, ?2, ?2, ?3, 0, ?4)",
+                params![id, now, size.min(i64::MAX as u64) as i64, checksum],
             )
             .map_err(db_error)?;
         Ok(())
@@ -204,7 +250,7 @@ impl MetadataStore for SqliteStore {
     }
 
     fn record_reads(&self, layout: &Layout, reads: &[ReadRecord]) -> Result<u64, Error> {
-        // One transaction for the batch: one WAL commit for many hits.
+        // One transaction for the batch: one journal commit for many hits.
         let mut recorded = 0;
         self.transaction(|| {
             for read in reads {
@@ -226,7 +272,8 @@ impl MetadataStore for SqliteStore {
     fn forget(&self, ids: &[String]) -> Result<(), Error> {
         let delete = |id: &String| {
             self.db
-                .execute("DELETE FROM cached_images WHERE image_id = ?", &[text(id)])
+                .prepare_cached("DELETE FROM cached_images WHERE image_id = ?1")
+                .and_then(|mut s| s.execute([id]))
                 .map(|_| ())
                 .map_err(db_error)
         };

@@ -84,7 +84,7 @@ impl PostgresSettings {
             url: url.into(),
             pool_size: 8,
             allow_privileged_role: false,
-            max_result_bytes: crate::sqlite::DEFAULT_MAX_RESULT_BYTES,
+            max_result_bytes: crate::database::DEFAULT_MAX_RESULT_BYTES,
             statement_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
         }

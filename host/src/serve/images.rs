@@ -331,10 +331,10 @@ pub struct Opened {
 /// size and what the `Range` header asks of it.
 pub fn open_cached(app: &App, id: &str, range: Option<String>) -> Result<Opened, Error> {
     let mut reader = app.cache.open_for_read(id)?;
-    let io_err = |e: io::Error| Error::Io(format!("reading cached image: {e}"));
+    let io_err = |e: io::Error| Error::io("reading cached image", &e);
     let file = reader
         .file()
-        .ok_or_else(|| Error::Io("read session has no file".into()))?
+        .ok_or_else(|| Error::io_message("read session has no file"))?
         .try_clone()
         .map_err(io_err)?;
     let meta = file.metadata().map_err(io_err)?;
@@ -499,7 +499,7 @@ async fn try_cached(
             && let Some((start, end)) = opened.range.span(opened.size)
             && end > start
         {
-            let io_err = |e: io::Error| Error::Io(format!("reading cached image: {e}"));
+            let io_err = |e: io::Error| Error::io("reading cached image", &e);
             opened.file.seek(SeekFrom::Start(start)).map_err(io_err)?;
             read_up_to(&mut opened.file, &mut first, (end - start).min(CHUNK)).map_err(io_err)?;
         }

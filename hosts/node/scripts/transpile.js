@@ -30,7 +30,7 @@ for (const [name, file] of Object.entries(drivers)) {
     continue;
   }
   const meta = await transpile(fs.readFileSync(src), `${name}_driver`);
-  checkContract({ ...meta, name }, ['sqlite', 'xattr']);
+  checkContract({ ...meta, name }, ['xattr']);
   const out = path.join(GENERATED_DIR, name);
   fs.rmSync(out, { recursive: true, force: true });
   fs.mkdirSync(out, { recursive: true });

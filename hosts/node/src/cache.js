@@ -111,7 +111,8 @@ export class ImageCache {
    * Open a cache on `root`.
    * options: driver ('sqlite' | 'xattr' | 'hostile' | a component file),
    *   fallbackToSqlite (true), sqliteDb ('cache.db'), limits (see
-   *   DEFAULT_LIMITS), grants (['sqlite', 'xattr']), driverOptions ({}),
+   *   DEFAULT_LIMITS), grants (['xattr']; `sqlite`, retired with contract
+   *   0.3.0, is ignored with a warning), driverOptions ({}),
    *   xattr (true; false makes every xattr call `unsupported`, as a file
    *   system without user xattrs would).
    */
@@ -284,7 +285,7 @@ export class ImageCache {
 }
 
 async function startDriver(root, config, source, grants) {
-  const component = await loadDriver(source, { grants, memoryBytes: config.limits.memoryBytes });
+  const component = await loadDriver(source, { grants, memoryBytes: config.limits.memoryBytes, onWarning: config.onWarning });
   const options = [['image_cache_sqlite_db', config.sqliteDb], ...Object.entries(config.driverOptions)];
   try {
     return await Driver.start(component, { root, options, limits: config.limits, xattr: config.xattr });

@@ -10,16 +10,57 @@ import crypto from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { CacheError } from './errors.js';
 
-export const CONTRACT = 'image-cache:driver@0.2.0';
+export const CONTRACT = 'image-cache:driver@0.3.0';
+/** The contract versions this host runs: one minor line while the
+ * contract is 0.x (a minor bump may break drivers), as the Rust host. */
+export const SUPPORTED = '>=0.3.0, <0.4.0';
 export const PACKAGE_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const GENERATED_DIR = path.join(PACKAGE_DIR, 'generated');
 export const BUILTIN = ['sqlite', 'xattr', 'hostile'];
 
 /** Interfaces a driver may import, and which need a grant. */
 const ALWAYS = ['clock', 'fs', 'types'];
-const GRANTABLE = ['sqlite', 'xattr'];
+const GRANTABLE = ['xattr'];
+/** Grants of an older contract, accepted and ignored: contract 0.3.0
+ * retired the host-side `sqlite` import (SQLite runs inside the driver,
+ * over `fs`). */
+const RETIRED_GRANTS = ['sqlite'];
 /** `database` (shared PostgreSQL) has no Node implementation. */
-export const DEFAULT_GRANTS = ['sqlite', 'xattr'];
+export const DEFAULT_GRANTS = ['xattr'];
+
+let warnedRetired = false;
+
+/** The grants as this contract knows them: a retired one (`sqlite`) is
+ * dropped, with one warning per process. */
+export function normalizeGrants(grants = DEFAULT_GRANTS, onWarning = (m) => process.emitWarning(m, 'ImageCacheWarning')) {
+  const list = [...grants];
+  const retired = list.filter((g) => RETIRED_GRANTS.includes(g));
+  if (retired.length && !warnedRetired) {
+    warnedRetired = true;
+    onWarning(
+      `the ${retired.join(', ')} grant is retired (contract ${CONTRACT} has no host-side sqlite import: SQLite runs inside the driver, over fs) and is ignored`,
+    );
+  }
+  return list.filter((g) => !RETIRED_GRANTS.includes(g));
+}
+
+/** What a driver author must change to move a driver of an older contract
+ * line to this one (the same advice as the Rust host's). */
+function upgradeAdvice(version) {
+  if (/^0\.2\./.test(version)) {
+    return 'contract 0.3.0 retired the host-side `sqlite` import (link SQLite into the driver over the `fs` import\'s read-at, write-at and set-range-lock, as the built-in sqlite driver does: guest/sqlite-vfs), carries the fs error code in the `io` error and adds clock.sleep; rebuild the driver against wit/ of this release';
+  }
+  if (/^0\.1\./.test(version)) {
+    return 'contract 0.1 drivers imported WASI; rebuild the driver against wit/ of this release for wasm32-unknown-unknown';
+  }
+  return 'rebuild the driver against wit/ of this release';
+}
+
+/** Whether a contract version is in SUPPORTED. */
+export function supportedVersion(version) {
+  const m = /^(\d+)\.(\d+)\.(\d+)$/.exec(version);
+  return Boolean(m) && Number(m[1]) === 0 && Number(m[2]) === 3;
+}
 
 /** The options every transpile uses (build time and load time alike). */
 export const TRANSPILE_OPTIONS = {
@@ -32,14 +73,20 @@ export const TRANSPILE_OPTIONS = {
   namespacedExports: false,
 };
 
-/** Transpile component bytes with jco. */
-export async function transpile(bytes, name) {
-  const { transpileBytes } = await import('@bytecodealliance/jco-transpile');
+/** What a component imports and exports, from its own world (wasm-tools),
+ * without transpiling or compiling anything. */
+export async function describe(bytes) {
   const { componentWit } = await import('@bytecodealliance/jco-transpile/wasm-tools');
-  const result = await transpileBytes(new Uint8Array(bytes), { ...TRANSPILE_OPTIONS, name });
   // jco's lists drop versions and interfaces without functions: the
-  // component's own world (wasm-tools) is what the contract is checked on.
-  const world = worldOf(await componentWit(new Uint8Array(bytes)));
+  // component's own world is what the contract is checked on.
+  return worldOf(await componentWit(new Uint8Array(bytes)));
+}
+
+/** Transpile component bytes with jco. */
+export async function transpile(bytes, name, world) {
+  const { transpileBytes } = await import('@bytecodealliance/jco-transpile');
+  world ??= await describe(bytes);
+  const result = await transpileBytes(new Uint8Array(bytes), { ...TRANSPILE_OPTIONS, name });
   return {
     name,
     sha256: crypto.createHash('sha256').update(bytes).digest('hex'),
@@ -50,7 +97,7 @@ export async function transpile(bytes, name) {
 }
 
 /** The imports and exports of a component's world, from its WIT text:
- * `import image-cache:driver/fs@0.2.0;` lines. Anything else imported
+ * `import image-cache:driver/fs@0.3.0;` lines. Anything else imported
  * (a function, an inline interface) is listed as it is written, so the
  * contract check refuses it. */
 export function worldOf(wit) {
@@ -70,7 +117,7 @@ export function worldOf(wit) {
 }
 
 /** The interface part of an import or export name: `fs` from
- * `image-cache:driver/fs@0.2.0`; null for anything not of our package. */
+ * `image-cache:driver/fs@0.3.0`; null for anything not of our package. */
 function ourInterface(spec) {
   const m = /^image-cache:driver\/([a-z-]+)@(\d+\.\d+\.\d+)$/.exec(spec);
   if (!m) return null;
@@ -78,21 +125,34 @@ function ourInterface(spec) {
 }
 
 /** Check what a component imports and exports against the contract and
- * the grants, before instantiating it. Throws a `load` CacheError. */
+ * the grants, before instantiating it. Throws a `load` CacheError. A
+ * component of another contract line (e.g. one importing
+ * `image-cache:driver/sqlite@0.2.0`) is refused here, naming its version
+ * and the supported range. */
 export function checkContract(meta, grants = DEFAULT_GRANTS) {
   const fail = (why) => {
     throw new CacheError('load', `cannot load driver ${meta.name}: ${why}`);
   };
+  grants = grants.filter((g) => !RETIRED_GRANTS.includes(g));
   const exported = meta.exports;
   const driverExport = exported.find((n) => n.startsWith('image-cache:driver/cache-driver'));
-  if (!driverExport) fail(`it does not export image-cache:driver/cache-driver (exports: ${exported.join(', ') || 'nothing'})`);
+  if (!driverExport) {
+    fail(`it exports no image-cache:driver/cache-driver interface (exports: ${exported.join(', ') || 'none'}); it is not an image-cache driver`);
+  }
   const v = ourInterface(driverExport);
-  if (!v || `image-cache:driver@${v.version}` !== CONTRACT) {
-    fail(`it implements ${driverExport}, this host speaks ${CONTRACT}`);
+  if (!v) fail(`it exports ${driverExport}, whose contract version is not a version`);
+  if (!supportedVersion(v.version)) {
+    fail(`it speaks contract image-cache:driver@${v.version}; this host runs ${SUPPORTED} (${upgradeAdvice(v.version)})`);
   }
   for (const spec of meta.imports) {
     const i = ourInterface(spec);
-    if (!i || `image-cache:driver@${i.version}` !== CONTRACT) fail(`it imports ${spec}, which is not part of ${CONTRACT}`);
+    if (!i) fail(`it imports ${spec}, which is not part of the driver contract`);
+    if (!supportedVersion(i.version)) {
+      fail(`it imports ${spec}: it speaks contract image-cache:driver@${i.version}; this host runs ${SUPPORTED} (${upgradeAdvice(i.version)})`);
+    }
+    if (i.version !== v.version) {
+      fail(`it imports ${spec} but exports contract ${v.version}: one component speaks one contract version`);
+    }
     if (ALWAYS.includes(i.name)) continue;
     if (!GRANTABLE.includes(i.name)) fail(`it imports ${spec}, which the Node host does not provide`);
     if (!grants.includes(i.name)) fail(`it imports ${spec}, which it was not granted`);
@@ -121,7 +181,8 @@ export function loadBuiltin(name) {
  * compiled driver, cached per content and memory cap. */
 const compiled = new Map();
 
-export async function loadDriver(source, { grants = DEFAULT_GRANTS, memoryBytes } = {}) {
+export async function loadDriver(source, { grants = DEFAULT_GRANTS, memoryBytes, onWarning } = {}) {
+  grants = normalizeGrants(grants, onWarning);
   let meta;
   if (BUILTIN.includes(source)) {
     meta = loadBuiltin(source);
@@ -139,8 +200,18 @@ export async function loadDriver(source, { grants = DEFAULT_GRANTS, memoryBytes 
       checkContract(c, grants);
       return { ...c, name: fileDriverName(source) };
     }
+    // The contract first, from the component's world: a component of
+    // another contract line is refused before anything is transpiled.
+    const name = fileDriverName(source);
+    let world;
     try {
-      meta = await transpile(bytes, fileDriverName(source));
+      world = await describe(bytes);
+    } catch (e) {
+      throw new CacheError('load', `cannot load driver ${path.basename(source)}: not a component (${String(e?.message ?? e).split('\n')[0]})`);
+    }
+    checkContract({ name, ...world }, grants);
+    try {
+      meta = await transpile(bytes, name, world);
     } catch (e) {
       throw new CacheError('load', `cannot load driver ${path.basename(source)}: not a component jco can transpile (${String(e?.message ?? e).split('\n')[0]})`);
     }

@@ -25,17 +25,13 @@ export const DEFAULT_LIMITS = {
   memoryBytes: 1 << 30,
   /** Most files the instance may hold open. */
   openFiles: 256,
-  /** Most database connections the instance may hold. */
-  connections: 4,
   /** Most entries one directory listing may return. */
   maxListing: 4_000_000,
-  /** Most bytes one SQL query result may hold. */
-  maxQueryBytes: 64 * 1024 * 1024,
   /** The JS heap of the worker (MiB). */
   heapMb: 512,
-  /** Stopped instances whose thread has not ended yet (stuck in a
-   * statement inside SQLite, which cannot be interrupted from Node) that a
-   * driver may leave behind before it gets no new instance. */
+  /** Stopped instances whose thread has not ended yet (stuck in a system
+   * call, which cannot be interrupted from Node) that a driver may leave
+   * behind before it gets no new instance. */
   maxStoppedRunning: 2,
 };
 
@@ -108,6 +104,8 @@ export class Driver {
         sourcePath: this.component.sourcePath,
         codeCache: this.component.codeCache ?? null,
         modules: this.component.modules,
+        imports: this.component.imports,
+        exports: this.component.exports,
         root: this.root,
         options: this.options,
         limits: this.limits,
@@ -166,7 +164,7 @@ export class Driver {
     if (this.stoppedRunning >= this.limits.maxStoppedRunning) {
       throw new CacheError(
         'overloaded',
-        `driver ${this.name}: ${this.stoppedRunning} of its stopped instances are still running (a statement inside SQLite cannot be interrupted on Node); no new instance until they end`,
+        `driver ${this.name}: ${this.stoppedRunning} of its stopped instances are still running (a thread inside a system call cannot be interrupted on Node); no new instance until they end`,
       );
     }
     return this.spawn();
@@ -459,8 +457,10 @@ const GUEST_KINDS = new Set([
   'database', 'not-configured', 'unsupported',
 ]);
 
-function guestError({ kind, message }) {
+/** The driver's error as a CacheError; an `io` error keeps the fs error
+ * code it carries as `ioCode` (e.g. 'no-space', 'access-denied'). */
+function guestError({ kind, message, ioCode }) {
   if (!GUEST_KINDS.has(kind)) return new CacheError('driver-fault', `unknown error kind ${printable(kind, 32)}`);
   const prefix = kind === 'io' ? 'I/O error: ' : kind === 'database' ? 'database error: ' : kind === 'bad-configuration' ? 'bad configuration: ' : '';
-  return new CacheError(kind, prefix + message);
+  return new CacheError(kind, prefix + message, kind === 'io' ? { ioCode: ioCode ?? 'io' } : {});
 }

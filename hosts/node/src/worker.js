@@ -12,9 +12,10 @@ import vm from 'node:vm';
 import { RootFs } from './host/rootfs.js';
 import { Locks } from './host/locks.js';
 import { makeImports, Deadline } from './host/imports.js';
+import { rangeLockAddon } from './host/native.js';
 import { printable } from './errors.js';
 
-const { source, sourcePath, codeCache, modules, root, options, limits, lockTable, fdTable, wid, xattr, lockChannel } =
+const { source, sourcePath, codeCache, modules, imports: componentImports, exports: componentExports, root, options, limits, lockTable, fdTable, wid, xattr, lockChannel } =
   workerData;
 
 /** flock(fd, op) done by the main thread (see driver.js): 'done', 'busy',
@@ -45,26 +46,31 @@ async function loadXattr() {
   }
 }
 
+const native = rangeLockAddon();
 const ctx = {
-  root: new RootFs(root, { maxListing: limits.maxListing }),
+  root: new RootFs(root, { maxListing: limits.maxListing, native }),
   fdTable,
   locks: new Locks(lockTable),
   wid,
   limits,
   deadline: new Deadline(),
-  connections: 0,
-  databases: new Set(),
   xattrLib: await loadXattr(),
   flock: lockChannel ? mainThreadFlock : null,
+  native,
+  // The one database name at the top of the root a driver may write
+  // (open-read-write), from the options the cache configures it with.
+  sqliteDb: options.findLast(([k]) => k === 'image_cache_sqlite_db')?.[1] ?? 'cache.db',
 };
-const { File, imports } = makeImports(ctx);
+const { File, imports, releaseRangeLocks } = makeImports(ctx);
 
-// jco's instantiation mode takes imports by interface name; give both the
-// versioned and the plain spelling.
+// jco's instantiation mode takes imports by interface name: the plain
+// spelling and each versioned one the component imports (its contract
+// version was checked in component.js).
 const importObject = {};
-for (const [iface, impl] of Object.entries(imports)) {
-  importObject[`image-cache:driver/${iface}`] = impl;
-  importObject[`image-cache:driver/${iface}@0.2.0`] = impl;
+for (const [iface, impl] of Object.entries(imports)) importObject[`image-cache:driver/${iface}`] = impl;
+for (const spec of componentImports ?? []) {
+  const m = /^image-cache:driver\/([a-z-]+)@/.exec(spec);
+  if (m && imports[m[1]]) importObject[spec] = imports[m[1]];
 }
 
 // The transpiled glue is one large function; V8 compiles it on first use
@@ -107,10 +113,8 @@ function start() {
     for (const x of Object.values(core.exports)) if (x instanceof WebAssembly.Memory) memories.push(x);
     return core;
   });
-  driver =
-    instance['image-cache:driver/cache-driver@0.2.0'] ??
-    instance['image-cache:driver/cache-driver'] ??
-    instance.cacheDriver;
+  const exported = (componentExports ?? []).find((e) => e.startsWith('image-cache:driver/cache-driver@'));
+  driver = (exported && instance[exported]) ?? instance['image-cache:driver/cache-driver'] ?? instance.cacheDriver;
   if (!driver) throw new Fault('it exports no cache-driver interface');
 }
 
@@ -137,7 +141,7 @@ function checkSessionFile(kind, id, file) {
   try {
     expected = ctx.root.identity(where);
   } catch (e) {
-    throw broke(`${JSON.stringify(file.path)} while ${where} is unusable (${e.payload?.message ?? e.message})`);
+    throw broke(`${JSON.stringify(file.path)}, which is not ${where} (${e.payload?.message ?? e.message})`);
   }
   if (expected !== handed) throw broke(`${JSON.stringify(file.path)}, which is not ${where}`);
   return handed;
@@ -240,13 +244,23 @@ function run(op, args) {
   }
 }
 
-/** What the guest's error variant says, bounded. */
+/** The fs error codes an `io` error may carry (types.io-error). */
+const FS_CODES = new Set([
+  'not-found', 'already-exists', 'access-denied', 'invalid-path', 'not-a-directory', 'is-a-directory',
+  'no-space', 'unsupported', 'limit-exceeded', 'timed-out', 'invalid-argument', 'io',
+]);
+
+/** What the guest's error variant says, bounded: {kind, message} and, for
+ * `io`, the fs error code it carries (ioCode). */
 function guestError(e) {
   // jco throws the error variant itself ({tag, val}); older versions wrap
   // it in a ComponentError's payload.
   const p = e instanceof Error ? e.payload : e;
-  if (p && typeof p === 'object' && typeof p.tag === 'string' && typeof p.val === 'string') {
-    return { kind: p.tag, message: printable(p.val ?? '', 1024) };
+  if (!p || typeof p !== 'object' || typeof p.tag !== 'string') return null;
+  if (typeof p.val === 'string') return { kind: p.tag, message: printable(p.val, 1024) };
+  if (p.tag === 'io' && p.val && typeof p.val === 'object' && typeof p.val.message === 'string') {
+    const code = FS_CODES.has(p.val.code) ? p.val.code : 'io';
+    return { kind: 'io', message: printable(p.val.message, 1024), ioCode: code };
   }
   return null;
 }
@@ -275,6 +289,10 @@ parentPort.on('message', ({ id, op, args, deadlineMs }) => {
   } catch (e) {
     const g = guestError(e);
     reply = g ? { id, ok: false, error: g } : { id, ok: false, fault: faultMessage(e) };
+  } finally {
+    // No byte-range lock outlives the call that took it (success, error
+    // or trap).
+    releaseRangeLocks();
   }
   if (ctx.deadline.passed() && !reply.fault) {
     const what = reply.ok ? '' : ` (${reply.error.kind}: ${printable(reply.error.message, 256)})`;

@@ -1,5 +1,6 @@
 // Plays the shared scenarios (tests/scenarios/README.md, format 1) against
-// the Node host, for both drivers.
+// the Node host: conformance.json for both drivers, hostile.json on the
+// hostile fixture component.
 //
 // The xattr driver runs on the fs-xattr add-on (host/imports.js). Where user
 // xattrs are unsupported (a file system without them, or `xattr: false`),
@@ -13,11 +14,13 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { ImageCache } from '../src/index.js';
+import { ImageCache, CONTRACT } from '../src/index.js';
+import { componentsDir } from '../scripts/transpile.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
-const SCENARIOS = path.resolve(HERE, '..', '..', '..', 'tests', 'scenarios', 'conformance.json');
-const suite = JSON.parse(fs.readFileSync(SCENARIOS, 'utf8'));
+const SCENARIOS = path.resolve(HERE, '..', '..', '..', 'tests', 'scenarios');
+const suite = JSON.parse(fs.readFileSync(path.join(SCENARIOS, 'conformance.json'), 'utf8'));
+const hostile = JSON.parse(fs.readFileSync(path.join(SCENARIOS, 'hostile.json'), 'utf8'));
 
 const roots = [];
 after(() => {
@@ -239,8 +242,8 @@ class Runner {
   }
 }
 
-async function play(scenario, driver, openOptions = {}) {
-  const runner = new Runner(freshRoot(), driver, openOptions);
+async function play(scenario, driver, openOptions = {}, { root = freshRoot(), name = driver } = {}) {
+  const runner = new Runner(root, driver, openOptions);
   const { cache, warnings } = await runner.open();
   if (openOptions.xattr === false && driver === 'xattr') {
     // No user xattrs: the xattr driver cannot configure; sqlite serves.
@@ -248,7 +251,7 @@ async function play(scenario, driver, openOptions = {}) {
     assert.equal(cache.driverInfo.fellBackFrom, 'xattr');
     assert.match(warnings.join('\n'), /extended attributes are not supported/);
   } else {
-    assert.equal(cache.driverInfo.name, driver);
+    assert.equal(cache.driverInfo.name, name);
     assert.equal(cache.driverInfo.fellBackFrom, undefined, warnings.join('\n'));
   }
   try {
@@ -285,7 +288,9 @@ async function play(scenario, driver, openOptions = {}) {
 }
 
 assert.equal(suite.format, 1, 'the Node runner reads scenario format 1');
-assert.equal(suite.contract, 'image-cache:driver@0.2.0');
+assert.match(suite.contract, /^image-cache:driver@\d+\.\d+\.\d+$/);
+assert.equal(hostile.format, 1, 'the Node runner reads scenario format 1');
+assert.equal(hostile.contract, CONTRACT);
 
 for (const driver of ['sqlite', 'xattr']) {
   describe(`scenarios on ${driver}`, () => {
@@ -313,4 +318,51 @@ test('where user xattrs are unsupported, the xattr driver is a bad configuration
 
 test('an unknown scenario op fails the runner', async () => {
   await assert.rejects(play({ name: 'bogus', steps: [{ op: 'teleport' }] }, 'sqlite'), /unknown scenario op/);
+});
+
+/** An SQLite database with one table, made by the sqlite driver itself
+ * (SQLite runs inside it; the Node host has no SQLite of its own). */
+async function sqliteDatabase(file) {
+  const scratch = freshRoot();
+  const cache = await ImageCache.open(scratch, { driver: 'sqlite', fallbackToSqlite: false });
+  await cache.cache('victim', Buffer.from('victim'));
+  await cache.close();
+  fs.copyFileSync(path.join(scratch, 'cache.db'), file);
+}
+
+/** Names and bytes of what is in a directory. */
+function canary(dir) {
+  return fs
+    .readdirSync(dir)
+    .sort()
+    .map((n) => [n, fs.readFileSync(path.join(dir, n)).toString('base64')]);
+}
+
+describe('hostile scenarios (hostile.json)', () => {
+  for (const scenario of hostile.scenarios) {
+    test(scenario.name, async () => {
+      // $OUTSIDE is a directory beside the root, with a file `secret` and
+      // an SQLite database `victim.db`; nothing in it may change.
+      const top = freshRoot();
+      const outside = path.join(top, 'outside');
+      fs.mkdirSync(outside);
+      fs.writeFileSync(path.join(outside, 'secret'), 'do not read');
+      await sqliteDatabase(path.join(outside, 'victim.db'));
+      const before = canary(outside);
+      const options = Object.fromEntries(hostile.options.map(([k, v]) => [k, v.replaceAll('$OUTSIDE', outside)]));
+      await play(
+        scenario,
+        path.join(componentsDir(), `${hostile.component}.wasm`),
+        {
+          grants: hostile.grants,
+          driverOptions: options,
+          fallbackToSqlite: false,
+          limits: { callDeadlineMs: hostile.limits.call_deadline_ms },
+        },
+        { root: path.join(top, 'root'), name: 'hostile' },
+      );
+      assert.deepEqual(canary(outside), before, 'nothing outside the root changed');
+      assert.deepEqual(fs.readdirSync(top).sort(), ['outside', 'root'], 'nothing planted beside the root');
+    });
+  }
 });

@@ -25,11 +25,18 @@ def component(name: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def runtime(tmp_path_factory) -> Runtime:
+def artifacts(tmp_path_factory) -> Path:
+    """Compiled components for the whole test run, in a scratch directory
+    (never the user's cache): a runtime made for one test's limits loads
+    them instead of compiling again."""
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def runtime(artifacts) -> Runtime:
     """One runtime (engine, compiled components) for the whole test run, as
-    an embedding application would share it; compiled artifacts go to a
-    scratch directory, never to the user's cache."""
-    return Runtime(Limits(call_deadline=20.0), artifacts=tmp_path_factory.mktemp("artifacts"))
+    an embedding application would share it."""
+    return Runtime(Limits(call_deadline=20.0), artifacts=artifacts)
 
 
 @pytest.fixture(params=["sqlite", "xattr"])

@@ -213,7 +213,7 @@ def test_swap_driver_at_runtime_keeps_the_images(tmp_path, runtime):
     assert reader.read() == b"kept", "a session finishes on the driver it began on"
     assert c.is_cached("1")
     assert c.read("1") == b"kept"
-    c.swap_driver(component("sqlite_driver"), grants=["sqlite"])
+    c.swap_driver(component("sqlite_driver"))
     assert c.is_cached("1")
     c.close()
 
@@ -246,8 +246,84 @@ def test_components_are_found_by_argument_then_environment(tmp_path, runtime, mo
 
 def test_a_component_of_another_contract_version_is_refused(tmp_path, runtime):
     old = REPO / "tests" / "fixtures" / "contract-0.1.0" / "sqlite_driver.wasm"
-    with pytest.raises(LoadError, match="it implements contract 0.1.0, this host speaks 0.2.0"):
+    with pytest.raises(LoadError) as e:
         ImageCache(tmp_path / "root", driver=old, runtime=runtime, fallback_to_sqlite=False)
+    assert "it speaks contract image-cache:driver@0.1.0; this host runs >=0.3.0, <0.4.0" in str(e.value)
+    assert "imported WASI" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["sqlite_driver", "xattr_driver", "centralized_driver"])
+def test_a_component_of_contract_0_2_is_refused_before_it_is_compiled(tmp_path, name):
+    old = REPO / "tests" / "fixtures" / "contract-0.2.0" / f"{name}.wasm"
+    runtime = Runtime(artifacts=None)
+    for grants in ([], ["xattr"], ["sqlite", "xattr"]):
+        with pytest.raises(LoadError) as e:
+            ImageCache(tmp_path / "root", driver=old, grants=grants, runtime=runtime,
+                       fallback_to_sqlite=False)
+        m = str(e.value)
+        assert m.startswith(f"cannot load driver {old}: it speaks contract image-cache:driver@0.2.0; "
+                            "this host runs >=0.3.0, <0.4.0 ("), m
+        assert "retired the host-side `sqlite` import" in m, m
+    assert runtime.stats["compiled"] == 0, "refused from its binary's names, before compilation"
+    assert not (tmp_path / "root" / "incomplete").exists(), "nothing ran"
+
+
+def test_what_a_component_imports_is_checked_against_the_contract():
+    from image_cache_wasm.contract import check_names
+
+    export = ["image-cache:driver/cache-driver@0.3.0"]
+    base = ["image-cache:driver/fs@0.3.0", "image-cache:driver/clock@0.3.0", "image-cache:driver/types@0.3.0"]
+    check_names("d", base, export, frozenset())
+    check_names("d", base + ["image-cache:driver/xattr@0.3.0"], export, frozenset({"xattr"}))
+    cases = [
+        (base + ["image-cache:driver/sqlite@0.3.0"], export,
+         "it imports image-cache:driver/sqlite@0.3.0: contract 0.3.0 retired the host-side sqlite "
+         "interface (SQLite runs inside the driver, over fs); this host runs >=0.3.0, <0.4.0"),
+        (base + ["image-cache:driver/sqlite@0.2.0"], export,
+         "it imports image-cache:driver/sqlite@0.2.0 but exports contract 0.3.0: one component speaks "
+         "one contract version (this host runs >=0.3.0, <0.4.0)"),
+        (["image-cache:driver/fs@0.2.0"], export, "it imports image-cache:driver/fs@0.2.0 but exports contract 0.3.0"),
+        (base + ["image-cache:driver/xattr@0.3.0"], export,
+         "it imports image-cache:driver/xattr@0.3.0, which it was not granted (granted: fs, clock)"),
+        (base + ["image-cache:driver/database@0.3.0"], export,
+         "it imports image-cache:driver/database@0.3.0, which this host does not offer"),
+        (base + ["wasi:io/streams@0.2.6"], export,
+         "it imports wasi:io/streams@0.2.6, which is not part of the driver contract"),
+        (base, ["image-cache:driver/cache-driver@0.4.0"],
+         "it speaks contract image-cache:driver@0.4.0; this host runs >=0.3.0, <0.4.0"),
+        (base, ["image-cache:driver/cache-driver@0.3.1"],
+         "it speaks contract image-cache:driver@0.3.1; this host runs >=0.3.0, <0.4.0"),
+        (base, ["image-cache:driver/cache-driver@1.0.0"], "it speaks contract image-cache:driver@1.0.0"),
+        (base, ["image-cache:driver/cache-driver@0.3"], "its contract version '0.3' is not a version"),
+        (base, ["run"], "it exports no image-cache:driver/cache-driver interface (exports: run)"),
+    ]
+    for imports, exports, expected in cases:
+        with pytest.raises(LoadError) as e:
+            check_names("d", imports, exports, frozenset())
+        assert f"cannot load driver d: {expected}" in str(e.value), (expected, str(e.value))
+
+
+def test_grants_are_checked_and_the_retired_sqlite_grant_is_accepted(tmp_path, runtime):
+    from image_cache_wasm.contract import normalize_grants
+
+    assert normalize_grants(["xattr", "fs", "clock", "sqlite"]) == frozenset({"xattr"})
+    assert normalize_grants([]) == frozenset()
+    with pytest.raises(LoadError, match="unknown capability 'network': grant any of xattr"):
+        normalize_grants(["network"], "d")
+    component("sqlite_driver")
+    c = ImageCache(tmp_path / "root", driver=component("sqlite_driver"), grants=["sqlite"],
+                   runtime=runtime, fallback_to_sqlite=False)
+    assert c.driver.loaded.grants == frozenset()
+    c.cache("1", io.BytesIO(b"x"))
+    assert c.is_cached("1")
+    c.close()
+
+
+def test_a_core_module_is_refused_by_name(tmp_path, runtime):
+    core = tmp_path / "core.wasm"
+    core.write_bytes(b"\0asm\x01\0\0\0")
+    with pytest.raises(LoadError, match="it is a core WebAssembly module, not a component"):
+        runtime.load(core)
 
 
 def test_precompiled_artifacts_are_reused(tmp_path):
@@ -262,12 +338,12 @@ def test_precompiled_artifacts_are_reused(tmp_path):
 
 def test_the_components_import_only_the_contract(runtime):
     expected = {
-        "sqlite_driver": {"clock", "fs", "sqlite", "types"},
+        "sqlite_driver": {"clock", "fs", "types"},
         "xattr_driver": {"clock", "fs", "types", "xattr"},
     }
     for name, interfaces in expected.items():
-        loaded = runtime.load(component(name), grants=interfaces & {"sqlite", "xattr"})
-        assert set(loaded.imports) == {f"image-cache:driver/{i}@0.2.0" for i in interfaces}, loaded.imports
+        loaded = runtime.load(component(name), grants=interfaces & {"xattr"})
+        assert set(loaded.imports) == {f"image-cache:driver/{i}@0.3.0" for i in interfaces}, loaded.imports
 
 
 def test_the_readme_example_runs(capsys):

@@ -44,7 +44,7 @@ def canary(outside: Path):
 
 
 @pytest.mark.parametrize("scenario", HOSTILE["scenarios"], ids=lambda s: s["name"])
-def test_hostile_scenario(scenario, tmp_path):
+def test_hostile_scenario(scenario, tmp_path, artifacts):
     assert HOSTILE["format"] == 1
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -53,7 +53,7 @@ def test_hostile_scenario(scenario, tmp_path):
     victim.executescript("CREATE TABLE t (x); INSERT INTO t VALUES ('victim');")
     victim.close()
     before = canary(outside)
-    runtime = Runtime(Limits(call_deadline=HOSTILE["limits"]["call_deadline_ms"] / 1000), artifacts=None)
+    runtime = Runtime(Limits(call_deadline=HOSTILE["limits"]["call_deadline_ms"] / 1000), artifacts=artifacts)
     options = [(k, v.replace("$OUTSIDE", str(outside))) for k, v in HOSTILE["options"]]
     root = tmp_path / "root"
     path = component(HOSTILE["component"])

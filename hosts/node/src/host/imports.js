@@ -1,11 +1,30 @@
-// The import object for one driver instance: clock, fs, xattr, sqlite
-// (image-cache:driver@0.2.0), in jco's shapes: u64 as BigInt, option as
-// undefined, results as returned values or thrown errors with a `payload`.
+// The import object for one driver instance: clock, fs, xattr
+// (image-cache:driver@0.3.0), in jco's shapes: u64 as BigInt, option as
+// undefined, enums as strings, results as returned values or thrown errors
+// with a `payload`.
 
 import fs from 'node:fs';
 import { fsError, ioError, metadataOf, checkTime, seconds, MAX_BATCH } from './rootfs.js';
 import { Locks } from './locks.js';
-import { makeSqlite } from './sqlite.js';
+
+/** Most bytes one `read-at` or `write-at` moves. */
+export const MAX_IO = 1 << 20;
+/** Largest file a driver may make of its own (`write-at`, `set-len`). */
+export const MAX_DRIVER_FILE = 16n << 30n;
+/** Longest single pause `clock.sleep` grants (ms). */
+export const MAX_SLEEP_MS = 100;
+const MAX_OFFSET = (1n << 63n) - 1n;
+const RANGE_KINDS = { unlocked: 0, shared: 1, exclusive: 2 };
+
+/** The end of `length` bytes from `offset`, if it fits a file offset
+ * (off_t), else `invalid-argument`. */
+function span(path, offset, length) {
+  const end = BigInt(offset) + BigInt(length);
+  if (BigInt(offset) < 0n || BigInt(length) < 0n || end > MAX_OFFSET) {
+    throw fsError('invalid-argument', `${path}: ${length} bytes at offset ${offset} are past any file offset`);
+  }
+  return end;
+}
 
 /** The wall clock in seconds, to the microsecond: Date.now() has only
  * milliseconds, and drivers order queue markers made in quick succession
@@ -31,15 +50,23 @@ export class Deadline {
   }
 }
 
-/**
- * ctx: {root: RootFs, fdTable: Int32Array, locks: Locks, wid, limits,
- *       deadline: Deadline, xattr: 'unsupported', connections, databases}
- */
-/** Something to sleep on between two tries of a lock. */
+/** Something to sleep on (Atomics.wait is a synchronous sleep). */
 const SLEEP = new Int32Array(new SharedArrayBuffer(4));
 
+/**
+ * ctx: {root: RootFs, fdTable: Int32Array, locks: Locks, wid, limits,
+ *       deadline: Deadline, xattrLib, flock, sqliteDb: the metadata
+ *       database's name, native: the range-lock add-on (host/native.js)}
+ *
+ * Returns {File, imports, releaseRangeLocks}: the host calls
+ * releaseRangeLocks() at the end of every call into the instance.
+ */
 export function makeImports(ctx) {
   const { root, fdTable, locks } = ctx;
+  const native = ctx.native ?? null;
+  const db = ctx.sqliteDb ?? 'cache.db';
+  /** The instance's open files (range locks are released on them). */
+  const openFiles = new Set();
   // flock(fd, op) through the main thread ('done' | 'busy' | 'timed-out' |
   // 'failed'), or null: then locks are a table shared by the workers of
   // this process only (host/locks.js).
@@ -49,7 +76,9 @@ export function makeImports(ctx) {
     for (let i = 0; i < fdTable.length; i++) {
       if (Atomics.load(fdTable, i) === -1) return i;
     }
-    throw fsError('limit-exceeded', `${rel}: an instance may hold at most ${fdTable.length} open files`);
+    // As the Rust and Python hosts' capped resource tables: a trap (the
+    // instance is discarded), not an error the driver could retry.
+    throw new Error(`resource table has no free keys (an instance may hold at most ${fdTable.length} open files; ${rel} was not opened)`);
   }
 
   class File {
@@ -58,17 +87,22 @@ export function makeImports(ctx) {
       throw new TypeError('files are opened through the fs interface');
     }
 
-    static adopt(fd, rel, size, writable, slot) {
+    /** writable: made by create-new (the host writes it); readWrite: made
+     * by open-read-write (the driver may write it). */
+    static adopt(fd, rel, size, { writable = false, readWrite = false }, slot) {
       const f = Object.create(File.prototype);
       f.fd = fd;
       f.path = rel;
       f.sizeAtOpen = size;
       f.writable = writable;
+      f.readWrite = readWrite;
       f.slot = slot;
       f.token = locks.newToken();
       f.lockKey = null;
+      f.rangeLocked = false; // took a byte-range lock in this call
       f.moved = false; // handed to the main thread, which closes it
       if (slot >= 0) Atomics.store(fdTable, slot, fd);
+      openFiles.add(f);
       return f;
     }
 
@@ -105,6 +139,111 @@ export function makeImports(ctx) {
         } else {
           fs.futimesSync(this.fd, a, m);
         }
+      } catch (e) {
+        throw ioError(this.path, e);
+      }
+    }
+
+    size() {
+      this.checkOpen();
+      try {
+        return fs.fstatSync(this.fd, { bigint: true }).size;
+      } catch (e) {
+        throw ioError(this.path, e);
+      }
+    }
+
+    /** Up to `length` bytes (at most MAX_IO) from `offset`: fewer at the
+     * end of the file, none past it. */
+    readAt(offset, length) {
+      this.checkOpen();
+      if (length > MAX_IO) throw fsError('limit-exceeded', `${this.path}: more than ${MAX_IO} bytes in one read`);
+      span(this.path, offset, length);
+      const buf = new Uint8Array(length);
+      let done = 0;
+      try {
+        while (done < length) {
+          const n = fs.readSync(this.fd, buf, done, length - done, BigInt(offset) + BigInt(done));
+          if (n === 0) break;
+          done += n;
+        }
+      } catch (e) {
+        throw ioError(this.path, e);
+      }
+      return done === length ? buf : buf.subarray(0, done);
+    }
+
+    /** The driver writes only its own files (open-read-write): an image's
+     * bytes are the host's. */
+    refuseDriverWrite() {
+      if (!this.readWrite) {
+        throw fsError('access-denied', `${this.path}: not opened with open-read-write (only the host writes an image's bytes)`);
+      }
+    }
+
+    /** Write all of `data` (at most MAX_IO bytes) at `offset`, never past
+     * MAX_DRIVER_FILE. */
+    writeAt(offset, data) {
+      this.checkOpen();
+      this.refuseDriverWrite();
+      if (data.length > MAX_IO) throw fsError('limit-exceeded', `${this.path}: more than ${MAX_IO} bytes in one write`);
+      withinDriverCap(this.path, span(this.path, offset, data.length));
+      let done = 0;
+      try {
+        while (done < data.length) {
+          done += fs.writeSync(this.fd, data, done, data.length - done, Number(offset) + done);
+        }
+      } catch (e) {
+        throw ioError(this.path, e);
+      }
+    }
+
+    setLen(size) {
+      this.checkOpen();
+      this.refuseDriverWrite();
+      withinDriverCap(this.path, BigInt(size));
+      try {
+        fs.ftruncateSync(this.fd, Number(size));
+      } catch (e) {
+        throw ioError(this.path, e);
+      }
+    }
+
+    syncData() {
+      this.checkOpen();
+      try {
+        fs.fdatasyncSync(this.fd);
+      } catch (e) {
+        throw ioError(this.path, e);
+      }
+    }
+
+    /** A non-blocking open-file-description lock (F_OFD_SETLK) on `length`
+     * bytes from `start` (0: to the end of the file and beyond): false if
+     * another open file holds a conflicting one. Released at the end of
+     * the driver call (releaseRangeLocks), or when the file is closed. */
+    setRangeLock(start, length, lock) {
+      this.checkOpen();
+      span(this.path, start, length);
+      const kind = RANGE_KINDS[lock];
+      if (kind === undefined) throw fsError('invalid-argument', `${this.path}: ${String(lock)} is not a range lock`);
+      const addon = rangeAddon(this.path);
+      if (kind !== 0) this.rangeLocked = true;
+      try {
+        return addon.setLock(this.fd, BigInt(start), BigInt(length), kind);
+      } catch (e) {
+        throw ioError(this.path, e);
+      }
+    }
+
+    /** Whether another open file holds a lock on the range that conflicts
+     * with an exclusive one (F_OFD_GETLK). */
+    rangeLockedElsewhere(start, length) {
+      this.checkOpen();
+      span(this.path, start, length);
+      const addon = rangeAddon(this.path);
+      try {
+        return addon.lockedElsewhere(this.fd, BigInt(start), BigInt(length));
       } catch (e) {
         throw ioError(this.path, e);
       }
@@ -165,6 +304,7 @@ export function makeImports(ctx) {
      * now, close it. */
     close() {
       if (this.fd < 0) return;
+      openFiles.delete(this);
       if (this.lockKey !== null) locks.unlock(this.lockKey, this.token);
       if (!this.moved) {
         if (this.slot >= 0) Atomics.store(fdTable, this.slot, -1);
@@ -187,16 +327,52 @@ export function makeImports(ctx) {
     }
   }
 
+  /** The range-lock add-on, or `unsupported`. */
+  function rangeAddon(where) {
+    if (!native) {
+      throw fsError(
+        'unsupported',
+        `${where}: byte-range locks are not available in this Node host (its range_lock add-on is not built, or the system has no open-file-description locks)`,
+      );
+    }
+    return native;
+  }
+
+  function withinDriverCap(where, end) {
+    if (end > MAX_DRIVER_FILE) {
+      throw fsError('limit-exceeded', `${where}: a driver's own file may not grow past ${MAX_DRIVER_FILE} bytes`);
+    }
+  }
+
+  /** The end of a driver call: every byte-range lock any open file of the
+   * instance took is released (flock-style locks stay: a write session
+   * holds one across calls). */
+  function releaseRangeLocks() {
+    for (const f of openFiles) {
+      if (!f.rangeLocked) continue;
+      f.rangeLocked = false;
+      if (f.fd < 0) continue;
+      try {
+        native.setLock(f.fd, 0n, 0n, 0);
+      } catch {}
+    }
+  }
+
   const fsImports = {
     File,
     createNew(p) {
       const slot = takeSlot(p);
-      return File.adopt(root.createNew(p), p, 0, true, slot);
+      return File.adopt(root.createNew(p), p, 0, { writable: true }, slot);
     },
     open(p) {
       const slot = takeSlot(p);
       const [fd, size] = root.open(p);
-      return File.adopt(fd, p, size, false, slot);
+      return File.adopt(fd, p, size, {}, slot);
+    },
+    openReadWrite(p, create) {
+      const slot = takeSlot(p);
+      const [fd, size] = root.openReadWrite(p, Boolean(create), db);
+      return File.adopt(fd, p, size, { readWrite: true }, slot);
     },
     stat: (p) => root.stat(p),
     createDir: (p) => root.createDir(p),
@@ -331,14 +507,26 @@ export function makeImports(ctx) {
       }
     },
   };
+  const clockImports = {
+    now: wallClock,
+    /** Pause min(microseconds, 100 ms, what is left of the call's
+     * deadline); false once the deadline has passed. */
+    sleep(microseconds) {
+      const left = ctx.deadline.remaining();
+      if (left <= 0) return false;
+      const ms = Math.min(Number(microseconds) / 1000, MAX_SLEEP_MS, left);
+      if (ms > 0) Atomics.wait(SLEEP, 0, 0, ms);
+      return !ctx.deadline.passed();
+    },
+  };
   return {
     File,
+    releaseRangeLocks,
     imports: {
-      clock: { now: wallClock },
+      clock: clockImports,
       types: {},
       fs: fsImports,
       xattr: xattrImports,
-      sqlite: { Connection: makeSqlite(ctx) },
     },
   };
 }

@@ -9,8 +9,10 @@
 // - each directory component under the root is lstat'ed and must be a real
 //   directory (a symlink is refused, wherever it points);
 // - the final component is opened with O_NOFOLLOW (a final symlink is never
-//   followed) and O_NONBLOCK (a FIFO cannot block the call), and
-//   path-based operations use the l* variants (lstat, lutimes);
+//   followed) and O_NONBLOCK (a FIFO cannot block the call), then fstat'ed:
+//   only a regular file with one link is kept (a FIFO, socket or device, or
+//   a hard link that may lead out of the root, is refused); path-based
+//   operations use the l* variants (lstat, lutimes);
 // - after an open, /proc/self/fd/<fd> must name a file under the root's real
 //   path, which catches a directory swapped for a symlink between the check
 //   and the open.
@@ -37,6 +39,8 @@ export const DEFAULT_MAX_LISTING = 4_000_000;
 export const MAX_BATCH = 1_000_000;
 /** Latest time a guest may set (as in the Rust host). */
 export const MAX_TIME = 1e12;
+/** Directories whose files are images or fills: never a driver's to write. */
+export const IMAGE_DIRS = ['incomplete', 'invalid', 'queue'];
 
 /** An `fs-error` as jco wants it thrown from an import: a `payload`. Not
  * an Error: a refusal is an expected value (e.g. `stat` of a missing file
@@ -152,9 +156,11 @@ export function checkTime(t) {
 
 export class RootFs {
   /** `root` must exist; it is resolved once to its real path. */
-  constructor(root, { maxListing = DEFAULT_MAX_LISTING } = {}) {
+  constructor(root, { maxListing = DEFAULT_MAX_LISTING, native = null } = {}) {
     this.real = fs.realpathSync(root);
     this.maxListing = maxListing;
+    /** The range-lock add-on (host/native.js), or null. */
+    this.native = native;
   }
 
   /** The absolute path of checked components, every directory component
@@ -206,14 +212,13 @@ export class RootFs {
     return fd;
   }
 
-  /** Create a new, empty file for writing, exclusively. */
-  createNew(rel) {
-    return this.openFd(rel, C.O_WRONLY | C.O_CREAT | C.O_EXCL, 0o666);
-  }
-
-  /** Open an existing regular file for reading. Returns [fd, size]. */
-  open(rel) {
-    const fd = this.openFd(rel, C.O_RDONLY | C.O_NONBLOCK);
+  /** Open without blocking (a FIFO cannot hold the call) and without
+   * following a final symlink, then keep only a regular file with one
+   * link: a directory is `is-a-directory`; a FIFO, socket or device, or a
+   * file with other hard links (one may be outside the root), is
+   * `access-denied`. Returns [fd, size]. */
+  openRegular(rel, flags, mode) {
+    const fd = this.openFd(rel, flags | C.O_NONBLOCK, mode);
     let st;
     try {
       st = fs.fstatSync(fd);
@@ -221,11 +226,51 @@ export class RootFs {
       fs.closeSync(fd);
       throw ioError(rel, e);
     }
-    if (!st.isFile()) {
+    const refuse = (code, why) => {
       fs.closeSync(fd);
-      throw fsError('is-a-directory', `${rel}: not a regular file`);
+      return fsError(code, `${rel}: ${why}`);
+    };
+    if (st.isDirectory()) throw refuse('is-a-directory', 'not a regular file');
+    if (!st.isFile()) throw refuse('access-denied', 'not a regular file');
+    if (st.nlink > 1) {
+      throw refuse('access-denied', `has ${st.nlink} hard links; refused (it may be a link to a file outside the root)`);
     }
+    // Regular files ignore O_NONBLOCK; clear it all the same (as the Rust
+    // host does) where the range-lock add-on can.
+    try {
+      this.native?.clearNonblock(fd);
+    } catch {}
     return [fd, st.size];
+  }
+
+  /** Create a new, empty file for writing, exclusively. */
+  createNew(rel) {
+    return this.openRegular(rel, C.O_WRONLY | C.O_CREAT | C.O_EXCL, 0o666)[0];
+  }
+
+  /** Open an existing regular file for reading. Returns [fd, size]. */
+  open(rel) {
+    return this.openRegular(rel, C.O_RDONLY);
+  }
+
+  /** Open a file of the driver's own for reading and writing (creating it
+   * if `create`, never truncating it): at the top of the root only the
+   * metadata database `db` and its `-journal` (or the `-wal` a database of
+   * release 0.2 left), nothing under the image directories. The same rule
+   * and message as the Rust host (host/src/fs.rs). Returns [fd, size]. */
+  openReadWrite(rel, create, db) {
+    const parts = checkName(rel);
+    const allowed =
+      parts.length === 1
+        ? parts[0] === db || parts[0] === `${db}-journal` || parts[0] === `${db}-wal`
+        : !IMAGE_DIRS.includes(parts[0]);
+    if (!allowed) {
+      throw fsError(
+        'access-denied',
+        `${rel}: not a file a driver may write (at the top of the root only the metadata database ${db} and its journal; nothing under ${IMAGE_DIRS.map((d) => `${d}/`).join(', ')})`,
+      );
+    }
+    return this.openRegular(rel, C.O_RDWR | (create ? C.O_CREAT : 0), 0o666);
   }
 
   stat(rel) {

@@ -1,5 +1,5 @@
 """image_cache_wasm: the image-cache driver components (WebAssembly,
-contract ``image-cache:driver@0.2.0``) embedded in Python with wasmtime.
+contract ``image-cache:driver@0.3.0``) embedded in Python with wasmtime.
 
     from image_cache_wasm import ImageCache
 
@@ -28,7 +28,7 @@ from .errors import (
     SourceError,
     Unsupported,
 )
-from .runtime import CONTRACT, Limits, Runtime
+from .runtime import CONTRACT, SUPPORTED, Limits, Runtime
 
 __all__ = [
     "AlreadyCached",
@@ -52,6 +52,7 @@ __all__ = [
     "Overloaded",
     "Runtime",
     "SourceError",
+    "SUPPORTED",
     "Tee",
     "Unsupported",
     "components_dir",

@@ -6,7 +6,9 @@ lifting a ``result``/``variant`` recomputes which Python classes its cases
 map to. For a driver call that is most of the cost. :class:`Export` does
 what ``Func.__call__`` does (same C calls, same conversions), with the
 type objects read once per export and the derived facts (cases, fields,
-whether a variant is tagged) kept on those objects.
+whether a variant is tagged) kept on those objects. A ``list<u8>`` (what
+``fs.read-at`` and ``fs.write-at`` move, SQLite's pages) is converted as one
+block of memory instead of one Python call per byte.
 
 Written against wasmtime-py 50 (``pyproject.toml`` pins ``>=50,<51``).
 """
@@ -52,13 +54,70 @@ for _cls, _names in [
     (_types.RecordType, ["fields"]),
     (_types.ResultType, ["ok", "err"]),
     (_types.OptionType, ["payload"]),
-    (_types.ListType, ["element"]),
+    (_types.ListType, ["element", "_is_bytes"]),
     (_types.TupleType, ["elements"]),
     (_types.EnumType, ["names"]),
 ]:
     for _name in _names:
         if hasattr(_cls, _name):
             _memoized(_cls, _name)
+
+
+# -- list<u8> as one block ---------------------------------------------------------
+
+#: A ``wasmtime_component_val_t`` is a kind byte and a union; a byte list is
+#: an array of them, each of kind U8 with its byte first in the union.
+_VAL_SIZE = ctypes.sizeof(ffi.wasmtime_component_val_t)
+_VAL_PAYLOAD = ffi.wasmtime_component_val_t.of.offset
+_KIND_U8 = bytes((ffi.WASMTIME_COMPONENT_U8.value,))
+assert ffi.wasmtime_component_val_t.kind.offset == 0
+
+
+def _bytes_to_c(val: Any, ptr) -> None:
+    if not isinstance(val, (bytes, bytearray, memoryview)):
+        raise TypeError("expected bytes value")
+    n = len(val)
+    raw = ffi.wasmtime_component_vallist_t()
+    ffi.wasmtime_component_vallist_new_uninit(raw, n)
+    if n:
+        block = bytearray(n * _VAL_SIZE)
+        block[0::_VAL_SIZE] = _KIND_U8 * n
+        block[_VAL_PAYLOAD::_VAL_SIZE] = val
+        ctypes.memmove(raw.data, (ctypes.c_char * len(block)).from_buffer(block), len(block))
+    ptr.contents.kind = ffi.WASMTIME_COMPONENT_LIST
+    ptr.contents.of.list = raw
+
+
+def _bytes_from_c(c) -> bytes:
+    assert c.kind == ffi.WASMTIME_COMPONENT_LIST.value
+    try:
+        n = c.of.list.size
+        if not n:
+            return b""
+        block = ctypes.string_at(c.of.list.data, n * _VAL_SIZE)
+        return block[_VAL_PAYLOAD::_VAL_SIZE]
+    finally:
+        ffi.wasmtime_component_vallist_delete(byref(c.of.list))
+
+
+_list_to_c = _types.ListType.convert_to_c
+_list_from_c = _types.ListType.convert_from_c
+
+
+def _convert_to_c(self, store, val, ptr):
+    if self._is_bytes():
+        return _bytes_to_c(val, ptr)
+    return _list_to_c(self, store, val, ptr)
+
+
+def _convert_from_c(self, c):
+    if self._is_bytes():
+        return _bytes_from_c(c)
+    return _list_from_c(self, c)
+
+
+_types.ListType.convert_to_c = _convert_to_c
+_types.ListType.convert_from_c = _convert_from_c
 
 
 class Export:

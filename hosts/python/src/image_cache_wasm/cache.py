@@ -18,7 +18,7 @@ from typing import BinaryIO, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from . import errors
 from .driver import Driver, Session
-from .fs import RootFs
+from .fs import RootFs, io_error
 from .runtime import BUILTIN_GRANTS, Limits, Runtime, default_runtime
 
 log = logging.getLogger("image_cache_wasm")
@@ -171,7 +171,7 @@ class ImageWriter:
         except OSError as e:
             message = f"flushing image {self.image_id!r}: {e.strerror}"
             self.abort(message)
-            raise errors.IoError(message) from None
+            raise errors.IoError(message, io_error("", e).code) from None
         c = _checksum(checksum)
         self._session.commit(str(c) if c else None)
 
@@ -382,10 +382,15 @@ class ImageCache:
     sandboxed WebAssembly component.
 
     ``driver`` is ``"sqlite"`` (default), ``"xattr"``, or the path of a
-    component file implementing the driver world (granted only ``fs`` and
-    ``clock`` unless ``grants`` names ``sqlite`` and/or ``xattr``). If the
-    chosen driver fails to configure, the cache falls back to sqlite with a
-    warning, as Glance does, unless ``fallback_to_sqlite=False``.
+    component file implementing the driver world (contract
+    ``image-cache:driver@0.3.0``), granted only ``fs`` and ``clock`` unless
+    ``grants`` names ``xattr`` (the grant ``sqlite`` of contract 0.2 is
+    retired: accepted with a warning, it grants nothing). ``sqlite_db`` is
+    the metadata database's name in the root, passed to the driver as
+    ``image_cache_sqlite_db``: the one file at the top of the root (with its
+    ``-journal``) the driver may open read-write. If the chosen driver fails
+    to configure, the cache falls back to sqlite with a warning, as Glance
+    does, unless ``fallback_to_sqlite=False``.
     """
 
     def __init__(

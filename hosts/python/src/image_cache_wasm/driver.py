@@ -23,9 +23,8 @@ from wasmtime.component import ResourceHost, Variant
 from . import errors
 from ._fastcall import Export
 from .errors import DriverFault, printable, quoted, validate_image_id
-from .fs import OpenFile, RootFs
+from .fs import DEFAULT_DB, OpenFile, RootFs
 from .runtime import FILE_TYPE, InstanceState, LoadedComponent, Runtime, enter, iface
-from .sqlite import SqliteRoot
 
 log = logging.getLogger("image_cache_wasm")
 
@@ -107,7 +106,12 @@ class Driver:
         self.root = root
         self.options = [(str(k), str(v)) for k, v in options]
         self.xattr_enabled = xattr_enabled
-        self.sqlite = SqliteRoot(root, runtime.limits.max_query_bytes)
+        # The metadata database's name, as the driver reads it (the last
+        # `image_cache_sqlite_db` given): the one file at the top of the
+        # root, with its journal, the driver may open read-write.
+        self.db_name = next(
+            (v for k, v in reversed(self.options) if k == "image_cache_sqlite_db"), DEFAULT_DB
+        )
         self._idle: List[Instance] = []
         self._live = 1
         self._cv = threading.Condition()
@@ -132,7 +136,7 @@ class Driver:
         store = wasmtime.Store(self.runtime.engine)
         store.set_limits(memory_size=limits.memory_bytes)
         store.set_epoch_deadline(self.runtime.deadline_ticks())
-        state = InstanceState(self.root, self.sqlite, limits, self.xattr_enabled)
+        state = InstanceState(self.root, limits, self.xattr_enabled, self.db_name)
         try:
             with enter(state):
                 instance = self.loaded.linker.instantiate(store, self.loaded.component)
@@ -211,6 +215,14 @@ class Driver:
             cls = errors.DRIVER_ERRORS.get(result.tag)
             if cls is None:
                 raise self._broke(f"it returned an unknown error {printable(result.tag, 64)}")
+            if cls is errors.IoError:
+                # io carries a record: the fs error code and the message.
+                payload = result.payload
+                code = getattr(payload, "code", "io")
+                raise errors.IoError(
+                    printable(str(getattr(payload, "message", payload)), MAX_DRIVER_MESSAGE),
+                    code if isinstance(code, str) else "io",
+                )
             raise cls(printable(str(result.payload), MAX_DRIVER_MESSAGE))
         return result
 

@@ -38,7 +38,16 @@ class BeingCached(CacheError):
 
 
 class IoError(CacheError):
+    """A file-system operation failed. ``code`` is the ``fs`` error code the
+    driver reported with it (contract 0.3.0: ``not-found``,
+    ``access-denied``, ``no-space``, ...), or ``io`` for a failure the host
+    found itself, so a caller can tell a full disk from a denied access."""
+
     kind = "io"
+
+    def __init__(self, message: str, code: str = "io"):
+        super().__init__(message)
+        self.code = code
 
     def __str__(self) -> str:
         return f"I/O error: {self.message}"

@@ -8,6 +8,23 @@ anywhere in the path is refused rather than followed (stricter than the Rust
 host, which follows a symlink that stays inside the root), and the final
 component is used through ``dir_fd`` calls that never follow it. Messages
 name root-relative paths, never where the root is.
+
+Whatever another process planted in the root, only regular files (and
+directories, for listings) are ever opened: every open is
+``O_NONBLOCK | O_NOFOLLOW`` (a FIFO cannot hold the call), then checked by
+``fstat`` (a directory is ``is-a-directory``; a FIFO, socket or device is
+``access-denied``) and by its link count (a file with another hard link may
+be a link to a file outside the root: ``access-denied``).
+
+A driver writes only its own files (``open-read-write``): the metadata
+database at the top of the root (with its ``-journal``, or the ``-wal`` a
+database of release 0.2 left) and files in its own directories, never an
+image's file or anything under ``incomplete/``, ``invalid/`` or ``queue/``.
+Byte-range locks (SQLite's, inside the driver) are open-file-description
+locks (``F_OFD_SETLK``): two opens of one file exclude each other in one
+process as in two, and they conflict with native SQLite's POSIX locks. The
+runtime releases them at the end of every driver call
+(:meth:`OpenFile.release_range_locks`).
 """
 
 from __future__ import annotations
@@ -16,6 +33,7 @@ import errno
 import fcntl
 import os
 import stat as stat_mod
+import struct
 import time
 from json import dumps as _dumps
 from typing import Callable, List, Optional, Tuple
@@ -26,8 +44,27 @@ DEFAULT_MAX_LISTING = 4_000_000
 MAX_BATCH = 1_000_000
 #: Latest time a guest may set (the year 33658), as in the Rust host.
 MAX_TIME = 1e12
+#: Most bytes one ``read-at`` or ``write-at`` moves.
+MAX_IO = 1 << 20
+#: Largest file a driver may make of its own (``write-at``, ``set-len``).
+MAX_DRIVER_FILE = 16 << 30
+#: Largest file offset (``off_t``).
+MAX_OFFSET = (1 << 63) - 1
+#: Directories whose files are images or fills: never a driver's to write.
+IMAGE_DIRS = ("incomplete", "invalid", "queue")
+#: The metadata database's name when the options name none.
+DEFAULT_DB = "cache.db"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Every open of a file: never blocks on a FIFO, never follows a final
+#: symlink, never leaks into a child process.
+_OPEN_FLAGS = os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+
+#: ``struct flock`` (``<fcntl.h>``): l_type, l_whence, l_start, l_len,
+#: l_pid, padded to its C size (the alignment of off_t).
+_FLOCK = struct.Struct("hhqqi")
+_FLOCK_PAD = b"\0" * (-_FLOCK.size % struct.calcsize("q"))
+_RANGE_LOCKS = {"unlocked": fcntl.F_UNLCK, "shared": fcntl.F_RDLCK, "exclusive": fcntl.F_WRLCK}
 
 
 class FsError(Exception):
@@ -132,18 +169,60 @@ def metadata_of(st: os.stat_result) -> dict:
     }
 
 
+def _span(path: str, offset: int, length: int) -> int:
+    """The end of ``length`` bytes from ``offset``, if it fits a file
+    offset (``invalid-argument`` otherwise)."""
+    end = offset + length
+    if offset < 0 or length < 0 or end > MAX_OFFSET:
+        raise FsError(
+            "invalid-argument",
+            f"{path}: {length} bytes at offset {offset} are past any file offset",
+        )
+    return end
+
+
+def _within_driver_cap(path: str, end: int) -> None:
+    if end > MAX_DRIVER_FILE:
+        raise FsError(
+            "limit-exceeded",
+            f"{path}: a driver's own file may not grow past {MAX_DRIVER_FILE} bytes",
+        )
+
+
+def regular(path: str, st: os.stat_result) -> None:
+    """Refuse what is not a regular file with one link: a directory, a
+    FIFO, socket or device (planted to block or confuse the host), or a file
+    with other hard links (one may be outside the root)."""
+    if stat_mod.S_ISDIR(st.st_mode):
+        raise FsError("is-a-directory", f"{path}: not a regular file")
+    if not stat_mod.S_ISREG(st.st_mode):
+        raise FsError("access-denied", f"{path}: not a regular file")
+    if st.st_nlink > 1:
+        raise FsError(
+            "access-denied",
+            f"{path}: has {st.st_nlink} hard links; refused (it may be a link to a file outside the root)",
+        )
+
+
 class OpenFile:
     """A file the guest opened (a ``file`` resource). The host takes it out
     of the guest's table to move image bytes natively."""
 
-    __slots__ = ("fd", "path", "size_at_open", "writable", "_closed")
+    __slots__ = ("fd", "path", "size_at_open", "writable", "driver_writes", "_closed")
 
-    def __init__(self, fd: int, path: str, size_at_open: int, writable: bool):
+    def __init__(self, fd: int, path: str, size_at_open: int, writable: bool, driver_writes: bool = False):
         self.fd = fd
         self.path = path
         self.size_at_open = size_at_open
+        #: Created for writing (``create-new``): a write session's file.
         self.writable = writable
+        #: The driver may write it itself (``open-read-write``).
+        self.driver_writes = driver_writes
         self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         if not self._closed:
@@ -215,6 +294,108 @@ class OpenFile:
         except OSError as e:
             raise io_error(self.path, e) from None
 
+    # -- a driver's own files (SQLite inside the driver) ------------------
+
+    def size(self) -> int:
+        try:
+            return os.fstat(self.fd).st_size
+        except OSError as e:
+            raise io_error(self.path, e) from None
+
+    def _refuse_driver_write(self) -> None:
+        if not self.driver_writes:
+            raise FsError(
+                "access-denied",
+                f"{self.path}: not opened with open-read-write (only the host writes an image's bytes)",
+            )
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes (at most ``MAX_IO``) from ``offset``:
+        fewer at the end of the file, none past it."""
+        if length > MAX_IO:
+            raise FsError("limit-exceeded", f"{self.path}: more than {MAX_IO} bytes in one read")
+        _span(self.path, offset, length)
+        parts = []
+        done = 0
+        try:
+            while done < length:
+                got = os.pread(self.fd, length - done, offset + done)
+                if not got:
+                    break
+                parts.append(got)
+                done += len(got)
+        except OSError as e:
+            raise io_error(self.path, e) from None
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def write_at(self, offset: int, data) -> None:
+        """Write all of ``data`` (at most ``MAX_IO`` bytes) at ``offset``, in
+        a file the driver may write, never past ``MAX_DRIVER_FILE``."""
+        self._refuse_driver_write()
+        if len(data) > MAX_IO:
+            raise FsError("limit-exceeded", f"{self.path}: more than {MAX_IO} bytes in one write")
+        _within_driver_cap(self.path, _span(self.path, offset, len(data)))
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as e:
+            raise io_error(self.path, e) from None
+
+    def set_len(self, size: int) -> None:
+        self._refuse_driver_write()
+        _within_driver_cap(self.path, size)
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as e:
+            raise io_error(self.path, e) from None
+
+    def sync_data(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise io_error(self.path, e) from None
+
+    def _ofd_lock(self, cmd: int, kind: int, start: int, length: int) -> int:
+        """One open-file-description lock call; the ``l_type`` it leaves
+        (``-1``: held elsewhere, for ``F_OFD_SETLK``)."""
+        _span(self.path, start, length)
+        arg = _FLOCK.pack(kind, os.SEEK_SET, start, length, 0) + _FLOCK_PAD
+        try:
+            out = fcntl.fcntl(self.fd, cmd, arg)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return -1
+            raise io_error(self.path, e) from None
+        return _FLOCK.unpack(out[: _FLOCK.size])[0]
+
+    def set_range_lock(self, start: int, length: int, lock: str) -> bool:
+        """Set a byte-range lock (``unlocked``, ``shared``, ``exclusive``)
+        without waiting; False if another open file holds a conflicting
+        one. ``length`` 0 reaches past the end of the file."""
+        kind = _RANGE_LOCKS.get(lock)
+        if kind is None:
+            raise FsError("invalid-argument", f"{self.path}: no range lock {lock!r}")
+        return self._ofd_lock(fcntl.F_OFD_SETLK, kind, start, length) != -1
+
+    def range_locked_elsewhere(self, start: int, length: int) -> bool:
+        """Whether another open file holds a lock on the range that would
+        conflict with an exclusive one."""
+        return self._ofd_lock(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, start, length) != fcntl.F_UNLCK
+
+    def release_range_locks(self) -> None:
+        """Release every byte-range lock this open file holds (the end of a
+        driver call). Never fails: a closed file holds none."""
+        if self._closed:
+            return
+        whole_file = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 0, 0) + _FLOCK_PAD
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, whole_file)
+        except OSError:
+            pass
+
 
 class RootFs:
     """The cache root a driver instance may use, and nothing else."""
@@ -282,25 +463,55 @@ class RootFs:
 
     # -- the interface ---------------------------------------------------
 
-    def create_new(self, path: str) -> OpenFile:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = self._at(path, lambda d, n: os.open(n, flags, 0o644, dir_fd=d))
-        return OpenFile(fd, path, 0, True)
-
-    def open(self, path: str) -> OpenFile:
-        # O_NONBLOCK: opening a FIFO planted in the root must not hang the
-        # host; it is cleared once the file is known to be a regular file.
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-        fd = self._at(path, lambda d, n: os.open(n, flags, dir_fd=d))
+    def _open_regular(self, path: str, flags: int) -> Tuple[int, os.stat_result]:
+        """Open ``path`` without blocking and without following a final
+        symlink, then keep it only if it is a regular file with one link
+        (and clear ``O_NONBLOCK``)."""
+        fd = self._at(path, lambda d, n: os.open(n, flags | _OPEN_FLAGS, 0o644, dir_fd=d))
         try:
-            st = os.fstat(fd)
-            if not stat_mod.S_ISREG(st.st_mode):
-                raise FsError("is-a-directory", f"{path}: not a regular file")
+            try:
+                st = os.fstat(fd)
+            except OSError as e:
+                raise io_error(path, e) from None
+            regular(path, st)
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
             raise
+        return fd, st
+
+    def create_new(self, path: str) -> OpenFile:
+        fd, _ = self._open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        return OpenFile(fd, path, 0, True)
+
+    def open(self, path: str) -> OpenFile:
+        fd, st = self._open_regular(path, os.O_RDONLY)
         return OpenFile(fd, path, st.st_size, False)
+
+    def open_read_write(self, path: str, create: bool, db: str = DEFAULT_DB) -> OpenFile:
+        """Open a file of the driver's own for reading and writing (creating
+        it if ``create``; never truncated): at the top of the root only the
+        metadata database ``db`` and its ``-journal`` (or the ``-wal`` a
+        database of release 0.2 left); nothing under ``incomplete/``,
+        ``invalid/`` or ``queue/``; files in other directories are the
+        driver's own."""
+        parts = check_name(path)
+        first = parts[0]
+        if len(parts) == 1:
+            allowed = first in (db, f"{db}-journal", f"{db}-wal")
+        else:
+            allowed = first not in IMAGE_DIRS
+        if not allowed:
+            raise FsError(
+                "access-denied",
+                f"{path}: not a file a driver may write (at the top of the root only the "
+                f"metadata database {db} and its journal; nothing under "
+                + ", ".join(d + "/" for d in IMAGE_DIRS)
+                + ")",
+            )
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        fd, st = self._open_regular(path, flags)
+        return OpenFile(fd, path, st.st_size, False, driver_writes=True)
 
     def stat(self, path: str) -> dict:
         parts = check_path(path)

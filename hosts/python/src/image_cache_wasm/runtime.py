@@ -1,12 +1,18 @@
 """The engine, the epoch ticker, loading driver components, and the linker
-that supplies ``clock``, ``fs``, ``xattr`` and ``sqlite`` to them.
+that supplies ``clock``, ``fs`` and ``xattr`` to them.
 
 One :class:`Runtime` holds one wasmtime ``Engine`` (component model and
 epoch interruption on) and a daemon thread that advances the epoch every
 ``EPOCH_TICK``; a store's epoch deadline is set before every call, so wasm
 code that runs past the call's deadline traps. Host imports check the same
-deadline themselves (lock waits, listings, SQLite's progress handler), so
-time spent inside the host is bounded too.
+deadline themselves (lock waits, listings, ``clock.sleep``), so time spent
+inside the host is bounded too. A driver that keeps SQL metadata links
+SQLite itself, over ``fs`` (contract 0.2's host-side ``sqlite`` import is
+gone): no SQL text reaches the host.
+
+No byte-range lock outlives the driver call that took it: when a call into
+an instance ends (success, error or trap), every file that took one during
+the instance's life has all its range locks released.
 
 Host imports find their instance's state through a thread-local set for the
 duration of each call (a call runs on one thread from start to end), so one
@@ -30,28 +36,28 @@ from wasmtime.component import Component, Linker, Record, ResourceHost, Resource
 
 from . import errors
 from ._fastcall import add_func
-from .fs import FsError, OpenFile, RootFs
-from .sqlite import Connection, SqliteError, SqliteRoot
+from .contract import (  # noqa: F401 - re-exported
+    ALWAYS_LINKED,
+    BUILTIN_GRANTS,
+    CAPABILITIES,
+    CONTRACT,
+    PACKAGE,
+    RETIRED,
+    SUPPORTED,
+    check_names,
+    iface,
+    normalize_grants,
+    top_level_names,
+)
+from .fs import DEFAULT_DB, FsError, OpenFile, RootFs
 from .xattr import Attributes, probe as xattr_probe
 
-CONTRACT = "0.2.0"
-PACKAGE = "image-cache:driver"
 EPOCH_TICK = 0.010
+#: Longest single pause ``clock.sleep`` grants (seconds).
+MAX_SLEEP = 0.1
 
 #: Host resource types (``ResourceType.host``) of this package.
 FILE_TYPE = 0x1C_F11E
-CONNECTION_TYPE = 0x1C_DB
-
-#: Interfaces every driver is linked with.
-ALWAYS_LINKED = ("clock", "fs", "types")
-#: Interfaces that must be granted.
-CAPABILITIES = ("xattr", "sqlite")
-#: What the built-in drivers are granted.
-BUILTIN_GRANTS = {"sqlite": frozenset({"sqlite"}), "xattr": frozenset({"xattr"})}
-
-
-def iface(name: str) -> str:
-    return f"{PACKAGE}/{name}@{CONTRACT}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,36 +69,50 @@ class Limits:
     #: Most linear memory one instance may hold (bytes). The Rust host caps
     #: all instances of a driver together; this host caps each instance.
     memory_bytes: int = 1 << 30
-    #: Most host resources (open files and connections) one instance holds.
+    #: Most host resources (open files) one instance holds.
     resources: int = 256
-    #: Most database connections one instance holds.
-    connections: int = 4
     #: Most live instances of one driver.
     instances: int = 16
     #: How long a call waits for a free instance (seconds).
     instance_wait: float = 10.0
     #: Most entries one directory listing returns.
     max_listing: int = 4_000_000
-    #: Most bytes one SQL query result holds.
-    max_query_bytes: int = 64 * 1024 * 1024
 
 
 class InstanceState:
-    """What the host imports of one instance use: its root, its open files
-    and connections, the current call's deadline."""
+    """What the host imports of one instance use: its root, the metadata
+    database's name, its open files, the files that took byte-range locks,
+    the current call's deadline."""
 
-    def __init__(self, root: RootFs, sqlite: SqliteRoot, limits: Limits, xattr_enabled: bool):
+    def __init__(self, root: RootFs, limits: Limits, xattr_enabled: bool, db_name: str = DEFAULT_DB):
         self.root = root
-        self.sqlite = sqlite
         self.limits = limits
         self.xattr_enabled = xattr_enabled
+        #: The one file at the top of the root (with its journal) the
+        #: driver may open read-write (``image_cache_sqlite_db``).
+        self.db_name = db_name
         self.deadline = time.monotonic() + limits.call_deadline
         self.files: Dict[int, OpenFile] = {}
-        self.connections: Dict[int, Connection] = {}
+        #: Open files that took a byte-range lock during the instance's
+        #: life, by ``id``: their locks are released when each call ends.
+        self.range_locked: Dict[int, OpenFile] = {}
         self._next_rep = 1
 
+    def note_range_lock(self, f: OpenFile) -> None:
+        self.range_locked[id(f)] = f
+
+    def release_range_locks(self) -> None:
+        """The driver call ended: no byte-range lock outlives it."""
+        if not self.range_locked:
+            return
+        for key, f in list(self.range_locked.items()):
+            if f.closed:
+                del self.range_locked[key]  # its locks went with it
+            else:
+                f.release_range_locks()
+
     def _rep(self) -> int:
-        held = len(self.files) + len(self.connections)
+        held = len(self.files)
         if held >= self.limits.resources:
             # As the Rust host's capped resource table: a trap, not an error.
             raise WasmtimeError(
@@ -112,12 +132,11 @@ class InstanceState:
         return rep
 
     def close(self) -> None:
+        self.release_range_locks()
         for f in self.files.values():
             f.close()
-        for c in self.connections.values():
-            c.close()
         self.files.clear()
-        self.connections.clear()
+        self.range_locked.clear()
 
 
 _current = threading.local()
@@ -131,7 +150,9 @@ def current() -> InstanceState:
 
 
 class enter:
-    """Make ``state`` the instance the host imports serve on this thread."""
+    """Make ``state`` the instance the host imports serve on this thread for
+    one call into it; when the call ends (however it ends), release every
+    byte-range lock its files hold."""
 
     def __init__(self, state: InstanceState):
         self.state = state
@@ -143,6 +164,7 @@ class enter:
 
     def __exit__(self, *exc):
         _current.state = self.previous
+        self.state.release_range_locks()
         return False
 
 
@@ -205,6 +227,17 @@ def _now(store) -> float:
     return time.time()
 
 
+def _sleep(store, microseconds: int) -> bool:
+    """Pause for a driver waiting on another process's lock: at most 100 ms
+    and never past the call's deadline; False once the deadline has passed
+    (checked after the pause)."""
+    deadline = current().deadline
+    pause = min(microseconds / 1e6, MAX_SLEEP, deadline - time.monotonic())
+    if pause > 0:
+        time.sleep(pause)
+    return time.monotonic() < deadline
+
+
 # -- fs --------------------------------------------------------------------------
 
 
@@ -216,6 +249,12 @@ def _create_new(store, path):
 @_fs_result
 def _open(store, path):
     return _own_file(store, current().root.open(path))
+
+
+@_fs_result
+def _open_read_write(store, path, create):
+    st = current()
+    return _own_file(store, st.root.open_read_write(path, create, st.db_name))
 
 
 @_fs_record_result
@@ -308,6 +347,44 @@ def _file_unlock(store, handle):
     _file(store, handle).unlock()
 
 
+@_fs_result
+def _file_size(store, handle):
+    return _file(store, handle).size()
+
+
+@_fs_result
+def _file_read_at(store, handle, offset, length):
+    return _file(store, handle).read_at(offset, length)
+
+
+@_fs_result
+def _file_write_at(store, handle, offset, data):
+    _file(store, handle).write_at(offset, data if isinstance(data, (bytes, bytearray)) else bytes(data))
+
+
+@_fs_result
+def _file_set_len(store, handle, size):
+    _file(store, handle).set_len(size)
+
+
+@_fs_result
+def _file_sync_data(store, handle):
+    _file(store, handle).sync_data()
+
+
+@_fs_result
+def _file_set_range_lock(store, handle, start, length, lock):
+    f = _file(store, handle)
+    if lock != "unlocked":
+        current().note_range_lock(f)
+    return f.set_range_lock(start, length, lock)
+
+
+@_fs_result
+def _file_range_locked_elsewhere(store, handle, start, length):
+    return _file(store, handle).range_locked_elsewhere(start, length)
+
+
 def _file_drop(store, rep):
     state = getattr(_current, "state", None)
     if state is not None:
@@ -349,72 +426,6 @@ def _xattr_probe(store):
     xattr_probe(st.root, st.xattr_enabled)
 
 
-# -- sqlite ----------------------------------------------------------------------
-
-
-def _sql_error(e: SqliteError) -> Record:
-    return _record(code=e.code, message=e.message)
-
-
-def _conn(store, handle) -> Connection:
-    c = current().connections.get(handle.to_host(store).rep)
-    if c is None:
-        raise WasmtimeError("unknown connection handle")
-    return c
-
-
-def _sql_open(store, name):
-    st = current()
-    if len(st.connections) >= st.limits.connections:
-        return _sql_error(
-            SqliteError(
-                "limit-exceeded",
-                f"an instance may hold at most {st.limits.connections} database connections",
-            )
-        )
-    try:
-        rep = st._rep()
-        conn = st.sqlite.open(name)
-    except SqliteError as e:
-        return _sql_error(e)
-    st.connections[rep] = conn
-    return ResourceHost.own(rep, CONNECTION_TYPE)
-
-
-def _sql_params(params) -> list:
-    # The guest's `value` variant arrives as None, int, float, str or bytes.
-    return [bytes(p) if isinstance(p, (bytearray, list)) else p for p in params]
-
-
-def _sql_execute(store, handle, sql, params):
-    try:
-        return _conn(store, handle).execute(sql, _sql_params(params), current().deadline)
-    except SqliteError as e:
-        return _sql_error(e)
-
-
-def _sql_execute_batch(store, handle, sql):
-    try:
-        _conn(store, handle).execute_batch(sql, current().deadline)
-    except SqliteError as e:
-        return _sql_error(e)
-
-
-def _sql_query(store, handle, sql, params):
-    try:
-        return _conn(store, handle).query(sql, _sql_params(params), current().deadline)
-    except SqliteError as e:
-        return _sql_error(e)
-
-
-def _sql_drop(store, rep):
-    state = getattr(_current, "state", None)
-    if state is not None:
-        c = state.connections.pop(rep, None)
-        if c is not None:
-            c.close()
-
-
 def _guard_host(fn):
     """A host bug is a trap for that call, never a crash of the process,
     and the message names no host path."""
@@ -438,11 +449,13 @@ def link(engine: wasmtime.Engine, grants: FrozenSet[str]) -> Linker:
             pass
         with root.add_instance(iface("clock")) as i:
             add_func(i, "now", _guard_host(_now))
+            add_func(i, "sleep", _guard_host(_sleep))
         with root.add_instance(iface("fs")) as i:
             i.add_resource("file", ResourceType.host(FILE_TYPE), _file_drop)
             for name, fn in [
                 ("create-new", _create_new),
                 ("open", _open),
+                ("open-read-write", _open_read_write),
                 ("stat", _stat),
                 ("create-dir", _create_dir),
                 ("list-dir", _list_dir),
@@ -457,6 +470,13 @@ def link(engine: wasmtime.Engine, grants: FrozenSet[str]) -> Linker:
                 ("[method]file.lock", _file_lock),
                 ("[method]file.try-lock", _file_try_lock),
                 ("[method]file.unlock", _file_unlock),
+                ("[method]file.size", _file_size),
+                ("[method]file.read-at", _file_read_at),
+                ("[method]file.write-at", _file_write_at),
+                ("[method]file.set-len", _file_set_len),
+                ("[method]file.sync-data", _file_sync_data),
+                ("[method]file.set-range-lock", _file_set_range_lock),
+                ("[method]file.range-locked-elsewhere", _file_range_locked_elsewhere),
             ]:
                 add_func(i, name, _guard_host(fn))
         if "xattr" in grants:
@@ -467,16 +487,6 @@ def link(engine: wasmtime.Engine, grants: FrozenSet[str]) -> Linker:
                     ("remove", _xattr_remove),
                     ("list-names", _xattr_list),
                     ("probe", _xattr_probe),
-                ]:
-                    add_func(i, name, _guard_host(fn))
-        if "sqlite" in grants:
-            with root.add_instance(iface("sqlite")) as i:
-                i.add_resource("connection", ResourceType.host(CONNECTION_TYPE), _sql_drop)
-                for name, fn in [
-                    ("[static]connection.open", _sql_open),
-                    ("[method]connection.execute", _sql_execute),
-                    ("[method]connection.execute-batch", _sql_execute_batch),
-                    ("[method]connection.query", _sql_query),
                 ]:
                     add_func(i, name, _guard_host(fn))
     return linker
@@ -579,18 +589,15 @@ class Runtime:
         return component
 
     def load(self, path: os.PathLike, grants: Iterable[str] = (), name: Optional[str] = None) -> LoadedComponent:
-        """Compile (or load precompiled) the component at ``path``; refuse one
-        that does not export the driver interface of this contract version or
-        that imports anything beyond ``fs``, ``clock``, ``types`` and
-        ``grants``, before anything is instantiated."""
+        """Compile (or load precompiled) the component at ``path``. One that
+        does not export the driver interface of a supported contract version
+        (``>=0.3.0, <0.4.0``), or imports anything beyond ``fs``, ``clock``,
+        ``types`` and ``grants``, is refused: from the names in its binary
+        before it is compiled, and again from the compiled component's type,
+        before anything is instantiated."""
         path = Path(path)
         name = name or path.name
-        grants = frozenset(grants)
-        unknown = grants - set(CAPABILITIES)
-        if unknown:
-            raise errors.LoadError(
-                f"cannot load driver {name}: unknown capability {sorted(unknown)[0]!r}: grant any of xattr, sqlite"
-            )
+        grants = normalize_grants(grants, name)
         try:
             wasm = path.read_bytes()
         except OSError as e:
@@ -601,26 +608,14 @@ class Runtime:
             loaded = self._components.get(key)
         if loaded is not None:
             return loaded
+        names = top_level_names(name, wasm)
+        if names is not None:
+            check_names(name, names[0], names[1], grants)
         component = self._compile(name, wasm, sha256)
         ctype = component.type
         imports = tuple(sorted(ctype.imports(self.engine).keys()))
         exports = tuple(sorted(ctype.exports(self.engine).keys()))
-        want = iface("cache-driver")
-        if want not in exports:
-            found = [e for e in exports if e.startswith(f"{PACKAGE}/cache-driver@")]
-            have = found[0].rsplit("@", 1)[1] if found else "none"
-            raise errors.LoadError(
-                f"cannot load driver {name}: it implements contract {have}, this host speaks {CONTRACT}"
-            )
-        allowed = {iface(i) for i in ALWAYS_LINKED} | {iface(g) for g in grants}
-        for imp in imports:
-            if imp not in allowed:
-                which = imp.split("/", 1)[-1].split("@", 1)[0] if imp.startswith(PACKAGE + "/") else None
-                if which in CAPABILITIES:
-                    why = f"it imports {imp}, which it was not granted (granted: {', '.join(['fs', 'clock'] + sorted(grants))})"
-                else:
-                    why = f"it imports {imp}, which this host does not offer"
-                raise errors.LoadError(f"cannot load driver {name}: {why}")
+        check_names(name, imports, exports, grants)
         loaded = LoadedComponent(name, component, imports, grants, self.linker(grants), sha256)
         with self._lock:
             self._components.setdefault(key, loaded)
