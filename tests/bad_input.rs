@@ -20,6 +20,10 @@ fn invalid_ids() -> Vec<String> {
         "tab\tid".into(),
         "bell\x07".into(),
         "del\x7f".into(),
+        // Invisible formatting: an id that would print as another.
+        "gpj.\u{202e}exe".into(),
+        "zero\u{200b}width".into(),
+        "\u{feff}bom".into(),
         "x".repeat(256),
     ]
 }

@@ -196,3 +196,128 @@ fn the_index_of_release_0_1_is_dropped() {
     assert_eq!(indexes(&db), Vec::<String>::new());
     assert_eq!(cache.get_hit_count("22222222-bbbb").unwrap(), 3);
 }
+
+/// A database that release 0.2 of the driver switched to WAL: the driver
+/// (SQLite inside it has no shared memory between processes) leaves WAL for
+/// Glance's rollback journal on first open, losing no row.
+#[test]
+fn a_wal_database_of_release_0_2_is_left_for_a_rollback_journal() {
+    let dir = glance_directory();
+    {
+        let db = Connection::open(dir.path().join("cache.db")).unwrap();
+        let mode: String = db
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        // A row only in the WAL, not checkpointed into the database, even
+        // when the connection closes (as a crashed 0.2 host leaves it).
+        db.execute_batch("PRAGMA wal_autocheckpoint=0").unwrap();
+        db.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .unwrap();
+        db.execute(
+            "UPDATE cached_images SET hits = 40 WHERE image_id = '22222222-bbbb'",
+            [],
+        )
+        .unwrap();
+    }
+    assert!(dir.path().join("cache.db-wal").exists());
+    let cache = open(dir.path(), &DriverSource::Builtin("sqlite"));
+    assert_eq!(cache.get_hit_count("22222222-bbbb").unwrap(), 40);
+    cache.read_image("22222222-bbbb", std::io::sink()).unwrap();
+    assert_eq!(cache.get_hit_count("22222222-bbbb").unwrap(), 41);
+    let db = Connection::open(dir.path().join("cache.db")).unwrap();
+    let mode: String = db
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "delete");
+    assert!(!dir.path().join("cache.db-wal").exists());
+}
+
+/// What Glance's sqlite driver does to `cache.db`, in another process (a
+/// native SQLite with POSIX locks): create the table, then commit images
+/// and count hits of one shared image, each in its own transaction.
+const GLANCE_WRITER: &str = r#"
+import os, sqlite3, sys, time
+root, n = sys.argv[1], int(sys.argv[2])
+db = sqlite3.connect(os.path.join(root, "cache.db"), timeout=60, isolation_level=None)
+db.execute("PRAGMA synchronous = NORMAL")
+db.execute("PRAGMA temp_store = MEMORY")
+db.executescript("""CREATE TABLE IF NOT EXISTS cached_images (
+    image_id TEXT PRIMARY KEY, last_accessed REAL DEFAULT 0.0,
+    last_modified REAL DEFAULT 0.0, size INTEGER DEFAULT 0,
+    hits INTEGER DEFAULT 0, checksum TEXT);""")
+for i in range(n):
+    now = time.time()
+    db.execute("INSERT OR REPLACE INTO cached_images (image_id, last_accessed, last_modified, size, hits) VALUES (?, ?, ?, 1, 0)", ("glance-%d" % i, now, now))
+    db.execute("INSERT OR IGNORE INTO cached_images (image_id, last_accessed, last_modified, size, hits) VALUES ('shared', ?, ?, 6, 0)", (now, now))
+    db.execute("UPDATE cached_images SET hits = hits + 1, last_accessed = ? WHERE image_id = 'shared'", (now,))
+print(db.execute("PRAGMA integrity_check").fetchone()[0])
+"#;
+
+/// Glance's processes and this driver write one new cache directory at the
+/// same time, from its first open on: no start fails, no row or hit is
+/// lost, and the database stays whole. (SQLite runs inside the driver; its
+/// locks are native SQLite's byte ranges, taken as open-file-description
+/// locks, which conflict with Glance's POSIX locks.)
+#[test]
+fn glance_and_this_driver_write_one_new_directory_at_once() {
+    const N: usize = 60;
+    for round in 0..4 {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("shared"), b"shared").unwrap();
+        let glance = std::process::Command::new("python3")
+            .args(["-c", GLANCE_WRITER])
+            .arg(dir.path())
+            .arg(N.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs Glance's side");
+        let cache = open(dir.path(), &DriverSource::Builtin("sqlite"));
+        for i in 0..N {
+            cache
+                .cache_reader(&format!("ours-{i}"), None, &b"x"[..])
+                .unwrap();
+            cache.read_image("shared", std::io::sink()).unwrap();
+        }
+        let out = glance.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "round {round}: Glance's side failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+        let ids: Vec<String> = cache
+            .get_cached_images()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.image_id)
+            .collect();
+        assert_eq!(
+            ids.iter().filter(|i| i.starts_with("ours-")).count(),
+            N,
+            "round {round}"
+        );
+        assert_eq!(
+            cache.get_hit_count("shared").unwrap(),
+            2 * N as u64,
+            "round {round}: every hit of both writers counted"
+        );
+        let db = Connection::open(dir.path().join("cache.db")).unwrap();
+        let glance_rows: i64 = db
+            .query_row(
+                "SELECT count(*) FROM cached_images WHERE image_id LIKE 'glance-%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(glance_rows, N as i64, "round {round}");
+        let check: String = db
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok");
+    }
+}

@@ -650,13 +650,21 @@ pub fn printable(s: &str, max: usize) -> String {
     let mut out: String = s
         .chars()
         .take(max)
-        .map(|c| if c.is_control() { '?' } else { c })
+        .map(|c| if hidden(c) { '?' } else { c })
         .collect();
     if s.chars().nth(max).is_some() {
         out.push_str("...");
     }
     out
 }
+
+/// The sum of sizes a driver reported, saturating rather than overflowing
+/// (a hostile driver's sizes must not panic a checked build).
+pub fn saturating_total(sizes: impl IntoIterator<Item = u64>) -> u64 {
+    sizes.into_iter().fold(0, u64::saturating_add)
+}
+
+pub use image_id::hidden;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SessionKind {

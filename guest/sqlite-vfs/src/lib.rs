@@ -54,8 +54,8 @@ pub fn open(name: &str) -> Result<Connection, String> {
     let mut db =
         Connection::open_with_flags_and_vfs(name, flags, vfs::NAME).map_err(|e| e.to_string())?;
     db.busy_handler(Some(busy)).map_err(|e| e.to_string())?;
-    db.pragma_update(None, "cache_size", -CACHE_KIB)
-        .map_err(|e| e.to_string())?;
+    // Before anything reads the schema: without shared memory a WAL
+    // database can be read only in exclusive locking mode.
     if is_wal(name) {
         // Without shared memory SQLite reads a WAL only in exclusive
         // locking mode; leave WAL for the rollback journal there.
@@ -66,5 +66,7 @@ pub fn open(name: &str) -> Result<Connection, String> {
             .and_then(|()| db.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(())))
             .map_err(|e| format!("cannot leave WAL mode: {e}"))?;
     }
+    db.pragma_update(None, "cache_size", -CACHE_KIB)
+        .map_err(|e| e.to_string())?;
     Ok(db)
 }

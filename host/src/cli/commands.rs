@@ -83,7 +83,7 @@ fn seconds(d: Duration) -> String {
 
 fn list_cached(s: &Settings, cache: &ImageCache, out: &mut Out) -> Outcome {
     let images = cache.get_cached_images()?;
-    let total: u64 = images.iter().map(|i| i.size).sum();
+    let total = image_cache::driver::saturating_total(images.iter().map(|i| i.size));
     if s.json {
         let records: Vec<Value> = images
             .iter()
@@ -435,7 +435,7 @@ fn delete_all_cached(s: &Settings, cache: &ImageCache, out: &mut Out, force: boo
             outln!(out, "no images cached; nothing to delete");
             return Ok(());
         }
-        let total: u64 = images.iter().map(|i| i.size).sum();
+        let total = image_cache::driver::saturating_total(images.iter().map(|i| i.size));
         let mut err = io::stderr().lock();
         let _ = write!(
             err,
@@ -518,7 +518,9 @@ fn prune(s: &Settings, cache: &ImageCache, out: &mut Out, max_size: u64) -> Outc
 
 fn clean(s: &Settings, cache: &ImageCache, out: &mut Out, stall_time: Duration) -> Outcome {
     let r = cache.clean(stall_time)?;
-    let bytes: u64 = r.invalid.iter().chain(&r.incomplete).map(|f| f.size).sum();
+    let bytes = image_cache::driver::saturating_total(
+        r.invalid.iter().chain(&r.incomplete).map(|f| f.size),
+    );
     if s.json {
         print_json(
             out,

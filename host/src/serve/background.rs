@@ -132,12 +132,13 @@ pub async fn clean_once(app: &Arc<App>) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::internal(format!("clean task: {e}")))?
         .map_err(|e| app.library_error(e, "clean"))?;
     let files = (report.invalid.len() + report.incomplete.len()) as u64;
-    let bytes: u64 = report
-        .invalid
-        .iter()
-        .chain(report.incomplete.iter())
-        .map(|f| f.size)
-        .sum();
+    let bytes = image_cache::driver::saturating_total(
+        report
+            .invalid
+            .iter()
+            .chain(report.incomplete.iter())
+            .map(|f| f.size),
+    );
     add(&app.metrics.cleaned_files, files);
     for f in &report.failures {
         warn!(failure = %f, "clean could not remove a file");
