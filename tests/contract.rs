@@ -362,3 +362,39 @@ fn a_faulting_new_driver_is_rolled_back_automatically_under_load() {
     assert!(calls.load(Ordering::Relaxed) > 0);
     assert!(cache.is_cached("steady").unwrap());
 }
+
+/// `drivers inspect` reads what a component says of itself from its bytes
+/// (its `image-cache:driver-info` section): nothing is compiled or run, and
+/// the driver's words come out printable, one field per line.
+#[test]
+fn inspect_runs_no_driver_code_and_shows_its_words_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("talker.wasm");
+    let wat = r#"(component
+        (core module
+            (@custom "image-cache:driver-info" "evil\1b[2J\e2\80\ae\0a1.0\0aline one\0a  sha256: fake")
+            (func (export "run") unreachable))
+        (instance $driver)
+        (export "image-cache:driver/cache-driver@0.3.0" (instance $driver))
+    )"#;
+    std::fs::write(&path, wat::parse_str(wat).unwrap()).unwrap();
+    let rt = fresh_runtime();
+    let inspection = rt.inspect(&DriverSource::File(path)).unwrap();
+    assert_eq!(rt.stats.compiled.load(Ordering::Relaxed), 0, "not compiled");
+    assert_eq!(rt.stats.instances.load(Ordering::Relaxed), 0, "not run");
+    let info = inspection.declared.info.expect("the section is read");
+    assert_eq!(info.name, "evil?[2J?");
+    assert_eq!(info.version, "1.0");
+    assert!(
+        !info.description.contains('\n') && info.description.contains("line one?  sha256: fake"),
+        "{info:?}"
+    );
+    // Built-in drivers declare themselves the same way.
+    let builtin = rt.inspect(&DriverSource::Builtin("sqlite")).unwrap();
+    let info = builtin.declared.info.expect("sqlite declares itself");
+    assert_eq!(
+        (info.name.as_str(), info.version.as_str()),
+        ("sqlite", "0.3.0")
+    );
+    assert_eq!(rt.stats.compiled.load(Ordering::Relaxed), 0);
+}

@@ -215,10 +215,41 @@ pub struct Declared {
     pub version: Option<String>,
     /// The capabilities its imports name (beyond `fs` and `clock`).
     pub needs: Vec<Capability>,
+    /// What it says of itself in its `image-cache:driver-info` custom
+    /// section (name, version, description; untrusted text), read without
+    /// running any of its code.
+    pub info: Option<DriverInfoSection>,
 }
 
-/// Read the import and export names of a component binary.
+/// The text of a driver's `image-cache:driver-info` section, each field
+/// made printable and cut (it is the driver's word, shown to operators).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriverInfoSection {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+}
+
+/// The custom section drivers declare themselves in.
+pub const INFO_SECTION: &str = "image-cache:driver-info";
+
+impl DriverInfoSection {
+    fn parse(data: &[u8]) -> DriverInfoSection {
+        let text = String::from_utf8_lossy(&data[..data.len().min(4096)]);
+        let mut parts = text.splitn(3, '\n');
+        let mut next = |max| crate::driver::printable(parts.next().unwrap_or_default(), max);
+        DriverInfoSection {
+            name: next(64),
+            version: next(64),
+            description: next(512),
+        }
+    }
+}
+
+/// Read the import and export names of a component binary, and its
+/// `image-cache:driver-info` section.
 pub fn declared(bytes: &[u8]) -> std::result::Result<Declared, String> {
+    let info = info_section(bytes).map(|data| DriverInfoSection::parse(&data));
     let (imports, exports) = top_level_names(bytes)?;
     let prefix = format!("{PACKAGE}/{EXPORT}@");
     let version = exports
@@ -231,12 +262,35 @@ pub fn declared(bytes: &[u8]) -> std::result::Result<Declared, String> {
         .collect();
     needs.sort();
     needs.dedup();
+    let printable = |names: Vec<String>| -> Vec<String> {
+        names
+            .iter()
+            .map(|n| crate::driver::printable(n, 256))
+            .collect()
+    };
     Ok(Declared {
-        imports,
-        exports,
-        version,
+        imports: printable(imports),
+        exports: printable(exports),
+        version: version.map(|v| crate::driver::printable(&v, 64)),
         needs,
+        info,
     })
+}
+
+/// The first `image-cache:driver-info` custom section anywhere in the
+/// binary (a driver's core module keeps it inside the component).
+fn info_section(bytes: &[u8]) -> Option<Vec<u8>> {
+    use wasmparser::{Parser, Payload};
+    for payload in Parser::new(0).parse_all(bytes) {
+        match payload {
+            Ok(Payload::CustomSection(section)) if section.name() == INFO_SECTION => {
+                return Some(section.data().to_vec());
+            }
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 /// Read a component's contract version and imports without compiling it.

@@ -314,21 +314,23 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// What `image-cache drivers inspect` shows of a component.
+/// What `image-cache drivers inspect` shows of a component, read from its
+/// bytes without compiling or running any of it.
 #[derive(Clone, Debug)]
 pub struct Inspection {
     pub sha256: String,
     pub declared: crate::contract::Declared,
-    /// Name, version and description from the driver itself, if this host
-    /// can run it; otherwise why not.
-    pub info: std::result::Result<types::DriverInfo, String>,
+    /// Why this host would refuse it before compiling (contract version,
+    /// imports outside the contract), if it would.
+    pub refused: Option<String>,
 }
 
 impl Runtime {
     /// Everything a component says about itself: its SHA-256, its contract
-    /// version and imports (read without compiling), and, if this host can
-    /// run it, its own name and version (its `info` export, called in a
-    /// scratch root with what it asks for granted; nothing is configured).
+    /// version, imports and the name, version and description it declares
+    /// in its `image-cache:driver-info` section, and whether this host
+    /// would refuse it. Nothing of it is compiled or run: a driver's code
+    /// runs only once an operator loads it with its grants.
     pub fn inspect(&self, source: &DriverSource) -> Result<Inspection> {
         let name = source.name();
         let bytes = self.read_source(source)?;
@@ -337,40 +339,15 @@ impl Runtime {
             driver: name.clone(),
             message,
         })?;
-        let info = self
-            .info_of(&name, &bytes, Grants::of(&declared.needs))
-            .map_err(|e| e.to_string());
+        let refused = read_manifest(&name, &bytes).err().map(|e| match e {
+            Error::Load { message, .. } => message,
+            other => other.to_string(),
+        });
         Ok(Inspection {
             sha256,
             declared,
-            info,
+            refused,
         })
-    }
-
-    fn info_of(&self, name: &str, bytes: &[u8], grants: Grants) -> Result<types::DriverInfo> {
-        let policy = LoadPolicy {
-            sha256: None,
-            grants,
-        };
-        let component = self.load_bytes(name, bytes, &policy, grants)?;
-        let scratch = tempfile::tempdir().map_err(|e| load_error(name, e))?;
-        let root = Arc::new(RootFs::new(scratch.path()).map_err(|e| load_error(name, e))?);
-        let sandbox = Arc::new(Sandbox {
-            root,
-            db_name: crate::cache::DEFAULT_SQLITE_DB.to_string(),
-            database: Arc::new(DatabaseRoot::new()),
-            xattr: XattrSupport::Disabled,
-            memory: MemoryBudget::new(self.limits.memory_bytes),
-        });
-        let mut store = self.store(&sandbox);
-        let bindings = component
-            .pre()
-            .instantiate(&mut store)
-            .map_err(|e| load_error(name, e))?;
-        bindings
-            .image_cache_driver_cache_driver()
-            .call_info(&mut store)
-            .map_err(|e| load_error(name, e))
     }
 
     /// A runtime with `limits`, keeping compiled components in `artifacts`

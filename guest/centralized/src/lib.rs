@@ -196,15 +196,14 @@ impl CentralizedStore {
     }
 }
 
+driver_common::driver_info!(
+    "centralized",
+    "every node's hits and access times in Glance's cached_images and node_reference tables, in a shared PostgreSQL database"
+);
+
 impl Backend for CentralizedStore {
     fn info() -> DriverInfo {
-        DriverInfo {
-            name: "centralized".to_string(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            description: "every node's hits and access times in Glance's cached_images and \
-                          node_reference tables, in a shared PostgreSQL database"
-                .to_string(),
-        }
+        driver_common::parse_info(DRIVER_INFO)
     }
 
     fn open(options: &Options) -> Result<Self, Error> {

@@ -116,15 +116,14 @@ impl SqliteStore {
     }
 }
 
+driver_common::driver_info!(
+    "sqlite",
+    "hits and access times in Glance's cached_images table (cache.db in the root), SQLite inside the driver"
+);
+
 impl Backend for SqliteStore {
     fn info() -> DriverInfo {
-        DriverInfo {
-            name: "sqlite".to_string(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            description: "hits and access times in Glance's cached_images table (cache.db in \
-                 the root), SQLite inside the driver"
-                .to_string(),
-        }
+        driver_common::parse_info(DRIVER_INFO)
     }
 
     fn open(options: &Options) -> Result<Self, Error> {

@@ -34,15 +34,14 @@ fn write_hits(file: &File, hits: u64) -> Result<(), Error> {
     xattr::set(file, HITS, hits.to_string().as_bytes()).map_err(io_error)
 }
 
+driver_common::driver_info!(
+    "xattr",
+    "hits in the user.hits extended attribute, last access in the file's atime"
+);
+
 impl Backend for XattrStore {
     fn info() -> DriverInfo {
-        DriverInfo {
-            name: "xattr".to_string(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            description:
-                "hits in the user.hits extended attribute, last access in the file's atime"
-                    .to_string(),
-        }
+        driver_common::parse_info(DRIVER_INFO)
     }
 
     fn open(_options: &Options) -> Result<Self, Error> {

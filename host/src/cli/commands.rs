@@ -839,12 +839,15 @@ fn inspection_json(name: &str, i: &Inspection, granted: Grants) -> Value {
         .filter(|c| !granted.allows(**c))
         .map(|c| c.name())
         .collect();
-    let (info, refused) = match &i.info {
-        Ok(info) => (
-            json!({"name": info.name, "version": info.version, "description": info.description}),
-            Value::Null,
-        ),
-        Err(why) => (Value::Null, json!(why)),
+    let info = match &i.declared.info {
+        Some(info) => {
+            json!({"name": info.name, "version": info.version, "description": info.description})
+        }
+        None => Value::Null,
+    };
+    let refused = match &i.refused {
+        Some(why) => json!(why),
+        None => Value::Null,
     };
     json!({
         "name": name,
