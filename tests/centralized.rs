@@ -166,16 +166,18 @@ fn schema_of(db: &TestDatabase) -> String {
 }
 
 #[test]
-fn tables_made_by_glance_work_as_they_are_and_the_driver_makes_the_same() {
+fn tables_made_by_glance_work_as_they_are_and_db_init_makes_the_same() {
     let (_use, cluster) = pg::postgres();
-    let glance = cluster.database();
-    // Glance's migrations run as its own role, which owns the tables.
-    glance.sql(&format!("SET ROLE glance; {GLANCE_DDL}"));
+    let glance = cluster.bare_database();
+    // Glance's migrations make the tables (here as the administrator, who
+    // owns them); the cache's role gets what `image-cache db grants` says.
+    glance.sql(GLANCE_DDL);
+    glance.grant_cache_privileges(pg::ROLE);
     let before = schema_of(&glance);
     assert!(before.contains("cached_images.last_accessed timestamp without time zone"));
     // Glance's API node cached an image (naive UTC times).
     glance.sql(&format!(
-        "SET ROLE glance; INSERT INTO node_reference (node_reference_url) VALUES ('http://glance-api:9292'), ('http://us:9292'); \
+        "INSERT INTO node_reference (node_reference_url) VALUES ('http://glance-api:9292'), ('http://us:9292'); \
          INSERT INTO cached_images (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id) \
          SELECT '{UUID_A}', '2024-01-01 00:00:00', '2023-12-31 00:00:00', 5, 7, 'd41d8cd98f00b204e9800998ecf8427e', node_reference_id \
          FROM node_reference"
@@ -216,11 +218,31 @@ fn tables_made_by_glance_work_as_they_are_and_the_driver_makes_the_same() {
         "the driver changed Glance's tables"
     );
 
-    // A database without the tables gets exactly Glance's.
-    let fresh = PgSetup::new();
+    // A database without the tables: the driver refuses, naming Glance's
+    // migrations, and creates nothing (its role may not anyway).
+    let bare = cluster.bare_database();
     let other = tempfile::tempdir().unwrap();
-    node(other.path(), &fresh, "http://fresh:9292");
-    assert_eq!(schema_of(&fresh.db), before);
+    let mut config = CacheConfig::new(other.path())
+        .driver(CENTRALIZED)
+        .fallback_to_sqlite(false);
+    config.databases = bare.root();
+    config.driver_options.push((
+        "worker_self_reference_url".into(),
+        "http://fresh:9292".into(),
+    ));
+    let message = bad_configuration(ImageCache::with_runtime(runtime(), config));
+    assert!(
+        message.contains("glance-manage db sync") && message.contains("image-cache db init"),
+        "{message}"
+    );
+    assert_eq!(schema_of(&bare), "");
+    // `image-cache db init` (an administrator's URL) makes exactly Glance's.
+    if let Some(admin) = &bare.superuser_url {
+        image_cache::database::postgres::init_schema(admin, Duration::from_secs(30)).unwrap();
+        image_cache::database::postgres::init_schema(admin, Duration::from_secs(30))
+            .expect("idempotent");
+        assert_eq!(schema_of(&bare), before);
+    }
 }
 
 #[test]
@@ -295,6 +317,10 @@ fn a_superuser_role_is_refused_unless_allowed() {
     };
     let message = bad_configuration(open(false));
     assert!(message.contains("superuser"), "{message}");
+    assert!(
+        message.contains("GRANT SELECT, INSERT, UPDATE, DELETE ON cached_images, node_reference"),
+        "{message}"
+    );
     assert!(!message.contains(PASSWORD), "{message}");
     open(true).unwrap();
 
@@ -304,6 +330,7 @@ fn a_superuser_role_is_refused_unless_allowed() {
          CREATE ROLE runner LOGIN PASSWORD 'runner-pw'; END IF; END $$; \
          GRANT pg_execute_server_program TO runner",
     );
+    db.grant_cache_privileges("runner");
     let root = db.root_with(PostgresSettings::new(
         db.url
             .replace(&format!("glance:{PASSWORD}"), "runner:runner-pw"),
@@ -550,10 +577,16 @@ fn rows_and_files_are_reconciled() {
 
 // The database import under attack: what a driver's SQL may reach.
 
-fn attack_db() -> (PgSetup, std::sync::Arc<image_cache::database::DatabaseRoot>) {
-    let pg = PgSetup::new();
-    let root = pg.databases.clone();
-    (pg, root)
+/// A database whose role may create tables (owned by it), with that
+/// allowed: the statement checks, the second layer, are tried on their own.
+fn attack_db() -> (
+    TestDatabase,
+    std::sync::Arc<image_cache::database::DatabaseRoot>,
+) {
+    let (_use, cluster) = pg::postgres();
+    let db = cluster.owned_database();
+    let root = db.privileged_root();
+    (db, root)
 }
 
 #[test]
@@ -648,11 +681,12 @@ fn parameters_must_fit_the_servers_types() {
 
 #[test]
 fn results_time_and_connections_are_bounded() {
-    let (pg, _) = attack_db();
-    let mut settings = PostgresSettings::new(pg.db.url.clone());
+    let (db, _) = attack_db();
+    let mut settings = PostgresSettings::new(db.url.clone());
     settings.max_result_bytes = 10_000;
     settings.pool_size = 2;
-    let root = pg.db.root_with(settings);
+    settings.allow_privileged_role = true;
+    let root = db.root_with(settings);
     let mut c = root.open(CENTRALIZED_DATABASE, soon()).unwrap();
     let e = c
         .query(
@@ -676,7 +710,7 @@ fn results_time_and_connections_are_bounded() {
     assert_eq!(e.code, ErrorCode::TimedOut, "{}", e.message);
     assert!(started.elapsed() < Duration::from_secs(2));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pg.db.sql(
+    while db.sql(
         "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%generate_series(1, 10000000000)%' \
          AND state = 'active' AND pid <> pg_backend_pid()",
     ) != "0"
@@ -800,4 +834,133 @@ fn the_cli_lists_the_nodes_of_an_image() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("worker_self_reference_url"));
+}
+
+/// The database fences the driver by its own privileges: a role with
+/// anything beyond DML on the two cache tables is refused at connect, and
+/// the refusal carries the SQL that makes a dedicated role.
+#[test]
+fn a_role_with_more_than_the_cache_tables_is_refused_with_the_grants_to_run() {
+    let (_use, cluster) = pg::postgres();
+    let db = cluster.database();
+    db.sql("CREATE TABLE image_locations (image_id TEXT, value TEXT)");
+    let refusal = |db: &TestDatabase| -> Option<String> {
+        db.root().open(CENTRALIZED_DATABASE, soon()).err().map(|e| {
+            assert_eq!(e.code, ErrorCode::AccessDenied, "{}", e.message);
+            e.message
+        })
+    };
+    assert_eq!(refusal(&db), None, "the fenced role is accepted");
+    for (grant, revoke, expected) in [
+        (
+            "GRANT SELECT ON image_locations TO glance",
+            "REVOKE SELECT ON image_locations FROM glance",
+            "SELECT on image_locations",
+        ),
+        (
+            "GRANT TRUNCATE, TRIGGER ON cached_images TO glance",
+            "REVOKE TRUNCATE, TRIGGER ON cached_images FROM glance",
+            "TRIGGER on cached_images",
+        ),
+        (
+            "GRANT CREATE ON SCHEMA public TO glance",
+            "REVOKE CREATE ON SCHEMA public FROM glance",
+            "may create objects in schema public",
+        ),
+        (
+            &format!("GRANT CREATE ON DATABASE {} TO glance", db.name),
+            &format!("REVOKE CREATE ON DATABASE {} FROM glance", db.name),
+            "may create schemas in the database",
+        ),
+        (
+            "ALTER TABLE image_locations OWNER TO glance",
+            "ALTER TABLE image_locations OWNER TO postgres",
+            "owns relation image_locations",
+        ),
+    ] {
+        db.sql(grant);
+        let message = refusal(&db).unwrap_or_else(|| panic!("{grant}: accepted"));
+        assert!(message.contains(expected), "{grant}: {message}");
+        assert!(
+            message.contains("GRANT SELECT, INSERT, UPDATE, DELETE ON cached_images, node_reference TO image_cache")
+                && message.contains("GRANT USAGE ON SEQUENCE"),
+            "{message}"
+        );
+        assert!(!message.contains(PASSWORD), "{message}");
+        db.sql(revoke);
+        assert_eq!(refusal(&db), None, "{revoke}: accepted again");
+    }
+    // Glance's own role (the owner of its database and tables) is refused.
+    let owned = cluster.owned_database();
+    let message = refusal(&owned).expect("the owner role is refused");
+    assert!(message.contains("owns database"), "{message}");
+}
+
+/// A transaction a driver leaves open when its call returns is rolled back
+/// then: a lock it took cannot keep other nodes (or Glance) out between
+/// calls. (The host ends every export call this way; here the mechanism is
+/// driven directly, as the host's call wrapper does.)
+#[test]
+fn a_transaction_open_when_the_call_returns_is_rolled_back() {
+    use image_cache::bindings::database::HostConnection;
+    use image_cache::database::{DatabaseView, OpenTransactions};
+    use wasmtime::component::{Resource, ResourceTable};
+    let pg = PgSetup::new();
+    let mut table = ResourceTable::new();
+    let mut connections = 0;
+    let mut transactions = OpenTransactions::default();
+    let mut view = DatabaseView {
+        databases: &pg.databases,
+        table: &mut table,
+        deadline: soon(),
+        connections: &mut connections,
+        max_connections: 4,
+        transactions: &mut transactions,
+    };
+    let c = view.open(CENTRALIZED_DATABASE.into()).unwrap().unwrap();
+    let again = || Resource::<image_cache::database::Connection>::new_borrow(c.rep());
+    view.execute(again(), "BEGIN".into(), vec![])
+        .unwrap()
+        .unwrap();
+    view.execute(
+        again(),
+        "LOCK TABLE cached_images IN ACCESS EXCLUSIVE MODE".into(),
+        vec![],
+    )
+    .unwrap()
+    .unwrap();
+    // While the call runs, the lock holds.
+    let blocked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pg.db
+            .sql("SET lock_timeout = '200ms'; SELECT count(*) FROM cached_images")
+    }))
+    .is_err();
+    assert!(blocked, "the lock is held inside the call");
+    // The call returns: rolled back, the lock gone, the connection usable.
+    transactions.end_call(&mut table);
+    assert_eq!(
+        pg.db
+            .sql("SET lock_timeout = '2s'; SELECT count(*) FROM cached_images"),
+        "0"
+    );
+    let mut view = DatabaseView {
+        databases: &pg.databases,
+        table: &mut table,
+        deadline: soon(),
+        connections: &mut connections,
+        max_connections: 4,
+        transactions: &mut transactions,
+    };
+    let rows = view
+        .query(
+            again(),
+            "SELECT count(*)::bigint FROM cached_images".into(),
+            vec![],
+        )
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(rows.as_slice(), [row] if matches!(row.as_slice(), [Value::Integer(0)])),
+        "{rows:?}"
+    );
 }

@@ -45,6 +45,12 @@ pub trait Backend: Send + Sync {
 
 /// One connection of a backend.
 pub trait BackendConnection: Send {
+    /// Whether a transaction the driver began is still open.
+    fn in_transaction(&self) -> bool;
+    /// The driver call that used this connection ended: a transaction
+    /// still open is rolled back (by `deadline`), so no lock or snapshot a
+    /// driver took outlives its call.
+    fn end_of_call(&mut self, deadline: Deadline);
     fn execute(&mut self, sql: &str, params: Vec<Value>, deadline: Deadline) -> Result<u64>;
     fn query(
         &mut self,
@@ -145,6 +151,35 @@ pub struct DatabaseView<'a> {
     /// Connections the instance holds, against `max_connections`.
     pub connections: &'a mut usize,
     pub max_connections: usize,
+    /// Connections that began a transaction in the current call.
+    pub transactions: &'a mut OpenTransactions,
+}
+
+/// Connections (by resource) that began a transaction during the current
+/// driver call; when the call returns, each still open is rolled back.
+#[derive(Default)]
+pub struct OpenTransactions {
+    reps: Vec<u32>,
+}
+
+impl OpenTransactions {
+    fn note(&mut self, c: &Resource<Connection>, conn: &Connection) {
+        if conn.inner.in_transaction() && !self.reps.contains(&c.rep()) {
+            self.reps.push(c.rep());
+        }
+    }
+
+    /// The driver call ended: roll back what it left open (a short grace
+    /// for the server to answer; otherwise the connection is closed).
+    pub fn end_call(&mut self, table: &mut ResourceTable) {
+        for rep in self.reps.drain(..) {
+            let resource = Resource::<Connection>::new_borrow(rep);
+            if let Ok(conn) = table.get_mut(&resource) {
+                let grace = Deadline(std::time::Instant::now() + std::time::Duration::from_secs(2));
+                conn.inner.end_of_call(grace);
+            }
+        }
+    }
 }
 
 impl wit::Host for DatabaseView<'_> {}
@@ -177,11 +212,10 @@ impl wit::HostConnection for DatabaseView<'_> {
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<u64>> {
         let deadline = self.deadline;
-        Ok(self
-            .table
-            .get_mut(&c)?
-            .inner
-            .execute(&sql, params, deadline))
+        let conn = self.table.get_mut(&c)?;
+        let result = conn.inner.execute(&sql, params, deadline);
+        self.transactions.note(&c, conn);
+        Ok(result)
     }
 
     fn query(
@@ -191,7 +225,10 @@ impl wit::HostConnection for DatabaseView<'_> {
         params: Vec<Value>,
     ) -> wasmtime::Result<Result<Vec<Vec<Value>>>> {
         let deadline = self.deadline;
-        Ok(self.table.get_mut(&c)?.inner.query(&sql, params, deadline))
+        let conn = self.table.get_mut(&c)?;
+        let result = conn.inner.query(&sql, params, deadline);
+        self.transactions.note(&c, conn);
+        Ok(result)
     }
 
     fn drop(&mut self, c: Resource<Connection>) -> wasmtime::Result<()> {

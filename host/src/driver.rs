@@ -217,8 +217,8 @@ impl Driver {
         let outcome =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(guest, &mut *store)));
         let overran = instance.store.data().deadline.passed();
-        // No byte-range lock outlives the call that took it.
-        instance.store.data_mut().range_locks.release_all();
+        // No byte-range lock or database transaction outlives the call.
+        instance.store.data_mut().end_call();
         match outcome {
             // A call that ran into its deadline inside a host import (which
             // stopped there) is stopped, whatever the driver made of it.

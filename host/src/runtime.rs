@@ -186,6 +186,16 @@ impl Deadline {
     }
 }
 
+impl HostState {
+    /// The export call returned (or was stopped): nothing the driver took
+    /// in it outlives it, neither a byte-range lock nor a database
+    /// transaction.
+    pub(crate) fn end_call(&mut self) {
+        self.range_locks.release_all();
+        self.transactions.end_call(&mut self.table);
+    }
+}
+
 /// What a store of a driver instance holds.
 pub struct HostState {
     pub(crate) table: ResourceTable,
@@ -194,6 +204,9 @@ pub struct HostState {
     pub(crate) deadline: Deadline,
     /// Byte-range locks taken in the current call, released when it ends.
     pub(crate) range_locks: RangeLocks,
+    /// Database transactions begun in the current call, rolled back if
+    /// still open when it ends.
+    pub(crate) transactions: crate::database::OpenTransactions,
     /// Database connections this instance holds.
     connections: usize,
     max_connections: usize,
@@ -536,6 +549,7 @@ impl Runtime {
                 },
                 deadline: Deadline(Instant::now() + self.limits.call_deadline),
                 range_locks: RangeLocks::default(),
+                transactions: Default::default(),
                 connections: 0,
                 max_connections: self.limits.connections,
             },
@@ -703,6 +717,7 @@ fn link(linker: &mut Linker<HostState>, grants: Grants) -> wasmtime::Result<()> 
                 deadline: s.deadline,
                 connections: &mut s.connections,
                 max_connections: s.max_connections,
+                transactions: &mut s.transactions,
             })?,
         }
     }

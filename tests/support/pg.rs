@@ -300,15 +300,40 @@ impl Cluster {
         }
     }
 
-    /// A new, empty database owned by the drivers' role; its URL.
+    /// A new database as an operator sets it up for the cache: owned by the
+    /// administrator, Glance's two cache tables in it (made as its
+    /// migrations make them), and the drivers' role fenced by exactly the
+    /// privileges `image-cache db grants` prints.
     pub fn database(&'static self) -> TestDatabase {
+        let db = self.new_database("");
+        db.sql(image_cache::database::postgres::GLANCE_CACHE_SCHEMA);
+        db.grant_cache_privileges(ROLE);
+        db
+    }
+
+    /// A new, empty database owned by the drivers' role (for tests of the
+    /// statement checks, which need a role that may create tables; its
+    /// connections must allow a privileged role).
+    pub fn owned_database(&'static self) -> TestDatabase {
+        self.new_database(&format!(" OWNER {ROLE}"))
+    }
+
+    /// A new, empty database without Glance's tables, owned by the
+    /// administrator, the drivers' role allowed to connect only.
+    pub fn bare_database(&'static self) -> TestDatabase {
+        let db = self.new_database("");
+        db.sql(&format!("GRANT CONNECT ON DATABASE {} TO {ROLE}", db.name));
+        db
+    }
+
+    fn new_database(&'static self, owner: &str) -> TestDatabase {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let name = format!(
             "ic_{}_{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        self.admin_sql("postgres", &format!("CREATE DATABASE {name} OWNER {ROLE}"));
+        self.admin_sql("postgres", &format!("CREATE DATABASE {name}{owner}"));
         TestDatabase {
             cluster: self,
             name: name.clone(),
@@ -379,6 +404,20 @@ impl TestDatabase {
     /// Run SQL as the administrator in this database.
     pub fn sql(&self, sql: &str) -> String {
         self.cluster.admin_sql(&self.name, sql)
+    }
+
+    /// Run what `image-cache db grants` prints for `role` (the role exists).
+    pub fn grant_cache_privileges(&self, role: &str) {
+        let statements = image_cache::database::postgres::grant_statements(role, &self.name);
+        self.sql(&statements.join("\n"));
+    }
+
+    /// This database's connections with a role that has more than a cache
+    /// driver needs allowed (the statement-check tests).
+    pub fn privileged_root(&self) -> Arc<DatabaseRoot> {
+        let mut settings = PostgresSettings::new(self.url.clone());
+        settings.allow_privileged_role = true;
+        self.root_with(settings)
     }
 }
 

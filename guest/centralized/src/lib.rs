@@ -41,29 +41,9 @@ const MAX_URL_CHARS: usize = 255;
 /// Ids per `IN (...)` list when many rows go at once.
 const BATCH: usize = 1000;
 
-/// Glance's tables (its 2024.1 migration, as SQLAlchemy creates them on
-/// PostgreSQL), created only when missing.
-const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS node_reference (
-        node_reference_id BIGSERIAL NOT NULL,
-        node_reference_url VARCHAR(255) NOT NULL,
-        PRIMARY KEY (node_reference_id),
-        CONSTRAINT uq_node_reference_node_reference_url UNIQUE (node_reference_url)
-    )",
-    "CREATE TABLE IF NOT EXISTS cached_images (
-        id BIGSERIAL NOT NULL,
-        image_id VARCHAR(36) NOT NULL,
-        last_accessed TIMESTAMP WITHOUT TIME ZONE NOT NULL,
-        last_modified TIMESTAMP WITHOUT TIME ZONE NOT NULL,
-        size BIGINT NOT NULL,
-        hits INTEGER NOT NULL,
-        checksum VARCHAR(32),
-        node_reference_id BIGINT NOT NULL,
-        PRIMARY KEY (id),
-        FOREIGN KEY(node_reference_id) REFERENCES node_reference (node_reference_id),
-        CONSTRAINT ix_cached_images_image_id_node_reference_id UNIQUE (image_id, node_reference_id)
-    )",
-];
+/// Glance's tables, which its migrations own: the driver never creates
+/// them (its role may not), it checks they are there.
+const TABLES: [&str; 2] = ["node_reference", "cached_images"];
 
 pub struct CentralizedStore {
     node_url: String,
@@ -133,16 +113,21 @@ impl CentralizedStore {
         }
     }
 
-    fn create_schema(db: &Connection) -> Result<(), DatabaseError> {
-        for ddl in SCHEMA {
-            match db.execute(ddl, &[]) {
-                Ok(_) => {}
-                // Two nodes creating the tables at once: one wins, and the
-                // other's IF NOT EXISTS lost the race in the catalog.
-                Err(e) if e.code == ErrorCode::Constraint => {
-                    db.execute(ddl, &[])?;
-                }
-                Err(e) => return Err(e),
+    /// Glance's tables are there (its `glance-manage db sync` made them,
+    /// or `image-cache db init` for a database of the cache's own).
+    fn check_schema(db: &Connection) -> Result<(), Error> {
+        for table in TABLES {
+            if let Err(e) = db.query(&format!("SELECT 1 FROM {table} LIMIT 0"), &[]) {
+                let missing = e.message.contains("42P01");
+                return Err(Error::BadConfiguration(if missing {
+                    format!(
+                        "Glance's table {table} is missing from the database {DATABASE:?}: run \
+                         `glance-manage db sync` (or, for a database of the cache's own, \
+                         `image-cache db init`); the driver never creates Glance's tables"
+                    )
+                } else {
+                    format!("cannot use the database {DATABASE:?}: {}", e.message)
+                }));
             }
         }
         Ok(())
@@ -226,7 +211,7 @@ impl Backend for CentralizedStore {
             ))
         };
         let db = Connection::open(DATABASE).map_err(bad)?;
-        Self::create_schema(&db).map_err(bad)?;
+        Self::check_schema(&db)?;
         let node_id = Self::register(&db, &node_url).map_err(bad)?;
         Ok(CentralizedStore {
             node_url,

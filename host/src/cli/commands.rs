@@ -27,6 +27,7 @@ pub fn run(settings: &Settings, command: &Command) -> Outcome {
         Command::Drivers {
             action: Some(super::DriversAction::Inspect { path }),
         } => inspect(settings, path, &mut out)?,
+        Command::Db { action } => db(settings, action, &mut out)?,
         command => {
             let cache = settings.open()?;
             let cache = &cache;
@@ -52,7 +53,7 @@ pub fn run(settings: &Settings, command: &Command) -> Outcome {
                 Command::Status { id } => status(s, cache, o, id)?,
                 Command::Size => size(s, cache, o)?,
                 Command::Nodes { id } => nodes(s, cache, o, id)?,
-                Command::Drivers { .. } => unreachable!("handled above"),
+                Command::Drivers { .. } | Command::Db { .. } => unreachable!("handled above"),
                 Command::Serve(_) => unreachable!("cli::main runs the server"),
             }
         }
@@ -815,6 +816,51 @@ fn drivers(s: &Settings, out: &mut Out) -> Outcome {
         contract::SUPPORTED
     );
     Ok(())
+}
+
+/// `db grants` and `db init`.
+fn db(s: &Settings, action: &super::DbAction, out: &mut Out) -> Outcome {
+    use image_cache::database::postgres::{grant_statements, init_schema};
+    match action {
+        super::DbAction::Grants { role, database } => {
+            let statements = grant_statements(role, database);
+            if s.json {
+                return print_json(out, &json!({"statements": statements}));
+            }
+            outln!(
+                out,
+                "-- Run in database {database:?} as the owner of Glance's tables. The role \
+                 ({role}) logs in\n-- and has nothing else (CREATE ROLE {role} LOGIN PASSWORD \
+                 '...'; if it is new)."
+            );
+            for statement in statements {
+                outln!(out, "{statement}");
+            }
+            Ok(())
+        }
+        super::DbAction::Init => {
+            let url = s.database_url().ok_or_else(|| {
+                Failure::Usage(
+                    "db init needs the database: give --database-url, set \
+                     image_cache_database_url, or [database] connection in the --config file"
+                        .to_string(),
+                )
+            })?;
+            init_schema(url, std::time::Duration::from_secs(30))
+                .map_err(|e| Failure::op("database", format!("db init: {e}")))?;
+            if s.json {
+                return print_json(
+                    out,
+                    &json!({"created": ["node_reference", "cached_images"]}),
+                );
+            }
+            outln!(
+                out,
+                "Glance's cache tables (node_reference, cached_images) are in place"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// `drivers inspect PATH`: what a component is, before anyone runs it.

@@ -245,11 +245,40 @@ enum Command {
         action: Option<DriversAction>,
     },
 
+    /// The shared database of the centralized driver: the SQL that gives the
+    /// cache a role fenced by PostgreSQL's own privileges, or Glance's two
+    /// cache tables for a database of the cache's own.
+    Db {
+        #[command(subcommand)]
+        action: DbAction,
+    },
+
     /// Serve the cache over HTTP: image downloads (GET/HEAD
     /// /v2/images/ID/file) with pull-through caching from an upstream,
     /// Glance's cache management API, prefetch/prune/clean on intervals,
     /// /healthz and /metrics.
     Serve(crate::serve::ServeArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DbAction {
+    /// Print the SQL an administrator runs, in Glance's database, to give
+    /// the cache a dedicated role: SELECT, INSERT, UPDATE, DELETE on
+    /// cached_images and node_reference, USAGE on their sequences, nothing
+    /// else. The host refuses any role with more.
+    Grants {
+        /// The role's name.
+        #[arg(long, default_value = "image_cache")]
+        role: String,
+        /// The database's name.
+        #[arg(long, default_value = "glance")]
+        database: String,
+    },
+    /// Create Glance's two cache tables (as its migrations would) in the
+    /// configured database (--database-url, which must name a role allowed
+    /// to create tables), for a database of the cache's own. Where Glance
+    /// runs, `glance-manage db sync` makes them instead. Idempotent.
+    Init,
 }
 
 #[derive(Subcommand, Debug)]
@@ -421,6 +450,11 @@ impl Settings {
 
     /// The driver the settings name. A bare word that is neither a built-in
     /// driver nor an existing file is a typo, not a component path.
+    /// The shared database's URL, if one is configured.
+    pub fn database_url(&self) -> Option<&str> {
+        self.database_url.as_deref()
+    }
+
     pub fn driver_source(&self) -> Result<DriverSource, Failure> {
         let spec = &self.driver;
         let source = DriverSource::parse(spec);

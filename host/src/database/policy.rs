@@ -152,7 +152,9 @@ fn tokenize(sql: &str) -> Result<Vec<Token>, String> {
         match c {
             _ if c.is_ascii_whitespace() => i += 1,
             b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
+                // PostgreSQL's scanner ends a comment at a newline or a
+                // carriage return (release 0.2 missed the `\r`).
+                while i < b.len() && b[i] != b'\n' && b[i] != b'\r' {
                     i += 1;
                 }
             }
@@ -318,6 +320,9 @@ mod tests {
     fn refuses_what_reaches_beyond_the_tables() {
         for sql in [
             "COPY cached_images TO '/tmp/x'",
+            "SELECT 1 --\r, pg_terminate_backend(1)",
+            "SELECT 1 --\r, set_config('statement_timeout', '0', false)",
+            "--\r CREATE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql",
             "COPY (SELECT 1) TO PROGRAM 'touch /tmp/pwned'",
             "copy t from program 'id'",
             "SELECT pg_read_file('/etc/passwd')",

@@ -13,9 +13,15 @@
 //! What the host enforces, whatever the driver's SQL says:
 //! - the driver names a database; the URL, host, user and password stay
 //!   here and are scrubbed from every message the driver (or a user) sees;
-//! - a role that is a superuser or may read or write server files or run
-//!   programs (`pg_read_server_files`, `pg_write_server_files`,
-//!   `pg_execute_server_program`) is refused unless the operator allowed it;
+//! - the database fences the driver by its own privileges: a role with
+//!   anything beyond `SELECT, INSERT, UPDATE, DELETE` on Glance's two cache
+//!   tables (and `USAGE` on their sequences) is refused at connect, with
+//!   the SQL that makes a dedicated role ([`grant_statements`]): no
+//!   superuser, no role attributes, no `pg_*` role that reads files, runs
+//!   programs, signals backends or reads all data, no object owned, no
+//!   `CREATE` in any schema or the database, no other table privilege. What
+//!   the role cannot do, no SQL a driver sends can do, however it is
+//!   written; the statement check below stays as a second layer;
 //! - each statement passes [`super::policy::check`] (one statement, an
 //!   allow-list of statement kinds, no catalog, file, large-object,
 //!   `dblink`, settings or address functions);
@@ -47,6 +53,93 @@ use crate::runtime::Deadline;
 /// (a driver sending endless distinct SQL must not grow it forever).
 const MAX_CACHED_STATEMENTS: usize = 256;
 
+/// Glance's two cache tables as its migrations create them on PostgreSQL
+/// (the 2024.1 `cache` migration, as SQLAlchemy emits it). Drivers never
+/// create them: Glance's `glance-manage db sync` does, or, for a database
+/// of the cache's own, `image-cache db init` runs this.
+pub const GLANCE_CACHE_SCHEMA: &str = "\
+CREATE TABLE IF NOT EXISTS node_reference (
+    node_reference_id BIGSERIAL NOT NULL,
+    node_reference_url VARCHAR(255) NOT NULL,
+    PRIMARY KEY (node_reference_id),
+    CONSTRAINT uq_node_reference_node_reference_url UNIQUE (node_reference_url)
+);
+CREATE TABLE IF NOT EXISTS cached_images (
+    id BIGSERIAL NOT NULL,
+    image_id VARCHAR(36) NOT NULL,
+    last_accessed TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+    last_modified TIMESTAMP WITHOUT TIME ZONE NOT NULL,
+    size BIGINT NOT NULL,
+    hits INTEGER NOT NULL,
+    checksum VARCHAR(32),
+    node_reference_id BIGINT NOT NULL,
+    PRIMARY KEY (id),
+    FOREIGN KEY(node_reference_id) REFERENCES node_reference (node_reference_id),
+    CONSTRAINT ix_cached_images_image_id_node_reference_id UNIQUE (image_id, node_reference_id)
+);
+";
+
+/// The tables a cache driver's role may read and write, and nothing else.
+pub const CACHE_TABLES: [&str; 2] = ["cached_images", "node_reference"];
+/// Their sequences (`BIGSERIAL`), which inserts need `USAGE` on.
+pub const CACHE_SEQUENCES: [&str; 2] = [
+    "cached_images_id_seq",
+    "node_reference_node_reference_id_seq",
+];
+/// The DML a cache driver's role needs on [`CACHE_TABLES`].
+const TABLE_PRIVILEGES: [&str; 4] = ["SELECT", "INSERT", "UPDATE", "DELETE"];
+/// Predefined roles that reach beyond the cache tables.
+const POWERFUL_ROLES: [&str; 11] = [
+    "pg_read_server_files",
+    "pg_write_server_files",
+    "pg_execute_server_program",
+    "pg_signal_backend",
+    "pg_read_all_data",
+    "pg_write_all_data",
+    "pg_read_all_settings",
+    "pg_read_all_stats",
+    "pg_monitor",
+    "pg_checkpoint",
+    "pg_create_subscription",
+];
+
+/// An SQL identifier, quoted unless it is a plain lowercase name.
+fn ident(name: &str) -> String {
+    let plain = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit());
+    if plain {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
+}
+
+/// The SQL an administrator runs (in `database`, as the owner of Glance's
+/// tables) to give the cache's role (made with `CREATE ROLE ... LOGIN`, or
+/// an existing role with nothing else) exactly the privileges a driver
+/// needs: DML on the two cache tables, `USAGE` on their sequences. The last
+/// statement closes what PostgreSQL before 15 grants everyone.
+pub fn grant_statements(role: &str, database: &str) -> Vec<String> {
+    let (role, database) = (ident(role), ident(database));
+    vec![
+        format!("GRANT CONNECT ON DATABASE {database} TO {role};"),
+        format!("GRANT USAGE ON SCHEMA public TO {role};"),
+        format!(
+            "GRANT {} ON {} TO {role};",
+            TABLE_PRIVILEGES.join(", "),
+            CACHE_TABLES.join(", ")
+        ),
+        format!(
+            "GRANT USAGE ON SEQUENCE {} TO {role};",
+            CACHE_SEQUENCES.join(", ")
+        ),
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC;".to_string(),
+    ]
+}
+
 /// What the operator configured for one PostgreSQL database.
 #[derive(Clone)]
 pub struct PostgresSettings {
@@ -57,8 +150,9 @@ pub struct PostgresSettings {
     /// Most connections the pool holds (what all drivers on one cache can
     /// hold together).
     pub pool_size: usize,
-    /// Accept a superuser role or one that may reach server files and
-    /// programs (never needed by a cache driver).
+    /// Accept a role with more than a cache driver needs (a superuser,
+    /// Glance's own role, an owner of tables): for tests and migrations
+    /// only; a warning is logged for every such connection pool.
     pub allow_privileged_role: bool,
     /// Most bytes one query result may hold.
     pub max_result_bytes: usize,
@@ -311,50 +405,226 @@ impl Shared {
         self.error(ErrorCode::AccessDenied, &why)
     }
 
-    async fn check_role(&self, client: &Object) -> Result<()> {
-        let row = client
-            .query_one(
-                "SELECT r.rolsuper, \
-                 pg_has_role(current_user, 'pg_read_server_files', 'MEMBER'), \
-                 pg_has_role(current_user, 'pg_write_server_files', 'MEMBER'), \
-                 pg_has_role(current_user, 'pg_execute_server_program', 'MEMBER') \
-                 FROM pg_roles r WHERE r.rolname = current_user",
-                &[],
-            )
-            .await
-            .map_err(|e| self.client_error(&e))?;
-        let mut powers = Vec::new();
-        for (i, what) in [
-            "is a superuser",
-            "may read server files (pg_read_server_files)",
-            "may write server files (pg_write_server_files)",
-            "may run server programs (pg_execute_server_program)",
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            if row.try_get::<_, bool>(i).unwrap_or(true) {
-                powers.push(what);
+    /// Everything the connected role may do beyond a cache driver's needs,
+    /// read from the catalogs; empty when it is fenced as it should be.
+    async fn privilege_problems(&self, client: &Object) -> Result<Vec<String>> {
+        let q = |sql: &'static str| async move {
+            client
+                .query(sql, &[])
+                .await
+                .map_err(|e| self.client_error(&e))
+        };
+        let mut problems = Vec::new();
+        let attributes = q(
+            "SELECT rolsuper, rolcreaterole, rolcreatedb, rolreplication, \
+             rolbypassrls FROM pg_roles WHERE rolname = current_user",
+        )
+        .await?;
+        if let Some(row) = attributes.first() {
+            for (i, what) in [
+                "is a superuser",
+                "may create roles (CREATEROLE)",
+                "may create databases (CREATEDB)",
+                "may replicate (REPLICATION)",
+                "bypasses row security (BYPASSRLS)",
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                if row.try_get::<_, bool>(i).unwrap_or(true) {
+                    problems.push(what.to_string());
+                }
+            }
+            // A superuser may do everything; the rest would only be noise.
+            if row.try_get::<_, bool>(0).unwrap_or(true) {
+                return Ok(problems);
             }
         }
-        if powers.is_empty() || self.allow_privileged_role {
-            if !powers.is_empty() {
-                log::warn!(
-                    "database {:?}: its role {}; allowed by configuration",
-                    self.name,
-                    powers.join(", ")
-                );
+        let powerful: Vec<String> = client
+            .query(
+                "SELECT rolname FROM pg_roles WHERE rolname = ANY($1) \
+                 AND pg_has_role(current_user, oid, 'MEMBER') ORDER BY rolname",
+                &[&POWERFUL_ROLES.as_slice()],
+            )
+            .await
+            .map_err(|e| self.client_error(&e))?
+            .iter()
+            .filter_map(|r| r.try_get::<_, String>(0).ok())
+            .collect();
+        if !powerful.is_empty() {
+            problems.push(format!("is a member of {}", powerful.join(", ")));
+        }
+        let owned = q("SELECT kind || ' ' || name FROM ( \
+               SELECT 'database' AS kind, datname::text AS name, datdba AS owner \
+                 FROM pg_database WHERE datname = current_database() \
+               UNION ALL SELECT 'schema', nspname::text, nspowner FROM pg_namespace \
+               UNION ALL SELECT 'relation', c.relname::text, c.relowner FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               UNION ALL SELECT 'function', p.proname::text, p.proowner FROM pg_proc p \
+                 JOIN pg_namespace n ON n.oid = p.pronamespace \
+                 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+             ) o WHERE pg_has_role(current_user, owner, 'MEMBER') ORDER BY 1 LIMIT 6")
+        .await?;
+        if !owned.is_empty() {
+            let names: Vec<String> = owned
+                .iter()
+                .filter_map(|r| r.try_get::<_, String>(0).ok())
+                .collect();
+            problems.push(format!("owns {}", names.join(", ")));
+        }
+        let creates = q("SELECT nspname::text FROM pg_namespace \
+             WHERE has_schema_privilege(current_user, oid, 'CREATE') ORDER BY 1 LIMIT 6")
+        .await?;
+        if !creates.is_empty() {
+            let names: Vec<String> = creates
+                .iter()
+                .filter_map(|r| r.try_get::<_, String>(0).ok())
+                .collect();
+            problems.push(format!("may create objects in schema {}", names.join(", ")));
+        }
+        let db_create = q("SELECT has_database_privilege(current_database(), 'CREATE')").await?;
+        if db_create
+            .first()
+            .is_some_and(|r| r.try_get::<_, bool>(0).unwrap_or(true))
+        {
+            problems.push("may create schemas in the database (CREATE)".to_string());
+        }
+        // Every table privilege on every relation, against what a driver
+        // needs on the two cache tables.
+        let grants = q(
+            "SELECT c.relname::text, c.relkind::text, p.priv FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             CROSS JOIN unnest(ARRAY['SELECT','INSERT','UPDATE','DELETE','TRUNCATE', \
+               'REFERENCES','TRIGGER']) AS p(priv) \
+             WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_%' \
+               AND has_table_privilege(current_user, c.oid, p.priv) \
+             UNION ALL SELECT c.relname::text, 'S', p.priv FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             CROSS JOIN unnest(ARRAY['USAGE','SELECT','UPDATE']) AS p(priv) \
+             WHERE c.relkind = 'S' \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND has_sequence_privilege(current_user, c.oid, p.priv) \
+             ORDER BY 1, 3",
+        )
+        .await?;
+        let mut extra = Vec::new();
+        let mut held = Vec::new();
+        for row in &grants {
+            let (Ok(table), Ok(kind), Ok(privilege)) = (
+                row.try_get::<_, String>(0),
+                row.try_get::<_, String>(1),
+                row.try_get::<_, String>(2),
+            ) else {
+                continue;
+            };
+            let needed = if kind == "S" {
+                CACHE_SEQUENCES.contains(&table.as_str()) && privilege == "USAGE"
+            } else {
+                CACHE_TABLES.contains(&table.as_str())
+                    && TABLE_PRIVILEGES.contains(&privilege.as_str())
+            };
+            if needed {
+                held.push((table, privilege));
+            } else {
+                extra.push(format!("{privilege} on {table}"));
             }
+        }
+        if !extra.is_empty() {
+            let shown: Vec<&str> = extra.iter().take(8).map(String::as_str).collect();
+            problems.push(format!(
+                "holds {}{}",
+                shown.join(", "),
+                if extra.len() > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                }
+            ));
+        }
+        let mut missing = Vec::new();
+        for table in CACHE_TABLES {
+            for privilege in TABLE_PRIVILEGES {
+                if !held.iter().any(|(t, p)| t == table && p == privilege) {
+                    missing.push(format!("{privilege} on {table}"));
+                }
+            }
+        }
+        if !missing.is_empty() && problems.is_empty() {
+            // Too little is not a danger; it fails at the first statement,
+            // but say so now, with the same remedy.
+            log::warn!(
+                "database {:?}: the role lacks {}",
+                self.name,
+                missing.join(", ")
+            );
+        }
+        Ok(problems)
+    }
+
+    async fn check_role(&self, client: &Object) -> Result<()> {
+        let problems = self.privilege_problems(client).await?;
+        if problems.is_empty() {
             self.role.store(ROLE_OK, Ordering::Release);
             return Ok(());
         }
+        if self.allow_privileged_role {
+            log::warn!(
+                "database {:?}: its role {}; allowed by configuration \
+                 (image_cache_database_allow_privileged_role)",
+                self.name,
+                problems.join("; ")
+            );
+            self.role.store(ROLE_OK, Ordering::Release);
+            return Ok(());
+        }
+        let database = client
+            .query_one("SELECT current_database()::text", &[])
+            .await
+            .ok()
+            .and_then(|r| r.try_get::<_, String>(0).ok())
+            .unwrap_or_else(|| "glance".to_string());
+        let shown = problems.len().min(3);
         *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = format!(
-            "refused: the configured role {} (give the cache a role without these powers, \
-             or allow it with image_cache_database_allow_privileged_role)",
-            powers.join(", ")
+            "refused: the configured role {}{} (a cache driver needs only SELECT, INSERT, \
+             UPDATE, DELETE on {} and USAGE on their sequences; give the cache a dedicated \
+             role, as `image-cache db grants` prints it: {})",
+            problems[..shown].join("; "),
+            if problems.len() > shown { "; ..." } else { "" },
+            CACHE_TABLES.join(" and "),
+            grant_statements("image_cache", &database).join(" ")
         );
         self.role.store(ROLE_REFUSED, Ordering::Release);
         Err(self.refused())
+    }
+}
+
+/// Create Glance's two cache tables ([`GLANCE_CACHE_SCHEMA`]) in the
+/// database at `url`, for a database of the cache's own (`image-cache db
+/// init`); never needed where Glance's migrations ran. The role must be
+/// allowed to create tables there (an administrator's). Errors never show
+/// the URL.
+pub fn init_schema(url: &str, timeout: Duration) -> std::result::Result<(), String> {
+    let url = libpq_url(url)?;
+    let config = Config::from_str(&url)
+        .map_err(|_| "the database connection is not a valid PostgreSQL URL".to_string())?;
+    let work = async move {
+        let (client, connection) = config.connect(NoTls).await?;
+        tokio::spawn(connection);
+        // One transaction: both tables or neither.
+        client
+            .batch_execute(&format!("BEGIN; {GLANCE_CACHE_SCHEMA} COMMIT;"))
+            .await
+    };
+    match run(Deadline(std::time::Instant::now() + timeout), work) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(match e.as_db_error() {
+            Some(db) => format!("{} ({}): {}", db.severity(), db.code().code(), db.message()),
+            None => "cannot reach the database".to_string(),
+        }),
+        Err(e) => Err(e.message),
     }
 }
 
@@ -567,6 +837,26 @@ fn value_size(v: &Value) -> usize {
 }
 
 impl BackendConnection for PostgresConnection {
+    fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
+    /// The export call ended inside a transaction: roll it back (its locks
+    /// go with it); if that fails, the connection is closed, which rolls
+    /// back on the server.
+    fn end_of_call(&mut self, deadline: Deadline) {
+        if !self.in_transaction {
+            return;
+        }
+        if self.execute("ROLLBACK", Vec::new(), deadline).is_err() {
+            if let Some(held) = self.held.as_mut() {
+                held.healthy = false;
+            }
+            self.held = None;
+        }
+        self.in_transaction = false;
+    }
+
     fn execute(&mut self, sql: &str, params: Vec<Value>, deadline: Deadline) -> Result<u64> {
         match self.call(sql, params, deadline, Want::Count)? {
             Outcome::Count(n) => Ok(n),
