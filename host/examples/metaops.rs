@@ -99,6 +99,16 @@ fn main() {
                 cache.get_cache_size().unwrap();
             }),
         ),
+        (
+            // Last: it adds images (removed at the end).
+            "cache a 4 KiB image (fdatasync, commit)",
+            200,
+            Box::new(|i| {
+                cache
+                    .cache_reader(&format!("w-{tag}-{i}"), None, &[7u8; 4096][..])
+                    .unwrap();
+            }),
+        ),
     ];
     let only = std::env::var("METAOPS_ONLY").unwrap_or_default();
     let ops: Vec<Op> = ops
@@ -116,6 +126,11 @@ fn main() {
         }
     }
     cache.delete_all_queued_images().unwrap();
+    for image in cache.get_cached_images().unwrap() {
+        if image.image_id.starts_with("w-") {
+            cache.delete_cached_image(&image.image_id).unwrap();
+        }
+    }
     for ((name, _, _), us) in ops.iter().zip(best) {
         println!("{name}\t{us:.2}");
     }
