@@ -909,20 +909,34 @@ fn a_transaction_open_when_the_call_returns_is_rolled_back() {
     let mut table = ResourceTable::new();
     let mut connections = 0;
     let mut transactions = OpenTransactions::default();
-    let mut view = DatabaseView {
-        databases: &pg.databases,
-        table: &mut table,
-        deadline: soon(),
-        connections: &mut connections,
-        max_connections: 4,
-        transactions: &mut transactions,
-    };
-    let c = view.open(CENTRALIZED_DATABASE.into()).unwrap().unwrap();
+    // The view a store lends the `database` host functions during a call.
+    fn view<'a>(
+        databases: &'a image_cache::database::DatabaseRoot,
+        table: &'a mut ResourceTable,
+        connections: &'a mut usize,
+        transactions: &'a mut OpenTransactions,
+    ) -> DatabaseView<'a> {
+        DatabaseView {
+            databases,
+            table,
+            deadline: soon(),
+            connections,
+            max_connections: 4,
+            transactions,
+        }
+    }
+    let mut call = view(
+        &pg.databases,
+        &mut table,
+        &mut connections,
+        &mut transactions,
+    );
+    let c = call.open(CENTRALIZED_DATABASE.into()).unwrap().unwrap();
     let again = || Resource::<image_cache::database::Connection>::new_borrow(c.rep());
-    view.execute(again(), "BEGIN".into(), vec![])
+    call.execute(again(), "BEGIN".into(), vec![])
         .unwrap()
         .unwrap();
-    view.execute(
+    call.execute(
         again(),
         "LOCK TABLE cached_images IN ACCESS EXCLUSIVE MODE".into(),
         vec![],
@@ -943,22 +957,19 @@ fn a_transaction_open_when_the_call_returns_is_rolled_back() {
             .sql("SET lock_timeout = '2s'; SELECT count(*) FROM cached_images"),
         "0"
     );
-    let mut view = DatabaseView {
-        databases: &pg.databases,
-        table: &mut table,
-        deadline: soon(),
-        connections: &mut connections,
-        max_connections: 4,
-        transactions: &mut transactions,
-    };
-    let rows = view
-        .query(
-            again(),
-            "SELECT count(*)::bigint FROM cached_images".into(),
-            vec![],
-        )
-        .unwrap()
-        .unwrap();
+    let rows = view(
+        &pg.databases,
+        &mut table,
+        &mut connections,
+        &mut transactions,
+    )
+    .query(
+        again(),
+        "SELECT count(*)::bigint FROM cached_images".into(),
+        vec![],
+    )
+    .unwrap()
+    .unwrap();
     assert!(
         matches!(rows.as_slice(), [row] if matches!(row.as_slice(), [Value::Integer(0)])),
         "{rows:?}"

@@ -440,19 +440,16 @@ impl Shared {
                 return Ok(problems);
             }
         }
-        let powerful: Vec<String> = client
+        let powerful = client
             .query(
-                "SELECT rolname FROM pg_roles WHERE rolname = ANY($1) \
+                "SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1) \
                  AND pg_has_role(current_user, oid, 'MEMBER') ORDER BY rolname",
                 &[&POWERFUL_ROLES.as_slice()],
             )
             .await
-            .map_err(|e| self.client_error(&e))?
-            .iter()
-            .filter_map(|r| r.try_get::<_, String>(0).ok())
-            .collect();
+            .map_err(|e| self.client_error(&e))?;
         if !powerful.is_empty() {
-            problems.push(format!("is a member of {}", powerful.join(", ")));
+            problems.push(format!("is a member of {}", first_texts(&powerful)));
         }
         let owned = q("SELECT kind || ' ' || name FROM ( \
                SELECT 'database' AS kind, datname::text AS name, datdba AS owner \
@@ -467,21 +464,16 @@ impl Shared {
              ) o WHERE pg_has_role(current_user, owner, 'MEMBER') ORDER BY 1 LIMIT 6")
         .await?;
         if !owned.is_empty() {
-            let names: Vec<String> = owned
-                .iter()
-                .filter_map(|r| r.try_get::<_, String>(0).ok())
-                .collect();
-            problems.push(format!("owns {}", names.join(", ")));
+            problems.push(format!("owns {}", first_texts(&owned)));
         }
         let creates = q("SELECT nspname::text FROM pg_namespace \
              WHERE has_schema_privilege(current_user, oid, 'CREATE') ORDER BY 1 LIMIT 6")
         .await?;
         if !creates.is_empty() {
-            let names: Vec<String> = creates
-                .iter()
-                .filter_map(|r| r.try_get::<_, String>(0).ok())
-                .collect();
-            problems.push(format!("may create objects in schema {}", names.join(", ")));
+            problems.push(format!(
+                "may create objects in schema {}",
+                first_texts(&creates)
+            ));
         }
         let db_create = q("SELECT has_database_privilege(current_database(), 'CREATE')").await?;
         if db_create
@@ -599,6 +591,14 @@ impl Shared {
         self.role.store(ROLE_REFUSED, Ordering::Release);
         Err(self.refused())
     }
+}
+
+/// The first column of each row, as text, joined by commas.
+fn first_texts(rows: &[Row]) -> String {
+    rows.iter()
+        .filter_map(|r| r.try_get::<_, String>(0).ok())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Create Glance's two cache tables ([`GLANCE_CACHE_SCHEMA`]) in the
