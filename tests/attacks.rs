@@ -472,3 +472,45 @@ fn one_runtime_shared_by_a_hostile_and_a_good_driver() {
         assert_eq!(good.get_cached_images().unwrap().len(), 1);
     }
 }
+
+#[test]
+fn a_driver_cannot_serve_one_images_bytes_as_another() {
+    let s = scene();
+    // Two images committed by the host (sealed with their ids).
+    {
+        let good = ImageCache::with_runtime(
+            s.cache.runtime().clone(),
+            CacheConfig::new(&s.root).fallback_to_sqlite(false),
+        )
+        .unwrap();
+        good.cache_reader("swap-source", None, &b"the other image"[..])
+            .unwrap();
+        good.cache_reader("swapped", None, &b"this image"[..])
+            .unwrap();
+    }
+    // The hostile driver renames one over the other and hands it back: the
+    // path and inode checks pass, the seal does not.
+    let discarded = s.discarded();
+    let mut out = Vec::new();
+    match s.cache.read_image("swapped", &mut out) {
+        Err(Error::DriverFault { message, .. }) => assert!(
+            message.contains("committed as \"swap-source\""),
+            "{message}"
+        ),
+        other => panic!("expected the seal to refuse it, got {other:?}"),
+    }
+    assert!(out.is_empty(), "not a byte served");
+    assert_eq!(s.discarded(), discarded + 1);
+    // The seal is the host's: a driver can neither write nor list it.
+    let file = std::fs::File::open(s.root.join("swapped")).unwrap();
+    assert_eq!(
+        image_cache::xattr::read_seal(&file).unwrap(),
+        image_cache::xattr::Seal::Id(b"swap-source".to_vec())
+    );
+    assert!(
+        image_cache::xattr::check_name(image_cache::xattr::SEAL)
+            .unwrap_err()
+            .message
+            .contains("the host's own")
+    );
+}

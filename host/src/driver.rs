@@ -551,6 +551,9 @@ impl Driver {
                     .delete(file)
                     .map_err(|e| self.fault(e.into()))?;
                 let identity = self.check_session_file(kind, id, &file)?;
+                if kind == SessionKind::Read {
+                    self.check_seal(id, &file)?;
+                }
                 Ok((resource, file, identity))
             });
         let (resource, file, identity) = match result {
@@ -602,6 +605,25 @@ impl Driver {
                 "{:?}, which is not {path} ({})",
                 file.path, e.message
             ))),
+        }
+    }
+
+    /// A cached image's file carries the id the host sealed it with at
+    /// commit (an attribute the driver cannot reach): a driver that renamed
+    /// another image's file over this one is caught here, before a byte is
+    /// served. Unsealed files (release 0.2's, Glance's, or on a file system
+    /// without user attributes) pass.
+    fn check_seal(&self, id: &str, file: &OpenFile) -> Result<()> {
+        match crate::xattr::read_seal(&file.file) {
+            Ok(crate::xattr::Seal::Id(sealed)) if sealed != id.as_bytes() => {
+                Err(self.broke(format!(
+                    "it broke the driver contract: the read session of {id:?} handed back the \
+                     file committed as {:?}",
+                    printable(&String::from_utf8_lossy(&sealed), 80)
+                )))
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(Error::io(format_args!("reading the seal of {id:?}"), &e)),
         }
     }
 
@@ -758,8 +780,11 @@ impl Session {
         result
     }
 
-    /// Publish the image; afterwards `<id>` must be the very file written.
+    /// Seal the file as this image (see `check_seal`), publish it;
+    /// afterwards `<id>` must be the very file written.
     pub fn commit(mut self, checksum: Option<&str>) -> Result<()> {
+        crate::xattr::seal(self.file_ref(), &self.id)
+            .map_err(|e| Error::io(format_args!("sealing image {:?}", self.id), &e))?;
         self.finish_with(|g, s, r| g.write_session().call_commit(s, r, checksum))?;
         match self.driver.root().identity(&self.id) {
             Ok(published) if published == self.identity => Ok(()),

@@ -41,7 +41,52 @@ pub fn check_name(name: &str) -> Result<()> {
             message: format!("extended attribute {name:?}: only user.* names are allowed"),
         });
     }
+    if name.starts_with(HOST_PREFIX) {
+        return Err(FsError {
+            code: ErrorCode::AccessDenied,
+            message: format!("extended attribute {name:?}: {HOST_PREFIX}* is the host's own"),
+        });
+    }
     Ok(())
+}
+
+/// Attribute names the host keeps for itself: a driver can neither read,
+/// write, remove nor list them.
+pub const HOST_PREFIX: &str = "user.image-cache.";
+
+/// The host's seal on an image file: the id it was committed as, written
+/// by the host on the file it filled, before the driver publishes it.
+pub const SEAL: &str = "user.image-cache.id";
+
+/// What the seal of a cached image's file says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Seal {
+    /// Committed as this id.
+    Id(Vec<u8>),
+    /// No seal: a file of release 0.2 or of Glance, or a file system
+    /// without user attributes.
+    None,
+}
+
+/// Seal `file` as image `id` (the host, at commit). A file system without
+/// user attributes cannot carry seals: that is not an error.
+pub fn seal(file: &std::fs::File, id: &str) -> std::io::Result<()> {
+    match file.set_xattr(SEAL, id.as_bytes()) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP) | Some(libc::EPERM)) => Ok(()),
+        other => other,
+    }
+}
+
+/// The seal of an open image file.
+pub fn read_seal(file: &std::fs::File) -> std::io::Result<Seal> {
+    match file.get_xattr(SEAL) {
+        Ok(Some(id)) => Ok(Seal::Id(id)),
+        Ok(None) => Ok(Seal::None),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP) | Some(libc::ENODATA)) => {
+            Ok(Seal::None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn unsupported(what: &str) -> FsError {
@@ -127,7 +172,7 @@ impl Attributes<'_> {
             .map_err(|e| io_error(&self.file.path, e))?;
         Ok(names
             .filter_map(|n| n.into_string().ok())
-            .filter(|n| n.starts_with("user."))
+            .filter(|n| n.starts_with("user.") && !n.starts_with(HOST_PREFIX))
             .collect())
     }
 }
@@ -157,8 +202,8 @@ pub fn probe(root: &RootFs, support: XattrSupport) -> Result<()> {
         support,
     };
     let result = attrs
-        .set("user.image-cache.probe", b"1")
-        .and_then(|()| attrs.get("user.image-cache.probe"))
+        .set("user.image-cache-probe", b"1")
+        .and_then(|()| attrs.get("user.image-cache-probe"))
         .and_then(|v| match &v[..] {
             b"1" => Ok(()),
             _ => Err(unsupported("the cache root")),

@@ -24,6 +24,8 @@
 //!
 //! Sessions: `open-for-write("wrong-file")` hands back another file of the
 //! root; `open-for-read("read-db")` hands back its database as the image;
+//! `open-for-read("swapped")` renames the cached image `swap-source` over
+//! `swapped` and hands that back (the host's seal catches it);
 //! `open-for-read("bad-checksum")` opens the file `bad-checksum` (put there
 //! by the test) and reports a checksum with a header injected into it.
 //! `get-queued-images` returns an id with a path in it when `queue-image`
@@ -346,6 +348,12 @@ impl Guest for Hostile {
             // Its database handed back as the image's bytes.
             let _ = sql("SELECT 1")?;
             let file = fs::open("cache.db").map_err(io)?;
+            return Ok((ReadSession::new(Reading::Plain), file));
+        }
+        if image_id == "swapped" {
+            // Another image's file renamed over this one, then served as it.
+            fs::rename("swap-source", "swapped").map_err(io)?;
+            let file = fs::open("swapped").map_err(io)?;
             return Ok((ReadSession::new(Reading::Plain), file));
         }
         if image_id == "bad-checksum" {
