@@ -67,6 +67,16 @@ fn main() {
         return;
     }
 
+    println!("cargo::rerun-if-env-changed=CC_wasm32_unknown_unknown");
+    if !c_compiler_for_wasm() {
+        println!(
+            "cargo::error=clang is missing: the sqlite driver compiles SQLite for {TARGET} with it; \
+             install it (Debian: apt-get install clang) or name a wasm-capable C compiler in \
+             CC_wasm32_unknown_unknown"
+        );
+        return;
+    }
+
     let target_dir = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
@@ -143,6 +153,16 @@ fn componentize(module: &[u8]) -> anyhow::Result<Vec<u8>> {
         .module(module)?
         .validate(true)
         .encode()
+}
+
+/// Whether a C compiler for the wasm target is there (the `cc` crate in
+/// `sqlite-wasm-rs`'s build uses `CC_wasm32_unknown_unknown`, else clang).
+fn c_compiler_for_wasm() -> bool {
+    let compiler = env::var_os("CC_wasm32_unknown_unknown").unwrap_or_else(|| "clang".into());
+    Command::new(compiler)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Whether rustc's sysroot has the standard library for the wasm target.
