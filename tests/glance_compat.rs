@@ -321,3 +321,49 @@ fn glance_and_this_driver_write_one_new_directory_at_once() {
         assert_eq!(check, "ok");
     }
 }
+
+/// Something planted where SQLite inside the driver opens its journal (a
+/// FIFO at `cache.db-journal`) fails the write at once; it never blocks the
+/// host, and the database is not harmed.
+#[test]
+fn a_fifo_planted_as_the_journal_fails_at_once_and_harms_nothing() {
+    let dir = glance_directory();
+    let journal = std::ffi::CString::new(
+        dir.path()
+            .join("cache.db-journal")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(journal.as_ptr(), 0o600) }, 0);
+    let started = std::time::Instant::now();
+    let outcome = std::panic::catch_unwind(|| {
+        let cache = open(dir.path(), &DriverSource::Builtin("sqlite"));
+        cache.read_image("22222222-bbbb", std::io::sink())
+    });
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "never blocked: {:?}",
+        started.elapsed()
+    );
+    match outcome {
+        Ok(Err(e)) => assert!(e.to_string().contains("database"), "{e}"),
+        Ok(Ok(_)) => panic!("a write through a FIFO journal succeeded"),
+        Err(_) => {} // opening the cache itself failed, promptly
+    }
+    std::fs::remove_file(dir.path().join("cache.db-journal")).unwrap();
+    let db = Connection::open(dir.path().join("cache.db")).unwrap();
+    let check: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    let hits: i64 = db
+        .query_row(
+            "SELECT hits FROM cached_images WHERE image_id = '22222222-bbbb'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(hits, 2, "the failed hit left the row as it was");
+}
