@@ -287,6 +287,52 @@ pub fn fixture(name: &str) -> PathBuf {
     path
 }
 
+/// An outsider's driver component, built from `wit/` alone by its own cargo
+/// (tests/plugin, its own workspace and target directory
+/// `<target>/plugin`), turned into a component as a third party would:
+/// built on first use.
+pub fn third_party_plugin() -> &'static Path {
+    static PLUGIN: OnceLock<PathBuf> = OnceLock::new();
+    PLUGIN.get_or_init(|| {
+        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin");
+        let target = profile_dir()
+            .parent()
+            .expect("target directory")
+            .join("plugin");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .current_dir(&crate_dir)
+            .args(["build", "--quiet", "--release", "--locked"])
+            .args(["--target", "wasm32-unknown-unknown", "--target-dir"])
+            .arg(&target);
+        // This test's own cargo settings are not the plugin's.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy().into_owned();
+            if (key.starts_with("CARGO_") || key.starts_with("RUSTFLAGS"))
+                && key != "CARGO_HOME"
+                && !key.starts_with("CARGO_NET_")
+                && !key.starts_with("CARGO_HTTP_")
+                && !key.starts_with("CARGO_REGISTR")
+            {
+                build.env_remove(&key);
+            }
+        }
+        let status = build.status().expect("running cargo for tests/plugin");
+        assert!(status.success(), "building tests/plugin failed");
+        let module =
+            std::fs::read(target.join("wasm32-unknown-unknown/release/third_party_driver.wasm"))
+                .expect("the plugin's core module");
+        let component = wit_component::ComponentEncoder::default()
+            .module(&module)
+            .and_then(|e| e.validate(true).encode())
+            .expect("the plugin as a component");
+        let path = target.join("third_party_driver.wasm");
+        std::fs::write(&path, component).expect("writing the plugin component");
+        path
+    })
+}
+
 /// `<target>/<profile>` of this test binary (`<target>/<profile>/deps/cli-*`).
 pub fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
