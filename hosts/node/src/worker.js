@@ -11,7 +11,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import vm from 'node:vm';
 import { RootFs } from './host/rootfs.js';
 import { Locks } from './host/locks.js';
-import { makeImports, Deadline } from './host/imports.js';
+import { makeImports, Deadline, sealFile, readSeal } from './host/imports.js';
 import { rangeLockAddon } from './host/native.js';
 import { printable } from './errors.js';
 
@@ -35,16 +35,21 @@ function mainThreadFlock(fd, op) {
   return answer === 1 ? 'done' : answer === 0 ? 'busy' : 'failed';
 }
 
-/** fs-xattr, when the driver imports xattr and the cache allows it. */
+/** fs-xattr (through /proc/self/fd), or null without the add-on or /proc.
+ * The host's own seal (user.image-cache.id) uses it whatever the driver
+ * imports: set on every image the host commits, checked on every file a
+ * read session hands back; without it nothing is sealed or checked. The
+ * xattr import gets it only when the driver imports xattr and the cache
+ * allows it (else every call is unsupported). */
 async function loadXattr() {
-  if (!xattr) return null;
   try {
     fs.accessSync('/proc/self/fd');
     return await import('fs-xattr');
   } catch {
-    return null; // no add-on or no /proc: the xattr import says unsupported
+    return null;
   }
 }
+const sealLib = await loadXattr();
 
 const native = rangeLockAddon();
 const ctx = {
@@ -54,7 +59,7 @@ const ctx = {
   wid,
   limits,
   deadline: new Deadline(),
-  xattrLib: await loadXattr(),
+  xattrLib: xattr ? sealLib : null,
   flock: lockChannel ? mainThreadFlock : null,
   native,
   // The one database name at the top of the root a driver may write
@@ -147,11 +152,40 @@ function checkSessionFile(kind, id, file) {
   return handed;
 }
 
+/** A host-side I/O failure as the guest's `io` error (not a fault): the
+ * context and the system's reason, with its fs error code. */
+function hostIoError(context, e) {
+  const code = { ENOSPC: 'no-space', EDQUOT: 'no-space', EACCES: 'access-denied', EPERM: 'access-denied', EROFS: 'access-denied' }[e?.code] ?? 'io';
+  const err = new Error(context);
+  err.payload = { tag: 'io', val: { code, message: `${context}: ${printable(e?.message ?? e?.code ?? e, 256)}` } };
+  return err;
+}
+
+/** A cached image's file carries the id the host sealed it with at commit
+ * (an attribute the driver cannot reach): a driver that renamed another
+ * image's file over this one is caught here, before a byte is served.
+ * Unsealed files (release 0.2's, Glance's, or on a file system without
+ * user attributes) pass. */
+function checkSeal(id, file) {
+  let sealed;
+  try {
+    sealed = readSeal(sealLib, file.fd);
+  } catch (e) {
+    throw hostIoError(`reading the seal of ${JSON.stringify(id)}`, e);
+  }
+  if (sealed !== null && !sealed.equals(Buffer.from(id, 'utf8'))) {
+    throw new Fault(
+      `it broke the driver contract: the read session of ${JSON.stringify(id)} handed back the file committed as ${JSON.stringify(printable(sealed.toString('utf8'), 80))}`,
+    );
+  }
+}
+
 function openSession(kind, id) {
   const [resource, file] = kind === 'write' ? driver.openForWrite(id) : driver.openForRead(id);
   let identity;
   try {
     identity = checkSessionFile(kind, id, file);
+    if (kind === 'read') checkSeal(id, file);
   } catch (e) {
     try {
       dispose(resource);
@@ -170,8 +204,17 @@ function endSession(sid, how, arg) {
   if (!s) throw new Fault(`session ${sid} is not open`);
   sessions.delete(sid);
   try {
-    if (how === 'commit') s.resource.commit(arg);
-    else if (how === 'abort') s.resource.abort(arg);
+    if (how === 'commit') {
+      // Sealed as this image right before the driver publishes it (see
+      // checkSeal); a seal that cannot be written ends the session
+      // uncommitted.
+      try {
+        sealFile(sealLib, s.file.fd, s.id);
+      } catch (e) {
+        throw hostIoError(`sealing image ${JSON.stringify(s.id)}`, e);
+      }
+      s.resource.commit(arg);
+    } else if (how === 'abort') s.resource.abort(arg);
     else if (how === 'finish') s.resource.finish(s.file);
   } finally {
     try {

@@ -13,6 +13,8 @@ import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { ImageCache, stats } from '../src/index.js';
 import { componentsDir } from '../scripts/transpile.js';
+import { SEAL } from '../src/host/imports.js';
+import * as xattrLib from 'fs-xattr';
 
 const componentFile = (name) => path.join(componentsDir(), name);
 
@@ -253,6 +255,41 @@ test('a read session must hand back the cached image', async () => {
     assert.match(e.message, /handed back "cache\.db", which is not read-db/);
     return true;
   });
+});
+
+test("a driver cannot serve one image's bytes as another (the host's seal)", async (t) => {
+  const own = path.join(top, 'root-seal');
+  // Two images committed by the host (sealed with their ids).
+  const good = await ImageCache.open(own, { driver: 'sqlite', fallbackToSqlite: false });
+  await good.cache('swap-source', 'the other image');
+  await good.cache('swapped', 'this image');
+  await good.close();
+  let why = null;
+  try {
+    xattrLib.setAttributeSync(path.join(own, 'swapped'), 'user.seal-test', '1');
+  } catch (e) {
+    why = `${own}: the file system stores no user extended attributes (${e?.code}): no seals here`;
+  }
+  if (why) {
+    console.log(`# skipped: ${why}`);
+    return t.skip(why);
+  }
+  const hostile = await ImageCache.open(own, { driver: 'hostile', fallbackToSqlite: false });
+  try {
+    // It renames one over the other and hands it back: the path and inode
+    // checks pass, the seal does not.
+    const discarded = stats.discarded;
+    await assert.rejects(hostile.openForRead('swapped'), (e) => {
+      assert.equal(e.kind, 'driver-fault');
+      assert.match(e.message, /the read session of "swapped" handed back the file committed as "swap-source"/);
+      return true;
+    });
+    assert.equal(stats.discarded, discarded + 1);
+    assert.equal(xattrLib.getAttributeSync(path.join(own, 'swapped'), SEAL).toString(), 'swap-source');
+    assert.equal(await hostile.isCached('benign'), false, 'the next call works');
+  } finally {
+    await hostile.close();
+  }
 });
 
 test('a checksum that would inject a header is a fault; the read ends, the next call works', async () => {

@@ -13,7 +13,7 @@ import { once } from 'node:events';
 import { Worker } from 'node:worker_threads';
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { RootFs } from '../src/host/rootfs.js';
-import { makeImports, Deadline, MAX_IO } from '../src/host/imports.js';
+import { makeImports, Deadline, MAX_IO, SEAL } from '../src/host/imports.js';
 import { Locks, createLockTable, createFdTable } from '../src/host/locks.js';
 import { rangeLockAddon } from '../src/host/native.js';
 import { ImageCache } from '../src/index.js';
@@ -238,6 +238,38 @@ test('xattr without the add-on: only user.* names, and every call unsupported', 
   assert.equal(fsErr(() => imports.xattr.get(f, 'security.selinux')).code, 'access-denied');
   assert.equal(fsErr(() => imports.xattr.set(f, 'user.hits', new Uint8Array([1]))).code, 'unsupported');
   assert.equal(fsErr(() => imports.xattr.probe()).code, 'unsupported');
+  f.close();
+});
+
+test("xattr: the host's own names (user.image-cache.*) are refused and never listed", (t) => {
+  const own = (name) => `extended attribute ${JSON.stringify(name)}: user.image-cache.* is the host's own`;
+  // Refused before anything else, with the add-on or without.
+  for (const lib of [null, xattrLib]) {
+    const { imports, fsi } = setup({ xattrLib: lib });
+    const f = fsi.createNew('x');
+    for (const name of [SEAL, 'user.image-cache.probe', 'user.image-cache.x']) {
+      for (const call of [() => imports.xattr.get(f, name), () => imports.xattr.set(f, name, new Uint8Array([1])), () => imports.xattr.remove(f, name)]) {
+        const e = fsErr(call);
+        assert.equal(e.code, 'access-denied', name);
+        assert.equal(e.message, own(name));
+      }
+    }
+    f.close();
+  }
+  const { imports, fsi } = setup({ xattrLib });
+  const f = fsi.createNew('img');
+  try {
+    xattrLib.setAttributeSync(`/proc/self/fd/${f.fd}`, SEAL, 'img');
+  } catch (e) {
+    f.close();
+    const why = `the file system stores no user extended attributes (${e?.code})`;
+    console.log(`# skipped: ${why}`);
+    return t.skip(why);
+  }
+  // Names next to the prefix are the driver's.
+  for (const name of ['user.image-cache-probe', 'user.image-cache', 'user.hits']) imports.xattr.set(f, name, new Uint8Array([0x31]));
+  assert.deepEqual(imports.xattr.listNames(f).sort(), ['user.hits', 'user.image-cache', 'user.image-cache-probe'], 'the seal is not listed');
+  assert.equal(xattrLib.getAttributeSync(`/proc/self/fd/${f.fd}`, SEAL).toString(), 'img', 'nor changed');
   f.close();
 });
 

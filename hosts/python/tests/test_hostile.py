@@ -364,3 +364,27 @@ def test_one_runtime_shared_by_a_hostile_and_a_good_driver(tmp_path, artifacts):
     good.cache("1", io.BytesIO(b"unaffected"))
     assert good.is_cached("1")
     assert good.read("1") == b"unaffected"
+
+
+def test_a_driver_cannot_serve_one_images_bytes_as_another(scene):
+    from image_cache_wasm.xattr import SEAL
+
+    from test_seal import require_user_xattrs
+
+    scene.root.mkdir(exist_ok=True)
+    require_user_xattrs(scene.root)
+    # Two images committed by the host (sealed with their ids).
+    good = ImageCache(scene.root, driver="sqlite", runtime=scene.runtime, fallback_to_sqlite=False)
+    good.cache("swap-source", io.BytesIO(b"the other image"))
+    good.cache("swapped", io.BytesIO(b"this image"))
+    good.close()
+    # The hostile driver renames one over the other and hands it back: the
+    # path and inode checks pass, the seal does not.
+    before = scene.discarded()
+    with pytest.raises(DriverFault) as e:
+        scene.cache.open_for_read("swapped")
+    m = e.value.message
+    assert 'the read session of "swapped" handed back the file committed as "swap-source"' in m, m
+    assert scene.discarded() == before + 1
+    assert os.getxattr(scene.root / "swapped", SEAL) == b"swap-source"
+    assert scene.cache.is_cached("benign") is False

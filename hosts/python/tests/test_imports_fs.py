@@ -12,7 +12,7 @@ import pytest
 
 from image_cache_wasm.fs import MAX_DRIVER_FILE, MAX_IO, FsError, RootFs
 from image_cache_wasm.runtime import InstanceState, Limits, _sleep, enter
-from image_cache_wasm.xattr import MAX_VALUE, Attributes, check_name, probe
+from image_cache_wasm.xattr import MAX_VALUE, SEAL, Attributes, check_name, probe
 
 #: Native SQLite's lock bytes (os_unix.c), which the driver's VFS uses too.
 PENDING_BYTE = 0x4000_0000
@@ -149,6 +149,34 @@ def test_only_user_xattr_names_pass():
     check_name("user.hits")
     with pytest.raises(FsError):
         check_name("user." + "x" * 300)
+
+
+def test_the_hosts_own_names_are_refused_and_hidden(root):
+    for name in [SEAL, "user.image-cache.probe", "user.image-cache.x"]:
+        with pytest.raises(FsError) as e:
+            check_name(name)
+        assert e.value.code == "access-denied"
+        assert e.value.message == f'extended attribute "{name}": user.image-cache.* is the host\'s own'
+    for name in ["user.image-cache-probe", "user.image-cache", "user.image-cachex.id"]:
+        check_name(name)
+    d, r = root
+    f = r.create_new("img")
+    attrs = Attributes(f)
+    for call in (lambda: attrs.get(SEAL), lambda: attrs.set(SEAL, b"x"), lambda: attrs.remove(SEAL)):
+        with pytest.raises(FsError) as e:
+            call()
+        assert e.value.code == "access-denied" and "the host's own" in e.value.message
+    try:
+        os.setxattr(f.fd, SEAL, b"img")
+    except OSError as e:
+        reason = f"the file system stores no user extended attributes ({e.strerror})"
+        print(f"skipped: {reason}")
+        f.close()
+        pytest.skip(reason)
+    attrs.set("user.hits", b"1")
+    assert attrs.list() == ["user.hits"], "the seal is not listed"
+    assert os.getxattr(f.fd, SEAL) == b"img", "nor removed, nor changed"
+    f.close()
 
 
 def test_attributes_live_on_the_open_file(root):

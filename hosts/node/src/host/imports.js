@@ -26,6 +26,46 @@ function span(path, offset, length) {
   return end;
 }
 
+/** Attribute names the host keeps for itself: a driver can neither read,
+ * write, remove nor list them. */
+export const HOST_PREFIX = 'user.image-cache.';
+/** The host's seal on an image file: the id it was committed as, written
+ * by the host on the file it filled, before the driver publishes it. */
+export const SEAL = 'user.image-cache.id';
+/** The attribute the xattr probe sets (outside the host's prefix). */
+export const PROBE = 'user.image-cache-probe';
+
+/** The error codes (fs-xattr's `code`) of a file system that stores no
+ * user attributes. */
+const NO_XATTRS = new Set(['ENOTSUP', 'EOPNOTSUPP']);
+
+/** Seal the open file `fd` as image `id` (the host, at commit), through
+ * /proc/self/fd/<fd> (the descriptor's own file, never a name). Without
+ * the add-on, or on a file system that stores no user attributes (or
+ * refuses them: EPERM), nothing is sealed; that is not an error. Any other
+ * failure throws the add-on's error. */
+export function sealFile(lib, fd, id) {
+  if (!lib) return;
+  try {
+    lib.setAttributeSync(`/proc/self/fd/${fd}`, SEAL, Buffer.from(id, 'utf8'));
+  } catch (e) {
+    if (!NO_XATTRS.has(e?.code) && e?.code !== 'EPERM') throw e;
+  }
+}
+
+/** The seal of the open file `fd`: the id it was committed as (a Buffer),
+ * or null when it has none (a file of release 0.2 or of Glance, a file
+ * system without user attributes, or no add-on). */
+export function readSeal(lib, fd) {
+  if (!lib) return null;
+  try {
+    return lib.getAttributeSync(`/proc/self/fd/${fd}`, SEAL);
+  } catch (e) {
+    if (e?.code === 'ENODATA' || e?.code === 'ENOATTR' || NO_XATTRS.has(e?.code)) return null;
+    throw e;
+  }
+}
+
 /** The wall clock in seconds, to the microsecond: Date.now() has only
  * milliseconds, and drivers order queue markers made in quick succession
  * by the times they set. performance.timeOrigin is the wall clock at the
@@ -408,6 +448,8 @@ export function makeImports(ctx) {
   // file the descriptor is open on, never by name: the attributes are
   // those of the guest's open file, as in the Rust host. Without the
   // add-on or /proc (or with `xattr: false`), every call is `unsupported`.
+  // Names under `user.image-cache.` are the host's own (its seal, SEAL):
+  // refused to get, set and remove, and never listed.
   const MAX_XATTR_VALUE = 64 * 1024;
   const lib = ctx.xattrLib ?? null;
   let probes = 0;
@@ -416,6 +458,9 @@ export function makeImports(ctx) {
   const checkXattrName = (name) => {
     if (typeof name !== 'string' || !/^user\../.test(name) || Buffer.byteLength(name) > 255 || name.includes('\0')) {
       throw fsError('access-denied', `extended attribute ${JSON.stringify(String(name))}: only user.* names are allowed`);
+    }
+    if (name.startsWith(HOST_PREFIX)) {
+      throw fsError('access-denied', `extended attribute ${JSON.stringify(name)}: ${HOST_PREFIX}* is the host's own`);
     }
   };
   const onFile = (f) => {
@@ -472,7 +517,7 @@ export function makeImports(ctx) {
     listNames(f) {
       const at = onFile(f);
       try {
-        return lib.listAttributesSync(at).filter((n) => n.startsWith('user.'));
+        return lib.listAttributesSync(at).filter((n) => n.startsWith('user.') && !n.startsWith(HOST_PREFIX));
       } catch (e) {
         throw xattrError(f, '(list)', e);
       }
@@ -492,8 +537,8 @@ export function makeImports(ctx) {
         f = fsImports.createNew(rel);
       }
       try {
-        xattrImports.set(f, 'user.image-cache.probe', new Uint8Array([0x31]));
-        const v = xattrImports.get(f, 'user.image-cache.probe');
+        xattrImports.set(f, PROBE, new Uint8Array([0x31]));
+        const v = xattrImports.get(f, PROBE);
         if (v.length !== 1 || v[0] !== 0x31) throw unsupported();
       } catch (e) {
         // The guest learns that the root lacks support, never where it is.

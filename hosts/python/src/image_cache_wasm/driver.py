@@ -12,6 +12,7 @@ gets :class:`~image_cache_wasm.errors.DriverFault`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -21,9 +22,10 @@ from wasmtime import WasmtimeError
 from wasmtime.component import ResourceHost, Variant
 
 from . import errors
+from . import xattr as host_xattr
 from ._fastcall import Export
 from .errors import DriverFault, printable, quoted, validate_image_id
-from .fs import DEFAULT_DB, OpenFile, RootFs
+from .fs import DEFAULT_DB, OpenFile, RootFs, io_error
 from .runtime import FILE_TYPE, InstanceState, LoadedComponent, Runtime, enter, iface
 
 log = logging.getLogger("image_cache_wasm")
@@ -452,6 +454,8 @@ class Driver:
             if f is None:
                 raise self._broke("it handed back a file the host does not know")
             identity = self._check_session_file(kind, image_id, f)
+            if kind == "read":
+                self._check_seal(image_id, f)
         except BaseException as e:
             if resource is not None:
                 try:
@@ -487,6 +491,32 @@ class Driver:
         if expected != handed:
             raise broke(f"{quoted(f.path)}, which is not {path}")
         return handed
+
+    def _check_seal(self, image_id: str, f: OpenFile) -> None:
+        """A cached image's file carries the id the host sealed it with at
+        commit (an attribute the driver cannot reach): a driver that renamed
+        another image's file over this one is caught here, before a byte is
+        served. Unsealed files (release 0.2's, Glance's, or on a file system
+        without user attributes) pass."""
+        try:
+            sealed = host_xattr.read_seal(f.fd)
+        except OSError as e:
+            f.close()
+            raise _io(f"reading the seal of {quoted(image_id)}", e) from None
+        if sealed is not None and sealed != image_id.encode("utf-8", "surrogatepass"):
+            f.close()
+            shown = printable(sealed.decode("utf-8", "replace"), 80)
+            raise self._broke(
+                f"it broke the driver contract: the read session of {quoted(image_id)} "
+                f"handed back the file committed as {quoted(shown)}"
+            )
+
+
+def _io(context: str, e: OSError) -> errors.IoError:
+    """A host-side I/O failure as the Rust host's ``Error::io``: the
+    context, the OS's reason, the ``fs`` error code."""
+    reason = os.strerror(e.errno) if e.errno else "I/O error"
+    return errors.IoError(f"{context}: {reason} (os error {e.errno})", io_error("", e).code)
 
 
 class Session:
@@ -542,8 +572,17 @@ class Session:
             raise failed
 
     def commit(self, checksum: Optional[str] = None) -> None:
-        """Publish the image; afterwards ``<id>`` must be the very file
-        that was written."""
+        """Seal the file as this image (``user.image-cache.id``, see
+        ``Driver._check_seal``), publish it; afterwards ``<id>`` must be
+        the very file that was written. A seal that cannot be written (for
+        another reason than a file system without user attributes) ends
+        the session uncommitted, as an ``IoError``."""
+        if self._inst is not None and self.file is not None:
+            try:
+                host_xattr.seal(self.file.fd, self.image_id)
+            except OSError as e:
+                self.drop()
+                raise _io(f"sealing image {quoted(self.image_id)}", e) from None
         self._end("[method]write-session.commit", checksum)
         try:
             published = self.driver.root.identity(self.image_id)
