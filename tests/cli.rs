@@ -963,3 +963,65 @@ fn inspect_pin_and_grant_a_third_party_driver() {
         .ok();
     assert_eq!(r.json()["bytes"], 0);
 }
+
+/// A full disk is an exit code of its own (4) and, with `--json`, the
+/// `io` error's file-system code `no-space`; nothing is cached. Needs a
+/// small file system: a 2 MiB tmpfs, mounted where the test may (root);
+/// skipped with a printed reason elsewhere.
+#[test]
+fn a_full_disk_is_its_own_exit_code() {
+    let top = tempfile::tempdir().unwrap();
+    let small = top.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&small)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a 2 MiB tmpfs here (it needs root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let root = small.join("cache");
+    let image = top.path().join("image");
+    std::fs::write(&image, vec![7u8; 4 << 20]).unwrap();
+    let cli = |args: &[&str]| {
+        std::process::Command::new(image_cache_tests::cli_binary())
+            .arg("--dir")
+            .arg(&root)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["--json", "cache", "big", "--from", image.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["error"]["kind"], "io", "{doc}");
+    assert_eq!(doc["error"]["io_code"], "no-space", "{doc}");
+    let listed = cli(&["--json", "list-cached"]);
+    assert!(listed.status.success());
+    let doc: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(doc["images"].as_array().map(Vec::len), Some(0), "{doc}");
+    // Room made (the failed fill's file is cleaned), a small image fits.
+    assert!(cli(&["clean", "--stall-time", "0"]).status.success());
+    std::fs::write(&image, b"small").unwrap();
+    let out = cli(&["cache", "small", "--from", image.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

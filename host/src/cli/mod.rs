@@ -321,9 +321,15 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 pub enum Failure {
     /// The invocation or the configuration is wrong: exit 2.
     Usage(String),
-    /// An operation failed: exit 1. `kind` is the library's error kind (or
-    /// the CLI's own) for the `--json` error document.
-    Op { kind: &'static str, message: String },
+    /// An operation failed: exit 1, or [`EXIT_NO_SPACE`] when the disk or
+    /// a quota is full. `kind` is the library's error kind (or the CLI's
+    /// own) for the `--json` error document, `io_code` the file-system
+    /// error code of an `io` error.
+    Op {
+        kind: &'static str,
+        message: String,
+        io_code: Option<&'static str>,
+    },
     /// The command already printed its (partial) result; exit 1 with this
     /// line on stderr and no JSON error document.
     Reported(String),
@@ -331,21 +337,50 @@ pub enum Failure {
     BrokenPipe,
 }
 
+/// The exit code of an operation that failed because the disk (or a quota)
+/// is full: a script can tell "make room" from other failures.
+pub const EXIT_NO_SPACE: u8 = 4;
+
 impl Failure {
     pub fn op(kind: &'static str, message: impl Into<String>) -> Failure {
         Failure::Op {
             kind,
             message: message.into(),
+            io_code: None,
         }
     }
 }
 
 impl From<image_cache::Error> for Failure {
     fn from(e: image_cache::Error) -> Failure {
+        let io_code = match &e {
+            image_cache::Error::Io { code, .. } => Some(io_code_name(*code)),
+            _ => None,
+        };
         Failure::Op {
             kind: e.kind(),
             message: e.to_string(),
+            io_code,
         }
+    }
+}
+
+/// The `fs` error code's WIT name.
+fn io_code_name(code: image_cache::error::IoCode) -> &'static str {
+    use image_cache::error::IoCode;
+    match code {
+        IoCode::NotFound => "not-found",
+        IoCode::AlreadyExists => "already-exists",
+        IoCode::AccessDenied => "access-denied",
+        IoCode::InvalidPath => "invalid-path",
+        IoCode::NotADirectory => "not-a-directory",
+        IoCode::IsADirectory => "is-a-directory",
+        IoCode::NoSpace => "no-space",
+        IoCode::Unsupported => "unsupported",
+        IoCode::LimitExceeded => "limit-exceeded",
+        IoCode::TimedOut => "timed-out",
+        IoCode::InvalidArgument => "invalid-argument",
+        IoCode::Io => "io",
     }
 }
 
@@ -647,13 +682,24 @@ pub fn main() -> ExitCode {
             error_line(&message);
             ExitCode::from(1)
         }
-        Err(Failure::Op { kind, message }) => {
+        Err(Failure::Op {
+            kind,
+            message,
+            io_code,
+        }) => {
             error_line(&message);
             if json {
-                let doc = serde_json::json!({"error": {"kind": kind, "message": message}});
+                let mut error = serde_json::json!({"kind": kind, "message": message});
+                if let Some(code) = io_code {
+                    error["io_code"] = serde_json::json!(code);
+                }
+                let doc = serde_json::json!({ "error": error });
                 let _ = writeln!(io::stdout(), "{doc}");
             }
-            ExitCode::from(1)
+            ExitCode::from(match io_code {
+                Some("no-space") => EXIT_NO_SPACE,
+                _ => 1,
+            })
         }
     }
 }

@@ -372,6 +372,24 @@ impl App {
             Error::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not found in the cache"),
             Error::AlreadyCached(_) => ApiError::new(StatusCode::CONFLICT, "already cached"),
             Error::BeingCached(_) => ApiError::new(StatusCode::CONFLICT, "being cached now"),
+            // A full disk is the operator's to fix, and says so.
+            Error::Io {
+                code: image_cache::error::IoCode::NoSpace,
+                ..
+            } => {
+                self.note_driver_error(&e, call);
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "the cache's disk is full; see the server log",
+                )
+            }
+            Error::Overloaded(_) => {
+                self.note_driver_error(&e, call);
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the cache is busy; try again",
+                )
+            }
             e => {
                 self.note_driver_error(&e, call);
                 ApiError::new(
