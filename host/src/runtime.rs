@@ -275,6 +275,7 @@ pub struct LoadPolicy {
 }
 
 /// A compiled driver component, ready to instantiate.
+#[derive(Clone)]
 pub struct DriverComponent {
     name: String,
     pre: DriverPre<HostState>,
@@ -402,14 +403,24 @@ impl Runtime {
         let bytes = self.read_source(source)?;
         let sha256 = sha256_hex(&bytes);
         let grants = grants_for(source, policy);
-        if let Some(c) = self
+        let cached = self
             .components
             .lock()
             .unwrap()
             .get(&(sha256.clone(), grants))
-        {
+            .cloned();
+        if let Some(c) = cached {
             check_pin(&source.name(), &sha256, policy)?;
-            return Ok(c.clone());
+            // The same bytes under another name (a built-in driver's
+            // component also loaded as a file): compiled once, named as
+            // this caller named it.
+            if c.name != source.name() {
+                return Ok(Arc::new(DriverComponent {
+                    name: source.name(),
+                    ..(*c).clone()
+                }));
+            }
+            return Ok(c);
         }
         let component = Arc::new(self.load_bytes(&source.name(), &bytes, policy, grants)?);
         self.components
