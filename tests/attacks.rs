@@ -488,11 +488,30 @@ fn a_driver_cannot_serve_one_images_bytes_as_another() {
         good.cache_reader("swapped", None, &b"this image"[..])
             .unwrap();
     }
-    // The hostile driver renames one over the other and hands it back: the
-    // path and inode checks pass, the seal does not.
-    let discarded = s.discarded();
+    // The hostile driver renames one over the other: the host refuses the
+    // rename (nothing moves onto an image's name but its own fill).
     let mut out = Vec::new();
     match s.cache.read_image("swapped", &mut out) {
+        Err(Error::Io { code, message }) => {
+            assert_eq!(code, IoCode::AccessDenied, "{message}");
+            assert!(
+                message.contains("not a rename a driver may make"),
+                "{message}"
+            );
+        }
+        other => panic!("expected the rename to be refused, got {other:?}"),
+    }
+    assert!(out.is_empty(), "not a byte served");
+    // Another process does the same (whatever is in the root): the seal
+    // catches it before a byte is served.
+    std::fs::rename(s.root.join("swap-source"), s.root.join("swapped")).unwrap();
+    let discarded = s.discarded();
+    let good = ImageCache::with_runtime(
+        s.cache.runtime().clone(),
+        CacheConfig::new(&s.root).fallback_to_sqlite(false),
+    )
+    .unwrap();
+    match good.read_image("swapped", &mut out) {
         Err(Error::DriverFault { message, .. }) => assert!(
             message.contains("committed as \"swap-source\""),
             "{message}"

@@ -877,6 +877,11 @@ fn a_role_with_more_than_the_cache_tables_is_refused_with_the_grants_to_run() {
             "ALTER TABLE image_locations OWNER TO postgres",
             "owns relation image_locations",
         ),
+        (
+            "GRANT SELECT (value) ON image_locations TO glance",
+            "REVOKE SELECT (value) ON image_locations FROM glance",
+            "SELECT on image_locations",
+        ),
     ] {
         db.sql(grant);
         let message = refusal(&db).unwrap_or_else(|| panic!("{grant}: accepted"));
@@ -890,6 +895,26 @@ fn a_role_with_more_than_the_cache_tables_is_refused_with_the_grants_to_run() {
         db.sql(revoke);
         assert_eq!(refusal(&db), None, "{revoke}: accepted again");
     }
+    // A role it may become with powers of its own (its own role here, not
+    // the shared test role: role memberships are cluster-wide).
+    db.sql(
+        "DO $$ BEGIN \
+           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'member_test') THEN \
+             CREATE ROLE member_test LOGIN PASSWORD 'member-pw'; END IF; \
+           IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'mighty_test') THEN \
+             CREATE ROLE mighty_test CREATEDB; END IF; END $$; \
+         GRANT mighty_test TO member_test",
+    );
+    db.grant_cache_privileges("member_test");
+    let member = db.root_with(PostgresSettings::new(
+        db.url
+            .replace(&format!("glance:{PASSWORD}"), "member_test:member-pw"),
+    ));
+    let e = member
+        .open(CENTRALIZED_DATABASE, soon())
+        .err()
+        .expect("refused");
+    assert!(e.message.contains("mighty_test"), "{}", e.message);
     // Glance's own role (the owner of its database and tables) is refused.
     let owned = cluster.owned_database();
     let message = refusal(&owned).expect("the owner role is refused");

@@ -143,10 +143,18 @@ fn an_outsiders_plugin_cannot_change_or_swap_an_images_bytes() {
     );
     let mut out = Vec::new();
     match cache.read_image("victim", &mut out) {
-        Err(Error::DriverFault { message, .. }) => {
-            assert!(message.contains("committed as \"source\""), "{message}")
+        Err(Error::Io { code, message }) => {
+            assert_eq!(code, IoCode::AccessDenied, "{message}");
+            assert!(
+                message.contains("not a rename a driver may make"),
+                "{message}"
+            )
         }
-        other => panic!("expected the seal to refuse it, got {other:?}"),
+        other => panic!("expected the rename to be refused, got {other:?}"),
     }
     assert!(out.is_empty(), "not a byte served");
+    assert_eq!(
+        std::fs::read(dir.path().join("victim")).unwrap(),
+        b"this image"
+    );
 }

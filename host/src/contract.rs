@@ -302,6 +302,14 @@ pub fn read_manifest(driver: &str, bytes: &[u8]) -> Result<Manifest> {
         message,
     };
     let (imports, exports) = top_level_names(bytes).map_err(refuse)?;
+    // The names are the component's words: printable before any message.
+    let shown = |names: Vec<String>| -> Vec<String> {
+        names
+            .iter()
+            .map(|n| crate::driver::printable(n, 256))
+            .collect()
+    };
+    let (imports, exports) = (shown(imports), shown(exports));
     let prefix = format!("{PACKAGE}/{EXPORT}@");
     let exported = exports
         .iter()

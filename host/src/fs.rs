@@ -474,8 +474,43 @@ impl RootFs {
         })
     }
 
+    /// Rename within the root, where images cannot be forged by moving
+    /// files: into the top of the root only `incomplete/<name>` to
+    /// `<name>` (a commit), and `incomplete/<name>` otherwise only to
+    /// `invalid/<name>` (an abort); nothing leaves the top of the root or
+    /// moves into `incomplete/` or `queue/`. So the bytes at `<id>` are
+    /// always a file the host filled: never one the driver wrote
+    /// (`open-read-write`) nor another image's.
     pub fn rename(&self, src: &str, dst: &str) -> Result<()> {
         let (s, d) = (check_name(src)?, check_name(dst)?);
+        let parts = |p: &Path| -> Vec<String> {
+            p.components()
+                .filter(|c| *c != Component::CurDir)
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect()
+        };
+        let (sp, dp) = (parts(s), parts(d));
+        let from_incomplete = |name: &str| sp.len() == 2 && sp[0] == "incomplete" && sp[1] == name;
+        let allowed = match (sp.as_slice(), dp.as_slice()) {
+            (_, [name]) => from_incomplete(name),
+            ([_], _) => false,
+            (_, [dir, ..]) if dir == "incomplete" || dir == "queue" => false,
+            ([dir, ..], [to, name]) if dir == "incomplete" || dir == "queue" => {
+                to == "invalid" && from_incomplete(name)
+            }
+            ([dir, ..], _) if dir == "incomplete" || dir == "queue" => false,
+            _ => true,
+        };
+        if !allowed {
+            return Err(error(
+                ErrorCode::AccessDenied,
+                format!(
+                    "{src} -> {dst}: not a rename a driver may make (into the top of the root \
+                     only incomplete/<name> -> <name>, out of incomplete/ only to \
+                     invalid/<name>; nothing leaves the top of the root)"
+                ),
+            ));
+        }
         self.dir
             .rename(s, &self.dir, d)
             .map_err(|e| io_error(&format!("{src} -> {dst}"), e))
@@ -737,11 +772,13 @@ impl RangeLocks {
     /// the call (once per file and call).
     fn note(&mut self, file: &OpenFile) -> Result<()> {
         use std::sync::atomic::Ordering;
-        if file.locked_in_call.swap(self.call, Ordering::Relaxed) == self.call {
+        if file.locked_in_call.load(Ordering::Relaxed) == self.call {
             return Ok(());
         }
         let dup = file.file.try_clone().map_err(|e| io_error(&file.path, e))?;
         self.held.push(dup.into());
+        // Marked only once its release is certain.
+        file.locked_in_call.store(self.call, Ordering::Relaxed);
         Ok(())
     }
 

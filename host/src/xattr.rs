@@ -301,7 +301,8 @@ mod tests {
     fn attributes_live_on_the_open_file() {
         let dir = tempfile::tempdir().unwrap();
         let root = RootFs::new(dir.path()).unwrap();
-        let file = root.create_new("img").unwrap();
+        root.create_dir("incomplete").unwrap();
+        let file = root.create_new("incomplete/img").unwrap();
         let attrs = Attributes {
             file: &file,
             support: XattrSupport::FileSystem,
@@ -314,9 +315,9 @@ mod tests {
         assert_eq!(attrs.get("user.hits").unwrap(), b"3");
         assert_eq!(attrs.list().unwrap(), ["user.hits"]);
         // Renaming does not matter: the attribute follows the open file.
-        root.rename("img", "renamed").unwrap();
+        root.rename("incomplete/img", "img").unwrap();
         attrs.set("user.hits", b"4").unwrap();
-        let reopened = root.open("renamed").unwrap();
+        let reopened = root.open("img").unwrap();
         let again = Attributes {
             file: &reopened,
             support: XattrSupport::FileSystem,

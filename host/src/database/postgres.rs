@@ -89,7 +89,7 @@ pub const CACHE_SEQUENCES: [&str; 2] = [
 /// The DML a cache driver's role needs on [`CACHE_TABLES`].
 const TABLE_PRIVILEGES: [&str; 4] = ["SELECT", "INSERT", "UPDATE", "DELETE"];
 /// Predefined roles that reach beyond the cache tables.
-const POWERFUL_ROLES: [&str; 11] = [
+const POWERFUL_ROLES: [&str; 14] = [
     "pg_read_server_files",
     "pg_write_server_files",
     "pg_execute_server_program",
@@ -101,6 +101,9 @@ const POWERFUL_ROLES: [&str; 11] = [
     "pg_monitor",
     "pg_checkpoint",
     "pg_create_subscription",
+    "pg_maintain",
+    "pg_use_reserved_connections",
+    "pg_signal_autovacuum_worker",
 ];
 
 /// An SQL identifier, quoted unless it is a plain lowercase name.
@@ -451,6 +454,18 @@ impl Shared {
         if !powerful.is_empty() {
             problems.push(format!("is a member of {}", first_texts(&powerful)));
         }
+        // A role it may become (SET ROLE) with powers of its own.
+        let mighty = q("SELECT r.rolname::text FROM pg_roles r \
+             WHERE pg_has_role(current_user, r.oid, 'MEMBER') AND r.rolname <> current_user \
+               AND (r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication \
+                    OR r.rolbypassrls) ORDER BY 1 LIMIT 6")
+        .await?;
+        if !mighty.is_empty() {
+            problems.push(format!(
+                "is a member of a role with role attributes ({})",
+                first_texts(&mighty)
+            ));
+        }
         let owned = q("SELECT kind || ' ' || name FROM ( \
                SELECT 'database' AS kind, datname::text AS name, datdba AS owner \
                  FROM pg_database WHERE datname = current_database() \
@@ -492,7 +507,10 @@ impl Shared {
              WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') \
                AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
                AND n.nspname NOT LIKE 'pg\\_%' \
-               AND has_table_privilege(current_user, c.oid, p.priv) \
+               AND (has_table_privilege(current_user, c.oid, p.priv) \
+                    OR (p.priv IN ('SELECT','INSERT','UPDATE','REFERENCES') \
+                        AND has_any_column_privilege(current_user, c.oid, p.priv))) \
+               AND NOT has_table_privilege('public', c.oid, p.priv) \
              UNION ALL SELECT c.relname::text, 'S', p.priv FROM pg_class c \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              CROSS JOIN unnest(ARRAY['USAGE','SELECT','UPDATE']) AS p(priv) \
@@ -591,6 +609,27 @@ impl Shared {
         self.role.store(ROLE_REFUSED, Ordering::Release);
         Err(self.refused())
     }
+}
+
+/// Whether `sql` is a plain end of a transaction (`COMMIT`, `END`,
+/// `ABORT` or `ROLLBACK`, with an optional `WORK`/`TRANSACTION`), not one
+/// that opens another (`AND CHAIN`) or ends only a savepoint (`TO`).
+fn ends_transaction(sql: &str) -> bool {
+    let words: Vec<String> = sql
+        .trim()
+        .trim_end_matches(';')
+        .split_whitespace()
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    matches!(
+        words.as_slice(),
+        ["commit" | "end" | "abort" | "rollback"]
+            | [
+                "commit" | "end" | "abort" | "rollback",
+                "work" | "transaction"
+            ]
+    )
 }
 
 /// The first column of each row, as text, joined by commas.
@@ -726,10 +765,10 @@ impl PostgresConnection {
                 if result.is_ok() {
                     match policy::first_word(sql).as_deref() {
                         Some("begin" | "start") => self.in_transaction = true,
-                        Some("commit" | "end" | "abort") => self.in_transaction = false,
-                        Some("rollback") if !sql.to_ascii_lowercase().contains(" to ") => {
-                            self.in_transaction = false
-                        }
+                        // Only a plain end of the transaction clears it:
+                        // `COMMIT AND CHAIN` or `ROLLBACK TO s` leave one
+                        // open, and so does anything not recognised.
+                        Some(_) if ends_transaction(sql) => self.in_transaction = false,
                         _ => {}
                     }
                 }
@@ -1065,6 +1104,29 @@ fn column(row: &Row, i: usize, ty: &Type) -> std::result::Result<Value, String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_plain_end_clears_the_transaction() {
+        for sql in [
+            "COMMIT",
+            "commit;",
+            " ROLLBACK  WORK ",
+            "end transaction",
+            "Abort",
+        ] {
+            assert!(ends_transaction(sql), "{sql}");
+        }
+        for sql in [
+            "COMMIT AND CHAIN",
+            "ROLLBACK AND CHAIN",
+            "ROLLBACK\tTO sp",
+            "ROLLBACK TO SAVEPOINT sp",
+            "ROLLBACK\nTO sp",
+            "COMMIT; BEGIN",
+        ] {
+            assert!(!ends_transaction(sql), "{sql}");
+        }
+    }
 
     #[test]
     fn sqlalchemy_urls_become_libpq_urls() {
