@@ -132,9 +132,16 @@ impl VfsFile for RootFile {
         }
         match level {
             LockLevel::Shared => {
-                let got = self.set(SHARED_FIRST, SHARED_SIZE, RangeLock::Shared)?;
-                self.set(PENDING_BYTE, 1, RangeLock::Unlocked)?;
-                if !got {
+                // As unixLock: the temporary PENDING lock is dropped whatever
+                // became of the SHARED range, and a SHARED range taken is
+                // given back if that drop fails.
+                let got = self.set(SHARED_FIRST, SHARED_SIZE, RangeLock::Shared);
+                let dropped = self.set(PENDING_BYTE, 1, RangeLock::Unlocked);
+                if let (Ok(true), Err(_)) = (&got, &dropped) {
+                    let _ = self.set(SHARED_FIRST, SHARED_SIZE, RangeLock::Unlocked);
+                }
+                dropped?;
+                if !got? {
                     return Err(Self::busy());
                 }
             }
@@ -144,8 +151,10 @@ impl VfsFile for RootFile {
                 }
             }
             _ => {
+                // PENDING is held from here on: a failure leaves the level
+                // there, as unixLock does.
+                self.level = LockLevel::Pending;
                 if !self.set(SHARED_FIRST, SHARED_SIZE, RangeLock::Exclusive)? {
-                    self.level = LockLevel::Pending;
                     return Err(Self::busy());
                 }
             }

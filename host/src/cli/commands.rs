@@ -831,7 +831,9 @@ fn db(s: &Settings, action: &super::DbAction, out: &mut Out) -> Outcome {
                 out,
                 "-- Run in database {database:?} as the owner of Glance's tables. The role \
                  ({role}) logs in\n-- and has nothing else (CREATE ROLE {role} LOGIN PASSWORD \
-                 '...'; if it is new)."
+                 '...'; if it is new).\n-- On PostgreSQL before 15 the last line takes CREATE \
+                 on schema public from everyone:\n-- give it back to the role Glance's \
+                 migrations run as first (GRANT CREATE ON SCHEMA public TO glance;)."
             );
             for statement in statements {
                 outln!(out, "{statement}");
