@@ -276,19 +276,34 @@ test("a driver cannot serve one image's bytes as another (the host's seal)", asy
   }
   const hostile = await ImageCache.open(own, { driver: 'hostile', fallbackToSqlite: false });
   try {
-    // It renames one over the other and hands it back: the path and inode
-    // checks pass, the seal does not.
-    const discarded = stats.discarded;
+    // It renames one over the other: the host refuses the rename (nothing
+    // moves onto an image's name but its own fill).
     await assert.rejects(hostile.openForRead('swapped'), (e) => {
+      assert.equal(e.kind, 'io', e.message);
+      assert.equal(e.ioCode, 'access-denied', e.message);
+      assert.match(e.message, /not a rename a driver may make/);
+      return true;
+    });
+    assert.equal(fs.readFileSync(path.join(own, 'swapped'), 'utf8'), 'this image');
+    assert.equal(await hostile.isCached('benign'), false, 'the next call works');
+  } finally {
+    await hostile.close();
+  }
+  // Another process does the same (whatever is in the root): the seal
+  // catches it before a byte is served.
+  fs.renameSync(path.join(own, 'swap-source'), path.join(own, 'swapped'));
+  const discarded = stats.discarded;
+  const reader = await ImageCache.open(own, { driver: 'sqlite', fallbackToSqlite: false });
+  try {
+    await assert.rejects(reader.openForRead('swapped'), (e) => {
       assert.equal(e.kind, 'driver-fault');
       assert.match(e.message, /the read session of "swapped" handed back the file committed as "swap-source"/);
       return true;
     });
     assert.equal(stats.discarded, discarded + 1);
     assert.equal(xattrLib.getAttributeSync(path.join(own, 'swapped'), SEAL).toString(), 'swap-source');
-    assert.equal(await hostile.isCached('benign'), false, 'the next call works');
   } finally {
-    await hostile.close();
+    await reader.close();
   }
 });
 

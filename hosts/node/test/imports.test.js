@@ -88,7 +88,7 @@ test('fs never follows a symlink out of the root, nor a final symlink', () => {
     () => fsi.listDir('linkdir'),
     () => fsi.listNames('linkdir'),
     () => fsi.removeFile('linkdir/secret'),
-    () => fsi.rename('linkdir/secret', 'stolen'),
+    () => fsi.rename('linkdir/secret', 'linkdir/stolen'),
     () => fsi.setTimes('linkdir/secret', 1, 1),
     () => fsi.stat('linkdir/secret'),
   ]) {
@@ -106,6 +106,52 @@ test('fs messages name root-relative paths, never the root', () => {
   assert.equal(e.code, 'not-found');
   assert.match(e.message, /^incomplete\/missing: /);
   assert.ok(!e.message.includes(dir), e.message);
+});
+
+test('rename forges no image: into the top only incomplete/<name> -> <name>, out of incomplete/ only to invalid/<name>', () => {
+  const { dir, fsi } = setup();
+  for (const sub of ['incomplete', 'invalid', 'mine', 'queue']) fsi.createDir(sub);
+  const make = (p) => fsi.createNew(p).close();
+  make('incomplete/x');
+  fsi.rename('incomplete/x', 'x');
+  assert.ok(fs.statSync(path.join(dir, 'x')).isFile());
+  make('incomplete/x');
+  fsi.rename('incomplete/x', 'invalid/x');
+  make('mine/a');
+  fsi.rename('mine/a', 'mine/b');
+  fsi.rename('./invalid/x', 'mine//x'); // `.` and empty components are dropped
+  assert.deepEqual(fs.readdirSync(path.join(dir, 'mine')).sort(), ['b', 'x']);
+
+  for (const p of ['mine/a', 'y', 'cache.db', 'incomplete/x', 'queue/x']) make(p);
+  for (const [src, dst] of [
+    ['mine/a', 'x'],
+    ['x', 'y'],
+    ['x', 'mine/x'],
+    ['cache.db', 'x'],
+    ['mine/a', 'incomplete/a'],
+    ['incomplete/x', 'mine/x'],
+    ['queue/x', 'invalid/x'],
+    ['incomplete/x', 'y'], // another name's fill
+    ['incomplete/x', 'invalid/y'],
+    ['incomplete/x', 'incomplete/z'],
+    ['./x', './mine/z'],
+  ]) {
+    const e = fsErr(() => fsi.rename(src, dst));
+    assert.equal(e.code, 'access-denied', `${src} -> ${dst}`);
+    assert.equal(
+      e.message,
+      `${src} -> ${dst}: not a rename a driver may make (into the top of the root ` +
+        'only incomplete/<name> -> <name>, out of incomplete/ only to ' +
+        'invalid/<name>; nothing leaves the top of the root)',
+    );
+  }
+  assert.deepEqual(fs.readdirSync(dir).sort(), ['cache.db', 'incomplete', 'invalid', 'mine', 'queue', 'x', 'y']);
+  assert.deepEqual(fs.readdirSync(path.join(dir, 'mine')).sort(), ['a', 'b', 'x']);
+  assert.deepEqual(fs.readdirSync(path.join(dir, 'incomplete')), ['x']);
+  assert.deepEqual(fs.readdirSync(path.join(dir, 'queue')), ['x']);
+  // The path checks still come first.
+  assert.equal(fsErr(() => fsi.rename('../x', 'x')).code, 'access-denied');
+  assert.equal(fsErr(() => fsi.rename('incomplete/x', '.')).code, 'invalid-path');
 });
 
 test('create-new is exclusive, and open takes regular files only', () => {
@@ -278,17 +324,18 @@ test('xattr attributes live on the open file (through /proc/self/fd), user.* onl
   fs.writeFileSync(path.join(outside, 'target'), '');
   const { dir, imports, fsi } = setup({ xattrLib });
   const x = imports.xattr;
-  const f = fsi.createNew('img');
+  fsi.createDir('incomplete');
+  const f = fsi.createNew('incomplete/img');
   assert.equal(fsErr(() => x.get(f, 'user.hits')).code, 'not-found');
   x.set(f, 'user.hits', new Uint8Array([0x33]));
   assert.deepEqual(x.get(f, 'user.hits'), new Uint8Array([0x33]));
   assert.deepEqual(x.listNames(f), ['user.hits']);
   // Renamed under it, or its name taken by a symlink out: the attribute
   // still goes to the open file, never to what the name now points at.
-  fsi.rename('img', 'renamed');
-  fs.symlinkSync(path.join(outside, 'target'), path.join(dir, 'img'));
+  fsi.rename('incomplete/img', 'img');
+  fs.symlinkSync(path.join(outside, 'target'), path.join(dir, 'incomplete', 'img'));
   x.set(f, 'user.hits', new Uint8Array([0x34]));
-  const again = fsi.open('renamed');
+  const again = fsi.open('img');
   assert.deepEqual(x.get(again, 'user.hits'), new Uint8Array([0x34]));
   assert.deepEqual(xattrLib.listAttributesSync(path.join(outside, 'target')).filter((n) => n.startsWith('user.')), []);
   x.remove(f, 'user.hits');
@@ -296,7 +343,7 @@ test('xattr attributes live on the open file (through /proc/self/fd), user.* onl
   assert.equal(fsErr(() => x.set(f, 'trusted.hits', new Uint8Array([1]))).code, 'access-denied');
   assert.equal(fsErr(() => x.set(f, 'user.big', new Uint8Array(64 * 1024 + 1))).code, 'limit-exceeded');
   x.probe();
-  assert.deepEqual(fs.readdirSync(dir).sort(), ['img', 'renamed'], 'the probe leaves nothing');
+  assert.deepEqual(fs.readdirSync(dir).sort(), ['img', 'incomplete'], 'the probe leaves nothing');
   f.close();
   again.close();
 });

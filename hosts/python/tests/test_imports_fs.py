@@ -70,7 +70,7 @@ def test_never_follows_a_symlink_out_of_the_root(root, tmp_path):
     assert code(r.create_new, "linkdir/planted") == "access-denied"
     assert code(r.list_dir, "linkdir") == "access-denied"
     assert code(r.remove_file, "linkdir/secret") == "access-denied"
-    assert code(r.rename, "linkdir/secret", "stolen") == "access-denied"
+    assert code(r.rename, "linkdir/secret", "linkdir/stolen") == "access-denied"
     assert code(r.set_times, "linkdir/secret", 0.0, 0.0) == "access-denied"
     assert code(r.open, "fifo") == "access-denied"  # not a regular file, and no hang
     assert not (outside / "planted").exists()
@@ -83,11 +83,66 @@ def test_never_follows_a_symlink_out_of_the_root(root, tmp_path):
 
 def test_messages_never_name_the_root(root):
     d, r = root
-    for fn, args in [(r.open, ("missing",)), (r.list_dir, ("nowhere",)), (r.rename, ("a", "b"))]:
+    for fn, args in [(r.open, ("missing",)), (r.list_dir, ("nowhere",)), (r.rename, ("mine/a", "mine/b"))]:
         with pytest.raises(FsError) as e:
             fn(*args)
         assert str(d) not in e.value.message, e.value.message
         assert e.value.code == "not-found"
+
+
+def test_rename_forges_no_image(root):
+    # Into the top of the root only incomplete/<name> -> <name> (a commit),
+    # out of incomplete/ only to invalid/<name> (an abort); nothing leaves
+    # the top of the root or moves into incomplete/ or queue/.
+    d, r = root
+    for sub in ["incomplete", "invalid", "mine", "queue"]:
+        r.create_dir(sub)
+
+    def make(path):
+        r.create_new(path).close()
+
+    make("incomplete/x")
+    r.rename("incomplete/x", "x")
+    assert (d / "x").is_file()
+    make("incomplete/x")
+    r.rename("incomplete/x", "invalid/x")
+    make("mine/a")
+    r.rename("mine/a", "mine/b")
+    r.rename("./invalid/x", "mine//x")  # `.` and empty components are dropped
+    assert sorted(os.listdir(d / "mine")) == ["b", "x"]
+
+    make("mine/a")
+    make("y")
+    make("cache.db")
+    make("incomplete/x")
+    make("queue/x")
+    for src, dst in [
+        ("mine/a", "x"),
+        ("x", "y"),
+        ("x", "mine/x"),
+        ("cache.db", "x"),
+        ("mine/a", "incomplete/a"),
+        ("incomplete/x", "mine/x"),
+        ("queue/x", "invalid/x"),
+        ("incomplete/x", "y"),  # another name's fill
+        ("incomplete/x", "invalid/y"),
+        ("incomplete/x", "incomplete/z"),
+        ("./x", "./mine/z"),
+    ]:
+        with pytest.raises(FsError) as e:
+            r.rename(src, dst)
+        assert e.value.code == "access-denied", (src, dst)
+        assert e.value.message == (
+            f"{src} -> {dst}: not a rename a driver may make (into the top of the root "
+            "only incomplete/<name> -> <name>, out of incomplete/ only to "
+            "invalid/<name>; nothing leaves the top of the root)"
+        )
+    assert sorted(os.listdir(d)) == ["cache.db", "incomplete", "invalid", "mine", "queue", "x", "y"]
+    assert sorted(os.listdir(d / "mine")) == ["a", "b", "x"]
+    assert os.listdir(d / "incomplete") == ["x"] and os.listdir(d / "queue") == ["x"]
+    # The path checks still come first.
+    assert code(r.rename, "../x", "x") == "access-denied"
+    assert code(r.rename, "incomplete/x", ".") == "invalid-path"
 
 
 def test_create_new_is_exclusive_and_remove_refuses_directories(root):
@@ -181,15 +236,16 @@ def test_the_hosts_own_names_are_refused_and_hidden(root):
 
 def test_attributes_live_on_the_open_file(root):
     d, r = root
-    f = r.create_new("img")
+    r.create_dir("incomplete")
+    f = r.create_new("incomplete/img")
     attrs = Attributes(f)
     assert code(attrs.get, "user.hits") == "not-found"
     attrs.set("user.hits", b"3")
     assert attrs.get("user.hits") == b"3"
     assert attrs.list() == ["user.hits"]
-    r.rename("img", "renamed")
+    r.rename("incomplete/img", "img")  # the attribute follows the open file
     attrs.set("user.hits", b"4")
-    assert Attributes(r.open("renamed")).get("user.hits") == b"4"
+    assert Attributes(r.open("img")).get("user.hits") == b"4"
     attrs.remove("user.hits")
     attrs.remove("user.hits")
     assert code(attrs.set, "trusted.hits", b"1") == "access-denied"

@@ -121,6 +121,20 @@ export function checkName(p) {
   return parts;
 }
 
+const STAGING_DIRS = ['incomplete', 'queue'];
+
+/** As the Rust host's `RootFs::rename` decides, on checked components. */
+export function renameAllowed(sp, dp) {
+  const fromIncomplete = (name) => sp.length === 2 && sp[0] === 'incomplete' && sp[1] === name;
+  if (dp.length === 1) return fromIncomplete(dp[0]);
+  if (sp.length === 1) return false;
+  if (STAGING_DIRS.includes(dp[0])) return false;
+  if (STAGING_DIRS.includes(sp[0])) {
+    return dp.length === 2 && dp[0] === 'invalid' && fromIncomplete(dp[1]);
+  }
+  return true;
+}
+
 /** Seconds since the epoch, from a BigInt nanosecond count; before 1970 is 0. */
 function seconds(ns) {
   if (ns <= 0n) return 0;
@@ -373,9 +387,25 @@ export class RootFs {
     return this.walk(rel, deadline, (entry) => ({ name: entry.name, kind: kindOf(entry) }));
   }
 
+  /** Rename within the root, where images cannot be forged by moving
+   * files: into the top of the root only `incomplete/<name>` to `<name>` (a
+   * commit), and `incomplete/<name>` otherwise only to `invalid/<name>` (an
+   * abort); nothing leaves the top of the root or moves into `incomplete/`
+   * or `queue/`. So the bytes at `<id>` are always a file the host filled:
+   * never one the driver wrote (`open-read-write`) nor another image's. */
   rename(src, dst) {
-    const s = this.resolve(src, checkName(src));
-    const d = this.resolve(dst, checkName(dst));
+    const sp = checkName(src);
+    const dp = checkName(dst);
+    if (!renameAllowed(sp, dp)) {
+      throw fsError(
+        'access-denied',
+        `${src} -> ${dst}: not a rename a driver may make (into the top of the root ` +
+          'only incomplete/<name> -> <name>, out of incomplete/ only to ' +
+          'invalid/<name>; nothing leaves the top of the root)',
+      );
+    }
+    const s = this.resolve(src, sp);
+    const d = this.resolve(dst, dp);
     try {
       fs.renameSync(s, d);
     } catch (e) {

@@ -131,6 +131,27 @@ def check_name(path: str) -> List[str]:
     return parts
 
 
+_STAGING_DIRS = ("incomplete", "queue")
+
+
+def _rename_allowed(sp: List[str], dp: List[str]) -> bool:
+    """As the Rust host's ``RootFs::rename`` decides (components, ``.``
+    already dropped)."""
+
+    def from_incomplete(name: str) -> bool:
+        return len(sp) == 2 and sp[0] == "incomplete" and sp[1] == name
+
+    if len(dp) == 1:
+        return from_incomplete(dp[0])
+    if len(sp) == 1:
+        return False
+    if dp[0] in _STAGING_DIRS:
+        return False
+    if sp[0] in _STAGING_DIRS:
+        return len(dp) == 2 and dp[0] == "invalid" and from_incomplete(dp[1])
+    return True
+
+
 def to_time(ns: int) -> float:
     """Seconds since the epoch; a time before it reads as 0."""
     if ns <= 0:
@@ -585,7 +606,21 @@ class RootFs:
         return self._walk(path, deadline, describe)
 
     def rename(self, src: str, dst: str) -> None:
+        """Rename within the root, where images cannot be forged by moving
+        files: into the top of the root only ``incomplete/<name>`` to
+        ``<name>`` (a commit), and ``incomplete/<name>`` otherwise only to
+        ``invalid/<name>`` (an abort); nothing leaves the top of the root or
+        moves into ``incomplete/`` or ``queue/``. So the bytes at ``<id>``
+        are always a file the host filled: never one the driver wrote
+        (``open-read-write``) nor another image's."""
         sparts, dparts = check_name(src), check_name(dst)
+        if not _rename_allowed(sparts, dparts):
+            raise FsError(
+                "access-denied",
+                f"{src} -> {dst}: not a rename a driver may make (into the top of the root "
+                "only incomplete/<name> -> <name>, out of incomplete/ only to "
+                "invalid/<name>; nothing leaves the top of the root)",
+            )
         sdir = self._open_dir(sparts[:-1], src)
         try:
             ddir = self._open_dir(dparts[:-1], dst)
