@@ -14,7 +14,7 @@ use image_cache::error::IoCode;
 use image_cache::{
     CacheConfig, Capability, DriverSource, Error, Grants, ImageCache, Limits, LoadPolicy, Runtime,
 };
-use image_cache_tests::{canary_state, fixture};
+use image_cache_tests::{assert_access_denied, canary_state, fixture};
 
 const DEADLINE: Duration = Duration::from_millis(800);
 
@@ -230,13 +230,7 @@ fn a_planted_fifo_is_refused_without_blocking() {
         assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
     });
     let started = Instant::now();
-    match s.refusal("open-fifo") {
-        Error::Io { code, message } => {
-            assert_eq!(code, IoCode::AccessDenied, "{message}");
-            assert!(message.contains("not a regular file"), "{message}");
-        }
-        e => panic!("expected the host's refusal, got {e:?}"),
-    }
+    assert_access_denied(s.refusal("open-fifo"), "not a regular file");
     assert!(
         started.elapsed() < DEADLINE,
         "refused at once, not at the deadline"
@@ -250,13 +244,7 @@ fn a_planted_hard_link_is_refused() {
     plant(&s, |root| {
         std::fs::hard_link(&secret, root.join("hardlink")).unwrap()
     });
-    match s.refusal("open-hardlink") {
-        Error::Io { code, message } => {
-            assert_eq!(code, IoCode::AccessDenied, "{message}");
-            assert!(message.contains("hard links"), "{message}");
-        }
-        e => panic!("expected the host's refusal, got {e:?}"),
-    }
+    assert_access_denied(s.refusal("open-hardlink"), "hard links");
     // Canary untouched (Scene's Drop compares it), its link count aside.
     std::fs::remove_file(s.root.join("hardlink")).unwrap();
 }
@@ -264,16 +252,7 @@ fn a_planted_hard_link_is_refused() {
 #[test]
 fn a_driver_cannot_write_the_bytes_of_an_image() {
     let s = scene();
-    match s.refusal("write-image") {
-        Error::Io { code, message } => {
-            assert_eq!(code, IoCode::AccessDenied, "{message}");
-            assert!(
-                message.contains("not a file a driver may write"),
-                "{message}"
-            );
-        }
-        e => panic!("expected the host's refusal, got {e:?}"),
-    }
+    assert_access_denied(s.refusal("write-image"), "not a file a driver may write");
     assert_eq!(std::fs::read(s.root.join("hostile-image")).unwrap(), b"");
 }
 
@@ -491,16 +470,10 @@ fn a_driver_cannot_serve_one_images_bytes_as_another() {
     // The hostile driver renames one over the other: the host refuses the
     // rename (nothing moves onto an image's name but its own fill).
     let mut out = Vec::new();
-    match s.cache.read_image("swapped", &mut out) {
-        Err(Error::Io { code, message }) => {
-            assert_eq!(code, IoCode::AccessDenied, "{message}");
-            assert!(
-                message.contains("not a rename a driver may make"),
-                "{message}"
-            );
-        }
-        other => panic!("expected the rename to be refused, got {other:?}"),
-    }
+    assert_access_denied(
+        s.cache.read_image("swapped", &mut out).unwrap_err(),
+        "not a rename a driver may make",
+    );
     assert!(out.is_empty(), "not a byte served");
     // Another process does the same (whatever is in the root): the seal
     // catches it before a byte is served.

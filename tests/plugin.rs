@@ -6,11 +6,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use image_cache::error::IoCode;
 use image_cache::{
     CacheConfig, DriverSource, Error, Grants, ImageCache, Limits, LoadPolicy, Runtime,
 };
-use image_cache_tests::{cli_binary, third_party_plugin};
+use image_cache_tests::{assert_access_denied, cli_binary, third_party_plugin};
 
 fn sha256(path: &Path) -> String {
     image_cache::runtime::sha256_hex(&std::fs::read(path).unwrap())
@@ -93,12 +92,7 @@ fn an_outsiders_plugin_cannot_block_the_host_or_keep_a_lock() {
     // SAFETY: mkfifo with a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
     let started = Instant::now();
-    match cache.is_cached("fifo") {
-        Err(Error::Io { code, message }) => {
-            assert_eq!(code, IoCode::AccessDenied, "{message}")
-        }
-        other => panic!("expected the host's refusal, got {other:?}"),
-    }
+    assert_access_denied(cache.is_cached("fifo").unwrap_err(), "not a regular file");
     assert!(started.elapsed() < Duration::from_millis(800));
     // A lock kept past the call: released when the call returned.
     assert!(cache.is_cached("hold-lock").unwrap());
@@ -131,27 +125,19 @@ fn an_outsiders_plugin_cannot_change_or_swap_an_images_bytes() {
             .unwrap();
     }
     let cache = plugin_cache(dir.path());
-    match cache.is_cached("write-image") {
-        Err(Error::Io { code, message }) => {
-            assert_eq!(code, IoCode::AccessDenied, "{message}")
-        }
-        other => panic!("expected the host's refusal, got {other:?}"),
-    }
+    assert_access_denied(
+        cache.is_cached("write-image").unwrap_err(),
+        "not a file a driver may write",
+    );
     assert_eq!(
         std::fs::read(dir.path().join("source")).unwrap(),
         b"the other image"
     );
     let mut out = Vec::new();
-    match cache.read_image("victim", &mut out) {
-        Err(Error::Io { code, message }) => {
-            assert_eq!(code, IoCode::AccessDenied, "{message}");
-            assert!(
-                message.contains("not a rename a driver may make"),
-                "{message}"
-            )
-        }
-        other => panic!("expected the rename to be refused, got {other:?}"),
-    }
+    assert_access_denied(
+        cache.read_image("victim", &mut out).unwrap_err(),
+        "not a rename a driver may make",
+    );
     assert!(out.is_empty(), "not a byte served");
     assert_eq!(
         std::fs::read(dir.path().join("victim")).unwrap(),

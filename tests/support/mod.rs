@@ -333,6 +333,21 @@ pub fn third_party_plugin() -> &'static Path {
     })
 }
 
+/// The host's refusal of a driver's file-system call: an `io` error with
+/// the code `access-denied` whose message contains `expected`.
+pub fn assert_access_denied(e: Error, expected: &str) {
+    match e {
+        Error::Io { code, message } => {
+            assert_eq!(code, image_cache::error::IoCode::AccessDenied, "{message}");
+            assert!(
+                message.contains(expected),
+                "expected {expected:?}: {message}"
+            );
+        }
+        e => panic!("expected the host's access-denied refusal, got {e:?}"),
+    }
+}
+
 /// `<target>/<profile>` of this test binary (`<target>/<profile>/deps/cli-*`).
 pub fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
