@@ -23,6 +23,16 @@ use image_cache_tests::{cli_binary, profile_dir};
 use serde_json::Value;
 use tempfile::TempDir;
 
+/// Who may download what (`tests/serve/access.rs`).
+#[path = "serve/access.rs"]
+mod access;
+/// Fills: integrity, confinement, caps, maintenance (`tests/serve/fills.rs`).
+#[path = "serve/fills.rs"]
+mod fills;
+/// Image records and the OpenStack clients (`tests/serve/openstack.rs`).
+#[path = "serve/openstack.rs"]
+mod openstack;
+
 const ADMIN: &str = "admin-token-for-the-tests-0123456789";
 const IMAGE_TOKEN: &str = "image-token-for-the-tests-0123456789";
 
@@ -255,6 +265,19 @@ impl Server {
         if !extra.contains(&"--shutdown-timeout") {
             cmd.args(["--shutdown-timeout", "20s"]);
         }
+        // Downloads need an authorization mode: public unless the test
+        // chose one (a token, or Glance's, which it asks for by setting
+        // the decision cache's lifetime).
+        let chosen = [
+            "--image-token-file",
+            "--public-downloads",
+            "--auth-cache-ttl",
+        ];
+        if !extra.iter().any(|a| chosen.contains(a))
+            && !env.iter().any(|(k, _)| *k == "IMAGE_CACHE_IMAGE_TOKEN")
+        {
+            cmd.arg("--public-downloads");
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -300,6 +323,10 @@ impl Server {
 
     fn root(&self) -> PathBuf {
         self.dir.path().join("cache")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     fn log(&self) -> String {
@@ -418,42 +445,93 @@ enum Behaviour {
     /// No `Content-Length`: the body ends when the connection closes,
     /// after `n` bytes (all of them when `n` is the size).
     NoLength(usize),
+    /// Promise the whole image, send `n` bytes, then nothing (the
+    /// connection stays open for a minute).
+    Stall(usize),
+    /// Send the image with a `Content-MD5` that is not its digest.
+    WrongMd5,
+    /// The record's checksums are right, the bytes sent differ in one
+    /// byte (same length).
+    Corrupt,
+    /// Answer downloads with a 302 to this base URL (same path).
+    Redirect(&'static str),
+    /// Wait this long before answering anything, then answer normally.
+    Late(Duration),
 }
 
-/// A Glance-like upstream: `GET /v2/images/{id}/file`, counting fetches
-/// and remembering the tokens it saw.
+/// A Glance-like upstream: `GET /v2/images/{id}` (the image's record:
+/// size, md5 `checksum`, sha512 `os_hash_value`) and `.../file`,
+/// counting fetches and remembering the tokens it saw. With `visible`,
+/// a token sees only the images listed for it (401 without a token, 404
+/// for the others), as Glance's private images.
 struct Upstream {
     addr: SocketAddr,
     fetches: Arc<AtomicU64>,
     tokens: Arc<Mutex<Vec<String>>>,
+    records: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
+type Visible = Option<HashMap<String, Vec<String>>>;
+
 impl Upstream {
     fn start(images: HashMap<String, Vec<u8>>, behaviour: Behaviour) -> Upstream {
+        Upstream::start_gated(images, behaviour, None)
+    }
+
+    fn start_gated(
+        images: HashMap<String, Vec<u8>>,
+        behaviour: Behaviour,
+        visible: Visible,
+    ) -> Upstream {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let fetches = Arc::new(AtomicU64::new(0));
         let tokens = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let records = Arc::new(AtomicU64::new(0));
         let images = Arc::new(images);
-        let (f, t, s) = (fetches.clone(), tokens.clone(), stop.clone());
+        let visible = Arc::new(visible);
+        let (f, t, r, s) = (
+            fetches.clone(),
+            tokens.clone(),
+            records.clone(),
+            stop.clone(),
+        );
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::Relaxed) {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                let (images, f, t) = (images.clone(), f.clone(), t.clone());
-                std::thread::spawn(move || upstream_conn(conn, &images, behaviour, &f, &t));
+                let seen = Seen {
+                    fetches: f.clone(),
+                    tokens: t.clone(),
+                    records: r.clone(),
+                    stop: s.clone(),
+                };
+                let (images, visible) = (images.clone(), visible.clone());
+                std::thread::spawn(move || {
+                    upstream_conn(conn, &images, behaviour, &visible, &seen)
+                });
             }
         });
         Upstream {
             addr,
             fetches,
             tokens,
+            records,
             stop,
         }
+    }
+
+    /// `GET /v2/images/{id}` answered.
+    fn records(&self) -> u64 {
+        self.records.load(Ordering::Relaxed)
+    }
+
+    fn tokens(&self) -> Vec<String> {
+        self.tokens.lock().unwrap().clone()
     }
 
     fn url(&self) -> String {
@@ -472,12 +550,20 @@ impl Drop for Upstream {
     }
 }
 
+/// What the fake upstream's connections count.
+struct Seen {
+    fetches: Arc<AtomicU64>,
+    tokens: Arc<Mutex<Vec<String>>>,
+    records: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
 fn upstream_conn(
     mut conn: TcpStream,
     images: &HashMap<String, Vec<u8>>,
     behaviour: Behaviour,
-    fetches: &AtomicU64,
-    tokens: &Mutex<Vec<String>>,
+    visible: &Visible,
+    seen: &Seen,
 ) {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut line = String::new();
@@ -487,6 +573,7 @@ fn upstream_conn(
     let mut parts = line.split_whitespace();
     let method = parts.next().unwrap_or("").to_string();
     let path = parts.next().unwrap_or("").to_string();
+    let mut token = None;
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
@@ -495,29 +582,85 @@ fn upstream_conn(
         if let Some((k, v)) = h.split_once(':')
             && k.eq_ignore_ascii_case("x-auth-token")
         {
-            tokens.lock().unwrap().push(v.trim().to_string());
+            seen.tokens.lock().unwrap().push(v.trim().to_string());
+            token = Some(v.trim().to_string());
         }
     }
-    let id = path
-        .strip_prefix("/v2/images/")
-        .and_then(|p| p.strip_suffix("/file"))
-        .unwrap_or("");
-    let Some(bytes) = images.get(id) else {
-        let _ = conn
-            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-        return;
-    };
-    if method == "GET" {
-        fetches.fetch_add(1, Ordering::Relaxed);
+    if let Behaviour::Late(wait) = behaviour {
+        std::thread::sleep(wait);
     }
+    let rest = path.strip_prefix("/v2/images/").unwrap_or("");
+    let (id, file) = match rest.strip_suffix("/file") {
+        Some(id) => (id, true),
+        None => (rest, false),
+    };
+    let answer = |conn: &mut TcpStream, status: &str| {
+        let _ = conn.write_all(
+            format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+    };
+    if let Some(visible) = visible {
+        let Some(token) = token.as_deref() else {
+            return answer(&mut conn, "401 Unauthorized");
+        };
+        if !visible
+            .get(token)
+            .is_some_and(|ids| ids.iter().any(|i| i == id))
+        {
+            return answer(&mut conn, "404 Not Found");
+        }
+    }
+    let Some(bytes) = images.get(id) else {
+        return answer(&mut conn, "404 Not Found");
+    };
     let md5 = format!("{:x}", md5_digest(bytes));
+    if !file {
+        seen.records.fetch_add(1, Ordering::Relaxed);
+        let mut h = image_cache::checksum::Hasher::new(image_cache::checksum::Algorithm::Sha512);
+        h.update(bytes);
+        // An upstream that sends no length does not say the size here
+        // either (Glance's `size` is null until the data is there).
+        let size = match behaviour {
+            Behaviour::NoLength(_) => None,
+            _ => Some(bytes.len()),
+        };
+        let body = serde_json::json!({
+            "id": id, "name": id, "status": "active", "size": size,
+            "checksum": md5, "os_hash_algo": "sha512", "os_hash_value": h.finish(),
+            "visibility": "private",
+        })
+        .to_string();
+        let _ = conn.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        return;
+    }
+    if let Behaviour::Redirect(base) = behaviour {
+        let _ = conn.write_all(
+            format!("HTTP/1.1 302 Found\r\nLocation: {base}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        return;
+    }
+    if method == "GET" {
+        seen.fetches.fetch_add(1, Ordering::Relaxed);
+    }
+    let header_md5 = match behaviour {
+        Behaviour::WrongMd5 => "0".repeat(32),
+        _ => md5,
+    };
     let head = match behaviour {
         Behaviour::NoLength(_) => {
             "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
                 .to_string()
         }
         _ => format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nContent-MD5: {md5}\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nContent-MD5: {header_md5}\r\nConnection: close\r\n\r\n",
             bytes.len()
         ),
     };
@@ -525,8 +668,14 @@ fn upstream_conn(
         return;
     }
     match behaviour {
-        Behaviour::Normal => {
+        Behaviour::Normal | Behaviour::WrongMd5 | Behaviour::Redirect(_) | Behaviour::Late(_) => {
             let _ = conn.write_all(bytes);
+        }
+        Behaviour::Corrupt => {
+            let mut b = bytes.clone();
+            let mid = b.len() / 2;
+            b[mid] ^= 0xff;
+            let _ = conn.write_all(&b);
         }
         Behaviour::Slow(pause) => {
             for piece in bytes.chunks(64 << 10) {
@@ -540,6 +689,13 @@ fn upstream_conn(
             let _ = conn.write_all(&bytes[..n.min(bytes.len())]);
             std::thread::sleep(Duration::from_millis(100));
             let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+        Behaviour::Stall(n) => {
+            let _ = conn.write_all(&bytes[..n.min(bytes.len())]);
+            let until = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < until && !seen.stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         Behaviour::NoLength(n) => {
             for piece in bytes[..n.min(bytes.len())].chunks(256 << 10) {
@@ -1068,7 +1224,7 @@ fn tokens_guard_management_and_optionally_images() {
             &[("X-Auth-Token", "wrong-token-wrong-token")],
             b"",
         );
-        assert_eq!(r.status, 403, "{method} {path}");
+        assert_eq!(r.status, 401, "{method} {path}");
         // The image token is not an admin token.
         let r = request(s.addr, method, path, &[("X-Auth-Token", IMAGE_TOKEN)], b"");
         assert_eq!(r.status, 403, "{method} {path}");
@@ -1082,7 +1238,7 @@ fn tokens_guard_management_and_optionally_images() {
         &[("X-Auth-Token", "nope-nope-nope-nope")],
         b"",
     );
-    assert_eq!(r.status, 403);
+    assert_eq!(r.status, 401);
     let r = request(
         s.addr,
         "GET",
@@ -1317,12 +1473,11 @@ fn cache_api_shapes_and_prefetch() {
     }
     assert_eq!(s.metric("image_cache_prefetched_images_total"), 2);
 
-    // A queued image the upstream does not have stays queued.
-    assert_eq!(admin(s.addr, "PUT", "/v2/cache/not-upstream").status, 202);
-    std::thread::sleep(Duration::from_millis(500));
+    // An image the upstream does not have is not queued (404, as Glance).
+    assert_eq!(admin(s.addr, "PUT", "/v2/cache/not-upstream").status, 404);
     assert_eq!(
         admin(s.addr, "GET", "/v2/cache").json()["queued_images"],
-        serde_json::json!(["not-upstream"])
+        serde_json::json!([])
     );
 
     // Prune to 2500 bytes: q1 (1000, least recently used) goes.
@@ -1347,11 +1502,11 @@ fn cache_api_shapes_and_prefetch() {
     assert_eq!(admin(s.addr, "DELETE", "/v2/cache/q2").status, 404);
     assert_eq!(
         admin(s.addr, "DELETE", "/v2/cache/not-upstream").status,
-        204
+        404
     );
 
     // Clear with targets.
-    assert_eq!(admin(s.addr, "PUT", "/v2/cache/zz-queued").status, 202);
+    openstack::queue_with_cli(&s.root(), "zz-queued");
     let r = request(
         s.addr,
         "DELETE",
@@ -1647,11 +1802,10 @@ fn sigterm_past_the_grace_period_aborts_the_fetch_and_leaves_no_image() {
         image_files(&root).is_empty(),
         "a partial image was published"
     );
-    assert!(
-        image_files(&root.join("incomplete")).is_empty(),
-        "left in incomplete/"
-    );
-    assert_eq!(image_files(&root.join("invalid")), ["endless"]);
+    // An unverified fill never reaches the driver: nothing to clean.
+    for d in ["incomplete", "invalid"] {
+        assert!(image_files(&root.join(d)).is_empty(), "left in {d}/");
+    }
 }
 
 #[test]
@@ -1767,7 +1921,13 @@ fn real_glance_client() {
     assert!(!s.root().join("invalid").join("junk").exists());
     ok(&["cache-delete", b]);
     assert!(s.cached_ids().is_empty());
-    ok(&["cache-queue", "queued-only"]);
+    // The API queues only what the upstream has (Glance answers 404).
+    let (_, out, err) = run(ADMIN, &["cache-queue", "not-upstream"]);
+    assert!(
+        err.contains("404") || err.contains("not found"),
+        "{out}\n{err}"
+    );
+    openstack::queue_with_cli(&s.root(), "queued-only");
     let out = ok(&["cache-list"]);
     assert!(
         out.contains("queued-only") && out.contains("queued"),

@@ -489,6 +489,25 @@ impl ImageCache {
         })
     }
 
+    /// A cached image's file found by the host alone, without a driver
+    /// call: `<id>` at the top of the root, a regular file (no symlink)
+    /// that the host sealed as `id` when it was committed. For serving
+    /// while the driver cannot answer (its database is down): the seal,
+    /// which no driver can write, says the file is that image. An unsealed
+    /// file is not trusted: [`Error::NotFound`]. No hit is counted.
+    pub fn open_sealed(&self, id: &str) -> Result<std::fs::File> {
+        crate::error::validate_image_id(id)?;
+        let opened = self
+            .root
+            .open(id)
+            .map_err(|_| Error::NotFound(id.to_string()))?;
+        match crate::xattr::read_seal(&opened.file) {
+            Ok(crate::xattr::Seal::Id(sealed)) if sealed == id.as_bytes() => Ok(opened.file),
+            Ok(_) => Err(Error::NotFound(id.to_string())),
+            Err(e) => Err(Error::io(format_args!("reading the seal of {id:?}"), &e)),
+        }
+    }
+
     /// Read a cached image into `sink`, counting the hit; bytes copied.
     pub fn read_image<W: Write>(&self, id: &str, mut sink: W) -> Result<u64> {
         let mut reader = self.open_for_read(id)?;
@@ -533,6 +552,53 @@ impl ImageCache {
                 let reason = format!("copy failed: {e}");
                 let _ = writer.abort(&reason);
                 Err(classify_copy_error(e, path))
+            }
+        }
+    }
+
+    /// Cache the whole of `file` as image `id`, recording `checksum`: for a
+    /// caller that verified the bytes already (a server's fill, spooled
+    /// and checked against the upstream's size and digests). The bytes
+    /// are copied by the kernel (`copy_file_range`, a reflink where the
+    /// file system can), and the write session lasts only that copy.
+    /// `file` is read from its start with positioned reads; its offset is
+    /// left alone.
+    pub fn cache_verified(
+        &self,
+        id: &str,
+        file: &std::fs::File,
+        checksum: Option<&Checksum>,
+    ) -> Result<u64> {
+        let mut source = file.try_clone().map_err(|e| {
+            Error::Source(io::Error::new(e.kind(), format!("the verified file: {e}")))
+        })?;
+        // A duplicate shares the offset: rewind it (and leave it there).
+        io::Seek::seek(&mut source, io::SeekFrom::Start(0)).map_err(|e| {
+            Error::Source(io::Error::new(e.kind(), format!("the verified file: {e}")))
+        })?;
+        let size = file
+            .metadata()
+            .map_err(|e| {
+                Error::Source(io::Error::new(e.kind(), format!("the verified file: {e}")))
+            })?
+            .len();
+        let mut writer = self.open_for_write(id)?;
+        match io::copy(&mut (&mut source).take(size), writer.session.file()) {
+            Ok(n) if n == size => {
+                writer.commit(checksum)?;
+                Ok(n)
+            }
+            Ok(n) => {
+                let _ = writer.abort("the verified file changed while it was copied");
+                Err(Error::Source(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the verified file ended after {n} of {size} bytes"),
+                )))
+            }
+            Err(e) => {
+                let failure = Error::io(format_args!("writing image {id:?} into the cache"), &e);
+                let _ = writer.abort(&failure.to_string());
+                Err(failure)
             }
         }
     }

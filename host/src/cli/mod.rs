@@ -5,7 +5,7 @@
 //! failure is one line on stderr, `image-cache: error: ...`.
 
 mod commands;
-mod format;
+pub(crate) mod format;
 mod progress;
 
 use std::io::{self, IsTerminal, Write};

@@ -50,8 +50,9 @@ impl Token {
     }
 }
 
-/// Check the request's `X-Auth-Token` against any of `accepted`:
-/// 401 when none is sent, 403 when it matches none.
+/// Check the request's `X-Auth-Token` against any of `accepted`: 401
+/// when none is sent or it matches none (as Glance behind
+/// keystonemiddleware answers a missing or invalid token).
 pub fn check(headers: &HeaderMap, accepted: &[&Token]) -> Result<(), ApiError> {
     let Some(value) = headers.get(TOKEN_HEADER) else {
         return Err(ApiError::new(
@@ -69,7 +70,7 @@ pub fn check(headers: &HeaderMap, accepted: &[&Token]) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::new(
-            StatusCode::FORBIDDEN,
+            StatusCode::UNAUTHORIZED,
             "the X-Auth-Token is not accepted for this endpoint",
         ))
     }
@@ -88,7 +89,10 @@ mod tests {
             StatusCode::UNAUTHORIZED
         );
         h.insert(TOKEN_HEADER, "0123456789abcdef-secreT".parse().unwrap());
-        assert_eq!(check(&h, &[&t]).unwrap_err().status, StatusCode::FORBIDDEN);
+        assert_eq!(
+            check(&h, &[&t]).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
         h.insert(TOKEN_HEADER, "0123456789abcdef-secret".parse().unwrap());
         assert!(check(&h, &[&t]).is_ok());
         assert!(Token::new("  ").is_err());

@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::fill::{self, Outcome};
 use super::metrics::{add, inc};
-use super::upstream::{self, Outcome};
 use super::{ApiError, App};
 
 /// Start the loops; they stop when `stop` turns true.
@@ -158,10 +158,17 @@ pub async fn clean_once(app: &Arc<App>) -> Result<Value, ApiError> {
     }))
 }
 
-/// Fetch every queued image from the upstream (Glance's prefetcher).
-/// Images that fail stay queued for the next run.
+/// Fetch every queued image from the upstream (Glance's prefetcher), one
+/// at a time and without the maintenance lock: prune, clean and the API
+/// go on meanwhile. Each fetch waits for a free fill slot (clients' misses
+/// come first). An image the upstream does not have leaves the queue; one
+/// that fails otherwise stays queued and is tried again after a back-off
+/// (1 minute, doubling to 1 hour), not at every run.
 pub async fn prefetch_once(app: &Arc<App>) -> Result<(), ApiError> {
-    let _one = app.maintenance.lock().await;
+    let Ok(_one) = app.prefetching.try_lock() else {
+        // A run is under way; it will see the queue as it is.
+        return Ok(());
+    };
     if app.upstream.is_none() {
         return Ok(());
     }
@@ -174,7 +181,7 @@ pub async fn prefetch_once(app: &Arc<App>) -> Result<(), ApiError> {
         return Ok(());
     }
     inc(&app.metrics.prefetch_runs);
-    let (mut ok, mut failed) = (0u64, 0u64);
+    let (mut ok, mut failed, mut waiting) = (0u64, 0u64, 0u64);
     for id in queued {
         if app.shutting_down() {
             break;
@@ -184,47 +191,144 @@ pub async fn prefetch_once(app: &Arc<App>) -> Result<(), ApiError> {
             failed += 1;
             continue;
         }
-        let (flight, _) = match upstream::join_or_start(app, &id, app.upstream_token.clone()) {
-            Ok(f) => f,
-            Err(e) => {
-                warn!(image_id = %id, error = %e.message, "prefetch could not start");
-                failed += 1;
-                continue;
-            }
-        };
+        if !app.prefetch_backoff.due(&id) {
+            waiting += 1;
+            continue;
+        }
+        let slot = app.flights.wait_slot().await;
+        let (flight, _) =
+            match fill::join_or_start(app, &id, app.upstream_token.clone(), Some(slot)) {
+                Ok(f) => f,
+                Err(e) => {
+                    warn!(image_id = %id, error = %e.message, "prefetch could not start");
+                    app.prefetch_backoff.failed(&id);
+                    failed += 1;
+                    continue;
+                }
+            };
         let mut progress = flight.progress.clone();
-        let outcome = loop {
-            if let Some(o) = progress.borrow_and_update().outcome.clone() {
-                break Some(o);
+        let (outcome, cached) = loop {
+            {
+                let p = progress.borrow_and_update();
+                match (&p.outcome, p.cached) {
+                    (Some(o @ (Outcome::Failed(_) | Outcome::AlreadyCached)), _)
+                    | (Some(o), Some(_)) => break (Some(o.clone()), p.cached.unwrap_or(false)),
+                    _ => {}
+                }
             }
             if progress.changed().await.is_err() {
-                break None;
+                let p = progress.borrow();
+                break (p.outcome.clone(), p.cached.unwrap_or(false));
             }
         };
         match outcome {
-            Some(Outcome::Complete { cached: true }) => ok += 1,
-            Some(Outcome::AlreadyCached) | Some(Outcome::Complete { cached: false }) => {
-                // Cached by someone else, or over the ceiling: not ours to
-                // keep queued forever.
+            Some(Outcome::Complete) if cached => {
+                app.prefetch_backoff.succeeded(&id);
+                ok += 1;
+            }
+            Some(Outcome::AlreadyCached) | Some(Outcome::Complete) => {
+                // Cached by someone else, or not cacheable (ceiling, disk):
+                // not ours to keep queued forever.
+                app.prefetch_backoff.succeeded(&id);
+                dequeue_if_cached(app, &id).await;
+            }
+            Some(Outcome::Failed(e)) if e.status == axum::http::StatusCode::NOT_FOUND => {
+                failed += 1;
+                warn!(image_id = %id, error = %e.message, "prefetch: the upstream does not have it; dequeued");
+                app.prefetch_backoff.succeeded(&id);
                 let app2 = app.clone();
                 let id2 = id.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    if !app2.cache.is_cached(&id2)? {
-                        return Ok(());
-                    }
-                    app2.cache.delete_queued_image(&id2)
-                })
-                .await;
+                let _ =
+                    tokio::task::spawn_blocking(move || app2.cache.delete_queued_image(&id2)).await;
             }
             Some(Outcome::Failed(e)) => {
                 failed += 1;
-                warn!(image_id = %id, error = %e.message, "prefetch failed; left queued");
+                let wait = app.prefetch_backoff.failed(&id);
+                warn!(image_id = %id, error = %e.message, retry_in_seconds = wait.as_secs(), "prefetch failed; left queued");
             }
-            None => failed += 1,
+            None => {
+                failed += 1;
+                app.prefetch_backoff.failed(&id);
+            }
         }
+    }
+    if waiting > 0 {
+        info!(waiting, "prefetch: images backing off after failures");
     }
     add(&app.metrics.prefetched, ok);
     add(&app.metrics.prefetch_failures, failed);
     info!(cached = ok, failed, "prefetch");
     Ok(())
+}
+
+async fn dequeue_if_cached(app: &Arc<App>, id: &str) {
+    let app2 = app.clone();
+    let id2 = id.to_string();
+    let _ = tokio::task::spawn_blocking(move || {
+        if !app2.cache.is_cached(&id2)? {
+            return Ok(());
+        }
+        app2.cache.delete_queued_image(&id2)
+    })
+    .await;
+}
+
+/// When a queued image that failed may be tried again.
+#[derive(Default)]
+pub struct Backoff {
+    failures: std::sync::Mutex<std::collections::HashMap<String, (u32, Instant)>>,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_secs(60);
+    const MOST: Duration = Duration::from_secs(3600);
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u32, Instant)>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn due(&self, id: &str) -> bool {
+        self.lock()
+            .get(id)
+            .is_none_or(|(_, next)| Instant::now() >= *next)
+    }
+
+    /// Record a failure; how long until the next try.
+    pub fn failed(&self, id: &str) -> Duration {
+        let mut f = self.lock();
+        if f.len() >= 100_000 {
+            f.clear();
+        }
+        let entry = f.entry(id.to_string()).or_insert((0, Instant::now()));
+        let wait = Self::FIRST
+            .saturating_mul(1u32 << entry.0.min(10))
+            .min(Self::MOST);
+        entry.0 += 1;
+        entry.1 = Instant::now() + wait;
+        wait
+    }
+
+    pub fn succeeded(&self, id: &str) {
+        self.lock().remove(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn back_off_doubles_to_an_hour() {
+        let b = Backoff::default();
+        assert!(b.due("a"));
+        assert_eq!(b.failed("a"), Duration::from_secs(60));
+        assert!(!b.due("a"));
+        assert_eq!(b.failed("a"), Duration::from_secs(120));
+        for _ in 0..10 {
+            b.failed("a");
+        }
+        assert_eq!(b.failed("a"), Duration::from_secs(3600));
+        b.succeeded("a");
+        assert!(b.due("a"));
+    }
 }

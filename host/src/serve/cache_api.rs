@@ -17,9 +17,19 @@ use super::{ApiError, App, RawId, auth, background, validate_id};
 /// Newest image API version this server implements (cache clean/prune).
 const CURRENT: u32 = 18;
 
+/// The management API takes the admin token: 401 for a missing or
+/// unknown token, 403 for the image token (valid here, but not for this).
 fn admin(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     match app.tokens.admin.as_ref() {
-        Some(token) => auth::check(headers, &[token]),
+        Some(token) => {
+            auth::check(headers, &[token]).map_err(|e| match app.tokens.image.as_ref() {
+                Some(image) if auth::check(headers, &[image]).is_ok() => ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "the image token does not grant the cache management API",
+                ),
+                _ => e,
+            })
+        }
         None => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "the cache management API is disabled: the server has no admin token \
@@ -78,7 +88,9 @@ pub async fn get_cache_state(
     ))
 }
 
-/// `PUT /v2/cache/{id}`: queue for the prefetcher (202).
+/// `PUT /v2/cache/{id}`: queue for the prefetcher (202); 404, as
+/// Glance, for an image the upstream does not have (or, without an
+/// upstream, that is not cached), which would stay queued forever.
 pub async fn queue_image(
     State(app): State<Arc<App>>,
     RawId(id): RawId,
@@ -86,6 +98,7 @@ pub async fn queue_image(
 ) -> Result<StatusCode, ApiError> {
     admin(&app, &headers)?;
     validate_id(&id)?;
+    super::image_records::require_upstream_image(&app, &id, &headers).await?;
     let id2 = id.clone();
     let queued = blocking(&app, "queue", move |app| app.cache.queue_image(&id2)).await?;
     info!(image_id = %id, queued, "queue request");

@@ -23,22 +23,26 @@ use futures_util::stream;
 use image_cache::Error;
 use tracing::{debug, warn};
 
+use super::fill::{self, Flight, Outcome, Progress};
 use super::metrics::{InFlight, add, inc};
-use super::upstream::{self, Flight, Outcome, Progress};
-use super::{ApiError, App, RawId, auth, validate_id};
+use super::upstream;
+use super::{ApiError, App, RawId, access, validate_id};
 
-/// Largest read per chunk of a cached body.
-const CHUNK: u64 = 2 << 20;
+/// Largest read per chunk of a cached body on hyper's path. hyper holds
+/// one chunk per connection until the socket takes it: this is what a
+/// client that does not read costs (the sendfile path holds none).
+const CHUNK: u64 = 256 << 10;
 /// Largest positioned read per chunk of a spooled (miss) body.
-const SPOOL_CHUNK: u64 = 1 << 20;
+const SPOOL_CHUNK: u64 = 256 << 10;
 
 pub async fn image_file(
     State(app): State<Arc<App>>,
     RawId(id): RawId,
     method: Method,
+    version: axum::http::Version,
     headers: HeaderMap,
 ) -> Response {
-    match serve(app, id, method, headers).await {
+    match serve(app, id, method, version, headers).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -48,10 +52,11 @@ async fn serve(
     app: Arc<App>,
     id: String,
     method: Method,
+    version: axum::http::Version,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    app.tokens.check_download(&headers)?;
     validate_id(&id)?;
+    let grant = access::authorize(&app, &headers, &id).await?;
     let head = method == Method::HEAD;
     let range = header_text(&headers, header::RANGE);
     let if_none_match = header_text(&headers, header::IF_NONE_MATCH);
@@ -60,7 +65,7 @@ async fn serve(
         return Ok(r);
     }
     inc(&app.metrics.misses);
-    let token = upstream_token(&app, &headers);
+    let token = grant.upstream_token;
     if head {
         let Some(up) = app.upstream.as_ref() else {
             return Err(not_cached(&id));
@@ -77,7 +82,7 @@ async fn serve(
         }
         return Ok(r);
     }
-    let (flight, start) = match start_miss(&app, &id, token).await? {
+    let (flight, mut start) = match start_miss(&app, &id, token).await? {
         Miss::Fetching(flight, start) => (flight, start),
         Miss::AlreadyCached => {
             // Cached between our look and the fetch: read the cache.
@@ -89,6 +94,12 @@ async fn serve(
             };
         }
     };
+    if start.size.is_none() && version < axum::http::Version::HTTP_11 {
+        // HTTP/1.0 has no chunked encoding: a body of unknown length ends
+        // when the connection closes, and a cut one would look complete.
+        // Wait for the verdict and send the verified length.
+        start.size = Some(verified_size(&flight).await?);
+    }
     let range = miss_range(&start, range.as_deref());
     let Some((from, to)) = range.bounds() else {
         return Err(unsatisfiable(start.size.unwrap_or(0)));
@@ -102,6 +113,26 @@ async fn serve(
     *response.headers_mut() = miss_headers(&start, &range);
     *response.status_mut() = range.status();
     Ok(response)
+}
+
+/// Wait for a fill's verdict: its verified size, or its failure.
+async fn verified_size(flight: &Flight) -> Result<u64, ApiError> {
+    let mut progress = flight.progress.clone();
+    loop {
+        {
+            let p = progress.borrow_and_update();
+            match &p.outcome {
+                Some(Outcome::Complete) => return Ok(p.written),
+                Some(Outcome::Failed(e)) => return Err(e.clone().into()),
+                Some(Outcome::AlreadyCached) | None => {}
+            }
+        }
+        if progress.changed().await.is_err() {
+            return Err(ApiError::internal(
+                "the fetch ended without a result".into(),
+            ));
+        }
+    }
 }
 
 /// What a `Range` asks of a miss: a part once the upstream gave the size
@@ -148,19 +179,9 @@ pub fn miss_headers(start: &upstream::Start, range: &RangeRequest) -> HeaderMap 
     h
 }
 
-/// The token passed to the upstream for a miss. Glance passes the
-/// client's token to its store; a token that only grants access to this
-/// server is replaced by the upstream token.
+/// The token a request sends upstream (see [`access::upstream_token`]).
 pub fn upstream_token(app: &App, headers: &HeaderMap) -> Option<String> {
-    if app.tokens.image.is_some() {
-        app.upstream_token.clone()
-    } else {
-        headers
-            .get(auth::TOKEN_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| app.upstream_token.clone())
-    }
+    access::upstream_token(app, headers)
 }
 
 /// A miss once its fetch has begun.
@@ -174,7 +195,7 @@ pub enum Miss {
 /// Join the image's fetch (or start it) and wait until it has started,
 /// ended, or found the image cached.
 pub async fn start_miss(app: &Arc<App>, id: &str, token: Option<String>) -> Result<Miss, ApiError> {
-    let (flight, joined) = upstream::join_or_start(app, id, token).map_err(ApiError::from)?;
+    let (flight, joined) = fill::join_or_start(app, id, token, None).map_err(ApiError::from)?;
     if joined {
         inc(&app.metrics.coalesced);
     }
@@ -324,6 +345,8 @@ pub struct Opened {
     pub range: RangeRequest,
     /// The checksum the driver recorded, for `ETag` and `Content-MD5`.
     pub checksum: Option<String>,
+    /// Opened without the driver: its hit cannot be counted.
+    pub degraded: bool,
 }
 
 /// Open a cached image for a download (blocking: one driver call, two
@@ -367,6 +390,25 @@ pub fn open_cached(app: &App, id: &str, range: Option<String>) -> Result<Opened,
         size,
         range,
         checksum,
+        degraded: false,
+    })
+}
+
+/// A cached image opened without the driver (see
+/// `ImageCache::open_sealed`): no checksum, and no hit is counted.
+pub fn open_degraded(app: &App, id: &str, range: Option<String>) -> Result<Opened, Error> {
+    let file = app.cache.open_sealed(id)?;
+    let size = file
+        .metadata()
+        .map_err(|e| Error::io("reading cached image", &e))?
+        .len();
+    Ok(Opened {
+        id: id.to_string(),
+        file,
+        size,
+        range: parse_range(range.as_deref(), size),
+        checksum: None,
+        degraded: true,
     })
 }
 
@@ -491,7 +533,21 @@ async fn try_cached(
     // One hop to the blocking pool: open (one driver call), size, and the
     // first chunk, so a small image needs no second hop before sending.
     let opened = tokio::task::spawn_blocking(move || -> Result<(Opened, Bytes, bool), Error> {
-        let mut opened = open_cached(&app2, &id2, range)?;
+        let mut opened = match open_cached(&app2, &id2, range.clone()) {
+            Ok(o) => o,
+            Err(e @ (Error::NotFound(_) | Error::InvalidImageId(_))) => return Err(e),
+            // The driver cannot answer (its database is down, it faults):
+            // a file the host sealed as this image is still this image.
+            Err(e) => match open_degraded(&app2, &id2, range) {
+                Ok(o) => {
+                    app2.note_driver_error(&e, "open-for-read");
+                    warn!(image_id = %id2, "serving a sealed image file without the driver");
+                    inc(&app2.metrics.served_degraded);
+                    o
+                }
+                Err(_) => return Err(e),
+            },
+        };
         let fresh = not_modified(inm.as_deref(), opened.checksum.as_deref());
         let mut first = Vec::new();
         if !head
@@ -512,8 +568,8 @@ async fn try_cached(
         Err(Error::NotFound(_)) => return Ok(None),
         Err(Error::InvalidImageId(_)) => return Err(ApiError::bad_id("the driver rejected it")),
         Err(e) => {
-            // The cache cannot answer: treat it as a miss and let the
-            // upstream serve (the tee passes the bytes through).
+            // The cache cannot answer and holds no sealed file: a miss,
+            // which the upstream serves.
             app.note_driver_error(&e, "open-for-read");
             return Ok(None);
         }
@@ -530,7 +586,11 @@ async fn try_cached(
     };
     let headers = hit_headers(&opened);
     let status = opened.range.status();
-    let Opened { id, file, .. } = opened;
+    let Opened {
+        id, file, degraded, ..
+    } = opened;
+    // A hit the driver cannot record is not counted.
+    let id = (!degraded).then_some(id);
     let mut response = if head {
         // No body, no hit.
         Response::new(Body::empty())
@@ -592,7 +652,7 @@ impl Drop for CachedState {
 
 fn cached_stream(
     app: Arc<App>,
-    id: String,
+    id: Option<String>,
     file: File,
     first: Bytes,
     start: u64,
@@ -601,7 +661,7 @@ fn cached_stream(
     let state = CachedState {
         _in_flight: InFlight::new(&app.metrics),
         app,
-        id: Some(id),
+        id,
         file: Some(file),
         first: Some(first),
         pos: start,
@@ -687,7 +747,7 @@ fn spool_stream(
                 return None;
             }
             let p = s.progress.borrow_and_update().clone();
-            let available = s.end.map_or(p.written, |end| end.min(p.written));
+            let available = p.readable(s.end);
             if s.pos < available {
                 let n = (available - s.pos).min(SPOOL_CHUNK);
                 let spool = s.flight.spool.clone();
@@ -714,7 +774,7 @@ fn spool_stream(
                 };
             }
             match p.outcome {
-                Some(Outcome::Complete { .. }) => return None,
+                Some(Outcome::Complete) => return None,
                 Some(Outcome::Failed(e)) => {
                     s.done = true;
                     inc(&s.app.metrics.responses_aborted);

@@ -21,6 +21,11 @@ pub struct Metrics {
     pub coalesced: AtomicU64,
     pub images_cached: AtomicU64,
     pub not_cached_ceiling: AtomicU64,
+    pub not_cached_disk: AtomicU64,
+    pub checksum_failures: AtomicU64,
+    pub fills_refused: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub served_degraded: AtomicU64,
     pub cache_write_failures: AtomicU64,
     pub evictions: AtomicU64,
     pub evicted_bytes: AtomicU64,
@@ -185,6 +190,31 @@ impl Metrics {
                 "image_cache_prefetch_failures_total",
                 "Queued images the prefetcher could not cache.",
                 get(&self.prefetch_failures),
+            ),
+            (
+                "image_cache_not_cached_disk_total",
+                "Fetched images served but not cached: they would have left less than --disk-reserve free.",
+                get(&self.not_cached_disk),
+            ),
+            (
+                "image_cache_upstream_checksum_failures_total",
+                "Fetches whose bytes did not match the upstream's checksum (not cached).",
+                get(&self.checksum_failures),
+            ),
+            (
+                "image_cache_fetches_refused_total",
+                "Misses answered 503: --max-fetches fetches were under way.",
+                get(&self.fills_refused),
+            ),
+            (
+                "image_cache_connections_refused_total",
+                "Connections answered 503 and closed: --max-connections were open.",
+                get(&self.connections_refused),
+            ),
+            (
+                "image_cache_served_degraded_total",
+                "Cached images served by their seal while the driver failed (its database down).",
+                get(&self.served_degraded),
             ),
             (
                 "image_cache_prune_runs_total",

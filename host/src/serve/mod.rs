@@ -7,7 +7,10 @@
 //! | `mod` (here) | settings, router, listener, signals, shutdown, swap |
 //! | [`sendfile`] | each connection's front: cached downloads over `sendfile(2)` |
 //! | [`images`] | image downloads: cached files, ranges, misses |
-//! | [`upstream`] | the image store and single-flight fetches |
+//! | [`image_records`] | Glance's image records (`GET /v2/images[/{id}]`) |
+//! | [`access`] | who may download which image (Glance, token, public) |
+//! | [`fill`] | single-flight fills: spooled, verified, then cached |
+//! | [`upstream`] | the image store: Glance or a directory, confined |
 //! | [`cache_api`] | Glance's `/v2/cache` API, `/versions`, driver swap |
 //! | [`background`] | prefetcher, prune and clean loops |
 //! | [`metrics`] | Prometheus counters |
@@ -15,10 +18,13 @@
 //!
 //! Driver calls are blocking: every one runs on tokio's blocking pool.
 
+mod access;
 mod auth;
 mod background;
 mod cache_api;
+mod fill;
 mod hits;
+mod image_records;
 mod images;
 mod metrics;
 mod sendfile;
@@ -95,9 +101,22 @@ pub struct ServeArgs {
     admin_token_file: Option<PathBuf>,
 
     /// File holding a token image downloads must carry (the admin token is
-    /// accepted too); else IMAGE_CACHE_IMAGE_TOKEN; unset: downloads are open.
+    /// accepted too); else IMAGE_CACHE_IMAGE_TOKEN. Unset, with a Glance
+    /// upstream: the upstream authorizes each download with the client's
+    /// token.
     #[arg(long, value_name = "FILE")]
     image_token_file: Option<PathBuf>,
+
+    /// Serve every image to anyone, without a token (needed, or
+    /// --image-token-file, when the upstream is a directory or there is
+    /// none).
+    #[arg(long)]
+    public_downloads: bool,
+
+    /// How long the upstream's answer to "may this token download this
+    /// image" is remembered (0: ask for every download).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration_arg)]
+    auth_cache_ttl: Duration,
 
     /// File holding the token sent to a Glance upstream by the prefetcher,
     /// and for clients when downloads are protected by --image-token-file
@@ -140,6 +159,33 @@ pub struct ServeArgs {
     /// An upstream that sends nothing for this long fails the fetch.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration_arg)]
     upstream_timeout: Duration,
+
+    /// A fetch must average at least this many bytes per second over each
+    /// --upstream-timeout window, or it fails (0: no minimum).
+    #[arg(long, value_name = "SIZE", default_value = "16KiB", value_parser = parse_size_arg)]
+    upstream_min_rate: u64,
+
+    /// An origin (scheme://host[:port]) the Glance upstream may redirect
+    /// downloads to; the token is never sent there. Repeatable. Redirects
+    /// to any other origin fail the fetch.
+    #[arg(long, value_name = "URL")]
+    upstream_allow_redirect: Vec<String>,
+
+    /// Most images fetched from the upstream at once; a miss past it is a
+    /// 503 with Retry-After (clients of fetches under way still join them).
+    #[arg(long, value_name = "N", default_value = "64")]
+    max_fetches: usize,
+
+    /// Most client connections at once; past it a new connection gets a
+    /// 503 and is closed. Default: 4096, or less when the open-files
+    /// limit is lower.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+
+    /// Free space kept on the cache's file system: an image that would
+    /// leave less is served but not cached (room for the database).
+    #[arg(long, value_name = "SIZE", default_value = "128MiB", value_parser = parse_size_arg)]
+    disk_reserve: u64,
 
     /// On SIGTERM, how long in-flight responses and fetches may take to
     /// finish before they are cut (fetches then abort: no partial image).
@@ -193,6 +239,8 @@ pub struct ApiError {
     pub message: String,
     /// For a 416: the image's size, sent as `Content-Range: bytes */size`.
     pub content_range_size: Option<u64>,
+    /// For a 503: `Retry-After`, in seconds.
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -201,7 +249,35 @@ impl ApiError {
             status,
             message: message.into(),
             content_range_size: None,
+            retry_after: None,
         }
+    }
+
+    /// A 503's `Retry-After`.
+    pub fn with_retry_after(mut self, seconds: u32) -> ApiError {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// The headers an error answer carries besides its JSON body.
+    pub fn extra_headers(&self) -> Vec<(axum::http::HeaderName, axum::http::HeaderValue)> {
+        let mut h = Vec::new();
+        if let Some(v) = self.content_range() {
+            h.push((axum::http::header::CONTENT_RANGE, v));
+        }
+        if let Some(s) = self.retry_after {
+            h.push((
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(s),
+            ));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            h.push((
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Keystone uri=\"\""),
+            ));
+        }
+        h
     }
 
     /// A 416's `Content-Range: bytes */size`.
@@ -243,8 +319,8 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (self.status, axum::Json(self.body())).into_response();
-        if let Some(v) = self.content_range() {
-            r.headers_mut().insert(axum::http::header::CONTENT_RANGE, v);
+        for (k, v) in self.extra_headers() {
+            r.headers_mut().insert(k, v);
         }
         r
     }
@@ -252,7 +328,9 @@ impl IntoResponse for ApiError {
 
 impl From<upstream::FetchError> for ApiError {
     fn from(e: upstream::FetchError) -> ApiError {
-        ApiError::new(e.status, e.message)
+        let mut a = ApiError::new(e.status, e.message);
+        a.retry_after = e.retry_after;
+        a
     }
 }
 
@@ -299,8 +377,8 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// Downloads: open unless an image token is set; then it, or the admin
-    /// token, must be sent.
+    /// Outside Glance mode (see [`access`]): with an image token, it or
+    /// the admin token must be sent; without one downloads are public.
     pub fn check_download(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
         let Some(image) = self.image.as_ref() else {
             return Ok(());
@@ -309,6 +387,16 @@ impl Tokens {
         accepted.extend(self.admin.as_ref());
         auth::check(headers, &accepted)
     }
+}
+
+/// What a fill must keep to.
+#[derive(Clone, Copy, Debug)]
+pub struct FillLimits {
+    /// Bytes per second a fetch must average over each window.
+    pub min_rate: u64,
+    pub rate_window: Duration,
+    /// Free bytes kept on the cache's file system.
+    pub disk_reserve: u64,
 }
 
 /// What SIGHUP may change.
@@ -330,7 +418,11 @@ pub struct App {
     pub cache: Arc<ImageCache>,
     pub upstream: Option<Upstream>,
     pub upstream_token: Option<String>,
-    pub flights: upstream::Flights,
+    /// How downloads are authorized, and the upstream's recent answers.
+    pub access: access::Mode,
+    pub decisions: access::Decisions,
+    pub flights: fill::Flights,
+    pub limits: FillLimits,
     /// Recorded checksums of the image files served.
     pub checksums: images::Checksums,
     pub metrics: Arc<Metrics>,
@@ -341,17 +433,32 @@ pub struct App {
     pub intervals: Intervals,
     pub ceiling: Option<u64>,
     pub spool_dir: PathBuf,
-    /// Prefetch, prune and clean: one at a time on the root.
+    /// Prune and clean: one at a time on the root.
     pub maintenance: AsyncMutex<()>,
+    /// One prefetch run at a time (it takes no maintenance lock).
+    pub prefetching: AsyncMutex<()>,
+    pub prefetch_backoff: background::Backoff,
     /// One swap at a time.
     pub swap_lock: AsyncMutex<()>,
     pub prefetch_now: Notify,
     stopping: AtomicBool,
     /// Set when shutdown's grace period is over: fetches abort.
     pub abort_fetches: AtomicBool,
+    abort_now: Notify,
 }
 
 impl App {
+    /// Resolves once fetches are to abort (shutdown past its grace).
+    pub async fn fetches_aborted(&self) {
+        loop {
+            let notified = self.abort_now.notified();
+            if self.abort_fetches.load(Ordering::Relaxed) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     pub fn shutting_down(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
     }
@@ -389,6 +496,7 @@ impl App {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the cache is busy; try again",
                 )
+                .with_retry_after(1)
             }
             e => {
                 self.note_driver_error(&e, call);
@@ -450,17 +558,38 @@ pub async fn swap(app: &Arc<App>, source: DriverSource) -> Result<String, ApiErr
     }
 }
 
+/// `GET /healthz`: 200 `{"status": "ok"}` when the driver answers (a call
+/// that reaches its database, if it has one); 200 `{"status": "degraded"}`
+/// when it does not but the cache root is there (cached images are still
+/// served, by their seals, and misses go to the upstream); 503
+/// `{"status": "failing"}` when the root itself is gone.
 async fn healthz(State(app): State<Arc<App>>) -> Response {
     let app2 = app.clone();
-    let probe = tokio::task::spawn_blocking(move || app2.cache.is_cached("healthz")).await;
+    let probe = tokio::task::spawn_blocking(move || app2.cache.get_cache_size()).await;
     let driver = app.cache.driver().name().to_string();
+    let root_ok = std::fs::metadata(app.cache.root()).is_ok_and(|m| m.is_dir());
     match probe {
-        Ok(Ok(_)) => axum::Json(json!({"status": "ok", "driver": driver})).into_response(),
-        Ok(Err(e)) => {
+        Ok(Ok(_)) if root_ok => {
+            axum::Json(json!({"status": "ok", "driver": driver})).into_response()
+        }
+        Ok(Err(e)) if root_ok => {
             app.note_driver_error(&e, "healthz");
+            axum::Json(json!({
+                "status": "degraded",
+                "driver": driver,
+                "error": e.kind(),
+                "serving": "cached images (without their checksums) and misses; no hits are recorded",
+            }))
+            .into_response()
+        }
+        Ok(r) => {
+            let error = match r {
+                Err(e) => e.kind().to_string(),
+                Ok(_) => "the cache root is gone".to_string(),
+            };
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                axum::Json(json!({"status": "failing", "driver": driver, "error": e.kind()})),
+                axum::Json(json!({"status": "failing", "driver": driver, "error": error})),
             )
                 .into_response()
         }
@@ -514,6 +643,8 @@ pub fn router(app: Arc<App>) -> Router {
     use cache_api as c;
     Router::new()
         .route("/v2/images/{id}/file", get(images::image_file))
+        .route("/v2/images/{id}", get(image_records::get_image))
+        .route("/v2/images", get(image_records::list_images))
         .route("/v2/cache", get(c::get_cache_state).delete(c::clear_cache))
         .route("/v2/cache/clean", post(c::clean))
         .route("/v2/cache/prune", post(c::prune))
@@ -546,16 +677,25 @@ pub(crate) struct IdleTimeout {
     timeout: Duration,
     timer: Pin<Box<Sleep>>,
     armed: bool,
+    /// Requests of this connection whose handler is still working: the
+    /// server, not the client, is the one being slow then.
+    busy: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl IdleTimeout {
-    fn new(io: TcpStream, prefix: bytes::BytesMut, timeout: Duration) -> IdleTimeout {
+    fn new(
+        io: TcpStream,
+        prefix: bytes::BytesMut,
+        timeout: Duration,
+        busy: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> IdleTimeout {
         IdleTimeout {
             io,
             prefix,
             timeout,
             timer: Box::pin(tokio::time::sleep(timeout)),
             armed: false,
+            busy,
         }
     }
 
@@ -564,6 +704,12 @@ impl IdleTimeout {
     }
 
     fn waiting(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        if self.busy.load(Ordering::Relaxed) > 0 {
+            // A handler is working: the client is not idle. The timer
+            // starts again once the answer is on its way.
+            self.armed = false;
+            return Poll::Pending;
+        }
         if !self.armed {
             self.armed = true;
             let deadline = tokio::time::Instant::now() + self.timeout;
@@ -645,6 +791,43 @@ impl AsyncWrite for IdleTimeout {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// hyper's service for one connection, counting the requests whose
+/// handler has not answered yet (see [`IdleTimeout`]).
+#[derive(Clone)]
+pub(crate) struct CountBusy<S> {
+    pub inner: S,
+    pub busy: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct BusyMark(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for BusyMark {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<S, R> hyper::service::Service<R> for CountBusy<S>
+where
+    S: hyper::service::Service<R>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn call(&self, request: R) -> Self::Future {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        let mark = BusyMark(self.busy.clone());
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let r = answer.await;
+            drop(mark);
+            r
+        })
     }
 }
 
@@ -752,8 +935,18 @@ pub fn run(
         }
     };
     let upstream = match &args.upstream {
-        Some(spec) if !spec.trim().is_empty() => {
-            Some(Upstream::parse(spec.trim(), args.upstream_timeout).map_err(Failure::Usage)?)
+        Some(spec) if !spec.trim().is_empty() => Some(
+            Upstream::parse(
+                spec.trim(),
+                args.upstream_timeout,
+                &args.upstream_allow_redirect,
+            )
+            .map_err(Failure::Usage)?,
+        ),
+        _ if !args.upstream_allow_redirect.is_empty() => {
+            return Err(Failure::Usage(
+                "--upstream-allow-redirect needs an http(s) --upstream".into(),
+            ));
         }
         _ => None,
     };
@@ -761,12 +954,26 @@ pub fn run(
         admin: load_token(args.admin_token_file.as_ref(), "IMAGE_CACHE_ADMIN_TOKEN")?,
         image: load_token(args.image_token_file.as_ref(), "IMAGE_CACHE_IMAGE_TOKEN")?,
     };
+    let access = access::Mode::choose(
+        upstream.as_ref(),
+        tokens.image.is_some(),
+        args.public_downloads,
+    )
+    .map_err(Failure::Usage)?;
+    if args.max_fetches == 0 {
+        return Err(Failure::Usage("--max-fetches must be at least 1".into()));
+    }
+    if args.max_connections == Some(0) {
+        return Err(Failure::Usage(
+            "--max-connections must be at least 1".into(),
+        ));
+    }
     let upstream_token = load_secret(
         args.upstream_token_file.as_ref(),
         "IMAGE_CACHE_UPSTREAM_TOKEN",
     )?;
     let spool_dir = args.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
-    upstream::spool_dir_usable(&spool_dir).map_err(Failure::Usage)?;
+    fill::spool_dir_usable(&spool_dir).map_err(Failure::Usage)?;
     for (name, d) in [
         ("--client-timeout", args.client_timeout),
         ("--upstream-timeout", args.upstream_timeout),
@@ -789,7 +996,14 @@ pub fn run(
         cache,
         upstream,
         upstream_token,
-        flights: Default::default(),
+        access,
+        decisions: access::Decisions::new(args.auth_cache_ttl),
+        flights: fill::Flights::new(args.max_fetches),
+        limits: FillLimits {
+            min_rate: args.upstream_min_rate,
+            rate_window: args.upstream_timeout,
+            disk_reserve: args.disk_reserve,
+        },
         checksums: Default::default(),
         tokens,
         tunables: RwLock::new(Tunables {
@@ -807,10 +1021,13 @@ pub fn run(
         ceiling: args.cache_ceiling,
         spool_dir,
         maintenance: AsyncMutex::new(()),
+        prefetching: AsyncMutex::new(()),
+        prefetch_backoff: Default::default(),
         swap_lock: AsyncMutex::new(()),
         prefetch_now: Notify::new(),
         stopping: AtomicBool::new(false),
         abort_fetches: AtomicBool::new(false),
+        abort_now: Notify::new(),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -855,11 +1072,15 @@ async fn serve(
             "no admin token (--admin-token-file or IMAGE_CACHE_ADMIN_TOKEN): the cache management API answers 403"
         );
     }
+    let max_connections = args.max_connections.unwrap_or_else(default_max_connections);
     info!(
         listen = %local,
         root = %app.cache.root().display(),
         driver = app.cache.driver().name(),
         upstream = app.upstream.as_ref().map(|u| u.describe()).unwrap_or_else(|| "none".into()),
+        downloads = app.access.name(),
+        max_fetches = app.flights.max(),
+        max_connections,
         "serving"
     );
     {
@@ -889,6 +1110,7 @@ async fn serve(
         http,
         client_timeout: args.client_timeout,
     });
+    let connections = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -902,13 +1124,22 @@ async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(sendfile::connection(
+                let Ok(slot) = connections.clone().try_acquire_owned() else {
+                    inc(&app.metrics.connections_refused);
+                    tokio::spawn(refuse_connection(stream));
+                    continue;
+                };
+                let connection = sendfile::connection(
                     front.clone(),
                     stream,
                     peer,
                     graceful.watcher(),
                     stop_rx.clone(),
-                ));
+                );
+                tokio::spawn(async move {
+                    connection.await;
+                    drop(slot);
+                });
             }
             _ = sighup.recv() => {
                 reload_settings(&app, &reload, fixed).await;
@@ -939,6 +1170,7 @@ async fn serve(
             "aborting unfinished fetches"
         );
         app.abort_fetches.store(true, Ordering::Relaxed);
+        app.abort_now.notify_waiters();
         let hard = tokio::time::Instant::now() + Duration::from_secs(10);
         while app.flights.active() > 0 && tokio::time::Instant::now() < hard {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -949,6 +1181,41 @@ async fn serve(
     let _ = tokio::task::spawn_blocking(move || recorder.join()).await;
     info!("stopped");
     Ok(())
+}
+
+/// Most connections by default: 4096, fewer when the open-files limit
+/// would be reached first (each connection holds a socket, a download an
+/// image file or a spool too).
+fn default_max_connections() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur as u64
+    } else {
+        1024
+    };
+    (soft.saturating_sub(128) / 2).clamp(16, 4096) as usize
+}
+
+/// A connection past --max-connections: a 503 and close, without reading
+/// the request.
+async fn refuse_connection(stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = stream;
+    let body = br#"{"error":{"code":503,"title":"Service Unavailable","message":"too many connections; try again"}}"#;
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// SIGHUP: re-read flags/environment/config file; swap to the driver they

@@ -38,9 +38,9 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use super::fill::Outcome;
 use super::images;
 use super::metrics::{InFlight, add, inc};
-use super::upstream::Outcome;
 use super::{ApiError, App, IdleTimeout, MAX_HEAD_BYTES, MAX_HEADERS, validate_id};
 
 /// What every connection needs from the server.
@@ -109,7 +109,7 @@ pub async fn connection(
         let started = Instant::now();
         let (status, result) = match opened {
             Opened::Hit(hit) => send(&front, &stream, hit, close).await,
-            Opened::Miss => miss(&front, &stream, &head, close).await,
+            Opened::Miss(token) => miss(&front, &stream, &head, token, close).await,
             Opened::NotModified(checksum) => not_modified(&front, &stream, &checksum, close).await,
             Opened::NotOurs => unreachable!("handed over above"),
         };
@@ -228,8 +228,8 @@ enum Opened {
     Hit(Box<Hit>),
     /// Cached, and the client has it (`If-None-Match`): 304, with the tag.
     NotModified(String),
-    /// Not cached, and there is an upstream: fetch it.
-    Miss,
+    /// Not cached, and there is an upstream: fetch it with this token.
+    Miss(Option<String>),
     /// Anything else (a refused token, a bad id, no upstream, an
     /// unsatisfiable range): hyper answers it.
     NotOurs,
@@ -237,12 +237,14 @@ enum Opened {
 
 /// Open the image for a download the front answers.
 async fn open_hit(app: &Arc<App>, head: &Head) -> Opened {
-    if app.tokens.check_download(&head.headers).is_err() {
-        return Opened::NotOurs;
-    }
     if validate_id(&head.id).is_err() {
         return Opened::NotOurs;
     }
+    // Refused (or the upstream cannot say): hyper's path answers, from
+    // the decision remembered here.
+    let Ok(grant) = super::access::authorize(app, &head.headers, &head.id).await else {
+        return Opened::NotOurs;
+    };
     // A driver call is short: run it here, and let tokio move this
     // worker's other tasks to another thread meanwhile (no hop to the
     // blocking pool and back).
@@ -250,7 +252,9 @@ async fn open_hit(app: &Arc<App>, head: &Head) -> Opened {
     let opened = tokio::task::block_in_place(|| images::open_cached(app, &head.id, range));
     let opened = match opened {
         Ok(o) => o,
-        Err(Error::NotFound(_)) if app.upstream.is_some() => return Opened::Miss,
+        Err(Error::NotFound(_)) if app.upstream.is_some() => {
+            return Opened::Miss(grant.upstream_token);
+        }
         Err(Error::NotFound(_)) => return Opened::NotOurs,
         Err(e) => {
             // hyper's path asks again, and falls back to the upstream.
@@ -312,11 +316,11 @@ async fn miss(
     front: &Front,
     stream: &TcpStream,
     head: &Head,
+    token: Option<String>,
     close: bool,
 ) -> (u16, io::Result<()>) {
     let app = &front.app;
     inc(&app.metrics.misses);
-    let token = images::upstream_token(app, &head.headers);
     let (flight, start) = match images::start_miss(app, &head.id, token).await {
         Ok(images::Miss::Fetching(flight, start)) => (flight, start),
         Ok(images::Miss::AlreadyCached) => {
@@ -361,9 +365,8 @@ async fn miss(
             }
             let (written, outcome) = {
                 let p = progress.borrow_and_update();
-                (p.written, p.outcome.clone())
+                (p.readable(to), p.outcome.clone())
             };
-            let written = to.map_or(written, |to| to.min(written));
             if pos < written {
                 let n = written - pos;
                 if let Some(size) = start.size
@@ -396,7 +399,7 @@ async fn miss(
                 continue;
             }
             match outcome {
-                Some(Outcome::Complete { .. }) => {
+                Some(Outcome::Complete) => {
                     if start.size.is_some_and(|size| size != pos) {
                         return Err(io::Error::other("the fetch ended short of its size"));
                     }
@@ -446,9 +449,9 @@ async fn error(
 ) -> (u16, io::Result<()>) {
     let status = e.status.as_u16();
     let body = serde_json::to_vec(&e.body()).unwrap_or_default();
-    let mut headers = HeaderMap::with_capacity(3);
-    if let Some(v) = e.content_range() {
-        headers.insert(axum::http::header::CONTENT_RANGE, v);
+    let mut headers = HeaderMap::with_capacity(4);
+    for (k, v) in e.extra_headers() {
+        headers.insert(k, v);
     }
     headers.insert(
         axum::http::header::CONTENT_TYPE,
@@ -615,8 +618,17 @@ async fn hand_over(
     peer: SocketAddr,
     watcher: Watcher,
 ) {
-    let io = TokioIo::new(IdleTimeout::new(stream, buf, front.client_timeout));
-    let service = hyper_util::service::TowerToHyperService::new(front.router.clone());
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let io = TokioIo::new(IdleTimeout::new(
+        stream,
+        buf,
+        front.client_timeout,
+        busy.clone(),
+    ));
+    let service = super::CountBusy {
+        inner: hyper_util::service::TowerToHyperService::new(front.router.clone()),
+        busy,
+    };
     let conn = front.http.serve_connection(io, service);
     if let Err(e) = watcher.watch(conn).await {
         debug!(%peer, error = %e, "connection ended with an error");

@@ -1,113 +1,166 @@
-//! The image store behind the cache, and single-flight fetches from it.
+//! The image store behind the cache: a Glance API or a directory, and
+//! what the server asks of it (an image's record, its bytes, its size).
 //!
-//! A miss starts one [`Flight`] per image id: a task, independent of any
-//! client, that reads the upstream and runs the library's caching tee
-//! (`ImageCache::cache_stream`) with a spool file as the tee's sink. Every
-//! client asking for the image meanwhile, the first one included, reads
-//! the spool at its own pace: one upstream fetch however many clients,
-//! a slow or vanished client never stalls or stops the fetch, and the
-//! image is published in the cache only if the whole fetch succeeded
-//! (the tee aborts the write session otherwise: no partial image).
+//! Both are confined:
 //!
-//! The spool is an unnamed temporary file (`O_TMPFILE` where supported),
-//! released when the last reader drops it.
+//! - A **directory** upstream opens only regular files directly beneath
+//!   it, never following a symlink (`O_NOFOLLOW`), never blocking on a
+//!   FIFO or device (`O_NONBLOCK`, then a regular-file check).
+//! - A **Glance** upstream's redirects are followed by hand: within the
+//!   upstream's own origin (scheme, host, port) with the token; to an
+//!   origin the operator allowed (`--upstream-allow-redirect`) without
+//!   it; anywhere else never (502). No token ever leaves for an origin the
+//!   operator did not name.
+//!
+//! Fills (see [`fill`](super::fill)) read the bytes through [`Body`].
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use bytes::Bytes;
-use futures_util::StreamExt;
-use image_cache::{Checksum, Error};
-use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use image_cache::{Algorithm, Checksum};
+use reqwest::Url;
+use tracing::warn;
 
-use super::App;
-use super::metrics::{add, inc};
+/// How many redirects within allowed origins a request follows.
+const MAX_REDIRECTS: usize = 3;
+/// Largest image record (`GET /v2/images/{id}`) read from Glance.
+const MAX_RECORD_BYTES: usize = 1 << 20;
+/// Largest read of a directory upstream's file per chunk.
+const FILE_CHUNK: usize = 1 << 20;
 
 /// Where misses come from.
 pub enum Upstream {
-    /// A Glance API: `GET {base}/v2/images/{id}/file`.
-    Glance {
-        base: String,
-        client: reqwest::Client,
-    },
+    /// A Glance API: `GET {base}/v2/images/{id}` and `.../file`.
+    Glance(Glance),
     /// A directory holding one file per image id.
     Dir(PathBuf),
 }
 
-/// What a fetch reports before its first byte.
-#[derive(Clone, Debug, Default)]
-pub struct Start {
-    /// The image size, if the upstream said.
-    pub size: Option<u64>,
-    /// The upstream's md5 (Glance's `Content-MD5`, hex), verified by the tee.
-    pub md5: Option<String>,
+pub struct Glance {
+    /// The API's base URL, without a trailing slash.
+    pub base: String,
+    /// The base's origin, `scheme://host:port`.
+    origin: String,
+    /// Other origins a redirect may lead to (without the token).
+    allowed: Vec<String>,
+    pub client: reqwest::Client,
 }
 
-/// Why a fetch produced no image for the clients.
+/// What an upstream says of an image before its first byte: what the
+/// fill verifies.
+#[derive(Clone, Debug, Default)]
+pub struct Start {
+    /// The image size, if the upstream said (`Content-Length`, Glance's
+    /// `size`, the file's size).
+    pub size: Option<u64>,
+    /// MD5 (hex): Glance's `checksum`, or `Content-MD5`.
+    pub md5: Option<String>,
+    /// Glance's `os_hash_algo`/`os_hash_value`, when it is one we know.
+    pub hash: Option<Checksum>,
+}
+
+/// Why the upstream produced no image.
 #[derive(Clone, Debug)]
 pub struct FetchError {
     pub status: StatusCode,
     pub message: String,
+    /// For a 503: seconds a client should wait (`Retry-After`).
+    pub retry_after: Option<u32>,
 }
 
-/// How a fetch ended.
-#[derive(Clone, Debug)]
-pub enum Outcome {
-    /// All bytes are in the spool (cached unless `cached` is false).
-    Complete { cached: bool },
-    /// The image was cached already: read it from the cache.
-    AlreadyCached,
-    /// Failed; clients that got bytes see their response aborted.
-    Failed(FetchError),
-}
+impl FetchError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> FetchError {
+        FetchError {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
 
-/// A fetch's progress, as its readers see it.
-#[derive(Clone, Debug, Default)]
-pub struct Progress {
-    pub start: Option<Start>,
-    /// Bytes in the spool so far.
-    pub written: u64,
-    pub outcome: Option<Outcome>,
-}
-
-/// One fetch of one image, shared by every request for it.
-pub struct Flight {
-    pub spool: Arc<File>,
-    pub progress: watch::Receiver<Progress>,
-}
-
-/// The fetches under way, by image id.
-#[derive(Default)]
-pub struct Flights {
-    map: Mutex<HashMap<String, Arc<Flight>>>,
-}
-
-impl Flights {
-    pub fn active(&self) -> usize {
-        self.map.lock().unwrap().len()
+    fn gateway(message: impl Into<String>) -> FetchError {
+        FetchError::new(StatusCode::BAD_GATEWAY, message)
     }
 }
 
+/// An image's bytes as they come.
+pub enum Body {
+    Http(reqwest::Response),
+    File(Option<File>),
+}
+
+impl Body {
+    /// The next piece; `None` at the end.
+    pub async fn chunk(&mut self) -> io::Result<Option<Bytes>> {
+        match self {
+            Body::Http(r) => r
+                .chunk()
+                .await
+                .map_err(|e| io::Error::other(format!("the upstream connection failed: {e}"))),
+            Body::File(slot) => {
+                let Some(mut file) = slot.take() else {
+                    return Ok(None);
+                };
+                let (file, read) = tokio::task::spawn_blocking(move || {
+                    let mut buf = Vec::with_capacity(FILE_CHUNK);
+                    let r = (&mut file).take(FILE_CHUNK as u64).read_to_end(&mut buf);
+                    (file, r.map(|_| buf))
+                })
+                .await
+                .map_err(|e| io::Error::other(format!("upstream read task: {e}")))?;
+                let buf = read?;
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                *slot = Some(file);
+                Ok(Some(Bytes::from(buf)))
+            }
+        }
+    }
+}
+
+/// What the client's token may do with an image, as the upstream said.
+#[derive(Clone, Debug)]
+pub enum Verdict {
+    /// The upstream showed the image to the token: this is its record.
+    Allowed(Start),
+    /// The upstream refused: 401 (no or bad token) or 404 (not there, or
+    /// not visible to the token; Glance does not tell them apart).
+    Refused(FetchError),
+}
+
 impl Upstream {
-    /// `URL` (http:// or https://) or an existing directory.
-    pub fn parse(spec: &str, timeout: Duration) -> Result<Upstream, String> {
+    /// `URL` (http:// or https://) or an existing directory. `allow` lists
+    /// origins redirects may lead to (without the token).
+    pub fn parse(spec: &str, timeout: Duration, allow: &[String]) -> Result<Upstream, String> {
         if spec.starts_with("http://") || spec.starts_with("https://") {
             let base = spec.trim_end_matches('/').to_string();
-            reqwest::Url::parse(&base).map_err(|e| format!("upstream URL {spec:?}: {e}"))?;
+            let url = Url::parse(&base).map_err(|e| format!("upstream URL {spec:?}: {e}"))?;
+            let mut allowed = Vec::new();
+            for a in allow {
+                let u = Url::parse(a.trim())
+                    .map_err(|e| format!("--upstream-allow-redirect {a:?}: {e}"))?;
+                allowed.push(origin(&u));
+            }
             let client = reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(10).min(timeout))
                 .read_timeout(timeout)
-                .redirect(reqwest::redirect::Policy::limited(3))
+                // Followed by hand: see `send`.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .map_err(|e| format!("upstream HTTP client: {e}"))?;
-            return Ok(Upstream::Glance { base, client });
+            return Ok(Upstream::Glance(Glance {
+                base,
+                origin: origin(&url),
+                allowed,
+                client,
+            }));
+        }
+        if !allow.is_empty() {
+            return Err("--upstream-allow-redirect applies to an http(s) upstream only".into());
         }
         let path = PathBuf::from(spec);
         match std::fs::metadata(&path) {
@@ -121,171 +174,316 @@ impl Upstream {
 
     pub fn describe(&self) -> String {
         match self {
-            Upstream::Glance { base, .. } => base.clone(),
+            Upstream::Glance(g) => g.base.clone(),
             Upstream::Dir(p) => p.display().to_string(),
         }
     }
 
-    /// Start reading image `id` (already validated). The reader is
-    /// blocking; for HTTP it is fed by a task reading the response.
-    async fn open(
-        &self,
-        id: &str,
-        token: Option<&str>,
-    ) -> Result<(Start, Box<dyn Read + Send>), FetchError> {
+    pub fn is_glance(&self) -> bool {
+        matches!(self, Upstream::Glance(_))
+    }
+
+    /// Start reading image `id` (already validated): what the upstream
+    /// says of it, and its bytes. For Glance the record comes first
+    /// (`GET /v2/images/{id}`: the size and checksums to verify), then
+    /// the data.
+    pub async fn open(&self, id: &str, token: Option<&str>) -> Result<(Start, Body), FetchError> {
         match self {
             Upstream::Dir(dir) => {
                 let path = dir.join(id);
-                let opened = tokio::task::spawn_blocking(move || -> io::Result<(File, u64)> {
-                    let file = File::open(&path)?;
-                    let meta = file.metadata()?;
-                    if !meta.is_file() {
-                        return Err(io::Error::new(io::ErrorKind::NotFound, "not a file"));
-                    }
-                    Ok((file, meta.len()))
-                })
-                .await
-                .map_err(|e| internal(format!("upstream open task: {e}")))?;
+                let opened = tokio::task::spawn_blocking(move || open_regular(&path))
+                    .await
+                    .map_err(|e| internal(format!("upstream open task: {e}")))?;
                 match opened {
                     Ok((file, size)) => Ok((
                         Start {
                             size: Some(size),
-                            md5: None,
+                            ..Start::default()
                         },
-                        Box::new(file),
+                        Body::File(Some(file)),
                     )),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => Err(FetchError {
-                        status: StatusCode::NOT_FOUND,
-                        message: format!("image {id:?} is neither cached nor in the upstream"),
-                    }),
-                    Err(e) => {
-                        warn!(image_id = id, error = %e, "reading the upstream directory failed");
-                        Err(FetchError {
-                            status: StatusCode::BAD_GATEWAY,
-                            message: format!("the upstream cannot provide image {id:?}"),
-                        })
-                    }
+                    Err(e) => Err(dir_error(id, &e)),
                 }
             }
-            Upstream::Glance { base, client } => {
-                let url = format!("{base}/v2/images/{}/file", url_segment(id));
-                let mut request = client.get(&url);
-                if let Some(token) = token {
-                    request = request.header(super::auth::TOKEN_HEADER, token);
-                }
-                let response = request.send().await.map_err(|e| {
-                    warn!(image_id = id, error = %e, "upstream request failed");
-                    FetchError {
-                        status: StatusCode::BAD_GATEWAY,
-                        message: format!("the upstream did not answer for image {id:?}"),
-                    }
-                })?;
+            Upstream::Glance(g) => {
+                let record = match g.record(id, token).await? {
+                    Verdict::Allowed(start) => start,
+                    Verdict::Refused(e) => return Err(e),
+                };
+                let url = format!("{}/v2/images/{}/file", g.base, url_segment(id));
+                let response = g.send(reqwest::Method::GET, &url, token, id).await?;
                 let status = response.status();
                 if !status.is_success() {
-                    let (status, message) = match status.as_u16() {
-                        404 => (
-                            StatusCode::NOT_FOUND,
-                            format!("image {id:?} not found upstream"),
-                        ),
-                        401 => (
-                            StatusCode::UNAUTHORIZED,
-                            "the upstream refused the token".into(),
-                        ),
-                        403 => (StatusCode::FORBIDDEN, "the upstream refused access".into()),
-                        204 => (
-                            StatusCode::NO_CONTENT,
-                            format!("image {id:?} has no data upstream"),
-                        ),
-                        other => (
-                            StatusCode::BAD_GATEWAY,
-                            format!("the upstream answered {other} for image {id:?}"),
-                        ),
-                    };
-                    return Err(FetchError { status, message });
+                    return Err(status_error(id, status.as_u16()));
                 }
-                let md5 = response
+                let content_md5 = response
                     .headers()
                     .get("content-md5")
                     .and_then(|v| v.to_str().ok())
-                    .map(|v| v.trim().to_ascii_lowercase())
-                    .filter(|v| v.len() == 32 && v.bytes().all(|b| b.is_ascii_hexdigit()));
-                let start = Start {
-                    size: response.content_length(),
-                    md5,
-                };
-                let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
-                let mut body = response.bytes_stream();
-                tokio::spawn(async move {
-                    while let Some(chunk) = body.next().await {
-                        let chunk = chunk.map_err(|e| {
-                            io::Error::other(format!("the upstream connection failed: {e}"))
-                        });
-                        let failed = chunk.is_err();
-                        if tx.send(chunk).await.is_err() || failed {
-                            break;
-                        }
-                    }
-                });
-                Ok((
-                    start,
-                    Box::new(ChannelReader {
-                        rx,
-                        chunk: Bytes::new(),
-                    }),
-                ))
+                    .and_then(|v| hex_md5(v.trim()));
+                let length = response.content_length();
+                let start = merge(id, record, length, content_md5)?;
+                Ok((start, Body::Http(response)))
             }
         }
     }
 
-    /// HEAD for an uncached image: the size, without fetching.
+    /// HEAD for an uncached image: its size, without fetching.
     pub async fn size(&self, id: &str, token: Option<&str>) -> Result<Option<u64>, FetchError> {
         match self {
             Upstream::Dir(dir) => {
                 let path = dir.join(id);
-                match tokio::fs::metadata(&path).await {
-                    Ok(m) if m.is_file() => Ok(Some(m.len())),
-                    _ => Err(FetchError {
-                        status: StatusCode::NOT_FOUND,
-                        message: format!("image {id:?} is neither cached nor in the upstream"),
-                    }),
-                }
+                let opened = tokio::task::spawn_blocking(move || open_regular(&path))
+                    .await
+                    .map_err(|e| internal(format!("upstream open task: {e}")))?;
+                opened
+                    .map(|(_, size)| Some(size))
+                    .map_err(|e| dir_error(id, &e))
             }
-            Upstream::Glance { base, client } => {
-                let url = format!("{base}/v2/images/{}/file", url_segment(id));
-                let mut request = client.head(&url);
-                if let Some(token) = token {
-                    request = request.header(super::auth::TOKEN_HEADER, token);
-                }
-                let response = request.send().await.map_err(|_| FetchError {
-                    status: StatusCode::BAD_GATEWAY,
-                    message: format!("the upstream did not answer for image {id:?}"),
-                })?;
-                match response.status().as_u16() {
-                    200..=299 => Ok(response.content_length()),
-                    404 => Err(FetchError {
-                        status: StatusCode::NOT_FOUND,
-                        message: format!("image {id:?} not found upstream"),
-                    }),
-                    other => Err(FetchError {
-                        status: StatusCode::BAD_GATEWAY,
-                        message: format!("the upstream answered {other} for image {id:?}"),
-                    }),
-                }
-            }
+            Upstream::Glance(g) => match g.record(id, token).await? {
+                Verdict::Allowed(start) => Ok(start.size),
+                Verdict::Refused(e) => Err(e),
+            },
+        }
+    }
+
+    /// Whether the upstream has image `id` (a queued image must exist).
+    pub async fn has(&self, id: &str, token: Option<&str>) -> Result<bool, FetchError> {
+        match self.size(id, token).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.status == StatusCode::NOT_FOUND => Ok(false),
+            Err(e) => Err(e),
         }
     }
 }
 
-fn internal(message: String) -> FetchError {
-    warn!("{message}");
-    FetchError {
-        status: StatusCode::INTERNAL_SERVER_ERROR,
-        message: "internal error".into(),
+impl Glance {
+    /// `GET {base}/v2/images/{id}` with `token`: whether the token may see
+    /// the image, and its size and checksums.
+    pub async fn record(&self, id: &str, token: Option<&str>) -> Result<Verdict, FetchError> {
+        let url = format!("{}/v2/images/{}", self.base, url_segment(id));
+        let mut response = self.send(reqwest::Method::GET, &url, token, id).await?;
+        let status = response.status().as_u16();
+        match status {
+            200 => {}
+            401 | 403 | 404 => return Ok(Verdict::Refused(status_error(id, status))),
+            _ => return Err(status_error(id, status)),
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| {
+            FetchError::gateway(format!("reading the upstream's record of {id:?}: {e}"))
+        })? {
+            if body.len() + chunk.len() > MAX_RECORD_BYTES {
+                return Err(FetchError::gateway(format!(
+                    "the upstream's record of image {id:?} is larger than {MAX_RECORD_BYTES} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let record: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+            FetchError::gateway(format!(
+                "the upstream's record of image {id:?} is not JSON: {e}"
+            ))
+        })?;
+        Ok(Verdict::Allowed(parse_record(&record)))
+    }
+
+    /// Send a request, following redirects by hand (see the module doc).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        token: Option<&str>,
+        id: &str,
+    ) -> Result<reqwest::Response, FetchError> {
+        let mut url = Url::parse(url).map_err(|e| internal(format!("upstream URL {url}: {e}")))?;
+        for _ in 0..=MAX_REDIRECTS {
+            let here = origin(&url);
+            let mut request = self.client.request(method.clone(), url.clone());
+            if let Some(token) = token
+                && here == self.origin
+            {
+                request = request.header(super::auth::TOKEN_HEADER, token);
+            }
+            let response = request.send().await.map_err(|e| {
+                warn!(image_id = id, error = %e, "upstream request failed");
+                FetchError::gateway(format!("the upstream did not answer for image {id:?}"))
+            })?;
+            if !response.status().is_redirection() {
+                return Ok(response);
+            }
+            let Some(location) = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+            else {
+                return Err(status_error(id, response.status().as_u16()));
+            };
+            let next = url.join(location).map_err(|_| {
+                FetchError::gateway(format!(
+                    "the upstream redirected image {id:?} to an invalid location"
+                ))
+            })?;
+            let to = origin(&next);
+            if to != self.origin && !self.allowed.contains(&to) {
+                warn!(image_id = id, to = %to, "refused a redirect to another origin");
+                return Err(FetchError::gateway(format!(
+                    "the upstream redirected image {id:?} to another origin ({to}), which is \
+                     not allowed (--upstream-allow-redirect)"
+                )));
+            }
+            url = next;
+        }
+        Err(FetchError::gateway(format!(
+            "the upstream redirected image {id:?} more than {MAX_REDIRECTS} times"
+        )))
     }
 }
 
+/// `scheme://host:port` of a URL.
+fn origin(url: &Url) -> String {
+    format!(
+        "{}://{}:{}",
+        url.scheme(),
+        url.host_str().unwrap_or(""),
+        url.port_or_known_default().unwrap_or(0)
+    )
+}
+
+/// The size and checksums of a Glance image record.
+fn parse_record(record: &serde_json::Value) -> Start {
+    let size = record.get("size").and_then(|v| v.as_u64());
+    let md5 = record
+        .get("checksum")
+        .and_then(|v| v.as_str())
+        .and_then(hex_md5);
+    let hash = match (
+        record.get("os_hash_algo").and_then(|v| v.as_str()),
+        record.get("os_hash_value").and_then(|v| v.as_str()),
+    ) {
+        (Some(algo), Some(value)) => {
+            match format!(
+                "{}:{}",
+                algo.to_ascii_lowercase(),
+                value.to_ascii_lowercase()
+            )
+            .parse::<Checksum>()
+            {
+                Ok(c) if c.algorithm != Algorithm::Md5 => Some(c),
+                Ok(_) => None,
+                Err(e) => {
+                    warn!(error = %e, "ignoring an os_hash the cache cannot verify");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    Start { size, md5, hash }
+}
+
+/// The record and the data response must agree: a record and a
+/// `Content-Length` (or `Content-MD5`) that differ mean the upstream is
+/// not sending the image it describes.
+fn merge(
+    id: &str,
+    record: Start,
+    length: Option<u64>,
+    content_md5: Option<String>,
+) -> Result<Start, FetchError> {
+    let size = match (record.size, length) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(FetchError::gateway(format!(
+                "the upstream describes image {id:?} as {a} bytes but sends {b}; not served"
+            )));
+        }
+        (a, b) => a.or(b),
+    };
+    let md5 = match (record.md5, content_md5) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(FetchError::gateway(format!(
+                "the upstream's checksum of image {id:?} ({a}) and its Content-MD5 ({b}) differ; not served"
+            )));
+        }
+        (a, b) => a.or(b),
+    };
+    Ok(Start {
+        size,
+        md5,
+        hash: record.hash,
+    })
+}
+
+/// Lower-case hex of an MD5 digest, if `v` is one.
+fn hex_md5(v: &str) -> Option<String> {
+    (v.len() == 32 && v.bytes().all(|b| b.is_ascii_hexdigit())).then(|| v.to_ascii_lowercase())
+}
+
+/// Open `path` if it is a regular file (not through a symlink, never
+/// blocking on a FIFO): the file and its size.
+fn open_regular(path: &std::path::Path) -> io::Result<(File, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "not a regular file",
+        ));
+    }
+    Ok((file, meta.len()))
+}
+
+fn dir_error(id: &str, e: &io::Error) -> FetchError {
+    let symlink = e.raw_os_error() == Some(libc::ELOOP);
+    if symlink {
+        warn!(
+            image_id = id,
+            "the upstream directory holds a symlink for this id: refused"
+        );
+    }
+    if symlink || e.kind() == io::ErrorKind::NotFound {
+        return FetchError::new(
+            StatusCode::NOT_FOUND,
+            format!("image {id:?} is neither cached nor in the upstream"),
+        );
+    }
+    warn!(image_id = id, error = %e, "reading the upstream directory failed");
+    FetchError::gateway(format!("the upstream cannot provide image {id:?}"))
+}
+
+/// A refusal or failure of the upstream, as the client should see it
+/// (Glance's own statuses for 401 and 404).
+fn status_error(id: &str, status: u16) -> FetchError {
+    match status {
+        401 => FetchError::new(
+            StatusCode::UNAUTHORIZED,
+            "the upstream did not accept the token",
+        ),
+        // Glance answers 404 for an image the token may not see; 403 is
+        // a policy refusal: neither tells the client more.
+        403 | 404 => FetchError::new(
+            StatusCode::NOT_FOUND,
+            format!("image {id:?} not found upstream"),
+        ),
+        204 => FetchError::new(
+            StatusCode::NO_CONTENT,
+            format!("image {id:?} has no data upstream"),
+        ),
+        other => FetchError::gateway(format!("the upstream answered {other} for image {id:?}")),
+    }
+}
+
+pub fn internal(message: String) -> FetchError {
+    warn!("{message}");
+    FetchError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+}
+
 /// Percent-encode an image id for a URL path segment.
-fn url_segment(id: &str) -> String {
+pub fn url_segment(id: &str) -> String {
     let mut out = String::with_capacity(id.len());
     for b in id.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -297,263 +495,36 @@ fn url_segment(id: &str) -> String {
     out
 }
 
-/// The blocking side of an HTTP body: what the tee reads.
-struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<Bytes>>,
-    chunk: Bytes,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.chunk.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(chunk)) => self.chunk = chunk,
-                Some(Err(e)) => return Err(e),
-                None => return Ok(0),
-            }
-        }
-        let n = self.chunk.len().min(buf.len());
-        buf[..n].copy_from_slice(&self.chunk[..n]);
-        let _ = self.chunk.split_to(n);
-        Ok(n)
-    }
-}
-
-/// Wraps the upstream reader: counts bytes, and fails when the server
-/// gives up on fetches (shutdown past its grace period), so the tee
-/// aborts the write instead of leaving it half done.
-struct Counted<'a> {
-    inner: Box<dyn Read + Send>,
-    app: &'a App,
-}
-
-impl Read for Counted<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.app.abort_fetches.load(Ordering::Relaxed) {
-            return Err(io::Error::other("the server is shutting down"));
-        }
-        let n = self.inner.read(buf)?;
-        add(&self.app.metrics.upstream_bytes, n as u64);
-        Ok(n)
-    }
-}
-
-/// The tee's sink: appends to the spool and tells the readers.
-struct SpoolSink<'a> {
-    file: &'a File,
-    tx: &'a watch::Sender<Progress>,
-    written: u64,
-}
-
-impl Write for SpoolSink<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = (&*self.file).write(buf)?;
-        self.written += n as u64;
-        let written = self.written;
-        self.tx.send_modify(|p| p.written = written);
-        Ok(n)
+    #[test]
+    fn records_and_responses_must_agree() {
+        let record = parse_record(&serde_json::json!({
+            "size": 10, "checksum": "0123456789abcdef0123456789ABCDEF",
+            "os_hash_algo": "sha512", "os_hash_value": "ab".repeat(64),
+        }));
+        assert_eq!(record.size, Some(10));
+        assert_eq!(
+            record.md5.as_deref(),
+            Some("0123456789abcdef0123456789abcdef")
+        );
+        assert_eq!(record.hash.as_ref().unwrap().algorithm, Algorithm::Sha512);
+        assert!(merge("a", record.clone(), Some(11), None).is_err());
+        assert!(merge("a", record.clone(), Some(10), Some("f".repeat(32))).is_err());
+        let s = merge("a", record, None, None).unwrap();
+        assert_eq!(s.size, Some(10));
+        let empty = parse_record(&serde_json::json!({"size": null, "os_hash_algo": "crc"}));
+        assert!(empty.size.is_none() && empty.hash.is_none());
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+    #[test]
+    fn origins() {
+        let o = |s: &str| origin(&Url::parse(s).unwrap());
+        assert_eq!(o("http://a:80/x"), o("http://a/y"));
+        assert_ne!(o("http://a/"), o("https://a/"));
+        assert_ne!(o("http://a:8080/"), o("http://a/"));
+        assert_ne!(o("http://a/"), o("http://b/"));
     }
-}
-
-/// Join the fetch of `id` under way, or start one. Returns the flight and
-/// whether it was joined.
-pub fn join_or_start(
-    app: &Arc<App>,
-    id: &str,
-    token: Option<String>,
-) -> Result<(Arc<Flight>, bool), FetchError> {
-    let mut map = app.flights.map.lock().unwrap();
-    if let Some(flight) = map.get(id) {
-        return Ok((flight.clone(), true));
-    }
-    if app.upstream.is_none() {
-        return Err(FetchError {
-            status: StatusCode::NOT_FOUND,
-            message: format!("image {id:?} is not cached (and no upstream is configured)"),
-        });
-    }
-    let spool = tempfile::tempfile_in(&app.spool_dir).map_err(|e| {
-        internal(format!(
-            "cannot create a spool file in {}: {e}",
-            app.spool_dir.display()
-        ))
-    })?;
-    let spool = Arc::new(spool);
-    let (tx, rx) = watch::channel(Progress::default());
-    let tx = Arc::new(tx);
-    let flight = Arc::new(Flight {
-        spool: spool.clone(),
-        progress: rx,
-    });
-    map.insert(id.to_string(), flight.clone());
-    drop(map);
-    app.metrics.flights_active.fetch_add(1, Ordering::Relaxed);
-    let app = app.clone();
-    let id = id.to_string();
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let outcome = fetch(&app, &id, token, spool, &tx).await;
-        match &outcome {
-            Outcome::Complete { cached } => info!(
-                image_id = %id,
-                bytes = tx.borrow().written,
-                cached,
-                seconds = started.elapsed().as_secs_f64(),
-                "upstream fetch complete"
-            ),
-            Outcome::AlreadyCached => {}
-            Outcome::Failed(e) => {
-                inc(&app.metrics.upstream_failures);
-                warn!(image_id = %id, status = e.status.as_u16(), error = %e.message, "upstream fetch failed");
-            }
-        }
-        tx.send_modify(|p| p.outcome = Some(outcome));
-        // Removed only now: a request either joins this flight or, after
-        // the commit, finds the image cached.
-        app.flights.map.lock().unwrap().remove(&id);
-        app.metrics.flights_active.fetch_sub(1, Ordering::Relaxed);
-    });
-    Ok((flight, false))
-}
-
-async fn fetch(
-    app: &Arc<App>,
-    id: &str,
-    token: Option<String>,
-    spool: Arc<File>,
-    tx: &Arc<watch::Sender<Progress>>,
-) -> Outcome {
-    let cached = {
-        let app = app.clone();
-        let id = id.to_string();
-        tokio::task::spawn_blocking(move || app.cache.is_cached(&id)).await
-    };
-    match cached {
-        Ok(Ok(true)) => return Outcome::AlreadyCached,
-        Ok(Ok(false)) => {}
-        Ok(Err(e)) => app.note_driver_error(&e, "is-cached"),
-        Err(e) => warn!("is-cached task: {e}"),
-    }
-    let Some(upstream) = app.upstream.as_ref() else {
-        return Outcome::Failed(FetchError {
-            status: StatusCode::NOT_FOUND,
-            message: format!("image {id:?} is not cached"),
-        });
-    };
-    inc(&app.metrics.upstream_fetches);
-    let (start, source) = match upstream.open(id, token.as_deref()).await {
-        Ok(opened) => opened,
-        Err(e) => return Outcome::Failed(e),
-    };
-    let over_ceiling = match (app.ceiling, start.size) {
-        (Some(ceiling), Some(size)) => {
-            let app2 = app.clone();
-            match tokio::task::spawn_blocking(move || app2.cache.get_cache_size()).await {
-                Ok(Ok(current)) => current.saturating_add(size) > ceiling,
-                Ok(Err(e)) => {
-                    app.note_driver_error(&e, "get-cache-size");
-                    true
-                }
-                Err(_) => true,
-            }
-        }
-        _ => false,
-    };
-    tx.send_modify(|p| p.start = Some(start.clone()));
-    let app2 = app.clone();
-    let id2 = id.to_string();
-    let tx2 = tx.clone();
-    let start2 = start.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let app = &*app2;
-        let tx = &*tx2;
-        let start = start2;
-        let mut source = Counted { inner: source, app };
-        let mut sink = SpoolSink {
-            file: &spool,
-            tx,
-            written: 0,
-        };
-        if over_ceiling {
-            return io::copy(&mut source, &mut sink)
-                .map(|_| (false, None))
-                .map_err(Error::Source);
-        }
-        let expected = start
-            .md5
-            .as_deref()
-            .and_then(|hex| format!("md5:{hex}").parse::<Checksum>().ok());
-        app.cache
-            .cache_stream(&id2, expected.as_ref(), &mut source, &mut sink)
-            .map(|report| (report.cached, report.cache_error))
-    });
-    let result = match result.await {
-        Ok(r) => r,
-        Err(e) => return Outcome::Failed(internal(format!("fetch task: {e}"))),
-    };
-    match result {
-        Ok((cached, cache_error)) => {
-            if over_ceiling {
-                inc(&app.metrics.not_cached_ceiling);
-                info!(image_id = %id, "not cached: it would push the cache over its ceiling");
-            }
-            if let Some(e) = cache_error {
-                inc(&app.metrics.cache_write_failures);
-                warn!(image_id = %id, error = %e, "served but not cached");
-            }
-            if cached {
-                inc(&app.metrics.images_cached);
-                if let (Some(ceiling), None) = (app.ceiling, start.size) {
-                    enforce_ceiling_after(app, id, ceiling).await;
-                }
-            }
-            Outcome::Complete { cached }
-        }
-        Err(Error::ChecksumMismatch {
-            expected, actual, ..
-        }) => Outcome::Failed(FetchError {
-            status: StatusCode::BAD_GATEWAY,
-            message: format!(
-                "image {id:?} from the upstream does not match its checksum (expected {expected}, got {actual}); not cached"
-            ),
-        }),
-        Err(Error::Source(e)) => Outcome::Failed(FetchError {
-            status: StatusCode::BAD_GATEWAY,
-            message: format!("the upstream failed while sending image {id:?}: {e}"),
-        }),
-        Err(e) => {
-            app.note_driver_error(&e, "cache-stream");
-            Outcome::Failed(internal(format!("caching image {id:?} failed: {e}")))
-        }
-    }
-}
-
-/// The upstream did not say the size: the image was cached, and is
-/// removed again if it pushed the cache over the ceiling.
-async fn enforce_ceiling_after(app: &Arc<App>, id: &str, ceiling: u64) {
-    let app2 = app.clone();
-    let id2 = id.to_string();
-    let removed = tokio::task::spawn_blocking(move || -> image_cache::Result<bool> {
-        if app2.cache.get_cache_size()? > ceiling {
-            app2.cache.delete_cached_image(&id2)?;
-            return Ok(true);
-        }
-        Ok(false)
-    })
-    .await;
-    if let Ok(Ok(true)) = removed {
-        inc(&app.metrics.not_cached_ceiling);
-        info!(image_id = %id, "removed again: it pushed the cache over its ceiling");
-    }
-}
-
-/// The spool's `Path`-free description for logs.
-pub fn spool_dir_usable(dir: &Path) -> Result<(), String> {
-    tempfile::tempfile_in(dir)
-        .map(|_| ())
-        .map_err(|e| format!("spool directory {}: {e}", dir.display()))
 }

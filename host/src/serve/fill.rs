@@ -1,0 +1,583 @@
+//! Fills: an image fetched from the upstream once, verified, then cached.
+//!
+//! A miss starts one [`Flight`] per image id: a task, independent of any
+//! client, that reads the upstream into a spool file (an unnamed
+//! temporary file). Every client asking for the image meanwhile reads the
+//! spool at its own pace, so one upstream fetch serves them all and a
+//! slow or vanished client never stalls or stops it.
+//!
+//! Nothing reaches the cache before the fill is verified:
+//!
+//! 1. the bytes received equal the declared size (Glance's `size`,
+//!    `Content-Length`, the file's size), and the upstream sent no more;
+//! 2. they match every checksum the upstream gave (Glance's `checksum`
+//!    and `os_hash_value`, `Content-MD5`);
+//! 3. the upstream kept up a minimum rate (`--upstream-min-rate` over each
+//!    `--upstream-timeout` window), besides the per-read timeout.
+//!
+//! Until then clients get every byte but the last (and a range nothing),
+//! so a fill that fails ends their bodies short: never a complete-looking
+//! body. Only a verified fill is cached, in one short write session that
+//! copies the spool into the driver's file (`copy_file_range`) and commits
+//! it with its MD5: a driver instance is held for that copy, never while
+//! the network is slow. Shutdown cannot commit an unfinished fill: the
+//! check comes first.
+//!
+//! Fills are capped (`--max-fetches`): past the cap a new miss is a 503
+//! with `Retry-After`, while clients of fills under way still join them.
+//! A fill is not cached when it would leave less than `--disk-reserve`
+//! free on the cache's file system (it is still served); a commit that
+//! fails on a full disk has its file removed at once (the driver's clean).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use image_cache::checksum::{Algorithm, Hasher};
+use image_cache::{Checksum, Error};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tracing::{info, warn};
+
+use super::App;
+use super::metrics::{add, inc};
+use super::upstream::{FetchError, Start, internal};
+
+/// Spool writes are batched up to this much when the upstream sends
+/// faster than the disk takes it.
+const WRITE_BATCH: usize = 1 << 20;
+/// Seconds a client is told to wait when the fills are at their cap.
+const RETRY_AFTER: u32 = 5;
+
+/// How a fill ended, as its readers see it.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// Every byte is in the spool and verified.
+    Complete,
+    /// The image was cached already: read it from the cache.
+    AlreadyCached,
+    /// Failed; clients that got bytes see their response cut short.
+    Failed(FetchError),
+}
+
+/// A fill's progress.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub start: Option<Start>,
+    /// Bytes of the spool clients may send now: all but the last until
+    /// the fill is verified.
+    pub written: u64,
+    pub outcome: Option<Outcome>,
+    /// After the outcome: whether the image went into the cache.
+    pub cached: Option<bool>,
+}
+
+impl Progress {
+    /// How far a client may read: to `to` (a range) only once verified.
+    pub fn readable(&self, to: Option<u64>) -> u64 {
+        match to {
+            None => self.written,
+            Some(to) if matches!(self.outcome, Some(Outcome::Complete)) => to.min(self.written),
+            Some(_) => 0,
+        }
+    }
+}
+
+/// One fill of one image, shared by every request for it.
+pub struct Flight {
+    pub spool: Arc<File>,
+    pub progress: watch::Receiver<Progress>,
+}
+
+/// The fills under way, by image id, and the cap on them.
+pub struct Flights {
+    map: Mutex<HashMap<String, Arc<Flight>>>,
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Flights {
+    pub fn new(max: usize) -> Flights {
+        Flights {
+            map: Mutex::new(HashMap::new()),
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    pub fn active(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Wait for a free slot (the prefetcher queues rather than fails).
+    pub async fn wait_slot(&self) -> OwnedSemaphorePermit {
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+}
+
+/// Join the fill of `id` under way, or start one: with `slot` (the
+/// prefetcher's), else with a free one or a 503. Returns the flight and
+/// whether it was joined.
+pub fn join_or_start(
+    app: &Arc<App>,
+    id: &str,
+    token: Option<String>,
+    slot: Option<OwnedSemaphorePermit>,
+) -> Result<(Arc<Flight>, bool), FetchError> {
+    let mut map = app.flights.map.lock().unwrap();
+    if let Some(flight) = map.get(id) {
+        return Ok((flight.clone(), true));
+    }
+    if app.upstream.is_none() {
+        return Err(FetchError::new(
+            StatusCode::NOT_FOUND,
+            format!("image {id:?} is not cached (and no upstream is configured)"),
+        ));
+    }
+    let slot = match slot {
+        Some(s) => s,
+        None => app.flights.slots.clone().try_acquire_owned().map_err(|_| {
+            inc(&app.metrics.fills_refused);
+            FetchError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: format!(
+                    "{} images are being fetched, the most at once; try again",
+                    app.flights.max
+                ),
+                retry_after: Some(RETRY_AFTER),
+            }
+        })?,
+    };
+    let spool = tempfile::tempfile_in(&app.spool_dir).map_err(|e| {
+        internal(format!(
+            "cannot create a spool file in {}: {e}",
+            app.spool_dir.display()
+        ))
+    })?;
+    let spool = Arc::new(spool);
+    let (tx, rx) = watch::channel(Progress::default());
+    let flight = Arc::new(Flight {
+        spool: spool.clone(),
+        progress: rx,
+    });
+    map.insert(id.to_string(), flight.clone());
+    drop(map);
+    app.metrics.flights_active.fetch_add(1, Ordering::Relaxed);
+    let app = app.clone();
+    let id = id.to_string();
+    tokio::spawn(async move {
+        let _slot = slot;
+        let started = Instant::now();
+        let outcome = fill(&app, &id, token, &spool, &tx).await;
+        let cached = match &outcome {
+            Outcome::Complete => {
+                let bytes = tx.borrow().written;
+                tx.send_modify(|p| p.outcome = Some(Outcome::Complete));
+                let cached = commit(&app, &id, &spool, bytes, &tx).await;
+                info!(
+                    image_id = %id,
+                    bytes,
+                    cached,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "upstream fetch complete"
+                );
+                cached
+            }
+            Outcome::AlreadyCached => false,
+            Outcome::Failed(e) => {
+                inc(&app.metrics.upstream_failures);
+                warn!(image_id = %id, status = e.status.as_u16(), error = %e.message, "upstream fetch failed");
+                false
+            }
+        };
+        tx.send_modify(|p| {
+            p.outcome = Some(outcome);
+            p.cached = Some(cached);
+        });
+        // Removed only now: a request either joins this flight or, after
+        // the commit, finds the image cached.
+        app.flights.map.lock().unwrap().remove(&id);
+        app.metrics.flights_active.fetch_sub(1, Ordering::Relaxed);
+    });
+    Ok((flight, false))
+}
+
+/// Read the upstream into the spool and verify it.
+async fn fill(
+    app: &Arc<App>,
+    id: &str,
+    token: Option<String>,
+    spool: &Arc<File>,
+    tx: &watch::Sender<Progress>,
+) -> Outcome {
+    let cached = {
+        let app = app.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || app.cache.is_cached(&id)).await
+    };
+    match cached {
+        Ok(Ok(true)) => return Outcome::AlreadyCached,
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => app.note_driver_error(&e, "is-cached"),
+        Err(e) => warn!("is-cached task: {e}"),
+    }
+    let Some(upstream) = app.upstream.as_ref() else {
+        return Outcome::Failed(FetchError::new(
+            StatusCode::NOT_FOUND,
+            format!("image {id:?} is not cached"),
+        ));
+    };
+    inc(&app.metrics.upstream_fetches);
+    let (start, mut body) = match upstream.open(id, token.as_deref()).await {
+        Ok(opened) => opened,
+        Err(e) => return Outcome::Failed(e),
+    };
+    tx.send_modify(|p| p.start = Some(start.clone()));
+    let mut hashers = Hashers::new(&start);
+    let mut rate = Rate::new(app.limits.min_rate, app.limits.rate_window);
+    let mut written = 0u64;
+    let failed =
+        |message: String| Outcome::Failed(FetchError::new(StatusCode::BAD_GATEWAY, message));
+    loop {
+        // Take what is there now, up to a batch, without waiting for more.
+        let mut batch = BytesMut::new();
+        let mut ended = false;
+        loop {
+            let next = if batch.is_empty() {
+                tokio::select! {
+                    c = body.chunk() => Some(c),
+                    _ = app.fetches_aborted() => {
+                        return failed(format!("the server stopped before image {id:?} was fetched"));
+                    }
+                }
+            } else {
+                body.chunk().now_or_never()
+            };
+            match next {
+                None => break,
+                Some(Ok(Some(chunk))) => {
+                    batch.extend_from_slice(&chunk);
+                    if batch.len() >= WRITE_BATCH {
+                        break;
+                    }
+                }
+                Some(Ok(None)) => {
+                    ended = true;
+                    break;
+                }
+                Some(Err(e)) => {
+                    return failed(format!(
+                        "the upstream failed while sending image {id:?}: {e}"
+                    ));
+                }
+            }
+        }
+        if app.abort_fetches.load(Ordering::Relaxed) {
+            return failed(format!(
+                "the server stopped before image {id:?} was fetched"
+            ));
+        }
+        if !batch.is_empty() {
+            let n = batch.len() as u64;
+            if let Some(size) = start.size
+                && written + n > size
+            {
+                return failed(format!(
+                    "the upstream sent more than the {size} bytes of image {id:?}"
+                ));
+            }
+            let spool2 = spool.clone();
+            let batch = batch.freeze();
+            let at = written;
+            let (h, result) = match tokio::task::spawn_blocking(move || {
+                let mut h = hashers;
+                h.update(&batch);
+                let r = write_at(&spool2, &batch, at);
+                (h, r)
+            })
+            .await
+            {
+                Ok(done) => done,
+                Err(e) => return Outcome::Failed(internal(format!("spool write task: {e}"))),
+            };
+            hashers = h;
+            if let Err(e) = result {
+                return Outcome::Failed(internal(format!("writing the spool of {id:?}: {e}")));
+            }
+            written += n;
+            add(&app.metrics.upstream_bytes, n);
+            // The last byte waits for the verdict.
+            tx.send_modify(|p| p.written = written - 1);
+            if let Err(e) = rate.check(n) {
+                return failed(format!("the upstream sent image {id:?} too slowly: {e}"));
+            }
+        }
+        if ended {
+            break;
+        }
+    }
+    if let Some(size) = start.size
+        && written != size
+    {
+        return failed(format!(
+            "the upstream ended image {id:?} after {written} of its {size} bytes"
+        ));
+    }
+    if let Err(e) = hashers.verify(&start) {
+        inc(&app.metrics.checksum_failures);
+        return failed(format!("image {id:?} from the upstream {e}; not cached"));
+    }
+    tx.send_modify(|p| {
+        p.written = written;
+        p.start.get_or_insert_with(Start::default).md5 = Some(hashers.md5_hex());
+    });
+    Outcome::Complete
+}
+
+/// Copy a verified spool into the cache, if it fits.
+async fn commit(
+    app: &Arc<App>,
+    id: &str,
+    spool: &Arc<File>,
+    size: u64,
+    tx: &watch::Sender<Progress>,
+) -> bool {
+    if let Some(ceiling) = app.ceiling {
+        let app2 = app.clone();
+        let over = match tokio::task::spawn_blocking(move || app2.cache.get_cache_size()).await {
+            Ok(Ok(current)) => current.saturating_add(size) > ceiling,
+            Ok(Err(e)) => {
+                app.note_driver_error(&e, "get-cache-size");
+                true
+            }
+            Err(_) => true,
+        };
+        if over {
+            inc(&app.metrics.not_cached_ceiling);
+            info!(image_id = %id, "not cached: it would push the cache over its ceiling");
+            return false;
+        }
+    }
+    match free_space(app.cache.root()) {
+        Ok(free) if free < size.saturating_add(app.limits.disk_reserve) => {
+            inc(&app.metrics.not_cached_disk);
+            warn!(
+                image_id = %id,
+                size,
+                free,
+                reserve = app.limits.disk_reserve,
+                "not cached: the cache's file system has too little free space"
+            );
+            return false;
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read the cache's free space"),
+    }
+    let checksum = tx
+        .borrow()
+        .start
+        .as_ref()
+        .and_then(|s| s.md5.as_deref())
+        .and_then(|hex| format!("md5:{hex}").parse::<Checksum>().ok());
+    let app2 = app.clone();
+    let id2 = id.to_string();
+    let spool = spool.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        app2.cache.cache_verified(&id2, &spool, checksum.as_ref())
+    })
+    .await;
+    match result {
+        Ok(Ok(_)) => {
+            inc(&app.metrics.images_cached);
+            true
+        }
+        Ok(Err(Error::AlreadyCached(_) | Error::BeingCached(_))) => false,
+        Ok(Err(e)) => {
+            inc(&app.metrics.cache_write_failures);
+            warn!(image_id = %id, error = %e, "served but not cached");
+            if matches!(
+                e,
+                Error::Io {
+                    code: image_cache::error::IoCode::NoSpace,
+                    ..
+                }
+            ) {
+                // Its file went to invalid/: remove it now, not at the next
+                // clean, so the disk is not left full.
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let _ = super::background::clean_once(&app).await;
+                });
+            }
+            false
+        }
+        Err(e) => {
+            warn!(image_id = %id, "commit task: {e}");
+            false
+        }
+    }
+}
+
+/// Bytes free for an unprivileged writer on the file system of `path`.
+pub fn free_space(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::other("path has a NUL byte"))?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and an out-pointer to a zeroed statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((s.f_bavail as u64).saturating_mul(s.f_frsize as u64))
+}
+
+fn write_at(file: &File, buf: &[u8], at: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(buf, at)
+}
+
+/// The digests a fill computes: MD5 always (recorded with the image, sent
+/// as `Content-MD5` on hits), and the upstream's `os_hash` algorithm.
+struct Hashers {
+    md5: Hasher,
+    other: Option<(Algorithm, Hasher)>,
+    md5_hex: Option<String>,
+}
+
+impl Hashers {
+    fn new(start: &Start) -> Hashers {
+        Hashers {
+            md5: Hasher::new(Algorithm::Md5),
+            other: start
+                .hash
+                .as_ref()
+                .map(|c| (c.algorithm, Hasher::new(c.algorithm))),
+            md5_hex: None,
+        }
+    }
+
+    fn update(&mut self, bytes: &Bytes) {
+        self.md5.update(bytes);
+        if let Some((_, h)) = self.other.as_mut() {
+            h.update(bytes);
+        }
+    }
+
+    /// Compare with what the upstream said; keeps the MD5 for the commit.
+    fn verify(&mut self, start: &Start) -> Result<(), String> {
+        let md5 = std::mem::replace(&mut self.md5, Hasher::new(Algorithm::Md5)).finish();
+        self.md5_hex = Some(md5.clone());
+        if let Some(expected) = start.md5.as_deref()
+            && expected != md5
+        {
+            return Err(format!(
+                "does not match its MD5 (expected {expected}, got {md5})"
+            ));
+        }
+        if let (Some(expected), Some((algorithm, h))) = (start.hash.as_ref(), self.other.take()) {
+            let actual = h.finish();
+            if actual != expected.hex {
+                return Err(format!(
+                    "does not match its {} (expected {}, got {actual})",
+                    algorithm.name(),
+                    expected.hex
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn md5_hex(&self) -> String {
+        self.md5_hex.clone().unwrap_or_default()
+    }
+}
+
+/// The minimum rate: each window must bring `min` bytes per second.
+struct Rate {
+    min: u64,
+    window: Duration,
+    began: Instant,
+    bytes: u64,
+}
+
+impl Rate {
+    fn new(min: u64, window: Duration) -> Rate {
+        Rate {
+            min,
+            window,
+            began: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    fn check(&mut self, n: u64) -> Result<(), String> {
+        self.bytes += n;
+        let elapsed = self.began.elapsed();
+        if self.min == 0 || elapsed < self.window {
+            return Ok(());
+        }
+        let need = (self.min as f64 * elapsed.as_secs_f64()) as u64;
+        if self.bytes < need {
+            return Err(format!(
+                "{} bytes in {:.0} s, under the minimum of {} bytes/s",
+                self.bytes,
+                elapsed.as_secs_f64(),
+                self.min
+            ));
+        }
+        self.began = Instant::now();
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
+/// The spool directory can hold unnamed files.
+pub fn spool_dir_usable(dir: &Path) -> Result<(), String> {
+    tempfile::tempfile_in(dir)
+        .map(|_| ())
+        .map_err(|e| format!("spool directory {}: {e}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_wait_for_the_verdict() {
+        let mut p = Progress {
+            written: 99,
+            ..Progress::default()
+        };
+        assert_eq!(p.readable(None), 99);
+        assert_eq!(p.readable(Some(10)), 0);
+        p.outcome = Some(Outcome::Complete);
+        p.written = 100;
+        assert_eq!(p.readable(Some(10)), 10);
+    }
+
+    #[test]
+    fn a_trickle_fails_the_rate() {
+        let mut r = Rate::new(1000, Duration::ZERO);
+        r.began -= Duration::from_secs(10);
+        assert!(r.check(100).is_err());
+        let mut r = Rate::new(1000, Duration::ZERO);
+        r.began -= Duration::from_secs(10);
+        assert!(r.check(20_000).is_ok());
+        let mut r = Rate::new(0, Duration::ZERO);
+        assert!(r.check(0).is_ok());
+    }
+}
