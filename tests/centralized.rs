@@ -1000,3 +1000,148 @@ fn a_transaction_open_when_the_call_returns_is_rolled_back() {
         "{rows:?}"
     );
 }
+
+/// One GET over a fresh connection: status, body, whether the body came
+/// whole (Content-Length bytes).
+fn http_get(addr: &str, path: &str) -> (u16, Vec<u8>, bool, String) {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let _ = c.read_to_end(&mut raw);
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head");
+    let head = String::from_utf8_lossy(&raw[..end]).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = raw[end + 4..].to_vec();
+    let length: Option<usize> = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_string())
+        })
+        .and_then(|v| v.parse().ok());
+    let complete = length.is_none_or(|n| n == body.len());
+    (status, body, complete, head)
+}
+
+/// `image-cache serve` with the centralized driver on a test database.
+fn serve_centralized(
+    root: &std::path::Path,
+    upstream: &std::path::Path,
+    url: &str,
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(cli_binary())
+        .arg("--dir")
+        .arg(root)
+        .args(["--driver", "centralized_db", "--no-fallback"])
+        .args(["--worker-self-reference-url", "http://node-1:9292"])
+        .env("IMAGE_CACHE_DATABASE_URL", url)
+        .env("IMAGE_CACHE_ADMIN_TOKEN", "admin-token-0123456789abcdef")
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--public-downloads",
+            "--upstream",
+        ])
+        .arg(upstream)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    for line in out.lines() {
+        let line = line.unwrap();
+        if let Some(a) = line.strip_prefix("image-cache serve: listening on http://") {
+            return (child, a.to_string());
+        }
+    }
+    let status = child.wait();
+    panic!(
+        "the server did not start: {status:?}\n{}",
+        log.join().unwrap_or_default()
+    );
+}
+
+#[test]
+fn serve_keeps_serving_cached_images_while_the_database_is_down() {
+    // A cached image is this image by its seal: with the database down it
+    // is served, without a checksum, and /healthz says degraded; the
+    // driver answers again once it is back.
+    let (_alone, cluster) = pg::postgres_alone();
+    let db = cluster.database();
+    let dir = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let bytes = image_bytes(9, 3 << 20);
+    std::fs::write(store.path().join("img"), &bytes).unwrap();
+    let root = dir.path().join("cache");
+    let (mut server, addr) = serve_centralized(&root, store.path(), &db.url);
+    let (status, body, complete, _) = http_get(&addr, "/v2/images/img/file");
+    assert!(status == 200 && complete && body == bytes);
+    let until = Instant::now() + Duration::from_secs(20);
+    while !root.join("img").exists() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, health, _, _) = http_get(&addr, "/healthz");
+    assert!(String::from_utf8_lossy(&health).contains("\"ok\""));
+
+    cluster.stop();
+    let down = |addr: &str| {
+        let (status, body, complete, head) = http_get(addr, "/v2/images/img/file");
+        assert_eq!(status, 200, "{head}");
+        assert!(complete && body == bytes, "served whole from the cache");
+        assert!(!head.to_ascii_lowercase().contains("content-md5"), "{head}");
+        let (status, health, _, _) = http_get(addr, "/healthz");
+        let health = String::from_utf8_lossy(&health).to_string();
+        assert_eq!(status, 200);
+        assert!(health.contains("\"degraded\""), "{health}");
+    };
+    down(&addr);
+    // A server started while the database is down cannot load its driver:
+    // it says why and exits (a supervisor restarts it), rather than run
+    // without its driver.
+    let out = std::process::Command::new(cli_binary())
+        .arg("--dir")
+        .arg(&root)
+        .args(["--driver", "centralized_db", "--no-fallback"])
+        .args(["--worker-self-reference-url", "http://node-1:9292"])
+        .env("IMAGE_CACHE_DATABASE_URL", &db.url)
+        .args(["serve", "--listen", "127.0.0.1:0", "--public-downloads"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("error connecting"), "{err}");
+    assert!(!err.contains(PASSWORD), "{err}");
+
+    cluster.start();
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, health, _, _) = http_get(&addr, "/healthz");
+        if String::from_utf8_lossy(&health).contains("\"ok\"") {
+            break;
+        }
+        assert!(Instant::now() < until, "no recovery");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, _, complete, head) = http_get(&addr, "/v2/images/img/file");
+    assert!(status == 200 && complete, "{head}");
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -970,26 +970,11 @@ fn inspect_pin_and_grant_a_third_party_driver() {
 /// skipped with a printed reason elsewhere.
 #[test]
 fn a_full_disk_is_its_own_exit_code() {
-    let top = tempfile::tempdir().unwrap();
-    let small = top.path().join("small");
-    std::fs::create_dir(&small).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&small)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("skipped: cannot mount a 2 MiB tmpfs here (it needs root)");
+    let Some(fs) = image_cache_tests::SmallFs::mount("2m") else {
         return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    };
+    let top = tempfile::tempdir().unwrap();
+    let small = fs.path().to_path_buf();
     let root = small.join("cache");
     let image = top.path().join("image");
     std::fs::write(&image, vec![7u8; 4 << 20]).unwrap();

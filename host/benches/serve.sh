@@ -12,17 +12,28 @@
 #    compare the total time with one direct fetch.
 # 3. Swap under load: 64 connections for 30 s on a cached image with a
 #    driver swap every second; failed requests counted.
+# 4. Hits under 500 slow misses: wrk (16 connections) on the cached 4 KiB
+#    and 64 MiB images of a second server whose upstream is a slow
+#    Glance-like store (slow_upstream.py: records with size and MD5, 64 MiB
+#    bodies at 64 KiB/s each), first with no misses in flight, then while
+#    500 clients each hold a miss of another uncached image (fetching past
+#    --max-fetches, 64 by default, is refused with 503; the others read
+#    their bodies at 4 KiB/s); p50/p99 and req/s compared.
 #
 # Environment: BIN (the image-cache binary; default: the release build),
-# DURATION (seconds per wrk cell, default 5), SWAP_SECONDS (default 30).
+# DURATION (seconds per wrk cell, default 5), SWAP_SECONDS (default 30),
+# SLOW_MISSES (default 500).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 DURATION=${DURATION:-5}
 SWAP_SECONDS=${SWAP_SECONDS:-30}
-for tool in wrk nginx curl; do
-    command -v "$tool" >/dev/null || { echo "needs $tool: apt-get install wrk nginx curl" >&2; exit 2; }
+SLOW_MISSES=${SLOW_MISSES:-500}
+for tool in wrk nginx curl python3; do
+    command -v "$tool" >/dev/null || { echo "needs $tool: apt-get install wrk nginx curl python3" >&2; exit 2; }
 done
+# The interpreter itself (not a pyenv shim), so that $! is its pid.
+PY=$(python3 -c 'import sys; print(sys.executable)')
 if [ -z "${BIN:-}" ]; then
     cargo build --quiet --release -p image-cache --bin image-cache
     BIN="${CARGO_TARGET_DIR:-target}/release/image-cache"
@@ -92,7 +103,7 @@ chmod 755 "$WORK" "$STORE" "$ROOT"; chmod 644 "$STORE"/*
 nginx -c "$WORK/nginx.conf" -e "$WORK/nginx-error.log"
 
 start_server() { # root upstream port
-    "$BIN" --dir "$1" serve --listen "127.0.0.1:$3" --upstream "$2" \
+    "$BIN" --dir "$1" serve --listen "127.0.0.1:$3" --upstream "$2" --public-downloads \
         --prefetch-interval 0 --prune-interval 0 --clean-interval 0 -q \
         > "$WORK/serve-$3.out" 2> "$WORK/serve-$3.err" &
     PIDS+=($!)
@@ -215,3 +226,68 @@ swaps=$(metric $OUR_PORT image_cache_driver_swaps_total)
 echo "| requests | non-2xx | socket errors | swaps done |"
 echo "|---|---|---|---|"
 echo "| $requests | $non2xx | ${sockerr#Socket errors: } | $swaps |"
+
+echo
+echo "## Hits under $SLOW_MISSES slow misses: 16 connections, ${DURATION}s per cell; $SLOW_MISSES clients each miss another uncached 64 MiB image, the upstream sends 64 KiB/s per download, --max-fetches 64 (the default)"
+echo
+# A second server, on its own cache root, in front of the slow Glance-like
+# upstream; the two hit images are cached into its root beforehand.
+SLOW_UP_PORT=19299; SLOW_PORT=19298; SLOW_ROOT="$WORK/slow-cache"; mkdir -p "$SLOW_ROOT"
+"$PY" host/benches/slow_upstream.py serve --port $SLOW_UP_PORT --size $((64 << 20)) --rate $((64 << 10)) \
+    > "$WORK/slow-upstream.out" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 100); do
+    curl -sf -o /dev/null "http://127.0.0.1:$SLOW_UP_PORT/stats" && break
+    sleep 0.1
+done
+curl -sf -o /dev/null "http://127.0.0.1:$SLOW_UP_PORT/stats" \
+    || { echo "slow upstream did not start:" >&2; cat "$WORK/slow-upstream.out" >&2; exit 1; }
+for id in small-4k big-64m; do
+    "$BIN" --dir "$SLOW_ROOT" cache -q "$id" --from "$STORE/$id" > /dev/null
+done
+start_server "$SLOW_ROOT" "http://127.0.0.1:$SLOW_UP_PORT" $SLOW_PORT
+for id in small-4k big-64m; do
+    curl -sf -o "$WORK/check" "http://127.0.0.1:$SLOW_PORT/v2/images/$id/file" \
+        || { echo "port $SLOW_PORT does not serve $id" >&2; exit 1; }
+    cmp -s "$WORK/check" "$STORE/$id" || { echo "port $SLOW_PORT: $id differs" >&2; exit 1; }
+done
+up_stat() { # name -> the slow upstream's counter
+    curl -s "http://127.0.0.1:$SLOW_UP_PORT/stats" | "$PY" -c "import json,sys; print(json.load(sys.stdin)['$1'])"
+}
+[ "$(up_stat file_requests)" = 0 ] || { echo "hits reached the slow upstream" >&2; exit 1; }
+
+read -r a4rps a4mb a4p50 a4p99 a4err < <(wrk_row "http://127.0.0.1:$SLOW_PORT/v2/images/small-4k/file" 16)
+read -r a64rps a64mb a64p50 a64p99 a64err < <(wrk_row "http://127.0.0.1:$SLOW_PORT/v2/images/big-64m/file" 16)
+
+# The slow misses: every client asks for its own image, reads the response
+# head, then its body at 4 KiB/s; the status file counts the heads.
+"$PY" host/benches/slow_upstream.py clients --count "$SLOW_MISSES" --read-rate 4096 --head-timeout 60 \
+    --url "http://127.0.0.1:$SLOW_PORT/v2/images/slow-miss-{i}/file" --status "$WORK/misses.json" \
+    > "$WORK/misses.out" 2>&1 &
+misses_pid=$!
+PIDS+=($misses_pid)
+for _ in $(seq 1 700); do [ -f "$WORK/misses.json" ] && break; sleep 0.1; done
+[ -f "$WORK/misses.json" ] || { echo "the slow clients got no heads:" >&2; cat "$WORK/misses.out" >&2; exit 1; }
+miss() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['$1'])" "$WORK/misses.json"; }
+m200=$(miss 200); m503=$(miss 503); mother=$(miss other); mnohead=$(miss no_head); mretry=$(miss retry_after)
+active_before=$(metric $SLOW_PORT image_cache_upstream_fetches_active)
+
+read -r b4rps b4mb b4p50 b4p99 b4err < <(wrk_row "http://127.0.0.1:$SLOW_PORT/v2/images/small-4k/file" 16)
+read -r b64rps b64mb b64p50 b64p99 b64err < <(wrk_row "http://127.0.0.1:$SLOW_PORT/v2/images/big-64m/file" 16)
+
+active_after=$(metric $SLOW_PORT image_cache_upstream_fetches_active)
+up_active=$(up_stat files_active)
+refused=$(metric $SLOW_PORT image_cache_fetches_refused_total)
+failures=$(metric $SLOW_PORT image_cache_upstream_failures_total)
+kill "$misses_pid" 2>/dev/null || true
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+echo "| load | small-4k req/s | small-4k p50 / p99 ms | big-64m req/s | big-64m MB/s | big-64m p50 / p99 ms | hit errors | misses fetching (200) | misses refused (503) |"
+echo "|---|---|---|---|---|---|---|---|---|"
+echo "| hits, no misses | $a4rps | $a4p50 / $a4p99 | $a64rps | $a64mb | $a64p50 / $a64p99 | $((a4err + a64err)) | 0 | 0 |"
+echo "| hits, $SLOW_MISSES slow misses in flight | $b4rps | $b4p50 / $b4p99 | $b64rps | $b64mb | $b64p50 / $b64p99 | $((b4err + b64err)) | $m200 | $m503 |"
+echo "| (b) / (a) | $(ratio "$b4rps" "$a4rps") | p99 x$(ratio "$b4p99" "$a4p99") | $(ratio "$b64rps" "$a64rps") | $(ratio "$b64mb" "$a64mb") | p99 x$(ratio "$b64p99" "$a64p99") | | | |"
+echo
+echo "Misses: $m200 answered 200 (fetching), $m503 answered 503 ($mretry with Retry-After), $mother other, $mnohead without a response head;" \
+    "server: $refused fetches refused, upstream fetches active $active_before before and $active_after after the loaded cells" \
+    "($up_active downloads open at the upstream), $failures upstream failures."

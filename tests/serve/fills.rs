@@ -247,9 +247,14 @@ fn hits_are_answered_while_500_slow_misses_are_in_flight() {
 
     let started = Arc::new(Barrier::new(MISSES + 1));
     let refused = Arc::new(AtomicU64::new(0));
+    let answers = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        u32,
+    >::new()));
     let mut misses = Vec::new();
     for i in 0..MISSES {
-        let (addr, started, refused) = (s.addr, started.clone(), refused.clone());
+        let (addr, started, refused, answers) =
+            (s.addr, started.clone(), refused.clone(), answers.clone());
         misses.push(std::thread::spawn(move || {
             let mut c = TcpStream::connect(addr).unwrap();
             write!(
@@ -260,8 +265,14 @@ fn hits_are_answered_while_500_slow_misses_are_in_flight() {
             started.wait();
             let mut head = [0u8; 512];
             c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-            let n = c.read(&mut head).unwrap_or(0);
+            let (n, first) = match c.read(&mut head) {
+                Ok(0) => (0, "(closed)".to_string()),
+                Ok(n) => (n, String::new()),
+                Err(e) => (0, format!("(error: {:?})", e.kind())),
+            };
             let text = String::from_utf8_lossy(&head[..n]).to_ascii_lowercase();
+            let first = text.lines().next().map(str::to_string).unwrap_or(first);
+            *answers.lock().unwrap().entry(first).or_default() += 1;
             if text.starts_with("http/1.1 503") {
                 assert!(text.contains("retry-after:"), "{text}");
                 refused.fetch_add(1, Ordering::Relaxed);
@@ -305,7 +316,14 @@ fn hits_are_answered_while_500_slow_misses_are_in_flight() {
     let refused = refused.load(Ordering::Relaxed);
     assert!(
         refused >= (MISSES - 32) as u64,
-        "only {refused} of {MISSES} misses were refused past the cap"
+        "only {refused} of {MISSES} misses were refused past the cap: {:?}\n{}",
+        answers.lock().unwrap(),
+        s.log()
+            .lines()
+            .filter(|l| !l.contains("INFO"))
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert_eq!(s.metric("image_cache_fetches_refused_total"), refused);
 }
@@ -431,4 +449,110 @@ fn memory_per_slow_reader_is_bounded_on_hypers_path() {
         grown >> 20
     );
     eprintln!("100 slow readers: +{} MiB RSS", grown >> 20);
+}
+
+#[test]
+fn a_plain_file_server_upstream_needs_no_records_unless_it_authorizes() {
+    // nginx serving files under Glance's paths has no image records: with
+    // an explicit download policy the fill verifies Content-Length and
+    // Content-MD5 alone; with Glance's authorization nothing is served.
+    let bytes = image_bytes(48, 300_000);
+    let up = Upstream::start(one_image("plain", bytes.clone()), Behaviour::NoRecords);
+    let s = Server::start(&["--upstream", &up.url()]);
+    let head = request(s.addr, "HEAD", "/v2/images/plain/file", &[], b"");
+    assert_eq!(head.header("content-length"), Some("300000"));
+    let r = get(s.addr, "/v2/images/plain/file");
+    assert!(r.complete && r.body == bytes);
+    s.wait_cached("plain");
+    drop(s);
+    let s = Server::start(&["--upstream", &up.url(), "--auth-cache-ttl", "60s"]);
+    let r = request(
+        s.addr,
+        "GET",
+        "/v2/images/plain/file",
+        &[("X-Auth-Token", "some-token-0123456789")],
+        b"",
+    );
+    assert_eq!(r.status, 404);
+}
+
+/// A server whose cache root is on a small file system of its own.
+fn on_small_fs(size: &str, extra: &[&str]) -> Option<(image_cache_tests::SmallFs, Server)> {
+    let fs = image_cache_tests::SmallFs::mount(size)?;
+    // Server::start_in serves <dir>/cache: make that a directory on the
+    // small file system.
+    std::fs::create_dir(fs.path().join("cache")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(fs.path().join("cache"), dir.path().join("cache")).unwrap();
+    let s = Server::start_in(dir, extra, &[("IMAGE_CACHE_ADMIN_TOKEN", ADMIN)]);
+    Some((fs, s))
+}
+
+#[test]
+fn a_fill_that_cannot_fit_is_served_not_cached_and_leaves_no_file() {
+    // 100 MiB through a 64 MiB file system: served whole, not cached,
+    // nothing left behind; the next image that fits is cached, and the
+    // server restarts on the same root.
+    let store = tempfile::tempdir().unwrap();
+    let big = image_bytes(49, 100 << 20);
+    std::fs::write(store.path().join("big"), &big).unwrap();
+    std::fs::write(store.path().join("small"), image_bytes(50, 1 << 20)).unwrap();
+    let upstream = store.path().to_str().unwrap().to_string();
+    let Some((fs, s)) = on_small_fs("64m", &["--upstream", &upstream, "--disk-reserve", "4MiB"])
+    else {
+        return;
+    };
+    let r = get(s.addr, "/v2/images/big/file");
+    assert!(r.complete && r.body == big, "the client gets every byte");
+    let root = fs.path().join("cache");
+    let until = Instant::now() + Duration::from_secs(10);
+    while s.metric("image_cache_not_cached_disk_total") == 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(s.metric("image_cache_not_cached_disk_total"), 1);
+    nothing_cached(&s, "big");
+    assert!(image_files(&root.join("invalid")).is_empty());
+    assert_eq!(get(s.addr, "/v2/images/small/file").body.len(), 1 << 20);
+    s.wait_cached("small");
+    drop(s);
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(fs.path().join("cache"), dir.path().join("cache")).unwrap();
+    let s = Server::start_in(dir, &[], &[("IMAGE_CACHE_ADMIN_TOKEN", ADMIN)]);
+    assert_eq!(s.cached_ids(), ["small"]);
+}
+
+#[test]
+fn a_full_file_system_still_serves_and_restarts() {
+    // The file system filled by someone else: the server starts, serves
+    // what it has, records hits, and a new image is served but not cached.
+    let store = tempfile::tempdir().unwrap();
+    std::fs::write(store.path().join("first"), image_bytes(51, 1 << 20)).unwrap();
+    std::fs::write(store.path().join("second"), image_bytes(52, 1 << 20)).unwrap();
+    let upstream = store.path().to_str().unwrap().to_string();
+    let Some((fs, s)) = on_small_fs("16m", &["--upstream", &upstream, "--disk-reserve", "1MiB"])
+    else {
+        return;
+    };
+    assert_eq!(get(s.addr, "/v2/images/first/file").body.len(), 1 << 20);
+    s.wait_cached("first");
+    drop(s);
+    // Fill the rest of the file system.
+    let mut filler = std::fs::File::create(fs.path().join("filler")).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    while filler.write_all(&chunk).is_ok() {}
+    drop(filler);
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(fs.path().join("cache"), dir.path().join("cache")).unwrap();
+    let s = Server::start_in(
+        dir,
+        &["--upstream", &upstream, "--disk-reserve", "1MiB"],
+        &[("IMAGE_CACHE_ADMIN_TOKEN", ADMIN)],
+    );
+    let hit = get(s.addr, "/v2/images/first/file");
+    assert_eq!(hit.header("x-image-cache"), Some("hit"));
+    assert!(hit.complete);
+    let miss = get(s.addr, "/v2/images/second/file");
+    assert!(miss.complete && miss.body.len() == 1 << 20);
+    nothing_cached(&s, "second");
+    assert_eq!(s.cached_ids(), ["first"]);
 }

@@ -446,3 +446,44 @@ pub fn bad_configuration<T>(result: Result<T, Error>) -> String {
         Ok(_) => panic!("expected a bad-configuration error, got success"),
     }
 }
+
+/// A small file system of its own (a tmpfs of `size`, e.g. `"64m"`),
+/// mounted at a fresh directory and unmounted when dropped: for full-disk
+/// tests. `None` (with the reason printed) where mounting is not allowed
+/// (it needs root).
+pub struct SmallFs {
+    _top: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl SmallFs {
+    pub fn mount(size: &str) -> Option<SmallFs> {
+        let top = tempfile::tempdir().expect("temp dir");
+        let path = top.path().join("small");
+        std::fs::create_dir(&path).expect("mount point");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: cannot mount a {size} tmpfs here (it needs root)");
+            return None;
+        }
+        Some(SmallFs { _top: top, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}

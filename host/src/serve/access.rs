@@ -76,10 +76,15 @@ pub struct Grant {
     pub upstream_token: Option<String>,
 }
 
+/// A token's digest and an image id.
+type Key = ([u8; 32], String);
+/// When the upstream answered, and what: allowed, or the refusal.
+type Decision = (Instant, Result<(), (StatusCode, String)>);
+
 /// Decisions of the upstream, per token digest and image.
 pub struct Decisions {
     ttl: Duration,
-    known: Mutex<HashMap<([u8; 32], String), (Instant, Result<(), (StatusCode, String)>)>>,
+    known: Mutex<HashMap<Key, Decision>>,
 }
 
 /// Decisions kept before the map starts over.
@@ -93,7 +98,7 @@ impl Decisions {
         }
     }
 
-    fn get(&self, key: &([u8; 32], String)) -> Option<Result<(), ApiError>> {
+    fn get(&self, key: &Key) -> Option<Result<(), ApiError>> {
         let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         let (at, decision) = known.get(key)?;
         if at.elapsed() >= self.ttl {
@@ -106,7 +111,7 @@ impl Decisions {
         )
     }
 
-    fn put(&self, key: ([u8; 32], String), decision: Result<(), (StatusCode, String)>) {
+    fn put(&self, key: Key, decision: Result<(), (StatusCode, String)>) {
         if self.ttl.is_zero() {
             return;
         }
@@ -170,7 +175,7 @@ pub async fn authorize(app: &App, headers: &HeaderMap, id: &str) -> Result<Grant
                 ));
             };
             let upstream_token = upstream_token(app, headers);
-            let key: ([u8; 32], String) = (Sha256::digest(token.as_bytes()).into(), id.to_string());
+            let key: Key = (Sha256::digest(token.as_bytes()).into(), id.to_string());
             if let Some(decision) = app.decisions.get(&key) {
                 return decision.map(|()| Grant { upstream_token });
             }

@@ -960,6 +960,10 @@ pub fn run(
         args.public_downloads,
     )
     .map_err(Failure::Usage)?;
+    let mut upstream = upstream;
+    if let Some(u) = upstream.as_mut() {
+        u.require_records(access == access::Mode::Glance);
+    }
     if args.max_fetches == 0 {
         return Err(Failure::Usage("--max-fetches must be at least 1".into()));
     }
@@ -1193,7 +1197,7 @@ fn default_max_connections() -> usize {
     };
     // SAFETY: getrlimit fills the struct it is given.
     let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
-        limit.rlim_cur as u64
+        limit.rlim_cur
     } else {
         1024
     };
@@ -1210,10 +1214,16 @@ async fn refuse_connection(stream: TcpStream) {
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
         body.len()
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // Read what the client sent until it closes: closing with its
+        // request unread would reset the connection and lose the answer.
+        use tokio::io::AsyncReadExt;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<(), io::Error>(())
     })
     .await;
 }

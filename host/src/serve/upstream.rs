@@ -47,6 +47,11 @@ pub struct Glance {
     origin: String,
     /// Other origins a redirect may lead to (without the token).
     allowed: Vec<String>,
+    /// Whether an image must have a record (Glance's authorization needs
+    /// one). When not, an upstream that answers 404 for records (a plain
+    /// file server under Glance's paths) is read without one: its
+    /// `Content-Length` and `Content-MD5` are what the fill verifies.
+    records_required: bool,
     pub client: reqwest::Client,
 }
 
@@ -156,6 +161,7 @@ impl Upstream {
                 base,
                 origin: origin(&url),
                 allowed,
+                records_required: true,
                 client,
             }));
         }
@@ -183,6 +189,13 @@ impl Upstream {
         matches!(self, Upstream::Glance(_))
     }
 
+    /// See [`Glance::records_required`](Glance).
+    pub fn require_records(&mut self, required: bool) {
+        if let Upstream::Glance(g) = self {
+            g.records_required = required;
+        }
+    }
+
     /// Start reading image `id` (already validated): what the upstream
     /// says of it, and its bytes. For Glance the record comes first
     /// (`GET /v2/images/{id}`: the size and checksums to verify), then
@@ -208,6 +221,11 @@ impl Upstream {
             Upstream::Glance(g) => {
                 let record = match g.record(id, token).await? {
                     Verdict::Allowed(start) => start,
+                    Verdict::Refused(e)
+                        if e.status == StatusCode::NOT_FOUND && !g.records_required =>
+                    {
+                        Start::default()
+                    }
                     Verdict::Refused(e) => return Err(e),
                 };
                 let url = format!("{}/v2/images/{}/file", g.base, url_segment(id));
@@ -242,6 +260,20 @@ impl Upstream {
             }
             Upstream::Glance(g) => match g.record(id, token).await? {
                 Verdict::Allowed(start) => Ok(start.size),
+                Verdict::Refused(e) if e.status == StatusCode::NOT_FOUND && !g.records_required => {
+                    let url = format!("{}/v2/images/{}/file", g.base, url_segment(id));
+                    let response = g.send(reqwest::Method::HEAD, &url, token, id).await?;
+                    match response.status().as_u16() {
+                        // A HEAD's body is empty whatever its header says:
+                        // read the header itself.
+                        200..=299 => Ok(response
+                            .headers()
+                            .get(reqwest::header::CONTENT_LENGTH)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.trim().parse().ok())),
+                        other => Err(status_error(id, other)),
+                    }
+                }
                 Verdict::Refused(e) => Err(e),
             },
         }
