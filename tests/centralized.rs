@@ -258,7 +258,7 @@ fn a_node_without_worker_self_reference_url_is_a_bad_configuration() {
 }
 
 #[test]
-fn an_unreachable_database_is_a_bad_configuration_that_never_shows_the_password() {
+fn an_unreachable_database_is_an_error_that_never_shows_the_password() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -279,10 +279,28 @@ fn an_unreachable_database_is_a_bad_configuration_that_never_shows_the_password(
             .push(("worker_self_reference_url".into(), "http://n:9292".into()));
         c
     };
-    let message = bad_configuration(ImageCache::with_runtime(runtime(), config(false)));
-    assert!(message.contains("\"glance\""), "{message}");
+    // Down is not a configuration to fix: a database error, which says
+    // which database and never the password or the address.
+    let message = match ImageCache::with_runtime(runtime(), config(false)) {
+        Err(Error::Database(m)) => m,
+        Err(e) => panic!("expected a database error, got {e:?}"),
+        Ok(_) => panic!("opened without its database"),
+    };
+    assert!(
+        message.contains("\"glance\"") && message.contains("cannot be reached"),
+        "{message}"
+    );
     assert!(!message.contains(PASSWORD), "{message}");
     assert!(!message.contains(&port.to_string()), "{message}");
+    // A server may start without it: the calls fail the same way.
+    let mut server = config(false);
+    server.start_while_database_down = true;
+    let cache = ImageCache::with_runtime(runtime(), server).unwrap();
+    assert_eq!(cache.driver().name(), "centralized");
+    match cache.get_cache_size() {
+        Err(Error::Database(m)) => assert!(!m.contains(PASSWORD), "{m}"),
+        other => panic!("expected a database error, got {other:?}"),
+    }
     // The usual fallback.
     let cache = ImageCache::with_runtime(runtime(), config(true)).unwrap();
     assert_eq!(cache.driver().name(), "sqlite");
@@ -1081,9 +1099,10 @@ fn serve_centralized(
 
 #[test]
 fn serve_keeps_serving_cached_images_while_the_database_is_down() {
-    // A cached image is this image by its seal: with the database down it
-    // is served, without a checksum, and /healthz says degraded; the
-    // driver answers again once it is back.
+    // A cached image is this image by its seal: with the database down
+    // (and after a restart with it down) it is served, without a
+    // checksum, and /healthz says degraded; the driver answers again once
+    // the database is back.
     let (_alone, cluster) = pg::postgres_alone();
     let db = cluster.database();
     let dir = tempfile::tempdir().unwrap();
@@ -1113,22 +1132,25 @@ fn serve_keeps_serving_cached_images_while_the_database_is_down() {
         assert!(health.contains("\"degraded\""), "{health}");
     };
     down(&addr);
-    // A server started while the database is down cannot load its driver:
-    // it says why and exits (a supervisor restarts it), rather than run
-    // without its driver.
+    // The CLI opened while the database is down says why and fails.
     let out = std::process::Command::new(cli_binary())
         .arg("--dir")
         .arg(&root)
         .args(["--driver", "centralized_db", "--no-fallback"])
         .args(["--worker-self-reference-url", "http://node-1:9292"])
         .env("IMAGE_CACHE_DATABASE_URL", &db.url)
-        .args(["serve", "--listen", "127.0.0.1:0", "--public-downloads"])
+        .arg("list-cached")
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("error connecting"), "{err}");
+    assert!(err.contains("cannot be reached"), "{err}");
     assert!(!err.contains(PASSWORD), "{err}");
+    // A server started while it is down starts, and serves the same way.
+    let _ = server.kill();
+    let _ = server.wait();
+    let (mut server, addr) = serve_centralized(&root, store.path(), &db.url);
+    down(&addr);
 
     cluster.start();
     let until = Instant::now() + Duration::from_secs(30);

@@ -56,6 +56,10 @@ pub struct CacheConfig {
     pub databases: Arc<DatabaseRoot>,
     /// Extra driver options (Glance's names), passed to `configure`.
     pub driver_options: Vec<(String, String)>,
+    /// Open even if the driver's database cannot be reached now: its calls
+    /// fail with [`Error::Database`] until it can (a server serves what it
+    /// can meanwhile). Default: the open fails.
+    pub start_while_database_down: bool,
 }
 
 impl CacheConfig {
@@ -71,6 +75,7 @@ impl CacheConfig {
             policy: LoadPolicy::default(),
             databases: Arc::new(DatabaseRoot::new()),
             driver_options: Vec::new(),
+            start_while_database_down: false,
         }
     }
 
@@ -762,6 +767,7 @@ fn start_driver(
             options: config.driver_options(),
             xattr: config.xattr,
             databases: config.databases.clone(),
+            start_while_database_down: config.start_while_database_down,
         },
     )
 }

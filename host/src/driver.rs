@@ -68,6 +68,11 @@ pub struct Placement {
     pub xattr: XattrSupport,
     /// The databases the driver may open by name (`database` interface).
     pub databases: Arc<DatabaseRoot>,
+    /// Start even if the driver's database cannot be reached now (its
+    /// `configure` fails with a `database` error): every call then tries
+    /// to configure a new instance, and fails the same way until the
+    /// database is back. For a server, which serves what it can meanwhile.
+    pub start_while_database_down: bool,
 }
 
 type GuestResult<T> = wasmtime::Result<std::result::Result<T, crate::bindings::types::Error>>;
@@ -89,6 +94,7 @@ impl Driver {
             .find(|(k, _)| k == "image_cache_sqlite_db")
             .map_or(crate::cache::DEFAULT_SQLITE_DB, |(_, v)| v.as_str())
             .to_string();
+        let tolerate = placement.start_while_database_down;
         let sandbox = Arc::new(Sandbox {
             root: placement.root,
             db_name,
@@ -113,14 +119,24 @@ impl Driver {
             }),
             freed: Condvar::new(),
         };
-        let mut first = driver.instantiate()?;
+        let mut first = driver.instantiate_bare()?;
         let info = driver.guarded(&mut first, |g, s| g.call_info(s).map(Ok))?;
         driver.info = DriverInfo {
             name: printable(&info.name, 64),
             version: printable(&info.version, 64),
             description: printable(&info.description, 512),
         };
-        lock(&driver.pool).idle.push((first, Instant::now()));
+        match driver.configure(&mut first) {
+            Ok(()) => lock(&driver.pool).idle.push((first, Instant::now())),
+            Err(Error::Database(m)) if tolerate => {
+                log::warn!(
+                    "driver {} started without its database ({m}); its calls fail until the database is back",
+                    driver.name()
+                );
+                lock(&driver.pool).live = 0;
+            }
+            Err(e) => return Err(e),
+        }
         Ok(Arc::new(driver))
     }
 
@@ -152,6 +168,13 @@ impl Driver {
 
     /// A new, configured instance.
     fn instantiate(&self) -> Result<Instance> {
+        let mut instance = self.instantiate_bare()?;
+        self.configure(&mut instance)?;
+        Ok(instance)
+    }
+
+    /// A new instance, not configured yet.
+    fn instantiate_bare(&self) -> Result<Instance> {
         let mut store = self.runtime.store(&self.sandbox);
         let bindings = self
             .component
@@ -159,9 +182,12 @@ impl Driver {
             .instantiate(&mut store)
             .map_err(|e| self.fault(e))?;
         self.runtime.stats.instances.fetch_add(1, Ordering::Relaxed);
-        let mut instance = Instance { store, bindings };
+        Ok(Instance { store, bindings })
+    }
+
+    fn configure(&self, instance: &mut Instance) -> Result<()> {
         let options = self.options.clone();
-        self.guarded(&mut instance, |g, s| g.call_configure(s, &options))
+        self.guarded(instance, |g, s| g.call_configure(s, &options))
             .map_err(|e| match e {
                 Error::BadConfiguration(m) => Error::BadConfiguration(format!(
                     "driver {} cannot use cache root {}: {m}",
@@ -169,8 +195,7 @@ impl Driver {
                     self.root().path().display()
                 )),
                 other => other,
-            })?;
-        Ok(instance)
+            })
     }
 
     /// A trap or host error during a call, as one line naming the cause.

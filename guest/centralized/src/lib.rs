@@ -118,6 +118,12 @@ impl CentralizedStore {
     fn check_schema(db: &Connection) -> Result<(), Error> {
         for table in TABLES {
             if let Err(e) = db.query(&format!("SELECT 1 FROM {table} LIMIT 0"), &[]) {
+                if e.code == ErrorCode::Unavailable {
+                    return Err(Error::Database(format!(
+                        "the database {DATABASE:?} cannot be reached: {}",
+                        e.message
+                    )));
+                }
                 let missing = e.message.contains("42P01");
                 return Err(Error::BadConfiguration(if missing {
                     format!(
@@ -204,11 +210,17 @@ impl Backend for CentralizedStore {
                 "{NODE_OPTION} must be at most {MAX_URL_CHARS} characters without control characters"
             )));
         }
-        let bad = |e: DatabaseError| {
-            Error::BadConfiguration(format!(
+        // Down or unreachable now is not a configuration to fix: a
+        // `database` error, which a server may start with and retry.
+        let bad = |e: DatabaseError| match e.code {
+            ErrorCode::Unavailable => Error::Database(format!(
+                "the database {DATABASE:?} cannot be reached: {}",
+                e.message
+            )),
+            _ => Error::BadConfiguration(format!(
                 "cannot use the database {DATABASE:?}: {}",
                 e.message
-            ))
+            )),
         };
         let db = Connection::open(DATABASE).map_err(bad)?;
         Self::check_schema(&db)?;

@@ -509,6 +509,16 @@ impl Settings {
 
     /// Open the cache the settings describe.
     pub fn open(&self) -> Result<ImageCache, Failure> {
+        self.open_as(false)
+    }
+
+    /// Open for a server: it starts even if the driver's database is down
+    /// (see `CacheConfig::start_while_database_down`).
+    pub fn open_for_server(&self) -> Result<ImageCache, Failure> {
+        self.open_as(true)
+    }
+
+    fn open_as(&self, server: bool) -> Result<ImageCache, Failure> {
         let Some(dir) = &self.dir else {
             let hint = match &self.config_file {
                 Some(f) => format!(
@@ -530,6 +540,7 @@ impl Settings {
                 grants: self.grants,
             });
         config.sqlite_db = self.sqlite_db.clone();
+        config.start_while_database_down = server;
         if let Some(url) = &self.database_url {
             let mut postgres = PostgresSettings::new(url.clone());
             postgres.allow_privileged_role = self.allow_privileged_role;

@@ -986,7 +986,7 @@ pub fn run(
             return Err(Failure::Usage(format!("{name} must be more than 0")));
         }
     }
-    let cache = Arc::new(settings.open()?);
+    let cache = Arc::new(settings.open_for_server()?);
     if args.rollback_max_faults > 0 {
         cache.set_rollback_policy(Some(image_cache::RollbackPolicy {
             max_faults: args.rollback_max_faults,
