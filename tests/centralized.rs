@@ -301,9 +301,11 @@ fn an_unreachable_database_is_an_error_that_never_shows_the_password() {
         Err(Error::Database(m)) => assert!(!m.contains(PASSWORD), "{m}"),
         other => panic!("expected a database error, got {other:?}"),
     }
-    // The usual fallback.
-    let cache = ImageCache::with_runtime(runtime(), config(true)).unwrap();
-    assert_eq!(cache.driver().name(), "sqlite");
+    // No fallback to sqlite for an outage, even when fallback is on.
+    assert!(matches!(
+        ImageCache::with_runtime(runtime(), config(true)),
+        Err(Error::Database(_))
+    ));
     // No database configured at all.
     let mut none = CacheConfig::new(dir.path())
         .driver(CENTRALIZED)
@@ -1022,12 +1024,16 @@ fn a_transaction_open_when_the_call_returns_is_rolled_back() {
 /// One GET over a fresh connection: status, body, whether the body came
 /// whole (Content-Length bytes).
 fn http_get(addr: &str, path: &str) -> (u16, Vec<u8>, bool, String) {
+    http_get_with(addr, path, "")
+}
+
+fn http_get_with(addr: &str, path: &str, headers: &str) -> (u16, Vec<u8>, bool, String) {
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect(addr).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(
         c,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n"
     )
     .unwrap();
     let mut raw = Vec::new();
@@ -1119,6 +1125,15 @@ fn serve_keeps_serving_cached_images_while_the_database_is_down() {
     }
     let (_, health, _, _) = http_get(&addr, "/healthz");
     assert!(String::from_utf8_lossy(&health).contains("\"ok\""));
+    // Glance's shape: a bare list of the nodes' URLs.
+    let (status, nodes, _, _) = http_get_with(
+        &addr,
+        "/v2/cache/nodes/img",
+        "X-Auth-Token: admin-token-0123456789abcdef\r\n",
+    );
+    assert_eq!(status, 200);
+    let nodes: serde_json::Value = serde_json::from_slice(&nodes).unwrap();
+    assert_eq!(nodes, serde_json::json!(["http://node-1:9292"]));
 
     cluster.stop();
     let down = |addr: &str| {
@@ -1132,17 +1147,19 @@ fn serve_keeps_serving_cached_images_while_the_database_is_down() {
         assert!(health.contains("\"degraded\""), "{health}");
     };
     down(&addr);
-    // The CLI opened while the database is down says why and fails.
+    // The CLI opened while the database is down says why and fails with
+    // the database's exit code; it does not fall back to sqlite (which
+    // would prune files whose shared rows stay).
     let out = std::process::Command::new(cli_binary())
         .arg("--dir")
         .arg(&root)
-        .args(["--driver", "centralized_db", "--no-fallback"])
+        .args(["--driver", "centralized_db"])
         .args(["--worker-self-reference-url", "http://node-1:9292"])
         .env("IMAGE_CACHE_DATABASE_URL", &db.url)
         .arg("list-cached")
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot be reached"), "{err}");
     assert!(!err.contains(PASSWORD), "{err}");
@@ -1166,4 +1183,55 @@ fn serve_keeps_serving_cached_images_while_the_database_is_down() {
     assert!(status == 200 && complete, "{head}");
     let _ = server.kill();
     let _ = server.wait();
+}
+
+#[test]
+fn prune_with_a_locked_row_loses_no_bookkeeping() {
+    // Rows, then files, a batch of 100 at a time: a row another session
+    // holds locked (in the second batch) stops the prune at its deadline
+    // with the first batch gone (rows and files) and everything else
+    // still cached, rows and files agreeing.
+    let pg = PgSetup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = CacheConfig::new(dir.path())
+        .driver(CENTRALIZED)
+        .fallback_to_sqlite(false);
+    let limits = Limits {
+        call_deadline: Duration::from_secs(3),
+        ..Limits::default()
+    };
+    config.limits = limits.clone();
+    pg.configure_node(&mut config, &pg.node);
+    let runtime =
+        image_cache::Runtime::new(limits, Some(image_cache_tests::artifact_dir())).unwrap();
+    let cache = ImageCache::with_runtime(runtime, config).unwrap();
+    for i in 0..250 {
+        put(&cache, &format!("p-{i:03}"), b"x");
+        // Distinct access times: LRU order is the order of caching.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let db = pg.db.name.clone();
+    let locker = std::thread::spawn({
+        let sql = "BEGIN; SELECT 1 FROM cached_images WHERE image_id = 'p-150' FOR UPDATE; \
+                   SELECT pg_sleep(8); COMMIT;";
+        let cluster = pg::Cluster::shared();
+        move || cluster.admin_sql(&db, sql)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let result = cache.prune(0);
+    locker.join().unwrap();
+    if let Ok(report) = &result {
+        assert_eq!(report.removed.len(), 100, "{:?}", report.failures);
+        assert!(!report.failures.is_empty());
+    }
+    let files: Vec<String> = image_cache_tests::files_in(dir.path())
+        .into_iter()
+        .filter(|f| f.starts_with("p-"))
+        .collect();
+    let listed = cached_ids(&cache);
+    assert_eq!(files.len(), 150, "{result:?}");
+    assert_eq!(listed, files, "rows and files agree");
+    let rows = pg.db.sql("SELECT count(*) FROM cached_images");
+    assert_eq!(rows, "150");
+    assert!(files.first().is_some_and(|f| f == "p-100"));
 }

@@ -333,6 +333,19 @@ impl Server {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Wait (a bounded time) until the log holds `text`: stderr is read by
+    /// a thread of its own, a moment after the server wrote it.
+    fn wait_log(&self, text: &str) -> bool {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(text) {
+            if Instant::now() > until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
     fn metric(&self, name: &str) -> u64 {
         let text = get(self.addr, "/metrics").text();
         text.lines()

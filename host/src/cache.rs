@@ -220,7 +220,14 @@ impl ImageCache {
         let root = Arc::new(prepare_root(&config.root)?);
         let driver = match start_driver(&runtime, &root, &config, &config.driver, &config.policy) {
             Ok(driver) => driver,
-            Err(e) if config.fallback_to_sqlite && !is_sqlite(&config.driver) => {
+            // An unreachable database is an outage, not a driver that
+            // cannot be configured: falling back would run a shared cache
+            // on local bookkeeping (prune deleting files whose rows stay).
+            Err(e)
+                if config.fallback_to_sqlite
+                    && !is_sqlite(&config.driver)
+                    && !matches!(e, Error::Database(_)) =>
+            {
                 log::warn!(
                     "driver {} cannot be used ({e}); falling back to the sqlite driver",
                     config.driver.name()

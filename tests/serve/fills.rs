@@ -95,11 +95,7 @@ fn wrong_checksums_and_short_bodies_are_never_complete_nor_cached() {
             assert!(r.status != 200 || !r.complete, "{why} (HTTP/1.0)");
         }
         nothing_cached(&s, id);
-        assert!(
-            s.log().contains("upstream fetch failed"),
-            "{why}: {}",
-            s.log()
-        );
+        assert!(s.wait_log("upstream fetch failed"), "{why}: {}", s.log());
     }
 }
 
@@ -138,7 +134,7 @@ fn a_trickling_upstream_fails_its_minimum_rate() {
     ]);
     let r = get(s.addr, "/v2/images/trickle/file");
     assert!(!r.complete);
-    assert!(s.log().contains("too slowly"), "{}", s.log());
+    assert!(s.wait_log("too slowly"), "{}", s.log());
     nothing_cached(&s, "trickle");
 }
 

@@ -18,6 +18,10 @@ use crate::{
 /// Glance's default `image_cache_stall_time`: one day.
 pub const DEFAULT_STALL_TIME: u64 = 86_400;
 
+/// Images evicted per step by prune and delete-all: their rows, then their
+/// files.
+pub const EVICT_BATCH: usize = 100;
+
 /// A configured driver instance.
 struct State {
     layout: Layout,
@@ -110,6 +114,50 @@ impl State {
             }
         }
         (removed, failures)
+    }
+
+    /// Evict cached images a batch at a time, rows first, then files: a
+    /// batch whose rows cannot be forgotten (a locked row, the database
+    /// gone) stops the eviction there with its files and every later one
+    /// untouched, so bookkeeping and files never part by more than the
+    /// files of one batch that could not be removed (images without a
+    /// row, which a read or a clean reconciles). The indexes of `ids`
+    /// removed, and the failures.
+    fn evict(&self, ids: &[String]) -> (Vec<usize>, Vec<String>) {
+        let mut removed = Vec::new();
+        let mut failures = Vec::new();
+        for (b, batch) in ids.chunks(EVICT_BATCH).enumerate() {
+            let first = b * EVICT_BATCH;
+            if let Err(e) = self.store.forget(batch) {
+                failures.push(format!(
+                    "forgetting {} images failed, so they and the {} after them stay cached: {}",
+                    batch.len(),
+                    ids.len() - first - batch.len(),
+                    describe(&e)
+                ));
+                break;
+            }
+            let (gone, failed) =
+                self.remove_all(batch.iter().map(|id| Layout::image(id)).collect());
+            removed.extend(gone.into_iter().map(|i| first + i));
+            failures.extend(failed);
+        }
+        (removed, failures)
+    }
+}
+
+/// A driver error as one line.
+fn describe(e: &Error) -> String {
+    match e {
+        Error::BadConfiguration(m)
+        | Error::InvalidImageId(m)
+        | Error::NotFound(m)
+        | Error::AlreadyCached(m)
+        | Error::BeingCached(m)
+        | Error::Database(m)
+        | Error::NotConfigured(m)
+        | Error::Unsupported(m) => m.clone(),
+        Error::Io(e) => e.message.clone(),
     }
 }
 
@@ -245,10 +293,8 @@ impl<B: Backend> Guest for Driver<B> {
     fn delete_all_cached_images() -> Result<u64, Error> {
         let state = state()?;
         let ids = state.layout.image_ids()?;
-        let (removed, failures) =
-            state.remove_all(ids.iter().map(|id| Layout::image(id)).collect());
+        let (removed, failures) = state.evict(&ids);
         let removed_ids: Vec<String> = removed.iter().map(|&i| ids[i].clone()).collect();
-        state.store.forget(&removed_ids)?;
         if let Some(first) = failures.first() {
             return Err(io_failure(format!(
                 "removed {} cached images; {} could not be removed, first: {first}",
@@ -364,8 +410,8 @@ impl<B: Backend> Guest for Driver<B> {
         let sizes: Vec<u64> = images.iter().map(|i| i.image.size).collect();
         let (evict, size) = select_victims(&sizes, max_size);
         let victims: Vec<CachedFile> = images.into_iter().take(evict).collect();
-        let (removed, failures) =
-            state.remove_all(victims.iter().map(|i| Layout::image(&i.id)).collect());
+        let victim_ids: Vec<String> = victims.iter().map(|v| v.id.clone()).collect();
+        let (removed, failures) = state.evict(&victim_ids);
         let removed: Vec<RemovedFile> = removed
             .into_iter()
             .map(|i| RemovedFile {
@@ -374,8 +420,6 @@ impl<B: Backend> Guest for Driver<B> {
             })
             .collect();
         let bytes_removed = saturating_sum(removed.iter().map(|r| r.size));
-        let removed_ids: Vec<String> = removed.iter().map(|r| r.image_id.clone()).collect();
-        state.store.forget(&removed_ids)?;
         let failed_bytes =
             saturating_sum(victims.iter().map(|v| v.image.size)).saturating_sub(bytes_removed);
         Ok(PruneReport {

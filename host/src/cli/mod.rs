@@ -341,6 +341,11 @@ pub enum Failure {
 /// is full: a script can tell "make room" from other failures.
 pub const EXIT_NO_SPACE: u8 = 4;
 
+/// The exit code of an operation that failed because the driver's database
+/// could not be used (down, unreachable, a statement refused): an outage is
+/// not a configuration to fix.
+pub const EXIT_DATABASE: u8 = 5;
+
 impl Failure {
     pub fn op(kind: &'static str, message: impl Into<String>) -> Failure {
         Failure::Op {
@@ -707,8 +712,9 @@ pub fn main() -> ExitCode {
                 let doc = serde_json::json!({ "error": error });
                 let _ = writeln!(io::stdout(), "{doc}");
             }
-            ExitCode::from(match io_code {
-                Some("no-space") => EXIT_NO_SPACE,
+            ExitCode::from(match (kind, io_code) {
+                (_, Some("no-space")) => EXIT_NO_SPACE,
+                ("database", _) => EXIT_DATABASE,
                 _ => 1,
             })
         }

@@ -221,7 +221,9 @@ pub async fn cached_nodes(
         .await
         .map_err(|e| ApiError::internal(format!("nodes task: {e}")))?;
     match result {
-        Ok(nodes) => Ok(Json(json!({ "nodes": nodes })).into_response()),
+        // A bare list, as Glance answers (and openstacksdk's
+        // `image_nodes` reads).
+        Ok(nodes) => Ok(Json(nodes).into_response()),
         Err(image_cache::Error::Unsupported(_)) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "listing cached nodes needs the centralized driver (Glance's centralized_db); this driver keeps one node's metadata",
