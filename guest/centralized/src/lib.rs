@@ -294,16 +294,18 @@ impl MetadataStore for CentralizedStore {
         if !recordable(id) {
             return Ok(());
         }
-        // Glance's insert_cache_details; a stale row of an earlier copy of
-        // the image (its file since removed by hand) starts over.
+        // Glance's insert_cache_details. Glance ignores a duplicate; a row
+        // left by an earlier copy of the image (its file since removed by
+        // hand) keeps its hits and last access here too, and takes the new
+        // copy's size, checksum and time, so it describes the file.
         self.db()?
             .execute(
                 "INSERT INTO cached_images \
                  (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id) \
                  VALUES ($1, $2, $2, $3, 0, $4, $5) \
                  ON CONFLICT (image_id, node_reference_id) DO UPDATE SET \
-                 last_accessed = EXCLUDED.last_accessed, last_modified = EXCLUDED.last_modified, \
-                 size = EXCLUDED.size, hits = 0, checksum = EXCLUDED.checksum",
+                 last_modified = EXCLUDED.last_modified, \
+                 size = EXCLUDED.size, checksum = EXCLUDED.checksum",
                 &[
                     text(id),
                     Value::Real(now),
@@ -380,8 +382,10 @@ impl MetadataStore for CentralizedStore {
         self.delete_rows(&gone)
     }
 
-    fn cached_nodes(&self, id: &str, here: bool) -> Result<Vec<String>, Error> {
-        let mut nodes: Vec<String> = if recordable(id) {
+    /// Glance's answer: the nodes with a row, whichever node is asked (a
+    /// file of this node without a row gets one on its first read).
+    fn cached_nodes(&self, id: &str, _here: bool) -> Result<Vec<String>, Error> {
+        let nodes: Vec<String> = if recordable(id) {
             self.db()?
                 .query(
                     "SELECT n.node_reference_url FROM cached_images c \
@@ -399,14 +403,6 @@ impl MetadataStore for CentralizedStore {
         } else {
             Vec::new()
         };
-        // For this node the files are the truth.
-        let listed = nodes.contains(&self.node_url);
-        if here && !listed {
-            nodes.push(self.node_url.clone());
-            nodes.sort();
-        } else if !here && listed {
-            nodes.retain(|n| *n != self.node_url);
-        }
         Ok(nodes)
     }
 }
