@@ -1077,6 +1077,15 @@ fn serve_centralized(
     upstream: &std::path::Path,
     url: &str,
 ) -> (std::process::Child, String) {
+    serve_centralized_with(root, upstream, url, &[])
+}
+
+fn serve_centralized_with(
+    root: &std::path::Path,
+    upstream: &std::path::Path,
+    url: &str,
+    extra: &[&str],
+) -> (std::process::Child, String) {
     use std::io::BufRead;
     let mut child = std::process::Command::new(cli_binary())
         .arg("--dir")
@@ -1085,6 +1094,7 @@ fn serve_centralized(
         .args(["--worker-self-reference-url", "http://node-1:9292"])
         .env("IMAGE_CACHE_DATABASE_URL", url)
         .env("IMAGE_CACHE_ADMIN_TOKEN", "admin-token-0123456789abcdef")
+        .args(extra)
         .args([
             "serve",
             "--listen",
@@ -1248,4 +1258,68 @@ fn prune_with_a_locked_row_loses_no_bookkeeping() {
     let rows = pg.db.sql("SELECT count(*) FROM cached_images");
     assert_eq!(rows, "150");
     assert!(files.first().is_some_and(|f| f == "p-100"));
+}
+
+#[test]
+fn the_pool_size_bounds_a_servers_connections() {
+    // 16 clients at once, each call reaching the database: the server
+    // holds at most --database-pool-size connections.
+    let pg = PgSetup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let root = dir.path().join("cache");
+    let (mut server, addr) = serve_centralized_with(
+        &root,
+        store.path(),
+        &pg.db.url,
+        &["--database-pool-size", "2"],
+    );
+    let most = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let watcher = {
+        let (most, db) = (most.clone(), pg.db.name.clone());
+        let cluster = pg::Cluster::shared();
+        std::thread::spawn(move || {
+            for _ in 0..40 {
+                let n: u64 = cluster
+                    .admin_sql(
+                        &db,
+                        "SELECT count(*) FROM pg_stat_activity \
+                         WHERE datname = current_database() AND application_name = 'image-cache'",
+                    )
+                    .parse()
+                    .unwrap();
+                most.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                for _ in 0..20 {
+                    let (status, body, _, _) = http_get(&addr, "/healthz");
+                    assert_eq!(status, 200);
+                    assert!(String::from_utf8_lossy(&body).contains("\"ok\""));
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    watcher.join().unwrap();
+    let most = most.load(std::sync::atomic::Ordering::Relaxed);
+    assert!((1..=2).contains(&most), "{most} connections");
+    let _ = server.kill();
+    let _ = server.wait();
+    // A pool of 0 is a usage error.
+    let out = std::process::Command::new(cli_binary())
+        .args(["--database-pool-size", "0", "--dir"])
+        .arg(dir.path())
+        .arg("list-cached")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pool size"));
 }

@@ -24,6 +24,16 @@ pub struct Options {
     /// Accept a database role that is a superuser or may reach server
     /// files and programs.
     pub image_cache_database_allow_privileged_role: Option<bool>,
+    /// Most connections one process holds to the database (our option;
+    /// else Glance's `[database] max_pool_size`).
+    pub image_cache_database_pool_size: Option<usize>,
+    /// Glance's `[database] max_pool_size`.
+    pub database_max_pool_size: Option<usize>,
+    /// The server-side bound of one statement, lock wait and idle
+    /// transaction.
+    pub image_cache_database_statement_timeout: Option<Duration>,
+    /// How long opening a connection may take.
+    pub image_cache_database_connect_timeout: Option<Duration>,
 }
 
 impl Options {
@@ -43,6 +53,14 @@ impl Options {
             && !url.is_empty()
         {
             options.database_connection = Some(url.to_string());
+        }
+        if let Some(database) = ini.section(Some("database"))
+            && let Some(n) = database.get("max_pool_size").map(str::trim)
+            && !n.is_empty()
+        {
+            options.database_max_pool_size = Some(
+                parse_pool_size(n).map_err(|e| format!("[database] max_pool_size = {n:?}: {e}"))?,
+            );
         }
         let Some(section) = ini.section(Some("DEFAULT")) else {
             return Ok(options);
@@ -76,6 +94,18 @@ impl Options {
                     options.image_cache_database_allow_privileged_role =
                         Some(parse_bool(value).map_err(bad)?)
                 }
+                "image_cache_database_pool_size" => {
+                    options.image_cache_database_pool_size =
+                        Some(parse_pool_size(value).map_err(bad)?)
+                }
+                "image_cache_database_statement_timeout" => {
+                    options.image_cache_database_statement_timeout =
+                        Some(parse_duration(value).map_err(bad)?)
+                }
+                "image_cache_database_connect_timeout" => {
+                    options.image_cache_database_connect_timeout =
+                        Some(parse_duration(value).map_err(bad)?)
+                }
                 _ => {}
             }
         }
@@ -106,7 +136,24 @@ impl Options {
             image_cache_database_allow_privileged_role: self
                 .image_cache_database_allow_privileged_role
                 .or(other.image_cache_database_allow_privileged_role),
+            image_cache_database_pool_size: self
+                .image_cache_database_pool_size
+                .or(other.image_cache_database_pool_size),
+            database_max_pool_size: self.database_max_pool_size.or(other.database_max_pool_size),
+            image_cache_database_statement_timeout: self
+                .image_cache_database_statement_timeout
+                .or(other.image_cache_database_statement_timeout),
+            image_cache_database_connect_timeout: self
+                .image_cache_database_connect_timeout
+                .or(other.image_cache_database_connect_timeout),
         }
+    }
+
+    /// Connections one process may hold: ours, else Glance's
+    /// `[database] max_pool_size`.
+    pub fn database_pool_size(&self) -> Option<usize> {
+        self.image_cache_database_pool_size
+            .or(self.database_max_pool_size)
     }
 
     /// The centralized driver's database URL: ours, else Glance's.
@@ -115,6 +162,14 @@ impl Options {
             .as_deref()
             .or(self.database_connection.as_deref())
             .filter(|u| !u.trim().is_empty())
+    }
+}
+
+/// A connection pool's size: 1 to 1000.
+pub fn parse_pool_size(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=1000).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a pool size (1 to 1000 connections)")),
     }
 }
 
@@ -217,6 +272,38 @@ fn bad_duration(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn database_pool_and_timeouts_from_the_file() {
+        let o = Options::from_ini(
+            "[DEFAULT]\nimage_cache_database_statement_timeout = 5s\n\
+             image_cache_database_connect_timeout = 2s\n\
+             [database]\nconnection = mysql+pymysql://g:p@h/glance\nmax_pool_size = 3\n",
+        )
+        .unwrap();
+        assert_eq!(o.database_pool_size(), Some(3));
+        assert_eq!(
+            o.image_cache_database_statement_timeout,
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            o.image_cache_database_connect_timeout,
+            Some(Duration::from_secs(2))
+        );
+        let ours = Options::from_ini(
+            "[DEFAULT]\nimage_cache_database_pool_size = 2\n[database]\nmax_pool_size = 9\n",
+        )
+        .unwrap();
+        assert_eq!(ours.database_pool_size(), Some(2));
+        for bad in ["0", "1001", "x", "-1"] {
+            let e = Options::from_ini(&format!(
+                "[DEFAULT]\nimage_cache_database_pool_size = {bad}\n"
+            ))
+            .unwrap_err();
+            assert!(e.contains("pool size"), "{e}");
+        }
+        assert!(Options::from_ini("[database]\nmax_pool_size = 0\n").is_err());
+    }
 
     #[test]
     fn sizes_accept_what_operators_type() {

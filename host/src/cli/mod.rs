@@ -106,6 +106,42 @@ struct Global {
     )]
     database_url: Option<String>,
 
+    /// Most connections this process holds to the centralized driver's
+    /// database (image_cache_database_pool_size; else the config file's
+    /// [database] max_pool_size; default 4). Size it so that every node's
+    /// pool, plus Glance's own, fits the server's max_connections.
+    #[arg(
+        long,
+        env = "IMAGE_CACHE_DATABASE_POOL_SIZE",
+        value_name = "N",
+        value_parser = parse_pool_size_arg,
+        global = true
+    )]
+    database_pool_size: Option<usize>,
+
+    /// The database server's bound on one statement, lock wait and idle
+    /// transaction (image_cache_database_statement_timeout; default: the
+    /// driver call's deadline, 30s).
+    #[arg(
+        long,
+        env = "IMAGE_CACHE_DATABASE_STATEMENT_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = parse_duration_arg,
+        global = true
+    )]
+    database_statement_timeout: Option<Duration>,
+
+    /// How long opening a database connection may take
+    /// (image_cache_database_connect_timeout; default 10s).
+    #[arg(
+        long,
+        env = "IMAGE_CACHE_DATABASE_CONNECT_TIMEOUT",
+        value_name = "DURATION",
+        value_parser = parse_duration_arg,
+        global = true
+    )]
+    database_connect_timeout: Option<Duration>,
+
     /// This node's name in the centralized driver's shared database
     /// (Glance's worker_self_reference_url, e.g. http://glance-api-1:9292).
     #[arg(
@@ -312,6 +348,10 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
     parse_size(s)
 }
 
+fn parse_pool_size_arg(s: &str) -> Result<usize, String> {
+    image_cache::config::parse_pool_size(s)
+}
+
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
@@ -340,6 +380,11 @@ pub enum Failure {
 /// The exit code of an operation that failed because the disk (or a quota)
 /// is full: a script can tell "make room" from other failures.
 pub const EXIT_NO_SPACE: u8 = 4;
+
+/// Connections one process holds to the centralized driver's database by
+/// default: enough for a server's concurrent calls (each holds one only
+/// for a statement or a transaction), few enough for tens of nodes.
+pub const DEFAULT_DATABASE_POOL: usize = 4;
 
 /// The exit code of an operation that failed because the driver's database
 /// could not be used (down, unreachable, a statement refused): an outage is
@@ -423,6 +468,9 @@ pub struct Settings {
     pub stall_time: Duration,
     /// The centralized driver's database URL (never printed).
     database_url: Option<String>,
+    database_pool_size: Option<usize>,
+    database_statement_timeout: Option<Duration>,
+    database_connect_timeout: Option<Duration>,
     pub worker_self_reference_url: Option<String>,
     allow_privileged_role: bool,
     pub json: bool,
@@ -450,11 +498,15 @@ impl Settings {
             image_cache_driver_sha256: global.driver_sha256.clone(),
             image_cache_driver_grants: global.driver_grants.clone(),
             image_cache_database_url: global.database_url.clone(),
+            image_cache_database_pool_size: global.database_pool_size,
+            image_cache_database_statement_timeout: global.database_statement_timeout,
+            image_cache_database_connect_timeout: global.database_connect_timeout,
             worker_self_reference_url: global.worker_self_reference_url.clone(),
             ..Options::default()
         };
         let o = flags.or(file);
         let database_url = o.database_url().map(str::to_string);
+        let database_pool_size = o.database_pool_size();
         let driver = o
             .image_cache_driver
             .filter(|d| !d.trim().is_empty())
@@ -475,6 +527,9 @@ impl Settings {
             max_size: o.image_cache_max_size.unwrap_or(DEFAULT_MAX_SIZE),
             stall_time: o.image_cache_stall_time.unwrap_or(DEFAULT_STALL_TIME),
             database_url,
+            database_pool_size,
+            database_statement_timeout: o.image_cache_database_statement_timeout,
+            database_connect_timeout: o.image_cache_database_connect_timeout,
             worker_self_reference_url: o
                 .worker_self_reference_url
                 .clone()
@@ -549,7 +604,13 @@ impl Settings {
         if let Some(url) = &self.database_url {
             let mut postgres = PostgresSettings::new(url.clone());
             postgres.allow_privileged_role = self.allow_privileged_role;
-            postgres.statement_timeout = config.limits.call_deadline;
+            postgres.statement_timeout = self
+                .database_statement_timeout
+                .unwrap_or(config.limits.call_deadline);
+            postgres.pool_size = self.database_pool_size.unwrap_or(DEFAULT_DATABASE_POOL);
+            if let Some(t) = self.database_connect_timeout {
+                postgres.connect_timeout = t;
+            }
             postgres.max_result_bytes = config.limits.max_query_bytes;
             let databases = DatabaseRoot::new()
                 .with_postgres(CENTRALIZED_DATABASE, &postgres)
