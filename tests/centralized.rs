@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use image_cache::bindings::database::{ErrorCode, Value};
-use image_cache::database::{CENTRALIZED_DATABASE, PostgresSettings};
+use image_cache::database::{CENTRALIZED_DATABASE, DatabaseRoot, PostgresSettings};
 use image_cache::runtime::Deadline;
 use image_cache::{CacheConfig, DriverSource, Error, ImageCache, Limits};
 use image_cache_tests::pg::{self, PASSWORD, TestDatabase};
@@ -1322,4 +1322,83 @@ fn the_pool_size_bounds_a_servers_connections() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("pool size"));
+}
+
+#[test]
+fn tls_is_required_by_the_server_and_verified_as_libpq_does() {
+    // Our cluster refuses TCP without TLS, and its certificate names
+    // `localhost` (not 127.0.0.1), signed by the test's own CA.
+    let pg = PgSetup::new();
+    let Some(ca) = pg::Cluster::shared().tls_ca() else {
+        eprintln!("skipped: an external server's TLS is not the tests' to set");
+        return;
+    };
+    let ca = ca.display().to_string();
+    let open = |url: String| {
+        let root = DatabaseRoot::new()
+            .with_postgres(CENTRALIZED_DATABASE, &PostgresSettings::new(url))
+            .map_err(|e| e.to_string())?;
+        root.open(CENTRALIZED_DATABASE, soon())
+            .map(|_| ())
+            .map_err(|e| e.message)
+    };
+    let url = pg.db.url.clone();
+    let with = |params: &str| {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}{params}")
+    };
+    let localhost = |params: &str| with(params).replace("@127.0.0.1:", "@localhost:");
+    // The default (prefer) and require: encrypted, as libpq.
+    open(url.clone()).unwrap();
+    open(with("sslmode=require")).unwrap();
+    // Without TLS the server refuses.
+    let e = open(with("sslmode=disable")).unwrap_err();
+    assert!(!e.contains(PASSWORD), "{e}");
+    // verify-full: the CA and the name must match.
+    open(localhost(&format!("sslmode=verify-full&sslrootcert={ca}"))).unwrap();
+    let e = open(with(&format!("sslmode=verify-full&sslrootcert={ca}"))).unwrap_err();
+    assert!(!e.contains(PASSWORD), "{e}");
+    // verify-ca: the CA must match, any name.
+    open(with(&format!("sslmode=verify-ca&sslrootcert={ca}"))).unwrap();
+    // Another CA: refused, whatever the name.
+    let other = tempfile::NamedTempFile::new().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(other.path(), params.self_signed(&key).unwrap().pem()).unwrap();
+    let wrong = other.path().display().to_string();
+    assert!(
+        open(localhost(&format!(
+            "sslmode=verify-full&sslrootcert={wrong}"
+        )))
+        .is_err()
+    );
+    assert!(open(with(&format!("sslmode=verify-ca&sslrootcert={wrong}"))).is_err());
+    // require with a root given checks the CA, as libpq.
+    assert!(open(with(&format!("sslmode=require&sslrootcert={wrong}"))).is_err());
+    // What psycopg2 also accepts: SQLAlchemy's form, client_encoding.
+    let sqlalchemy = localhost(&format!(
+        "sslmode=verify-full&sslrootcert={ca}&client_encoding=utf8"
+    ))
+    .replace("postgresql://", "postgresql+psycopg2://");
+    open(sqlalchemy).unwrap();
+    // A driver works over it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = CacheConfig::new(dir.path())
+        .driver(CENTRALIZED)
+        .fallback_to_sqlite(false);
+    config.databases = std::sync::Arc::new(
+        DatabaseRoot::new()
+            .with_postgres(
+                CENTRALIZED_DATABASE,
+                &PostgresSettings::new(localhost(&format!("sslmode=verify-full&sslrootcert={ca}"))),
+            )
+            .unwrap(),
+    );
+    config
+        .driver_options
+        .push(("worker_self_reference_url".into(), "http://tls:9292".into()));
+    let cache = ImageCache::with_runtime(runtime(), config).unwrap();
+    put(&cache, "over-tls", b"bytes");
+    assert_eq!(get(&cache, "over-tls"), b"bytes");
 }

@@ -11,6 +11,7 @@
 
 pub mod policy;
 pub mod postgres;
+pub mod tls;
 
 pub use postgres::{PostgresBackend, PostgresSettings};
 

@@ -9,7 +9,10 @@
 //!
 //! Drivers connect over TCP as the role `glance` with a password (so the
 //! tests see that no error ever shows it), each test in a database of its
-//! own.
+//! own. Our own cluster takes TCP connections over TLS only (`hostssl`),
+//! with a server certificate for `localhost` signed by a CA made here
+//! ([`Cluster::tls_ca`]); the Unix socket the tests administer it by is
+//! plain.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,6 +28,65 @@ pub const PG_ENV: &str = "IMAGE_CACHE_TEST_POSTGRES";
 /// The drivers' role and its password: the tests look for it in messages.
 pub const ROLE: &str = "glance";
 pub const PASSWORD: &str = "Pw-9f3c2e-s3cr3t";
+
+/// Make a CA and a server certificate for `localhost` (not for
+/// 127.0.0.1: the name check has something to fail on), turn TLS on, and
+/// refuse TCP connections without it. The CA's PEM file.
+fn serve_tls_only(data: &Path, dir: &Path, as_postgres: bool) -> PathBuf {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "image-cache test CA");
+    let ca_key = KeyPair::generate().expect("CA key");
+    let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+    let server_key = KeyPair::generate().expect("server key");
+    let server = CertificateParams::new(vec!["localhost".to_string()])
+        .expect("server params")
+        .signed_by(&server_key, &ca, &ca_key)
+        .expect("server certificate");
+    std::fs::write(data.join("server.crt"), server.pem()).expect("server.crt");
+    std::fs::write(data.join("server.key"), server_key.serialize_pem()).expect("server.key");
+    let ca_file = dir.join("ca.crt");
+    std::fs::write(&ca_file, ca.pem()).expect("ca.crt");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        data.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("server.key mode");
+    std::fs::set_permissions(&ca_file, std::fs::Permissions::from_mode(0o644)).expect("ca mode");
+    let conf = data.join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).expect("postgresql.conf");
+    text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+    std::fs::write(&conf, text).expect("postgresql.conf");
+    let hba = data.join("pg_hba.conf");
+    let text = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+    let mut out = String::new();
+    for line in text.lines() {
+        match line.strip_prefix("host ") {
+            Some(rest) => out.push_str(&format!("hostssl {rest}\n")),
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out.push_str("hostnossl all all all reject\n");
+    std::fs::write(&hba, out).expect("pg_hba.conf");
+    if as_postgres {
+        run(
+            {
+                let mut c = Command::new("chown");
+                c.args(["-R", "postgres:postgres"]).arg(data);
+                c
+            },
+            "chown of the cluster's TLS files",
+        );
+    }
+    ca_file
+}
 
 /// A PostgreSQL server the tests administer.
 pub struct Cluster {
@@ -42,6 +104,8 @@ struct Local {
     data: PathBuf,
     bin: PathBuf,
     as_postgres: bool,
+    /// The CA that signed the server's certificate.
+    ca: PathBuf,
 }
 
 static CLUSTERS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
@@ -200,12 +264,14 @@ impl Cluster {
             .arg("-D")
             .arg(&data);
         run(initdb, "initdb");
+        let ca = serve_tls_only(&data, &dir, as_postgres);
         let port = free_port();
         let local = Local {
             dir: dir.clone(),
             data,
             bin,
             as_postgres,
+            ca,
         };
         let c = Cluster {
             admin: format!(
@@ -252,6 +318,12 @@ impl Cluster {
             .arg(&local.data)
             .stdout(Stdio::null());
         run(pg_ctl, "pg_ctl stop");
+    }
+
+    /// The CA of our cluster's TLS certificate (`None` for an external
+    /// server, whose TLS is its own business).
+    pub fn tls_ca(&self) -> Option<&Path> {
+        self.local.as_ref().map(|l| l.ca.as_path())
     }
 
     /// Run SQL as the administrator in `database`.

@@ -43,7 +43,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use futures_util::StreamExt;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
-use tokio_postgres::{Config, NoTls, Row};
+use tokio_postgres::{Config, Row};
 
 use super::{Backend, BackendConnection, Result, error, policy};
 use crate::bindings::database::{DatabaseError, ErrorCode, Value};
@@ -260,6 +260,8 @@ struct Shared {
     /// The name drivers use.
     name: String,
     pool: Pool,
+    /// The TLS connector (also for cancel requests).
+    connector: tokio_postgres_rustls::MakeRustlsConnect,
     /// Strings never shown to a driver or user: the URL, password, hosts.
     secrets: Vec<String>,
     max_result_bytes: usize,
@@ -278,9 +280,15 @@ impl PostgresBackend {
     /// connected until a driver opens it.
     pub fn new(name: &str, settings: &PostgresSettings) -> std::result::Result<Self, String> {
         let url = libpq_url(&settings.url)?;
+        let (url, tls) = super::tls::split(&url)
+            .map_err(|e| format!("the connection URL of database {name:?}: {e}"))?;
+        let connector = tls
+            .connector()
+            .map_err(|e| format!("the connection URL of database {name:?}: {e}"))?;
         let mut config = Config::from_str(&url).map_err(|_| {
             format!("the connection URL of database {name:?} is not a valid PostgreSQL URL")
         })?;
+        config.ssl_mode(tls.ssl_mode());
         let mut secrets = vec![settings.url.trim().to_string(), url.clone()];
         if let Some(password) = config.get_password() {
             secrets.push(String::from_utf8_lossy(password).into_owned());
@@ -307,7 +315,7 @@ impl PostgresBackend {
             .keepalives_idle(Duration::from_secs(30));
         let manager = Manager::from_config(
             config,
-            NoTls,
+            connector.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -320,6 +328,7 @@ impl PostgresBackend {
             shared: Arc::new(Shared {
                 name: name.to_string(),
                 pool,
+                connector,
                 secrets,
                 max_result_bytes: settings.max_result_bytes,
                 allow_privileged_role: settings.allow_privileged_role,
@@ -647,10 +656,13 @@ fn first_texts(rows: &[Row]) -> String {
 /// the URL.
 pub fn init_schema(url: &str, timeout: Duration) -> std::result::Result<(), String> {
     let url = libpq_url(url)?;
-    let config = Config::from_str(&url)
+    let (url, tls) = super::tls::split(&url)?;
+    let connector = tls.connector()?;
+    let mut config = Config::from_str(&url)
         .map_err(|_| "the database connection is not a valid PostgreSQL URL".to_string())?;
+    config.ssl_mode(tls.ssl_mode());
     let work = async move {
-        let (client, connection) = config.connect(NoTls).await?;
+        let (client, connection) = config.connect(connector).await?;
         tokio::spawn(connection);
         // One transaction: both tables or neither.
         client
@@ -777,10 +789,13 @@ impl PostgresConnection {
             Err(e) => {
                 // Stopped at the deadline: the server stops too.
                 if let Some(token) = cancel {
+                    let connector = self.shared.connector.clone();
                     runtime().spawn(async move {
-                        let _ =
-                            tokio::time::timeout(Duration::from_secs(5), token.cancel_query(NoTls))
-                                .await;
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            token.cancel_query(connector),
+                        )
+                        .await;
                     });
                 }
                 Err(e)
