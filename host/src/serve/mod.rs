@@ -490,6 +490,16 @@ impl App {
                     "the cache's disk is full; see the server log",
                 )
             }
+            // The driver's database is down: the server is degraded, not
+            // broken (cached images are still served); try again later.
+            Error::Database(_) => {
+                self.note_driver_error(&e, call);
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the cache's database cannot be used now; see the server log",
+                )
+                .with_retry_after(5)
+            }
             Error::Overloaded(_) => {
                 self.note_driver_error(&e, call);
                 ApiError::new(
