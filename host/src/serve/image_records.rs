@@ -50,7 +50,7 @@ pub async fn get_image(
 ) -> Result<Response, ApiError> {
     validate_id(&id)?;
     if let Some(Upstream::Glance(g)) = app.upstream.as_ref() {
-        let url = format!("{}/v2/images/{}", g.base, path_segment(&id));
+        let url = format!("{}/v2/images/{}", g.base, super::upstream::url_segment(&id));
         let url = Url::parse(&url).map_err(|e| ApiError::internal(format!("URL {url}: {e}")))?;
         return proxy(&app, &g.client, url, &headers).await;
     }
@@ -139,7 +139,7 @@ pub async fn list_images(
     if more && let Some(last) = cached.last() {
         document["next"] = json!(format!(
             "/v2/images?limit={limit}&marker={}",
-            path_segment(&last.image_id)
+            super::upstream::url_segment(&last.image_id)
         ));
     }
     document["images"] = Value::Array(images);
@@ -332,7 +332,7 @@ fn record(id: &str, size: Option<u64>, time: Option<f64>, checksum: Option<&str>
             }
         }
     }
-    let segment = path_segment(id);
+    let segment = super::upstream::url_segment(id);
     json!({
         "id": id,
         "name": id,
@@ -357,19 +357,6 @@ fn record(id: &str, size: Option<u64>, time: Option<f64>, checksum: Option<&str>
         "self": format!("/v2/images/{segment}"),
         "schema": "/v2/schemas/image",
     })
-}
-
-/// Percent-encode an image id for a URL path segment or query value.
-fn path_segment(id: &str) -> String {
-    let mut out = String::with_capacity(id.len());
-    for b in id.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// A query string's decoded `key=value` pairs.
