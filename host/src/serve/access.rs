@@ -160,9 +160,7 @@ pub async fn authorize(app: &App, headers: &HeaderMap, id: &str) -> Result<Grant
             upstream_token: app.upstream_token.clone(),
         }),
         Mode::Token => {
-            let mut accepted: Vec<&auth::Token> = app.tokens.image.iter().collect();
-            accepted.extend(app.tokens.admin.as_ref());
-            auth::check(headers, &accepted)?;
+            app.tokens.check_download(headers)?;
             Ok(Grant {
                 upstream_token: app.upstream_token.clone(),
             })
