@@ -46,7 +46,6 @@ const BATCH: usize = 1000;
 const TABLES: [&str; 2] = ["node_reference", "cached_images"];
 
 pub struct CentralizedStore {
-    node_url: String,
     /// The sqlite driver's database name, never an image (see `Layout`).
     sqlite_db: String,
     node_id: Cell<i64>,
@@ -226,7 +225,6 @@ impl Backend for CentralizedStore {
         Self::check_schema(&db)?;
         let node_id = Self::register(&db, &node_url).map_err(bad)?;
         Ok(CentralizedStore {
-            node_url,
             sqlite_db: options.sqlite_db.clone(),
             node_id: Cell::new(node_id),
         })
