@@ -1071,12 +1071,33 @@ fn http_get_with(addr: &str, path: &str, headers: &str) -> (u16, Vec<u8>, bool, 
     (status, body, complete, head)
 }
 
+/// A server process, killed when dropped (a failing test leaves none
+/// behind).
+struct Running(std::process::Child);
+
+impl Running {
+    fn kill(&mut self) -> std::io::Result<()> {
+        self.0.kill()
+    }
+
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.0.wait()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `image-cache serve` with the centralized driver on a test database.
 fn serve_centralized(
     root: &std::path::Path,
     upstream: &std::path::Path,
     url: &str,
-) -> (std::process::Child, String) {
+) -> (Running, String) {
     serve_centralized_with(root, upstream, url, &[])
 }
 
@@ -1085,7 +1106,7 @@ fn serve_centralized_with(
     upstream: &std::path::Path,
     url: &str,
     extra: &[&str],
-) -> (std::process::Child, String) {
+) -> (Running, String) {
     use std::io::BufRead;
     let mut child = std::process::Command::new(cli_binary())
         .arg("--dir")
@@ -1117,7 +1138,7 @@ fn serve_centralized_with(
     for line in out.lines() {
         let line = line.unwrap();
         if let Some(a) = line.strip_prefix("image-cache serve: listening on http://") {
-            return (child, a.to_string());
+            return (Running(child), a.to_string());
         }
     }
     let status = child.wait();
