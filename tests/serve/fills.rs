@@ -225,21 +225,7 @@ fn hits_are_answered_while_500_slow_misses_are_in_flight() {
     let cached = image_bytes(45, 1 << 20);
     let s = Server::start(&["--upstream", &up.url(), "--max-fetches", "32"]);
     // One image cached beforehand, with the CLI.
-    let cli = image_cache_tests::cli_binary();
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), &cached).unwrap();
-    let out = std::process::Command::new(cli)
-        .arg("--dir")
-        .arg(s.root())
-        .args(["cache", "hot", "--from"])
-        .arg(file.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    super::openstack::cache_with_cli(&s.root(), "hot", &cached);
 
     let started = Arc::new(Barrier::new(MISSES + 1));
     let refused = Arc::new(AtomicU64::new(0));
@@ -408,16 +394,7 @@ fn memory_per_slow_reader_is_bounded_on_hypers_path() {
     // memory, not the 2 MiB of release 0.2.
     let bytes = image_bytes(47, 64 << 20);
     let s = Server::start(&[]);
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), &bytes).unwrap();
-    let out = std::process::Command::new(image_cache_tests::cli_binary())
-        .arg("--dir")
-        .arg(s.root())
-        .args(["cache", "big", "--from"])
-        .arg(file.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    super::openstack::cache_with_cli(&s.root(), "big", &bytes);
     let rss = || {
         let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).unwrap();
         status

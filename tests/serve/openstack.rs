@@ -440,7 +440,7 @@ fn an_unreachable_glance_is_502_and_nothing_is_queued() {
 }
 
 /// `image-cache cache ID --from FILE` into the root `s` will serve.
-fn cache_with_cli(root: &Path, id: &str, bytes: &[u8]) {
+pub(super) fn cache_with_cli(root: &Path, id: &str, bytes: &[u8]) {
     let src = root.parent().unwrap().join(format!("src-{id}"));
     fs::write(&src, bytes).unwrap();
     let out = Command::new(cli_binary())
