@@ -206,20 +206,17 @@ pub async fn prefetch_once(app: &Arc<App>) -> Result<(), ApiError> {
                     continue;
                 }
             };
-        let mut progress = flight.progress.clone();
-        let (outcome, cached) = loop {
-            {
-                let p = progress.borrow_and_update();
-                match (&p.outcome, p.cached) {
-                    (Some(o @ (Outcome::Failed(_) | Outcome::AlreadyCached)), _)
-                    | (Some(o), Some(_)) => break (Some(o.clone()), p.cached.unwrap_or(false)),
-                    _ => {}
-                }
-            }
-            if progress.changed().await.is_err() {
-                let p = progress.borrow();
-                break (p.outcome.clone(), p.cached.unwrap_or(false));
-            }
+        // Done: failed, found cached, or its commit settled.
+        let done = flight
+            .wait_for(|p| match (&p.outcome, p.cached) {
+                (Some(Outcome::Failed(_) | Outcome::AlreadyCached), _) => true,
+                (Some(_), cached) => cached.is_some(),
+                (None, _) => false,
+            })
+            .await;
+        let (outcome, cached) = match done {
+            Some(p) => (p.outcome, p.cached.unwrap_or(false)),
+            None => (None, false),
         };
         match outcome {
             Some(Outcome::Complete) if cached => {

@@ -95,6 +95,26 @@ pub struct Flight {
     pub progress: watch::Receiver<Progress>,
 }
 
+impl Flight {
+    /// Wait until the fill's progress is `ready`: that progress, or `None`
+    /// when the fill ended without ever being ready (its task is gone).
+    pub async fn wait_for(&self, ready: impl Fn(&Progress) -> bool) -> Option<Progress> {
+        let mut progress = self.progress.clone();
+        loop {
+            {
+                let p = progress.borrow_and_update();
+                if ready(&p) {
+                    return Some(p.clone());
+                }
+            }
+            if progress.changed().await.is_err() {
+                let p = progress.borrow();
+                return ready(&p).then(|| p.clone());
+            }
+        }
+    }
+}
+
 /// The fills under way, by image id, and the cap on them.
 pub struct Flights {
     map: Mutex<HashMap<String, Arc<Flight>>>,
@@ -252,6 +272,11 @@ async fn fill(
     let mut written = 0u64;
     let failed =
         |message: String| Outcome::Failed(FetchError::new(StatusCode::BAD_GATEWAY, message));
+    let stopped = || {
+        failed(format!(
+            "the server stopped before image {id:?} was fetched"
+        ))
+    };
     loop {
         // Take what is there now, up to a batch, without waiting for more.
         let mut batch = BytesMut::new();
@@ -260,9 +285,7 @@ async fn fill(
             let next = if batch.is_empty() {
                 tokio::select! {
                     c = body.chunk() => Some(c),
-                    _ = app.fetches_aborted() => {
-                        return failed(format!("the server stopped before image {id:?} was fetched"));
-                    }
+                    _ = app.fetches_aborted() => return stopped(),
                 }
             } else {
                 body.chunk().now_or_never()
@@ -287,9 +310,7 @@ async fn fill(
             }
         }
         if app.abort_fetches.load(Ordering::Relaxed) {
-            return failed(format!(
-                "the server stopped before image {id:?} was fetched"
-            ));
+            return stopped();
         }
         if !batch.is_empty() {
             let n = batch.len() as u64;
@@ -337,13 +358,16 @@ async fn fill(
             "the upstream ended image {id:?} after {written} of its {size} bytes"
         ));
     }
-    if let Err(e) = hashers.verify(&start) {
-        inc(&app.metrics.checksum_failures);
-        return failed(format!("image {id:?} from the upstream {e}; not cached"));
-    }
+    let md5 = match hashers.verify(&start) {
+        Ok(md5) => md5,
+        Err(e) => {
+            inc(&app.metrics.checksum_failures);
+            return failed(format!("image {id:?} from the upstream {e}; not cached"));
+        }
+    };
     tx.send_modify(|p| {
         p.written = written;
-        p.start.get_or_insert_with(Start::default).md5 = Some(hashers.md5_hex());
+        p.start.get_or_insert_with(Start::default).md5 = Some(md5);
     });
     Outcome::Complete
 }
@@ -454,33 +478,29 @@ fn write_at(file: &File, buf: &[u8], at: u64) -> io::Result<()> {
 /// as `Content-MD5` on hits), and the upstream's `os_hash` algorithm.
 struct Hashers {
     md5: Hasher,
-    other: Option<(Algorithm, Hasher)>,
-    md5_hex: Option<String>,
+    /// For the upstream's `os_hash`, when it gave one.
+    other: Option<Hasher>,
 }
 
 impl Hashers {
     fn new(start: &Start) -> Hashers {
         Hashers {
             md5: Hasher::new(Algorithm::Md5),
-            other: start
-                .hash
-                .as_ref()
-                .map(|c| (c.algorithm, Hasher::new(c.algorithm))),
-            md5_hex: None,
+            other: start.hash.as_ref().map(|c| Hasher::new(c.algorithm)),
         }
     }
 
     fn update(&mut self, bytes: &Bytes) {
         self.md5.update(bytes);
-        if let Some((_, h)) = self.other.as_mut() {
+        if let Some(h) = self.other.as_mut() {
             h.update(bytes);
         }
     }
 
-    /// Compare with what the upstream said; keeps the MD5 for the commit.
-    fn verify(&mut self, start: &Start) -> Result<(), String> {
-        let md5 = std::mem::replace(&mut self.md5, Hasher::new(Algorithm::Md5)).finish();
-        self.md5_hex = Some(md5.clone());
+    /// Compare with what the upstream said: the image's MD5 (hex), which
+    /// the commit records, or what did not match.
+    fn verify(self, start: &Start) -> Result<String, String> {
+        let md5 = self.md5.finish();
         if let Some(expected) = start.md5.as_deref()
             && expected != md5
         {
@@ -488,21 +508,17 @@ impl Hashers {
                 "does not match its MD5 (expected {expected}, got {md5})"
             ));
         }
-        if let (Some(expected), Some((algorithm, h))) = (start.hash.as_ref(), self.other.take()) {
+        if let (Some(expected), Some(h)) = (start.hash.as_ref(), self.other) {
             let actual = h.finish();
             if actual != expected.hex {
                 return Err(format!(
                     "does not match its {} (expected {}, got {actual})",
-                    algorithm.name(),
+                    expected.algorithm.name(),
                     expected.hex
                 ));
             }
         }
-        Ok(())
-    }
-
-    fn md5_hex(&self) -> String {
-        self.md5_hex.clone().unwrap_or_default()
+        Ok(md5)
     }
 }
 

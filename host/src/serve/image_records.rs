@@ -32,7 +32,7 @@ use reqwest::Url;
 use serde_json::{Value, json};
 use tracing::warn;
 
-use super::images::upstream_token;
+use super::access::upstream_token;
 use super::upstream::Upstream;
 use super::{ApiError, App, RawId, auth, validate_id};
 

@@ -117,22 +117,21 @@ async fn serve(
 
 /// Wait for a fill's verdict: its verified size, or its failure.
 async fn verified_size(flight: &Flight) -> Result<u64, ApiError> {
-    let mut progress = flight.progress.clone();
-    loop {
-        {
-            let p = progress.borrow_and_update();
-            match &p.outcome {
-                Some(Outcome::Complete) => return Ok(p.written),
-                Some(Outcome::Failed(e)) => return Err(e.clone().into()),
-                Some(Outcome::AlreadyCached) | None => {}
-            }
-        }
-        if progress.changed().await.is_err() {
-            return Err(ApiError::internal(
-                "the fetch ended without a result".into(),
-            ));
-        }
+    let verdict = flight
+        .wait_for(|p| matches!(p.outcome, Some(Outcome::Complete | Outcome::Failed(_))))
+        .await;
+    match verdict {
+        Some(Progress {
+            outcome: Some(Outcome::Failed(e)),
+            ..
+        }) => Err(e.into()),
+        Some(p) => Ok(p.written),
+        None => Err(ended_without_result()),
     }
+}
+
+fn ended_without_result() -> ApiError {
+    ApiError::internal("the fetch ended without a result".into())
 }
 
 /// What a `Range` asks of a miss: a part once the upstream gave the size
@@ -179,11 +178,6 @@ pub fn miss_headers(start: &upstream::Start, range: &RangeRequest) -> HeaderMap 
     h
 }
 
-/// The token a request sends upstream (see [`access::upstream_token`]).
-pub fn upstream_token(app: &App, headers: &HeaderMap) -> Option<String> {
-    access::upstream_token(app, headers)
-}
-
 /// A miss once its fetch has begun.
 pub enum Miss {
     /// Stream the spool of this fetch, which started with this.
@@ -199,18 +193,10 @@ pub async fn start_miss(app: &Arc<App>, id: &str, token: Option<String>) -> Resu
     if joined {
         inc(&app.metrics.coalesced);
     }
-    let mut progress = flight.progress.clone();
-    let first = loop {
-        let p = progress.borrow_and_update().clone();
-        if p.start.is_some() || p.outcome.is_some() {
-            break p;
-        }
-        if progress.changed().await.is_err() {
-            return Err(ApiError::internal(
-                "the fetch ended without a result".into(),
-            ));
-        }
-    };
+    let first = flight
+        .wait_for(|p| p.start.is_some() || p.outcome.is_some())
+        .await
+        .ok_or_else(ended_without_result)?;
     if matches!(first.outcome, Some(Outcome::AlreadyCached)) {
         return Ok(Miss::AlreadyCached);
     }

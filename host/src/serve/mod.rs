@@ -287,7 +287,7 @@ impl ApiError {
     }
 
     /// A 416's `Content-Range` header value.
-    pub fn content_range(&self) -> Option<axum::http::HeaderValue> {
+    fn content_range(&self) -> Option<axum::http::HeaderValue> {
         self.content_range_size.map(|size| {
             axum::http::HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii")
         })

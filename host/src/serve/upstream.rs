@@ -16,7 +16,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -203,32 +203,16 @@ impl Upstream {
     pub async fn open(&self, id: &str, token: Option<&str>) -> Result<(Start, Body), FetchError> {
         match self {
             Upstream::Dir(dir) => {
-                let path = dir.join(id);
-                let opened = tokio::task::spawn_blocking(move || open_regular(&path))
-                    .await
-                    .map_err(|e| internal(format!("upstream open task: {e}")))?;
-                match opened {
-                    Ok((file, size)) => Ok((
-                        Start {
-                            size: Some(size),
-                            ..Start::default()
-                        },
-                        Body::File(Some(file)),
-                    )),
-                    Err(e) => Err(dir_error(id, &e)),
-                }
+                let (file, size) = open_in_dir(dir, id).await?;
+                let start = Start {
+                    size: Some(size),
+                    ..Start::default()
+                };
+                Ok((start, Body::File(Some(file))))
             }
             Upstream::Glance(g) => {
-                let record = match g.record(id, token).await? {
-                    Verdict::Allowed(start) => start,
-                    Verdict::Refused(e)
-                        if e.status == StatusCode::NOT_FOUND && !g.records_required =>
-                    {
-                        Start::default()
-                    }
-                    Verdict::Refused(e) => return Err(e),
-                };
-                let url = format!("{}/v2/images/{}/file", g.base, url_segment(id));
+                let record = g.record_if_any(id, token).await?.unwrap_or_default();
+                let url = g.file_url(id);
                 let response = g.send(reqwest::Method::GET, &url, token, id).await?;
                 let status = response.status();
                 if !status.is_success() {
@@ -249,19 +233,11 @@ impl Upstream {
     /// HEAD for an uncached image: its size, without fetching.
     pub async fn size(&self, id: &str, token: Option<&str>) -> Result<Option<u64>, FetchError> {
         match self {
-            Upstream::Dir(dir) => {
-                let path = dir.join(id);
-                let opened = tokio::task::spawn_blocking(move || open_regular(&path))
-                    .await
-                    .map_err(|e| internal(format!("upstream open task: {e}")))?;
-                opened
-                    .map(|(_, size)| Some(size))
-                    .map_err(|e| dir_error(id, &e))
-            }
-            Upstream::Glance(g) => match g.record(id, token).await? {
-                Verdict::Allowed(start) => Ok(start.size),
-                Verdict::Refused(e) if e.status == StatusCode::NOT_FOUND && !g.records_required => {
-                    let url = format!("{}/v2/images/{}/file", g.base, url_segment(id));
+            Upstream::Dir(dir) => Ok(Some(open_in_dir(dir, id).await?.1)),
+            Upstream::Glance(g) => match g.record_if_any(id, token).await? {
+                Some(start) => Ok(start.size),
+                None => {
+                    let url = g.file_url(id);
                     let response = g.send(reqwest::Method::HEAD, &url, token, id).await?;
                     match response.status().as_u16() {
                         // A HEAD's body is empty whatever its header says:
@@ -274,7 +250,6 @@ impl Upstream {
                         other => Err(status_error(id, other)),
                     }
                 }
-                Verdict::Refused(e) => Err(e),
             },
         }
     }
@@ -290,6 +265,28 @@ impl Upstream {
 }
 
 impl Glance {
+    /// `{base}/v2/images/{id}/file`.
+    fn file_url(&self, id: &str) -> String {
+        format!("{}/v2/images/{}/file", self.base, url_segment(id))
+    }
+
+    /// The image's record; `None` when the upstream has no records (404)
+    /// and none are required (see `records_required`). A refusal is an
+    /// error.
+    async fn record_if_any(
+        &self,
+        id: &str,
+        token: Option<&str>,
+    ) -> Result<Option<Start>, FetchError> {
+        match self.record(id, token).await? {
+            Verdict::Allowed(start) => Ok(Some(start)),
+            Verdict::Refused(e) if e.status == StatusCode::NOT_FOUND && !self.records_required => {
+                Ok(None)
+            }
+            Verdict::Refused(e) => Err(e),
+        }
+    }
+
     /// `GET {base}/v2/images/{id}` with `token`: whether the token may see
     /// the image, and its size and checksums.
     pub async fn record(&self, id: &str, token: Option<&str>) -> Result<Verdict, FetchError> {
@@ -449,6 +446,15 @@ fn merge(
 /// Lower-case hex of an MD5 digest, if `v` is one.
 fn hex_md5(v: &str) -> Option<String> {
     (v.len() == 32 && v.bytes().all(|b| b.is_ascii_hexdigit())).then(|| v.to_ascii_lowercase())
+}
+
+/// Open image `id` of a directory upstream (see `open_regular`).
+async fn open_in_dir(dir: &Path, id: &str) -> Result<(File, u64), FetchError> {
+    let path = dir.join(id);
+    tokio::task::spawn_blocking(move || open_regular(&path))
+        .await
+        .map_err(|e| internal(format!("upstream open task: {e}")))?
+        .map_err(|e| dir_error(id, &e))
 }
 
 /// Open `path` if it is a regular file (not through a symlink, never
