@@ -25,6 +25,30 @@ fn node(root: &std::path::Path, pg: &PgSetup, node: &str) -> ImageCache {
     ImageCache::with_runtime(runtime(), config).expect("a centralized cache")
 }
 
+/// A centralized node on `databases` whose driver calls end after 3 s
+/// (a runtime of its own: the deadline is the runtime's).
+fn node_with_short_deadline(
+    root: &std::path::Path,
+    databases: std::sync::Arc<DatabaseRoot>,
+    node: &str,
+) -> ImageCache {
+    let mut config = CacheConfig::new(root)
+        .driver(CENTRALIZED)
+        .fallback_to_sqlite(false);
+    let limits = Limits {
+        call_deadline: Duration::from_secs(3),
+        ..Limits::default()
+    };
+    config.limits = limits.clone();
+    config.databases = databases;
+    config
+        .driver_options
+        .push(("worker_self_reference_url".into(), node.into()));
+    let runtime =
+        image_cache::Runtime::new(limits, Some(image_cache_tests::artifact_dir())).unwrap();
+    ImageCache::with_runtime(runtime, config).unwrap()
+}
+
 fn put(cache: &ImageCache, id: &str, bytes: &[u8]) {
     cache.cache_reader(id, None, bytes).unwrap();
 }
@@ -377,21 +401,7 @@ fn losing_the_database_mid_run_fails_calls_and_recovers_when_it_is_back() {
     let (_alone, cluster) = pg::postgres_alone();
     let db = cluster.database();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = CacheConfig::new(dir.path())
-        .driver(CENTRALIZED)
-        .fallback_to_sqlite(false);
-    let limits = Limits {
-        call_deadline: Duration::from_secs(3),
-        ..Limits::default()
-    };
-    config.limits = limits.clone();
-    config.databases = db.root();
-    config
-        .driver_options
-        .push(("worker_self_reference_url".into(), "http://n:9292".into()));
-    let runtime =
-        image_cache::Runtime::new(limits, Some(image_cache_tests::artifact_dir())).unwrap();
-    let cache = ImageCache::with_runtime(runtime, config).unwrap();
+    let cache = node_with_short_deadline(dir.path(), db.root(), "http://n:9292");
     put(&cache, "kept", &image_bytes(1, 2000));
     get(&cache, "kept");
 
@@ -1249,18 +1259,7 @@ fn prune_with_a_locked_row_loses_no_bookkeeping() {
     // still cached, rows and files agreeing.
     let pg = PgSetup::new();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = CacheConfig::new(dir.path())
-        .driver(CENTRALIZED)
-        .fallback_to_sqlite(false);
-    let limits = Limits {
-        call_deadline: Duration::from_secs(3),
-        ..Limits::default()
-    };
-    config.limits = limits.clone();
-    pg.configure_node(&mut config, &pg.node);
-    let runtime =
-        image_cache::Runtime::new(limits, Some(image_cache_tests::artifact_dir())).unwrap();
-    let cache = ImageCache::with_runtime(runtime, config).unwrap();
+    let cache = node_with_short_deadline(dir.path(), pg.databases.clone(), &pg.node);
     for i in 0..250 {
         put(&cache, &format!("p-{i:03}"), b"x");
         // Distinct access times: LRU order is the order of caching.

@@ -573,21 +573,15 @@ struct Seen {
     stop: Arc<AtomicBool>,
 }
 
-fn upstream_conn(
-    mut conn: TcpStream,
-    images: &HashMap<String, Vec<u8>>,
-    behaviour: Behaviour,
-    visible: &Visible,
-    seen: &Seen,
-) {
+/// A fake upstream's view of a request head: method, target, and the
+/// `X-Auth-Token` if one was sent. `None` if the head cannot be read.
+fn read_request_head(conn: &TcpStream) -> Option<(String, String, Option<String>)> {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return;
-    }
+    reader.read_line(&mut line).ok()?;
     let mut parts = line.split_whitespace();
     let method = parts.next().unwrap_or("").to_string();
-    let path = parts.next().unwrap_or("").to_string();
+    let target = parts.next().unwrap_or("").to_string();
     let mut token = None;
     loop {
         let mut h = String::new();
@@ -597,9 +591,24 @@ fn upstream_conn(
         if let Some((k, v)) = h.split_once(':')
             && k.eq_ignore_ascii_case("x-auth-token")
         {
-            seen.tokens.lock().unwrap().push(v.trim().to_string());
             token = Some(v.trim().to_string());
         }
+    }
+    Some((method, target, token))
+}
+
+fn upstream_conn(
+    mut conn: TcpStream,
+    images: &HashMap<String, Vec<u8>>,
+    behaviour: Behaviour,
+    visible: &Visible,
+    seen: &Seen,
+) {
+    let Some((method, path, token)) = read_request_head(&conn) else {
+        return;
+    };
+    if let Some(t) = &token {
+        seen.tokens.lock().unwrap().push(t.clone());
     }
     if let Behaviour::Late(wait) = behaviour {
         std::thread::sleep(wait);

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -168,26 +168,9 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn glance_conn(mut conn: TcpStream, images: &HashMap<String, Image>, seen: &Seen) {
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
+    let Some((method, target, token)) = super::read_request_head(&conn) else {
         return;
-    }
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or("").to_string();
-    let target = parts.next().unwrap_or("").to_string();
-    let mut token = None;
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':')
-            && k.eq_ignore_ascii_case("x-auth-token")
-        {
-            token = Some(v.trim().to_string());
-        }
-    }
+    };
     seen.lock()
         .unwrap()
         .push((method.clone(), target.clone(), token.clone()));
