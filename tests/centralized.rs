@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use image_cache::bindings::database::{ErrorCode, Value};
-use image_cache::database::{CENTRALIZED_DATABASE, DatabaseRoot, PostgresSettings};
+use image_cache::database::{CENTRALIZED_DATABASE, DatabaseRoot, DatabaseSettings};
 use image_cache::runtime::Deadline;
 use image_cache::{CacheConfig, DriverSource, Error, ImageCache, Limits};
 use image_cache_tests::pg::{self, PASSWORD, TestDatabase};
@@ -296,7 +296,7 @@ fn an_unreachable_database_is_an_error_that_never_shows_the_password() {
             .fallback_to_sqlite(fallback);
         c.databases = std::sync::Arc::new(
             image_cache::database::DatabaseRoot::new()
-                .with_postgres(CENTRALIZED_DATABASE, &PostgresSettings::new(url.clone()))
+                .with_database(CENTRALIZED_DATABASE, &DatabaseSettings::new(url.clone()))
                 .unwrap(),
         );
         c.driver_options
@@ -349,7 +349,7 @@ fn a_superuser_role_is_refused_unless_allowed() {
     };
     let dir = tempfile::tempdir().unwrap();
     let open = |allow: bool| {
-        let mut settings = PostgresSettings::new(superuser.clone());
+        let mut settings = DatabaseSettings::new(superuser.clone());
         settings.allow_privileged_role = allow;
         let mut c = CacheConfig::new(dir.path())
             .driver(CENTRALIZED)
@@ -375,7 +375,7 @@ fn a_superuser_role_is_refused_unless_allowed() {
          GRANT pg_execute_server_program TO runner",
     );
     db.grant_cache_privileges("runner");
-    let root = db.root_with(PostgresSettings::new(
+    let root = db.root_with(DatabaseSettings::new(
         db.url
             .replace(&format!("glance:{PASSWORD}"), "runner:runner-pw"),
     ));
@@ -726,7 +726,7 @@ fn parameters_must_fit_the_servers_types() {
 #[test]
 fn results_time_and_connections_are_bounded() {
     let (db, _) = attack_db();
-    let mut settings = PostgresSettings::new(db.url.clone());
+    let mut settings = DatabaseSettings::new(db.url.clone());
     settings.max_result_bytes = 10_000;
     settings.pool_size = 2;
     settings.allow_privileged_role = true;
@@ -950,7 +950,7 @@ fn a_role_with_more_than_the_cache_tables_is_refused_with_the_grants_to_run() {
          GRANT mighty_test TO member_test",
     );
     db.grant_cache_privileges("member_test");
-    let member = db.root_with(PostgresSettings::new(
+    let member = db.root_with(DatabaseSettings::new(
         db.url
             .replace(&format!("glance:{PASSWORD}"), "member_test:member-pw"),
     ));
@@ -1367,7 +1367,7 @@ fn tls_is_required_by_the_server_and_verified_as_libpq_does() {
     let ca = ca.display().to_string();
     let open = |url: String| {
         let root = DatabaseRoot::new()
-            .with_postgres(CENTRALIZED_DATABASE, &PostgresSettings::new(url))
+            .with_database(CENTRALIZED_DATABASE, &DatabaseSettings::new(url))
             .map_err(|e| e.to_string())?;
         root.open(CENTRALIZED_DATABASE, soon())
             .map(|_| ())
@@ -1420,9 +1420,9 @@ fn tls_is_required_by_the_server_and_verified_as_libpq_does() {
         .fallback_to_sqlite(false);
     config.databases = std::sync::Arc::new(
         DatabaseRoot::new()
-            .with_postgres(
+            .with_database(
                 CENTRALIZED_DATABASE,
-                &PostgresSettings::new(localhost(&format!("sslmode=verify-full&sslrootcert={ca}"))),
+                &DatabaseSettings::new(localhost(&format!("sslmode=verify-full&sslrootcert={ca}"))),
             )
             .unwrap(),
     );

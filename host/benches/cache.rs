@@ -646,12 +646,12 @@ impl BenchPostgres {
     }
 
     fn databases(&self) -> std::sync::Arc<image_cache::database::DatabaseRoot> {
-        let mut settings = image_cache::database::PostgresSettings::new(self.url.clone());
+        let mut settings = image_cache::database::DatabaseSettings::new(self.url.clone());
         // The throwaway cluster's only role is its superuser.
         settings.allow_privileged_role = true;
         std::sync::Arc::new(
             image_cache::database::DatabaseRoot::new()
-                .with_postgres(image_cache::database::CENTRALIZED_DATABASE, &settings)
+                .with_database(image_cache::database::CENTRALIZED_DATABASE, &settings)
                 .unwrap(),
         )
     }

@@ -34,7 +34,8 @@ pub const CENTRALIZED: Builtin = Builtin {
     name: "centralized",
     aliases: &["centralized_db"],
     description: "every node's hits and access times in Glance's cached_images and node_reference \
-                  tables, in a shared PostgreSQL database (the host's database named glance)",
+                  tables, in a shared PostgreSQL, MySQL or MariaDB database (the host's database \
+                  named glance)",
     grants: &[Capability::Database],
     component: include_bytes!(concat!(env!("OUT_DIR"), "/centralized_driver.wasm")),
 };

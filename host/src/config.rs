@@ -14,8 +14,8 @@ pub struct Options {
     pub image_cache_sqlite_db: Option<String>,
     pub image_cache_driver_sha256: Option<String>,
     pub image_cache_driver_grants: Option<String>,
-    /// The centralized driver's PostgreSQL database: our own option (a
-    /// libpq or SQLAlchemy URL); wins over `database_connection`.
+    /// The centralized driver's database: our own option (a libpq, MySQL
+    /// or SQLAlchemy URL); wins over `database_connection`.
     pub image_cache_database_url: Option<String>,
     /// Glance's `[database] connection` (SQLAlchemy URL).
     pub database_connection: Option<String>,

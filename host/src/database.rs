@@ -7,13 +7,18 @@
 //!
 //! - [`postgres`]: the PostgreSQL backend (pool, deadlines, typed
 //!   parameters, role checks, scrubbed errors);
+//! - [`mysql`]: the same for MySQL and MariaDB;
+//! - `common`: what both share (the runtime, deadlines, scrubbing);
 //! - [`policy`]: what a driver's SQL may say, checked before it is sent.
 
+mod common;
+pub mod mysql;
 pub mod policy;
 pub mod postgres;
 pub mod tls;
 
-pub use postgres::{PostgresBackend, PostgresSettings};
+pub use mysql::MysqlBackend;
+pub use postgres::PostgresBackend;
 
 /// The name the centralized driver opens its database by (Glance's
 /// central database).
@@ -22,10 +27,17 @@ pub const CENTRALIZED_DATABASE: &str = "glance";
 /// Default cap on the bytes of one query's result.
 pub const DEFAULT_MAX_RESULT_BYTES: usize = 64 * 1024 * 1024;
 
+/// Connections one process holds to one database by default: enough for a
+/// server's concurrent calls (each holds one only for a statement or a
+/// transaction), few enough for tens of nodes.
+pub const DEFAULT_POOL_SIZE: usize = 4;
+
 use std::collections::HashMap;
+use std::time::Duration;
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
+pub use crate::bindings::database::Dialect;
 use crate::bindings::database::{self as wit, DatabaseError, ErrorCode, Value};
 use crate::runtime::Deadline;
 
@@ -38,6 +50,97 @@ fn error(code: ErrorCode, message: impl Into<String>) -> DatabaseError {
     }
 }
 
+/// What the operator configured for one database (PostgreSQL or MySQL).
+#[derive(Clone)]
+pub struct DatabaseSettings {
+    /// A SQLAlchemy URL as Glance's `[database] connection` has it
+    /// (`postgresql+psycopg2://...`, `mysql+pymysql://...`), a libpq one
+    /// (`postgresql://user:password@host:port/db`, or `host=... dbname=...`)
+    /// or a MySQL one (`mysql://`, `mariadb://`).
+    pub url: String,
+    /// Most connections the pool holds (what all drivers on one cache can
+    /// hold together).
+    pub pool_size: usize,
+    /// Accept a role with more than a cache driver needs (a superuser,
+    /// Glance's own role, an owner of tables): for tests and migrations
+    /// only; a warning is logged for every such connection pool.
+    pub allow_privileged_role: bool,
+    /// Most bytes one query result may hold.
+    pub max_result_bytes: usize,
+    /// The server-side bound of one statement, lock wait and idle
+    /// transaction (the driver call's deadline bounds the host's wait).
+    pub statement_timeout: Duration,
+    /// How long opening a connection may take at most.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &"(not shown)")
+            .field("pool_size", &self.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DatabaseSettings {
+    pub fn new(url: impl Into<String>) -> DatabaseSettings {
+        DatabaseSettings {
+            url: url.into(),
+            pool_size: DEFAULT_POOL_SIZE,
+            allow_privileged_role: false,
+            max_result_bytes: crate::database::DEFAULT_MAX_RESULT_BYTES,
+            statement_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The SQL a configured URL's server speaks, from its scheme (a libpq
+/// `key=value` string is PostgreSQL). Errors never contain the URL.
+pub fn dialect_of_url(url: &str) -> std::result::Result<Dialect, String> {
+    let url = url.trim();
+    let Some((scheme, _)) = url.split_once("://") else {
+        if url.contains('=') {
+            return Ok(Dialect::Postgresql);
+        }
+        return Err(
+            "the database connection is not a URL (postgresql://user:password@host/db or \
+             mysql+pymysql://user:password@host/db)"
+                .to_string(),
+        );
+    };
+    match scheme.split('+').next().unwrap_or("") {
+        "postgresql" | "postgres" => Ok(Dialect::Postgresql),
+        "mysql" | "mariadb" => Ok(Dialect::Mysql),
+        other => Err(format!(
+            "the database connection is a {other:?} URL; the centralized driver needs \
+             PostgreSQL (postgresql://...), MySQL or MariaDB (mysql+pymysql://...)"
+        )),
+    }
+}
+
+/// The statements an administrator runs (in `database`, as the owner of
+/// Glance's tables) so the cache's role or account `role` has exactly what
+/// a driver needs, for a server speaking `dialect`.
+pub fn grant_statements(dialect: Dialect, role: &str, database: &str) -> Vec<String> {
+    match dialect {
+        Dialect::Postgresql => postgres::grant_statements(role, database),
+        Dialect::Mysql => mysql::grant_statements(role, database),
+    }
+}
+
+/// Create Glance's two cache tables, as its migrations make them, in the
+/// database at `url` (`image-cache db init`, for a database of the cache's
+/// own; never needed where Glance's migrations ran). Errors never show the
+/// URL.
+pub fn init_schema(url: &str, timeout: Duration) -> std::result::Result<(), String> {
+    match dialect_of_url(url)? {
+        Dialect::Postgresql => postgres::init_schema(url, timeout),
+        Dialect::Mysql => mysql::init_schema(url, timeout),
+    }
+}
+
 /// A database backend the operator configured under a name.
 pub trait Backend: Send + Sync {
     /// A connection for one guest resource, ready by `deadline`.
@@ -46,6 +149,8 @@ pub trait Backend: Send + Sync {
 
 /// One connection of a backend.
 pub trait BackendConnection: Send {
+    /// The SQL its server speaks.
+    fn dialect(&self) -> Dialect;
     /// Whether a transaction the driver began is still open.
     fn in_transaction(&self) -> bool;
     /// The driver call that used this connection ended: a transaction
@@ -86,15 +191,19 @@ impl DatabaseRoot {
         self
     }
 
-    /// A root with the PostgreSQL database `settings` known to drivers as
-    /// `name` (the centralized driver uses `glance`).
-    pub fn with_postgres(
+    /// A root with the database `settings` describe (PostgreSQL, MySQL or
+    /// MariaDB, by the URL's scheme) known to drivers as `name` (the
+    /// centralized driver uses `glance`).
+    pub fn with_database(
         self,
         name: &str,
-        settings: &PostgresSettings,
+        settings: &DatabaseSettings,
     ) -> std::result::Result<DatabaseRoot, String> {
-        let backend = PostgresBackend::new(name, settings)?;
-        Ok(self.with_backend(name, Box::new(backend)))
+        let backend: Box<dyn Backend> = match dialect_of_url(&settings.url)? {
+            Dialect::Postgresql => Box::new(PostgresBackend::new(name, settings)?),
+            Dialect::Mysql => Box::new(MysqlBackend::new(name, settings)?),
+        };
+        Ok(self.with_backend(name, backend))
     }
 
     /// The names drivers may open.
@@ -204,6 +313,10 @@ impl wit::HostConnection for DatabaseView<'_> {
             }
             Err(e) => Err(e),
         })
+    }
+
+    fn dialect(&mut self, c: Resource<Connection>) -> wasmtime::Result<Dialect> {
+        Ok(self.table.get(&c)?.inner.dialect())
     }
 
     fn execute(

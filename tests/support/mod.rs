@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use image_cache::{CacheConfig, DriverSource, Error, ImageCache, Limits, Runtime};
 use tempfile::TempDir;
 
+pub mod mariadb;
 pub mod pg;
 
 /// What a cache on the centralized driver uses: the shared PostgreSQL
@@ -50,6 +51,79 @@ impl Default for PgSetup {
     fn default() -> Self {
         PgSetup::new()
     }
+}
+
+/// What a cache on the centralized driver uses on MariaDB: the shared
+/// server (held up while it lives), a database of its own and a node name.
+pub struct MariaSetup {
+    _use: std::sync::RwLockReadGuard<'static, ()>,
+    pub db: mariadb::TestDatabase,
+    pub node: String,
+    pub databases: Arc<image_cache::database::DatabaseRoot>,
+}
+
+impl MariaSetup {
+    pub fn new() -> MariaSetup {
+        let (guard, server) = mariadb::mariadb();
+        let db = server.database();
+        MariaSetup {
+            _use: guard,
+            node: format!("http://{}:9292", db.name.replace('_', "-")),
+            databases: db.root(),
+            db,
+        }
+    }
+}
+
+impl Default for MariaSetup {
+    fn default() -> Self {
+        MariaSetup::new()
+    }
+}
+
+/// The shared database of a centralized driver's test cache.
+pub enum Centralized {
+    Postgres(PgSetup),
+    Mariadb(MariaSetup),
+}
+
+impl Centralized {
+    /// On the database this test runs on (see [`on_mariadb`]).
+    pub fn new() -> Centralized {
+        if ON_MARIADB.with(|m| m.get()) {
+            Centralized::Mariadb(MariaSetup::new())
+        } else {
+            Centralized::Postgres(PgSetup::new())
+        }
+    }
+
+    pub fn configure(&self, config: &mut CacheConfig) {
+        let (databases, node) = match self {
+            Centralized::Postgres(pg) => (&pg.databases, &pg.node),
+            Centralized::Mariadb(m) => (&m.databases, &m.node),
+        };
+        config.databases = databases.clone();
+        config
+            .driver_options
+            .push(("worker_self_reference_url".to_string(), node.clone()));
+    }
+}
+
+impl Default for Centralized {
+    fn default() -> Self {
+        Centralized::new()
+    }
+}
+
+thread_local! {
+    static ON_MARIADB: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `test` with its centralized caches on MariaDB instead of PostgreSQL
+/// (each test runs on a thread of its own).
+pub fn on_mariadb(test: impl FnOnce()) {
+    ON_MARIADB.with(|m| m.set(true));
+    test();
 }
 
 /// Whether `driver` is the built-in centralized driver.
@@ -107,7 +181,7 @@ pub struct TestCache {
     pub cache: ImageCache,
     pub driver: DriverSource,
     /// The database and node of a centralized driver's cache.
-    pub pg: Option<PgSetup>,
+    pub db: Option<Centralized>,
 }
 
 impl TestCache {
@@ -115,13 +189,13 @@ impl TestCache {
     /// must not hide behind the sqlite driver).
     pub fn new(driver: &DriverSource) -> TestCache {
         let dir = tempfile::tempdir().expect("temp dir");
-        let pg = is_centralized(driver).then(PgSetup::new);
-        let cache = open_with(dir.path(), driver, pg.as_ref());
+        let db = is_centralized(driver).then(Centralized::new);
+        let cache = open_with(dir.path(), driver, db.as_ref());
         TestCache {
             dir,
             cache,
             driver: driver.clone(),
-            pg,
+            db,
         }
     }
 
@@ -149,6 +223,35 @@ impl TestCache {
         out
     }
 
+    /// The resolution of the times this cache records, in seconds: Glance's
+    /// `DATETIME` columns keep whole seconds on MySQL and MariaDB.
+    pub fn time_resolution(&self) -> f64 {
+        match self.db {
+            Some(Centralized::Mariadb(_)) => 1.0,
+            _ => 0.0,
+        }
+    }
+
+    /// A recorded time as this cache keeps it.
+    pub fn recorded_time(&self, t: f64) -> f64 {
+        match self.time_resolution() {
+            r if r > 0.0 => (t / r).floor() * r,
+            _ => t,
+        }
+    }
+
+    /// Wait until a time recorded now sorts after every time recorded so
+    /// far (into the next whole second where times keep whole seconds).
+    pub fn tick(&self) {
+        if self.time_resolution() > 0.0 {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
+            let to_next = Duration::from_secs(1) - Duration::from_nanos(now.subsec_nanos().into());
+            std::thread::sleep(to_next + Duration::from_millis(20));
+        }
+    }
+
     /// Names of the regular files in a directory of the root, sorted.
     pub fn files_in(&self, rel: &str) -> Vec<String> {
         files_in(&self.path(rel))
@@ -157,7 +260,7 @@ impl TestCache {
     /// Reopen the same root with another driver (or the same).
     /// (A centralized driver keeps its database and node.)
     pub fn reopen(&self, driver: &DriverSource) -> ImageCache {
-        open_with(self.root(), driver, self.pg.as_ref())
+        open_with(self.root(), driver, self.db.as_ref())
     }
 }
 
@@ -165,14 +268,14 @@ pub fn open(root: &Path, driver: &DriverSource) -> ImageCache {
     open_with(root, driver, None)
 }
 
-/// A cache on `root` with exactly `driver`, its database set up by `pg`.
-pub fn open_with(root: &Path, driver: &DriverSource, pg: Option<&PgSetup>) -> ImageCache {
+/// A cache on `root` with exactly `driver`, its database set up by `db`.
+pub fn open_with(root: &Path, driver: &DriverSource, db: Option<&Centralized>) -> ImageCache {
     let mut config = CacheConfig::new(root)
         .driver(driver.clone())
         .fallback_to_sqlite(false)
         .policy(external_policy());
-    if let Some(pg) = pg {
-        pg.configure(&mut config);
+    if let Some(db) = db {
+        db.configure(&mut config);
     }
     ImageCache::with_runtime(runtime(), config)
         .unwrap_or_else(|e| panic!("opening {}: {e}", root.display()))
@@ -255,6 +358,12 @@ macro_rules! for_each_driver {
         /// On a real PostgreSQL (see `support/pg.rs`).
         mod centralized {
             $( #[test] fn $test() { super::$test(&$crate::driver("centralized").unwrap()) } )*
+        }
+        /// On a real MariaDB (see `support/mariadb.rs`).
+        mod centralized_mariadb {
+            $( #[test] fn $test() {
+                $crate::on_mariadb(|| super::$test(&$crate::driver("centralized").unwrap()))
+            } )*
         }
         /// A third-party driver: `IMAGE_CACHE_TEST_DRIVER=path/to/driver.wasm
         /// cargo test --test conformance external -- --include-ignored`

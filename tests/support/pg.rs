@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use image_cache::database::{CENTRALIZED_DATABASE, DatabaseRoot, PostgresSettings};
+use image_cache::database::{CENTRALIZED_DATABASE, DatabaseRoot, DatabaseSettings};
 
 /// The server binaries' directory on Debian (postgresql-15).
 pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -462,13 +462,13 @@ pub struct TestDatabase {
 impl TestDatabase {
     /// The databases a cache may open: this one as `glance`.
     pub fn root(&self) -> Arc<DatabaseRoot> {
-        self.root_with(PostgresSettings::new(self.url.clone()))
+        self.root_with(DatabaseSettings::new(self.url.clone()))
     }
 
-    pub fn root_with(&self, settings: PostgresSettings) -> Arc<DatabaseRoot> {
+    pub fn root_with(&self, settings: DatabaseSettings) -> Arc<DatabaseRoot> {
         Arc::new(
             DatabaseRoot::new()
-                .with_postgres(CENTRALIZED_DATABASE, &settings)
+                .with_database(CENTRALIZED_DATABASE, &settings)
                 .expect("database settings"),
         )
     }
@@ -487,7 +487,7 @@ impl TestDatabase {
     /// This database's connections with a role that has more than a cache
     /// driver needs allowed (the statement-check tests).
     pub fn privileged_root(&self) -> Arc<DatabaseRoot> {
-        let mut settings = PostgresSettings::new(self.url.clone());
+        let mut settings = DatabaseSettings::new(self.url.clone());
         settings.allow_privileged_role = true;
         self.root_with(settings)
     }

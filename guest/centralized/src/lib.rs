@@ -1,6 +1,6 @@
 //! The centralized driver: every node's cache metadata in one shared
-//! PostgreSQL database, in Glance's own tables (its `centralized_db`
-//! driver).
+//! PostgreSQL, MySQL or MariaDB database, in Glance's own tables (its
+//! `centralized_db` driver).
 //!
 //! The files are this node's root, handled by `driver_common` as for every
 //! driver; hits and times live in Glance's `cached_images`, one row per
@@ -8,7 +8,9 @@
 //! this node's `worker_self_reference_url`. The database is opened by the
 //! name `glance` through the host's `database` import: the host maps it to
 //! the configured URL, and this driver never sees where it is or how to
-//! log in.
+//! log in. The connection says which SQL the server speaks; the statements
+//! below are written once, with [`Sql`] filling in what differs
+//! (parameters, upserts, times).
 //!
 //! Listing, LRU, pruning and deleting act on this node's rows only, as
 //! Glance does; `get-cached-nodes` reads every node's. Files and rows are
@@ -24,7 +26,7 @@
 use std::cell::Cell;
 use std::collections::HashSet;
 
-use driver_common::database::{Connection, DatabaseError, ErrorCode, Value};
+use driver_common::database::{Connection, DatabaseError, Dialect, ErrorCode, Value};
 use driver_common::values::{as_u64, first_text, image_rows, size_rows, text};
 use driver_common::{
     Backend, DriverInfo, Error, FORGET_MISSING_AFTER, IdMap, Image, Layout, MetadataStore, Options,
@@ -49,6 +51,8 @@ pub struct CentralizedStore {
     /// The sqlite driver's database name, never an image (see `Layout`).
     sqlite_db: String,
     node_id: Cell<i64>,
+    /// The SQL the database speaks.
+    sql: Sql,
 }
 
 fn db_error(e: DatabaseError) -> Error {
@@ -74,12 +78,71 @@ fn md5_hex(checksum: Option<&str>) -> Value {
     }
 }
 
-/// `$from, $from+1, ...` for `n` values.
-fn placeholders(from: usize, n: usize) -> String {
-    (from..from + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// What differs between the two SQL dialects, for statements written once.
+#[derive(Clone, Copy)]
+struct Sql(Dialect);
+
+impl Sql {
+    /// Parameter `n` (1-based): `$n`, or `?` (MySQL numbers by position,
+    /// so each statement below uses its parameters in order, once each).
+    fn p(self, n: usize) -> String {
+        match self.0 {
+            Dialect::Postgresql => format!("${n}"),
+            Dialect::Mysql => "?".to_string(),
+        }
+    }
+
+    /// Parameter `n` as a time given in Unix seconds. Glance's `DATETIME`
+    /// columns keep whole seconds on MySQL: the fraction is dropped here,
+    /// as MariaDB does (MySQL would round it).
+    fn time(self, n: usize) -> String {
+        match self.0 {
+            Dialect::Postgresql => format!("${n}"),
+            Dialect::Mysql => "FROM_UNIXTIME(FLOOR(?))".to_string(),
+        }
+    }
+
+    /// `n` parameters from `from` on, comma-separated.
+    fn list(self, from: usize, n: usize) -> String {
+        (from..from + n)
+            .map(|i| self.p(i))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// An insert's ending that, on a duplicate of the unique `key`, sets
+    /// each column to the value the insert would have written
+    /// (`hits_plus_one` also adds one to the row's hits).
+    fn on_duplicate(self, key: &str, columns: &[&str], hits_plus_one: bool) -> String {
+        let mut sets: Vec<String> = match self.0 {
+            Dialect::Postgresql => columns
+                .iter()
+                .map(|c| format!("{c} = EXCLUDED.{c}"))
+                .collect(),
+            Dialect::Mysql => columns
+                .iter()
+                .map(|c| format!("{c} = VALUES({c})"))
+                .collect(),
+        };
+        if hits_plus_one {
+            sets.push(match self.0 {
+                Dialect::Postgresql => "hits = cached_images.hits + 1".to_string(),
+                Dialect::Mysql => "hits = hits + 1".to_string(),
+            });
+        }
+        match self.0 {
+            Dialect::Postgresql => {
+                format!(" ON CONFLICT ({key}) DO UPDATE SET {}", sets.join(", "))
+            }
+            Dialect::Mysql => format!(" ON DUPLICATE KEY UPDATE {}", sets.join(", ")),
+        }
+    }
+
+    /// Whether an error says a table does not exist (PostgreSQL's 42P01,
+    /// MySQL's 42S02).
+    fn missing_table(self, e: &DatabaseError) -> bool {
+        e.message.contains("42P01") || e.message.contains("42S02")
+    }
 }
 
 impl CentralizedStore {
@@ -93,14 +156,23 @@ impl CentralizedStore {
 
     /// This node's row in `node_reference`, made if missing (Glance's
     /// `node_reference_create` on start).
-    fn register(db: &Connection, url: &str) -> Result<i64, DatabaseError> {
+    fn register(db: &Connection, sql: Sql, url: &str) -> Result<i64, DatabaseError> {
+        let ignore_duplicate = match sql.0 {
+            Dialect::Postgresql => " ON CONFLICT (node_reference_url) DO NOTHING",
+            Dialect::Mysql => " ON DUPLICATE KEY UPDATE node_reference_id = node_reference_id",
+        };
         db.execute(
-            "INSERT INTO node_reference (node_reference_url) VALUES ($1) \
-             ON CONFLICT (node_reference_url) DO NOTHING",
+            &format!(
+                "INSERT INTO node_reference (node_reference_url) VALUES ({}){ignore_duplicate}",
+                sql.p(1)
+            ),
             &[text(url)],
         )?;
         let rows = db.query(
-            "SELECT node_reference_id FROM node_reference WHERE node_reference_url = $1",
+            &format!(
+                "SELECT node_reference_id FROM node_reference WHERE node_reference_url = {}",
+                sql.p(1)
+            ),
             &[text(url)],
         )?;
         match rows.first().and_then(|r| r.first()) {
@@ -114,7 +186,7 @@ impl CentralizedStore {
 
     /// Glance's tables are there (its `glance-manage db sync` made them,
     /// or `image-cache db init` for a database of the cache's own).
-    fn check_schema(db: &Connection) -> Result<(), Error> {
+    fn check_schema(db: &Connection, sql: Sql) -> Result<(), Error> {
         for table in TABLES {
             if let Err(e) = db.query(&format!("SELECT 1 FROM {table} LIMIT 0"), &[]) {
                 if e.code == ErrorCode::Unavailable {
@@ -123,7 +195,7 @@ impl CentralizedStore {
                         e.message
                     )));
                 }
-                let missing = e.message.contains("42P01");
+                let missing = sql.missing_table(&e);
                 return Err(Error::BadConfiguration(if missing {
                     format!(
                         "Glance's table {table} is missing from the database {DATABASE:?}: run \
@@ -143,8 +215,11 @@ impl CentralizedStore {
         let rows = self
             .db()?
             .query(
-                "SELECT image_id, size, hits, last_accessed, last_modified \
-                 FROM cached_images WHERE node_reference_id = $1",
+                &format!(
+                    "SELECT image_id, size, hits, last_accessed, last_modified \
+                     FROM cached_images WHERE node_reference_id = {}",
+                    self.sql.p(1)
+                ),
                 &[self.node()],
             )
             .map_err(db_error)?;
@@ -160,8 +235,9 @@ impl CentralizedStore {
         let db = self.db()?;
         let delete = |chunk: &[&str]| -> Result<u64, Error> {
             let sql = format!(
-                "DELETE FROM cached_images WHERE node_reference_id = $1 AND image_id IN ({})",
-                placeholders(2, chunk.len())
+                "DELETE FROM cached_images WHERE node_reference_id = {} AND image_id IN ({})",
+                self.sql.p(1),
+                self.sql.list(2, chunk.len())
             );
             let mut params = vec![self.node()];
             params.extend(chunk.iter().map(|id| text(id)));
@@ -188,7 +264,7 @@ impl CentralizedStore {
 
 driver_common::driver_info!(
     "centralized",
-    "every node's hits and access times in Glance's cached_images and node_reference tables, in a shared PostgreSQL database"
+    "every node's hits and access times in Glance's cached_images and node_reference tables, in a shared PostgreSQL, MySQL or MariaDB database"
 );
 
 impl Backend for CentralizedStore {
@@ -222,11 +298,13 @@ impl Backend for CentralizedStore {
             )),
         };
         let db = Connection::open(DATABASE).map_err(bad)?;
-        Self::check_schema(&db)?;
-        let node_id = Self::register(&db, &node_url).map_err(bad)?;
+        let sql = Sql(db.dialect());
+        Self::check_schema(&db, sql)?;
+        let node_id = Self::register(&db, sql, &node_url).map_err(bad)?;
         Ok(CentralizedStore {
             sqlite_db: options.sqlite_db.clone(),
             node_id: Cell::new(node_id),
+            sql,
         })
     }
 }
@@ -241,7 +319,10 @@ impl MetadataStore for CentralizedStore {
         let rows = self
             .db()?
             .query(
-                "SELECT image_id, size FROM cached_images WHERE node_reference_id = $1",
+                &format!(
+                    "SELECT image_id, size FROM cached_images WHERE node_reference_id = {}",
+                    self.sql.p(1)
+                ),
                 &[self.node()],
             )
             .map_err(db_error)?;
@@ -256,7 +337,11 @@ impl MetadataStore for CentralizedStore {
         let rows = self
             .db()?
             .query(
-                "SELECT hits FROM cached_images WHERE image_id = $1 AND node_reference_id = $2",
+                &format!(
+                    "SELECT hits FROM cached_images WHERE image_id = {} AND node_reference_id = {}",
+                    self.sql.p(1),
+                    self.sql.p(2)
+                ),
                 &[text(id), self.node()],
             )
             .map_err(db_error)?;
@@ -274,7 +359,12 @@ impl MetadataStore for CentralizedStore {
         let rows = self
             .db()?
             .query(
-                "SELECT checksum FROM cached_images WHERE image_id = $1 AND node_reference_id = $2",
+                &format!(
+                    "SELECT checksum FROM cached_images WHERE image_id = {} \
+                     AND node_reference_id = {}",
+                    self.sql.p(1),
+                    self.sql.p(2)
+                ),
                 &[text(id), self.node()],
             )
             .map_err(db_error)?;
@@ -296,16 +386,27 @@ impl MetadataStore for CentralizedStore {
         // left by an earlier copy of the image (its file since removed by
         // hand) keeps its hits and last access here too, and takes the new
         // copy's size, checksum and time, so it describes the file.
+        let q = self.sql;
         self.db()?
             .execute(
-                "INSERT INTO cached_images \
-                 (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id) \
-                 VALUES ($1, $2, $2, $3, 0, $4, $5) \
-                 ON CONFLICT (image_id, node_reference_id) DO UPDATE SET \
-                 last_modified = EXCLUDED.last_modified, \
-                 size = EXCLUDED.size, checksum = EXCLUDED.checksum",
+                &format!(
+                    "INSERT INTO cached_images (image_id, last_accessed, last_modified, size, \
+                     hits, checksum, node_reference_id) VALUES ({}, {}, {}, {}, 0, {}, {}){}",
+                    q.p(1),
+                    q.time(2),
+                    q.time(3),
+                    q.p(4),
+                    q.p(5),
+                    q.p(6),
+                    q.on_duplicate(
+                        "image_id, node_reference_id",
+                        &["last_modified", "size", "checksum"],
+                        false
+                    )
+                ),
                 &[
                     text(id),
+                    Value::Real(now),
                     Value::Real(now),
                     Value::Integer(size as i64),
                     md5_hex(checksum),
@@ -326,11 +427,17 @@ impl MetadataStore for CentralizedStore {
             return Ok(());
         }
         let db = self.db()?;
+        let q = self.sql;
         // One statement: the server serialises concurrent increments.
         let changed = db
             .execute(
-                "UPDATE cached_images SET hits = hits + 1, last_accessed = $1 \
-                 WHERE image_id = $2 AND node_reference_id = $3",
+                &format!(
+                    "UPDATE cached_images SET hits = hits + 1, last_accessed = {} \
+                     WHERE image_id = {} AND node_reference_id = {}",
+                    q.time(1),
+                    q.p(2),
+                    q.p(3)
+                ),
                 &[Value::Real(now), text(id), self.node()],
             )
             .map_err(db_error)?;
@@ -341,11 +448,16 @@ impl MetadataStore for CentralizedStore {
                 None => return Ok(()),
             };
             db.execute(
-                "INSERT INTO cached_images \
-                 (image_id, last_accessed, last_modified, size, hits, node_reference_id) \
-                 VALUES ($1, $2, $3, $4, 1, $5) \
-                 ON CONFLICT (image_id, node_reference_id) DO UPDATE SET \
-                 hits = cached_images.hits + 1, last_accessed = EXCLUDED.last_accessed",
+                &format!(
+                    "INSERT INTO cached_images (image_id, last_accessed, last_modified, size, \
+                     hits, node_reference_id) VALUES ({}, {}, {}, {}, 1, {}){}",
+                    q.p(1),
+                    q.time(2),
+                    q.time(3),
+                    q.p(4),
+                    q.p(5),
+                    q.on_duplicate("image_id, node_reference_id", &["last_accessed"], true)
+                ),
                 &[
                     text(id),
                     Value::Real(now),
@@ -386,9 +498,12 @@ impl MetadataStore for CentralizedStore {
         let nodes: Vec<String> = if recordable(id) {
             self.db()?
                 .query(
-                    "SELECT n.node_reference_url FROM cached_images c \
-                     JOIN node_reference n ON n.node_reference_id = c.node_reference_id \
-                     WHERE c.image_id = $1 ORDER BY n.node_reference_url",
+                    &format!(
+                        "SELECT n.node_reference_url FROM cached_images c \
+                         JOIN node_reference n ON n.node_reference_id = c.node_reference_id \
+                         WHERE c.image_id = {} ORDER BY n.node_reference_url",
+                        self.sql.p(1)
+                    ),
                     &[text(id)],
                 )
                 .map_err(db_error)?

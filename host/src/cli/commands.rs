@@ -820,21 +820,40 @@ fn drivers(s: &Settings, out: &mut Out) -> Outcome {
 
 /// `db grants` and `db init`.
 fn db(s: &Settings, action: &super::DbAction, out: &mut Out) -> Outcome {
-    use image_cache::database::postgres::{grant_statements, init_schema};
+    use image_cache::database::{Dialect, dialect_of_url, grant_statements, init_schema};
     match action {
-        super::DbAction::Grants { role, database } => {
-            let statements = grant_statements(role, database);
+        super::DbAction::Grants {
+            role,
+            database,
+            mysql,
+        } => {
+            let dialect = if *mysql {
+                Dialect::Mysql
+            } else {
+                s.database_url()
+                    .and_then(|url| dialect_of_url(url).ok())
+                    .unwrap_or(Dialect::Postgresql)
+            };
+            let statements = grant_statements(dialect, role, database);
             if s.json {
                 return print_json(out, &json!({"statements": statements}));
             }
-            outln!(
-                out,
-                "-- Run in database {database:?} as the owner of Glance's tables. The role \
-                 ({role}) logs in\n-- and has nothing else (CREATE ROLE {role} LOGIN PASSWORD \
-                 '...'; if it is new).\n-- On PostgreSQL before 15 the last line takes CREATE \
-                 on schema public from everyone:\n-- give it back to the role Glance's \
-                 migrations run as first (GRANT CREATE ON SCHEMA public TO glance;)."
-            );
+            match dialect {
+                Dialect::Postgresql => outln!(
+                    out,
+                    "-- Run in database {database:?} as the owner of Glance's tables. The role \
+                     ({role}) logs in\n-- and has nothing else (CREATE ROLE {role} LOGIN PASSWORD \
+                     '...'; if it is new).\n-- On PostgreSQL before 15 the last line takes CREATE \
+                     on schema public from everyone:\n-- give it back to the role Glance's \
+                     migrations run as first (GRANT CREATE ON SCHEMA public TO glance;)."
+                ),
+                Dialect::Mysql => outln!(
+                    out,
+                    "-- Run as an administrator of the MySQL or MariaDB server. The account \
+                     ({role}) has\n-- nothing else (CREATE USER '{role}'@'%' IDENTIFIED BY \
+                     '...'; if it is new)."
+                ),
+            }
             for statement in statements {
                 outln!(out, "{statement}");
             }

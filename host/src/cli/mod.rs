@@ -16,7 +16,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use image_cache::cache::{DEFAULT_MAX_SIZE, DEFAULT_SQLITE_DB, DEFAULT_STALL_TIME};
 use image_cache::config::{Options, parse_duration, parse_size};
-use image_cache::database::{CENTRALIZED_DATABASE, DatabaseRoot, PostgresSettings};
+use image_cache::database::{CENTRALIZED_DATABASE, DatabaseRoot, DatabaseSettings};
 use image_cache::{CacheConfig, Checksum, DriverSource, Grants, ImageCache, LoadPolicy};
 use std::sync::Arc;
 
@@ -93,10 +93,12 @@ struct Global {
     )]
     driver_grants: Option<String>,
 
-    /// The centralized driver's PostgreSQL database, as a URL
+    /// The centralized driver's database, as a URL: PostgreSQL
     /// (postgresql://user:password@host/db, or Glance's SQLAlchemy form
-    /// postgresql+psycopg2://...) (image_cache_database_url; else the
-    /// config file's [database] connection). Never shown in output.
+    /// postgresql+psycopg2://...) or MySQL/MariaDB
+    /// (mysql+pymysql://user:password@host/db) (image_cache_database_url;
+    /// else the config file's [database] connection). Never shown in
+    /// output.
     #[arg(
         long,
         env = "IMAGE_CACHE_DATABASE_URL",
@@ -282,7 +284,7 @@ enum Command {
     },
 
     /// The shared database of the centralized driver: the SQL that gives the
-    /// cache a role fenced by PostgreSQL's own privileges, or Glance's two
+    /// cache a role fenced by the database's own privileges, or Glance's two
     /// cache tables for a database of the cache's own.
     Db {
         #[command(subcommand)]
@@ -300,15 +302,20 @@ enum Command {
 pub enum DbAction {
     /// Print the SQL an administrator runs, in Glance's database, to give
     /// the cache a dedicated role: SELECT, INSERT, UPDATE, DELETE on
-    /// cached_images and node_reference, USAGE on their sequences, nothing
-    /// else. The host refuses any role with more.
+    /// cached_images and node_reference (on PostgreSQL, USAGE on their
+    /// sequences), nothing else. The host refuses any role with more.
     Grants {
-        /// The role's name.
+        /// The role's name (on MySQL, `user` or `user@host`; the host part
+        /// is `%` unless given).
         #[arg(long, default_value = "image_cache")]
         role: String,
         /// The database's name.
         #[arg(long, default_value = "glance")]
         database: String,
+        /// MySQL or MariaDB statements (the default follows the configured
+        /// --database-url, else PostgreSQL).
+        #[arg(long)]
+        mysql: bool,
     },
     /// Create Glance's two cache tables (as its migrations would) in the
     /// configured database (--database-url, which must name a role allowed
@@ -380,11 +387,6 @@ pub enum Failure {
 /// The exit code of an operation that failed because the disk (or a quota)
 /// is full: a script can tell "make room" from other failures.
 pub const EXIT_NO_SPACE: u8 = 4;
-
-/// Connections one process holds to the centralized driver's database by
-/// default: enough for a server's concurrent calls (each holds one only
-/// for a statement or a transaction), few enough for tens of nodes.
-pub const DEFAULT_DATABASE_POOL: usize = 4;
 
 /// The exit code of an operation that failed because the driver's database
 /// could not be used (down, unreachable, a statement refused): an outage is
@@ -602,18 +604,20 @@ impl Settings {
         config.sqlite_db = self.sqlite_db.clone();
         config.start_while_database_down = server;
         if let Some(url) = &self.database_url {
-            let mut postgres = PostgresSettings::new(url.clone());
-            postgres.allow_privileged_role = self.allow_privileged_role;
-            postgres.statement_timeout = self
+            let mut database = DatabaseSettings::new(url.clone());
+            database.allow_privileged_role = self.allow_privileged_role;
+            database.statement_timeout = self
                 .database_statement_timeout
                 .unwrap_or(config.limits.call_deadline);
-            postgres.pool_size = self.database_pool_size.unwrap_or(DEFAULT_DATABASE_POOL);
-            if let Some(t) = self.database_connect_timeout {
-                postgres.connect_timeout = t;
+            if let Some(n) = self.database_pool_size {
+                database.pool_size = n;
             }
-            postgres.max_result_bytes = config.limits.max_query_bytes;
+            if let Some(t) = self.database_connect_timeout {
+                database.connect_timeout = t;
+            }
+            database.max_result_bytes = config.limits.max_query_bytes;
             let databases = DatabaseRoot::new()
-                .with_postgres(CENTRALIZED_DATABASE, &postgres)
+                .with_database(CENTRALIZED_DATABASE, &database)
                 .map_err(Failure::Usage)?;
             config.databases = Arc::new(databases);
         }

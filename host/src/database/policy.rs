@@ -26,6 +26,19 @@
 //!   run SQL given as a string (`query_to_xml` and the other `*_to_xml`,
 //!   `ts_stat`, `ts_rewrite`), which would carry any of the above past
 //!   this check.
+//!
+//! On MySQL and MariaDB ([`Dialect::Mysql`]) the same rules hold, read the
+//! way their scanner reads SQL (backquoted names are words, no dollar
+//! quotes; the host sets `NO_BACKSLASH_ESCAPES` and `ANSI_QUOTES` on every
+//! session so strings and `"names"` scan as here), and more is refused:
+//! **comments** of every kind (`/*! ... */` and `/*M! ... */` are run, not
+//! skipped, and `1--1` is arithmetic), **variables** (`@x`, `@@datadir`),
+//! server files (`LOAD_FILE`, `INTO OUTFILE`/`DUMPFILE`), the system
+//! schemas (`mysql`, `performance_schema`, `sys`), who and where the
+//! session is (`DATABASE()`, `CONNECTION_ID()`, `UUID()`, which carries the
+//! server's MAC address), and server-wide named locks (`GET_LOCK`, ...).
+
+use crate::bindings::database::Dialect;
 
 /// Longest SQL text a driver may send.
 pub const MAX_SQL_BYTES: usize = 64 * 1024;
@@ -77,6 +90,31 @@ const DENIED: &[&str] = &[
     "txid_current_snapshot",
 ];
 
+/// More names refused anywhere on MySQL and MariaDB.
+const DENIED_MYSQL: &[&str] = &[
+    "load_file",
+    "outfile",
+    "dumpfile",
+    "mysql",
+    "performance_schema",
+    "sys",
+    "database",
+    "schema",
+    "connection_id",
+    "uuid",
+    "uuid_short",
+    "get_lock",
+    "release_lock",
+    "release_all_locks",
+    "is_free_lock",
+    "is_used_lock",
+    "master_pos_wait",
+    "master_gtid_wait",
+    "source_pos_wait",
+    "sys_exec",
+    "sys_eval",
+];
+
 /// Prefixes of names refused anywhere.
 const DENIED_PREFIXES: &[&str] = &["pg_", "lo_", "dblink"];
 
@@ -93,11 +131,11 @@ enum Token {
 }
 
 /// Why a statement is refused; the message says what to change.
-pub fn check(sql: &str) -> Result<(), String> {
+pub fn check(dialect: Dialect, sql: &str) -> Result<(), String> {
     if sql.len() > MAX_SQL_BYTES {
         return Err(format!("SQL text is longer than {MAX_SQL_BYTES} bytes"));
     }
-    let tokens = tokenize(sql)?;
+    let tokens = tokenize(dialect, sql)?;
     let mut words = tokens.iter().filter_map(|t| match t {
         Token::Word(w) => Some(w.as_str()),
         _ => None,
@@ -129,6 +167,7 @@ pub fn check(sql: &str) -> Result<(), String> {
     for t in &tokens {
         if let Token::Word(w) = t {
             let denied = DENIED.contains(&w.as_str())
+                || (dialect == Dialect::Mysql && DENIED_MYSQL.contains(&w.as_str()))
                 || DENIED_PREFIXES.iter().any(|p| w.starts_with(p))
                 || DENIED_SUFFIXES.iter().any(|s| w.ends_with(s));
             if denied {
@@ -141,16 +180,57 @@ pub fn check(sql: &str) -> Result<(), String> {
 
 /// Split SQL into words, `;` and the rest, skipping whitespace, comments
 /// and string literals ('...', E'...', $tag$...$tag$). Quoted identifiers
-/// are words (lowercased, so `"PG_READ_FILE"` is caught too).
-fn tokenize(sql: &str) -> Result<Vec<Token>, String> {
+/// are words (lowercased, so `"PG_READ_FILE"` is caught too). On MySQL,
+/// backquoted names are words too, and comments and variables are refused.
+fn tokenize(dialect: Dialect, sql: &str) -> Result<Vec<Token>, String> {
     let b = sql.as_bytes();
     let mut tokens = Vec::new();
     let mut i = 0;
     let unterminated = |what: &str| format!("unterminated {what} in SQL");
+    let mysql = dialect == Dialect::Mysql;
     while i < b.len() {
         let c = b[i];
         match c {
             _ if c.is_ascii_whitespace() => i += 1,
+            b'-' | b'/' | b'#'
+                if mysql
+                    && (c == b'#'
+                        || (c == b'-' && b.get(i + 1) == Some(&b'-'))
+                        || (c == b'/' && b.get(i + 1) == Some(&b'*'))) =>
+            {
+                return Err(
+                    "comments are not allowed in MySQL statements (the server runs \
+                            /*! ... */ and reads 1--1 as arithmetic)"
+                        .to_string(),
+                );
+            }
+            b'@' if mysql => {
+                return Err("variables (@name, @@name) are not allowed".to_string());
+            }
+            b'`' if mysql => {
+                let mut word = Vec::new();
+                i += 1;
+                loop {
+                    match b.get(i) {
+                        None => return Err(unterminated("quoted identifier")),
+                        Some(b'`') if b.get(i + 1) == Some(&b'`') => {
+                            word.push(b'`');
+                            i += 2;
+                        }
+                        Some(b'`') => {
+                            i += 1;
+                            break;
+                        }
+                        Some(&x) => {
+                            word.push(x);
+                            i += 1;
+                        }
+                    }
+                }
+                tokens.push(Token::Word(
+                    String::from_utf8_lossy(&word).to_ascii_lowercase(),
+                ));
+            }
             b'-' if b.get(i + 1) == Some(&b'-') => {
                 // PostgreSQL's scanner ends a comment at a newline or a
                 // carriage return (release 0.2 missed the `\r`).
@@ -182,7 +262,8 @@ fn tokenize(sql: &str) -> Result<Vec<Token>, String> {
             b'\'' => {
                 // E'...' strings take backslash escapes; the E was read as
                 // a word just before, which is harmless.
-                let escapes = i > 0
+                let escapes = !mysql
+                    && i > 0
                     && matches!(b[i - 1], b'e' | b'E')
                     && (i < 2
                         || !(b[i - 2].is_ascii_alphanumeric()
@@ -227,9 +308,9 @@ fn tokenize(sql: &str) -> Result<Vec<Token>, String> {
                     String::from_utf8_lossy(&word).to_ascii_lowercase(),
                 ));
             }
-            b'$' if b
-                .get(i + 1)
-                .is_some_and(|&n| n == b'$' || n.is_ascii_alphabetic() || n == b'_') =>
+            b'$' if !mysql
+                && b.get(i + 1)
+                    .is_some_and(|&n| n == b'$' || n.is_ascii_alphabetic() || n == b'_') =>
             {
                 // A dollar-quoted string: $tag$ ... $tag$.
                 let tag_end = b[i + 1..].iter().position(|&x| x == b'$');
@@ -285,10 +366,13 @@ fn tokenize(sql: &str) -> Result<Vec<Token>, String> {
 
 /// The first word of a statement, lowercased (`begin`, `commit`, ...).
 pub fn first_word(sql: &str) -> Option<String> {
-    tokenize(sql).ok()?.into_iter().find_map(|t| match t {
-        Token::Word(w) => Some(w),
-        _ => None,
-    })
+    tokenize(Dialect::Postgresql, sql)
+        .ok()?
+        .into_iter()
+        .find_map(|t| match t {
+            Token::Word(w) => Some(w),
+            _ => None,
+        })
 }
 
 #[cfg(test)]
@@ -312,7 +396,7 @@ mod tests {
             "SELECT $$ COPY x TO PROGRAM $$",
             "SELECT /* SET ROLE postgres; */ 1",
         ] {
-            assert_eq!(check(sql), Ok(()), "{sql}");
+            assert_eq!(check(Dialect::Postgresql, sql), Ok(()), "{sql}");
         }
     }
 
@@ -368,9 +452,86 @@ mod tests {
             "SELECT U&\"pg\\005fread_file\"('x')",
             "SELECT date'\\' , pg_read_file('x') --'",
         ] {
-            assert!(check(sql).is_err(), "{sql} was allowed");
+            assert!(
+                check(Dialect::Postgresql, sql).is_err(),
+                "{sql} was allowed"
+            );
         }
-        assert!(check(&"SELECT 1 ".repeat(20_000)).is_err());
+        assert!(check(Dialect::Postgresql, &"SELECT 1 ".repeat(20_000)).is_err());
+    }
+
+    #[test]
+    fn mysql_allows_what_the_centralized_driver_runs() {
+        for sql in [
+            "SELECT hits FROM cached_images WHERE image_id = ? AND node_reference_id = ?",
+            "INSERT INTO cached_images (image_id, last_accessed) VALUES (?, FROM_UNIXTIME(?)) \
+             ON DUPLICATE KEY UPDATE last_accessed = VALUES(last_accessed), hits = hits + 1",
+            "INSERT INTO node_reference (node_reference_url) VALUES (?) \
+             ON DUPLICATE KEY UPDATE node_reference_id = node_reference_id",
+            "SELECT `image_id` FROM `cached_images` WHERE size > 0",
+            "SELECT 'it''s -- not a comment, /* nor this */ # nor this'",
+            "SELECT 1 FROM cached_images LIMIT 0",
+            "SELECT SLEEP(1)",
+            "BEGIN",
+            "COMMIT;",
+        ] {
+            assert_eq!(check(Dialect::Mysql, sql), Ok(()), "{sql}");
+        }
+    }
+
+    #[test]
+    fn mysql_refuses_what_reaches_beyond_the_tables() {
+        for sql in [
+            "SELECT LOAD_FILE('/etc/passwd')",
+            "SELECT `load_file`('/etc/passwd')",
+            "SELECT * FROM cached_images INTO OUTFILE '/tmp/x'",
+            "SELECT 1 INTO DUMPFILE '/tmp/x'",
+            "SELECT @@datadir",
+            "SELECT @@hostname",
+            "SELECT @x := 1",
+            "SELECT 1 /*!50000 , LOAD_FILE('/etc/passwd') */",
+            "SELECT 1 /*M!100000 , @@version */",
+            "SELECT 1--1",
+            "SELECT 1 # , load_file('x')",
+            "SELECT 1 -- x",
+            "SELECT `'`, load_file('x'), `'`",
+            "SELECT * FROM mysql.user",
+            "SELECT * FROM `mysql`.`user`",
+            "SELECT * FROM information_schema.tables",
+            "SELECT * FROM performance_schema.threads",
+            "SELECT * FROM sys.processlist",
+            "SELECT DATABASE()",
+            "SELECT SCHEMA()",
+            "SELECT CONNECTION_ID()",
+            "SELECT UUID()",
+            "SELECT CURRENT_USER()",
+            "SELECT USER()",
+            "SELECT VERSION()",
+            "SELECT GET_LOCK('x', 10)",
+            "SET sql_mode = ''",
+            "SET SESSION max_statement_time = 0",
+            "SET STATEMENT max_statement_time = 0 FOR SELECT 1",
+            "SHOW GRANTS",
+            "SHOW PROCESSLIST",
+            "KILL 1",
+            "LOAD DATA INFILE '/etc/passwd' INTO TABLE cached_images",
+            "HANDLER cached_images OPEN",
+            "DO SLEEP(1)",
+            "CALL p()",
+            "REPLACE INTO cached_images VALUES (1)",
+            "GRANT ALL ON *.* TO glance",
+            "CREATE USER evil",
+            "CREATE PROCEDURE p() SELECT 1",
+            "SELECT 1; SELECT 2",
+            "SELECT `unterminated",
+        ] {
+            assert!(
+                check(Dialect::Mysql, sql).is_err(),
+                "{sql} was allowed on MySQL"
+            );
+        }
+        // What PostgreSQL reads as a dollar quote is plain text on MySQL.
+        assert!(check(Dialect::Mysql, "SELECT $a$, load_file('x'), $a$").is_err());
     }
 
     #[test]

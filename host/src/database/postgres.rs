@@ -33,19 +33,21 @@
 //!   server ends what the host stopped waiting for, and a transaction left
 //!   open by a driver does not hold locks for long.
 
-use std::future::Future;
 use std::pin::pin;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use futures_util::StreamExt;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Config, Row};
 
-use super::{Backend, BackendConnection, Result, error, policy};
+use super::common::{
+    RoleCheck, Secrets, ends_transaction, judge_role, run, runtime, unix_seconds, unix_time,
+    value_size,
+};
+use super::{Backend, BackendConnection, DatabaseSettings, Result, error, policy};
 use crate::bindings::database::{DatabaseError, ErrorCode, Value};
 use crate::runtime::Deadline;
 
@@ -143,51 +145,6 @@ pub fn grant_statements(role: &str, database: &str) -> Vec<String> {
     ]
 }
 
-/// What the operator configured for one PostgreSQL database.
-#[derive(Clone)]
-pub struct PostgresSettings {
-    /// A libpq-style URL (`postgresql://user:password@host:port/db`) or a
-    /// SQLAlchemy one (`postgresql+psycopg2://...`, Glance's `[database]
-    /// connection`).
-    pub url: String,
-    /// Most connections the pool holds (what all drivers on one cache can
-    /// hold together).
-    pub pool_size: usize,
-    /// Accept a role with more than a cache driver needs (a superuser,
-    /// Glance's own role, an owner of tables): for tests and migrations
-    /// only; a warning is logged for every such connection pool.
-    pub allow_privileged_role: bool,
-    /// Most bytes one query result may hold.
-    pub max_result_bytes: usize,
-    /// The server-side bound of one statement, lock wait and idle
-    /// transaction (the driver call's deadline bounds the host's wait).
-    pub statement_timeout: Duration,
-    /// How long opening a connection may take at most.
-    pub connect_timeout: Duration,
-}
-
-impl std::fmt::Debug for PostgresSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresSettings")
-            .field("url", &"(not shown)")
-            .field("pool_size", &self.pool_size)
-            .finish_non_exhaustive()
-    }
-}
-
-impl PostgresSettings {
-    pub fn new(url: impl Into<String>) -> PostgresSettings {
-        PostgresSettings {
-            url: url.into(),
-            pool_size: 8,
-            allow_privileged_role: false,
-            max_result_bytes: crate::database::DEFAULT_MAX_RESULT_BYTES,
-            statement_timeout: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
 /// A SQLAlchemy database URL (`postgresql+psycopg2://...`) as a libpq one;
 /// a libpq URL as it is. Errors never contain the URL.
 pub fn libpq_url(url: &str) -> std::result::Result<String, String> {
@@ -210,52 +167,6 @@ pub fn libpq_url(url: &str) -> std::result::Result<String, String> {
     }
 }
 
-/// The host's tokio runtime for database connections: one worker thread.
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RUNTIME.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("image-cache-db")
-            .enable_all()
-            .build()
-            .unwrap_or_else(|e| panic!("cannot start the database runtime: {e}"))
-    })
-}
-
-/// Run `work` on the database runtime; it is dropped (and so stopped) at
-/// `deadline`. Works from any thread, inside another runtime or not.
-fn run<T: Send + 'static>(
-    deadline: Deadline,
-    work: impl Future<Output = T> + Send + 'static,
-) -> std::result::Result<T, DatabaseError> {
-    let remaining = deadline.remaining();
-    if remaining.is_zero() {
-        return Err(timed_out());
-    }
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    runtime().spawn(async move {
-        let _ = tx.send(tokio::time::timeout(remaining, work).await);
-    });
-    // The task ends itself at the deadline; a little slack for it to say so.
-    match rx.recv_timeout(remaining + Duration::from_millis(250)) {
-        Ok(Ok(value)) => Ok(value),
-        _ => Err(timed_out()),
-    }
-}
-
-fn timed_out() -> DatabaseError {
-    error(
-        ErrorCode::TimedOut,
-        "the database did not answer before the call's deadline",
-    )
-}
-
-/// Role checks: not yet done, passed, refused.
-const ROLE_UNCHECKED: u8 = 0;
-const ROLE_OK: u8 = 1;
-const ROLE_REFUSED: u8 = 2;
-
 struct Shared {
     /// The name drivers use.
     name: String,
@@ -263,11 +174,10 @@ struct Shared {
     /// The TLS connector (also for cancel requests).
     connector: tokio_postgres_rustls::MakeRustlsConnect,
     /// Strings never shown to a driver or user: the URL, password, hosts.
-    secrets: Vec<String>,
+    secrets: Secrets,
     max_result_bytes: usize,
     allow_privileged_role: bool,
-    role: AtomicU8,
-    refusal: Mutex<String>,
+    role: RoleCheck,
 }
 
 /// A PostgreSQL database a driver may open by name.
@@ -278,7 +188,7 @@ pub struct PostgresBackend {
 impl PostgresBackend {
     /// A backend for `settings`, known to drivers as `name`. Nothing is
     /// connected until a driver opens it.
-    pub fn new(name: &str, settings: &PostgresSettings) -> std::result::Result<Self, String> {
+    pub fn new(name: &str, settings: &DatabaseSettings) -> std::result::Result<Self, String> {
         let url = libpq_url(&settings.url)?;
         let (url, tls) = super::tls::split(&url)
             .map_err(|e| format!("the connection URL of database {name:?}: {e}"))?;
@@ -299,9 +209,6 @@ impl PostgresBackend {
                 tokio_postgres::config::Host::Unix(p) => secrets.push(p.display().to_string()),
             }
         }
-        secrets.retain(|s| !s.is_empty());
-        // Longest first, so the URL goes before its parts.
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
         let ms = settings.statement_timeout.as_millis().max(1);
         let options = format!(
             "{} -c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={ms}",
@@ -329,11 +236,10 @@ impl PostgresBackend {
                 name: name.to_string(),
                 pool,
                 connector,
-                secrets,
+                secrets: Secrets::new(secrets),
                 max_result_bytes: settings.max_result_bytes,
                 allow_privileged_role: settings.allow_privileged_role,
-                role: AtomicU8::new(ROLE_UNCHECKED),
-                refusal: Mutex::new(String::new()),
+                role: RoleCheck::default(),
             }),
         })
     }
@@ -348,13 +254,7 @@ impl PostgresBackend {
 impl Shared {
     /// `message` without any secret.
     fn scrub(&self, message: &str) -> String {
-        let mut m = message.to_string();
-        for s in &self.secrets {
-            if m.contains(s.as_str()) {
-                m = m.replace(s.as_str(), "(hidden)");
-            }
-        }
-        m
+        self.secrets.scrub(message)
     }
 
     fn error(&self, code: ErrorCode, message: &str) -> DatabaseError {
@@ -398,23 +298,14 @@ impl Shared {
             deadpool_postgres::PoolError::Backend(e) => self.client_error(&e),
             other => self.error(ErrorCode::Unavailable, &other.to_string()),
         })?;
-        match self.role.load(Ordering::Acquire) {
-            ROLE_OK => Ok(object),
-            ROLE_REFUSED => Err(self.refused()),
-            _ => {
+        match self.role.outcome() {
+            Some(Ok(())) => Ok(object),
+            Some(Err(why)) => Err(self.error(ErrorCode::AccessDenied, &why)),
+            None => {
                 self.check_role(&object).await?;
                 Ok(object)
             }
         }
-    }
-
-    fn refused(&self) -> DatabaseError {
-        let why = self
-            .refusal
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        self.error(ErrorCode::AccessDenied, &why)
     }
 
     /// Everything the connected role may do beyond a cache driver's needs,
@@ -585,19 +476,9 @@ impl Shared {
 
     async fn check_role(&self, client: &Object) -> Result<()> {
         let problems = self.privilege_problems(client).await?;
-        if problems.is_empty() {
-            self.role.store(ROLE_OK, Ordering::Release);
-            return Ok(());
-        }
-        if self.allow_privileged_role {
-            log::warn!(
-                "database {:?}: its role {}; allowed by configuration \
-                 (image_cache_database_allow_privileged_role)",
-                self.name,
-                problems.join("; ")
-            );
-            self.role.store(ROLE_OK, Ordering::Release);
-            return Ok(());
+        if problems.is_empty() || self.allow_privileged_role {
+            return judge_role(&self.role, &self.name, &problems, true, String::new)
+                .map_err(|why| self.error(ErrorCode::AccessDenied, &why));
         }
         let database = client
             .query_one("SELECT current_database()::text", &[])
@@ -605,40 +486,17 @@ impl Shared {
             .ok()
             .and_then(|r| r.try_get::<_, String>(0).ok())
             .unwrap_or_else(|| "glance".to_string());
-        let shown = problems.len().min(3);
-        *self.refusal.lock().unwrap_or_else(|p| p.into_inner()) = format!(
-            "refused: the configured role {}{} (a cache driver needs only SELECT, INSERT, \
-             UPDATE, DELETE on {} and USAGE on their sequences; give the cache a dedicated \
-             role, as `image-cache db grants` prints it: {})",
-            problems[..shown].join("; "),
-            if problems.len() > shown { "; ..." } else { "" },
-            CACHE_TABLES.join(" and "),
-            grant_statements("image_cache", &database).join(" ")
-        );
-        self.role.store(ROLE_REFUSED, Ordering::Release);
-        Err(self.refused())
+        judge_role(&self.role, &self.name, &problems, false, || {
+            format!(
+                "a cache driver needs only SELECT, INSERT, UPDATE, DELETE on {} and USAGE on \
+                 their sequences; give the cache a dedicated role, as `image-cache db grants` \
+                 prints it: {}",
+                CACHE_TABLES.join(" and "),
+                grant_statements("image_cache", &database).join(" ")
+            )
+        })
+        .map_err(|why| self.error(ErrorCode::AccessDenied, &why))
     }
-}
-
-/// Whether `sql` is a plain end of a transaction (`COMMIT`, `END`,
-/// `ABORT` or `ROLLBACK`, with an optional `WORK`/`TRANSACTION`), not one
-/// that opens another (`AND CHAIN`) or ends only a savepoint (`TO`).
-fn ends_transaction(sql: &str) -> bool {
-    let words: Vec<String> = sql
-        .trim()
-        .trim_end_matches(';')
-        .split_whitespace()
-        .map(str::to_ascii_lowercase)
-        .collect();
-    let words: Vec<&str> = words.iter().map(String::as_str).collect();
-    matches!(
-        words.as_slice(),
-        ["commit" | "end" | "abort" | "rollback"]
-            | [
-                "commit" | "end" | "abort" | "rollback",
-                "work" | "transaction"
-            ]
-    )
 }
 
 /// The first column of each row, as text, joined by commas.
@@ -751,7 +609,8 @@ impl PostgresConnection {
         deadline: Deadline,
         want: Want,
     ) -> Result<Outcome> {
-        policy::check(sql).map_err(|why| self.shared.error(ErrorCode::AccessDenied, &why))?;
+        policy::check(super::Dialect::Postgresql, sql)
+            .map_err(|why| self.shared.error(ErrorCode::AccessDenied, &why))?;
         let Some(mut held) = self.held.take() else {
             return Err(self.shared.error(
                 ErrorCode::Unavailable,
@@ -882,15 +741,11 @@ async fn statement(
     }
 }
 
-fn value_size(v: &Value) -> usize {
-    8 + match v {
-        Value::Text(t) => t.len(),
-        Value::Blob(b) => b.len(),
-        _ => 0,
-    }
-}
-
 impl BackendConnection for PostgresConnection {
+    fn dialect(&self) -> super::Dialect {
+        super::Dialect::Postgresql
+    }
+
     fn in_transaction(&self) -> bool {
         self.in_transaction
     }
@@ -1002,26 +857,6 @@ impl Param {
     }
 }
 
-/// Unix seconds as a `SystemTime`, within years 1 to 9999.
-fn unix_time(seconds: f64) -> Option<SystemTime> {
-    if !seconds.is_finite() || !(-62_135_596_800.0..=253_402_300_799.0).contains(&seconds) {
-        return None;
-    }
-    let span = Duration::from_secs_f64(seconds.abs());
-    if seconds >= 0.0 {
-        UNIX_EPOCH.checked_add(span)
-    } else {
-        UNIX_EPOCH.checked_sub(span)
-    }
-}
-
-fn unix_seconds(t: SystemTime) -> f64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs_f64(),
-        Err(e) => -e.duration().as_secs_f64(),
-    }
-}
-
 impl ToSql for Param {
     fn to_sql(
         &self,
@@ -1121,29 +956,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_plain_end_clears_the_transaction() {
-        for sql in [
-            "COMMIT",
-            "commit;",
-            " ROLLBACK  WORK ",
-            "end transaction",
-            "Abort",
-        ] {
-            assert!(ends_transaction(sql), "{sql}");
-        }
-        for sql in [
-            "COMMIT AND CHAIN",
-            "ROLLBACK AND CHAIN",
-            "ROLLBACK\tTO sp",
-            "ROLLBACK TO SAVEPOINT sp",
-            "ROLLBACK\nTO sp",
-            "COMMIT; BEGIN",
-        ] {
-            assert!(!ends_transaction(sql), "{sql}");
-        }
-    }
-
-    #[test]
     fn sqlalchemy_urls_become_libpq_urls() {
         assert_eq!(
             libpq_url("postgresql+psycopg2://glance:s3cret@db.example/glance").unwrap(),
@@ -1192,7 +1004,7 @@ mod tests {
     fn secrets_are_scrubbed() {
         let backend = PostgresBackend::new(
             "glance",
-            &PostgresSettings::new("postgresql+psycopg2://glance:hunter22@db.internal:5433/glance"),
+            &DatabaseSettings::new("postgresql+psycopg2://glance:hunter22@db.internal:5433/glance"),
         )
         .unwrap();
         let m = backend
@@ -1200,7 +1012,7 @@ mod tests {
             .scrub("could not connect to db.internal with password hunter22");
         assert!(!m.contains("hunter22") && !m.contains("db.internal"), "{m}");
         assert!(
-            format!("{:?}", PostgresSettings::new("postgresql://a:hunter22@h/d"))
+            format!("{:?}", DatabaseSettings::new("postgresql://a:hunter22@h/d"))
                 .find("hunter22")
                 .is_none()
         );
