@@ -16,7 +16,12 @@ export function componentsDir() {
     : path.resolve(PACKAGE_DIR, '..', '..', 'target', 'guest', 'components');
 }
 
-const drivers = { sqlite: 'sqlite_driver.wasm', xattr: 'xattr_driver.wasm', hostile: 'hostile_driver.wasm' };
+const drivers = {
+  sqlite: 'sqlite_driver.wasm',
+  xattr: 'xattr_driver.wasm',
+  hostile: 'hostile_driver.wasm',
+  centralized: 'centralized_driver.wasm',
+};
 
 async function main() {
 const dir = componentsDir();
@@ -30,7 +35,7 @@ for (const [name, file] of Object.entries(drivers)) {
     continue;
   }
   const meta = await transpile(fs.readFileSync(src), `${name}_driver`);
-  checkContract({ ...meta, name }, ['xattr']);
+  checkContract({ ...meta, name }, ['xattr', 'database']);
   const out = path.join(GENERATED_DIR, name);
   fs.rmSync(out, { recursive: true, force: true });
   fs.mkdirSync(out, { recursive: true });

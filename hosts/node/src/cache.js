@@ -16,6 +16,7 @@ import { promisify } from 'node:util';
 import { CacheError, validateImageId } from './errors.js';
 import { Driver, DEFAULT_LIMITS } from './driver.js';
 import { loadDriver, DEFAULT_GRANTS } from './component.js';
+import { Databases } from './database/service.js';
 
 const write = promisify(fs.write);
 const read = promisify(fs.read);
@@ -114,7 +115,23 @@ export class ImageCache {
    *   DEFAULT_LIMITS), grants (['xattr']; `sqlite`, retired with contract
    *   0.3.0, is ignored with a warning), driverOptions ({}),
    *   xattr (true; false makes every xattr call `unsupported`, as a file
-   *   system without user xattrs would).
+   *   system without user xattrs would),
+   *   databases ({}; the shared databases a driver importing `database`
+   *   may open, by name: `{ glance: 'postgresql://user:pw@host/db' }` or
+   *   `{ glance: { url, poolSize, statementTimeoutMs, connectTimeoutMs,
+   *   maxResultBytes, allowPrivilegedRole } }`; see README.md).
+   *
+   * The centralized driver (`driver: 'centralized'`) also needs
+   * `driverOptions: { worker_self_reference_url: 'http://this-node:9292' }`.
+   *
+   * @param {string} root the cache directory
+   * @param {{driver?: string, fallbackToSqlite?: boolean, sqliteDb?: string,
+   *   limits?: object, grants?: string[], driverOptions?: Object<string, string>,
+   *   xattr?: boolean, onWarning?: (message: string) => void,
+   *   databases?: Object<string, string | {url: string, poolSize?: number,
+   *   statementTimeoutMs?: number, connectTimeoutMs?: number,
+   *   maxResultBytes?: number, allowPrivilegedRole?: boolean}>}} [options]
+   * @returns {Promise<ImageCache>}
    */
   static async open(root, options = {}) {
     const config = {
@@ -128,11 +145,21 @@ export class ImageCache {
       onWarning: options.onWarning ?? ((m) => process.emitWarning(m, 'ImageCacheWarning')),
     };
     const real = prepareRoot(path.resolve(String(root)));
+    config.databases = new Databases(options.databases ?? {}, {
+      callDeadlineMs: config.limits.callDeadlineMs,
+      onWarning: config.onWarning,
+    });
     let driver;
     try {
       driver = await startDriver(real, config, config.driver, config.grants);
     } catch (e) {
-      if (!(config.fallbackToSqlite && config.driver !== 'sqlite')) throw e;
+      // An unreachable database is an outage, not a driver that cannot be
+      // configured: falling back would run a shared cache on local
+      // bookkeeping (prune deleting files whose rows stay).
+      if (!(config.fallbackToSqlite && config.driver !== 'sqlite') || e.kind === 'database') {
+        config.databases.close();
+        throw e;
+      }
       config.onWarning(`driver ${config.driver} cannot be used (${e.message}); falling back to the sqlite driver`);
       driver = await startDriver(real, config, 'sqlite', DEFAULT_GRANTS);
       driver.fellBackFrom = config.driver;
@@ -159,6 +186,7 @@ export class ImageCache {
   async close() {
     await this.driver.close();
     if (this.previous) await this.previous.close();
+    this.config.databases?.close();
   }
 
   getCacheSize() {
@@ -288,7 +316,7 @@ async function startDriver(root, config, source, grants) {
   const component = await loadDriver(source, { grants, memoryBytes: config.limits.memoryBytes, onWarning: config.onWarning });
   const options = [['image_cache_sqlite_db', config.sqliteDb], ...Object.entries(config.driverOptions)];
   try {
-    return await Driver.start(component, { root, options, limits: config.limits, xattr: config.xattr });
+    return await Driver.start(component, { root, options, limits: config.limits, xattr: config.xattr, databases: config.databases });
   } catch (e) {
     if (e.kind === 'bad-configuration') {
       const why = e.message.replace(/^bad configuration: /, '');

@@ -16,16 +16,21 @@ export const CONTRACT = 'image-cache:driver@0.3.0';
 export const SUPPORTED = '>=0.3.0, <0.4.0';
 export const PACKAGE_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const GENERATED_DIR = path.join(PACKAGE_DIR, 'generated');
-export const BUILTIN = ['sqlite', 'xattr', 'hostile'];
+export const BUILTIN = ['sqlite', 'xattr', 'hostile', 'centralized'];
+/** What each built-in driver is granted, whatever the cache's grants (as
+ * the Rust host's built-ins): the centralized driver its database. */
+const BUILTIN_GRANTS = { sqlite: [], xattr: ['xattr'], hostile: ['xattr'], centralized: ['database'] };
 
 /** Interfaces a driver may import, and which need a grant. */
 const ALWAYS = ['clock', 'fs', 'types'];
-const GRANTABLE = ['xattr'];
+const GRANTABLE = ['xattr', 'database'];
 /** Grants of an older contract, accepted and ignored: contract 0.3.0
  * retired the host-side `sqlite` import (SQLite runs inside the driver,
  * over `fs`). */
 const RETIRED_GRANTS = ['sqlite'];
-/** `database` (shared PostgreSQL) has no Node implementation. */
+/** A component file is granted `xattr` unless the cache says otherwise;
+ * `database` (the shared PostgreSQL the cache's `databases` option
+ * configures) only when it is granted. */
 export const DEFAULT_GRANTS = ['xattr'];
 
 let warnedRetired = false;
@@ -186,6 +191,7 @@ export async function loadDriver(source, { grants = DEFAULT_GRANTS, memoryBytes,
   let meta;
   if (BUILTIN.includes(source)) {
     meta = loadBuiltin(source);
+    grants = [...new Set([...grants, ...BUILTIN_GRANTS[source]])];
   } else {
     let bytes;
     try {

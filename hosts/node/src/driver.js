@@ -33,6 +33,9 @@ export const DEFAULT_LIMITS = {
    * call, which cannot be interrupted from Node) that a driver may leave
    * behind before it gets no new instance. */
   maxStoppedRunning: 2,
+  /** Most database connections (`database` import) the instance may hold
+   * at once. */
+  databaseConnections: 4,
 };
 
 /** flock(2) from fs-ext, loaded in the main thread only: a NAN add-on,
@@ -59,9 +62,13 @@ let nextWorkerId = 1;
 export const stats = { instances: 0, discarded: 0 };
 
 export class Driver {
-  constructor(component, { root, options, limits, xattr = true }) {
+  constructor(component, { root, options, limits, xattr = true, databases = null }) {
     this.component = component;
     this.root = root;
+    /** The cache's databases (src/database/service.js), for a driver that
+     * imports `database`. */
+    this.importsDatabase = component.imports.some((i) => i.startsWith('image-cache:driver/database@'));
+    this.databases = this.importsDatabase ? databases : null;
     this.xattr = xattr && component.imports.some((i) => i.startsWith('image-cache:driver/xattr@'));
     this.options = options;
     this.limits = { ...DEFAULT_LIMITS, ...limits };
@@ -98,6 +105,9 @@ export class Driver {
     const fdTable = createFdTable(this.limits.openFiles);
     // [0]: the last answered lock request, [1]: its answer.
     const lockChannel = new Int32Array(new SharedArrayBuffer(8));
+    // Its own channel to the database worker (none: every open is
+    // access-denied, as for a name that is not configured).
+    const database = this.importsDatabase ? (this.databases?.attach() ?? { port: null, signal: null, names: [], detach() {} }) : null;
     const worker = new Worker(WORKER, {
       workerData: {
         source: this.component.source,
@@ -114,7 +124,11 @@ export class Driver {
         wid,
         xattr: this.xattr,
         lockChannel: flocker() ? lockChannel : null,
+        database: database
+          ? { port: database.port, signal: database.signal, names: database.names, maxConnections: this.limits.databaseConnections }
+          : null,
       },
+      transferList: database?.port ? [database.port] : [],
       resourceLimits: { maxOldGenerationSizeMb: this.limits.heapMb },
       // The guest gets no environment of ours; the worker needs none.
       env: {},
@@ -127,7 +141,7 @@ export class Driver {
       stdout: false,
       stderr: false,
     });
-    const inst = { worker, wid, fdTable, lockChannel, pending: new Map(), sessions: new Set(), dead: false };
+    const inst = { worker, wid, fdTable, lockChannel, database, pending: new Map(), sessions: new Set(), dead: false };
     worker.unref();
     await new Promise((resolve, reject) => {
       const early = (e) => reject(this.fault(`its worker did not start (${printable(e?.message ?? e, 256)})`));
@@ -195,6 +209,9 @@ export class Driver {
       closeGuestFiles();
     };
     inst.worker.terminate().then(ended, ended);
+    // Its database connections go back to their pools (closed if inside a
+    // transaction or a statement).
+    inst.database?.detach();
     LOCKS.releaseWorker(inst.wid);
     for (const ref of inst.sessions) ref.deref()?.instanceLost();
     inst.sessions.clear();

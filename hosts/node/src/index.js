@@ -4,3 +4,10 @@ export { ImageCache, ImageReader, ImageWriter, Tee, parseChecksum, DEFAULT_MAX_S
 export { CacheError, validateImageId } from './errors.js';
 export { DEFAULT_LIMITS, stats } from './driver.js';
 export { CONTRACT, SUPPORTED, BUILTIN, DEFAULT_GRANTS, checkContract, loadDriver } from './component.js';
+export { Databases } from './database/service.js';
+export {
+  CENTRALIZED_DATABASE,
+  DATABASE_DEFAULTS,
+  GLANCE_CACHE_SCHEMA,
+  grantStatements,
+} from './database/settings.js';

@@ -12,10 +12,11 @@ import vm from 'node:vm';
 import { RootFs } from './host/rootfs.js';
 import { Locks } from './host/locks.js';
 import { makeImports, Deadline, sealFile, readSeal } from './host/imports.js';
+import { makeDatabaseImports } from './host/database.js';
 import { rangeLockAddon } from './host/native.js';
 import { printable } from './errors.js';
 
-const { source, sourcePath, codeCache, modules, imports: componentImports, exports: componentExports, root, options, limits, lockTable, fdTable, wid, xattr, lockChannel } =
+const { source, sourcePath, codeCache, modules, imports: componentImports, exports: componentExports, root, options, limits, lockTable, fdTable, wid, xattr, lockChannel, database } =
   workerData;
 
 /** flock(fd, op) done by the main thread (see driver.js): 'done', 'busy',
@@ -67,6 +68,10 @@ const ctx = {
   sqliteDb: options.findLast(([k]) => k === 'image_cache_sqlite_db')?.[1] ?? 'cache.db',
 };
 const { File, imports, releaseRangeLocks } = makeImports(ctx);
+// The database import: requests to the database worker, which owns the
+// pools (src/database/worker.js); rolled back at the end of every call.
+const db = makeDatabaseImports(database, ctx);
+imports.database = db.imports;
 
 // jco's instantiation mode takes imports by interface name: the plain
 // spelling and each versioned one the component imports (its contract
@@ -337,7 +342,13 @@ parentPort.on('message', ({ id, op, args, deadlineMs }) => {
     // or trap).
     releaseRangeLocks();
   }
-  if (ctx.deadline.passed() && !reply.fault) {
+  const late = ctx.deadline.passed();
+  // Nor does a database transaction: one still open is rolled back (or
+  // its connection closed) before the call's answer goes out.
+  try {
+    db.endOfCall();
+  } catch {}
+  if (late && !reply.fault) {
     const what = reply.ok ? '' : ` (${reply.error.kind}: ${printable(reply.error.message, 256)})`;
     reply = {
       id,

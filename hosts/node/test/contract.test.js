@@ -1,6 +1,7 @@
 // What the built components import and export, read from their own world
 // (not from jco's lists), and what the host refuses at load: another
-// contract line, an interface it does not provide or did not grant.
+// contract line, an interface it does not provide or did not grant (the
+// database import is granted, not given).
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -35,12 +36,13 @@ test('the built drivers import only image-cache:driver interfaces, exactly these
     sqlite: ours(['clock', 'fs', 'types']),
     xattr: ours(['clock', 'fs', 'xattr', 'types']),
     hostile: ours(['clock', 'fs', 'types', 'xattr']),
+    centralized: ours(['clock', 'database', 'fs', 'types']),
   };
   for (const [name, imports] of Object.entries(expected)) {
     const meta = loadBuiltin(name);
     assert.deepEqual([...meta.imports].sort(), imports, name);
     assert.deepEqual(meta.exports, ['image-cache:driver/cache-driver@0.3.0'], name);
-    checkContract(meta);
+    checkContract(meta, name === 'centralized' ? ['database'] : undefined);
   }
   // The sqlite driver needs nothing granted: fs and clock are always linked.
   checkContract(loadBuiltin('sqlite'), []);
@@ -52,7 +54,10 @@ test('a component importing WASI, another contract version or an ungranted inter
   refused(meta(['wasi:clocks/wall-clock@0.2.0']), undefined, /wasi:clocks\/wall-clock@0\.2\.0, which is not part of the driver contract/);
   refused(meta(['image-cache:driver/fs@0.1.0']), undefined, /speaks contract image-cache:driver@0\.1\.0; this host runs >=0\.3\.0, <0\.4\.0/);
   refused(meta(['image-cache:driver/fs@0.3.1']), undefined, /one component speaks one contract version/);
-  refused(meta(['image-cache:driver/database@0.3.0']), undefined, /which the Node host does not provide/);
+  // database (shared PostgreSQL) is offered, by grant only.
+  refused(meta(['image-cache:driver/database@0.3.0']), undefined, /database@0\.3\.0, which it was not granted/);
+  checkContract(meta(['image-cache:driver/database@0.3.0']), ['database']);
+  refused(meta(['image-cache:driver/mysql@0.3.0']), ['database'], /mysql@0\.3\.0, which the Node host does not provide/);
   // The host-side sqlite import is gone: at 0.3.0 it is an unknown
   // interface, at 0.2.0 another contract line.
   refused(meta(['image-cache:driver/sqlite@0.3.0']), ['sqlite', 'xattr'], /sqlite@0\.3\.0, which the Node host does not provide/);

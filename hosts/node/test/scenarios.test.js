@@ -8,7 +8,7 @@
 // so, and with the fallback (the default, as in Glance) the cache runs on
 // sqlite: both are tested at the end.
 
-import { test, describe, after } from 'node:test';
+import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -16,6 +16,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { ImageCache, CONTRACT } from '../src/index.js';
 import { componentsDir } from '../scripts/transpile.js';
+import { Cluster, unavailable as postgresUnavailable } from './support/pg.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const SCENARIOS = path.resolve(HERE, '..', '..', '..', 'tests', 'scenarios');
@@ -300,6 +301,30 @@ for (const driver of ['sqlite', 'xattr']) {
     }
   });
 }
+
+// The centralized driver, each scenario on a fresh root and a database of
+// its own (Glance's tables, the drivers' role fenced by the grants), when
+// a PostgreSQL can be had (test/support/pg.js); skipped, saying why, when
+// it cannot.
+describe('scenarios on centralized (PostgreSQL)', () => {
+  const why = postgresUnavailable();
+  let cluster;
+  before(async () => {
+    if (!why) cluster = await Cluster.start();
+  });
+  after(() => cluster?.destroy());
+  for (const scenario of suite.scenarios) {
+    if (scenario.drivers && !scenario.drivers.includes('centralized')) continue;
+    test(scenario.name, { skip: why ?? false }, async () => {
+      const db = await cluster.database();
+      await play(scenario, 'centralized', {
+        fallbackToSqlite: false,
+        databases: { glance: db.url },
+        driverOptions: { worker_self_reference_url: `http://${db.name.replaceAll('_', '-')}:9292` },
+      });
+    });
+  }
+});
 
 describe('scenarios on xattr where user xattrs are unsupported (it falls back to sqlite)', () => {
   for (const scenario of suite.scenarios) {
