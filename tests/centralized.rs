@@ -13,6 +13,10 @@ use image_cache::{CacheConfig, DriverSource, Error, ImageCache, Limits};
 use image_cache_tests::pg::{self, PASSWORD, TestDatabase};
 use image_cache_tests::{PgSetup, bad_configuration, cached_ids, cli_binary, image_bytes, runtime};
 
+/// The same driver on MariaDB.
+#[path = "centralized/mariadb.rs"]
+mod on_mariadb;
+
 const CENTRALIZED: DriverSource = DriverSource::Builtin("centralized");
 const SQLITE: DriverSource = DriverSource::Builtin("sqlite");
 

@@ -234,8 +234,19 @@ impl CentralizedStore {
         }
         let db = self.db()?;
         let delete = |chunk: &[&str]| -> Result<u64, Error> {
+            // On MySQL, by Glance's unique index: InnoDB locks every row a
+            // DELETE scans, and on a small table the optimizer would scan
+            // them all, waiting on rows another session holds that this
+            // delete does not touch.
+            let from = match self.sql.0 {
+                Dialect::Postgresql => "DELETE FROM cached_images",
+                Dialect::Mysql => {
+                    "DELETE c FROM cached_images c \
+                     FORCE INDEX (ix_cached_images_image_id_node_reference_id)"
+                }
+            };
             let sql = format!(
-                "DELETE FROM cached_images WHERE node_reference_id = {} AND image_id IN ({})",
+                "{from} WHERE node_reference_id = {} AND image_id IN ({})",
                 self.sql.p(1),
                 self.sql.list(2, chunk.len())
             );

@@ -119,10 +119,21 @@ enum TlsMode {
     Disabled,
     /// Encrypted, the server not verified.
     Required,
-    /// The server's certificate chain is verified, not its name.
-    VerifyCa,
     /// The chain and the host name are verified.
     VerifyIdentity,
+}
+
+/// Why a chain-only check (`VERIFY_CA`, `ssl_check_hostname=false`) is
+/// refused: mysql_async's switch for it does not work with the rustls this
+/// host uses (it matches an error text rustls no longer prints, so every
+/// such connection would fail with a confusing name error). Refusing says
+/// so up front; plain `REQUIRED` would silently verify nothing.
+fn verify_ca_unsupported() -> String {
+    "a check of the certificate chain without the host name (ssl_mode=VERIFY_CA, \
+     ssl_check_hostname=false) is not supported: connect by a name the server's certificate \
+     holds (VERIFY_IDENTITY, the default with ssl_ca), or say ssl_mode=REQUIRED to encrypt \
+     without verifying"
+        .to_string()
 }
 
 /// A MySQL URL as the parts a connection needs. Errors never show it.
@@ -210,7 +221,7 @@ impl Target {
                     mode = Some(match value.to_ascii_uppercase().as_str() {
                         "DISABLED" => TlsMode::Disabled,
                         "REQUIRED" => TlsMode::Required,
-                        "VERIFY_CA" => TlsMode::VerifyCa,
+                        "VERIFY_CA" => return Err(verify_ca_unsupported()),
                         "VERIFY_IDENTITY" => TlsMode::VerifyIdentity,
                         "PREFERRED" => {
                             return Err("ssl_mode=PREFERRED is not supported: it falls back to \
@@ -268,7 +279,7 @@ impl Target {
             None if pymysql_tls || verify_cert == Some(true) || check_hostname == Some(true) => {
                 match (verify_cert.unwrap_or(true), check_hostname.unwrap_or(true)) {
                     (false, _) => TlsMode::Required,
-                    (true, false) => TlsMode::VerifyCa,
+                    (true, false) => return Err(verify_ca_unsupported()),
                     (true, true) => TlsMode::VerifyIdentity,
                 }
             }
@@ -289,7 +300,6 @@ impl Target {
         let mut ssl = match self.tls {
             TlsMode::Disabled => return None,
             TlsMode::Required => SslOpts::default().with_danger_accept_invalid_certs(true),
-            TlsMode::VerifyCa => SslOpts::default().with_danger_skip_domain_validation(true),
             TlsMode::VerifyIdentity => SslOpts::default(),
         };
         if let Some(ca) = &self.ca {
@@ -315,11 +325,15 @@ impl Target {
     }
 }
 
-/// The session every connection gets: UTC times, strings and names read as
-/// the statement check reads them, and the server-side time limits.
+/// The session every connection gets: PostgreSQL's isolation (READ
+/// COMMITTED: a scan does not wait on locked rows it does not change, so
+/// a prune is not stopped by another session's lock on a row it keeps),
+/// UTC times, strings and names read as the statement check reads them,
+/// and the server-side time limits.
 fn session_setup(timeout: Duration) -> Vec<String> {
     let seconds = timeout.as_secs().max(1);
     vec![
+        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED".to_string(),
         "SET SESSION time_zone = '+00:00', \
          sql_mode = 'STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,\
          NO_ENGINE_SUBSTITUTION,NO_BACKSLASH_ESCAPES,ANSI_QUOTES', \
@@ -1024,9 +1038,9 @@ mod tests {
         assert_eq!(t.tls, TlsMode::Disabled);
         let t = Target::parse("mysql+pymysql://u:p@h/d?ssl_ca=/ca.pem").unwrap();
         assert_eq!(t.tls, TlsMode::VerifyIdentity);
-        let t = Target::parse("mysql+pymysql://u:p@h/d?ssl_ca=/ca.pem&ssl_check_hostname=false")
-            .unwrap();
-        assert_eq!(t.tls, TlsMode::VerifyCa);
+        let e = Target::parse("mysql+pymysql://u:p@h/d?ssl_ca=/ca.pem&ssl_check_hostname=false")
+            .unwrap_err();
+        assert!(e.contains("VERIFY_IDENTITY"), "{e}");
         let t =
             Target::parse("mysql+pymysql://u:p@h/d?ssl_ca=/ca.pem&ssl_verify_cert=false").unwrap();
         assert_eq!(t.tls, TlsMode::Required);
