@@ -50,3 +50,28 @@ def cache(tmp_path, runtime, driver_name) -> ImageCache:
     c = ImageCache(tmp_path / "root", driver=driver_name, runtime=runtime, fallback_to_sqlite=False)
     yield c
     c.close()
+
+
+# -- PostgreSQL (the centralized driver) -------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """The session's PostgreSQL (tests/pg.py): a throwaway cluster, or the
+    server named by IMAGE_CACHE_TEST_POSTGRES. Without either the tests
+    that need it fail, saying how to get one (as the Rust suite does)."""
+    import pg  # psycopg: the `test` extra installs it
+
+    try:
+        return pg.shared()
+    except pg.Unavailable as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture
+def pg_db(pg_cluster):
+    """A database of this test: Glance's two tables, the role ``glance``
+    granted exactly what ``image-cache db grants`` prints."""
+    db = pg_cluster.database()
+    yield db
+    db.close()

@@ -12,7 +12,21 @@ from typing import Any, Dict
 
 from image_cache_wasm import CacheError, ImageCache
 
+#: The drivers a scenario without a `drivers` list runs on.
 DRIVERS = ("sqlite", "xattr")
+#: Drivers that need a shared database (a PostgreSQL the tests start, see
+#: pg.py): they run every scenario without a `drivers` list too, and those
+#: that name them, as the Rust conformance suite's `centralized` module.
+DATABASE_DRIVERS = ("centralized",)
+
+
+def drivers_of(scenario: dict, with_database: bool = False) -> tuple:
+    """The drivers ``scenario`` runs on: its ``drivers`` list, else every
+    built-in driver (the database drivers only when asked for)."""
+    if "drivers" in scenario:
+        listed = tuple(scenario["drivers"])
+        return listed if with_database else tuple(d for d in listed if d not in DATABASE_DRIVERS)
+    return DRIVERS + (DATABASE_DRIVERS if with_database else ())
 
 
 def load(path: Path) -> list:

@@ -275,6 +275,8 @@ def test_what_a_component_imports_is_checked_against_the_contract():
     base = ["image-cache:driver/fs@0.3.0", "image-cache:driver/clock@0.3.0", "image-cache:driver/types@0.3.0"]
     check_names("d", base, export, frozenset())
     check_names("d", base + ["image-cache:driver/xattr@0.3.0"], export, frozenset({"xattr"}))
+    # The host offers `database` (PostgreSQL) to a driver granted it.
+    check_names("d", base + ["image-cache:driver/database@0.3.0"], export, frozenset({"database"}))
     cases = [
         (base + ["image-cache:driver/sqlite@0.3.0"], export,
          "it imports image-cache:driver/sqlite@0.3.0: contract 0.3.0 retired the host-side sqlite "
@@ -286,7 +288,9 @@ def test_what_a_component_imports_is_checked_against_the_contract():
         (base + ["image-cache:driver/xattr@0.3.0"], export,
          "it imports image-cache:driver/xattr@0.3.0, which it was not granted (granted: fs, clock)"),
         (base + ["image-cache:driver/database@0.3.0"], export,
-         "it imports image-cache:driver/database@0.3.0, which this host does not offer"),
+         "it imports image-cache:driver/database@0.3.0, which it was not granted (granted: fs, clock)"),
+        (base + ["image-cache:driver/network@0.3.0"], export,
+         "it imports image-cache:driver/network@0.3.0, which this host does not offer"),
         (base + ["wasi:io/streams@0.2.6"], export,
          "it imports wasi:io/streams@0.2.6, which is not part of the driver contract"),
         (base, ["image-cache:driver/cache-driver@0.4.0"],
@@ -308,7 +312,7 @@ def test_grants_are_checked_and_the_retired_sqlite_grant_is_accepted(tmp_path, r
 
     assert normalize_grants(["xattr", "fs", "clock", "sqlite"]) == frozenset({"xattr"})
     assert normalize_grants([]) == frozenset()
-    with pytest.raises(LoadError, match="unknown capability 'network': grant any of xattr"):
+    with pytest.raises(LoadError, match="unknown capability 'network': grant any of xattr, database"):
         normalize_grants(["network"], "d")
     component("sqlite_driver")
     c = ImageCache(tmp_path / "root", driver=component("sqlite_driver"), grants=["sqlite"],
@@ -340,9 +344,10 @@ def test_the_components_import_only_the_contract(runtime):
     expected = {
         "sqlite_driver": {"clock", "fs", "types"},
         "xattr_driver": {"clock", "fs", "types", "xattr"},
+        "centralized_driver": {"clock", "fs", "types", "database"},
     }
     for name, interfaces in expected.items():
-        loaded = runtime.load(component(name), grants=interfaces & {"xattr"})
+        loaded = runtime.load(component(name), grants=interfaces & {"xattr", "database"})
         assert set(loaded.imports) == {f"image-cache:driver/{i}@0.3.0" for i in interfaces}, loaded.imports
 
 

@@ -1,5 +1,7 @@
-"""Every shared scenario (tests/scenarios/conformance.json), for both
-built-in drivers, on the Python host."""
+"""Every shared scenario (tests/scenarios/conformance.json), for every
+built-in driver, on the Python host: sqlite and xattr, and the centralized
+driver on the session's PostgreSQL (tests/pg.py; a database of its own per
+scenario)."""
 
 from __future__ import annotations
 
@@ -11,12 +13,18 @@ import pytest
 
 from conftest import SCENARIOS, component
 from image_cache_wasm import ImageCache, Limits, Runtime
-from scenario_runner import DRIVERS, load, play
+from scenario_runner import DATABASE_DRIVERS, drivers_of, load, play
 
 CASES = [
     pytest.param(s, d, id=f"{d}-{s['name']}")
     for s in load(SCENARIOS / "conformance.json")
-    for d in s.get("drivers", DRIVERS)
+    for d in drivers_of(s)
+]
+DATABASE_CASES = [
+    pytest.param(s, d, id=f"{d}-{s['name']}")
+    for s in load(SCENARIOS / "conformance.json")
+    for d in drivers_of(s, with_database=True)
+    if d in DATABASE_DRIVERS
 ]
 
 
@@ -32,6 +40,23 @@ def test_scenario(scenario, driver, tmp_path, runtime):
 
     def open_cache():
         return ImageCache(root, driver=driver, runtime=runtime, fallback_to_sqlite=False)
+
+    play(scenario, root, driver, open_cache)
+
+
+def test_the_scenario_file_covers_the_centralized_driver():
+    assert len(DATABASE_CASES) >= 25
+
+
+@pytest.mark.parametrize("scenario,driver", DATABASE_CASES)
+def test_scenario_on_a_shared_database(scenario, driver, tmp_path, runtime, pg_db):
+    component(f"{driver}_driver")
+    root = tmp_path / "root"
+    databases = pg_db.root()
+
+    def open_cache():
+        return ImageCache(root, driver=driver, databases=databases, runtime=runtime, fallback_to_sqlite=False,
+                          options=[("worker_self_reference_url", "http://scenario-node:9292")])
 
     play(scenario, root, driver, open_cache)
 

@@ -11,6 +11,7 @@ contract ``image-cache:driver@0.3.0``) embedded in Python with wasmtime.
 """
 
 from .cache import Checksum, ImageCache, ImageReader, ImageWriter, Tee, components_dir
+from .database import CENTRALIZED_DATABASE, DatabaseRoot, DbError, PostgresSettings
 from .errors import (
     AlreadyCached,
     BadConfiguration,
@@ -35,10 +36,13 @@ __all__ = [
     "BadConfiguration",
     "BeingCached",
     "CacheError",
+    "CENTRALIZED_DATABASE",
     "Checksum",
     "ChecksumMismatch",
     "CONTRACT",
     "DatabaseError",
+    "DatabaseRoot",
+    "DbError",
     "DriverFault",
     "ImageCache",
     "ImageReader",
@@ -50,6 +54,7 @@ __all__ = [
     "NotConfigured",
     "NotFound",
     "Overloaded",
+    "PostgresSettings",
     "Runtime",
     "SourceError",
     "SUPPORTED",

@@ -19,6 +19,8 @@ from typing import BinaryIO, Iterable, Iterator, List, Optional, Sequence, Tuple
 from . import errors
 from .driver import Driver, Session
 from .fs import RootFs, io_error
+from .contract import BUILTIN_ALIASES
+from .database import DatabaseRoot
 from .runtime import BUILTIN_GRANTS, Limits, Runtime, default_runtime
 
 log = logging.getLogger("image_cache_wasm")
@@ -381,16 +383,26 @@ class ImageCache:
     """An image cache on one root directory, its driver logic in a
     sandboxed WebAssembly component.
 
-    ``driver`` is ``"sqlite"`` (default), ``"xattr"``, or the path of a
-    component file implementing the driver world (contract
-    ``image-cache:driver@0.3.0``), granted only ``fs`` and ``clock`` unless
-    ``grants`` names ``xattr`` (the grant ``sqlite`` of contract 0.2 is
-    retired: accepted with a warning, it grants nothing). ``sqlite_db`` is
+    ``driver`` is ``"sqlite"`` (default), ``"xattr"``, ``"centralized"``
+    (Glance's ``centralized_db``: every node's metadata in Glance's tables
+    in a shared PostgreSQL database, the one ``databases`` maps the name
+    ``glance`` to, this node named by the option
+    ``worker_self_reference_url``), or the path of a component file
+    implementing the driver world (contract ``image-cache:driver@0.3.0``),
+    granted only ``fs`` and ``clock`` unless ``grants`` names ``xattr`` or
+    ``database`` (the grant ``sqlite`` of contract 0.2 is retired: accepted
+    with a warning, it grants nothing). ``databases`` (a
+    :class:`~image_cache_wasm.DatabaseRoot`) are the shared databases a
+    driver granted ``database`` may open by name; a database whose
+    ``statement_timeout`` is not set takes the call deadline. ``sqlite_db`` is
     the metadata database's name in the root, passed to the driver as
     ``image_cache_sqlite_db``: the one file at the top of the root (with its
     ``-journal``) the driver may open read-write. If the chosen driver fails
     to configure, the cache falls back to sqlite with a warning, as Glance
-    does, unless ``fallback_to_sqlite=False``.
+    does, unless ``fallback_to_sqlite=False``; a driver whose database
+    cannot be reached (a :class:`~image_cache_wasm.DatabaseError`) never
+    falls back: a shared cache pruned on local bookkeeping would delete
+    files whose shared rows stay.
     """
 
     def __init__(
@@ -406,6 +418,7 @@ class ImageCache:
         runtime: Optional[Runtime] = None,
         limits: Optional[Limits] = None,
         xattr: bool = True,
+        databases: Optional[DatabaseRoot] = None,
     ):
         self.root = Path(root)
         self.components = components_dir(components)
@@ -415,6 +428,8 @@ class ImageCache:
         self.sqlite_db = sqlite_db
         self.extra_options = list(options or [])
         self.xattr = xattr
+        self.databases = databases if databases is not None else DatabaseRoot()
+        self.databases.default_statement_timeout(runtime.limits.call_deadline)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self._rootfs = RootFs(self.root, runtime.limits.max_listing)
@@ -433,6 +448,8 @@ class ImageCache:
     # -- drivers -----------------------------------------------------------------
 
     def _source(self, driver: Union[str, PathLike], grants: Optional[Iterable[str]]):
+        if isinstance(driver, str):
+            driver = BUILTIN_ALIASES.get(driver, driver)
         if isinstance(driver, str) and driver in BUILTIN_GRANTS:
             path = self.components / f"{driver}_driver.wasm"
             if not path.is_file():
@@ -448,7 +465,9 @@ class ImageCache:
         path, granted, name = self._source(driver, grants)
         loaded = self.runtime.load(path, granted, name=name)
         options = [("image_cache_sqlite_db", self.sqlite_db)] + self.extra_options
-        return Driver(self.runtime, loaded, self._rootfs, options, xattr_enabled=self.xattr)
+        return Driver(
+            self.runtime, loaded, self._rootfs, options, xattr_enabled=self.xattr, databases=self.databases
+        )
 
     @property
     def driver(self) -> Driver:

@@ -30,15 +30,21 @@ EXPORT = "cache-driver"
 
 #: Interfaces every driver is linked with.
 ALWAYS_LINKED = ("clock", "fs", "types")
-#: Interfaces that must be granted (this host offers no ``database``).
-CAPABILITIES = ("xattr",)
+#: Interfaces that must be granted.
+CAPABILITIES = ("xattr", "database")
 #: Grants of earlier contracts that name nothing any more: accepted in a
 #: grant list (with a warning, once per process) so a configuration keeps
 #: working. ``sqlite`` was contract 0.2's host-side SQLite import; SQLite now
 #: runs inside the driver, over ``fs``.
 RETIRED = ("sqlite",)
 #: What the built-in drivers are granted beyond ``fs`` and ``clock``.
-BUILTIN_GRANTS = {"sqlite": frozenset(), "xattr": frozenset({"xattr"})}
+BUILTIN_GRANTS = {
+    "sqlite": frozenset(),
+    "xattr": frozenset({"xattr"}),
+    "centralized": frozenset({"database"}),
+}
+#: Other names operators use for built-in drivers (Glance's).
+BUILTIN_ALIASES = {"centralized_db": "centralized"}
 
 _warned_retired: set = set()
 

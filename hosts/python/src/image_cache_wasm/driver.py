@@ -102,8 +102,11 @@ class Driver:
         root: RootFs,
         options: Sequence[Tuple[str, str]],
         xattr_enabled: bool = True,
+        databases=None,
     ):
         self.runtime = runtime
+        #: The shared databases the driver may open by name (``database``).
+        self.databases = databases
         self.loaded = loaded
         self.root = root
         self.options = [(str(k), str(v)) for k, v in options]
@@ -138,7 +141,7 @@ class Driver:
         store = wasmtime.Store(self.runtime.engine)
         store.set_limits(memory_size=limits.memory_bytes)
         store.set_epoch_deadline(self.runtime.deadline_ticks())
-        state = InstanceState(self.root, limits, self.xattr_enabled, self.db_name)
+        state = InstanceState(self.root, limits, self.xattr_enabled, self.db_name, self.databases)
         try:
             with enter(state):
                 instance = self.loaded.linker.instantiate(store, self.loaded.component)
@@ -201,12 +204,14 @@ class Driver:
         try:
             with enter(inst.state):
                 result = func(inst.store, *args)
+                # Before the end of the call rolls back what it left open.
+                overran = time.monotonic() >= inst.state.deadline
         except (WasmtimeError, wasmtime.Trap) as e:
             raise self._fault(e) from None
         except Exception as e:  # a host bug surfaced by wasmtime-py
             log.error("host bug: a call of driver %s failed: %r", self.name, e)
             raise self._broke(f"the host failed while serving it ({type(e).__name__})") from None
-        if time.monotonic() >= inst.state.deadline:
+        if overran:
             extra = ""
             if isinstance(result, Variant):
                 extra = f" ({printable(str(result.payload), 256)})"

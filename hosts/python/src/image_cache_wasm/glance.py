@@ -8,7 +8,24 @@ It reads Glance's options (``image_cache_dir``, ``image_cache_sqlite_db``,
 ``image_cache_stall_time``) and one of its own:
 
 ``image_cache_wasm_driver``
-    ``sqlite`` (default), ``xattr``, or the path of a driver component.
+    ``sqlite`` (default), ``xattr``, ``centralized`` (or Glance's
+    ``centralized_db``), or the path of a driver component.
+
+The centralized driver keeps every node's hits in Glance's own
+``cached_images`` and ``node_reference`` tables, in the database
+``image_cache_database_url`` names, else Glance's ``[database] connection``
+(as the Rust CLI's ``--database-url``); this node is Glance's
+``worker_self_reference_url``. The pool holds
+``image_cache_database_pool_size`` connections, else Glance's ``[database]
+max_pool_size`` if it is set, else 4; ``image_cache_database_statement_timeout``
+(default: the driver call's deadline), ``image_cache_database_connect_timeout``
+(default 10s) and ``image_cache_database_allow_privileged_role`` (default
+false: Glance's own role, the owner of its tables, is refused; give the cache
+a role with only what ``image-cache db grants`` prints) are the Rust host's
+options. A database that cannot be reached is a
+:class:`~image_cache_wasm.DatabaseError`, never a ``BadDriverConfiguration``:
+Glance would fall back to its sqlite driver and prune a shared cache on local
+bookkeeping.
 
 Glance picks its driver class by module name from a fixed list, so the
 class is installed on an ``ImageCache`` with :func:`use_in` (or by setting
@@ -20,6 +37,7 @@ Needs Glance (``pip install 'image_cache_wasm[glance]'``).
 from __future__ import annotations
 
 import errno
+import re
 from contextlib import contextmanager
 
 from glance.common import exception
@@ -29,6 +47,8 @@ from oslo_log import log as logging
 
 from . import errors
 from .cache import ImageCache
+from .contract import BUILTIN_ALIASES
+from .database import CENTRALIZED_DATABASE, DEFAULT_POOL_SIZE, DatabaseRoot, PostgresSettings
 
 LOG = logging.getLogger(__name__)
 CONF = cfg.CONF
@@ -37,13 +57,114 @@ _opts = [
     cfg.StrOpt(
         "image_cache_wasm_driver",
         default="sqlite",
-        help="Driver component for the image_cache_wasm Glance driver: sqlite, xattr, or a component file.",
+        help="Driver component for the image_cache_wasm Glance driver: sqlite, xattr, centralized "
+        "(centralized_db), or a component file.",
+    ),
+    cfg.StrOpt(
+        "image_cache_database_url",
+        secret=True,
+        help="The centralized driver's PostgreSQL database (postgresql://..., or "
+        "postgresql+psycopg2://...); default: [database] connection.",
+    ),
+    cfg.IntOpt(
+        "image_cache_database_pool_size",
+        min=1,
+        max=1000,
+        help="Most connections the cache holds to its database; default: [database] "
+        "max_pool_size if set, else 4.",
+    ),
+    cfg.StrOpt(
+        "image_cache_database_statement_timeout",
+        help="The server's bound on one statement, lock wait and idle transaction (seconds, "
+        "or 30s, 5m, ...); default: the driver call's deadline.",
+    ),
+    cfg.StrOpt(
+        "image_cache_database_connect_timeout",
+        default="10",
+        help="How long opening a database connection may take (seconds, or 10s, 1m, ...).",
+    ),
+    cfg.BoolOpt(
+        "image_cache_database_allow_privileged_role",
+        default=False,
+        help="Accept a database role with more than DML on the two cache tables (tests and "
+        "migrations only).",
     ),
 ]
 try:
     CONF.register_opts(_opts)
 except cfg.DuplicateOptError:  # registered twice by a reload
     pass
+
+
+def register_database_opts() -> None:
+    """Glance's ``[database]`` options (oslo.db's), where this process has
+    not registered them yet (glance-api has; a bare ``ImageCache`` may not)."""
+    try:
+        CONF.database.connection
+        return
+    except (cfg.NoSuchOptError, cfg.NoSuchGroupError, AttributeError):
+        pass
+    try:
+        from oslo_db import options as db_options
+    except ImportError:  # no oslo.db: only our own option names a database
+        return
+    db_options.set_defaults(CONF)
+
+
+def parse_duration(text) -> float:
+    """Seconds from ``30``, ``2.5``, ``30s``, ``5m``, ``1h``, ``1d`` or
+    ``1m30s`` (as the Rust host's options are written)."""
+    t = str(text).strip()
+    try:
+        seconds = float(t)
+    except ValueError:
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smhdw])", t)
+        if not parts or "".join(n + u for n, u in parts) != t.replace(" ", ""):
+            raise ValueError(f"{t!r} is not a duration (write seconds, or 30s, 5m, 1h)") from None
+        seconds = sum(float(n) * units[u] for n, u in parts)
+    if seconds < 0:
+        raise ValueError(f"{t!r} is negative")
+    return seconds
+
+
+def _glance_option(name: str, group: str = None):
+    try:
+        return getattr(CONF[group], name) if group else getattr(CONF, name)
+    except (cfg.NoSuchOptError, cfg.NoSuchGroupError, KeyError, AttributeError):
+        return None
+
+
+def _set_in_files(name: str, group: str) -> bool:
+    """Whether an option was given (not just its default)."""
+    try:
+        return CONF.get_location(name, group).location not in (
+            cfg.Locations.opt_default,
+            cfg.Locations.set_default,
+        )
+    except Exception:  # noqa: BLE001 - an older oslo.config: take it as given
+        return True
+
+
+def database_settings():
+    """The centralized driver's database, from Glance's configuration: our
+    ``image_cache_database_*`` options, else Glance's ``[database]`` ones
+    (the Rust CLI's mapping). None when no URL is configured."""
+    register_database_opts()
+    url = CONF.image_cache_database_url or _glance_option("connection", "database")
+    if not url:
+        return None
+    pool = CONF.image_cache_database_pool_size
+    if pool is None and _set_in_files("max_pool_size", "database"):
+        pool = _glance_option("max_pool_size", "database")
+    statement_timeout = CONF.image_cache_database_statement_timeout
+    return PostgresSettings(
+        url,
+        pool_size=int(pool) if pool else DEFAULT_POOL_SIZE,
+        statement_timeout=parse_duration(statement_timeout) if statement_timeout else None,
+        connect_timeout=parse_duration(CONF.image_cache_database_connect_timeout or "10"),
+        allow_privileged_role=bool(CONF.image_cache_database_allow_privileged_role),
+    )
 
 
 def use_in(glance_cache) -> None:
@@ -84,14 +205,37 @@ class Driver(base.Driver):
         # Glance's paths (base_dir, incomplete_dir, ...) for callers that use
         # get_image_filepath; the component creates the directories itself.
         self.set_paths()
+        driver = CONF.image_cache_wasm_driver
+        options = []
+        databases = None
+        if BUILTIN_ALIASES.get(driver, driver) == "centralized":
+            node = _glance_option("worker_self_reference_url")
+            if node:
+                options.append(("worker_self_reference_url", node))
+            try:
+                settings = database_settings()
+                if settings is not None:
+                    databases = DatabaseRoot().with_postgres(CENTRALIZED_DATABASE, settings)
+            except ValueError as e:  # the URL cannot be used (it is never shown)
+                raise exception.BadDriverConfiguration(driver_name=__name__, reason=str(e))
         try:
             self.cache = ImageCache(
                 CONF.image_cache_dir,
-                driver=CONF.image_cache_wasm_driver,
+                driver=driver,
                 sqlite_db=CONF.image_cache_sqlite_db,
                 fallback_to_sqlite=False,
+                options=options,
+                databases=databases,
             )
+        except errors.DatabaseError:
+            # An outage, not a configuration: Glance must not fall back to
+            # its sqlite driver for a shared cache.
+            if databases is not None:
+                databases.close()
+            raise
         except errors.CacheError as e:
+            if databases is not None:
+                databases.close()
             raise exception.BadDriverConfiguration(driver_name=__name__, reason=str(e))
 
     def get_cache_size(self):

@@ -1,5 +1,5 @@
 """The engine, the epoch ticker, loading driver components, and the linker
-that supplies ``clock``, ``fs`` and ``xattr`` to them.
+that supplies ``clock``, ``fs``, ``xattr`` and ``database`` to them.
 
 One :class:`Runtime` holds one wasmtime ``Engine`` (component model and
 epoch interruption on) and a daemon thread that advances the epoch every
@@ -12,7 +12,9 @@ gone): no SQL text reaches the host.
 
 No byte-range lock outlives the driver call that took it: when a call into
 an instance ends (success, error or trap), every file that took one during
-the instance's life has all its range locks released.
+the instance's life has all its range locks released. Nor does a database
+transaction: a connection left inside one when the call ends is rolled back
+then (closed if the rollback does not answer within 2 s).
 
 Host imports find their instance's state through a thread-local set for the
 duration of each call (a call runs on one thread from start to end), so one
@@ -36,6 +38,7 @@ from wasmtime.component import Component, Linker, Record, ResourceHost, Resource
 
 from . import errors
 from ._fastcall import add_func
+from .database import DatabaseRoot, DbError
 from .contract import (  # noqa: F401 - re-exported
     ALWAYS_LINKED,
     BUILTIN_GRANTS,
@@ -58,6 +61,10 @@ MAX_SLEEP = 0.1
 
 #: Host resource types (``ResourceType.host``) of this package.
 FILE_TYPE = 0x1C_F11E
+DB_CONNECTION_TYPE = 0x1C_DB0C
+#: How long the rollback of a transaction left open at the end of a call
+#: may take before its connection is closed instead (seconds).
+ROLLBACK_GRACE = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +76,12 @@ class Limits:
     #: Most linear memory one instance may hold (bytes). The Rust host caps
     #: all instances of a driver together; this host caps each instance.
     memory_bytes: int = 1 << 30
-    #: Most host resources (open files) one instance holds.
+    #: Most host resources (open files and database connections) one
+    #: instance holds.
     resources: int = 256
+    #: Most database connections (``database`` interface) one instance
+    #: holds.
+    connections: int = 4
     #: Most live instances of one driver.
     instances: int = 16
     #: How long a call waits for a free instance (seconds).
@@ -82,10 +93,25 @@ class Limits:
 class InstanceState:
     """What the host imports of one instance use: its root, the metadata
     database's name, its open files, the files that took byte-range locks,
-    the current call's deadline."""
+    the databases it may open and its connections to them, the current
+    call's deadline."""
 
-    def __init__(self, root: RootFs, limits: Limits, xattr_enabled: bool, db_name: str = DEFAULT_DB):
+    def __init__(
+        self,
+        root: RootFs,
+        limits: Limits,
+        xattr_enabled: bool,
+        db_name: str = DEFAULT_DB,
+        databases: Optional[DatabaseRoot] = None,
+    ):
         self.root = root
+        #: The shared databases the driver may open by name (``database``).
+        self.databases = databases if databases is not None else DatabaseRoot()
+        #: Its open database connections, by resource rep.
+        self.connections: Dict[int, object] = {}
+        #: Connections that were inside a transaction after a statement of
+        #: the current call: rolled back if still open when it ends.
+        self.transactions: set = set()
         self.limits = limits
         self.xattr_enabled = xattr_enabled
         #: The one file at the top of the root (with its journal) the
@@ -111,8 +137,41 @@ class InstanceState:
             else:
                 f.release_range_locks()
 
+    def end_database_call(self) -> None:
+        """The driver call ended: no transaction it began outlives it."""
+        if not self.transactions:
+            return
+        reps, self.transactions = self.transactions, set()
+        for rep in reps:
+            conn = self.connections.get(rep)
+            if conn is None:
+                continue
+            try:
+                conn.end_of_call(time.monotonic() + ROLLBACK_GRACE)
+            except Exception:  # noqa: BLE001 - a host bug: the connection goes
+                self.connections.pop(rep, None)
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def add_connection(self, conn) -> int:
+        try:
+            rep = self._rep()
+        except BaseException:
+            conn.close()
+            raise
+        self.connections[rep] = conn
+        return rep
+
+    def drop_connection(self, rep: int) -> None:
+        conn = self.connections.pop(rep, None)
+        self.transactions.discard(rep)
+        if conn is not None:
+            conn.close()
+
     def _rep(self) -> int:
-        held = len(self.files)
+        held = len(self.files) + len(self.connections)
         if held >= self.limits.resources:
             # As the Rust host's capped resource table: a trap, not an error.
             raise WasmtimeError(
@@ -137,6 +196,13 @@ class InstanceState:
             f.close()
         self.files.clear()
         self.range_locked.clear()
+        connections, self.connections = self.connections, {}
+        self.transactions.clear()
+        for conn in connections.values():
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - a lost connection is dropped anyway
+                pass
 
 
 _current = threading.local()
@@ -152,7 +218,8 @@ def current() -> InstanceState:
 class enter:
     """Make ``state`` the instance the host imports serve on this thread for
     one call into it; when the call ends (however it ends), release every
-    byte-range lock its files hold."""
+    byte-range lock its files hold and roll back every database transaction
+    it left open."""
 
     def __init__(self, state: InstanceState):
         self.state = state
@@ -164,7 +231,10 @@ class enter:
 
     def __exit__(self, *exc):
         _current.state = self.previous
-        self.state.release_range_locks()
+        try:
+            self.state.release_range_locks()
+        finally:
+            self.state.end_database_call()
         return False
 
 
@@ -426,6 +496,59 @@ def _xattr_probe(store):
     xattr_probe(st.root, st.xattr_enabled)
 
 
+# -- database --------------------------------------------------------------------
+
+
+def _db_error(e: DbError) -> Record:
+    return _record(code=e.code, message=e.message)
+
+
+def _connection(store, handle):
+    rep = handle.to_host(store).rep
+    conn = current().connections.get(rep)
+    if conn is None:
+        raise WasmtimeError("unknown database connection handle")
+    return rep, conn
+
+
+def _db_open(store, name):
+    st = current()
+    if len(st.connections) >= st.limits.connections:
+        return _db_error(
+            DbError("limit-exceeded", f"an instance may hold at most {st.limits.connections} database connections")
+        )
+    try:
+        conn = st.databases.open(name, st.deadline)
+    except DbError as e:
+        return _db_error(e)
+    return ResourceHost.own(st.add_connection(conn), DB_CONNECTION_TYPE)
+
+
+def _db_dialect(store, handle):
+    return _connection(store, handle)[1].dialect
+
+
+def _db_statement(method: str):
+    def call(store, handle, sql, params):
+        st = current()
+        rep, conn = _connection(store, handle)
+        try:
+            return getattr(conn, method)(sql, params, st.deadline)
+        except DbError as e:
+            return _db_error(e)
+        finally:
+            if conn.in_transaction:
+                st.transactions.add(rep)
+
+    return call
+
+
+def _db_drop(store, rep):
+    state = getattr(_current, "state", None)
+    if state is not None:
+        state.drop_connection(rep)
+
+
 def _guard_host(fn):
     """A host bug is a trap for that call, never a crash of the process,
     and the message names no host path."""
@@ -479,6 +602,16 @@ def link(engine: wasmtime.Engine, grants: FrozenSet[str]) -> Linker:
                 ("[method]file.range-locked-elsewhere", _file_range_locked_elsewhere),
             ]:
                 add_func(i, name, _guard_host(fn))
+        if "database" in grants:
+            with root.add_instance(iface("database")) as i:
+                i.add_resource("connection", ResourceType.host(DB_CONNECTION_TYPE), _db_drop)
+                for name, fn in [
+                    ("[static]connection.open", _db_open),
+                    ("[method]connection.dialect", _db_dialect),
+                    ("[method]connection.execute", _db_statement("execute")),
+                    ("[method]connection.query", _db_statement("query")),
+                ]:
+                    add_func(i, name, _guard_host(fn))
         if "xattr" in grants:
             with root.add_instance(iface("xattr")) as i:
                 for name, fn in [
@@ -607,7 +740,8 @@ class Runtime:
         with self._lock:
             loaded = self._components.get(key)
         if loaded is not None:
-            return loaded
+            # The same component under the name this caller knows it by.
+            return loaded if loaded.name == name else dataclasses.replace(loaded, name=name)
         names = top_level_names(name, wasm)
         if names is not None:
             check_names(name, names[0], names[1], grants)
