@@ -2,18 +2,23 @@
 """Peer benchmark driver for OpenStack Glance's own image cache.
 
 Runs the same workloads as our Rust cache benchmarks against
-``glance.image_cache.ImageCache`` with the ``sqlite`` or ``xattr`` driver and
-prints ONE JSON object on stdout (progress goes to stderr).
+``glance.image_cache.ImageCache`` with the ``sqlite``, ``xattr`` or
+``centralized_db`` driver and prints ONE JSON object on stdout (progress goes
+to stderr).
 
 Run it with the interpreter of the venv that has glance installed:
 
     .venv-glance/bin/python host/benches/glance_peer.py --driver sqlite --root /tmp/gp
+    .venv-glance/bin/python host/benches/glance_peer.py --driver centralized_db \
+        --connection postgresql+psycopg2://glance:pw@127.0.0.1:5432/glance \
+        --root /tmp/gp --workloads central
 
 See host/benches/README-glance.md for the meaning of every number.
 """
 
 import argparse
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
@@ -37,11 +42,17 @@ from glance import image_cache  # noqa: E402  (registers image_cache_* opts)
 # Importing the drivers registers image_cache_sqlite_db (sqlite module).
 from glance.image_cache.drivers import sqlite as sqlite_driver  # noqa: E402
 from glance.image_cache.drivers import xattr as xattr_driver  # noqa: E402
+# worker_self_reference_url (centralized_db's node name).
+import glance.common.config  # noqa: E402,F401
 
 CONF = cfg.CONF
 KIB = 1024
 MIB = 1024 * 1024
-ALL_WORKLOADS = ("meta", "small", "big", "prune", "atime")
+ALL_WORKLOADS = ("meta", "small", "big", "prune", "atime", "central")
+DRIVERS = ("sqlite", "xattr", "centralized_db")
+# Unix time of the oldest image's last access in `populate` (the Rust
+# centralized bench uses the same).
+BASE_TIME = 1700000000
 # Glance's cache middleware serves a hit with utils.chunkiter(cache_file),
 # i.e. 64 KiB reads; we read back the same way.
 READ_CHUNK = 65536
@@ -65,6 +76,11 @@ def make_cache(driver, cache_dir, max_size=None):
     CONF.set_override("image_cache_stall_time", 86400)
     CONF.set_override("image_cache_max_size",
                       10 * 1024 ** 3 if max_size is None else max_size)
+    if driver == "centralized_db":
+        # Each workload starts with both tables empty; this node's row in
+        # node_reference is then made by the driver's configure(), as when
+        # glance-api starts.
+        central_reset()
     cache = image_cache.ImageCache()
     mod = type(cache.driver).__module__
     if not mod.endswith("." + driver):
@@ -73,6 +89,71 @@ def make_cache(driver, cache_dir, max_size=None):
                          "(xattr unsupported on %s?)" % (mod, driver,
                                                          cache_dir))
     return cache
+
+
+def init_central_db(connection, node_url):
+    """Point Glance's DB API at `connection`, as glance-api does from
+    [database] connection: oslo.db's options registered, the URL set with
+    set_override, the enginefacade rebuilt (as Glance's functional tests do
+    with db_api.clear_db_env()). The tables must exist already
+    (`glance-manage db sync`)."""
+    from oslo_db import options as db_options
+    from glance.db.sqlalchemy import api as db_api
+    db_options.set_defaults(CONF)
+    CONF.set_override("connection", connection, group="database")
+    CONF.set_override("worker_self_reference_url", node_url)
+    db_api.clear_db_env()
+    return db_api
+
+
+def central_engine():
+    from glance.db.sqlalchemy import api as db_api
+    return db_api.get_engine()
+
+
+def central_reset():
+    """Empty Glance's two cache tables (every phase starts from nothing)."""
+    import sqlalchemy as sa
+    with central_engine().begin() as conn:
+        conn.execute(sa.text("DELETE FROM cached_images"))
+        conn.execute(sa.text("DELETE FROM node_reference"))
+
+
+def central_rows():
+    """Rows of cached_images for this node (a check, not timed)."""
+    import sqlalchemy as sa
+    with central_engine().connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT COUNT(*) FROM cached_images c JOIN node_reference n "
+            "ON n.node_reference_id = c.node_reference_id "
+            "WHERE n.node_reference_url = :u"),
+            {"u": CONF.worker_self_reference_url}).scalar()
+
+
+def central_insert(rows):
+    """rows: (image_id, last_accessed, last_modified, hits, size), times
+    in Unix seconds; one multi-row INSERT per 1000 rows, one transaction.
+    The node's row must exist (make_cache made it)."""
+    import sqlalchemy as sa
+    from glance.db.sqlalchemy import models
+    url = CONF.worker_self_reference_url
+    utc = datetime.timezone.utc
+
+    def naive(t):
+        # Glance stores naive UTC (oslo_utils.timeutils.utcnow()).
+        return datetime.datetime.fromtimestamp(t, utc).replace(tzinfo=None)
+
+    table = models.CachedImages.__table__
+    with central_engine().begin() as conn:
+        node_id = conn.execute(sa.text(
+            "SELECT node_reference_id FROM node_reference "
+            "WHERE node_reference_url = :u"), {"u": url}).scalar_one()
+        values = [{"image_id": iid, "last_accessed": naive(acc),
+                   "last_modified": naive(mod), "hits": hits, "size": size,
+                   "checksum": None, "node_reference_id": node_id}
+                  for iid, acc, mod, hits, size in rows]
+        for i in range(0, len(values), 1000):
+            conn.execute(table.insert(), values[i:i + 1000])
 
 
 class Ids:
@@ -93,9 +174,11 @@ def populate(cache, driver, ids, nbytes, how):
       incomplete/ file, md5, rename, + sqlite row / 'hits' xattr).
     how == "direct": write the final file ourselves, then the same driver
       metadata Glance's commit() writes (sqlite: one INSERT per image, all in
-      ONE transaction; xattr: user.hits=0). Last-access times are spread one
-      second apart in id order (sqlite last_accessed, xattr atime) so the
-      LRU order is well defined.
+      ONE transaction; xattr: user.hits=0; centralized_db: rows in
+      cached_images for this node, one transaction). Last-access times are
+      spread one second apart in id order (sqlite/centralized_db
+      last_accessed, xattr atime) so the LRU order is well defined
+      (MariaDB's DATETIME keeps whole seconds).
     Returns seconds taken.
     """
     data = b"\xa5" * nbytes
@@ -107,6 +190,8 @@ def populate(cache, driver, ids, nbytes, how):
         return perf() - t0
     d = cache.driver
     base = time.time() - len(ids) - 10
+    if driver == "centralized_db":
+        base = BASE_TIME
     rows = []
     for i, iid in enumerate(ids):
         path = d.get_image_filepath(iid)
@@ -124,6 +209,8 @@ def populate(cache, driver, ids, nbytes, how):
                 "INSERT INTO cached_images (image_id, last_accessed, "
                 "last_modified, hits, size) VALUES (?, ?, ?, ?, ?)", rows)
             db.commit()
+    elif driver == "centralized_db":
+        central_insert(rows)
     return perf() - t0
 
 
@@ -360,6 +447,110 @@ def wl_atime(a, wd):
         }
 
 
+class PruneTimeout(Exception):
+    pass
+
+
+def central_id(i):
+    """The ids the Rust centralized bench uses (36 characters)."""
+    return "%08d-0000-4000-8000-000000000000" % i
+
+
+def wl_central(a, wd):
+    """The cells of centralized_vs_glance.sh, in the order the Rust side
+    (its centralized-peer program) runs them, with the same ids, sizes and
+    access times: N images (files + rows), list / is-cached / hit / cache a
+    small image; N images pruned to half; N images deleted at once. Each
+    phase starts with both tables empty and a fresh directory."""
+    if a.driver != "centralized_db":
+        raise SystemExit("workload central needs --driver centralized_db")
+    n = a.n_meta
+    ids = [central_id(i) for i in range(n)]
+    out = {"n": n, "file_bytes": a.file_bytes,
+           "node_url": CONF.worker_self_reference_url}
+
+    # N images: list, is-cached, hit, cache one small image.
+    with wd.fresh("central-meta") as d:
+        cache = make_cache(a.driver, d)
+        populate(cache, a.driver, ids, a.file_bytes, "direct")
+        t0 = perf()
+        calls = 0
+        while calls < 20:
+            got = cache.get_cached_images()
+            calls += 1
+            if calls >= 3 and perf() - t0 >= a.scan_budget_s:
+                break
+        out["list_us"] = (perf() - t0) / calls * 1e6
+        out["list_calls"] = calls
+        assert len(got) == n, len(got)
+        calls = a.meta_calls
+
+        def is_cached(i):
+            assert cache.is_cached(ids[i * 7 % n])
+        out["is_cached_us"] = us_per_op(is_cached, range(calls))
+        hits = min(a.hit_calls, n)
+
+        def hit(i):
+            got = read_fully(cache, ids[i])
+            assert got == a.file_bytes, got
+        out["hit_us"] = us_per_op(hit, range(hits))
+        out["hit_count_after_one_read"] = cache.get_hit_count(ids[0])
+        assert out["hit_count_after_one_read"] == 1, out
+        data = b"\x03" * a.file_bytes
+        small = ["small-%08d" % i for i in range(a.cache_calls)]
+        out["cache_us"] = us_per_op(
+            lambda iid: cache.cache_image_iter(iid, iter([data])), small)
+        # cache_tee_iter logs and swallows a failed commit: check the rows.
+        rows = central_rows()
+        out["rows_after_cache"] = rows
+        assert rows == n + a.cache_calls, (rows, n + a.cache_calls)
+
+    # N images pruned to half (Glance's ImageCache.prune(): one
+    # get_least_recently_accessed() query and one delete per image).
+    with wd.fresh("central-prune") as d:
+        cache = make_cache(a.driver, d)
+        populate(cache, a.driver, ids, a.file_bytes, "direct")
+        max_size = n * a.file_bytes // 2
+        CONF.set_override("image_cache_max_size", max_size)
+        deadline = perf() + a.prune_timeout_s
+        evicted = [0]
+        delete = cache.driver.delete_cached_image
+
+        def delete_with_deadline(image_id):
+            if perf() > deadline:
+                raise PruneTimeout()
+            delete(image_id)
+            evicted[0] += 1
+        cache.driver.delete_cached_image = delete_with_deadline
+        t0 = perf()
+        try:
+            files, _ = cache.prune()
+            out["prune_s"] = perf() - t0
+            out["prune_evicted"] = files
+            assert files == n - n // 2, files
+            assert central_rows() == n // 2
+        except PruneTimeout:
+            out["prune_s"] = None
+            out["prune_timed_out_s"] = perf() - t0
+            out["prune_evicted_before_timeout"] = evicted[0]
+            log("central: prune timed out after %.0f s, %d of %d evicted"
+                % (perf() - t0, evicted[0], n - n // 2))
+        finally:
+            cache.driver.delete_cached_image = delete
+            CONF.set_override("image_cache_max_size", 10 * 1024 ** 3)
+
+    # N images deleted at once.
+    with wd.fresh("central-delete-all") as d:
+        cache = make_cache(a.driver, d)
+        populate(cache, a.driver, ids, a.file_bytes, "direct")
+        t0 = perf()
+        deleted = cache.delete_all_cached_images()
+        out["delete_all_s"] = perf() - t0
+        assert deleted == n, deleted
+        assert central_rows() == 0
+    return out
+
+
 # --------------------------------------------------------------------------
 
 
@@ -389,7 +580,13 @@ def fs_info(path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--driver", required=True, choices=("sqlite", "xattr"))
+    p.add_argument("--driver", required=True, choices=DRIVERS)
+    p.add_argument("--connection",
+                   help="centralized_db: Glance's [database] connection "
+                        "(SQLAlchemy URL; the tables must exist: "
+                        "glance-manage db sync)")
+    p.add_argument("--node-url", default="http://glance-peer:9292",
+                   help="centralized_db: worker_self_reference_url")
     p.add_argument("--root", required=True,
                    help="parent dir; each workload gets a fresh subdir")
     p.add_argument("--workloads", default=",".join(ALL_WORKLOADS),
@@ -398,6 +595,10 @@ def main():
     p.add_argument("--meta-calls", type=int, default=5000,
                    help="calls per point-op in 'meta'")
     p.add_argument("--n-small", type=int, default=1000)
+    p.add_argument("--hit-calls", type=int, default=1000,
+                   help="central: reads of distinct cached images")
+    p.add_argument("--cache-calls", type=int, default=300,
+                   help="central: small images cached")
     p.add_argument("--file-bytes", type=int, default=4096,
                    help="size of each small image (meta/small/prune)")
     p.add_argument("--prune-n", default="2000,20000")
@@ -415,6 +616,10 @@ def main():
     for w in wls:
         if w not in ALL_WORKLOADS:
             p.error("unknown workload " + w)
+    if a.driver == "centralized_db":
+        if not a.connection:
+            p.error("--driver centralized_db needs --connection")
+        init_central_db(a.connection, a.node_url)
 
     # Quiet, deterministic logging: WARNING and up to stderr (Glance's
     # LOG.debug/info calls are made but not emitted, as with debug=False
@@ -431,7 +636,8 @@ def main():
         "driver": a.driver,
         "root": os.path.realpath(a.root),
         "fs": fs_info(a.root),
-        "params": {k: v for k, v in vars(a).items()},
+        "params": {k: v for k, v in vars(a).items()
+                   if k != "connection"},
         "units": "*_us = microseconds per call (time.perf_counter); "
                  "*_s = seconds; *_MB_s = 1e6 bytes/s",
         "workloads": {},
@@ -442,7 +648,7 @@ def main():
         return 2
     wd = Workdirs(a.root, a.driver, a.keep)
     fns = {"meta": wl_meta, "small": wl_small, "big": wl_big,
-           "prune": wl_prune, "atime": wl_atime}
+           "prune": wl_prune, "atime": wl_atime, "central": wl_central}
     t_all = perf()
     for w in wls:
         t0 = perf()

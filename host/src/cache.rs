@@ -42,7 +42,8 @@ pub struct CacheConfig {
     pub driver: DriverSource,
     /// `image_cache_sqlite_db`: the database file name in the root.
     pub sqlite_db: String,
-    /// Fall back to sqlite, with a warning, if the driver cannot configure.
+    /// Fall back to sqlite, with a warning, if the driver cannot configure
+    /// (never for a driver linked with `database`: its metadata is shared).
     pub fallback_to_sqlite: bool,
     /// Whether the xattr import reaches the file system.
     pub xattr: XattrSupport,
@@ -221,11 +222,14 @@ impl ImageCache {
         let driver = match start_driver(&runtime, &root, &config, &config.driver, &config.policy) {
             Ok(driver) => driver,
             // An unreachable database is an outage, not a driver that
-            // cannot be configured: falling back would run a shared cache
-            // on local bookkeeping (prune deleting files whose rows stay).
+            // cannot be configured; and a driver that keeps its metadata in
+            // a shared database never falls back, whatever went wrong:
+            // sqlite would run a shared cache on local bookkeeping (prune
+            // deleting files whose rows every node still sees).
             Err(e)
                 if config.fallback_to_sqlite
                     && !is_sqlite(&config.driver)
+                    && !shares_a_database(&config)
                     && !matches!(e, Error::Database(_)) =>
             {
                 log::warn!(
@@ -745,6 +749,16 @@ impl ImageCache {
 
 fn is_sqlite(source: &DriverSource) -> bool {
     matches!(source, DriverSource::Builtin("sqlite"))
+}
+
+/// Whether the configured driver is linked with the `database` import (the
+/// centralized driver, or a component granted it).
+fn shares_a_database(config: &CacheConfig) -> bool {
+    match &config.driver {
+        DriverSource::Builtin(name) => crate::builtin::find(name)
+            .is_some_and(|b| b.grants.contains(&crate::contract::Capability::Database)),
+        _ => config.policy.grants.database,
+    }
 }
 
 fn classify_copy_error(e: io::Error, source: &Path) -> Error {

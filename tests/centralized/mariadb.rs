@@ -564,3 +564,30 @@ fn six_nodes_starting_at_once_on_mariadb_all_start() {
         assert_eq!(db.sql("SELECT count(*) FROM cached_images"), "6");
     }
 }
+
+#[test]
+fn a_configured_centralized_driver_never_falls_back_to_sqlite() {
+    // An account without its grants: a configuration to fix, said with the
+    // grants to give; and no sqlite cache behind it, even with the
+    // fallback on (a shared cache on local bookkeeping would prune files
+    // whose rows every node still sees).
+    let (_use, server) = mariadb::mariadb();
+    let db = server.bare_database();
+    for table in image_cache::database::mysql::GLANCE_CACHE_SCHEMA {
+        db.sql(table);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = CacheConfig::new(dir.path())
+        .driver(CENTRALIZED)
+        .fallback_to_sqlite(true);
+    config.databases = db.root();
+    config
+        .driver_options
+        .push(("worker_self_reference_url".into(), "http://n:9292".into()));
+    let message = bad_configuration(ImageCache::with_runtime(runtime(), config));
+    assert!(
+        message.contains("ERROR 1044") && message.contains("image-cache db grants"),
+        "{message}"
+    );
+    assert!(!dir.path().join("cache.db").exists(), "no sqlite fallback");
+}

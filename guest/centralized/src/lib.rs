@@ -59,6 +59,29 @@ fn db_error(e: DatabaseError) -> Error {
     Error::Database(e.message)
 }
 
+/// Why the database cannot be used at configure. Down or unreachable now
+/// is not a configuration to fix: a `database` error, which a server may
+/// start with and retry; a role without its grants says which to give.
+fn unusable(e: DatabaseError) -> Error {
+    match e.code {
+        ErrorCode::Unavailable => Error::Database(format!(
+            "the database {DATABASE:?} cannot be reached: {}",
+            e.message
+        )),
+        ErrorCode::AccessDenied if !e.message.contains("image-cache db grants") => {
+            Error::BadConfiguration(format!(
+                "cannot use the database {DATABASE:?}: {} (the driver's role needs SELECT, INSERT, \
+             UPDATE, DELETE on Glance's cache tables, as `image-cache db grants` prints them)",
+                e.message
+            ))
+        }
+        _ => Error::BadConfiguration(format!(
+            "cannot use the database {DATABASE:?}: {}",
+            e.message
+        )),
+    }
+}
+
 /// Whether Glance's schema can hold a row for `id`.
 fn recordable(id: &str) -> bool {
     id.chars().count() <= MAX_ID_CHARS
@@ -189,22 +212,14 @@ impl CentralizedStore {
     fn check_schema(db: &Connection, sql: Sql) -> Result<(), Error> {
         for table in TABLES {
             if let Err(e) = db.query(&format!("SELECT 1 FROM {table} LIMIT 0"), &[]) {
-                if e.code == ErrorCode::Unavailable {
-                    return Err(Error::Database(format!(
-                        "the database {DATABASE:?} cannot be reached: {}",
-                        e.message
-                    )));
-                }
-                let missing = sql.missing_table(&e);
-                return Err(Error::BadConfiguration(if missing {
-                    format!(
+                if sql.missing_table(&e) {
+                    return Err(Error::BadConfiguration(format!(
                         "Glance's table {table} is missing from the database {DATABASE:?}: run \
                          `glance-manage db sync` (or, for a database of the cache's own, \
                          `image-cache db init`); the driver never creates Glance's tables"
-                    )
-                } else {
-                    format!("cannot use the database {DATABASE:?}: {}", e.message)
-                }));
+                    )));
+                }
+                return Err(unusable(e));
             }
         }
         Ok(())
@@ -296,22 +311,10 @@ impl Backend for CentralizedStore {
                 "{NODE_OPTION} must be at most {MAX_URL_CHARS} characters without control characters"
             )));
         }
-        // Down or unreachable now is not a configuration to fix: a
-        // `database` error, which a server may start with and retry.
-        let bad = |e: DatabaseError| match e.code {
-            ErrorCode::Unavailable => Error::Database(format!(
-                "the database {DATABASE:?} cannot be reached: {}",
-                e.message
-            )),
-            _ => Error::BadConfiguration(format!(
-                "cannot use the database {DATABASE:?}: {}",
-                e.message
-            )),
-        };
-        let db = Connection::open(DATABASE).map_err(bad)?;
+        let db = Connection::open(DATABASE).map_err(unusable)?;
         let sql = Sql(db.dialect());
         Self::check_schema(&db, sql)?;
-        let node_id = Self::register(&db, sql, &node_url).map_err(bad)?;
+        let node_id = Self::register(&db, sql, &node_url).map_err(unusable)?;
         Ok(CentralizedStore {
             sqlite_db: options.sqlite_db.clone(),
             node_id: Cell::new(node_id),

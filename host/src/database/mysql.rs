@@ -483,6 +483,13 @@ impl Shared {
                 &format!("ERROR {} ({}): {}", s.code, s.state, s.message),
             ),
             // No answer from the server: refused, reset, closed, TLS.
+            mysql_async::Error::Io(mysql_async::IoError::Io(e)) => {
+                self.error(ErrorCode::Unavailable, &e.to_string())
+            }
+            mysql_async::Error::Io(mysql_async::IoError::Tls(e)) => {
+                self.error(ErrorCode::Unavailable, &format!("TLS: {e}"))
+            }
+            mysql_async::Error::Driver(e) => self.error(ErrorCode::Unavailable, &e.to_string()),
             other => self.error(ErrorCode::Unavailable, &other.to_string()),
         }
     }
