@@ -1397,10 +1397,7 @@ fn tls_is_required_by_the_server_and_verified_as_libpq_does() {
     open(with(&format!("sslmode=verify-ca&sslrootcert={ca}"))).unwrap();
     // Another CA: refused, whatever the name.
     let other = tempfile::NamedTempFile::new().unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    std::fs::write(other.path(), params.self_signed(&key).unwrap().pem()).unwrap();
+    image_cache_tests::tls::unrelated_ca(other.path());
     let wrong = other.path().display().to_string();
     assert!(
         open(localhost(&format!(

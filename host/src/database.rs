@@ -157,13 +157,47 @@ pub trait BackendConnection: Send {
     /// still open is rolled back (by `deadline`), so no lock or snapshot a
     /// driver took outlives its call.
     fn end_of_call(&mut self, deadline: Deadline);
-    fn execute(&mut self, sql: &str, params: Vec<Value>, deadline: Deadline) -> Result<u64>;
+    /// Run one statement by `deadline`, wanting its count or its rows.
+    fn call(
+        &mut self,
+        sql: &str,
+        params: Vec<Value>,
+        deadline: Deadline,
+        want: Want,
+    ) -> Result<Outcome>;
+
+    fn execute(&mut self, sql: &str, params: Vec<Value>, deadline: Deadline) -> Result<u64> {
+        match self.call(sql, params, deadline, Want::Count)? {
+            Outcome::Count(n) => Ok(n),
+            Outcome::Rows(rows) => Ok(rows.len() as u64),
+        }
+    }
+
     fn query(
         &mut self,
         sql: &str,
         params: Vec<Value>,
         deadline: Deadline,
-    ) -> Result<Vec<Vec<Value>>>;
+    ) -> Result<Vec<Vec<Value>>> {
+        match self.call(sql, params, deadline, Want::Rows)? {
+            Outcome::Rows(rows) => Ok(rows),
+            Outcome::Count(_) => Ok(Vec::new()),
+        }
+    }
+}
+
+/// What a statement's caller wants back.
+pub enum Want {
+    /// The rows it changed.
+    Count,
+    /// The rows it returned.
+    Rows,
+}
+
+/// What a statement gave back.
+pub enum Outcome {
+    Count(u64),
+    Rows(Vec<Vec<Value>>),
 }
 
 /// The databases a driver may open, by name.

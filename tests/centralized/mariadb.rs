@@ -424,13 +424,7 @@ fn tls_is_required_by_the_server_and_verified_as_pymysql_does() {
     // Another CA: refused whatever the name.
     let other = tempfile::tempdir().unwrap();
     let other_ca = other.path().join("ca.crt");
-    {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let key = KeyPair::generate().unwrap();
-        std::fs::write(&other_ca, p.self_signed(&key).unwrap().pem()).unwrap();
-    }
+    image_cache_tests::tls::unrelated_ca(&other_ca);
     let e = open(format!("{by_name}?ssl_ca={}", other_ca.display()))
         .err()
         .expect("another CA");

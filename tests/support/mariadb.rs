@@ -113,29 +113,6 @@ fn run(mut c: Command, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// A CA and a server certificate for `localhost` (not 127.0.0.1: the name
-/// check has something to fail on), in `dir`. The CA's file.
-fn make_certificates(dir: &Path) -> PathBuf {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "image-cache test CA (MariaDB)");
-    let ca_key = KeyPair::generate().expect("CA key");
-    let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
-    let server_key = KeyPair::generate().expect("server key");
-    let server = CertificateParams::new(vec!["localhost".to_string()])
-        .expect("server params")
-        .signed_by(&server_key, &ca, &ca_key)
-        .expect("server certificate");
-    std::fs::write(dir.join("server.crt"), server.pem()).expect("server.crt");
-    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).expect("server.key");
-    let ca_file = dir.join("ca.crt");
-    std::fs::write(&ca_file, ca.pem()).expect("ca.crt");
-    ca_file
-}
-
 impl Server {
     /// The server shared by this test process.
     pub fn shared() -> &'static Server {
@@ -199,7 +176,7 @@ impl Server {
             }
             dirs.push(dir.clone());
         }
-        let ca = make_certificates(&dir);
+        let ca = crate::tls::localhost_certificate(&dir, &dir, "image-cache test CA (MariaDB)");
         if as_mysql {
             let mut chown = Command::new("chown");
             chown.args(["-R", "mysql:mysql"]).arg(&dir);

@@ -12,6 +12,7 @@ use tempfile::TempDir;
 
 pub mod mariadb;
 pub mod pg;
+pub mod tls;
 
 /// What a cache on the centralized driver uses: the shared PostgreSQL
 /// (held up while it lives), a database of its own and a node name.

@@ -29,34 +29,10 @@ pub const PG_ENV: &str = "IMAGE_CACHE_TEST_POSTGRES";
 pub const ROLE: &str = "glance";
 pub const PASSWORD: &str = "Pw-9f3c2e-s3cr3t";
 
-/// Make a CA and a server certificate for `localhost` (not for
-/// 127.0.0.1: the name check has something to fail on), turn TLS on, and
+/// Make a CA and a server certificate for `localhost`, turn TLS on, and
 /// refuse TCP connections without it. The CA's PEM file.
 fn serve_tls_only(data: &Path, dir: &Path, as_postgres: bool) -> PathBuf {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "image-cache test CA");
-    let ca_key = KeyPair::generate().expect("CA key");
-    let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
-    let server_key = KeyPair::generate().expect("server key");
-    let server = CertificateParams::new(vec!["localhost".to_string()])
-        .expect("server params")
-        .signed_by(&server_key, &ca, &ca_key)
-        .expect("server certificate");
-    std::fs::write(data.join("server.crt"), server.pem()).expect("server.crt");
-    std::fs::write(data.join("server.key"), server_key.serialize_pem()).expect("server.key");
-    let ca_file = dir.join("ca.crt");
-    std::fs::write(&ca_file, ca.pem()).expect("ca.crt");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(
-        data.join("server.key"),
-        std::fs::Permissions::from_mode(0o600),
-    )
-    .expect("server.key mode");
-    std::fs::set_permissions(&ca_file, std::fs::Permissions::from_mode(0o644)).expect("ca mode");
+    let ca_file = crate::tls::localhost_certificate(data, dir, "image-cache test CA");
     let conf = data.join("postgresql.conf");
     let mut text = std::fs::read_to_string(&conf).expect("postgresql.conf");
     text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");

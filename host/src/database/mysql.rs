@@ -44,7 +44,9 @@ use mysql_async::{
 use super::common::{
     RoleCheck, Secrets, ends_transaction, judge_role, run, runtime, unix_time, value_size,
 };
-use super::{Backend, BackendConnection, DatabaseSettings, Dialect, Result, error, policy};
+use super::{
+    Backend, BackendConnection, DatabaseSettings, Dialect, Outcome, Result, Want, error, policy,
+};
 use crate::bindings::database::{DatabaseError, ErrorCode, Value};
 use crate::runtime::Deadline;
 
@@ -759,18 +761,8 @@ impl Drop for MysqlConnection {
     }
 }
 
-enum Want {
-    Count,
-    Rows,
-}
-
-enum Outcome {
-    Count(u64),
-    Rows(Vec<Vec<Value>>),
-}
-
 impl MysqlConnection {
-    fn call(
+    fn statement_call(
         &mut self,
         sql: &str,
         params: Vec<Value>,
@@ -983,6 +975,16 @@ async fn statement(
 }
 
 impl BackendConnection for MysqlConnection {
+    fn call(
+        &mut self,
+        sql: &str,
+        params: Vec<Value>,
+        deadline: Deadline,
+        want: Want,
+    ) -> Result<Outcome> {
+        self.statement_call(sql, params, deadline, want)
+    }
+
     fn dialect(&self) -> Dialect {
         Dialect::Mysql
     }
@@ -1001,25 +1003,6 @@ impl BackendConnection for MysqlConnection {
             discard(conn);
         }
         self.in_transaction = false;
-    }
-
-    fn execute(&mut self, sql: &str, params: Vec<Value>, deadline: Deadline) -> Result<u64> {
-        match self.call(sql, params, deadline, Want::Count)? {
-            Outcome::Count(n) => Ok(n),
-            Outcome::Rows(rows) => Ok(rows.len() as u64),
-        }
-    }
-
-    fn query(
-        &mut self,
-        sql: &str,
-        params: Vec<Value>,
-        deadline: Deadline,
-    ) -> Result<Vec<Vec<Value>>> {
-        match self.call(sql, params, deadline, Want::Rows)? {
-            Outcome::Rows(rows) => Ok(rows),
-            Outcome::Count(_) => Ok(Vec::new()),
-        }
     }
 }
 

@@ -47,7 +47,7 @@ use super::common::{
     RoleCheck, Secrets, ends_transaction, judge_role, run, runtime, unix_seconds, unix_time,
     value_size,
 };
-use super::{Backend, BackendConnection, DatabaseSettings, Result, error, policy};
+use super::{Backend, BackendConnection, DatabaseSettings, Outcome, Result, Want, error, policy};
 use crate::bindings::database::{DatabaseError, ErrorCode, Value};
 use crate::runtime::Deadline;
 
@@ -591,18 +591,8 @@ impl Drop for PostgresConnection {
     }
 }
 
-enum Want {
-    Count,
-    Rows,
-}
-
-enum Outcome {
-    Count(u64),
-    Rows(Vec<Vec<Value>>),
-}
-
 impl PostgresConnection {
-    fn call(
+    fn statement_call(
         &mut self,
         sql: &str,
         params: Vec<Value>,
@@ -742,6 +732,16 @@ async fn statement(
 }
 
 impl BackendConnection for PostgresConnection {
+    fn call(
+        &mut self,
+        sql: &str,
+        params: Vec<Value>,
+        deadline: Deadline,
+        want: Want,
+    ) -> Result<Outcome> {
+        self.statement_call(sql, params, deadline, want)
+    }
+
     fn dialect(&self) -> super::Dialect {
         super::Dialect::Postgresql
     }
@@ -764,25 +764,6 @@ impl BackendConnection for PostgresConnection {
             self.held = None;
         }
         self.in_transaction = false;
-    }
-
-    fn execute(&mut self, sql: &str, params: Vec<Value>, deadline: Deadline) -> Result<u64> {
-        match self.call(sql, params, deadline, Want::Count)? {
-            Outcome::Count(n) => Ok(n),
-            Outcome::Rows(rows) => Ok(rows.len() as u64),
-        }
-    }
-
-    fn query(
-        &mut self,
-        sql: &str,
-        params: Vec<Value>,
-        deadline: Deadline,
-    ) -> Result<Vec<Vec<Value>>> {
-        match self.call(sql, params, deadline, Want::Rows)? {
-            Outcome::Rows(rows) => Ok(rows),
-            Outcome::Count(_) => Ok(Vec::new()),
-        }
     }
 }
 
