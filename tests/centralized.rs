@@ -1164,18 +1164,22 @@ fn serve_centralized_with(
 
 #[test]
 fn serve_keeps_serving_cached_images_while_the_database_is_down() {
-    // A cached image is this image by its seal: with the database down
-    // (and after a restart with it down) it is served, without a
-    // checksum, and /healthz says degraded; the driver answers again once
-    // the database is back.
     let (_alone, cluster) = pg::postgres_alone();
     let db = cluster.database();
+    serve_through_an_outage(&db.url, || cluster.stop(), || cluster.start());
+}
+
+/// A cached image is this image by its seal: with the database at `url`
+/// down (`stop`; and after a restart with it down) it is served, without
+/// a checksum, and /healthz says degraded; the driver answers again once
+/// the database is back (`start`).
+fn serve_through_an_outage(url: &str, stop: impl Fn(), start: impl Fn()) {
     let dir = tempfile::tempdir().unwrap();
     let store = tempfile::tempdir().unwrap();
     let bytes = image_bytes(9, 3 << 20);
     std::fs::write(store.path().join("img"), &bytes).unwrap();
     let root = dir.path().join("cache");
-    let (mut server, addr) = serve_centralized(&root, store.path(), &db.url);
+    let (mut server, addr) = serve_centralized(&root, store.path(), url);
     let (status, body, complete, _) = http_get(&addr, "/v2/images/img/file");
     assert!(status == 200 && complete && body == bytes);
     let until = Instant::now() + Duration::from_secs(20);
@@ -1194,7 +1198,7 @@ fn serve_keeps_serving_cached_images_while_the_database_is_down() {
     let nodes: serde_json::Value = serde_json::from_slice(&nodes).unwrap();
     assert_eq!(nodes, serde_json::json!(["http://node-1:9292"]));
 
-    cluster.stop();
+    stop();
     let down = |addr: &str| {
         let (status, body, complete, head) = http_get(addr, "/v2/images/img/file");
         assert_eq!(status, 200, "{head}");
@@ -1225,7 +1229,7 @@ fn serve_keeps_serving_cached_images_while_the_database_is_down() {
         .arg(&root)
         .args(["--driver", "centralized_db"])
         .args(["--worker-self-reference-url", "http://node-1:9292"])
-        .env("IMAGE_CACHE_DATABASE_URL", &db.url)
+        .env("IMAGE_CACHE_DATABASE_URL", url)
         .arg("list-cached")
         .output()
         .unwrap();
@@ -1236,10 +1240,10 @@ fn serve_keeps_serving_cached_images_while_the_database_is_down() {
     // A server started while it is down starts, and serves the same way.
     let _ = server.kill();
     let _ = server.wait();
-    let (mut server, addr) = serve_centralized(&root, store.path(), &db.url);
+    let (mut server, addr) = serve_centralized(&root, store.path(), url);
     down(&addr);
 
-    cluster.start();
+    start();
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, health, _, _) = http_get(&addr, "/healthz");

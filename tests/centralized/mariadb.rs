@@ -13,7 +13,10 @@ use image_cache::{CacheConfig, Error, ImageCache};
 use image_cache_tests::mariadb::{self, PASSWORD, TestDatabase};
 use image_cache_tests::{MariaSetup, bad_configuration, cached_ids, image_bytes, runtime};
 
-use super::{CENTRALIZED, UUID_A, UUID_B, get, node_with_short_deadline, put, soon, within};
+use super::{
+    CENTRALIZED, UUID_A, UUID_B, get, node_with_short_deadline, put, serve_through_an_outage, soon,
+    within,
+};
 
 /// A cache on `root` with the centralized driver as node `node` of `db`.
 fn node_on(root: &std::path::Path, databases: &Arc<DatabaseRoot>, node: &str) -> ImageCache {
@@ -584,4 +587,14 @@ fn a_configured_centralized_driver_never_falls_back_to_sqlite() {
         "{message}"
     );
     assert!(!dir.path().join("cache.db").exists(), "no sqlite fallback");
+}
+
+#[test]
+fn serve_keeps_serving_cached_images_while_mariadb_is_down() {
+    let (_alone, Some(server)) = mariadb::mariadb_alone() else {
+        eprintln!("skipped: an external MariaDB is not ours to stop");
+        return;
+    };
+    let db = server.database();
+    serve_through_an_outage(&db.url, || server.stop(), || server.start());
 }
