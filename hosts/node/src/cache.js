@@ -117,7 +117,8 @@ export class ImageCache {
    *   xattr (true; false makes every xattr call `unsupported`, as a file
    *   system without user xattrs would),
    *   databases ({}; the shared databases a driver importing `database`
-   *   may open, by name: `{ glance: 'postgresql://user:pw@host/db' }` or
+   *   may open, by name: `{ glance: 'postgresql://user:pw@host/db' }`,
+   *   `{ glance: 'mysql+pymysql://user:pw@host/db?ssl_ca=...' }` or
    *   `{ glance: { url, poolSize, statementTimeoutMs, connectTimeoutMs,
    *   maxResultBytes, allowPrivilegedRole } }`; see README.md).
    *

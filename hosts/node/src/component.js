@@ -29,8 +29,8 @@ const GRANTABLE = ['xattr', 'database'];
  * over `fs`). */
 const RETIRED_GRANTS = ['sqlite'];
 /** A component file is granted `xattr` unless the cache says otherwise;
- * `database` (the shared PostgreSQL the cache's `databases` option
- * configures) only when it is granted. */
+ * `database` (the shared PostgreSQL, MySQL or MariaDB the cache's
+ * `databases` option configures) only when it is granted. */
 export const DEFAULT_GRANTS = ['xattr'];
 
 let warnedRetired = false;

@@ -10,4 +10,7 @@ export {
   DATABASE_DEFAULTS,
   GLANCE_CACHE_SCHEMA,
   grantStatements,
+  MYSQL_GLANCE_CACHE_SCHEMA,
+  mysqlGrantStatements,
+  dialectOfUrl,
 } from './database/settings.js';

@@ -17,6 +17,7 @@ import { fileURLToPath } from 'node:url';
 import { ImageCache, CONTRACT } from '../src/index.js';
 import { componentsDir } from '../scripts/transpile.js';
 import { Cluster, unavailable as postgresUnavailable } from './support/pg.js';
+import { Server as MariadbServer, unavailable as mariadbUnavailable } from './support/mariadb.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const SCENARIOS = path.resolve(HERE, '..', '..', '..', 'tests', 'scenarios');
@@ -243,7 +244,27 @@ class Runner {
   }
 }
 
-async function play(scenario, driver, openOptions = {}, { root = freshRoot(), name = driver } = {}) {
+/** Steps whose result follows the order of recorded access times. */
+const LRU_OPS = new Set(['get_least_recently_accessed', 'get_least_recently_accessed_batch', 'prune']);
+
+/** Wait until a time recorded now sorts after every time recorded so far:
+ * into the next whole second where the cache keeps whole seconds (Glance's
+ * DATETIME columns on MySQL and MariaDB), as the Rust conformance tests'
+ * `t.tick()` does. */
+async function tick(timeResolution) {
+  if (!(timeResolution > 0)) return;
+  const ms = timeResolution * 1000;
+  await new Promise((r) => setTimeout(r, ms - (Date.now() % ms) + 20));
+}
+
+/**
+ * Play `scenario` on `driver`. `timeResolution` (seconds, 0 for exact) is
+ * how finely the cache records access times: where it keeps whole
+ * seconds, a `get` that a later step orders by access time (an LRU query,
+ * a prune) waits for the next second first, so that its access sorts after
+ * every earlier one.
+ */
+async function play(scenario, driver, openOptions = {}, { root = freshRoot(), name = driver, timeResolution = 0 } = {}) {
   const runner = new Runner(root, driver, openOptions);
   const { cache, warnings } = await runner.open();
   if (openOptions.xattr === false && driver === 'xattr') {
@@ -260,6 +281,9 @@ async function play(scenario, driver, openOptions = {}, { root = freshRoot(), na
       const where = `${scenario.name} step ${i} (${st.op} ${JSON.stringify(st.args ?? {})})`;
       let result;
       let error;
+      if (timeResolution > 0 && st.op === 'get' && scenario.steps.slice(i + 1).some((later) => LRU_OPS.has(later.op))) {
+        await tick(timeResolution);
+      }
       try {
         result = await runner.step(st.op, st.args ?? {});
       } catch (e) {
@@ -322,6 +346,35 @@ describe('scenarios on centralized (PostgreSQL)', () => {
         databases: { glance: db.url },
         driverOptions: { worker_self_reference_url: `http://${db.name.replaceAll('_', '-')}:9292` },
       });
+    });
+  }
+});
+
+// The same on MariaDB (test/support/mariadb.js): each scenario in a
+// database of its own, with an account of its own fenced by the grants.
+// Glance's DATETIME columns keep whole seconds on MySQL: reads whose order
+// a scenario checks are a second apart (see play).
+describe('scenarios on centralized (MariaDB)', () => {
+  const why = mariadbUnavailable();
+  let server;
+  before(async () => {
+    if (!why) server = await MariadbServer.start();
+  });
+  after(() => server?.destroy());
+  for (const scenario of suite.scenarios) {
+    if (scenario.drivers && !scenario.drivers.includes('centralized')) continue;
+    test(scenario.name, { skip: why ?? false }, async () => {
+      const db = await server.database();
+      await play(
+        scenario,
+        'centralized',
+        {
+          fallbackToSqlite: false,
+          databases: { glance: db.url },
+          driverOptions: { worker_self_reference_url: `http://${db.name.replaceAll('_', '-')}:9292` },
+        },
+        { timeResolution: 1 },
+      );
     });
   }
 });

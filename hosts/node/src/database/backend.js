@@ -1,6 +1,7 @@
 // The `database` interface on PostgreSQL, in the database worker
 // (src/database/worker.js): node-postgres (`pg`) clients in a bounded pool
-// of the host's own, every step bounded by the driver call's deadline.
+// of the host's own (pool.js, shared with the MySQL backend), every step
+// bounded by the driver call's deadline.
 //
 // A port of the Rust host's host/src/database/postgres.rs. What the host
 // enforces, whatever the driver's SQL says:
@@ -24,6 +25,7 @@
 import { createRequire } from 'node:module';
 import { check as policyCheck, firstWord, endsTransaction } from './policy.js';
 import { CACHE_TABLES, CACHE_SEQUENCES, TABLE_PRIVILEGES, POWERFUL_ROLES, grantStatements } from './settings.js';
+import { DbError, timedOut, DEADLINE, before, PooledBackend, PooledConn, networkMessage } from './pool.js';
 
 const require = createRequire(import.meta.url);
 const pg = require('pg');
@@ -32,38 +34,7 @@ const pg = require('pg');
  * (a driver sending endless distinct SQL must not grow it forever). */
 export const MAX_CACHED_STATEMENTS = 256;
 
-/** A `database-error` for the guest: {code, message}. */
-export class DbError extends Error {
-  constructor(code, message) {
-    super(message);
-    this.code = code;
-  }
-  get payload() {
-    return { code: this.code, message: this.message };
-  }
-}
-
-export function timedOut() {
-  return new DbError('timed-out', "the database did not answer before the call's deadline");
-}
-
-const DEADLINE = Symbol('deadline');
-
-/** `promise`, or a rejection with DEADLINE at `deadline` (Date.now() ms). */
-function before(deadline, promise) {
-  const left = deadline - Date.now();
-  if (left <= 0) {
-    promise.catch(() => {});
-    return Promise.reject(DEADLINE);
-  }
-  let timer;
-  return Promise.race([
-    promise,
-    new Promise((_, reject) => {
-      timer = setTimeout(() => reject(DEADLINE), left);
-    }),
-  ]).finally(() => clearTimeout(timer));
-}
+export { DbError, timedOut, networkMessage };
 
 // ---- types --------------------------------------------------------------
 
@@ -346,45 +317,24 @@ class RowsQuery extends pg.Query {
 let nextStatement = 1;
 
 /** One pooled connection. */
-class Conn {
+class Conn extends PooledConn {
   constructor(client, ssl) {
+    super();
     this.client = client;
     this.ssl = ssl;
-    this.lost = false;
-    this.busy = false;
-    this.inTx = false;
     /** sql -> {name, paramTypes} */
     this.statements = new Map();
-    this.pooled = true;
   }
 }
 
 /** A configured PostgreSQL database a driver may open by name. */
-export class Backend {
+export class Backend extends PooledBackend {
   /** settings: from settings.js databaseSettings(); warn(message). */
   constructor(settings, warn = () => {}) {
-    this.s = settings;
-    this.name = settings.name;
-    this.warn = warn;
-    this.idle = [];
-    this.total = 0;
-    this.waiters = [];
-    this.closed = false;
-    this.role = 'unchecked';
-    this.refusal = '';
+    super(settings, warn);
+    this.dialect = 'postgresql';
     const ms = settings.statementTimeoutMs;
     this.options = `${settings.options} -c statement_timeout=${ms} -c lock_timeout=${ms} -c idle_in_transaction_session_timeout=${ms} -c DateStyle=ISO -c extra_float_digits=3`.trim();
-  }
-
-  /** `message` without any secret (URL, password, host). */
-  scrub(message) {
-    let m = String(message);
-    for (const s of this.s.secrets) if (m.includes(s)) m = m.replaceAll(s, '(hidden)');
-    return m;
-  }
-
-  error(code, message) {
-    return new DbError(code, `database ${JSON.stringify(this.name)}: ${this.scrub(message)}`);
   }
 
   /** A pg or socket error in the driver's terms, scrubbed. */
@@ -459,129 +409,17 @@ export class Backend {
     }
   }
 
-  lose(conn) {
-    if (conn.lost) return;
-    conn.lost = true;
-    const i = this.idle.indexOf(conn);
-    if (i >= 0) {
-      this.idle.splice(i, 1);
-      this.destroy(conn);
-    }
-  }
-
-  /** Close a connection and give its place in the pool to a waiter. */
-  destroy(conn) {
-    conn.lost = true;
+  /** Close a connection now (the pool's hook). */
+  closeConnection(conn) {
     try {
       conn.client.connection?.stream?.destroy?.();
     } catch {}
     conn.client.end().catch(() => {});
-    if (conn.pooled) {
-      conn.pooled = false;
-      this.total--;
-      this.wake();
-    }
   }
 
-  /** The first waiter gets an idle connection, or a place to open one. */
-  wake() {
-    while (this.waiters.length) {
-      if (this.idle.length) {
-        const w = this.waiters.shift();
-        w.resolve(this.idle.pop());
-      } else if (this.total < this.s.poolSize) {
-        const w = this.waiters.shift();
-        w.resolve(null);
-      } else {
-        return;
-      }
-    }
-  }
-
-  /** A connection for a driver, by `deadline`: from the pool, or a new
-   * one while the pool has room; else wait for one. */
-  async takeFromPool(deadline) {
-    for (;;) {
-      if (this.closed) throw this.error('unavailable', 'the cache that configured this database is closed');
-      while (this.idle.length) {
-        const c = this.idle.pop();
-        if (!c.lost && !c.client._ending) return c;
-        this.destroy(c);
-      }
-      if (this.total < this.s.poolSize) {
-        this.total++;
-        try {
-          return await this.connect(deadline);
-        } catch (e) {
-          this.total--;
-          this.wake();
-          throw e;
-        }
-      }
-      const got = await new Promise((resolve, reject) => {
-        const w = { resolve, reject };
-        const left = deadline - Date.now();
-        w.timer = setTimeout(() => {
-          const i = this.waiters.indexOf(w);
-          if (i >= 0) this.waiters.splice(i, 1);
-          reject(DEADLINE);
-        }, Math.max(0, left));
-        const settle = w.resolve;
-        w.resolve = (v) => {
-          clearTimeout(w.timer);
-          settle(v);
-        };
-        this.waiters.push(w);
-      });
-      if (got) {
-        if (!got.lost) return got;
-        this.destroy(got);
-      }
-    }
-  }
-
-  /** Check out a connection, checking the role once per backend. */
-  async checkout(deadline) {
-    let conn;
-    try {
-      conn = await this.takeFromPool(deadline);
-    } catch (e) {
-      if (e === DEADLINE) throw timedOut();
-      throw this.clientError(e);
-    }
-    if (this.role === 'ok') return conn;
-    if (this.role === 'refused') {
-      this.release(conn);
-      throw this.refused();
-    }
-    try {
-      await before(deadline, this.checkRole(conn));
-      return conn;
-    } catch (e) {
-      if (e === DEADLINE) {
-        this.destroy(conn);
-        throw timedOut();
-      }
-      this.release(conn);
-      throw this.clientError(e);
-    }
-  }
-
-  /** A connection back from a driver: to the pool if it is healthy and
-   * not inside a transaction, else closed. */
-  release(conn) {
-    conn.busy = false;
-    if (!conn.pooled) return;
-    if (conn.lost || conn.inTx || this.closed || conn.client._ending) {
-      this.destroy(conn);
-      return;
-    }
-    this.idle.push(conn);
-    this.wake();
-  }
-
-  refused() {
-    return this.error('access-denied', this.refusal);
+  /** Whether pg already knows the connection is closed (the pool's hook). */
+  isDead(conn) {
+    return Boolean(conn.client._ending);
   }
 
   /** Everything the connected role may do beyond a cache driver's needs,
@@ -843,43 +681,4 @@ export class Backend {
       conn.inTx = false;
     }
   }
-
-  /** No more drivers: close every connection (those in use when they come
-   * back). */
-  close() {
-    this.closed = true;
-    for (const c of this.idle.splice(0)) this.destroy(c);
-    for (const w of this.waiters.splice(0)) {
-      clearTimeout(w.timer);
-      w.resolve(null);
-    }
-  }
-}
-
-/** What a socket or client error says, without an address. */
-export function networkMessage(e) {
-  const code = e?.code;
-  const text = String(e?.message ?? e);
-  const connecting = (what) => `error connecting to server: ${what}`;
-  if (code === 'ECONNREFUSED') return connecting('Connection refused');
-  if (code === 'ENOTFOUND' || code === 'EAI_AGAIN') return connecting('the host name could not be resolved');
-  if (code === 'ENOENT') return connecting('no server socket there');
-  if (code === 'EHOSTUNREACH' || code === 'ENETUNREACH') return connecting('no route to the host');
-  if (code === 'ETIMEDOUT' || /timeout/i.test(text)) return connecting('timed out');
-  if (code === 'ECONNRESET' || code === 'EPIPE' || /terminated unexpectedly|Connection terminated/i.test(text)) {
-    return 'connection closed';
-  }
-  if (/does not support SSL/.test(text)) return 'error performing TLS handshake: the server does not support TLS';
-  if (/SSL|TLS|certificate|CERT_|self.signed|altnames|UNABLE_TO_VERIFY/i.test(`${code} ${text}`)) {
-    return `error performing TLS handshake: ${stripAddresses(text)}`;
-  }
-  if (/not queryable|Client was closed/i.test(text)) return 'connection closed';
-  return stripAddresses(text);
-}
-
-/** IPv4/IPv6 addresses and ports out of a message. */
-function stripAddresses(text) {
-  return text
-    .replace(/\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b/g, '(hidden)')
-    .replace(/\[?[0-9a-fA-F]*:[0-9a-fA-F:]{2,}\]?(?::\d+)?/g, (m) => (m.split(':').length > 2 ? '(hidden)' : m));
 }

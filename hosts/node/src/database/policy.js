@@ -19,6 +19,17 @@
 //   (lo_*), dblink*, settings (set_config, current_setting), addresses
 //   (inet_*), who the session is (current_user, ...), and functions that
 //   run SQL given as a string (query_to_xml, ts_stat, ts_rewrite).
+//
+// On MySQL and MariaDB (dialect 'mysql') the same rules hold, read the way
+// their scanner reads SQL (backquoted names are words, no dollar quotes,
+// no E'' escapes; the host sets NO_BACKSLASH_ESCAPES and ANSI_QUOTES on
+// every session so strings and "names" scan as here), and more is refused:
+// comments of every kind (/*! ... */ and /*M! ... */ are run, not skipped,
+// and 1--1 is arithmetic), variables (@x, @@datadir), server files
+// (LOAD_FILE, INTO OUTFILE/DUMPFILE), the system schemas (mysql,
+// performance_schema, sys), who and where the session is (DATABASE(),
+// CONNECTION_ID(), UUID(), which carries the server's MAC address), and
+// server-wide named locks (GET_LOCK, ...).
 
 /** Longest SQL text a driver may send (bytes). */
 export const MAX_SQL_BYTES = 64 * 1024;
@@ -38,6 +49,13 @@ export const DENIED = [
   'inet_client_addr', 'inet_client_port', 'current_user', 'session_user', 'system_user', 'user',
   'current_role', 'current_database', 'current_catalog', 'current_schema', 'current_schemas',
   'version', 'ts_stat', 'ts_rewrite', 'txid_current_snapshot',
+];
+
+/** More names refused anywhere on MySQL and MariaDB. */
+export const DENIED_MYSQL = [
+  'load_file', 'outfile', 'dumpfile', 'mysql', 'performance_schema', 'sys', 'database', 'schema',
+  'connection_id', 'uuid', 'uuid_short', 'get_lock', 'release_lock', 'release_all_locks', 'is_free_lock',
+  'is_used_lock', 'master_pos_wait', 'master_gtid_wait', 'source_pos_wait', 'sys_exec', 'sys_eval',
 ];
 
 /** Prefixes of names refused anywhere. */
@@ -69,13 +87,36 @@ function asciiLower(s) {
 
 class PolicyError extends Error {}
 
+/** A quoted name from b[i] (the opening `quote`) on: [word, next i]. */
+function quotedWord(b, i, quote, unterminated) {
+  const n = b.length;
+  const word = [];
+  i += 1;
+  for (;;) {
+    if (i >= n) throw unterminated('quoted identifier');
+    if (b[i] === quote && b[i + 1] === quote) {
+      word.push(quote);
+      i += 2;
+    } else if (b[i] === quote) {
+      i += 1;
+      break;
+    } else {
+      word.push(b[i]);
+      i += 1;
+    }
+  }
+  return [asciiLower(Buffer.from(word).toString('utf8')), i];
+}
+
 /**
  * Split SQL into words (lowercased strings), SEMICOLON and OTHER, skipping
  * whitespace, comments and string literals ('...', E'...', $tag$...$tag$).
  * Quoted identifiers are words (lowercased, so "PG_READ_FILE" is caught
- * too). Works on the UTF-8 bytes, as the Rust host does.
+ * too). On MySQL (`mysql` true), backquoted names are words too, and
+ * comments and variables are refused. Works on the UTF-8 bytes, as the
+ * Rust host does.
  */
-function tokenize(sql) {
+function tokenize(sql, mysql = false) {
   const b = Buffer.from(sql, 'utf8');
   const n = b.length;
   const tokens = [];
@@ -85,6 +126,19 @@ function tokenize(sql) {
     const c = b[i];
     if (isSpace(c)) {
       i += 1;
+    } else if (
+      mysql &&
+      (c === 0x23 /* # */ || (c === 0x2d /* - */ && b[i + 1] === 0x2d) || (c === 0x2f /* / */ && b[i + 1] === 0x2a /* * */))
+    ) {
+      throw new PolicyError(
+        'comments are not allowed in MySQL statements (the server runs /*! ... */ and reads 1--1 as arithmetic)',
+      );
+    } else if (mysql && c === 0x40 /* @ */) {
+      throw new PolicyError('variables (@name, @@name) are not allowed');
+    } else if (mysql && c === 0x60 /* ` */) {
+      const [word, next] = quotedWord(b, i, 0x60, unterminated);
+      tokens.push(word);
+      i = next;
     } else if (c === 0x2d /* - */ && b[i + 1] === 0x2d) {
       // PostgreSQL's scanner ends a comment at a newline or a carriage
       // return (release 0.2 missed the \r).
@@ -109,6 +163,7 @@ function tokenize(sql) {
       // E'...' strings take backslash escapes; the E was read as a word
       // just before, which is harmless.
       const escapes =
+        !mysql &&
         i > 0 &&
         (b[i - 1] === 0x65 || b[i - 1] === 0x45) &&
         (i < 2 || !(isAlnum(b[i - 2]) || b[i - 2] === 0x5f || b[i - 2] >= 0x80));
@@ -124,23 +179,10 @@ function tokenize(sql) {
       }
       tokens.push(OTHER);
     } else if (c === 0x22 /* " */) {
-      const word = [];
-      i += 1;
-      for (;;) {
-        if (i >= n) throw unterminated('quoted identifier');
-        if (b[i] === 0x22 && b[i + 1] === 0x22) {
-          word.push(0x22);
-          i += 2;
-        } else if (b[i] === 0x22) {
-          i += 1;
-          break;
-        } else {
-          word.push(b[i]);
-          i += 1;
-        }
-      }
-      tokens.push(asciiLower(Buffer.from(word).toString('utf8')));
-    } else if (c === 0x24 /* $ */ && i + 1 < n && (b[i + 1] === 0x24 || isAlpha(b[i + 1]) || b[i + 1] === 0x5f)) {
+      const [word, next] = quotedWord(b, i, 0x22, unterminated);
+      tokens.push(word);
+      i = next;
+    } else if (!mysql && c === 0x24 /* $ */ && i + 1 < n && (b[i + 1] === 0x24 || isAlpha(b[i + 1]) || b[i + 1] === 0x5f)) {
       // A dollar-quoted string: $tag$ ... $tag$.
       const tagEnd = b.indexOf(0x24, i + 1);
       if (tagEnd < 0) throw unterminated('dollar quote');
@@ -182,12 +224,14 @@ function debug(s) {
 }
 
 /** Why a statement is refused (the message says what to change), or null
- * when it may be sent. */
-export function check(sql) {
+ * when it may be sent; `dialect` is 'postgresql' or 'mysql' (MySQL and
+ * MariaDB). */
+export function check(sql, dialect = 'postgresql') {
+  const mysql = dialect === 'mysql';
   if (Buffer.byteLength(sql, 'utf8') > MAX_SQL_BYTES) return `SQL text is longer than ${MAX_SQL_BYTES} bytes`;
   let tokens;
   try {
-    tokens = tokenize(sql);
+    tokens = tokenize(sql, mysql);
   } catch (e) {
     if (e instanceof PolicyError) return e.message;
     throw e;
@@ -204,7 +248,10 @@ export function check(sql) {
   const semi = tokens.indexOf(SEMICOLON);
   if (semi >= 0 && tokens.slice(semi + 1).some((t) => t !== SEMICOLON)) return 'one statement per call';
   for (const w of words) {
-    const denied = DENIED.includes(w) || DENIED_PREFIXES.some((p) => w.startsWith(p)) || DENIED_SUFFIXES.some((s) => w.endsWith(s));
+    const denied =
+      DENIED.includes(w) ||
+      (mysql && DENIED_MYSQL.includes(w)) ||
+      DENIED_PREFIXES.some((p) => w.startsWith(p)) || DENIED_SUFFIXES.some((s) => w.endsWith(s));
     if (denied) return `a driver's SQL may not use ${debug(w)}`;
   }
   return null;

@@ -1,10 +1,13 @@
 // What the operator configures for a shared database (the `database`
-// import's PostgreSQL backend), checked in the main thread when a cache is
-// opened: the URL (libpq's or SQLAlchemy's form), its TLS parameters as
-// libpq reads them, the pool and the bounds. Nothing here connects.
+// import's PostgreSQL, MySQL and MariaDB backends), checked in the main
+// thread when a cache is opened: the URL (libpq's, SQLAlchemy's or
+// PyMySQL's form), its TLS parameters as libpq, PyMySQL or mysqlclient read
+// them, the pool and the bounds. Nothing here connects.
 //
-// The same rules as the Rust host (host/src/database/postgres.rs,
-// host/src/database/tls.rs); errors never contain the URL or the password.
+// The same rules as the Rust host (host/src/database.rs dialect_of_url,
+// host/src/database/postgres.rs, host/src/database/tls.rs,
+// host/src/database/mysql.rs); errors never contain the URL or the
+// password.
 
 import fs from 'node:fs';
 import os from 'node:os';
@@ -240,7 +243,7 @@ export function parseUrl(libpq) {
 function readPem(what, file) {
   try {
     const text = fs.readFileSync(file, 'utf8');
-    if (what !== 'sslkey' && !text.includes('-----BEGIN CERTIFICATE-----')) throw new Error('no PEM certificate in it');
+    if (!what.endsWith('key') && !text.includes('-----BEGIN CERTIFICATE-----')) throw new Error('no PEM certificate in it');
     return text;
   } catch (e) {
     throw new Error(`${what} ${file}: ${e.code ?? e.message}`);
@@ -279,6 +282,20 @@ export function tlsOptions(tls) {
   return out;
 }
 
+/** The pool and time bounds of one database's settings `c`. */
+function bounds(name, c, callDeadlineMs, urlConnectTimeoutMs) {
+  const positive = (key, value) => {
+    if (!(Number.isFinite(value) && value >= 1)) throw new Error(`database ${JSON.stringify(name)}: ${key} must be a positive number`);
+    return Math.floor(value);
+  };
+  return {
+    poolSize: positive('poolSize', c.poolSize ?? DATABASE_DEFAULTS.poolSize),
+    statementTimeoutMs: positive('statementTimeoutMs', c.statementTimeoutMs ?? callDeadlineMs),
+    connectTimeoutMs: positive('connectTimeoutMs', c.connectTimeoutMs ?? urlConnectTimeoutMs ?? DATABASE_DEFAULTS.connectTimeoutMs),
+    maxResultBytes: positive('maxResultBytes', c.maxResultBytes ?? DATABASE_DEFAULTS.maxResultBytes),
+  };
+}
+
 /**
  * One database's settings, checked: what the database worker needs, with
  * the strings that must never reach a driver or a message (`secrets`).
@@ -294,6 +311,13 @@ export function databaseSettings(name, config, { callDeadlineMs = 30_000 } = {})
   const c = typeof config === 'string' ? { url: config } : { ...config };
   const where = `the connection URL of database ${JSON.stringify(name)}`;
   if (typeof c.url !== 'string' || !c.url.trim()) throw new Error(`database ${JSON.stringify(name)}: no url is given`);
+  let dialect;
+  try {
+    dialect = dialectOfUrl(c.url);
+  } catch (e) {
+    throw new Error(`${where}: ${e.message}`);
+  }
+  if (dialect === 'mysql') return mysqlSettings(name, c, { callDeadlineMs });
   let libpq;
   let parsed;
   let tls;
@@ -304,18 +328,12 @@ export function databaseSettings(name, config, { callDeadlineMs = 30_000 } = {})
   } catch (e) {
     throw new Error(`${where}: ${e.message}`);
   }
-  const positive = (key, value) => {
-    if (!(Number.isFinite(value) && value >= 1)) throw new Error(`database ${JSON.stringify(name)}: ${key} must be a positive number`);
-    return Math.floor(value);
-  };
-  const poolSize = positive('poolSize', c.poolSize ?? DATABASE_DEFAULTS.poolSize);
-  const statementTimeoutMs = positive('statementTimeoutMs', c.statementTimeoutMs ?? callDeadlineMs);
-  const connectTimeoutMs = positive('connectTimeoutMs', c.connectTimeoutMs ?? parsed.connectTimeoutMs ?? DATABASE_DEFAULTS.connectTimeoutMs);
-  const maxResultBytes = positive('maxResultBytes', c.maxResultBytes ?? DATABASE_DEFAULTS.maxResultBytes);
+  const { poolSize, statementTimeoutMs, connectTimeoutMs, maxResultBytes } = bounds(name, c, callDeadlineMs, parsed.connectTimeoutMs);
   const secrets = [c.url.trim(), libpq, parsed.password ?? '', parsed.host, `${parsed.host}:${parsed.port}`]
     .filter((s) => s && s.length > 0)
     .sort((a, b) => b.length - a.length);
   return {
+    dialect: 'postgresql',
     name,
     host: parsed.host,
     port: parsed.port,
@@ -329,6 +347,293 @@ export function databaseSettings(name, config, { callDeadlineMs = 30_000 } = {})
     statementTimeoutMs,
     connectTimeoutMs,
     maxResultBytes,
+    allowPrivilegedRole: Boolean(c.allowPrivilegedRole ?? DATABASE_DEFAULTS.allowPrivilegedRole),
+    secrets: [...new Set(secrets)],
+  };
+}
+
+// ---- which server ---------------------------------------------------------
+
+/** The SQL a configured URL's server speaks, from its scheme: 'postgresql'
+ * (postgresql://, postgres://, with or without +driver, or libpq's
+ * key=value string) or 'mysql' (mysql://, mariadb://, with or without
+ * +driver). Errors never contain the URL (host/src/database.rs). */
+export function dialectOfUrl(url) {
+  url = String(url).trim();
+  const at = url.indexOf('://');
+  if (at < 0) {
+    if (url.includes('=')) return 'postgresql';
+    throw new Error(
+      'the database connection is not a URL (postgresql://user:password@host/db or mysql+pymysql://user:password@host/db)',
+    );
+  }
+  const scheme = url.slice(0, at).split('+')[0];
+  if (scheme === 'postgresql' || scheme === 'postgres') return 'postgresql';
+  if (scheme === 'mysql' || scheme === 'mariadb') return 'mysql';
+  throw new Error(
+    `the database connection is a ${JSON.stringify(scheme)} URL; the centralized driver needs PostgreSQL (postgresql://...), MySQL or MariaDB (mysql+pymysql://...)`,
+  );
+}
+
+// ---- MySQL and MariaDB ----------------------------------------------------
+
+/** Glance's two cache tables as its migrations create them on MySQL (the
+ * 2024.1 `cache` migration: InnoDB, utf8), one statement each: what
+ * `image-cache db init` runs for a database of the cache's own. Drivers
+ * never create them. */
+export const MYSQL_GLANCE_CACHE_SCHEMA = [
+  `CREATE TABLE IF NOT EXISTS node_reference (
+    node_reference_id BIGINT NOT NULL AUTO_INCREMENT,
+    node_reference_url VARCHAR(255) NOT NULL,
+    PRIMARY KEY (node_reference_id),
+    CONSTRAINT uq_node_reference_node_reference_url UNIQUE (node_reference_url)
+) ENGINE=InnoDB CHARSET=utf8`,
+  `CREATE TABLE IF NOT EXISTS cached_images (
+    id BIGINT NOT NULL AUTO_INCREMENT,
+    image_id VARCHAR(36) NOT NULL,
+    last_accessed DATETIME NOT NULL,
+    last_modified DATETIME NOT NULL,
+    size BIGINT NOT NULL,
+    hits INTEGER NOT NULL,
+    checksum VARCHAR(32),
+    node_reference_id BIGINT NOT NULL,
+    PRIMARY KEY (id),
+    FOREIGN KEY(node_reference_id) REFERENCES node_reference (node_reference_id),
+    CONSTRAINT ix_cached_images_image_id_node_reference_id UNIQUE (image_id, node_reference_id)
+) ENGINE=InnoDB CHARSET=utf8`,
+];
+
+/** `name` as a MySQL identifier (backquoted). */
+export function mysqlIdent(name) {
+  return `\`${String(name).replaceAll('`', '``')}\``;
+}
+
+/** `user` or `user@host` as a MySQL account (`'user'@'%'` by default). */
+export function mysqlAccount(role) {
+  const quote = (s) => `'${s.replaceAll("'", "''")}'`;
+  const at = role.lastIndexOf('@');
+  return at >= 0 ? `${quote(role.slice(0, at))}@${quote(role.slice(at + 1))}` : `${quote(role)}@'%'`;
+}
+
+/** The statements an administrator runs to give the cache's account
+ * (`role`, or `user@host`; made with CREATE USER ... IDENTIFIED BY)
+ * exactly what a driver needs: DML on the two cache tables of `database`.
+ * What `image-cache db grants --mysql` prints. */
+export function mysqlGrantStatements(role, database) {
+  const [who, db] = [mysqlAccount(role), mysqlIdent(database)];
+  return CACHE_TABLES.map((table) => `GRANT ${TABLE_PRIVILEGES.join(', ')} ON ${db}.${mysqlIdent(table)} TO ${who};`);
+}
+
+/** PyMySQL's truth values. */
+function truth(key, value) {
+  switch (value.toLowerCase()) {
+    case '1':
+    case 'true':
+    case 'yes':
+    case 'on':
+      return true;
+    case '0':
+    case 'false':
+    case 'no':
+    case 'off':
+      return false;
+    default:
+      throw new Error(`the database URL's ${key} must be true or false, not ${JSON.stringify(value)}`);
+  }
+}
+
+/** Percent-decoding as the url crate's percent_decode_str: %XX where XX
+ * is hex, anything else as it is; the bytes must be UTF-8. */
+function percentDecode(s) {
+  const bytes = [];
+  const raw = Buffer.from(s, 'utf8');
+  const hex = (c) => (c >= 0x30 && c <= 0x39) || (c >= 0x41 && c <= 0x46) || (c >= 0x61 && c <= 0x66);
+  for (let i = 0; i < raw.length; i++) {
+    if (raw[i] === 0x25 && i + 2 < raw.length && hex(raw[i + 1]) && hex(raw[i + 2])) {
+      bytes.push(parseInt(String.fromCharCode(raw[i + 1], raw[i + 2]), 16));
+      i += 2;
+    } else {
+      bytes.push(raw[i]);
+    }
+  }
+  try {
+    return new TextDecoder('utf-8', { fatal: true }).decode(Buffer.from(bytes));
+  } catch {
+    throw new Error("the database URL's user or password is not UTF-8");
+  }
+}
+
+const MYSQL_TLS_MODES = {
+  DISABLED: 'disabled',
+  REQUIRED: 'required',
+  VERIFY_CA: 'verify-ca',
+  VERIFY_IDENTITY: 'verify-identity',
+};
+
+/**
+ * A MySQL URL (Glance's `mysql+pymysql://user:password@host:port/db?...`,
+ * `mysql://`, `mariadb://`) as its parts: {host, port, user, password,
+ * database, socket, tls: {mode, ca, cert, key}, connectTimeoutMs?}, as the
+ * Rust host's Target::parse reads it: PyMySQL's TLS parameters (ssl_ca,
+ * ssl_cert, ssl_key, ssl_verify_cert, ssl_check_hostname, ssl_disabled) or
+ * mysqlclient's ssl_mode (DISABLED, REQUIRED, VERIFY_CA, VERIFY_IDENTITY;
+ * PREFERRED is refused), unix_socket, charset (utf8, utf8mb3, utf8mb4),
+ * connect_timeout; read_timeout and write_timeout are accepted (the call's
+ * deadline bounds every read and write). Throws without naming the URL.
+ */
+export function parseMysqlUrl(url) {
+  url = String(url).trim();
+  const at = url.indexOf('://');
+  if (at < 0) throw new Error('the database connection is not a URL');
+  let parsed;
+  try {
+    parsed = new URL(`mysql://${url.slice(at + 3)}`);
+  } catch {
+    throw new Error('the database connection is not a valid MySQL URL (a bad host, port or character in it)');
+  }
+  const target = {
+    host: parsed.hostname ? parsed.hostname.replace(/^\[(.*)\]$/, '$1') : 'localhost',
+    port: parsed.port ? Number(parsed.port) : 3306,
+    user: parsed.username ? percentDecode(parsed.username) : null,
+    password: parsed.password ? percentDecode(parsed.password) : null,
+    database: null,
+    socket: null,
+    tls: { mode: 'disabled', ca: null, cert: null, key: null },
+    connectTimeoutMs: undefined,
+  };
+  const first = parsed.pathname.replace(/^\/+/, '').split('/')[0];
+  if (first) target.database = percentDecode(first);
+  let mode = null;
+  let verifyCert = null;
+  let checkHostname = null;
+  for (const [key, value] of parsed.searchParams) {
+    switch (key) {
+      case 'ssl_ca':
+        target.tls.ca = value;
+        break;
+      case 'ssl_cert':
+        target.tls.cert = value;
+        break;
+      case 'ssl_key':
+        target.tls.key = value;
+        break;
+      case 'ssl_verify_cert':
+        verifyCert = truth(key, value);
+        break;
+      case 'ssl_check_hostname':
+        checkHostname = truth(key, value);
+        break;
+      case 'ssl_disabled':
+        if (truth(key, value)) mode = 'disabled';
+        break;
+      case 'ssl_mode':
+      case 'ssl-mode': {
+        const upper = value.toUpperCase();
+        if (upper === 'PREFERRED') {
+          throw new Error(
+            'ssl_mode=PREFERRED is not supported: it falls back to plain text when TLS fails, which anyone on the path can force; say REQUIRED (or VERIFY_CA, VERIFY_IDENTITY) or DISABLED',
+          );
+        }
+        if (!(upper in MYSQL_TLS_MODES)) {
+          throw new Error(`ssl_mode ${JSON.stringify(upper)} is not one of DISABLED, REQUIRED, VERIFY_CA, VERIFY_IDENTITY`);
+        }
+        mode = MYSQL_TLS_MODES[upper];
+        break;
+      }
+      case 'unix_socket':
+        target.socket = value;
+        break;
+      case 'charset':
+        // The host always speaks utf8mb4, which holds utf8.
+        if (!['utf8', 'utf8mb4', 'utf8mb3'].includes(value.toLowerCase())) {
+          throw new Error(`charset ${JSON.stringify(value)} is not supported: the host speaks utf8mb4`);
+        }
+        break;
+      case 'connect_timeout': {
+        const seconds = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/.test(value) ? Number(value) : NaN;
+        if (!(Number.isFinite(seconds) && seconds > 0 && seconds < 86_400)) {
+          throw new Error(`connect_timeout must be seconds, not ${JSON.stringify(value)}`);
+        }
+        target.connectTimeoutMs = Math.max(1, Math.round(seconds * 1000));
+        break;
+      }
+      // PyMySQL's socket timeouts: the driver call's deadline bounds every
+      // read and write here.
+      case 'read_timeout':
+      case 'write_timeout':
+        break;
+      default:
+        throw new Error(
+          `the database URL has a parameter this host does not know: ${JSON.stringify(key)} (known: ssl_ca, ssl_cert, ssl_key, ssl_verify_cert, ssl_check_hostname, ssl_mode, ssl_disabled, unix_socket, charset, connect_timeout)`,
+        );
+    }
+  }
+  // PyMySQL: any ssl_* file turns TLS on, verifying the certificate and the
+  // host name unless told not to.
+  const pymysqlTls = target.tls.ca !== null || target.tls.cert !== null || target.tls.key !== null;
+  if (mode !== null) {
+    target.tls.mode = mode;
+  } else if (pymysqlTls || verifyCert === true || checkHostname === true) {
+    if (verifyCert === false) target.tls.mode = 'required';
+    else target.tls.mode = checkHostname === false ? 'verify-ca' : 'verify-identity';
+  }
+  if ((target.tls.cert === null) !== (target.tls.key === null)) {
+    throw new Error('ssl_cert and ssl_key go together (a client certificate and its key)');
+  }
+  if (target.tls.mode === 'disabled' && pymysqlTls) throw new Error('TLS files are given but TLS is disabled');
+  return target;
+}
+
+/** mysql2's `ssl` option for the URL's TLS (null: none): `ca` (the given
+ * CA only, else Node's bundled roots), `cert` + `key`, `rejectUnauthorized`
+ * (false for REQUIRED: encrypted, not checked) and `verifyIdentity` (the
+ * host-name check, VERIFY_IDENTITY only: node:tls gets a
+ * checkServerIdentity that accepts any name, and the backend checks the
+ * URL's host itself, IP addresses included; see mysql.js). Files are read
+ * now; a missing one is an error naming the parameter and the file. */
+export function mysqlTlsOptions(tls) {
+  if (tls.mode === 'disabled') return null;
+  const out = {};
+  if (tls.ca) out.ca = readPem('ssl_ca', tls.ca);
+  if (tls.cert) {
+    out.cert = readPem('ssl_cert', tls.cert);
+    out.key = readPem('ssl_key', tls.key);
+  }
+  out.rejectUnauthorized = tls.mode !== 'required';
+  out.verifyIdentity = tls.mode === 'verify-identity';
+  return out;
+}
+
+/** One MySQL or MariaDB database's settings (see databaseSettings). */
+function mysqlSettings(name, c, { callDeadlineMs }) {
+  const where = `the connection URL of database ${JSON.stringify(name)}`;
+  let target;
+  let tls;
+  try {
+    target = parseMysqlUrl(c.url);
+    tls = mysqlTlsOptions(target.tls);
+  } catch (e) {
+    throw new Error(`${where}: ${e.message}`);
+  }
+  if (!target.database) {
+    throw new Error(`${where} names no database (mysql+pymysql://user:password@host/glance)`);
+  }
+  const b = bounds(name, c, callDeadlineMs, target.connectTimeoutMs);
+  const secrets = [c.url.trim(), target.password ?? '', target.host, `${target.host}:${target.port}`, target.socket ?? '']
+    .filter((s) => s && s.length > 0)
+    .sort((x, y) => y.length - x.length);
+  return {
+    dialect: 'mysql',
+    name,
+    host: target.host,
+    port: target.port,
+    user: target.user,
+    password: target.password,
+    database: target.database,
+    socket: target.socket,
+    tlsMode: target.tls.mode,
+    tls,
+    ...b,
     allowPrivilegedRole: Boolean(c.allowPrivilegedRole ?? DATABASE_DEFAULTS.allowPrivilegedRole),
     secrets: [...new Set(secrets)],
   };

@@ -1,11 +1,12 @@
 // The database worker: one thread per process that owns every configured
-// database's pool (src/database/backend.js) and runs the statements of
+// database's pool (src/database/backend.js for PostgreSQL,
+// src/database/mysql.js for MySQL and MariaDB) and runs the statements of
 // every driver instance that imports `database`.
 //
-// Component imports are synchronous; node-postgres is asynchronous. A
-// driver instance's thread (src/worker.js) posts a request on its own
-// MessagePort and sleeps in Atomics.wait on a shared word; this thread
-// runs the request (bounded by the driver call's deadline, which it
+// Component imports are synchronous; node-postgres and mysql2 are
+// asynchronous. A driver instance's thread (src/worker.js) posts a request
+// on its own MessagePort and sleeps in Atomics.wait on a shared word; this
+// thread runs the request (bounded by the driver call's deadline, which it
 // enforces itself: a statement still running then is cancelled on the
 // server and its connection closed), posts the answer on the port and
 // bumps and notifies the word; the instance's thread wakes and takes the
@@ -20,6 +21,7 @@
 
 import { parentPort } from 'node:worker_threads';
 import { Backend, DbError, timedOut } from './backend.js';
+import { MysqlBackend } from './mysql.js';
 
 // Nothing that goes wrong in one request may stop the thread every
 // database call of the process goes through: said, not thrown.
@@ -98,7 +100,7 @@ class Instance {
         }
         const id = nextConn++;
         this.conns.set(id, { backend, conn });
-        return { conn: id };
+        return { conn: id, dialect: backend.dialect };
       }
       case 'execute':
       case 'query': {
@@ -143,7 +145,7 @@ class Instance {
 parentPort.on('message', (m) => {
   switch (m.op) {
     case 'configure':
-      backends.set(m.id, new Backend(m.settings, warn));
+      backends.set(m.id, m.settings.dialect === 'mysql' ? new MysqlBackend(m.settings, warn) : new Backend(m.settings, warn));
       break;
     case 'close': {
       const b = backends.get(m.id);

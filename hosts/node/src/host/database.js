@@ -87,15 +87,17 @@ export function makeDatabaseImports(channel, ctx) {
       if (!r.ok) throw fail(r.error);
       const c = Object.create(Connection.prototype);
       c.id = r.conn;
+      c.sqlDialect = r.dialect === 'mysql' ? 'mysql' : 'postgresql';
       c.inTx = false;
       c.dropped = false;
       open.add(c);
       return c;
     }
 
-    /** The SQL this connection's server speaks. */
+    /** The SQL this connection's server speaks: 'postgresql', or 'mysql'
+     * (MySQL or MariaDB). */
     dialect() {
-      return 'postgresql';
+      return this.sqlDialect;
     }
 
     statement(op, sql, params) {
