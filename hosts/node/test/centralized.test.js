@@ -39,77 +39,20 @@ function imageBytes(seed, n) {
 // ---- the statement policy (no server needed) -----------------------------
 
 describe('the statement policy (policy.rs, ported)', () => {
+  // The shared cases every host's check plays (tests/scenarios/sql_policy.json).
+  const POLICY = JSON.parse(
+    fs.readFileSync(new URL('../../../tests/scenarios/sql_policy.json', import.meta.url), 'utf8'),
+  );
+
   test('allows what the centralized driver runs', () => {
-    for (const sql of [
-      'SELECT hits FROM cached_images WHERE image_id = $1 AND node_reference_id = $2',
-      'INSERT INTO cached_images (image_id) VALUES ($1) ON CONFLICT (image_id, node_reference_id) DO UPDATE SET hits = 0',
-      'UPDATE cached_images SET hits = hits + 1 WHERE id = $1;',
-      'DELETE FROM cached_images WHERE node_reference_id = $1',
-      'CREATE TABLE IF NOT EXISTS node_reference (node_reference_id BIGSERIAL NOT NULL)',
-      'CREATE UNIQUE INDEX IF NOT EXISTS x ON t (a)',
-      'BEGIN',
-      'COMMIT',
-      'ROLLBACK',
-      'WITH n AS (SELECT 1) SELECT * FROM n',
-      "SELECT 'pg_read_file(''/etc/passwd'')' -- pg_read_file\n",
-      'SELECT $$ COPY x TO PROGRAM $$',
-      'SELECT /* SET ROLE postgres; */ 1',
-    ]) {
+    for (const sql of POLICY.postgresql.allowed) {
       assert.equal(check(sql), null, sql);
     }
   });
 
   test('refuses what reaches beyond the tables', () => {
-    for (const sql of [
-      "COPY cached_images TO '/tmp/x'",
-      'SELECT 1 --\r, pg_terminate_backend(1)',
-      "SELECT 1 --\r, set_config('statement_timeout', '0', false)",
-      "--\r CREATE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql",
-      "COPY (SELECT 1) TO PROGRAM 'touch /tmp/pwned'",
-      "copy t from program 'id'",
-      "SELECT pg_read_file('/etc/passwd')",
-      'SELECT "pg_read_file"(\'/etc/passwd\')',
-      "SELECT PG_READ_BINARY_FILE('/etc/passwd')",
-      "SELECT pg_catalog.pg_ls_dir('.')",
-      "SELECT lo_import('/etc/passwd')",
-      "SELECT lo_export(1, '/tmp/x')",
-      "SELECT dblink_exec('host=10.0.0.1', 'x')",
-      'SET ROLE postgres',
-      'SET SESSION AUTHORIZATION postgres',
-      'SET statement_timeout = 0',
-      'RESET ALL',
-      'SHOW data_directory',
-      "ALTER SYSTEM SET archive_command = 'x'",
-      'ALTER ROLE glance SUPERUSER',
-      "LOAD 'plpgsql'",
-      'DO $$ BEGIN PERFORM 1; END $$',
-      'CREATE EXTENSION dblink',
-      "CREATE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql",
-      "CREATE OR REPLACE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql",
-      'CREATE ROLE evil SUPERUSER',
-      'GRANT pg_execute_server_program TO glance',
-      "SELECT set_config('role', 'postgres', false)",
-      "SELECT current_setting('data_directory')",
-      'SELECT inet_server_addr()',
-      'SELECT current_user',
-      'SELECT user',
-      'SELECT version()',
-      "SELECT query_to_xml('select pg_read_file(''x'')', true, true, '')",
-      'SELECT * FROM information_schema.tables',
-      'SELECT * FROM pg_stat_activity',
-      'SELECT 1; SELECT 2',
-      "SELECT 1; COPY t TO '/tmp/x'",
-      'LISTEN x',
-      'NOTIFY x',
-      'PREPARE p AS SELECT 1',
-      'VACUUM FULL',
-      'TRUNCATE cached_images',
-      '',
-      '   ',
-      "SELECT 'unterminated",
-      'SELECT U&"pg\\005fread_file"(\'x\')',
-      "SELECT date'\\' , pg_read_file('x') --'",
-    ]) {
+    assert.ok(POLICY.postgresql.refused.length > 30);
+    for (const sql of POLICY.postgresql.refused) {
       assert.notEqual(check(sql), null, `${JSON.stringify(sql)} was allowed`);
     }
     assert.notEqual(check('SELECT 1 '.repeat(20_000)), null);
