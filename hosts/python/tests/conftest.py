@@ -75,3 +75,28 @@ def pg_db(pg_cluster):
     db = pg_cluster.database()
     yield db
     db.close()
+
+
+# -- MariaDB (the centralized driver on MySQL) ---------------------------------------
+
+
+@pytest.fixture(scope="session")
+def maria_server():
+    """The session's MariaDB (tests/mariadb.py): a throwaway server, or the
+    one named by IMAGE_CACHE_TEST_MARIADB. Without either the tests that
+    need it fail, saying how to get one (as the Rust suite does)."""
+    import mariadb  # PyMySQL: the `test` extra installs it
+
+    try:
+        return mariadb.shared()
+    except mariadb.Unavailable as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture
+def maria_db(maria_server):
+    """A database of this test: Glance's two tables, an account named as the
+    database granted exactly what ``image-cache db grants --mysql`` prints."""
+    db = maria_server.database()
+    yield db
+    db.close()

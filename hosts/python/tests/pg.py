@@ -32,7 +32,7 @@ from typing import List, Optional
 
 import psycopg
 
-from image_cache_wasm import CENTRALIZED_DATABASE, DatabaseRoot, PostgresSettings
+from image_cache_wasm import CENTRALIZED_DATABASE, DatabaseRoot, DatabaseSettings
 from image_cache_wasm.postgres import GLANCE_CACHE_SCHEMA, grant_statements
 
 #: The server binaries' directory on Debian (postgresql-15).
@@ -299,14 +299,14 @@ class TestDatabase:
         """Run what ``image-cache db grants`` prints for ``role``."""
         self.sql("\n".join(grant_statements(role, self.name)))
 
-    def root_with(self, settings: PostgresSettings) -> DatabaseRoot:
-        root = DatabaseRoot().with_postgres(CENTRALIZED_DATABASE, settings)
+    def root_with(self, settings: DatabaseSettings) -> DatabaseRoot:
+        root = DatabaseRoot().with_database(CENTRALIZED_DATABASE, settings)
         self._roots.append(root)
         return root
 
     def root(self, **settings) -> DatabaseRoot:
         """The databases a cache may open: this one as ``glance``."""
-        return self.root_with(PostgresSettings(self.url, **settings))
+        return self.root_with(DatabaseSettings(self.url, **settings))
 
     def privileged_root(self, **settings) -> DatabaseRoot:
         """This database with a role that has more than a cache driver

@@ -14,10 +14,13 @@ from image_cache_wasm import CacheError, ImageCache
 
 #: The drivers a scenario without a `drivers` list runs on.
 DRIVERS = ("sqlite", "xattr")
-#: Drivers that need a shared database (a PostgreSQL the tests start, see
-#: pg.py): they run every scenario without a `drivers` list too, and those
-#: that name them, as the Rust conformance suite's `centralized` module.
+#: Drivers that need a shared database (a PostgreSQL or a MariaDB the tests
+#: start, see pg.py and mariadb.py): they run every scenario without a
+#: `drivers` list too, and those that name them, as the Rust conformance
+#: suite's `centralized` and `centralized_mariadb` modules.
 DATABASE_DRIVERS = ("centralized",)
+#: Steps that check the LRU order, which follows the recorded access times.
+LRU_OPS = {"get_least_recently_accessed", "get_least_recently_accessed_batch"}
 
 
 def drivers_of(scenario: dict, with_database: bool = False) -> tuple:
@@ -213,12 +216,28 @@ class Runner:
 BYTES_OPS = {"get", "last_passed"}
 
 
-def play(scenario: dict, root: Path, driver: str, open_cache) -> None:
+def tick(resolution: float) -> None:
+    """Wait until a time recorded now sorts after every time recorded so
+    far: into the next whole ``resolution`` (the Rust suite's
+    ``TestCache::tick``)."""
+    now = time.time()
+    time.sleep(resolution - (now % resolution) + 0.02)
+
+
+def play(scenario: dict, root: Path, driver: str, open_cache, time_resolution: float = 0.0) -> None:
+    """Play ``scenario``. ``time_resolution``: the seconds the recorded
+    times keep (1 where Glance's DATETIME columns keep whole seconds, on
+    MySQL and MariaDB): in a scenario that checks the LRU order, each read
+    waits for the next whole second first, as the Rust conformance tests
+    do there (``t.tick()``), so its access time sorts after the others."""
     runner = Runner(root, driver, open_cache)
+    ticks = time_resolution > 0 and any(step["op"] in LRU_OPS for step in scenario["steps"])
     try:
         for n, step in enumerate(scenario["steps"], 1):
             op, args = step["op"], step.get("args", {})
             where = f"{scenario['name']} [{driver}] step {n} {op} {args}"
+            if ticks and op == "get":
+                tick(time_resolution)
             if "expect_error" in step:
                 want = step["expect_error"]
                 try:

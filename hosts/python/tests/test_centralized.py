@@ -30,7 +30,7 @@ from image_cache_wasm import (
     ImageCache,
     IoError,
     Limits,
-    PostgresSettings,
+    DatabaseSettings,
     Runtime,
     Unsupported,
 )
@@ -177,7 +177,7 @@ def test_an_unreachable_database_is_an_error_that_never_shows_the_password(tmp_p
     url = f"postgresql+psycopg2://glance:{PASSWORD}@127.0.0.1:{port}/glance"
 
     def open_cache(fallback: bool) -> ImageCache:
-        return node(tmp_path / "root", DatabaseRoot().with_postgres("glance", PostgresSettings(url)),
+        return node(tmp_path / "root", DatabaseRoot().with_database("glance", DatabaseSettings(url)),
                     "http://n:9292", runtime, fallback_to_sqlite=fallback)
 
     # Down is not a configuration to fix: a database error, which says
@@ -222,7 +222,7 @@ def test_a_superuser_role_is_refused_unless_allowed(tmp_path, pg_cluster, runtim
         pytest.skip("an external server: its admin is not ours to hand out")
 
     def open_cache(allow: bool) -> ImageCache:
-        root = db.root_with(PostgresSettings(db.superuser_url, allow_privileged_role=allow))
+        root = db.root_with(DatabaseSettings(db.superuser_url, allow_privileged_role=allow))
         return node(tmp_path / "root", root, "http://n:9292", runtime)
 
     with pytest.raises(BadConfiguration) as e:
@@ -241,7 +241,7 @@ def test_a_superuser_role_is_refused_unless_allowed(tmp_path, pg_cluster, runtim
         "GRANT pg_execute_server_program TO runner"
     )
     db.grant_cache_privileges("runner")
-    root = db.root_with(PostgresSettings(db.url.replace(f"glance:{PASSWORD}", "runner:runner-pw")))
+    root = db.root_with(DatabaseSettings(db.url.replace(f"glance:{PASSWORD}", "runner:runner-pw")))
     with pytest.raises(DbError) as e:
         root.open(CENTRALIZED_DATABASE, soon())
     assert e.value.code == "access-denied", e.value.message
@@ -305,7 +305,7 @@ def test_a_role_with_more_than_the_cache_tables_is_refused_with_the_grants_to_ru
         "GRANT mighty_test TO member_test"
     )
     db.grant_cache_privileges("member_test")
-    member = db.root_with(PostgresSettings(db.url.replace(f"glance:{PASSWORD}", "member_test:member-pw")))
+    member = db.root_with(DatabaseSettings(db.url.replace(f"glance:{PASSWORD}", "member_test:member-pw")))
     with pytest.raises(DbError) as e:
         member.open(CENTRALIZED_DATABASE, soon())
     assert "mighty_test" in e.value.message, e.value.message
@@ -594,7 +594,7 @@ def test_errors_never_show_the_password_or_the_host(attack_db):
         root.open("not-configured", soon())
     assert e.value.code == "access-denied"
     # A wrong password: unavailable, and neither password shows.
-    wrong = attack_db.root_with(PostgresSettings(attack_db.url.replace(PASSWORD, "not-the-Pw-77")))
+    wrong = attack_db.root_with(DatabaseSettings(attack_db.url.replace(PASSWORD, "not-the-Pw-77")))
     with pytest.raises(DbError) as e:
         wrong.open(CENTRALIZED_DATABASE, soon())
     assert e.value.code == "unavailable", e.value.message
@@ -761,7 +761,7 @@ def test_tls_is_verified_as_libpq_does(tmp_path, pg_db, runtime):
         pytest.skip("an external server's TLS is not the tests' to set (or no openssl made a CA)")
 
     def open_(url: str) -> None:
-        root = DatabaseRoot().with_postgres(CENTRALIZED_DATABASE, PostgresSettings(url))
+        root = DatabaseRoot().with_database(CENTRALIZED_DATABASE, DatabaseSettings(url))
         try:
             root.open(CENTRALIZED_DATABASE, soon()).close()
         finally:
@@ -812,7 +812,7 @@ def test_tls_is_verified_as_libpq_does(tmp_path, pg_db, runtime):
     )
     open_(sqlalchemy)
     # A driver works over it.
-    databases = DatabaseRoot().with_postgres(CENTRALIZED_DATABASE, PostgresSettings(sqlalchemy))
+    databases = DatabaseRoot().with_database(CENTRALIZED_DATABASE, DatabaseSettings(sqlalchemy))
     cache = node(tmp_path / "root", databases, "http://tls:9292", runtime)
     put(cache, "over-tls", b"bytes")
     assert cache.read("over-tls") == b"bytes"

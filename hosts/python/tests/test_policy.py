@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from image_cache_wasm import DatabaseRoot, DbError, PostgresSettings
+from image_cache_wasm import DatabaseRoot, DatabaseSettings, DbError
 from image_cache_wasm import postgres
 from image_cache_wasm.policy import PolicyError, check, first_word
 
@@ -136,10 +136,11 @@ def test_a_url_that_cannot_be_used_is_refused_without_showing_it():
         ("postgresql://g:hunter22@h/d?sslmode=sometimes", 'sslmode="sometimes" is not one of'),
         ("postgresql://g:hunter22@h/d?client_encoding=latin1", "the cache speaks UTF8 only"),
         ("postgresql://g:hunter22@h/d?nonsense=1", "is not a valid PostgreSQL URL"),
-        ("mysql://g:hunter22@h/d", 'is a "mysql" URL'),
+        ("sqlite://g:hunter22@h/d", 'is a "sqlite" URL'),
+        ("g:hunter22@h/d", "is not a URL"),
     ]:
         with pytest.raises(ValueError) as e:
-            DatabaseRoot().with_postgres("glance", PostgresSettings(url))
+            DatabaseRoot().with_database("glance", DatabaseSettings(url))
         assert expected in str(e.value), str(e.value)
         assert "hunter22" not in str(e.value)
     # What psycopg2 accepts too: key=value, client_encoding=utf8, TLS options.
@@ -148,12 +149,12 @@ def test_a_url_that_cannot_be_used_is_refused_without_showing_it():
         "postgresql+psycopg2://g:pw@db/glance?client_encoding=utf8&sslmode=verify-full&sslrootcert=/ca.pem",
         "postgresql://g:pw@db/glance?sslmode=require&sslcert=/c.pem&sslkey=/k.pem",
     ]:
-        DatabaseRoot().with_postgres("glance", PostgresSettings(url))
+        DatabaseRoot().with_database("glance", DatabaseSettings(url))
 
 
 def test_secrets_are_scrubbed_and_never_shown():
-    root = DatabaseRoot().with_postgres(
-        "glance", PostgresSettings("postgresql+psycopg2://glance:hunter22@db.internal:5433/glance")
+    root = DatabaseRoot().with_database(
+        "glance", DatabaseSettings("postgresql+psycopg2://glance:hunter22@db.internal:5433/glance")
     )
     backend = root.backend("glance")
     m = backend.scrub(
@@ -161,7 +162,7 @@ def test_secrets_are_scrubbed_and_never_shown():
         "port 5433 failed"
     )
     assert "hunter22" not in m and "db.internal" not in m and "5433" not in m, m
-    assert "hunter22" not in repr(PostgresSettings("postgresql://a:hunter22@h/d"))
+    assert "hunter22" not in repr(DatabaseSettings("postgresql://a:hunter22@h/d"))
     assert "hunter22" not in repr(root) and "hunter22" not in repr(backend)
     assert repr(root) == "DatabaseRoot(names=['glance'])"
 

@@ -1,7 +1,7 @@
 """Every shared scenario (tests/scenarios/conformance.json), for every
 built-in driver, on the Python host: sqlite and xattr, and the centralized
-driver on the session's PostgreSQL (tests/pg.py; a database of its own per
-scenario)."""
+driver on the session's PostgreSQL (tests/pg.py) and on its MariaDB
+(tests/mariadb.py), a database of its own per scenario."""
 
 from __future__ import annotations
 
@@ -59,6 +59,20 @@ def test_scenario_on_a_shared_database(scenario, driver, tmp_path, runtime, pg_d
                           options=[("worker_self_reference_url", "http://scenario-node:9292")])
 
     play(scenario, root, driver, open_cache)
+
+
+@pytest.mark.parametrize("scenario,driver", DATABASE_CASES)
+def test_scenario_on_mariadb(scenario, driver, tmp_path, runtime, maria_db):
+    component(f"{driver}_driver")
+    root = tmp_path / "root"
+    databases = maria_db.root()
+
+    def open_cache():
+        return ImageCache(root, driver=driver, databases=databases, runtime=runtime, fallback_to_sqlite=False,
+                          options=[("worker_self_reference_url", "http://scenario-node:9292")])
+
+    # Glance's DATETIME columns keep whole seconds on MySQL and MariaDB.
+    play(scenario, root, driver, open_cache, time_resolution=1.0)
 
 
 HOSTILE = json.loads((SCENARIOS / "hostile.json").read_text())

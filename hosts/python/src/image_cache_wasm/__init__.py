@@ -11,7 +11,7 @@ contract ``image-cache:driver@0.3.0``) embedded in Python with wasmtime.
 """
 
 from .cache import Checksum, ImageCache, ImageReader, ImageWriter, Tee, components_dir
-from .database import CENTRALIZED_DATABASE, DatabaseRoot, DbError, PostgresSettings
+from .database import CENTRALIZED_DATABASE, DatabaseRoot, DatabaseSettings, DbError, dialect_of_url
 from .errors import (
     AlreadyCached,
     BadConfiguration,
@@ -42,6 +42,7 @@ __all__ = [
     "CONTRACT",
     "DatabaseError",
     "DatabaseRoot",
+    "DatabaseSettings",
     "DbError",
     "DriverFault",
     "ImageCache",
@@ -54,11 +55,11 @@ __all__ = [
     "NotConfigured",
     "NotFound",
     "Overloaded",
-    "PostgresSettings",
     "Runtime",
     "SourceError",
     "SUPPORTED",
     "Tee",
     "Unsupported",
     "components_dir",
+    "dialect_of_url",
 ]

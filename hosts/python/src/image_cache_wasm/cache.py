@@ -385,7 +385,7 @@ class ImageCache:
 
     ``driver`` is ``"sqlite"`` (default), ``"xattr"``, ``"centralized"``
     (Glance's ``centralized_db``: every node's metadata in Glance's tables
-    in a shared PostgreSQL database, the one ``databases`` maps the name
+    in a shared PostgreSQL, MySQL or MariaDB database, the one ``databases`` maps the name
     ``glance`` to, this node named by the option
     ``worker_self_reference_url``), or the path of a component file
     implementing the driver world (contract ``image-cache:driver@0.3.0``),

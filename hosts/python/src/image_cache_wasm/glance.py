@@ -14,14 +14,16 @@ It reads Glance's options (``image_cache_dir``, ``image_cache_sqlite_db``,
 The centralized driver keeps every node's hits in Glance's own
 ``cached_images`` and ``node_reference`` tables, in the database
 ``image_cache_database_url`` names, else Glance's ``[database] connection``
-(as the Rust CLI's ``--database-url``); this node is Glance's
+(as the Rust CLI's ``--database-url``): PostgreSQL
+(``postgresql+psycopg2://...``) or MySQL and MariaDB
+(``mysql+pymysql://...``), by the URL's scheme; this node is Glance's
 ``worker_self_reference_url``. The pool holds
 ``image_cache_database_pool_size`` connections, else Glance's ``[database]
 max_pool_size`` if it is set, else 4; ``image_cache_database_statement_timeout``
 (default: the driver call's deadline), ``image_cache_database_connect_timeout``
 (default 10s) and ``image_cache_database_allow_privileged_role`` (default
 false: Glance's own role, the owner of its tables, is refused; give the cache
-a role with only what ``image-cache db grants`` prints) are the Rust host's
+a role with only what ``image-cache db grants [--mysql]`` prints) are the Rust host's
 options. A database that cannot be reached is a
 :class:`~image_cache_wasm.DatabaseError`, never a ``BadDriverConfiguration``:
 Glance would fall back to its sqlite driver and prune a shared cache on local
@@ -48,7 +50,7 @@ from oslo_log import log as logging
 from . import errors
 from .cache import ImageCache
 from .contract import BUILTIN_ALIASES
-from .database import CENTRALIZED_DATABASE, DEFAULT_POOL_SIZE, DatabaseRoot, PostgresSettings
+from .database import CENTRALIZED_DATABASE, DEFAULT_POOL_SIZE, DatabaseRoot, DatabaseSettings
 
 LOG = logging.getLogger(__name__)
 CONF = cfg.CONF
@@ -63,8 +65,9 @@ _opts = [
     cfg.StrOpt(
         "image_cache_database_url",
         secret=True,
-        help="The centralized driver's PostgreSQL database (postgresql://..., or "
-        "postgresql+psycopg2://...); default: [database] connection.",
+        help="The centralized driver's database: PostgreSQL (postgresql://..., "
+        "postgresql+psycopg2://...), MySQL or MariaDB (mysql+pymysql://...); default: "
+        "[database] connection.",
     ),
     cfg.IntOpt(
         "image_cache_database_pool_size",
@@ -158,7 +161,7 @@ def database_settings():
     if pool is None and _set_in_files("max_pool_size", "database"):
         pool = _glance_option("max_pool_size", "database")
     statement_timeout = CONF.image_cache_database_statement_timeout
-    return PostgresSettings(
+    return DatabaseSettings(
         url,
         pool_size=int(pool) if pool else DEFAULT_POOL_SIZE,
         statement_timeout=parse_duration(statement_timeout) if statement_timeout else None,
@@ -215,7 +218,7 @@ class Driver(base.Driver):
             try:
                 settings = database_settings()
                 if settings is not None:
-                    databases = DatabaseRoot().with_postgres(CENTRALIZED_DATABASE, settings)
+                    databases = DatabaseRoot().with_database(CENTRALIZED_DATABASE, settings)
             except ValueError as e:  # the URL cannot be used (it is never shown)
                 raise exception.BadDriverConfiguration(driver_name=__name__, reason=str(e))
         try:

@@ -24,8 +24,7 @@ any role can do that a cache driver never needs:
   functions that run SQL given as a string (``query_to_xml`` and the other
   ``*_to_xml``, ``ts_stat``, ``ts_rewrite``).
 
-On MySQL and MariaDB (``dialect="mysql"``; this host has no MySQL backend
-yet, the rules are kept with the Rust host's) the same rules hold, read the
+On MySQL and MariaDB (``dialect="mysql"``, ``mysql.py``) the same rules hold, read the
 way their scanner reads SQL (backquoted names are words, no dollar quotes,
 no ``E'...'`` escapes), and more is refused: comments of every kind,
 variables (``@x``, ``@@datadir``), server files (``LOAD_FILE``, ``INTO
@@ -150,12 +149,14 @@ def _lower(raw: bytes) -> str:
 _ASCII_LOWER = {c: c + 32 for c in range(0x41, 0x5B)}
 
 
-def tokenize(sql: str, dialect: str = "postgresql") -> List[Token]:
+def tokenize(sql: str, dialect: str = "postgresql", marks: Optional[List[int]] = None) -> List[Token]:
     """Split SQL into words, ``;`` and the rest, skipping whitespace,
     comments and string literals ('...', E'...', $tag$...$tag$). Quoted
     identifiers are words (lowercased, so ``"PG_READ_FILE"`` is caught
     too). On MySQL, backquoted names are words too, and comments and
-    variables are refused."""
+    variables are refused. ``marks``, if given, receives the byte offset
+    (in the UTF-8 text) of every ``?`` outside literals, names and
+    comments: MySQL's placeholders as its server reads them."""
     b = sql.encode("utf-8", "surrogatepass")
     n = len(b)
     tokens: List[Token] = []
@@ -274,9 +275,21 @@ def tokenize(sql: str, dialect: str = "postgresql") -> List[Token]:
                 i += 1
             tokens.append(("word", _lower(b[start:i])))
         else:
+            if marks is not None and c == 0x3F:  # ?
+                marks.append(i)
             tokens.append(_OTHER)
             i += 1
     return tokens
+
+
+def placeholders(sql: str) -> List[int]:
+    """The byte offsets (in ``sql`` as UTF-8) of its ``?`` placeholders as
+    MySQL reads them under ``NO_BACKSLASH_ESCAPES`` and ``ANSI_QUOTES``:
+    outside '...' strings, "..." and `...` names. Raises
+    :class:`PolicyError` where :func:`check` would."""
+    marks: List[int] = []
+    tokenize(sql, "mysql", marks)
+    return marks
 
 
 def check(sql: str, dialect: str = "postgresql") -> None:

@@ -60,7 +60,7 @@ except ImportError as _e:  # pragma: no cover - the extra is not installed
         "the PostgreSQL backend needs psycopg 3: pip install 'image_cache_wasm[centralized]'"
     ) from _e
 
-from .database import DbError, timed_out
+from .database import DbError, Pool as _Pool, timed_out, value_size  # noqa: F401 - value_size is ours too
 from .errors import quoted
 from . import policy
 
@@ -352,15 +352,6 @@ def _column_reader(oid: int) -> Optional[Callable[[bytes], Any]]:
     return None
 
 
-def value_size(v: Any) -> int:
-    """What a value counts against the result cap (as the Rust host)."""
-    if isinstance(v, str):
-        return 8 + len(v.encode("utf-8", "surrogatepass"))
-    if isinstance(v, (bytes, bytearray)):
-        return 8 + len(v)
-    return 8
-
-
 class _Deadline(Exception):
     """The call's deadline passed while waiting on the server."""
 
@@ -507,65 +498,6 @@ def _send_cancel(cancel) -> None:
             cancel.finish()
         except Exception:  # noqa: BLE001
             pass
-
-
-class _Pool:
-    """At most ``size`` connections; idle ones are checked before reuse."""
-
-    def __init__(self, size: int, connect: Callable[[float], Session]):
-        self.size = max(1, size)
-        self._connect = connect
-        self._idle: List[Session] = []
-        self._live = 0
-        self._cv = threading.Condition()
-        self._closed = False
-
-    def status(self) -> Tuple[int, int]:
-        with self._cv:
-            return self._live, self.size
-
-    def get(self, deadline: float) -> Session:
-        with self._cv:
-            while True:
-                while self._idle:
-                    s = self._idle.pop()
-                    if s.usable():
-                        return s
-                    s.close()
-                    self._live -= 1
-                if self._live < self.size:
-                    self._live += 1
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise timed_out()
-                self._cv.wait(remaining)
-        try:
-            return self._connect(deadline)
-        except BaseException:
-            with self._cv:
-                self._live -= 1
-                self._cv.notify()
-            raise
-
-    def put(self, s: Session, healthy: bool) -> None:
-        keep = healthy and not s.broken and not self._closed and s.usable()
-        if not keep:
-            s.close()
-        with self._cv:
-            if keep:
-                self._idle.append(s)
-            else:
-                self._live -= 1
-            self._cv.notify()
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            self._live -= len(idle)
-        for s in idle:
-            s.close()
 
 
 _ROLE_UNCHECKED, _ROLE_OK, _ROLE_REFUSED = 0, 1, 2
