@@ -5,7 +5,7 @@ import { createHash } from 'node:crypto';
 import { ImageCache } from '../src/index.js'; // from another package: 'image-cache-wasm'
 
 const root = process.argv[2] ?? '/tmp/image-cache-example';
-const cache = await ImageCache.open(root, { driver: 'sqlite' }); // 'xattr' falls back to sqlite on Node
+const cache = await ImageCache.open(root, { driver: 'sqlite' }); // or 'xattr' (sqlite where user xattrs are unsupported)
 
 // Cache an image from a stream, verified against its checksum.
 const image = Buffer.from('pretend this is a disk image\n'.repeat(1000));

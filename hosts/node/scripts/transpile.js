@@ -1,5 +1,8 @@
 // Build step: transpile the built driver components with jco (the
-// transpiler of @bytecodealliance/jco 1.35, as a library) into generated/.
+// transpiler of @bytecodealliance/jco 1.35, as a library) into generated/:
+// the JS glue and core modules of each built-in driver, which the package
+// carries (sqlite, xattr, centralized), so that installing it runs no
+// transpiler; `hostile` too, for the tests in the repository (not packed).
 //
 // Components come from IMAGE_CACHE_COMPONENTS_DIR, default
 // <repo>/target/guest/components (where `cargo build` puts them).
@@ -9,7 +12,8 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { GENERATED_DIR, PACKAGE_DIR, transpile, checkContract } from '../src/component.js';
 
-/** Where the built components are. */
+/** Where the built components are, to build the package from (and for
+ * the tests: the hostile and chaos fixtures are only there). */
 export function componentsDir() {
   return process.env.IMAGE_CACHE_COMPONENTS_DIR
     ? path.resolve(process.env.IMAGE_CACHE_COMPONENTS_DIR)

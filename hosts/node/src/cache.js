@@ -17,6 +17,7 @@ import { CacheError, validateImageId } from './errors.js';
 import { Driver, DEFAULT_LIMITS } from './driver.js';
 import { loadDriver, DEFAULT_GRANTS } from './component.js';
 import { Databases } from './database/service.js';
+import { rangeLockAddon } from './host/native.js';
 
 const write = promisify(fs.write);
 const read = promisify(fs.read);
@@ -95,6 +96,10 @@ function prepareRoot(root) {
   return fs.realpathSync(root);
 }
 
+/** Image ids: every method that takes one checks it in the main thread
+ * before any worker sees it (validateImageId: the image-id crate's rule);
+ * an integer (a BigInt or a safe-integer number) is taken as its decimal
+ * string, as Glance's integer ids are; anything else is `invalid-image-id`. */
 export class ImageCache {
   /** Use `await ImageCache.open(root, options)`: opening starts a worker
    * and configures the driver, which cannot happen in a constructor. */
@@ -184,6 +189,9 @@ export class ImageCache {
     this.previous = old;
   }
 
+  /** Stop the driver's worker (and a swapped-out one's) and close the
+   * cache's database pools. Also `await using cache = await
+   * ImageCache.open(...)` where the runtime has `Symbol.asyncDispose`. */
   async close() {
     await this.driver.close();
     if (this.previous) await this.previous.close();
@@ -261,6 +269,7 @@ export class ImageCache {
 
   /** Start writing an image: an ImageWriter (write, commit, abort, drop). */
   async openForWrite(id) {
+    id = validateImageId(id);
     const s = await this.driver.openSession('write', id);
     return new ImageWriter(this.driver, id, s);
   }
@@ -268,6 +277,7 @@ export class ImageCache {
   /** Start reading a cached image: an ImageReader, an async iterable of
    * chunks; reading to the end counts the hit. */
   async openForRead(id) {
+    id = validateImageId(id);
     const s = await this.driver.openSession('read', id);
     return new ImageReader(this.driver, id, s);
   }
@@ -282,6 +292,7 @@ export class ImageCache {
    * Readable) as image `id`, verifying `checksum` if given. Strict: an
    * image that cannot be cached is an error. Returns the bytes written. */
   async cache(id, source, { checksum } = {}) {
+    id = validateImageId(id);
     const expected = parseChecksum(checksum);
     const writer = await this.openForWrite(id);
     const tee = new Tee(this, id, writer, expected, source, null);
@@ -297,6 +308,7 @@ export class ImageCache {
    * after the last chunk. The cache itself fails: the chunks keep flowing,
    * the failure is in `tee.report.cacheError`. */
   async cacheStream(id, source, { checksum } = {}) {
+    id = validateImageId(id);
     const expected = parseChecksum(checksum);
     let writer = null;
     let cacheError = null;
@@ -321,7 +333,12 @@ async function startDriver(root, config, source, grants) {
   } catch (e) {
     if (e.kind === 'bad-configuration') {
       const why = e.message.replace(/^bad configuration: /, '');
-      throw new CacheError('bad-configuration', `bad configuration: driver ${component.name} cannot use cache root ${root}: ${why}`);
+      // Without the range_lock add-on SQLite inside a driver cannot lock
+      // its database, and says no more than "disk I/O error".
+      const hint = rangeLockAddon()
+        ? ''
+        : ' (the range_lock add-on of image-cache-wasm is not built, so a driver cannot lock its SQLite database: rebuild it with `npm rebuild image-cache-wasm`, which needs python3, make and a C compiler; see its README, "Native add-ons")';
+      throw new CacheError('bad-configuration', `bad configuration: driver ${component.name} cannot use cache root ${root}: ${why}${hint}`);
     }
     throw e;
   }
@@ -583,6 +600,24 @@ export class Tee {
       if (!finished) await this.abort('the destination stopped reading');
     }
   }
+}
+
+// `await using`: a cache is closed, a read ends uncounted (close), a write
+// that was neither committed nor aborted is dropped (aborted as an
+// incomplete fetch). Where the runtime has Symbol.asyncDispose (Node 20.4
+// and later); without it there is nothing to define.
+if (typeof Symbol.asyncDispose === 'symbol') {
+  const dispose = (cls, method) =>
+    Object.defineProperty(cls.prototype, Symbol.asyncDispose, {
+      value: function () {
+        return this[method]();
+      },
+      writable: true,
+      configurable: true,
+    });
+  dispose(ImageCache, 'close');
+  dispose(ImageReader, 'close');
+  dispose(ImageWriter, 'drop');
 }
 
 export { validateImageId };

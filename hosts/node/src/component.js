@@ -1,8 +1,14 @@
-// Loading a driver component: the built-in ones transpiled at build time
-// (scripts/transpile.js, into generated/), any other component file
-// transpiled when it is loaded; its contract (version, imports) checked
-// before anything is instantiated; its core modules compiled once, with a
-// cap on linear memory written into them.
+// Loading a driver component: the built-in ones transpiled when the
+// package was built (scripts/transpile.js, into generated/; the package
+// carries them, so installing it runs no transpiler), any other component
+// file transpiled when it is loaded; its contract (version, imports)
+// checked before anything is instantiated; its core modules compiled once,
+// with a cap on linear memory written into them.
+//
+// The components themselves are in the package's components/ (found from
+// this file's URL); IMAGE_CACHE_COMPONENTS_DIR, when set, overrides it: a
+// built-in driver whose component there differs from the one generated/
+// was made from is transpiled from there when it is loaded.
 
 import fs from 'node:fs';
 import path from 'node:path';
@@ -16,7 +22,34 @@ export const CONTRACT = 'image-cache:driver@0.3.0';
 export const SUPPORTED = '>=0.3.0, <0.4.0';
 export const PACKAGE_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const GENERATED_DIR = path.join(PACKAGE_DIR, 'generated');
+/** The driver components the package carries (scripts/components.js). */
+export const PACKAGE_COMPONENTS_DIR = path.join(PACKAGE_DIR, 'components');
 export const BUILTIN = ['sqlite', 'xattr', 'hostile', 'centralized'];
+/** Each built-in driver's component file. The package ships all but
+ * `hostile`, a test fixture that exists only in the repository. */
+export const COMPONENT_FILES = {
+  sqlite: 'sqlite_driver.wasm',
+  xattr: 'xattr_driver.wasm',
+  centralized: 'centralized_driver.wasm',
+  hostile: 'hostile_driver.wasm',
+};
+export const SHIPPED = ['sqlite', 'xattr', 'centralized'];
+
+/** Where the driver components are: $IMAGE_CACHE_COMPONENTS_DIR when it is
+ * set (an override), else the package's own components/. */
+export function componentsDir() {
+  const override = process.env.IMAGE_CACHE_COMPONENTS_DIR;
+  return override ? path.resolve(override) : PACKAGE_COMPONENTS_DIR;
+}
+
+/** The component file of a built-in driver (`sqlite`, `xattr`,
+ * `centralized`), e.g. to give to `swapDriver`, to another host or to
+ * wasm-tools. */
+export function componentPath(name) {
+  const file = Object.hasOwn(COMPONENT_FILES, name) ? COMPONENT_FILES[name] : null;
+  if (!file) throw new CacheError('load', `there is no built-in driver ${JSON.stringify(String(name))} (built-in: ${SHIPPED.join(', ')})`);
+  return path.join(componentsDir(), file);
+}
 /** What each built-in driver is granted, whatever the cache's grants (as
  * the Rust host's built-ins): the centralized driver its database. */
 const BUILTIN_GRANTS = { sqlite: [], xattr: ['xattr'], hostile: ['xattr'], centralized: ['database'] };
@@ -164,13 +197,20 @@ export function checkContract(meta, grants = DEFAULT_GRANTS) {
   }
 }
 
+/** The manifest of a built-in driver transpiled into generated/, or null. */
+function generatedManifest(name) {
+  try {
+    return JSON.parse(fs.readFileSync(path.join(GENERATED_DIR, name, 'manifest.json'), 'utf8'));
+  } catch {
+    return null;
+  }
+}
+
 /** Read a transpiled built-in driver from generated/. */
 export function loadBuiltin(name) {
   const dir = path.join(GENERATED_DIR, name);
-  let meta;
-  try {
-    meta = JSON.parse(fs.readFileSync(path.join(dir, 'manifest.json'), 'utf8'));
-  } catch {
+  const meta = generatedManifest(name);
+  if (!meta) {
     throw new CacheError(
       'load',
       `built-in driver ${name} is not built: run \`npm run build\` in hosts/node (components from IMAGE_CACHE_COMPONENTS_DIR)`,
@@ -182,6 +222,41 @@ export function loadBuiltin(name) {
   return { ...meta, files, sourcePath: path.join(dir, js) };
 }
 
+/** Where a built-in driver comes from: generated/ (transpiled when the
+ * package was built), unless IMAGE_CACHE_COMPONENTS_DIR holds a different
+ * build of its component, or generated/ lacks it and components/ has it:
+ * then that component file, transpiled when it is loaded (which needs
+ * @bytecodealliance/jco-transpile, a dependency of the package). */
+function builtinSource(name) {
+  const readIf = (file) => {
+    try {
+      return fs.readFileSync(file);
+    } catch {
+      return null;
+    }
+  };
+  const manifest = generatedManifest(name);
+  if (process.env.IMAGE_CACHE_COMPONENTS_DIR) {
+    const file = path.join(componentsDir(), COMPONENT_FILES[name]);
+    const bytes = readIf(file);
+    if (bytes) {
+      const sha = crypto.createHash('sha256').update(bytes).digest('hex');
+      if (manifest?.sha256 === sha) return { builtin: true };
+      return { bytes, file, sha };
+    }
+  }
+  if (manifest) return { builtin: true };
+  const file = path.join(PACKAGE_COMPONENTS_DIR, COMPONENT_FILES[name]);
+  const bytes = readIf(file);
+  if (bytes) return { bytes, file, sha: crypto.createHash('sha256').update(bytes).digest('hex') };
+  throw new CacheError(
+    'load',
+    SHIPPED.includes(name)
+      ? `built-in driver ${name} is not built: run \`npm run build\` in hosts/node (components from IMAGE_CACHE_COMPONENTS_DIR)`
+      : `built-in driver ${name} is a test fixture that this package does not carry (set IMAGE_CACHE_COMPONENTS_DIR to a directory holding ${COMPONENT_FILES[name]})`,
+  );
+}
+
 /** A driver source (built-in name or component file path) as a checked,
  * compiled driver, cached per content and memory cap. */
 const compiled = new Map();
@@ -189,37 +264,46 @@ const compiled = new Map();
 export async function loadDriver(source, { grants = DEFAULT_GRANTS, memoryBytes, onWarning } = {}) {
   grants = normalizeGrants(grants, onWarning);
   let meta;
+  let bytes;
+  let sha;
+  let file;
+  let name;
   if (BUILTIN.includes(source)) {
-    meta = loadBuiltin(source);
     grants = [...new Set([...grants, ...BUILTIN_GRANTS[source]])];
+    const from = builtinSource(source);
+    if (from.builtin) meta = loadBuiltin(source);
+    else ({ bytes, sha, file } = from);
+    name = source;
   } else {
-    let bytes;
+    file = String(source);
     try {
       bytes = fs.readFileSync(source);
     } catch (e) {
-      throw new CacheError('load', `cannot load driver ${path.basename(String(source))}: ${e.code ?? e.message}`);
+      throw new CacheError('load', `cannot load driver ${path.basename(file)}: ${e.code ?? e.message}`);
     }
-    const sha = crypto.createHash('sha256').update(bytes).digest('hex');
+    sha = crypto.createHash('sha256').update(bytes).digest('hex');
+    name = fileDriverName(source);
+  }
+  if (!meta) {
     const key = `${sha}:${memoryBytes}`;
     if (compiled.has(key)) {
       const c = compiled.get(key);
       checkContract(c, grants);
-      return { ...c, name: fileDriverName(source) };
+      return { ...c, name };
     }
     // The contract first, from the component's world: a component of
     // another contract line is refused before anything is transpiled.
-    const name = fileDriverName(source);
     let world;
     try {
       world = await describe(bytes);
     } catch (e) {
-      throw new CacheError('load', `cannot load driver ${path.basename(source)}: not a component (${String(e?.message ?? e).split('\n')[0]})`);
+      throw new CacheError('load', `cannot load driver ${path.basename(file)}: ${notAComponent(e)}`);
     }
     checkContract({ name, ...world }, grants);
     try {
       meta = await transpile(bytes, name, world);
     } catch (e) {
-      throw new CacheError('load', `cannot load driver ${path.basename(source)}: not a component jco can transpile (${String(e?.message ?? e).split('\n')[0]})`);
+      throw new CacheError('load', `cannot load driver ${path.basename(file)}: not a component jco can transpile (${String(e?.message ?? e).split('\n')[0]})`);
     }
   }
   checkContract(meta, grants);
@@ -242,6 +326,14 @@ export async function loadDriver(source, { grants = DEFAULT_GRANTS, memoryBytes,
   };
   compiled.set(key, driver);
   return driver;
+}
+
+/** Why describe() failed: jco's transpiler missing, or not a component. */
+function notAComponent(e) {
+  if (e?.code === 'ERR_MODULE_NOT_FOUND' && /jco-transpile/.test(String(e.message))) {
+    return 'loading a component file needs @bytecodealliance/jco-transpile (npm install @bytecodealliance/jco-transpile@0.15.0)';
+  }
+  return `not a component (${String(e?.message ?? e).split('\n')[0]})`;
 }
 
 /** A driver loaded from a file is named after it. */

@@ -10,7 +10,7 @@
 import fs from 'node:fs';
 import { Worker } from 'node:worker_threads';
 import { createRequire } from 'node:module';
-import { CacheError, printable, invalidIdReason, validateImageId } from './errors.js';
+import { CacheError, printable, invalidIdReason, refusal, validateImageId } from './errors.js';
 import { createLockTable, createFdTable, Locks } from './host/locks.js';
 
 const WORKER = new URL('./worker.js', import.meta.url);
@@ -322,12 +322,17 @@ export class Driver {
   }
 
   // ---- the driver's operations, checked ----
+  //
+  // Every id an application passes goes through validateImageId here, in
+  // the main thread: an invalid id (or a value that is not an id) is an
+  // `invalid-image-id` rejection before any worker sees it; an integer
+  // becomes its decimal string.
 
   getCacheSize() {
     return this.fn('getCacheSize').then(Number);
   }
-  getHitCount(id) {
-    return this.fn('getHitCount', id).then(Number);
+  async getHitCount(id) {
+    return this.fn('getHitCount', validateImageId(id)).then(Number);
   }
   async getCachedImages() {
     const images = await this.checked('getCachedImages', [], (list) => {
@@ -348,32 +353,32 @@ export class Driver {
       size: Number(i.size),
     }));
   }
-  isCached(id) {
-    return this.fn('isCached', id);
+  async isCached(id) {
+    return this.fn('isCached', validateImageId(id));
   }
-  isBeingCached(id) {
-    return this.fn('isBeingCached', id);
+  async isBeingCached(id) {
+    return this.fn('isBeingCached', validateImageId(id));
   }
-  isCacheable(id) {
-    return this.fn('isCacheable', id);
+  async isCacheable(id) {
+    return this.fn('isCacheable', validateImageId(id));
   }
-  isQueued(id) {
-    return this.fn('isQueued', id);
+  async isQueued(id) {
+    return this.fn('isQueued', validateImageId(id));
   }
-  queueImage(id) {
-    return this.fn('queueImage', id);
+  async queueImage(id) {
+    return this.fn('queueImage', validateImageId(id));
   }
   getQueuedImages() {
     return this.checked('getQueuedImages', [], (ids) => badIds('get-queued-images', ids));
   }
-  deleteCachedImage(id) {
-    return this.fn('deleteCachedImage', id).then(() => undefined);
+  async deleteCachedImage(id) {
+    return this.fn('deleteCachedImage', validateImageId(id)).then(() => undefined);
   }
   deleteAllCachedImages() {
     return this.fn('deleteAllCachedImages').then(Number);
   }
-  deleteQueuedImage(id) {
-    return this.fn('deleteQueuedImage', id).then(() => undefined);
+  async deleteQueuedImage(id) {
+    return this.fn('deleteQueuedImage', validateImageId(id)).then(() => undefined);
   }
   deleteAllQueuedImages() {
     return this.fn('deleteAllQueuedImages').then(Number);
@@ -391,11 +396,11 @@ export class Driver {
     );
     return batch.map((e) => ({ imageId: e.imageId, size: Number(e.size), lastAccessed: e.lastAccessed }));
   }
-  getImageSize(id) {
-    return this.fn('getImageSize', id).then(Number);
+  async getImageSize(id) {
+    return this.fn('getImageSize', validateImageId(id)).then(Number);
   }
-  getCachedNodes(id) {
-    return this.checked('getCachedNodes', [id], (nodes) => {
+  async getCachedNodes(id) {
+    return this.checked('getCachedNodes', [validateImageId(id)], (nodes) => {
       const bad = nodes.find((n) => n.length > 2048 || /\p{Cc}/u.test(n));
       return bad === undefined ? null : `get-cached-nodes returned an unusable node name ${JSON.stringify(printable(bad, 64))}`;
     });
@@ -445,7 +450,7 @@ export class Driver {
 
   /** Open a session; returns {inst, sid, fd, size}. The caller owns fd. */
   async openSession(kind, id) {
-    validateImageId(id);
+    id = validateImageId(id);
     const { inst, value } = await this.call(kind === 'write' ? 'openForWrite' : 'openForRead', { id });
     return { inst, ...value };
   }
@@ -464,7 +469,7 @@ function removed(f) {
 function badIds(what, ids) {
   for (const id of ids) {
     const reason = invalidIdReason(id);
-    if (reason) return `${what} returned invalid image id ${JSON.stringify(printable(String(id), 64))}: ${reason}`;
+    if (reason) return `${what} returned ${typeof id === 'string' ? refusal(id, reason) : `invalid image id (${typeof id}): ${reason}`}`;
   }
   return null;
 }
