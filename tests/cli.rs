@@ -3,7 +3,7 @@
 //! documents and exit codes (0 success, 1 operational error, 2 usage).
 //!
 //! The binary is `<target>/<profile>/image-cache`; the first test builds it
-//! with `cargo build -p image-cache --bin image-cache` (a no-op when it is
+//! with `cargo build -p image-cache-cli --bin image-cache` (a no-op when it is
 //! up to date), unless `IMAGE_CACHE_BIN` names one to use instead.
 //! Compiled driver components are kept in `<target>/tmp/xdg` so only the
 //! first run compiles them.

@@ -35,7 +35,7 @@ done
 # The interpreter itself (not a pyenv shim), so that $! is its pid.
 PY=$(python3 -c 'import sys; print(sys.executable)')
 if [ -z "${BIN:-}" ]; then
-    cargo build --quiet --release -p image-cache --bin image-cache
+    cargo build --quiet --release -p image-cache-cli --bin image-cache
     BIN="${CARGO_TARGET_DIR:-target}/release/image-cache"
 fi
 PROFILE=${BUILD_LABEL:-$(basename "$(dirname "$BIN")")}

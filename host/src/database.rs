@@ -11,13 +11,20 @@
 //! - `common`: what both share (the runtime, deadlines, scrubbing);
 //! - [`policy`]: what a driver's SQL may say, checked before it is sent.
 
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 mod common;
+#[cfg(feature = "mysql")]
 pub mod mysql;
 pub mod policy;
+#[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod schema;
+#[cfg(feature = "postgres")]
 pub mod tls;
 
+#[cfg(feature = "mysql")]
 pub use mysql::MysqlBackend;
+#[cfg(feature = "postgres")]
 pub use postgres::PostgresBackend;
 
 /// The name the centralized driver opens its database by (Glance's
@@ -120,13 +127,23 @@ pub fn dialect_of_url(url: &str) -> std::result::Result<Dialect, String> {
     }
 }
 
+/// Why a URL of `dialect` cannot be used by this build.
+#[allow(dead_code)]
+fn not_built(dialect: Dialect) -> String {
+    let (what, feature) = match dialect {
+        Dialect::Postgresql => ("PostgreSQL", "postgres"),
+        Dialect::Mysql => ("MySQL", "mysql"),
+    };
+    format!("this build of image-cache has no {what} backend (the library's `{feature}` feature)")
+}
+
 /// The statements an administrator runs (in `database`, as the owner of
 /// Glance's tables) so the cache's role or account `role` has exactly what
 /// a driver needs, for a server speaking `dialect`.
 pub fn grant_statements(dialect: Dialect, role: &str, database: &str) -> Vec<String> {
     match dialect {
-        Dialect::Postgresql => postgres::grant_statements(role, database),
-        Dialect::Mysql => mysql::grant_statements(role, database),
+        Dialect::Postgresql => schema::postgres::grant_statements(role, database),
+        Dialect::Mysql => schema::mysql::grant_statements(role, database),
     }
 }
 
@@ -136,8 +153,12 @@ pub fn grant_statements(dialect: Dialect, role: &str, database: &str) -> Vec<Str
 /// URL.
 pub fn init_schema(url: &str, timeout: Duration) -> std::result::Result<(), String> {
     match dialect_of_url(url)? {
+        #[cfg(feature = "postgres")]
         Dialect::Postgresql => postgres::init_schema(url, timeout),
+        #[cfg(feature = "mysql")]
         Dialect::Mysql => mysql::init_schema(url, timeout),
+        #[allow(unreachable_patterns)]
+        other => Err(not_built(other)),
     }
 }
 
@@ -234,8 +255,12 @@ impl DatabaseRoot {
         settings: &DatabaseSettings,
     ) -> std::result::Result<DatabaseRoot, String> {
         let backend: Box<dyn Backend> = match dialect_of_url(&settings.url)? {
+            #[cfg(feature = "postgres")]
             Dialect::Postgresql => Box::new(PostgresBackend::new(name, settings)?),
+            #[cfg(feature = "mysql")]
             Dialect::Mysql => Box::new(MysqlBackend::new(name, settings)?),
+            #[allow(unreachable_patterns)]
+            other => return Err(not_built(other)),
         };
         Ok(self.with_backend(name, backend))
     }

@@ -255,6 +255,30 @@ impl DriverSource {
         }
     }
 
+    /// The driver an operator named (`--driver`, `image_cache_driver`, the
+    /// swap endpoint): a built-in by its name or alias, else the path of a
+    /// component. A name that is neither a built-in nor an existing file
+    /// nor looks like a path (a `/`, or `.wasm`) is refused, naming the
+    /// built-ins; a path that does not exist is refused when it is loaded.
+    pub fn named(spec: &str) -> std::result::Result<DriverSource, String> {
+        let spec = spec.trim();
+        if spec.is_empty() {
+            return Err("the driver name is empty".into());
+        }
+        let source = DriverSource::parse(spec);
+        if let DriverSource::File(path) = &source {
+            let looks_like_path = spec.contains('/') || spec.ends_with(".wasm");
+            if !looks_like_path && !path.exists() {
+                let builtins: Vec<&str> = crate::builtin::ALL.iter().map(|b| b.name).collect();
+                return Err(format!(
+                    "unknown driver {spec:?}: use {} or the path of a driver component (.wasm)",
+                    builtins.join(", ")
+                ));
+            }
+        }
+        Ok(source)
+    }
+
     pub fn name(&self) -> String {
         match self {
             DriverSource::Builtin(name) => name.to_string(),

@@ -486,7 +486,7 @@ pub fn cli_binary() -> &'static Path {
                 "build",
                 "--quiet",
                 "-p",
-                "image-cache",
+                "image-cache-cli",
                 "-p",
                 "image-cache-tests",
                 "--bin",
@@ -520,7 +520,7 @@ pub fn cli_binary() -> &'static Path {
         let status = build.status().expect("running cargo build for the binary");
         assert!(
             status.success(),
-            "cargo build -p image-cache --bin image-cache failed"
+            "cargo build -p image-cache-cli --bin image-cache failed"
         );
         let bin = profile.join(format!("image-cache{}", std::env::consts::EXE_SUFFIX));
         assert!(bin.exists(), "{} was not built", bin.display());

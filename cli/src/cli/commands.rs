@@ -28,6 +28,7 @@ pub fn run(settings: &Settings, command: &Command) -> Outcome {
             action: Some(super::DriversAction::Inspect { path }),
         } => inspect(settings, path, &mut out)?,
         Command::Db { action } => db(settings, action, &mut out)?,
+        Command::HelpReference => help_reference(&mut out)?,
         command => {
             let cache = settings.open()?;
             let cache = &cache;
@@ -53,7 +54,9 @@ pub fn run(settings: &Settings, command: &Command) -> Outcome {
                 Command::Status { id } => status(s, cache, o, id)?,
                 Command::Size => size(s, cache, o)?,
                 Command::Nodes { id } => nodes(s, cache, o, id)?,
-                Command::Drivers { .. } | Command::Db { .. } => unreachable!("handled above"),
+                Command::Drivers { .. } | Command::Db { .. } | Command::HelpReference => {
+                    unreachable!("handled above")
+                }
                 Command::Serve(_) => unreachable!("cli::main runs the server"),
             }
         }
@@ -989,4 +992,214 @@ fn print_inspection(out: &mut Out, e: &Value) -> Outcome {
         outln!(out, "  refused:       {}", text(&e["refused"]));
     }
     Ok(())
+}
+
+/// `image-cache help-reference` (hidden): every command and option as
+/// Markdown, walked from the clap definitions, for the book's CLI
+/// reference (docs/src/reference/cli.md; tests/docs_reference.rs checks
+/// that the file is this output). Environment values are never read:
+/// only the variables' names are printed.
+fn help_reference(out: &mut Out) -> Outcome {
+    use clap::CommandFactory;
+    let mut cli = super::Cli::command();
+    cli.build();
+    let mut doc = String::from(
+        "# CLI and server reference\n\n\
+         <!-- Generated from the clap definitions in cli/src by\n     \
+         cargo run -q -p image-cache-cli -- help-reference > docs/src/reference/cli.md\n     \
+         Do not edit: tests/docs_reference.rs fails when this file is stale. -->\n\n\
+         Every command and option of `image-cache`, generated from the tool's own \
+         argument definitions. `image-cache COMMAND --help` prints the same text; \
+         every command also takes `-h`/`--help`, and `image-cache --version` prints \
+         the version.\n",
+    );
+    reference_section(&mut cli, "", &mut doc);
+    write!(out, "{doc}").map_err(stdout_failure)?;
+    Ok(())
+}
+
+/// One command's section, then its subcommands' (depth first).
+fn reference_section(cmd: &mut clap::Command, parent: &str, doc: &mut String) {
+    use std::fmt::Write as _;
+    let path = if parent.is_empty() {
+        cmd.get_name().to_string()
+    } else {
+        format!("{parent} {}", cmd.get_name())
+    };
+    let usage = cmd.render_usage().to_string();
+    let usage = usage.trim().trim_start_matches("Usage:").trim();
+    let _ = write!(doc, "\n## `{path}`\n\n");
+    if let Some(about) = cmd.get_long_about().or(cmd.get_about()) {
+        let _ = write!(doc, "{}\n\n", sentence(&markdown_text(&about.to_string())));
+    }
+    let _ = writeln!(doc, "**Usage:** `{usage}`");
+    if let Some(after) = cmd.get_after_long_help().or(cmd.get_after_help()) {
+        let _ = write!(doc, "\n{}\n", markdown_text(&after.to_string()));
+    }
+    let subcommands: Vec<&clap::Command> = cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        .collect();
+    if !subcommands.is_empty() {
+        let _ = write!(doc, "\n**Commands:**\n\n");
+        for sub in &subcommands {
+            let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+            let anchor = format!("{path} {}", sub.get_name()).replace(' ', "-");
+            let _ = writeln!(
+                doc,
+                "- [`{}`](#{anchor}): {}",
+                sub.get_name(),
+                sentence(&markdown_text(&about))
+            );
+        }
+    }
+    let top = parent.is_empty();
+    let args: Vec<&clap::Arg> = cmd
+        .get_arguments()
+        .filter(|a| !a.is_hide_set() && !matches!(a.get_id().as_str(), "help" | "version"))
+        .filter(|a| top || !a.is_global_set())
+        .collect();
+    let positionals: Vec<&&clap::Arg> = args.iter().filter(|a| a.is_positional()).collect();
+    let options: Vec<&&clap::Arg> = args.iter().filter(|a| !a.is_positional()).collect();
+    if !positionals.is_empty() {
+        let _ = write!(doc, "\n**Arguments:**\n\n");
+        for arg in positionals {
+            reference_arg(arg, doc);
+        }
+    }
+    if !options.is_empty() {
+        let heading = if top {
+            "**Options** (global: every command takes them):"
+        } else {
+            "**Options:**"
+        };
+        let _ = write!(doc, "\n{heading}\n\n");
+        for arg in options {
+            reference_arg(arg, doc);
+        }
+    }
+    let names: Vec<String> = subcommands
+        .iter()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    for name in names {
+        if let Some(sub) = cmd.find_subcommand_mut(&name) {
+            reference_section(sub, &path, doc);
+        }
+    }
+}
+
+/// One argument as a list item: its spelling, help, environment variable,
+/// default and accepted values.
+fn reference_arg(arg: &clap::Arg, doc: &mut String) {
+    use std::fmt::Write as _;
+    let takes_values = arg.get_action().takes_values();
+    let value_names: Vec<String> = match arg.get_value_names() {
+        Some(names) => names.iter().map(|n| n.to_string()).collect(),
+        None => vec![arg.get_id().as_str().to_ascii_uppercase()],
+    };
+    let many = arg
+        .get_num_args()
+        .is_some_and(|range| range.max_values() > 1);
+    let values = value_names
+        .iter()
+        .map(|n| format!("<{n}>"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let spelling = if arg.is_positional() {
+        let mut s = values;
+        if many {
+            s.push_str("...");
+        }
+        if !arg.is_required_set() {
+            s = format!("[{s}]");
+        }
+        s
+    } else {
+        let mut s = String::new();
+        if let Some(short) = arg.get_short() {
+            s.push_str(&format!("-{short}, "));
+        }
+        if let Some(long) = arg.get_long() {
+            s.push_str(&format!("--{long}"));
+        }
+        if takes_values {
+            s.push(' ');
+            s.push_str(&values);
+        }
+        s
+    };
+    let help = arg
+        .get_long_help()
+        .or(arg.get_help())
+        .map(|h| sentence(&markdown_text(&h.to_string())).replace("\n\n", "\n\n  "))
+        .unwrap_or_default();
+    let _ = write!(doc, "- `{spelling}`");
+    let mut notes = vec![help];
+    if arg.is_required_set() && !arg.is_positional() {
+        notes.push("Required.".to_string());
+    }
+    let repeatable = matches!(
+        arg.get_action(),
+        clap::ArgAction::Append | clap::ArgAction::Count
+    );
+    if repeatable && !arg.is_positional() && !notes[0].contains("Repeatable") {
+        notes.push("Repeatable.".to_string());
+    }
+    if let Some(env) = arg.get_env() {
+        notes.push(format!("Environment: `{}`.", env.to_string_lossy()));
+    }
+    if takes_values && !arg.is_hide_default_value_set() {
+        let defaults: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|d| format!("`{}`", d.to_string_lossy()))
+            .collect();
+        if !defaults.is_empty() {
+            notes.push(format!("Default: {}.", defaults.join(", ")));
+        }
+    }
+    if takes_values && !arg.is_hide_possible_values_set() {
+        let possible: Vec<String> = arg
+            .get_possible_values()
+            .iter()
+            .filter(|p| !p.is_hide_set())
+            .map(|p| format!("`{}`", p.get_name()))
+            .collect();
+        if !possible.is_empty() {
+            notes.push(format!("One of {}.", possible.join(", ")));
+        }
+    }
+    notes.retain(|n| !n.is_empty());
+    if !notes.is_empty() {
+        let _ = write!(doc, ": {}", notes.join(" "));
+    }
+    doc.push('\n');
+}
+
+/// Help text as Markdown: `<` and `>` outside code spans are escaped (so
+/// `DIR/<id>` is not taken for an HTML tag); code spans stay as written.
+fn markdown_text(text: &str) -> String {
+    text.trim()
+        .split('`')
+        .enumerate()
+        .map(|(i, part)| {
+            if i % 2 == 1 {
+                format!("`{part}`")
+            } else {
+                part.replace('<', "&lt;").replace('>', "&gt;")
+            }
+        })
+        .collect()
+}
+
+/// Clap drops the full stop of a one-sentence doc comment; the reference
+/// puts it back, so the notes after it read as sentences.
+fn sentence(text: &str) -> String {
+    let text = text.trim_end();
+    match text.chars().last() {
+        None => String::new(),
+        Some('.' | '!' | '?' | ':') => text.to_string(),
+        Some(_) => format!("{text}."),
+    }
 }

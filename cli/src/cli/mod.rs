@@ -116,7 +116,7 @@ struct Global {
         long,
         env = "IMAGE_CACHE_DATABASE_POOL_SIZE",
         value_name = "N",
-        value_parser = parse_pool_size_arg,
+        value_parser = image_cache::config::parse_pool_size,
         global = true
     )]
     database_pool_size: Option<usize>,
@@ -128,7 +128,7 @@ struct Global {
         long,
         env = "IMAGE_CACHE_DATABASE_STATEMENT_TIMEOUT",
         value_name = "DURATION",
-        value_parser = parse_duration_arg,
+        value_parser = parse_duration,
         global = true
     )]
     database_statement_timeout: Option<Duration>,
@@ -139,7 +139,7 @@ struct Global {
         long,
         env = "IMAGE_CACHE_DATABASE_CONNECT_TIMEOUT",
         value_name = "DURATION",
-        value_parser = parse_duration_arg,
+        value_parser = parse_duration,
         global = true
     )]
     database_connect_timeout: Option<Duration>,
@@ -237,7 +237,7 @@ enum Command {
     Prune {
         /// The maximum size, e.g. 10G, 512MiB, 1048576 (default:
         /// image_cache_max_size, or 10 GiB). 0 empties the cache.
-        #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         max_size: Option<u64>,
     },
 
@@ -245,7 +245,7 @@ enum Command {
     Clean {
         /// Incomplete files older than this are stalled, e.g. 3600, 1h, 1d
         /// (default: image_cache_stall_time, or 1 day).
-        #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         stall_time: Option<Duration>,
     },
 
@@ -296,6 +296,11 @@ enum Command {
     /// Glance's cache management API, prefetch/prune/clean on intervals,
     /// /healthz and /metrics.
     Serve(crate::serve::ServeArgs),
+
+    /// Print every command and option as Markdown, from these definitions:
+    /// the book's CLI reference (docs/src/reference/cli.md).
+    #[command(hide = true)]
+    HelpReference,
 }
 
 #[derive(Subcommand, Debug)]
@@ -351,17 +356,6 @@ fn parse_checksum(s: &str) -> Result<Checksum, String> {
     s.parse()
 }
 
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s)
-}
-
-fn parse_pool_size_arg(s: &str) -> Result<usize, String> {
-    image_cache::config::parse_pool_size(s)
-}
-
-fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s)
-}
 
 /// Why the tool stops without success.
 #[derive(Debug)]
@@ -553,20 +547,7 @@ impl Settings {
     }
 
     pub fn driver_source(&self) -> Result<DriverSource, Failure> {
-        let spec = &self.driver;
-        let source = DriverSource::parse(spec);
-        if let DriverSource::File(path) = &source {
-            let looks_like_path = spec.contains('/') || spec.ends_with(".wasm");
-            if !looks_like_path && !path.exists() {
-                let builtins: Vec<&str> =
-                    image_cache::builtin::ALL.iter().map(|b| b.name).collect();
-                return Err(Failure::Usage(format!(
-                    "unknown driver {spec:?}: use {} or the path of a driver component (.wasm)",
-                    builtins.join(", ")
-                )));
-            }
-        }
-        Ok(source)
+        DriverSource::named(&self.driver).map_err(Failure::Usage)
     }
 
     /// Open the cache the settings describe.

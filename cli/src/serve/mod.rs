@@ -115,7 +115,7 @@ pub struct ServeArgs {
 
     /// How long the upstream's answer to "may this token download this
     /// image" is remembered (0: ask for every download).
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     auth_cache_ttl: Duration,
 
     /// File holding the token sent to a Glance upstream by the prefetcher,
@@ -125,44 +125,44 @@ pub struct ServeArgs {
     upstream_token_file: Option<PathBuf>,
 
     /// Prune target (default: image_cache_max_size, or 10 GiB).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     max_size: Option<u64>,
 
     /// Stall time for clean (default: image_cache_stall_time, or 1 day).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     stall_time: Option<Duration>,
 
     /// Hard ceiling: an image that would push the cache over it is served
     /// but not cached. Default: none.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     cache_ceiling: Option<u64>,
 
     /// How often the prefetcher runs (0 = never; default
     /// cache_prefetcher_interval, or 300s). Queuing an image through the
     /// API also wakes it.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     prefetch_interval: Option<Duration>,
 
     /// How often the cache is pruned to the max size (0 = never).
-    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
     prune_interval: Duration,
 
     /// How often invalid and stalled files are cleaned (0 = never).
-    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     clean_interval: Duration,
 
     /// A client connection with no byte read or written for this long is
     /// closed (also the keep-alive and request-head timeout).
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     client_timeout: Duration,
 
     /// An upstream that sends nothing for this long fails the fetch.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     upstream_timeout: Duration,
 
     /// A fetch must average at least this many bytes per second over each
     /// --upstream-timeout window, or it fails (0: no minimum).
-    #[arg(long, value_name = "SIZE", default_value = "16KiB", value_parser = parse_size_arg)]
+    #[arg(long, value_name = "SIZE", default_value = "16KiB", value_parser = parse_size)]
     upstream_min_rate: u64,
 
     /// An origin (scheme://host[:port]) the Glance upstream may redirect
@@ -184,12 +184,12 @@ pub struct ServeArgs {
 
     /// Free space kept on the cache's file system: an image that would
     /// leave less is served but not cached (room for the database).
-    #[arg(long, value_name = "SIZE", default_value = "128MiB", value_parser = parse_size_arg)]
+    #[arg(long, value_name = "SIZE", default_value = "128MiB", value_parser = parse_size)]
     disk_reserve: u64,
 
     /// On SIGTERM, how long in-flight responses and fetches may take to
     /// finish before they are cut (fetches then abort: no partial image).
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration_arg)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     shutdown_timeout: Duration,
 
     /// Directory for the spool files misses are streamed through (unnamed
@@ -213,16 +213,8 @@ pub struct ServeArgs {
     rollback_max_faults: u64,
 
     /// How long after a swap faults count towards an automatic rollback.
-    #[arg(long, env = "IMAGE_CACHE_ROLLBACK_WINDOW", value_name = "DURATION", default_value = "5m", value_parser = parse_duration_arg)]
+    #[arg(long, env = "IMAGE_CACHE_ROLLBACK_WINDOW", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     rollback_window: Duration,
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s)
-}
-
-fn parse_duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s)
 }
 
 impl ServeArgs {
@@ -334,25 +326,13 @@ impl From<upstream::FetchError> for ApiError {
     }
 }
 
-/// SPEC.md's image id rule, checked before anything reaches the driver
-/// or the upstream.
+/// The image id rule (the `image-id` crate's, as everywhere), checked
+/// before anything reaches the driver or the upstream.
 pub fn validate_id(id: &str) -> Result<(), ApiError> {
-    if id.is_empty() {
-        return Err(ApiError::bad_id("it is empty"));
+    match image_cache::validate_image_id(id) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, e.to_string())),
     }
-    if id.len() > 255 {
-        return Err(ApiError::bad_id("it is longer than 255 bytes"));
-    }
-    if id == "." || id == ".." {
-        return Err(ApiError::bad_id("it is a dot name"));
-    }
-    if id.contains(['/', '\\']) {
-        return Err(ApiError::bad_id("it contains a slash or backslash"));
-    }
-    if id.chars().any(char::is_control) {
-        return Err(ApiError::bad_id("it contains a control character"));
-    }
-    Ok(())
 }
 
 /// The `{id}` path segment, with a JSON 400 (not axum's text) when it
@@ -521,21 +501,7 @@ impl App {
 
 /// A driver named by an operator or the swap endpoint.
 pub fn driver_source(spec: &str) -> Result<DriverSource, String> {
-    let spec = spec.trim();
-    if spec.is_empty() {
-        return Err("the driver name is empty".into());
-    }
-    let source = DriverSource::parse(spec);
-    if let DriverSource::File(path) = &source
-        && !path.is_file()
-    {
-        let builtins: Vec<&str> = image_cache::builtin::ALL.iter().map(|b| b.name).collect();
-        return Err(format!(
-            "unknown driver {spec:?}: use {} or the path of an existing driver component (.wasm)",
-            builtins.join(", ")
-        ));
-    }
-    Ok(source)
+    DriverSource::named(spec)
 }
 
 /// Swap the driver while serving; the old one stays if the new one

@@ -65,16 +65,39 @@ impl Secrets {
         Secrets(secrets)
     }
 
-    /// `message` without any secret.
+    /// `message` without any secret. A secret is hidden where it stands
+    /// alone, not inside a longer word or name: a host called `db` is
+    /// hidden in `db:5432` and `@db`, not in `dbname` or `mydb`.
     pub(super) fn scrub(&self, message: &str) -> String {
         let mut m = message.to_string();
-        for s in &self.0 {
-            if m.contains(s.as_str()) {
-                m = m.replace(s.as_str(), "(hidden)");
-            }
+        for secret in &self.0 {
+            m = replace_standalone(&m, secret, "(hidden)");
         }
         m
     }
+}
+
+/// `text` with each occurrence of `word` that is not part of a longer
+/// word (letters, digits, `_`) replaced by `with`.
+fn replace_standalone(text: &str, word: &str, with: &str) -> String {
+    let wordy = |c: char| c.is_alphanumeric() || c == '_';
+    let starts_wordy = word.chars().next().is_some_and(wordy);
+    let ends_wordy = word.chars().last().is_some_and(wordy);
+    let mut out = String::with_capacity(text.len());
+    let mut from = 0;
+    while let Some(found) = text[from..].find(word) {
+        let at = from + found;
+        let end = at + word.len();
+        let before = text[..at].chars().last();
+        let after = text[end..].chars().next();
+        let inside =
+            (starts_wordy && before.is_some_and(wordy)) || (ends_wordy && after.is_some_and(wordy));
+        out.push_str(&text[from..at]);
+        out.push_str(if inside { word } else { with });
+        from = end;
+    }
+    out.push_str(&text[from..]);
+    out
 }
 
 /// Whether a backend's role was checked: not yet, passed, or refused (and
@@ -199,6 +222,17 @@ pub(super) fn unix_seconds(t: SystemTime) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_are_hidden_where_they_stand_alone() {
+        let secrets = Secrets::new(vec!["db".into(), "hunter2".into()]);
+        assert_eq!(
+            secrets.scrub("could not connect to db:5432 (password hunter2); see `image-cache db grants`, not mydb"),
+            "could not connect to (hidden):5432 (password (hidden)); see `image-cache (hidden) grants`, not mydb"
+        );
+        assert_eq!(secrets.scrub("user:hunter2@db/x"), "user:(hidden)@(hidden)/x");
+        assert_eq!(secrets.scrub("dbname=x hunter22"), "dbname=x hunter22");
+    }
 
     #[test]
     fn only_a_plain_end_clears_the_transaction() {

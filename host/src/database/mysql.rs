@@ -41,6 +41,8 @@ use mysql_async::{
     ClientIdentity, Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslOpts,
 };
 
+pub use super::schema::mysql::{GLANCE_CACHE_SCHEMA, grant_statements};
+use super::schema::{CACHE_TABLES, TABLE_PRIVILEGES};
 use super::common::{
     RoleCheck, Secrets, ends_transaction, judge_role, run, runtime, unix_time, value_size,
 };
@@ -52,68 +54,6 @@ use crate::runtime::Deadline;
 
 /// Prepared statements one connection keeps (least recently used go).
 const MAX_CACHED_STATEMENTS: usize = 256;
-
-/// Glance's two cache tables as its migrations create them on MySQL (the
-/// 2024.1 `cache` migration: InnoDB, utf8). Drivers never create them:
-/// `glance-manage db sync` does, or `image-cache db init` for a database of
-/// the cache's own.
-pub const GLANCE_CACHE_SCHEMA: [&str; 2] = [
-    "CREATE TABLE IF NOT EXISTS node_reference (
-    node_reference_id BIGINT NOT NULL AUTO_INCREMENT,
-    node_reference_url VARCHAR(255) NOT NULL,
-    PRIMARY KEY (node_reference_id),
-    CONSTRAINT uq_node_reference_node_reference_url UNIQUE (node_reference_url)
-) ENGINE=InnoDB CHARSET=utf8",
-    "CREATE TABLE IF NOT EXISTS cached_images (
-    id BIGINT NOT NULL AUTO_INCREMENT,
-    image_id VARCHAR(36) NOT NULL,
-    last_accessed DATETIME NOT NULL,
-    last_modified DATETIME NOT NULL,
-    size BIGINT NOT NULL,
-    hits INTEGER NOT NULL,
-    checksum VARCHAR(32),
-    node_reference_id BIGINT NOT NULL,
-    PRIMARY KEY (id),
-    FOREIGN KEY(node_reference_id) REFERENCES node_reference (node_reference_id),
-    CONSTRAINT ix_cached_images_image_id_node_reference_id UNIQUE (image_id, node_reference_id)
-) ENGINE=InnoDB CHARSET=utf8",
-];
-
-/// The tables a cache driver's account may read and write.
-pub const CACHE_TABLES: [&str; 2] = ["cached_images", "node_reference"];
-/// The DML it needs on them.
-const TABLE_PRIVILEGES: [&str; 4] = ["SELECT", "INSERT", "UPDATE", "DELETE"];
-
-/// `name` as a MySQL identifier.
-fn ident(name: &str) -> String {
-    format!("`{}`", name.replace('`', "``"))
-}
-
-/// `user` or `user@host` as a MySQL account (`'user'@'%'` by default).
-fn account(role: &str) -> String {
-    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
-    match role.rsplit_once('@') {
-        Some((user, host)) => format!("{}@{}", quote(user), quote(host)),
-        None => format!("{}@'%'", quote(role)),
-    }
-}
-
-/// The statements an administrator runs to give the cache's account
-/// (`role`, or `user@host`; made with `CREATE USER ... IDENTIFIED BY`)
-/// exactly what a driver needs: DML on the two cache tables of `database`.
-pub fn grant_statements(role: &str, database: &str) -> Vec<String> {
-    let (who, database) = (account(role), ident(database));
-    CACHE_TABLES
-        .iter()
-        .map(|table| {
-            format!(
-                "GRANT {} ON {database}.{} TO {who};",
-                TABLE_PRIVILEGES.join(", "),
-                ident(table)
-            )
-        })
-        .collect()
-}
 
 /// How the connection is secured, as mysqlclient's `ssl_mode` says it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -469,6 +409,16 @@ fn error_code(code: u16) -> ErrorCode {
 }
 
 impl Shared {
+    /// The role check's refusal: made of the role's grants and our own
+    /// remedy, never of a secret, so not scrubbed (scrubbing a short host
+    /// name would mangle the remedy's commands).
+    fn refusal(&self, why: &str) -> DatabaseError {
+        error(
+            ErrorCode::AccessDenied,
+            format!("database {:?}: {why}", self.name),
+        )
+    }
+
     fn error(&self, code: ErrorCode, message: &str) -> DatabaseError {
         error(
             code,
@@ -511,7 +461,7 @@ impl Shared {
         };
         match self.role.outcome() {
             Some(Ok(())) => Ok(conn),
-            Some(Err(why)) => Err(self.error(ErrorCode::AccessDenied, &why)),
+            Some(Err(why)) => Err(self.refusal(&why)),
             None => {
                 self.check_role(&mut conn).await?;
                 Ok(conn)
@@ -551,7 +501,7 @@ impl Shared {
                 )
             },
         )
-        .map_err(|why| self.error(ErrorCode::AccessDenied, &why))
+        .map_err(|why| self.refusal(&why))
     }
 }
 

@@ -43,6 +43,8 @@ use futures_util::StreamExt;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Config, Row};
 
+pub use super::schema::postgres::{CACHE_SEQUENCES, GLANCE_CACHE_SCHEMA, grant_statements};
+use super::schema::{CACHE_TABLES, TABLE_PRIVILEGES};
 use super::common::{
     RoleCheck, Secrets, ends_transaction, judge_role, run, runtime, unix_seconds, unix_time,
     value_size,
@@ -55,41 +57,6 @@ use crate::runtime::Deadline;
 /// (a driver sending endless distinct SQL must not grow it forever).
 const MAX_CACHED_STATEMENTS: usize = 256;
 
-/// Glance's two cache tables as its migrations create them on PostgreSQL
-/// (the 2024.1 `cache` migration, as SQLAlchemy emits it). Drivers never
-/// create them: Glance's `glance-manage db sync` does, or, for a database
-/// of the cache's own, `image-cache db init` runs this.
-pub const GLANCE_CACHE_SCHEMA: &str = "\
-CREATE TABLE IF NOT EXISTS node_reference (
-    node_reference_id BIGSERIAL NOT NULL,
-    node_reference_url VARCHAR(255) NOT NULL,
-    PRIMARY KEY (node_reference_id),
-    CONSTRAINT uq_node_reference_node_reference_url UNIQUE (node_reference_url)
-);
-CREATE TABLE IF NOT EXISTS cached_images (
-    id BIGSERIAL NOT NULL,
-    image_id VARCHAR(36) NOT NULL,
-    last_accessed TIMESTAMP WITHOUT TIME ZONE NOT NULL,
-    last_modified TIMESTAMP WITHOUT TIME ZONE NOT NULL,
-    size BIGINT NOT NULL,
-    hits INTEGER NOT NULL,
-    checksum VARCHAR(32),
-    node_reference_id BIGINT NOT NULL,
-    PRIMARY KEY (id),
-    FOREIGN KEY(node_reference_id) REFERENCES node_reference (node_reference_id),
-    CONSTRAINT ix_cached_images_image_id_node_reference_id UNIQUE (image_id, node_reference_id)
-);
-";
-
-/// The tables a cache driver's role may read and write, and nothing else.
-pub const CACHE_TABLES: [&str; 2] = ["cached_images", "node_reference"];
-/// Their sequences (`BIGSERIAL`), which inserts need `USAGE` on.
-pub const CACHE_SEQUENCES: [&str; 2] = [
-    "cached_images_id_seq",
-    "node_reference_node_reference_id_seq",
-];
-/// The DML a cache driver's role needs on [`CACHE_TABLES`].
-const TABLE_PRIVILEGES: [&str; 4] = ["SELECT", "INSERT", "UPDATE", "DELETE"];
 /// Predefined roles that reach beyond the cache tables.
 const POWERFUL_ROLES: [&str; 14] = [
     "pg_read_server_files",
@@ -107,43 +74,6 @@ const POWERFUL_ROLES: [&str; 14] = [
     "pg_use_reserved_connections",
     "pg_signal_autovacuum_worker",
 ];
-
-/// An SQL identifier, quoted unless it is a plain lowercase name.
-fn ident(name: &str) -> String {
-    let plain = !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !name.starts_with(|c: char| c.is_ascii_digit());
-    if plain {
-        name.to_string()
-    } else {
-        format!("\"{}\"", name.replace('"', "\"\""))
-    }
-}
-
-/// The SQL an administrator runs (in `database`, as the owner of Glance's
-/// tables) to give the cache's role (made with `CREATE ROLE ... LOGIN`, or
-/// an existing role with nothing else) exactly the privileges a driver
-/// needs: DML on the two cache tables, `USAGE` on their sequences. The last
-/// statement closes what PostgreSQL before 15 grants everyone.
-pub fn grant_statements(role: &str, database: &str) -> Vec<String> {
-    let (role, database) = (ident(role), ident(database));
-    vec![
-        format!("GRANT CONNECT ON DATABASE {database} TO {role};"),
-        format!("GRANT USAGE ON SCHEMA public TO {role};"),
-        format!(
-            "GRANT {} ON {} TO {role};",
-            TABLE_PRIVILEGES.join(", "),
-            CACHE_TABLES.join(", ")
-        ),
-        format!(
-            "GRANT USAGE ON SEQUENCE {} TO {role};",
-            CACHE_SEQUENCES.join(", ")
-        ),
-        "REVOKE CREATE ON SCHEMA public FROM PUBLIC;".to_string(),
-    ]
-}
 
 /// A SQLAlchemy database URL (`postgresql+psycopg2://...`) as a libpq one;
 /// a libpq URL as it is. Errors never contain the URL.
@@ -257,6 +187,16 @@ impl Shared {
         self.secrets.scrub(message)
     }
 
+    /// The role check's refusal: made of the role's grants and our own
+    /// remedy, never of a secret, so not scrubbed (scrubbing a short host
+    /// name would mangle the remedy's commands).
+    fn refusal(&self, why: &str) -> DatabaseError {
+        error(
+            ErrorCode::AccessDenied,
+            format!("database {:?}: {why}", self.name),
+        )
+    }
+
     fn error(&self, code: ErrorCode, message: &str) -> DatabaseError {
         error(
             code,
@@ -300,7 +240,7 @@ impl Shared {
         })?;
         match self.role.outcome() {
             Some(Ok(())) => Ok(object),
-            Some(Err(why)) => Err(self.error(ErrorCode::AccessDenied, &why)),
+            Some(Err(why)) => Err(self.refusal(&why)),
             None => {
                 self.check_role(&object).await?;
                 Ok(object)
@@ -478,7 +418,7 @@ impl Shared {
         let problems = self.privilege_problems(client).await?;
         if problems.is_empty() || self.allow_privileged_role {
             return judge_role(&self.role, &self.name, &problems, true, String::new)
-                .map_err(|why| self.error(ErrorCode::AccessDenied, &why));
+                .map_err(|why| self.refusal(&why));
         }
         let database = client
             .query_one("SELECT current_database()::text", &[])
@@ -495,7 +435,7 @@ impl Shared {
                 grant_statements("image_cache", &database).join(" ")
             )
         })
-        .map_err(|why| self.error(ErrorCode::AccessDenied, &why))
+        .map_err(|why| self.refusal(&why))
     }
 }
 
