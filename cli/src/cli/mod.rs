@@ -356,7 +356,6 @@ fn parse_checksum(s: &str) -> Result<Checksum, String> {
     s.parse()
 }
 
-
 /// Why the tool stops without success.
 #[derive(Debug)]
 pub enum Failure {
