@@ -5,7 +5,7 @@
 use image_cache::{CacheConfig, DriverSource, Error, ImageCache};
 use image_cache_tests::{TestCache, bad_configuration, for_each_driver, runtime, snapshot};
 
-/// Every kind of id SPEC.md rejects.
+/// Every kind of id the specification (docs/src/spec.md) rejects.
 fn invalid_ids() -> Vec<String> {
     vec![
         String::new(),

@@ -824,7 +824,7 @@ fn a_closed_stdout_is_not_an_error() {
     let src = s.file("big", &big);
     s.run(&["cache", "big", "--from", src.to_str().unwrap()])
         .ok();
-    // Enough queue markers (SPEC.md's layout) that their listing overflows
+    // Enough queue markers (the layout of docs/src/spec.md) that their listing overflows
     // a pipe's buffer.
     for i in 0..5_000 {
         fs::write(s.root().join(format!("queue/queued-image-{i:05}")), b"").unwrap();

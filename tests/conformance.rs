@@ -1,6 +1,6 @@
-//! The behaviour contract (SPEC.md), run unchanged against every driver.
+//! The behaviour contract (docs/src/spec.md), run unchanged against every driver.
 //! These are the scenarios of Glance's own image-cache test case, in our
-//! terms, plus what SPEC.md asks beyond it.
+//! terms, plus what the specification (docs/src/spec.md) asks beyond it.
 
 use std::io::{self, Read, Write};
 use std::time::Duration;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The options of SPEC.md, each unset unless given.
+/// The options of the specification (docs/src/spec.md), each unset unless given.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Options {
     pub image_cache_dir: Option<PathBuf>,

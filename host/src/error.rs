@@ -129,7 +129,7 @@ impl Error {
     }
 }
 
-/// The host's own check of an image id (SPEC.md; the rule in the
+/// The host's own check of an image id (docs/src/spec.md; the rule in the
 /// `image-id` crate, shared with the drivers): not empty, at most 255
 /// bytes, not `.` or `..`, no `/`, `\`, NUL or other control character.
 /// Applied to every id before the host puts it in a path, and to every id

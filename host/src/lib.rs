@@ -38,3 +38,10 @@ pub use contract::{Capability, Grants};
 pub use error::{Error, Result, validate_image_id};
 pub use runtime::{DriverSource, Limits, LoadPolicy, Runtime};
 pub use xattr::XattrSupport;
+
+/// The README's Rust example, compiled and run by `cargo test -p image-cache
+/// --doc` so it cannot rot. (Every other code block in the README is tagged
+/// with its language, so only the Rust one runs.)
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

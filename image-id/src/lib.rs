@@ -1,4 +1,4 @@
-//! The image id rule of SPEC.md, once, for the host (which checks every id
+//! The image id rule of the specification (docs/src/spec.md), once, for the host (which checks every id
 //! before it reaches a path, and every id a driver returns) and for the
 //! drivers (which check every id before any file is touched). No
 //! dependencies: it builds for the host and for `wasm32-unknown-unknown`.

@@ -83,7 +83,7 @@ struct Global {
     driver_sha256: Option<String>,
 
     /// What a --driver component file is granted beyond fs and clock, e.g.
-    /// `sqlite` or `xattr,sqlite` (image_cache_driver_grants; default
+    /// `xattr` or `xattr,database` (image_cache_driver_grants; default
     /// none). Built-in drivers get what they need.
     #[arg(
         long,

@@ -1,4 +1,4 @@
-//! The driver operations of SPEC.md, once for every driver.
+//! The driver operations of the specification (docs/src/spec.md), once for every driver.
 
 use std::cell::{Cell, RefCell};
 use std::marker::PhantomData;

@@ -230,7 +230,10 @@ mod tests {
             secrets.scrub("could not connect to db:5432 (password hunter2); see `image-cache db grants`, not mydb"),
             "could not connect to (hidden):5432 (password (hidden)); see `image-cache (hidden) grants`, not mydb"
         );
-        assert_eq!(secrets.scrub("user:hunter2@db/x"), "user:(hidden)@(hidden)/x");
+        assert_eq!(
+            secrets.scrub("user:hunter2@db/x"),
+            "user:(hidden)@(hidden)/x"
+        );
         assert_eq!(secrets.scrub("dbname=x hunter22"), "dbname=x hunter22");
     }
 

@@ -41,11 +41,11 @@ use mysql_async::{
     ClientIdentity, Conn, Opts, OptsBuilder, Pool, PoolConstraints, PoolOpts, SslOpts,
 };
 
-pub use super::schema::mysql::{GLANCE_CACHE_SCHEMA, grant_statements};
-use super::schema::{CACHE_TABLES, TABLE_PRIVILEGES};
 use super::common::{
     RoleCheck, Secrets, ends_transaction, judge_role, run, runtime, unix_time, value_size,
 };
+pub use super::schema::mysql::{GLANCE_CACHE_SCHEMA, grant_statements};
+use super::schema::{CACHE_TABLES, TABLE_PRIVILEGES};
 use super::{
     Backend, BackendConnection, DatabaseSettings, Dialect, Outcome, Result, Want, error, policy,
 };

@@ -43,12 +43,12 @@ use futures_util::StreamExt;
 use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Config, Row};
 
-pub use super::schema::postgres::{CACHE_SEQUENCES, GLANCE_CACHE_SCHEMA, grant_statements};
-use super::schema::{CACHE_TABLES, TABLE_PRIVILEGES};
 use super::common::{
     RoleCheck, Secrets, ends_transaction, judge_role, run, runtime, unix_seconds, unix_time,
     value_size,
 };
+pub use super::schema::postgres::{CACHE_SEQUENCES, GLANCE_CACHE_SCHEMA, grant_statements};
+use super::schema::{CACHE_TABLES, TABLE_PRIVILEGES};
 use super::{Backend, BackendConnection, DatabaseSettings, Outcome, Result, Want, error, policy};
 use crate::bindings::database::{DatabaseError, ErrorCode, Value};
 use crate::runtime::Deadline;

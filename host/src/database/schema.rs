@@ -112,7 +112,6 @@ pub mod mysql {
     ) ENGINE=InnoDB CHARSET=utf8",
     ];
 
-
     /// `name` as a MySQL identifier.
     fn ident(name: &str) -> String {
         format!("`{}`", name.replace('`', "``"))
