@@ -31,8 +31,10 @@
 #   IMAGE_CACHE_SRC      checkout whose host/ our side is built from [this one]
 #   GLANCE_VENV          venv with glance==33.0.0, pymysql, psycopg2-binary
 #                        [<repo>/.venv-glance]
+#   IMAGE_CACHE_COMMIT   what to call that source in the header [its git HEAD]
 #   CARGO_TARGET_DIR     as cargo has it [<repo>/target]
 #   KEEP=1               keep the work directory (JSON of every run)
+#   TABLE_FROM=DIR       only print the table of a kept run's DIR/results
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -58,9 +60,138 @@ if [ ! -x "$GLANCE_VENV/bin/glance-manage" ]; then
     exit 2
 fi
 
+# The table, from a results directory (its settings.json and run files).
+print_table() {
+    "$GLANCE_VENV/bin/python" - "$1" <<'EOF'
+import json, os, platform, statistics, sys
+from importlib import metadata
+res = sys.argv[1]
+S = json.load(open(os.path.join(res, "settings.json")))
+n, runs, fbytes = S["n"], S["runs"], S["file_bytes"]
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+            if l.startswith("model name")), "?")
+print("Same-run comparison, %s, %s CPUs (%s), N = %s images of %s B, "
+      "median of %d runs per cell (min-max in brackets)." % (
+          S["date"], S["nproc"], cpu, n, fbytes, runs))
+print("Ours: image-cache %s, built-in centralized driver, fenced account. "
+      "Glance %s centralized_db (SQLAlchemy %s, psycopg2 %s, PyMySQL %s, "
+      "Python %s), owner account. PostgreSQL %s, MariaDB %s, loopback TCP, "
+      "default durability." % (
+          S["commit"], metadata.version("glance"),
+          metadata.version("SQLAlchemy"), metadata.version("psycopg2-binary"),
+          metadata.version("PyMySQL"), platform.python_version(),
+          S["pg_version"], S["mariadb_version"]))
+try:
+    loads = [float(x) for x in open(os.path.join(res, "loadavg"))]
+    print("1-minute load average when each side's run started: %.2f to %.2f."
+          % (min(loads), max(loads)))
+except (OSError, ValueError):
+    pass
+print()
+print("| database | operation | ours | Glance centralized_db | ours / Glance |")
+print("| --- | --- | ---: | ---: | ---: |")
+cells = [
+    ("list cached (%s images)" % n, "list_us", 1e-3, "ms"),
+    ("cache one %s B image" % fbytes, "cache_us", 1, "µs"),
+    ("is-cached", "is_cached_us", 1, "µs"),
+    ("hit (read + record)", "hit_us", 1, "µs"),
+    ("prune %s to half" % n, "prune_s", 1, "s"),
+    ("delete all (%s)" % n, "delete_all_s", 1e3, "ms"),
+]
+
+
+def load(db, side):
+    out = []
+    for r in range(1, runs + 1):
+        p = os.path.join(res, "%s-%s-%d.json" % (db, side, r))
+        try:
+            j = json.load(open(p))
+        except (OSError, ValueError):
+            continue
+        out.append(j["workloads"]["central"] if side == "glance" else j)
+    return out
+
+
+def num(v):
+    if v >= 100:
+        return "%.0f" % v
+    if v >= 10:
+        return "%.1f" % v
+    if v >= 1:
+        return "%.2f" % v
+    return "%.3f" % v
+
+
+def cell(vals, scale, unit):
+    vals = [v * scale for v in vals]
+    s = "%s %s" % (num(statistics.median(vals)), unit)
+    if len(vals) > 1:
+        s += " (%s–%s)" % (num(min(vals)), num(max(vals)))
+    return s
+
+
+notes = []
+for db in S["dbs"].split():
+    name = {"postgresql": "PostgreSQL " + S["pg_version"],
+            "mariadb": "MariaDB " + S["mariadb_version"]}.get(db, db)
+    ours, glance = load(db, "ours"), load(db, "glance")
+    for label, key, scale, unit in cells:
+        o = [j[key] for j in ours if j.get(key) is not None]
+        g = [j[key] for j in glance if j.get(key) is not None]
+        oc = cell(o, scale, unit) if o else "failed"
+        timed_out = [j for j in glance if "prune_timed_out_s" in j]
+        if g:
+            gc = cell(g, scale, unit)
+        elif key == "prune_s" and timed_out:
+            gc = "> %s s (timeout; %d of %d evicted)" % (
+                S["prune_timeout_s"],
+                timed_out[0]["prune_evicted_before_timeout"], n - n // 2)
+        else:
+            gc = "failed"
+        if g and len(g) < runs:
+            gc += " (%d of %d runs)" % (len(g), runs)
+        ratio = ""
+        if o and g:
+            r = statistics.median(o) / statistics.median(g)
+            ratio = ("%.2f×" if r >= 0.1 else "%.4f×") % r
+        print("| %s | %s | %s | %s | %s |" % (name, label, oc, gc, ratio))
+    for when in ("before", "after"):
+        p = os.path.join(res, "%s-dbsync-%s.rc" % (db, when))
+        if os.path.exists(p):
+            notes.append("%s: glance-manage db sync %s our nodes' rows: %s"
+                         % (name, when, open(p).read().strip()))
+print()
+print("ours / Glance: our median time over Glance's (below 1 = ours faster). "
+      "is-cached: %s calls; hit: %s reads of distinct images, each read in "
+      "full and its hit recorded; cache: %s images (ours fdatasyncs, Glance "
+      "does not). list: get_cached_images, mean of 3-20 calls." % (
+          S["point_calls"], S["hit_calls"], S["cache_calls"]))
+for line in notes:
+    print("- " + line)
+EOF
+}
+
+if [ -n "${TABLE_FROM:-}" ]; then
+    print_table "$TABLE_FROM"
+    exit 0
+fi
+
 WORK=$(mktemp -d /tmp/centralized-vs-glance.XXXXXX)
 chmod 755 "$WORK"
 mkdir -p "$WORK/results" "$WORK/cache"
+PG_VERSION=$("$PG_BIN/postgres" --version 2>/dev/null | awk '{print $3}' || true)
+MY_VERSION=$(/usr/sbin/mariadbd --version 2>/dev/null | awk '{print $3}' | sed 's/-MariaDB.*//' || true)
+SRC_COMMIT=${IMAGE_CACHE_COMMIT:-$(git -C "$SRC" rev-parse --short HEAD 2>/dev/null || echo "?")}
+python3 - "$WORK/results/settings.json" <<EOF
+import json, os, sys, time
+json.dump({"n": $N, "runs": $RUNS, "point_calls": $POINT_CALLS,
+           "hit_calls": $HIT_CALLS, "cache_calls": $CACHE_CALLS,
+           "file_bytes": $FILE_BYTES, "prune_timeout_s": "$PRUNE_TIMEOUT_S",
+           "dbs": "$DBS", "pg_version": "$PG_VERSION",
+           "mariadb_version": "$MY_VERSION", "commit": "$SRC_COMMIT",
+           "nproc": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")},
+          open(sys.argv[1], "w"))
+EOF
 AS_ROOT=0
 [ "$(id -u)" = 0 ] && AS_ROOT=1
 as_user() { # user command...
@@ -83,7 +214,11 @@ trap cleanup EXIT
 
 # ---------------------------------------------------------------- our side
 say "building our side against $SRC/host (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-(cd "$SRC" && cargo build --release -q -p image-cache --bin image-cache)
+# The CLI is its own package (image-cache-cli) in newer checkouts.
+CLI_PACKAGE=image-cache
+[ -f "$SRC/cli/Cargo.toml" ] && CLI_PACKAGE=image-cache-cli
+# --locked: a benchmark never rewrites the checkout's Cargo.lock.
+(cd "$SRC" && cargo build --release --locked -q -p "$CLI_PACKAGE" --bin image-cache)
 IMAGE_CACHE=$CARGO_TARGET_DIR/release/image-cache
 PEER_SRC=$WORK/centralized-peer
 mkdir -p "$PEER_SRC/src"
@@ -542,7 +677,9 @@ EOF
 )
     if "$GLANCE_VENV/bin/glance-manage" --config-file "$WORK/glance-api-$db.conf" db sync \
         > "$WORK/results/$db-dbsync-after.log" 2>&1; then
-        echo "ok (node_reference, cached_images rows before: $rows)" > "$WORK/results/$db-dbsync-after.rc"
+        echo "ok, \"$(grep -E 'up to date|synced|Upgraded' "$WORK/results/$db-dbsync-after.log" \
+            | tail -1)\" (node_reference, cached_images rows before: $rows)" \
+            > "$WORK/results/$db-dbsync-after.rc"
     else
         echo "failed ($?) (rows before: $rows)" > "$WORK/results/$db-dbsync-after.rc"
         say "$db: glance-manage db sync after our nodes failed:"
@@ -557,12 +694,14 @@ for db in $DBS; do
     setup_db "$db"
     for run in $(seq "$RUNS"); do
         say "$db: run $run/$RUNS: ours"
+        cut -d' ' -f1 /proc/loadavg >> "$WORK/results/loadavg"
         "$PEER" --url "$OURS_URL" --node-url "http://ours:9292" --root "$WORK/cache" \
             --n "$N" --point-calls "$POINT_CALLS" --hit-calls "$HIT_CALLS" \
             --cache-calls "$CACHE_CALLS" --file-bytes "$FILE_BYTES" \
             > "$WORK/results/$db-ours-$run.json"
         [ "$run" = 1 ] && dbsync_after "$db"
         say "$db: run $run/$RUNS: Glance centralized_db"
+        cut -d' ' -f1 /proc/loadavg >> "$WORK/results/loadavg"
         "$GLANCE_VENV/bin/python" "$HERE/glance_peer.py" --driver centralized_db \
             --connection "$GLANCE_URL" --node-url "http://glance:9292" \
             --root "$WORK/cache" --workloads central --n-meta "$N" \
@@ -575,100 +714,4 @@ for db in $DBS; do
 done
 
 # ---------------------------------------------------------------- table
-PG_VERSION=$("$PG_BIN/postgres" --version 2>/dev/null | awk '{print $3}' || true)
-MY_VERSION=$(/usr/sbin/mariadbd --version 2>/dev/null | awk '{print $3}' || true)
-SRC_COMMIT=$(git -C "$SRC" rev-parse --short HEAD 2>/dev/null || echo "?")
-"$GLANCE_VENV/bin/python" - "$WORK/results" "$N" "$RUNS" "$DBS" "$PG_VERSION" "$MY_VERSION" \
-    "$SRC_COMMIT" "$PRUNE_TIMEOUT_S" "$POINT_CALLS" "$HIT_CALLS" "$CACHE_CALLS" "$FILE_BYTES" <<'EOF'
-import datetime, json, os, platform, statistics, sys
-from importlib import metadata
-(res, n, runs, dbs, pgv, myv, commit, timeout, point, hit, cache,
- fbytes) = sys.argv[1:]
-runs = int(runs)
-cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
-            if l.startswith("model name")), "?")
-print("Same-run comparison, %s, %s CPUs (%s), N = %s images of %s B, "
-      "median of %d runs per cell." % (
-          datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), os.cpu_count(),
-          cpu, n, fbytes, runs))
-print("Ours: image-cache %s, built-in centralized driver, fenced account. "
-      "Glance %s centralized_db (SQLAlchemy %s, psycopg2 %s, PyMySQL %s, "
-      "Python %s), owner account. PostgreSQL %s, MariaDB %s, loopback TCP, "
-      "default durability." % (
-          commit, metadata.version("glance"), metadata.version("SQLAlchemy"),
-          metadata.version("psycopg2-binary"), metadata.version("PyMySQL"),
-          platform.python_version(), pgv, myv))
-print()
-print("| database | operation | ours | Glance centralized_db | ours / Glance |")
-print("| --- | --- | ---: | ---: | ---: |")
-cells = [
-    ("list cached (%s images)" % n, "list_us", 1e-3, "ms"),
-    ("cache one %s B image" % fbytes, "cache_us", 1, "µs"),
-    ("is-cached", "is_cached_us", 1, "µs"),
-    ("hit (read + record)", "hit_us", 1, "µs"),
-    ("prune %s to half" % n, "prune_s", 1, "s"),
-    ("delete all (%s)" % n, "delete_all_s", 1e3, "ms"),
-]
-
-
-def load(db, side):
-    out = []
-    for r in range(1, runs + 1):
-        p = os.path.join(res, "%s-%s-%d.json" % (db, side, r))
-        try:
-            j = json.load(open(p))
-        except (OSError, ValueError):
-            continue
-        out.append(j["workloads"]["central"] if side == "glance" else j)
-    return out
-
-
-def fmt(v, unit):
-    if v >= 100:
-        s = "%.0f" % v
-    elif v >= 10:
-        s = "%.1f" % v
-    elif v >= 1:
-        s = "%.2f" % v
-    else:
-        s = "%.3f" % v
-    return "%s %s" % (s, unit)
-
-
-notes = []
-for db in dbs.split():
-    name = {"postgresql": "PostgreSQL " + pgv,
-            "mariadb": "MariaDB " + myv}.get(db, db)
-    ours, glance = load(db, "ours"), load(db, "glance")
-    for label, key, scale, unit in cells:
-        o = [j[key] for j in ours if j.get(key) is not None]
-        g = [j[key] for j in glance if j.get(key) is not None]
-        oc = fmt(statistics.median(o) * scale, unit) if o else "failed"
-        if g:
-            gc = fmt(statistics.median(g) * scale, unit)
-        elif key == "prune_s" and any("prune_timed_out_s" in j for j in glance):
-            t = [j for j in glance if "prune_timed_out_s" in j]
-            gc = "> %s s (timeout; %d of %d evicted)" % (
-                timeout, t[0]["prune_evicted_before_timeout"],
-                int(n) - int(n) // 2)
-        else:
-            gc = "failed"
-        ratio = "%.2f×" % (statistics.median(o) / statistics.median(g)) \
-            if o and g else ""
-        if len(g) and len(g) < runs:
-            gc += " (%d of %d runs)" % (len(g), runs)
-        print("| %s | %s | %s | %s | %s |" % (name, label, oc, gc, ratio))
-    for when in ("before", "after"):
-        p = os.path.join(res, "%s-dbsync-%s.rc" % (db, when))
-        if os.path.exists(p):
-            notes.append("%s: glance-manage db sync %s our nodes' rows: %s"
-                         % (name, when, open(p).read().strip()))
-print()
-print("ours / Glance: our time over Glance's (below 1 = ours faster). "
-      "is-cached: %s calls; hit: %s reads of distinct images, each read in "
-      "full and its hit recorded; cache: %s images (ours fdatasyncs, Glance "
-      "does not). list: get_cached_images, mean of 3-20 calls." % (
-          point, hit, cache))
-for line in notes:
-    print("- " + line)
-EOF
+print_table "$WORK/results"
