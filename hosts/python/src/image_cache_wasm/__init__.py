@@ -8,9 +8,16 @@ contract ``image-cache:driver@0.3.0``) embedded in Python with wasmtime.
         cache.cache("0f9c...", f)
     with cache.open_for_read("0f9c...") as image:
         data = image.read()
+
+Results are plain dicts typed as :mod:`image_cache_wasm.results`
+TypedDicts; errors are :mod:`image_cache_wasm.errors` classes, most of
+them also the matching built-in (``NotFound`` is a ``FileNotFoundError``,
+``IoError`` an ``OSError`` with ``errno``, ``InvalidImageId`` a
+``ValueError``). Ids are ``str``, ``int`` or ``uuid.UUID``, taken as
+``str(id)``.
 """
 
-from .cache import Checksum, ImageCache, ImageReader, ImageWriter, Tee, components_dir
+from .cache import Checksum, ImageCache, ImageId, ImageReader, ImageWriter, Tee, components_dir
 from .database import CENTRALIZED_DATABASE, DatabaseRoot, DatabaseSettings, DbError, dialect_of_url
 from .errors import (
     AlreadyCached,
@@ -28,33 +35,42 @@ from .errors import (
     Overloaded,
     SourceError,
     Unsupported,
+    to_image_id,
 )
+from .results import CachedImage, CleanReport, DriverInfo, LruEntry, PruneReport, RemovedFile
 from .runtime import CONTRACT, SUPPORTED, Limits, Runtime
 
 __all__ = [
     "AlreadyCached",
     "BadConfiguration",
     "BeingCached",
+    "CachedImage",
     "CacheError",
     "CENTRALIZED_DATABASE",
     "Checksum",
     "ChecksumMismatch",
+    "CleanReport",
     "CONTRACT",
     "DatabaseError",
     "DatabaseRoot",
     "DatabaseSettings",
     "DbError",
     "DriverFault",
+    "DriverInfo",
     "ImageCache",
+    "ImageId",
     "ImageReader",
     "ImageWriter",
     "InvalidImageId",
     "IoError",
     "Limits",
     "LoadError",
+    "LruEntry",
     "NotConfigured",
     "NotFound",
     "Overloaded",
+    "PruneReport",
+    "RemovedFile",
     "Runtime",
     "SourceError",
     "SUPPORTED",
@@ -62,4 +78,5 @@ __all__ = [
     "Unsupported",
     "components_dir",
     "dialect_of_url",
+    "to_image_id",
 ]

@@ -10,17 +10,21 @@ commit, abort or finish.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import logging
 import os
 import threading
+import uuid
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from types import TracebackType
+from typing import BinaryIO, Iterable, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 from . import errors
 from .driver import Driver, Session
 from .fs import RootFs, io_error
 from .contract import BUILTIN_ALIASES
 from .database import DatabaseRoot
+from .results import CachedImage, CleanReport, DriverInfo, LruEntry, PruneReport
 from .runtime import BUILTIN_GRANTS, Limits, Runtime, default_runtime
 
 log = logging.getLogger("image_cache_wasm")
@@ -34,20 +38,54 @@ _HEX_LEN = {"md5": 32, "sha256": 64, "sha512": 128}
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def _repo_components() -> Path:
-    # hosts/python/src/image_cache_wasm/cache.py -> the repository root.
-    return Path(__file__).resolve().parents[4] / "target" / "guest" / "components"
+#: What an application may pass as an image id: converted with ``str()``
+#: (see :func:`image_cache_wasm.errors.to_image_id`); anything else is an
+#: :class:`~image_cache_wasm.errors.InvalidImageId`.
+ImageId = Union[str, int, uuid.UUID]
+
+#: The driver components a wheel carries (``image_cache_wasm/components``).
+PACKAGED_COMPONENTS = ("sqlite", "xattr", "centralized")
+
+
+def _package_components() -> Optional[Path]:
+    """The components the installed package carries (a wheel copies them
+    in at build time), found with :mod:`importlib.resources`."""
+    try:
+        res = importlib.resources.files(__package__).joinpath("components")
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover - not a package
+        return None
+    return res if isinstance(res, Path) and res.is_dir() else None
+
+
+def _repo_components() -> Optional[Path]:
+    """In a source checkout (an editable install of hosts/python), the
+    components ``cargo build`` built at the repository root."""
+    here = Path(__file__).resolve()
+    if len(here.parents) < 5 or here.parents[1].name != "src":
+        return None
+    repo = here.parents[4]
+    if not (repo / "hosts" / "python" / "pyproject.toml").is_file():
+        return None
+    return repo / "target" / "guest" / "components"
 
 
 def components_dir(explicit: Optional[PathLike] = None) -> Path:
     """Where the built-in driver components are: the argument, then
-    ``IMAGE_CACHE_COMPONENTS_DIR``, then ``<repo>/target/guest/components``."""
+    ``IMAGE_CACHE_COMPONENTS_DIR`` (an override), then the package's own
+    ``image_cache_wasm/components`` (what the wheel carries), then, in a
+    source checkout, ``<repo>/target/guest/components``."""
     if explicit is not None:
         return Path(explicit)
     env = os.environ.get("IMAGE_CACHE_COMPONENTS_DIR")
     if env:
         return Path(env)
-    return _repo_components()
+    packaged = _package_components()
+    if packaged is not None:
+        return packaged
+    repo = _repo_components()
+    if repo is not None:
+        return repo
+    return Path(str(importlib.resources.files(__package__).joinpath("components")))
 
 
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
@@ -191,17 +229,21 @@ class ImageWriter:
     def __enter__(self) -> "ImageWriter":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
         if not self._session.open:
-            return False
+            return
         if exc is None:
             self.commit()
         else:
             try:
-                self.abort(f"{exc_type.__name__}: {exc}")
+                self.abort(f"{type(exc).__name__}: {exc}")
             except errors.CacheError as e:
                 log.warning("aborting the write of image %r: %s", self.image_id, e)
-        return False
 
 
 class ImageReader:
@@ -212,6 +254,7 @@ class ImageReader:
     def __init__(self, session: Session):
         self._session = session
         self.image_id = session.image_id
+        assert session.file is not None, "a read session has its file"
         self.size = os.fstat(session.file.fd).st_size
 
     def fileno(self) -> int:
@@ -295,9 +338,8 @@ class ImageReader:
     def __enter__(self) -> "ImageReader":
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc: object) -> None:
         self.close()
-        return False
 
 
 class TeeReport:
@@ -312,13 +354,12 @@ class Tee:
     ``source`` on while it is cached. After iteration, :attr:`report` says
     whether the image was cached."""
 
-    def __init__(self, cache: "ImageCache", image_id: str, source: Iterable[bytes], checksum: Optional[Checksum]):
+    def __init__(self, cache: "ImageCache", image_id: ImageId, source: Iterable[bytes], checksum: Optional[Checksum]):
         self.cache = cache
-        self.image_id = image_id
+        self.image_id = errors.to_image_id(image_id)
         self.source = source
         self.checksum = checksum
         self.report = TeeReport()
-        errors.validate_image_id(image_id)
 
     def __iter__(self) -> Iterator[bytes]:
         image_id, report = self.image_id, self.report
@@ -432,7 +473,7 @@ class ImageCache:
         self.databases.default_statement_timeout(runtime.limits.call_deadline)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._rootfs = RootFs(self.root, runtime.limits.max_listing)
+            self._rootfs = RootFs(os.fspath(self.root), runtime.limits.max_listing)
         except OSError as e:
             raise errors.BadConfiguration(f"cache root {self.root}: {e.strerror}") from None
         self._lock = threading.Lock()
@@ -454,8 +495,9 @@ class ImageCache:
             path = self.components / f"{driver}_driver.wasm"
             if not path.is_file():
                 raise errors.LoadError(
-                    f"cannot load driver {driver}: no component at {path} "
-                    "(build it with `cargo build`, or set IMAGE_CACHE_COMPONENTS_DIR)"
+                    f"cannot load driver {driver}: no component at {path} (a wheel of "
+                    "image_cache_wasm carries them in image_cache_wasm/components; in a source "
+                    "checkout build them with `cargo build`; or set IMAGE_CACHE_COMPONENTS_DIR)"
                 )
             return path, BUILTIN_GRANTS[driver], driver
         path = Path(driver)
@@ -489,43 +531,42 @@ class ImageCache:
     def __enter__(self) -> "ImageCache":
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc: object) -> None:
         self.close()
-        return False
 
     @property
-    def info(self) -> dict:
-        return dict(self.driver.info)
+    def info(self) -> DriverInfo:
+        return self.driver.info.copy()
 
     # -- the SPEC operations ---------------------------------------------------------
 
     def get_cache_size(self) -> int:
         return self.driver.get_cache_size()
 
-    def get_hit_count(self, image_id: str) -> int:
+    def get_hit_count(self, image_id: ImageId) -> int:
         return self.driver.get_hit_count(image_id)
 
-    def get_cached_images(self) -> List[dict]:
+    def get_cached_images(self) -> List[CachedImage]:
         return self.driver.get_cached_images()
 
-    def list_cached(self) -> List[dict]:
+    def list_cached(self) -> List[CachedImage]:
         """Every cached image (``image_id``, ``hits``, ``size``,
         ``last_accessed``, ``last_modified``), ordered by id."""
         return self.get_cached_images()
 
-    def is_cached(self, image_id: str) -> bool:
+    def is_cached(self, image_id: ImageId) -> bool:
         return self.driver.is_cached(image_id)
 
-    def is_being_cached(self, image_id: str) -> bool:
+    def is_being_cached(self, image_id: ImageId) -> bool:
         return self.driver.is_being_cached(image_id)
 
-    def is_cacheable(self, image_id: str) -> bool:
+    def is_cacheable(self, image_id: ImageId) -> bool:
         return self.driver.is_cacheable(image_id)
 
-    def is_queued(self, image_id: str) -> bool:
+    def is_queued(self, image_id: ImageId) -> bool:
         return self.driver.is_queued(image_id)
 
-    def queue(self, image_id: str) -> bool:
+    def queue(self, image_id: ImageId) -> bool:
         """Queue an image for prefetching; False if it is already cached,
         being cached or queued."""
         return self.driver.queue_image(image_id)
@@ -535,13 +576,13 @@ class ImageCache:
     def get_queued_images(self) -> List[str]:
         return self.driver.get_queued_images()
 
-    def delete_cached_image(self, image_id: str) -> None:
+    def delete_cached_image(self, image_id: ImageId) -> None:
         self.driver.delete_cached_image(image_id)
 
     def delete_all_cached_images(self) -> int:
         return self.driver.delete_all_cached_images()
 
-    def delete_queued_image(self, image_id: str) -> None:
+    def delete_queued_image(self, image_id: ImageId) -> None:
         self.driver.delete_queued_image(image_id)
 
     def delete_all_queued_images(self) -> int:
@@ -550,54 +591,57 @@ class ImageCache:
     def get_least_recently_accessed(self) -> Optional[Tuple[str, int]]:
         return self.driver.get_least_recently_accessed()
 
-    def get_least_recently_accessed_batch(self, count: int) -> List[dict]:
+    def get_least_recently_accessed_batch(self, count: int) -> List[LruEntry]:
         return self.driver.get_least_recently_accessed_batch(count)
 
-    def get_image_size(self, image_id: str) -> int:
+    def get_image_size(self, image_id: ImageId) -> int:
         return self.driver.get_image_size(image_id)
 
-    def get_cached_nodes(self, image_id: str) -> List[str]:
+    def get_cached_nodes(self, image_id: ImageId) -> List[str]:
         return self.driver.get_cached_nodes(image_id)
 
-    def prune(self, max_size: Union[int, str] = DEFAULT_MAX_SIZE) -> dict:
+    def prune(self, max_size: Union[int, str] = DEFAULT_MAX_SIZE) -> PruneReport:
         """Evict least recently accessed images until the cache is at or
         under ``max_size`` (bytes, or ``"10G"``, ``"512MiB"``):
         ``{removed: [{image_id, size}], bytes_removed, size_after,
         failures}``."""
         return self.driver.prune(parse_size(max_size))
 
-    def clean(self, stall_time: int = DEFAULT_STALL_TIME) -> dict:
+    def clean(self, stall_time: int = DEFAULT_STALL_TIME) -> CleanReport:
         """Delete invalid files and incomplete files older than
         ``stall_time`` seconds: ``{invalid, incomplete, failures}``."""
-        return self.driver.clean(int(stall_time))
+        seconds = int(stall_time)
+        if seconds < 0:
+            raise ValueError(f"stall time {stall_time} is negative")
+        return self.driver.clean(seconds)
 
     # -- sessions and bytes ---------------------------------------------------------
 
-    def open_for_write(self, image_id: str) -> ImageWriter:
+    def open_for_write(self, image_id: ImageId) -> ImageWriter:
         return ImageWriter(self.driver.open_session("write", image_id))
 
-    def open_for_read(self, image_id: str) -> ImageReader:
+    def open_for_read(self, image_id: ImageId) -> ImageReader:
         """A reader of a cached image, for a ``with`` block; reading it to
         the end counts the hit. ``NotFound`` if it is not cached."""
         return ImageReader(self.driver.open_session("read", image_id))
 
-    def read(self, image_id: str) -> bytes:
+    def read(self, image_id: ImageId) -> bytes:
         """The whole image, counting the hit."""
         with self.open_for_read(image_id) as r:
             return r.read()
 
-    def read_into(self, image_id: str, sink: BinaryIO) -> int:
+    def read_into(self, image_id: ImageId, sink: BinaryIO) -> int:
         with self.open_for_read(image_id) as r:
             return r.copy_to(sink)
 
-    def cache(self, image_id: str, fileobj: BinaryIO, checksum: Union[None, str, Checksum] = None) -> int:
+    def cache(self, image_id: ImageId, fileobj: BinaryIO, checksum: Union[None, str, Checksum] = None) -> int:
         """Cache everything ``fileobj`` yields as ``image_id``, verifying
         ``checksum`` if given; the number of bytes. Strict: an image that
         cannot be cached (already cached, being cached) is an error. Bytes
         are copied natively when ``fileobj`` has a file descriptor and no
         checksum is asked for."""
         c = _checksum(checksum)
-        errors.validate_image_id(image_id)
+        image_id = errors.to_image_id(image_id)
         with self.open_for_write(image_id) as w:
             if c is None:
                 n = w.copy_from(fileobj)
@@ -622,7 +666,7 @@ class ImageCache:
             w.commit(c)
             return n
 
-    def cache_file(self, image_id: str, path: PathLike, checksum: Union[None, str, Checksum] = None) -> int:
+    def cache_file(self, image_id: ImageId, path: PathLike, checksum: Union[None, str, Checksum] = None) -> int:
         try:
             f = open(path, "rb")
         except OSError as e:
@@ -630,7 +674,7 @@ class ImageCache:
         with f:
             return self.cache(image_id, f, checksum)
 
-    def cache_stream(self, image_id: str, source: Iterable[bytes], checksum: Union[None, str, Checksum] = None) -> Tee:
+    def cache_stream(self, image_id: ImageId, source: Iterable[bytes], checksum: Union[None, str, Checksum] = None) -> Tee:
         """Glance's caching iterator: iterate the result to pass every chunk
         of ``source`` on while it is cached (see :class:`Tee`)."""
         return Tee(self, image_id, source, _checksum(checksum))

@@ -24,7 +24,8 @@ from wasmtime.component import ResourceHost, Variant
 from . import errors
 from . import xattr as host_xattr
 from ._fastcall import Export
-from .errors import DriverFault, printable, quoted, validate_image_id
+from .errors import DriverFault, printable, quoted, to_image_id, validate_image_id
+from .results import CachedImage, CleanReport, DriverInfo, LruEntry, PruneReport, RemovedFile
 from .fs import DEFAULT_DB, OpenFile, RootFs, io_error
 from .runtime import FILE_TYPE, InstanceState, LoadedComponent, Runtime, enter, iface
 
@@ -123,7 +124,7 @@ class Driver:
         self.discarded = 0
         first = self._instantiate()
         info = self._guarded(first, "info")
-        self.info = {
+        self.info: DriverInfo = {
             "name": printable(_field(info, "name"), 64),
             "version": printable(_field(info, "version"), 64),
             "description": printable(_field(info, "description"), 512),
@@ -315,10 +316,10 @@ class Driver:
     def get_cache_size(self) -> int:
         return self.call("get-cache-size")
 
-    def get_hit_count(self, image_id: str) -> int:
-        return self.call("get-hit-count", image_id)
+    def get_hit_count(self, image_id: object) -> int:
+        return self.call("get-hit-count", to_image_id(image_id))
 
-    def get_cached_images(self) -> List[dict]:
+    def get_cached_images(self) -> List[CachedImage]:
         def check(images) -> Optional[str]:
             ids = [_field(i, "image-id") for i in images]
             broken = self._valid_ids("get-cached-images", ids)
@@ -340,34 +341,34 @@ class Driver:
             for i in self.call("get-cached-images", check=check)
         ]
 
-    def is_cached(self, image_id: str) -> bool:
-        return self.call("is-cached", image_id)
+    def is_cached(self, image_id: object) -> bool:
+        return self.call("is-cached", to_image_id(image_id))
 
-    def is_being_cached(self, image_id: str) -> bool:
-        return self.call("is-being-cached", image_id)
+    def is_being_cached(self, image_id: object) -> bool:
+        return self.call("is-being-cached", to_image_id(image_id))
 
-    def is_cacheable(self, image_id: str) -> bool:
-        return self.call("is-cacheable", image_id)
+    def is_cacheable(self, image_id: object) -> bool:
+        return self.call("is-cacheable", to_image_id(image_id))
 
-    def is_queued(self, image_id: str) -> bool:
-        return self.call("is-queued", image_id)
+    def is_queued(self, image_id: object) -> bool:
+        return self.call("is-queued", to_image_id(image_id))
 
-    def queue_image(self, image_id: str) -> bool:
-        return self.call("queue-image", image_id)
+    def queue_image(self, image_id: object) -> bool:
+        return self.call("queue-image", to_image_id(image_id))
 
     def get_queued_images(self) -> List[str]:
         return list(
             self.call("get-queued-images", check=lambda ids: self._valid_ids("get-queued-images", ids))
         )
 
-    def delete_cached_image(self, image_id: str) -> None:
-        self.call("delete-cached-image", image_id)
+    def delete_cached_image(self, image_id: object) -> None:
+        self.call("delete-cached-image", to_image_id(image_id))
 
     def delete_all_cached_images(self) -> int:
         return self.call("delete-all-cached-images")
 
-    def delete_queued_image(self, image_id: str) -> None:
-        self.call("delete-queued-image", image_id)
+    def delete_queued_image(self, image_id: object) -> None:
+        self.call("delete-queued-image", to_image_id(image_id))
 
     def delete_all_queued_images(self) -> int:
         return self.call("delete-all-queued-images")
@@ -379,7 +380,12 @@ class Driver:
         )
         return None if r is None else (r[0], r[1])
 
-    def get_least_recently_accessed_batch(self, count: int) -> List[dict]:
+    def get_least_recently_accessed_batch(self, count: int) -> List[LruEntry]:
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"count must be an int, not {type(count).__name__}")
+        if not 0 <= count <= 0xFFFFFFFF:
+            raise ValueError(f"count {count} is out of range (0 to 4294967295)")
+
         def check(batch) -> Optional[str]:
             if len(batch) > count:
                 return f"asked for {count} LRU entries, got {len(batch)}"
@@ -394,10 +400,12 @@ class Driver:
             for e in self.call("get-least-recently-accessed-batch", count, check=check)
         ]
 
-    def get_image_size(self, image_id: str) -> int:
-        return self.call("get-image-size", image_id)
+    def get_image_size(self, image_id: object) -> int:
+        return self.call("get-image-size", to_image_id(image_id))
 
-    def get_cached_nodes(self, image_id: str) -> List[str]:
+    def get_cached_nodes(self, image_id: object) -> List[str]:
+        image_id = to_image_id(image_id)
+
         def check(nodes) -> Optional[str]:
             for n in nodes:
                 if len(n) > 2048 or any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in n):
@@ -407,14 +415,14 @@ class Driver:
         return list(self.call("get-cached-nodes", image_id, check=check))
 
     @staticmethod
-    def _removed(files) -> List[dict]:
+    def _removed(files) -> List[RemovedFile]:
         return [{"image_id": _field(r, "image-id"), "size": _field(r, "size")} for r in files]
 
     @staticmethod
     def _failures(failures) -> List[str]:
         return [printable(f, 512) for f in list(failures)[:MAX_REPORTED_FAILURES]]
 
-    def clean(self, stall_time: Optional[int] = None) -> dict:
+    def clean(self, stall_time: Optional[int] = None) -> CleanReport:
         def check(report) -> Optional[str]:
             ids = [_field(r, "image-id") for r in list(_field(report, "invalid")) + list(_field(report, "incomplete"))]
             return self._valid_ids("clean", ids)
@@ -426,7 +434,7 @@ class Driver:
             "failures": self._failures(_field(report, "failures")),
         }
 
-    def prune(self, max_size: int) -> dict:
+    def prune(self, max_size: int) -> PruneReport:
         def check(report) -> Optional[str]:
             removed = list(_field(report, "removed"))
             broken = self._valid_ids("prune", [_field(r, "image-id") for r in removed])
@@ -447,8 +455,8 @@ class Driver:
 
     # -- sessions --------------------------------------------------------------------
 
-    def open_session(self, kind: str, image_id: str) -> "Session":
-        validate_image_id(image_id)
+    def open_session(self, kind: str, image_id: object) -> "Session":
+        image_id = to_image_id(image_id)
         inst = self.checkout()
         resource = None
         try:
