@@ -208,28 +208,9 @@ fn tokenize(dialect: Dialect, sql: &str) -> Result<Vec<Token>, String> {
                 return Err("variables (@name, @@name) are not allowed".to_string());
             }
             b'`' if mysql => {
-                let mut word = Vec::new();
-                i += 1;
-                loop {
-                    match b.get(i) {
-                        None => return Err(unterminated("quoted identifier")),
-                        Some(b'`') if b.get(i + 1) == Some(&b'`') => {
-                            word.push(b'`');
-                            i += 2;
-                        }
-                        Some(b'`') => {
-                            i += 1;
-                            break;
-                        }
-                        Some(&x) => {
-                            word.push(x);
-                            i += 1;
-                        }
-                    }
-                }
-                tokens.push(Token::Word(
-                    String::from_utf8_lossy(&word).to_ascii_lowercase(),
-                ));
+                let (word, end) = quoted_name(b, i)?;
+                tokens.push(Token::Word(word));
+                i = end;
             }
             b'-' if b.get(i + 1) == Some(&b'-') => {
                 // PostgreSQL's scanner ends a comment at a newline or a
@@ -285,28 +266,9 @@ fn tokenize(dialect: Dialect, sql: &str) -> Result<Vec<Token>, String> {
                 tokens.push(Token::Other);
             }
             b'"' => {
-                let mut word = Vec::new();
-                i += 1;
-                loop {
-                    match b.get(i) {
-                        None => return Err(unterminated("quoted identifier")),
-                        Some(b'"') if b.get(i + 1) == Some(&b'"') => {
-                            word.push(b'"');
-                            i += 2;
-                        }
-                        Some(b'"') => {
-                            i += 1;
-                            break;
-                        }
-                        Some(&x) => {
-                            word.push(x);
-                            i += 1;
-                        }
-                    }
-                }
-                tokens.push(Token::Word(
-                    String::from_utf8_lossy(&word).to_ascii_lowercase(),
-                ));
+                let (word, end) = quoted_name(b, i)?;
+                tokens.push(Token::Word(word));
+                i = end;
             }
             b'$' if !mysql
                 && b.get(i + 1)
@@ -362,6 +324,30 @@ fn tokenize(dialect: Dialect, sql: &str) -> Result<Vec<Token>, String> {
         }
     }
     Ok(tokens)
+}
+
+/// The quoted name starting at `b[start]` (its quote character doubled
+/// inside), lowercased, and where it ends.
+fn quoted_name(b: &[u8], start: usize) -> Result<(String, usize), String> {
+    let q = b[start];
+    let mut word = Vec::new();
+    let mut i = start + 1;
+    loop {
+        match b.get(i) {
+            None => return Err("unterminated quoted identifier in SQL".to_string()),
+            Some(&c) if c == q && b.get(i + 1) == Some(&q) => {
+                word.push(q);
+                i += 2;
+            }
+            Some(&c) if c == q => {
+                return Ok((String::from_utf8_lossy(&word).to_ascii_lowercase(), i + 1));
+            }
+            Some(&c) => {
+                word.push(c);
+                i += 1;
+            }
+        }
+    }
 }
 
 /// The first word of a statement, lowercased (`begin`, `commit`, ...).
