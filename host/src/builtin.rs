@@ -42,11 +42,6 @@ pub const CENTRALIZED: Builtin = Builtin {
 
 pub const ALL: &[Builtin] = &[SQLITE, XATTR, CENTRALIZED];
 
-/// Where this build put every driver component it built, test fixtures
-/// included (`hostile_driver.wasm`, ...). Other hosts and third parties
-/// find the same files in `target/guest/components/`.
-pub const COMPONENTS_DIR: &str = env!("OUT_DIR");
-
 /// The built-in driver called `name` (or by one of its aliases).
 pub fn find(name: &str) -> Option<&'static Builtin> {
     ALL.iter()

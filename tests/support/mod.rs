@@ -385,10 +385,10 @@ macro_rules! for_each_driver {
     };
 }
 
-/// A test-fixture component built by host/build.rs but not embedded, e.g.
-/// `hostile_driver`.
+/// A test-fixture component built by tests/build.rs (never by the library),
+/// e.g. `hostile_driver`.
 pub fn fixture(name: &str) -> PathBuf {
-    let path = Path::new(image_cache::builtin::COMPONENTS_DIR).join(format!("{name}.wasm"));
+    let path = Path::new(env!("IMAGE_CACHE_FIXTURES_DIR")).join(format!("{name}.wasm"));
     assert!(
         path.exists(),
         "{} is missing: build the workspace first",
