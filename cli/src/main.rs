@@ -3,7 +3,6 @@
 //! -prefetcher in one binary). See `image-cache --help`.
 
 mod cli;
-mod serve;
 
 fn main() -> std::process::ExitCode {
     cli::main()

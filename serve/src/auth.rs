@@ -6,47 +6,70 @@
 //! so neither the bytes nor the length of the configured token leak
 //! through response timing.
 
-use std::path::Path;
-
 use axum::http::{HeaderMap, StatusCode};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::ApiError;
+use super::{ApiError, ServeError};
 
 /// The header glanceclient sends.
 pub const TOKEN_HEADER: &str = "x-auth-token";
 
-/// A configured secret, kept only as its digest.
+/// A token the server accepts, kept only as its digest.
+#[derive(Clone)]
 pub struct Token {
     digest: [u8; 32],
 }
 
 impl Token {
-    pub fn new(secret: &str) -> Result<Token, String> {
+    /// A token from its secret (surrounding whitespace trimmed): at least
+    /// 16 characters. The error never repeats the secret.
+    pub fn new(secret: &str) -> Result<Token, ServeError> {
         let secret = secret.trim();
         if secret.is_empty() {
-            return Err("the token is empty".into());
+            return Err(ServeError::Config("the token is empty".into()));
         }
         if secret.len() < 16 {
-            return Err("the token is shorter than 16 characters".into());
+            return Err(ServeError::Config(
+                "the token is shorter than 16 characters".into(),
+            ));
         }
         Ok(Token {
             digest: Sha256::digest(secret.as_bytes()).into(),
         })
     }
 
-    /// Read a token from a file (the whole file, surrounding whitespace
-    /// trimmed). The error names the file, never the contents.
-    pub fn from_file(path: &Path) -> Result<Token, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("token file {}: {e}", path.display()))?;
-        Token::new(&text).map_err(|e| format!("token file {}: {e}", path.display()))
-    }
-
     fn matches(&self, presented: &[u8]) -> bool {
         let digest: [u8; 32] = Sha256::digest(presented).into();
         self.digest.ct_eq(&digest).into()
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<digest>)")
+    }
+}
+
+/// A secret the server sends (the upstream token), never printed.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Surrounding whitespace trimmed; `None` when nothing is left.
+    pub fn new(text: &str) -> Option<Secret> {
+        let t = text.trim();
+        (!t.is_empty()).then(|| Secret(t.to_string()))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
     }
 }
 

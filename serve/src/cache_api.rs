@@ -9,6 +9,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use image_cache::DriverSource;
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
@@ -296,8 +297,8 @@ pub async fn swap_driver(
             "the body must name the driver: {\"driver\": \"sqlite\"|\"xattr\"|\"/path/driver.wasm\"}",
         ));
     };
-    let source =
-        super::driver_source(spec).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let source = DriverSource::named(spec)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     let name = super::swap(&app, source).await?;
     Ok(Json(json!({"driver": name})))
 }

@@ -318,10 +318,17 @@ fn unix_seconds(t: SystemTime) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Unix seconds as Glance writes times, `2025-01-31T12:34:56Z`.
+fn iso_utc(seconds: f64) -> String {
+    jiff::Timestamp::from_second(seconds.floor() as i64)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_default()
+}
+
 /// A minimal Glance image record: the fields openstacksdk's `Image` and
 /// openstackclient read, the name being the id.
 fn record(id: &str, size: Option<u64>, time: Option<f64>, checksum: Option<&str>) -> Value {
-    let time = crate::cli::format::iso_utc(time.unwrap_or_else(|| unix_seconds(SystemTime::now())));
+    let time = iso_utc(time.unwrap_or_else(|| unix_seconds(SystemTime::now())));
     let (mut md5, mut algo, mut value) = (None, None, None);
     if let Some(c) = checksum.and_then(|c| c.parse::<Checksum>().ok()) {
         match c.algorithm {

@@ -1,10 +1,12 @@
-//! `image-cache serve`: the cache as an HTTP service in front of an image
-//! store (Glance's `GET /v2/images/{id}/file` with its local cache, and
-//! Glance's cache management API), with the periodic jobs built in.
+//! `image-cache serve` as a library: the cache as an HTTP service in front
+//! of an image store (Glance's `GET /v2/images/{id}/file` with its local
+//! cache, and Glance's cache management API), with the periodic jobs built
+//! in. A [`Config`] and an opened [`ImageCache`] go in, [`run`] serves
+//! until SIGTERM, a [`ServeError`] comes out.
 //!
 //! | module | does |
 //! | --- | --- |
-//! | `mod` (here) | settings, router, listener, signals, shutdown, swap |
+//! | `lib` (here) | config, router, listener, signals, shutdown, swap |
 //! | [`sendfile`] | each connection's front: cached downloads over `sendfile(2)` |
 //! | [`images`] | image downloads: cached files, ranges, misses |
 //! | [`image_records`] | Glance's image records (`GET /v2/images[/{id}]`) |
@@ -47,9 +49,7 @@ use axum::http::request::Parts;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use clap::Args;
 use hyper_util::rt::TokioTimer;
-use image_cache::config::{parse_duration, parse_size};
 use image_cache::{DriverSource, Error, ImageCache};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -58,7 +58,7 @@ use tokio::sync::{Mutex as AsyncMutex, Notify, watch};
 use tokio::time::Sleep;
 use tracing::{debug, error, info, warn};
 
-use crate::cli::{Failure, Settings};
+pub use auth::{Secret, Token};
 use metrics::{InFlight, Metrics, inc};
 use upstream::Upstream;
 
@@ -71,162 +71,10 @@ pub(crate) const MAX_HEADERS: usize = 64;
 /// Largest request body accepted (the driver swap's JSON).
 const MAX_BODY_BYTES: usize = 16 << 10;
 
-/// Serve the cache over HTTP: image downloads with pull-through caching
-/// from an upstream (a Glance API or a directory), Glance's cache
-/// management API, and the prefetcher, pruner and cleaner on intervals.
-#[derive(Args, Debug, Clone)]
-#[command(
-    after_help = "Tokens: the admin token (cache API, driver swap) comes from \
---admin-token-file or IMAGE_CACHE_ADMIN_TOKEN; without one the management API answers 403. \
-Clients send tokens as X-Auth-Token.\n\n\
-The --config file's [DEFAULT] section may also give bind_host, bind_port and \
-cache_prefetcher_interval (glance-api.conf names). SIGHUP re-reads the configuration \
-and swaps the driver; SIGTERM stops gracefully."
-)]
-pub struct ServeArgs {
-    /// Address to listen on (default 127.0.0.1:9292, or bind_host:bind_port
-    /// from the --config file). Port 0 picks a free port; the address is
-    /// printed on stdout.
-    #[arg(long, env = "IMAGE_CACHE_LISTEN", value_name = "ADDR")]
-    listen: Option<SocketAddr>,
-
-    /// Where misses are fetched: a Glance API base URL (GET
-    /// URL/v2/images/ID/file, passing the client's X-Auth-Token) or a
-    /// directory with one file per image id. Without it, misses are 404.
-    #[arg(long, env = "IMAGE_CACHE_UPSTREAM", value_name = "URL|DIR")]
-    upstream: Option<String>,
-
-    /// File holding the admin token (else IMAGE_CACHE_ADMIN_TOKEN).
-    #[arg(long, value_name = "FILE")]
-    admin_token_file: Option<PathBuf>,
-
-    /// File holding a token image downloads must carry (the admin token is
-    /// accepted too); else IMAGE_CACHE_IMAGE_TOKEN. Unset, with a Glance
-    /// upstream: the upstream authorizes each download with the client's
-    /// token.
-    #[arg(long, value_name = "FILE")]
-    image_token_file: Option<PathBuf>,
-
-    /// Serve every image to anyone, without a token (needed, or
-    /// --image-token-file, when the upstream is a directory or there is
-    /// none).
-    #[arg(long)]
-    public_downloads: bool,
-
-    /// How long the upstream's answer to "may this token download this
-    /// image" is remembered (0: ask for every download).
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
-    auth_cache_ttl: Duration,
-
-    /// File holding the token sent to a Glance upstream by the prefetcher,
-    /// and for clients when downloads are protected by --image-token-file
-    /// (else IMAGE_CACHE_UPSTREAM_TOKEN).
-    #[arg(long, value_name = "FILE")]
-    upstream_token_file: Option<PathBuf>,
-
-    /// Prune target (default: image_cache_max_size, or 10 GiB).
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    max_size: Option<u64>,
-
-    /// Stall time for clean (default: image_cache_stall_time, or 1 day).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    stall_time: Option<Duration>,
-
-    /// Hard ceiling: an image that would push the cache over it is served
-    /// but not cached. Default: none.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    cache_ceiling: Option<u64>,
-
-    /// How often the prefetcher runs (0 = never; default
-    /// cache_prefetcher_interval, or 300s). Queuing an image through the
-    /// API also wakes it.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    prefetch_interval: Option<Duration>,
-
-    /// How often the cache is pruned to the max size (0 = never).
-    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_duration)]
-    prune_interval: Duration,
-
-    /// How often invalid and stalled files are cleaned (0 = never).
-    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
-    clean_interval: Duration,
-
-    /// A client connection with no byte read or written for this long is
-    /// closed (also the keep-alive and request-head timeout).
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
-    client_timeout: Duration,
-
-    /// An upstream that sends nothing for this long fails the fetch.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
-    upstream_timeout: Duration,
-
-    /// A fetch must average at least this many bytes per second over each
-    /// --upstream-timeout window, or it fails (0: no minimum).
-    #[arg(long, value_name = "SIZE", default_value = "16KiB", value_parser = parse_size)]
-    upstream_min_rate: u64,
-
-    /// An origin (scheme://host[:port]) the Glance upstream may redirect
-    /// downloads to; the token is never sent there. Repeatable. Redirects
-    /// to any other origin fail the fetch.
-    #[arg(long, value_name = "URL")]
-    upstream_allow_redirect: Vec<String>,
-
-    /// Most images fetched from the upstream at once; a miss past it is a
-    /// 503 with Retry-After (clients of fetches under way still join them).
-    #[arg(long, value_name = "N", default_value = "64")]
-    max_fetches: usize,
-
-    /// Most client connections at once; past it a new connection gets a
-    /// 503 and is closed. Default: 4096, or less when the open-files
-    /// limit is lower.
-    #[arg(long, value_name = "N")]
-    max_connections: Option<usize>,
-
-    /// Free space kept on the cache's file system: an image that would
-    /// leave less is served but not cached (room for the database).
-    #[arg(long, value_name = "SIZE", default_value = "128MiB", value_parser = parse_size)]
-    disk_reserve: u64,
-
-    /// On SIGTERM, how long in-flight responses and fetches may take to
-    /// finish before they are cut (fetches then abort: no partial image).
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    shutdown_timeout: Duration,
-
-    /// Directory for the spool files misses are streamed through (unnamed
-    /// temporary files). Default: the system's temporary directory.
-    #[arg(long, value_name = "DIR")]
-    spool_dir: Option<PathBuf>,
-
-    /// Logs as JSON lines instead of text.
-    #[arg(long)]
-    log_json: bool,
-
-    /// A driver swapped in that faults more than this many times within
-    /// --rollback-window of the swap is rolled back to the previous driver
-    /// by itself (0: never).
-    #[arg(
-        long,
-        env = "IMAGE_CACHE_ROLLBACK_MAX_FAULTS",
-        value_name = "N",
-        default_value = "5"
-    )]
-    rollback_max_faults: u64,
-
-    /// How long after a swap faults count towards an automatic rollback.
-    #[arg(long, env = "IMAGE_CACHE_ROLLBACK_WINDOW", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
-    rollback_window: Duration,
-}
-
-impl ServeArgs {
-    pub fn log_json(&self) -> bool {
-        self.log_json
-    }
-}
-
 /// An error answer: status and a JSON body `{"error": {...}}`. Messages
 /// name images by id, never a file path.
 #[derive(Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     pub status: StatusCode,
     pub message: String,
     /// For a 416: the image's size, sent as `Content-Range: bytes */size`.
@@ -328,7 +176,7 @@ impl From<upstream::FetchError> for ApiError {
 
 /// The image id rule (the `image-id` crate's, as everywhere), checked
 /// before anything reaches the driver or the upstream.
-pub fn validate_id(id: &str) -> Result<(), ApiError> {
+pub(crate) fn validate_id(id: &str) -> Result<(), ApiError> {
     match image_cache::validate_image_id(id) {
         Ok(()) => Ok(()),
         Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, e.to_string())),
@@ -337,7 +185,7 @@ pub fn validate_id(id: &str) -> Result<(), ApiError> {
 
 /// The `{id}` path segment, with a JSON 400 (not axum's text) when it
 /// cannot be decoded.
-pub struct RawId(pub String);
+pub(crate) struct RawId(pub String);
 
 impl<S: Send + Sync> FromRequestParts<S> for RawId {
     type Rejection = ApiError;
@@ -351,7 +199,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RawId {
 }
 
 /// Tokens the server checks.
-pub struct Tokens {
+pub(crate) struct Tokens {
     pub admin: Option<auth::Token>,
     pub image: Option<auth::Token>,
 }
@@ -371,7 +219,7 @@ impl Tokens {
 
 /// What a fill must keep to.
 #[derive(Clone, Copy, Debug)]
-pub struct FillLimits {
+pub(crate) struct FillLimits {
     /// Bytes per second a fetch must average over each window.
     pub min_rate: u64,
     pub rate_window: Duration,
@@ -381,20 +229,20 @@ pub struct FillLimits {
 
 /// What SIGHUP may change.
 #[derive(Clone, Copy, Debug)]
-pub struct Tunables {
+pub(crate) struct Tunables {
     pub max_size: u64,
     pub stall_time: Duration,
 }
 
 #[derive(Clone, Copy, Debug)]
-pub struct Intervals {
+pub(crate) struct Intervals {
     pub prefetch: Duration,
     pub prune: Duration,
     pub clean: Duration,
 }
 
 /// Everything a request handler reaches.
-pub struct App {
+pub(crate) struct App {
     pub cache: Arc<ImageCache>,
     pub upstream: Option<Upstream>,
     pub upstream_token: Option<String>,
@@ -499,14 +347,9 @@ impl App {
     }
 }
 
-/// A driver named by an operator or the swap endpoint.
-pub fn driver_source(spec: &str) -> Result<DriverSource, String> {
-    DriverSource::named(spec)
-}
-
 /// Swap the driver while serving; the old one stays if the new one
 /// cannot be used.
-pub async fn swap(app: &Arc<App>, source: DriverSource) -> Result<String, ApiError> {
+pub(crate) async fn swap(app: &Arc<App>, source: DriverSource) -> Result<String, ApiError> {
     let _one = app.swap_lock.lock().await;
     let spec = source.name();
     let app2 = app.clone();
@@ -615,7 +458,7 @@ async fn log_requests(State(app): State<Arc<App>>, request: Request, next: Next)
     response
 }
 
-pub fn router(app: Arc<App>) -> Router {
+pub(crate) fn router(app: Arc<App>) -> Router {
     use cache_api as c;
     Router::new()
         .route("/v2/images/{id}/file", get(images::image_file))
@@ -807,166 +650,192 @@ where
     }
 }
 
-/// A token from a file or, failing that, an environment variable.
-fn load_token(file: Option<&PathBuf>, env: &str) -> Result<Option<auth::Token>, Failure> {
-    if let Some(path) = file {
-        return auth::Token::from_file(path)
-            .map(Some)
-            .map_err(Failure::Usage);
-    }
-    match std::env::var(env) {
-        Ok(v) => auth::Token::new(&v)
-            .map(Some)
-            .map_err(|e| Failure::Usage(format!("{env}: {e}"))),
-        Err(_) => Ok(None),
-    }
+/// How the server runs: what `image-cache serve`'s flags and glance-api.conf
+/// set, as plain values. `Config::default()` is the CLI's defaults.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free one (printed on stdout).
+    pub listen: SocketAddr,
+    /// Where misses are fetched: a Glance API base URL or a directory with
+    /// one file per image id. `None`: misses are 404.
+    pub upstream: Option<String>,
+    /// Origins a Glance upstream may redirect downloads to.
+    pub upstream_allow_redirect: Vec<String>,
+    /// The admin token (cache API, driver swap); without one the
+    /// management API answers 403.
+    pub admin_token: Option<Token>,
+    /// A token image downloads must carry (the admin token is accepted too).
+    pub image_token: Option<Token>,
+    /// The token sent to a Glance upstream by the prefetcher.
+    pub upstream_token: Option<Secret>,
+    /// Serve every image to anyone, without a token.
+    pub public_downloads: bool,
+    /// How long the upstream's "may this token download this image" is kept.
+    pub auth_cache_ttl: Duration,
+    /// Prune target.
+    pub max_size: u64,
+    /// Stall time for clean.
+    pub stall_time: Duration,
+    /// An image that would push the cache over this is served, not cached.
+    pub cache_ceiling: Option<u64>,
+    /// How often the prefetcher, the pruner and the cleaner run (0 = never).
+    pub prefetch_interval: Duration,
+    pub prune_interval: Duration,
+    pub clean_interval: Duration,
+    /// A client connection idle this long is closed.
+    pub client_timeout: Duration,
+    /// An upstream that sends nothing for this long fails the fetch.
+    pub upstream_timeout: Duration,
+    /// Bytes per second a fetch must average over each upstream-timeout
+    /// window (0: no minimum).
+    pub upstream_min_rate: u64,
+    /// Most images fetched from the upstream at once.
+    pub max_fetches: usize,
+    /// Most client connections at once (`None`: 4096, or fewer when the
+    /// open-files limit is lower).
+    pub max_connections: Option<usize>,
+    /// Free space kept on the cache's file system.
+    pub disk_reserve: u64,
+    /// How long in-flight work may take to finish on shutdown.
+    pub shutdown_timeout: Duration,
+    /// Where misses are spooled (unnamed temporary files).
+    pub spool_dir: PathBuf,
+    /// A swapped-in driver faulting more than this often within
+    /// `rollback_window` is rolled back (0: never).
+    pub rollback_max_faults: u64,
+    pub rollback_window: Duration,
 }
 
-fn load_secret(file: Option<&PathBuf>, env: &str) -> Result<Option<String>, Failure> {
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Failure::Usage(format!("token file {}: {e}", path.display())))?;
-        let t = text.trim().to_string();
-        if t.is_empty() {
-            return Err(Failure::Usage(format!(
-                "token file {}: empty",
-                path.display()
-            )));
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("an address"),
+            upstream: None,
+            upstream_allow_redirect: Vec::new(),
+            admin_token: None,
+            image_token: None,
+            upstream_token: None,
+            public_downloads: false,
+            auth_cache_ttl: Duration::from_secs(60),
+            max_size: 10 << 30,
+            stall_time: Duration::from_secs(86_400),
+            cache_ceiling: None,
+            prefetch_interval: Duration::from_secs(300),
+            prune_interval: Duration::from_secs(600),
+            clean_interval: Duration::from_secs(3_600),
+            client_timeout: Duration::from_secs(60),
+            upstream_timeout: Duration::from_secs(60),
+            upstream_min_rate: 16 << 10,
+            max_fetches: 64,
+            max_connections: None,
+            disk_reserve: 128 << 20,
+            shutdown_timeout: Duration::from_secs(30),
+            spool_dir: std::env::temp_dir(),
+            rollback_max_faults: 5,
+            rollback_window: Duration::from_secs(300),
         }
-        return Ok(Some(t));
     }
-    Ok(std::env::var(env)
-        .ok()
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty()))
 }
 
-/// glance-api.conf keys the server reads from the `--config` file.
-#[derive(Default)]
-struct ServerOptions {
-    bind_host: Option<String>,
-    bind_port: Option<u16>,
-    prefetch_interval: Option<Duration>,
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A setting cannot be used; the message names it.
+    #[error("{0}")]
+    Config(String),
+    /// The system refused something the server needs (the listening
+    /// socket, signal handlers, threads).
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The cache failed (its kind is kept for exit codes).
+    #[error(transparent)]
+    Cache(#[from] image_cache::Error),
 }
 
-fn server_options(settings: &Settings) -> Result<ServerOptions, Failure> {
-    let Some(path) = settings.config_file() else {
-        return Ok(ServerOptions::default());
-    };
-    let ini = ini::Ini::load_from_file_noescape(path)
-        .map_err(|e| Failure::Usage(format!("config file {}: {e}", path.display())))?;
-    let mut o = ServerOptions::default();
-    let Some(section) = ini.section(Some("DEFAULT")) else {
-        return Ok(o);
-    };
-    let bad = |key: &str, value: &str, e: String| {
-        Failure::Usage(format!(
-            "config file {}: [DEFAULT] {key} = {value:?}: {e}",
-            path.display()
-        ))
-    };
-    for (key, value) in section.iter() {
-        let value = value.trim();
-        match key.trim() {
-            "bind_host" => o.bind_host = Some(value.to_string()),
-            "bind_port" => {
-                o.bind_port = Some(
-                    value
-                        .parse()
-                        .map_err(|_| bad(key, value, "not a port number".into()))?,
-                )
-            }
-            "cache_prefetcher_interval" => {
-                o.prefetch_interval = Some(parse_duration(value).map_err(|e| bad(key, value, e))?)
-            }
-            _ => {}
-        }
+impl ServeError {
+    fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> ServeError {
+        let context = context.into();
+        move |source| ServeError::Io { context, source }
     }
-    Ok(o)
 }
 
-/// Run the server until SIGTERM or SIGINT. `reload` re-resolves the
-/// settings (flags, environment, config file) for SIGHUP.
-pub fn run(
-    settings: &Settings,
-    args: &ServeArgs,
-    reload: Box<dyn Fn() -> Result<Settings, Failure> + Send + Sync>,
-) -> Result<(), Failure> {
-    let options = server_options(settings)?;
-    let listen = match args.listen {
-        Some(a) => a,
-        None => {
-            let host = options.bind_host.as_deref().unwrap_or("127.0.0.1");
-            let port = options.bind_port.unwrap_or(9292);
-            let text = if host.contains(':') {
-                format!("[{host}]:{port}")
-            } else {
-                format!("{host}:{port}")
-            };
-            text.parse().map_err(|_| {
-                Failure::Usage(format!(
-                    "bind_host/bind_port {text:?} is not an address (default {DEFAULT_LISTEN})"
-                ))
-            })?
-        }
-    };
-    let upstream = match &args.upstream {
+/// What SIGHUP re-reads: the cache's root (which cannot change while
+/// serving), the driver to swap to and the new tunables.
+pub struct Reloaded {
+    pub root: PathBuf,
+    pub driver: DriverSource,
+    pub max_size: u64,
+    pub stall_time: Duration,
+}
+
+/// Re-resolves the configuration on SIGHUP.
+pub type Reload = Box<dyn Fn() -> Result<Reloaded, ServeError> + Send + Sync>;
+
+/// Run the server on `cache` until SIGTERM or SIGINT; on SIGHUP, `reload`
+/// (if given) names the driver and tunables to take.
+pub fn run(cache: ImageCache, config: Config, reload: Option<Reload>) -> Result<(), ServeError> {
+    let upstream = match &config.upstream {
         Some(spec) if !spec.trim().is_empty() => Some(
             Upstream::parse(
                 spec.trim(),
-                args.upstream_timeout,
-                &args.upstream_allow_redirect,
+                config.upstream_timeout,
+                &config.upstream_allow_redirect,
             )
-            .map_err(Failure::Usage)?,
+            .map_err(ServeError::Config)?,
         ),
-        _ if !args.upstream_allow_redirect.is_empty() => {
-            return Err(Failure::Usage(
+        _ if !config.upstream_allow_redirect.is_empty() => {
+            return Err(ServeError::Config(
                 "--upstream-allow-redirect needs an http(s) --upstream".into(),
             ));
         }
         _ => None,
     };
     let tokens = Tokens {
-        admin: load_token(args.admin_token_file.as_ref(), "IMAGE_CACHE_ADMIN_TOKEN")?,
-        image: load_token(args.image_token_file.as_ref(), "IMAGE_CACHE_IMAGE_TOKEN")?,
+        admin: config.admin_token.clone(),
+        image: config.image_token.clone(),
     };
     let access = access::Mode::choose(
         upstream.as_ref(),
         tokens.image.is_some(),
-        args.public_downloads,
+        config.public_downloads,
     )
-    .map_err(Failure::Usage)?;
+    .map_err(ServeError::Config)?;
     let mut upstream = upstream;
     if let Some(u) = upstream.as_mut() {
         u.require_records(access == access::Mode::Glance);
     }
-    if args.max_fetches == 0 {
-        return Err(Failure::Usage("--max-fetches must be at least 1".into()));
+    if config.max_fetches == 0 {
+        return Err(ServeError::Config(
+            "--max-fetches must be at least 1".into(),
+        ));
     }
-    if args.max_connections == Some(0) {
-        return Err(Failure::Usage(
+    if config.max_connections == Some(0) {
+        return Err(ServeError::Config(
             "--max-connections must be at least 1".into(),
         ));
     }
-    let upstream_token = load_secret(
-        args.upstream_token_file.as_ref(),
-        "IMAGE_CACHE_UPSTREAM_TOKEN",
-    )?;
-    let spool_dir = args.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
-    fill::spool_dir_usable(&spool_dir).map_err(Failure::Usage)?;
+    let upstream_token = config
+        .upstream_token
+        .as_ref()
+        .map(|t| t.expose().to_string());
+    fill::spool_dir_usable(&config.spool_dir).map_err(ServeError::Config)?;
     for (name, d) in [
-        ("--client-timeout", args.client_timeout),
-        ("--upstream-timeout", args.upstream_timeout),
+        ("--client-timeout", config.client_timeout),
+        ("--upstream-timeout", config.upstream_timeout),
     ] {
         if d.is_zero() {
-            return Err(Failure::Usage(format!("{name} must be more than 0")));
+            return Err(ServeError::Config(format!("{name} must be more than 0")));
         }
     }
-    let cache = Arc::new(settings.open_for_server()?);
-    if args.rollback_max_faults > 0 {
+    let cache = Arc::new(cache);
+    if config.rollback_max_faults > 0 {
         cache.set_rollback_policy(Some(image_cache::RollbackPolicy {
-            max_faults: args.rollback_max_faults,
-            window: args.rollback_window,
+            max_faults: config.rollback_max_faults,
+            window: config.rollback_window,
         }));
     }
     let metrics = Arc::new(Metrics::default());
@@ -977,29 +846,26 @@ pub fn run(
         upstream,
         upstream_token,
         access,
-        decisions: access::Decisions::new(args.auth_cache_ttl),
-        flights: fill::Flights::new(args.max_fetches),
+        decisions: access::Decisions::new(config.auth_cache_ttl),
+        flights: fill::Flights::new(config.max_fetches),
         limits: FillLimits {
-            min_rate: args.upstream_min_rate,
-            rate_window: args.upstream_timeout,
-            disk_reserve: args.disk_reserve,
+            min_rate: config.upstream_min_rate,
+            rate_window: config.upstream_timeout,
+            disk_reserve: config.disk_reserve,
         },
         checksums: Default::default(),
         tokens,
         tunables: RwLock::new(Tunables {
-            max_size: args.max_size.unwrap_or(settings.max_size),
-            stall_time: args.stall_time.unwrap_or(settings.stall_time),
+            max_size: config.max_size,
+            stall_time: config.stall_time,
         }),
         intervals: Intervals {
-            prefetch: args
-                .prefetch_interval
-                .or(options.prefetch_interval)
-                .unwrap_or(Duration::from_secs(300)),
-            prune: args.prune_interval,
-            clean: args.clean_interval,
+            prefetch: config.prefetch_interval,
+            prune: config.prune_interval,
+            clean: config.clean_interval,
         },
-        ceiling: args.cache_ceiling,
-        spool_dir,
+        ceiling: config.cache_ceiling,
+        spool_dir: config.spool_dir.clone(),
         maintenance: AsyncMutex::new(()),
         prefetching: AsyncMutex::new(()),
         prefetch_backoff: Default::default(),
@@ -1013,17 +879,16 @@ pub fn run(
         .enable_all()
         .thread_name("image-cache-serve")
         .build()
-        .map_err(|e| Failure::op("io", format!("starting the async runtime: {e}")))?;
-    let args = args.clone();
-    let fixed = (args.max_size, args.stall_time);
+        .map_err(ServeError::io("starting the async runtime"))?;
     runtime.block_on(async move {
+        let listen = config.listen;
         let listener = TcpListener::bind(listen)
             .await
-            .map_err(|e| Failure::op("io", format!("cannot listen on {listen}: {e}")))?;
+            .map_err(ServeError::io(format!("cannot listen on {listen}")))?;
         let local = listener
             .local_addr()
-            .map_err(|e| Failure::op("io", format!("listening socket: {e}")))?;
-        serve(app, listener, local, &args, reload, fixed).await
+            .map_err(ServeError::io("listening socket"))?;
+        serve(app, listener, local, &config, reload).await
     })?;
     // Blocking tasks still running (a driver call past the grace period)
     // are not waited for forever.
@@ -1035,14 +900,11 @@ async fn serve(
     app: Arc<App>,
     listener: TcpListener,
     local: SocketAddr,
-    args: &ServeArgs,
-    reload: Box<dyn Fn() -> Result<Settings, Failure> + Send + Sync>,
-    fixed: (Option<u64>, Option<Duration>),
-) -> Result<(), Failure> {
+    args: &Config,
+    reload: Option<Reload>,
+) -> Result<(), ServeError> {
     use tokio::signal::unix::{SignalKind, signal};
-    let sig = |k: SignalKind| {
-        signal(k).map_err(|e| Failure::op("io", format!("installing a signal handler: {e}")))
-    };
+    let sig = |k: SignalKind| signal(k).map_err(ServeError::io("installing a signal handler"));
     let mut sigterm = sig(SignalKind::terminate())?;
     let mut sigint = sig(SignalKind::interrupt())?;
     let mut sighup = sig(SignalKind::hangup())?;
@@ -1073,7 +935,7 @@ async fn serve(
     let recorder = app
         .hits
         .spawn()
-        .map_err(|e| Failure::op("io", format!("starting the hit recorder: {e}")))?;
+        .map_err(ServeError::io("starting the hit recorder"))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     background::spawn(&app, stop_rx.clone());
 
@@ -1122,7 +984,10 @@ async fn serve(
                 });
             }
             _ = sighup.recv() => {
-                reload_settings(&app, &reload, fixed).await;
+                match &reload {
+                    Some(reload) => reload_settings(&app, reload.as_ref()).await,
+                    None => info!("SIGHUP: nothing to reload"),
+                }
             }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break; }
@@ -1209,35 +1074,29 @@ async fn refuse_connection(stream: TcpStream) {
 /// new max size and stall time (unless given as flags).
 async fn reload_settings(
     app: &Arc<App>,
-    reload: &(dyn Fn() -> Result<Settings, Failure> + Send + Sync),
-    fixed: (Option<u64>, Option<Duration>),
+    reload: &(dyn Fn() -> Result<Reloaded, ServeError> + Send + Sync),
 ) {
     let settings = match reload() {
         Ok(s) => s,
         Err(e) => {
-            warn!(error = ?e, "SIGHUP: the configuration cannot be used; nothing changed");
+            warn!(error = %e, "SIGHUP: the configuration cannot be used; nothing changed");
             return;
         }
     };
-    if settings.dir.as_deref() != Some(app.cache.root()) {
+    if settings.root != app.cache.root() {
         warn!("SIGHUP: the cache directory cannot change while serving; restart for that");
     }
     {
         let mut t = app.tunables.write().unwrap();
-        t.max_size = fixed.0.unwrap_or(settings.max_size);
-        t.stall_time = fixed.1.unwrap_or(settings.stall_time);
+        t.max_size = settings.max_size;
+        t.stall_time = settings.stall_time;
         info!(
             max_size = t.max_size,
             stall_seconds = t.stall_time.as_secs(),
             "SIGHUP: settings reloaded"
         );
     }
-    match driver_source(&settings.driver) {
-        Ok(source) => {
-            if let Err(e) = swap(app, source).await {
-                warn!(error = %e.message, "SIGHUP: driver swap failed");
-            }
-        }
-        Err(e) => warn!(error = %e, "SIGHUP: driver not swapped"),
+    if let Err(e) = swap(app, settings.driver).await {
+        warn!(error = %e.message, "SIGHUP: driver swap failed");
     }
 }

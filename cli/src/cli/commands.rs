@@ -870,8 +870,9 @@ fn db(s: &Settings, action: &super::DbAction, out: &mut Out) -> Outcome {
                         .to_string(),
                 )
             })?;
-            init_schema(url, std::time::Duration::from_secs(30))
-                .map_err(|e| Failure::op("database", format!("db init: {e}")))?;
+            init_schema(url, std::time::Duration::from_secs(30)).map_err(|e| {
+                Failure::op("database", format!("db init: {}", super::own_words(e)))
+            })?;
             if s.json {
                 return print_json(
                     out,

@@ -7,6 +7,7 @@
 mod commands;
 pub(crate) mod format;
 mod progress;
+mod serve;
 
 use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
@@ -14,9 +15,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use image_cache::cache::{DEFAULT_MAX_SIZE, DEFAULT_SQLITE_DB, DEFAULT_STALL_TIME};
+use image_cache::cache::{DEFAULT_MAX_SIZE, DEFAULT_STALL_TIME};
 use image_cache::config::{Options, parse_duration, parse_size};
 use image_cache::database::{CENTRALIZED_DATABASE, DatabaseRoot, DatabaseSettings};
+use image_cache::limits::DEFAULT_SQLITE_DB;
 use image_cache::{CacheConfig, Checksum, DriverSource, Grants, ImageCache, LoadPolicy};
 use std::sync::Arc;
 
@@ -295,7 +297,7 @@ enum Command {
     /// /v2/images/ID/file) with pull-through caching from an upstream,
     /// Glance's cache management API, prefetch/prune/clean on intervals,
     /// /healthz and /metrics.
-    Serve(crate::serve::ServeArgs),
+    Serve(serve::ServeArgs),
 
     /// Print every command and option as Markdown, from these definitions:
     /// the book's CLI reference (docs/src/reference/cli.md).
@@ -396,6 +398,28 @@ impl Failure {
     }
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Usage(m) | Failure::Op { message: m, .. } | Failure::Reported(m) => {
+                f.write_str(m)
+            }
+            Failure::BrokenPipe => f.write_str("stdout was closed"),
+        }
+    }
+}
+
+impl From<image_cache_serve::ServeError> for Failure {
+    fn from(e: image_cache_serve::ServeError) -> Failure {
+        use image_cache_serve::ServeError;
+        match e {
+            ServeError::Config(m) => Failure::Usage(m),
+            ServeError::Io { .. } => Failure::op("io", e.to_string()),
+            ServeError::Cache(e) => e.into(),
+        }
+    }
+}
+
 impl From<image_cache::Error> for Failure {
     fn from(e: image_cache::Error) -> Failure {
         let io_code = match &e {
@@ -407,6 +431,16 @@ impl From<image_cache::Error> for Failure {
             message: e.to_string(),
             io_code,
         }
+    }
+}
+
+/// A library error's message without its kind's prefix (`bad
+/// configuration: `, `database error: `), for a failure that words its
+/// kind itself.
+fn own_words(e: image_cache::Error) -> String {
+    match e {
+        image_cache::Error::BadConfiguration(m) | image_cache::Error::Database(m) => m,
+        other => other.to_string(),
     }
 }
 
@@ -472,14 +506,14 @@ pub struct Settings {
     pub quiet: bool,
     /// Where the directory came from, for messages.
     config_file: Option<PathBuf>,
+    /// glance-api.conf's `bind_host`, `bind_port` and
+    /// `cache_prefetcher_interval`, for `serve`.
+    pub bind_host: Option<String>,
+    pub bind_port: Option<u16>,
+    pub prefetch_interval: Option<Duration>,
 }
 
 impl Settings {
-    /// The `--config` file, if one was given.
-    pub fn config_file(&self) -> Option<&std::path::Path> {
-        self.config_file.as_deref()
-    }
-
     fn resolve(global: &Global) -> Result<Settings, Failure> {
         let file = match &global.config {
             Some(path) => Options::from_ini_file(path)
@@ -535,6 +569,9 @@ impl Settings {
             json: global.json,
             quiet: global.quiet,
             config_file: global.config.clone(),
+            bind_host: o.bind_host,
+            bind_port: o.bind_port,
+            prefetch_interval: o.cache_prefetcher_interval,
         })
     }
 
@@ -546,7 +583,7 @@ impl Settings {
     }
 
     pub fn driver_source(&self) -> Result<DriverSource, Failure> {
-        DriverSource::named(&self.driver).map_err(Failure::Usage)
+        DriverSource::named(&self.driver).map_err(|e| Failure::Usage(e.to_string()))
     }
 
     /// Open the cache the settings describe.
@@ -598,7 +635,7 @@ impl Settings {
             database.max_result_bytes = config.limits.max_query_bytes;
             let databases = DatabaseRoot::new()
                 .with_database(CENTRALIZED_DATABASE, &database)
-                .map_err(Failure::Usage)?;
+                .map_err(|e| Failure::Usage(own_words(e)))?;
             config.databases = Arc::new(databases);
         }
         if let Some(url) = &self.worker_self_reference_url {
@@ -719,11 +756,7 @@ pub fn main() -> ExitCode {
     let json = cli.global.json;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         Settings::resolve(&cli.global).and_then(|settings| match &cli.command {
-            Command::Serve(args) => {
-                let global = cli.global.clone();
-                let reload = Box::new(move || Settings::resolve(&global));
-                crate::serve::run(&settings, args, reload)
-            }
+            Command::Serve(args) => serve::run(&cli.global, &settings, args),
             command => commands::run(&settings, command),
         })
     }));
