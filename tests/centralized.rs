@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use image_cache::bindings::database::{ErrorCode, Value};
 use image_cache::database::{CENTRALIZED_DATABASE, DatabaseRoot, DatabaseSettings};
-use image_cache::runtime::Deadline;
+use image_cache::limits::Deadline;
 use image_cache::{CacheConfig, DriverSource, Error, ImageCache, Limits};
 use image_cache_tests::pg::{self, PASSWORD, TestDatabase};
 use image_cache_tests::{PgSetup, bad_configuration, cached_ids, cli_binary, image_bytes, runtime};

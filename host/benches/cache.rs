@@ -662,7 +662,7 @@ impl BenchPostgres {
         sql: &str,
         params: Vec<image_cache::bindings::database::Value>,
     ) -> Result<u64, String> {
-        let deadline = image_cache::runtime::Deadline(Instant::now() + Duration::from_secs(600));
+        let deadline = image_cache::limits::Deadline(Instant::now() + Duration::from_secs(600));
         self.databases()
             .open(image_cache::database::CENTRALIZED_DATABASE, deadline)
             .and_then(|mut c| c.execute(sql, params, deadline))

@@ -253,7 +253,7 @@ use std::time::{Duration, Instant};
 
 use image_cache::bindings::database::{Dialect, Value};
 use image_cache::database::{CENTRALIZED_DATABASE, DatabaseRoot, DatabaseSettings, dialect_of_url};
-use image_cache::runtime::Deadline;
+use image_cache::limits::Deadline;
 use image_cache::{CacheConfig, DriverSource, ImageCache, Limits, Runtime};
 
 /// Unix time of the oldest image's last access (glance_peer.py's BASE_TIME).

@@ -18,6 +18,7 @@ use crate::database::DatabaseRoot;
 use crate::driver::{Driver, Placement, Session};
 use crate::error::{Error, Result};
 use crate::fs::RootFs;
+use crate::limits::DEFAULT_SQLITE_DB;
 use crate::runtime::{DriverSource, Limits, LoadPolicy, Runtime, default_artifact_dir};
 use crate::xattr::XattrSupport;
 
@@ -25,8 +26,6 @@ use crate::xattr::XattrSupport;
 pub const DEFAULT_MAX_SIZE: u64 = 10 * 1024 * 1024 * 1024;
 /// Glance's default `image_cache_stall_time`: one day.
 pub const DEFAULT_STALL_TIME: Duration = Duration::from_secs(86_400);
-/// Glance's default `image_cache_sqlite_db`.
-pub const DEFAULT_SQLITE_DB: &str = "cache.db";
 /// Bytes moved per read/write of a large image.
 const CHUNK: usize = 1 << 20;
 /// The first buffer of a stream of unknown size: small images should not

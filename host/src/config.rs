@@ -1,8 +1,98 @@
 //! Glance's options, read from a `glance-cache.conf` style file, and the
 //! size and duration syntax operators type.
 
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// Why a configuration file or its options cannot be used. Each keeps
+/// the file, section, key and value involved; the message names them as
+/// an operator wrote them.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    /// The text is not INI.
+    #[error("{}{message}", in_file(path))]
+    Syntax {
+        /// The file, when the text came from one.
+        path: Option<PathBuf>,
+        message: String,
+    },
+    /// A known key has a value that cannot be used.
+    #[error("{}[{section}] {key} = {value:?}: {reason}", in_file(path))]
+    Value {
+        /// The file, when the text came from one.
+        path: Option<PathBuf>,
+        /// The INI section (`DEFAULT`, `database`).
+        section: &'static str,
+        key: String,
+        value: String,
+        reason: ValueError,
+    },
+}
+
+impl ConfigError {
+    /// The same error, found in the file at `path`.
+    fn in_file(self, file: &Path) -> ConfigError {
+        match self {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: Some(file.to_path_buf()),
+                message,
+            },
+            ConfigError::Value {
+                section,
+                key,
+                value,
+                reason,
+                ..
+            } => ConfigError::Value {
+                path: Some(file.to_path_buf()),
+                section,
+                key,
+                value,
+                reason,
+            },
+            read @ ConfigError::Read { .. } => read,
+        }
+    }
+}
+
+/// `path: ` before a message about a file's text, nothing for text alone.
+fn in_file(path: &Option<PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| format!("{}: ", p.display()))
+        .unwrap_or_default()
+}
+
+/// Why an option's value is not one (the `parse_*` functions, also the
+/// command line's value parsers). The message quotes the text as given.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("{0:?} is not a pool size (1 to 1000 connections)")]
+    PoolSize(String),
+    #[error("{0:?} is not a boolean (true or false)")]
+    Bool(String),
+    #[error("{0:?} is not a size (examples: 1048576, 512MiB, 10G)")]
+    Size(String),
+    /// A size whose unit is none of ours.
+    #[error(
+        "{0:?}: unknown size unit {unit:?} (use K, M, G, T, KiB ... or KB ...)",
+        unit = split_size(.0).1
+    )]
+    SizeUnit(String),
+    #[error("{0:?} is too large")]
+    SizeTooLarge(String),
+    #[error("{0:?}: a size in bytes is a whole number")]
+    FractionalBytes(String),
+    #[error("{0:?} is not a duration (examples: 3600, 90s, 30m, 1h, 1d, 2w)")]
+    Duration(String),
+    #[error("{0:?} is too long a duration")]
+    DurationTooLong(String),
+    #[error("not a port number")]
+    Port,
+}
 
 /// The options of the specification (docs/src/spec.md), each unset unless given.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -34,19 +124,32 @@ pub struct Options {
     pub image_cache_database_statement_timeout: Option<Duration>,
     /// How long opening a connection may take.
     pub image_cache_database_connect_timeout: Option<Duration>,
+    /// glance-api.conf's address for the API (`image-cache serve`).
+    pub bind_host: Option<String>,
+    /// glance-api.conf's port for the API (`image-cache serve`).
+    pub bind_port: Option<u16>,
+    /// glance-api.conf's prefetcher period (`image-cache serve`).
+    pub cache_prefetcher_interval: Option<Duration>,
 }
 
 impl Options {
     /// Read the `[DEFAULT]` section of an INI file (glance-cache.conf,
     /// glance-api.conf). Other sections and unknown keys are ignored; a
     /// known key with a bad value is an error naming the file and key.
-    pub fn from_ini_file(path: &Path) -> Result<Options, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Options::from_ini(&text).map_err(|e| format!("{}: {e}", path.display()))
+    pub fn from_ini_file(path: &Path) -> Result<Options, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Options::from_ini(&text).map_err(|e| e.in_file(path))
     }
 
-    pub fn from_ini(text: &str) -> Result<Options, String> {
-        let ini = ini::Ini::load_from_str_noescape(text).map_err(|e| e.to_string())?;
+    /// [`Options::from_ini_file`] on text of no file.
+    pub fn from_ini(text: &str) -> Result<Options, ConfigError> {
+        let ini = ini::Ini::load_from_str_noescape(text).map_err(|e| ConfigError::Syntax {
+            path: None,
+            message: e.to_string(),
+        })?;
         let mut options = Options::default();
         if let Some(database) = ini.section(Some("database"))
             && let Some(url) = database.get("connection").map(str::trim)
@@ -58,16 +161,27 @@ impl Options {
             && let Some(n) = database.get("max_pool_size").map(str::trim)
             && !n.is_empty()
         {
-            options.database_max_pool_size = Some(
-                parse_pool_size(n).map_err(|e| format!("[database] max_pool_size = {n:?}: {e}"))?,
-            );
+            options.database_max_pool_size =
+                Some(parse_pool_size(n).map_err(|reason| ConfigError::Value {
+                    path: None,
+                    section: "database",
+                    key: "max_pool_size".into(),
+                    value: n.to_string(),
+                    reason,
+                })?);
         }
         let Some(section) = ini.section(Some("DEFAULT")) else {
             return Ok(options);
         };
         for (key, value) in section.iter() {
             let value = value.trim();
-            let bad = |e: String| format!("[DEFAULT] {key} = {value:?}: {e}");
+            let bad = |reason: ValueError| ConfigError::Value {
+                path: None,
+                section: "DEFAULT",
+                key: key.to_string(),
+                value: value.to_string(),
+                reason,
+            };
             match key.trim() {
                 "image_cache_dir" => options.image_cache_dir = Some(PathBuf::from(value)),
                 "image_cache_driver" => options.image_cache_driver = Some(value.to_string()),
@@ -105,6 +219,13 @@ impl Options {
                 "image_cache_database_connect_timeout" => {
                     options.image_cache_database_connect_timeout =
                         Some(parse_duration(value).map_err(bad)?)
+                }
+                "bind_host" => options.bind_host = Some(value.to_string()),
+                "bind_port" => {
+                    options.bind_port = Some(value.parse().map_err(|_| bad(ValueError::Port))?)
+                }
+                "cache_prefetcher_interval" => {
+                    options.cache_prefetcher_interval = Some(parse_duration(value).map_err(bad)?)
                 }
                 _ => {}
             }
@@ -146,6 +267,11 @@ impl Options {
             image_cache_database_connect_timeout: self
                 .image_cache_database_connect_timeout
                 .or(other.image_cache_database_connect_timeout),
+            bind_host: self.bind_host.or(other.bind_host),
+            bind_port: self.bind_port.or(other.bind_port),
+            cache_prefetcher_interval: self
+                .cache_prefetcher_interval
+                .or(other.cache_prefetcher_interval),
         }
     }
 
@@ -166,35 +292,31 @@ impl Options {
 }
 
 /// A connection pool's size: 1 to 1000.
-pub fn parse_pool_size(s: &str) -> Result<usize, String> {
+pub fn parse_pool_size(s: &str) -> Result<usize, ValueError> {
     match s.trim().parse::<usize>() {
         Ok(n) if (1..=1000).contains(&n) => Ok(n),
-        _ => Err(format!("{s:?} is not a pool size (1 to 1000 connections)")),
+        _ => Err(ValueError::PoolSize(s.to_string())),
     }
 }
 
 /// oslo.config's booleans: true/false, yes/no, on/off, 1/0.
-pub fn parse_bool(s: &str) -> Result<bool, String> {
+pub fn parse_bool(s: &str) -> Result<bool, ValueError> {
     match s.trim().to_ascii_lowercase().as_str() {
         "true" | "yes" | "on" | "1" => Ok(true),
         "false" | "no" | "off" | "0" => Ok(false),
-        _ => Err(format!("{s:?} is not a boolean (true or false)")),
+        _ => Err(ValueError::Bool(s.to_string())),
     }
 }
 
 /// A size in bytes: `1048576`, `512K`, `10G`, `512MiB`, `1.5GiB`, `100MB`.
 /// K, M, G, T (with or without `iB`) are powers of 1024; KB, MB, GB, TB are
 /// powers of 1000.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, ValueError> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
+    let (number, unit) = split_size(s);
     let number: f64 = number
         .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 1048576, 512MiB, 10G)"))?;
-    let unit = unit.trim();
+        .map_err(|_| ValueError::Size(s.to_string()))?;
     let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" => 1 << 10,
@@ -206,23 +328,30 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "gb" => 1_000_000_000,
         "tb" => 1_000_000_000_000,
         _ => {
-            return Err(format!(
-                "{s:?}: unknown size unit {unit:?} (use K, M, G, T, KiB ... or KB ...)"
-            ));
+            return Err(ValueError::SizeUnit(s.to_string()));
         }
     };
     let bytes = number * multiplier as f64;
     if !bytes.is_finite() || bytes > u64::MAX as f64 {
-        return Err(format!("{s:?} is too large"));
+        return Err(ValueError::SizeTooLarge(s.to_string()));
     }
     if unit.is_empty() && number.fract() != 0.0 {
-        return Err(format!("{s:?}: a size in bytes is a whole number"));
+        return Err(ValueError::FractionalBytes(s.to_string()));
     }
     Ok(bytes.round() as u64)
 }
 
+/// A trimmed size's number and unit (`512MiB` -> `512`, `MiB`).
+fn split_size(s: &str) -> (&str, &str) {
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    (number, unit.trim())
+}
+
 /// A duration: `3600` (seconds), `90s`, `30m`, `1h`, `1d`, `2w`, `1h30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
     let s = s.trim();
     if let Ok(seconds) = s.parse::<u64>() {
         return Ok(Duration::from_secs(seconds));
@@ -251,7 +380,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
                     .checked_mul(unit)
                     .and_then(|t| t.checked_mul(multiplier))
                     .and_then(|t| t.checked_add(total))
-                    .ok_or_else(|| format!("{s:?} is too long a duration"))?;
+                    .ok_or_else(|| ValueError::DurationTooLong(s.to_string()))?;
                 multiplier = 1;
                 number.clear();
                 saw_unit = true;
@@ -265,8 +394,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(total))
 }
 
-fn bad_duration(s: &str) -> String {
-    format!("{s:?} is not a duration (examples: 3600, 90s, 30m, 1h, 1d, 2w)")
+fn bad_duration(s: &str) -> ValueError {
+    ValueError::Duration(s.to_string())
 }
 
 #[cfg(test)]
@@ -299,10 +428,66 @@ mod tests {
             let e = Options::from_ini(&format!(
                 "[DEFAULT]\nimage_cache_database_pool_size = {bad}\n"
             ))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
             assert!(e.contains("pool size"), "{e}");
         }
         assert!(Options::from_ini("[database]\nmax_pool_size = 0\n").is_err());
+    }
+
+    #[test]
+    fn errors_keep_the_file_key_and_value() {
+        let e = Options::from_ini("[DEFAULT]\nimage_cache_max_size = lots\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "[DEFAULT] image_cache_max_size = \"lots\": \"lots\" is not a size (examples: 1048576, 512MiB, 10G)"
+        );
+        assert!(matches!(
+            &e,
+            ConfigError::Value { path: None, key, value, reason: ValueError::Size(_), .. }
+                if key == "image_cache_max_size" && value == "lots"
+        ));
+        let e = Options::from_ini("[database]\nmax_pool_size = 0\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "[database] max_pool_size = \"0\": \"0\" is not a pool size (1 to 1000 connections)"
+        );
+        let e = Options::from_ini("[DEFAULT]\nbind_port = http\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "[DEFAULT] bind_port = \"http\": not a port number"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("glance-cache.conf");
+        std::fs::write(&conf, "[DEFAULT]\nimage_cache_stall_time = soon\n").unwrap();
+        let e = Options::from_ini_file(&conf).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}: [DEFAULT] image_cache_stall_time = \"soon\": \"soon\" is not a duration \
+                 (examples: 3600, 90s, 30m, 1h, 1d, 2w)",
+                conf.display()
+            )
+        );
+        assert!(matches!(e, ConfigError::Value { path: Some(p), .. } if p == conf));
+        std::fs::write(&conf, "[DEFAULT\nx = 1\n").unwrap();
+        let e = Options::from_ini_file(&conf).unwrap_err();
+        assert!(matches!(&e, ConfigError::Syntax { path: Some(p), .. } if *p == conf));
+        assert!(
+            e.to_string().starts_with(&format!("{}: ", conf.display())),
+            "{e}"
+        );
+        let missing = dir.path().join("missing.conf");
+        let e = Options::from_ini_file(&missing).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+        );
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}: ", missing.display())),
+            "{e}"
+        );
     }
 
     #[test]
@@ -314,7 +499,10 @@ mod tests {
         assert_eq!(parse_size("100MB"), Ok(100_000_000));
         assert_eq!(parse_size("0"), Ok(0));
         assert!(parse_size("ten").is_err());
-        assert!(parse_size("10X").unwrap_err().contains("unknown size unit"));
+        assert_eq!(
+            parse_size(" 10 XB ").unwrap_err().to_string(),
+            "\"10 XB\": unknown size unit \"XB\" (use K, M, G, T, KiB ... or KB ...)"
+        );
         assert!(parse_size("1.5").is_err());
     }
 
@@ -344,7 +532,9 @@ mod tests {
         assert_eq!(o.image_cache_stall_time, Some(Duration::from_secs(86_400)));
         assert_eq!(o.image_cache_driver.as_deref(), Some("xattr"));
         assert_eq!(o.image_cache_sqlite_db, None);
-        let err = Options::from_ini("[DEFAULT]\nimage_cache_max_size = lots\n").unwrap_err();
+        let err = Options::from_ini("[DEFAULT]\nimage_cache_max_size = lots\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("image_cache_max_size"), "{err}");
     }
 
@@ -369,7 +559,8 @@ mod tests {
         assert_eq!(ours.database_url(), Some("postgresql://x@y/z"));
         let err =
             Options::from_ini("[DEFAULT]\nimage_cache_database_allow_privileged_role = maybe\n")
-                .unwrap_err();
+                .unwrap_err()
+                .to_string();
         assert!(
             err.contains("image_cache_database_allow_privileged_role"),
             "{err}"

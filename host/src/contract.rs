@@ -13,6 +13,7 @@
 use std::fmt;
 
 use crate::error::{Error, Result};
+use crate::limits::printable;
 
 /// The WIT package of the contract.
 pub const PACKAGE: &str = "image-cache:driver";
@@ -114,6 +115,34 @@ pub const ALWAYS_LINKED: &[&str] = &["fs", "clock", "types"];
 /// runs inside the driver, over `fs`.
 pub const RETIRED: &[&str] = &["sqlite"];
 
+/// A grant in an operator's list that names no capability.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown capability {word:?}: grant any of xattr, database (fs and clock come with every driver)"
+)]
+pub struct UnknownCapability {
+    /// The word as the operator wrote it.
+    pub word: String,
+}
+
+/// Why a binary's top-level names cannot be read: it is no component.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotAComponent {
+    /// The parser's complaint.
+    #[error("it is not a valid WebAssembly component: {0}")]
+    Invalid(String),
+    #[error(
+        "it is a core WebAssembly module, not a component (turn it into one with `wasm-tools component new`)"
+    )]
+    CoreModule,
+    #[error("unreadable import: {0}")]
+    UnreadableImport(String),
+    #[error("unreadable export: {0}")]
+    UnreadableExport(String),
+    #[error("it is truncated")]
+    Truncated,
+}
+
 /// A set of granted capabilities.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Grants {
@@ -152,7 +181,7 @@ impl Grants {
     }
 
     /// `xattr,database` (Glance-style list option); empty means none.
-    pub fn parse(list: &str) -> std::result::Result<Grants, String> {
+    pub fn parse(list: &str) -> std::result::Result<Grants, UnknownCapability> {
         let mut g = Grants::NONE;
         for word in list
             .split([',', ' '])
@@ -167,9 +196,9 @@ impl Grants {
                      driver, over fs) and grants nothing; remove it from the list"
                 ),
                 None => {
-                    return Err(format!(
-                        "unknown capability {word:?}: grant any of xattr, database (fs and clock come with every driver)"
-                    ));
+                    return Err(UnknownCapability {
+                        word: word.to_string(),
+                    });
                 }
             }
         }
@@ -237,7 +266,7 @@ impl DriverInfoSection {
     fn parse(data: &[u8]) -> DriverInfoSection {
         let text = String::from_utf8_lossy(&data[..data.len().min(4096)]);
         let mut parts = text.splitn(3, '\n');
-        let mut next = |max| crate::driver::printable(parts.next().unwrap_or_default(), max);
+        let mut next = |max| printable(parts.next().unwrap_or_default(), max);
         DriverInfoSection {
             name: next(64),
             version: next(64),
@@ -248,7 +277,7 @@ impl DriverInfoSection {
 
 /// Read the import and export names of a component binary, and its
 /// `image-cache:driver-info` section.
-pub fn declared(bytes: &[u8]) -> std::result::Result<Declared, String> {
+pub fn declared(bytes: &[u8]) -> std::result::Result<Declared, NotAComponent> {
     let info = info_section(bytes).map(|data| DriverInfoSection::parse(&data));
     let (imports, exports) = top_level_names(bytes)?;
     let prefix = format!("{PACKAGE}/{EXPORT}@");
@@ -262,16 +291,12 @@ pub fn declared(bytes: &[u8]) -> std::result::Result<Declared, String> {
         .collect();
     needs.sort();
     needs.dedup();
-    let printable = |names: Vec<String>| -> Vec<String> {
-        names
-            .iter()
-            .map(|n| crate::driver::printable(n, 256))
-            .collect()
-    };
+    let shown =
+        |names: Vec<String>| -> Vec<String> { names.iter().map(|n| printable(n, 256)).collect() };
     Ok(Declared {
-        imports: printable(imports),
-        exports: printable(exports),
-        version: version.map(|v| crate::driver::printable(&v, 64)),
+        imports: shown(imports),
+        exports: shown(exports),
+        version: version.map(|v| printable(&v, 64)),
         needs,
         info,
     })
@@ -301,14 +326,10 @@ pub fn read_manifest(driver: &str, bytes: &[u8]) -> Result<Manifest> {
         driver: driver.to_string(),
         message,
     };
-    let (imports, exports) = top_level_names(bytes).map_err(refuse)?;
+    let (imports, exports) = top_level_names(bytes).map_err(|e| refuse(e.to_string()))?;
     // The names are the component's words: printable before any message.
-    let shown = |names: Vec<String>| -> Vec<String> {
-        names
-            .iter()
-            .map(|n| crate::driver::printable(n, 256))
-            .collect()
-    };
+    let shown =
+        |names: Vec<String>| -> Vec<String> { names.iter().map(|n| printable(n, 256)).collect() };
     let (imports, exports) = (shown(imports), shown(exports));
     let prefix = format!("{PACKAGE}/{EXPORT}@");
     let exported = exports
@@ -369,34 +390,32 @@ fn split_import(name: &str) -> Option<(&str, &str)> {
 }
 
 /// The component's top-level import and export names.
-fn top_level_names(bytes: &[u8]) -> std::result::Result<(Vec<String>, Vec<String>), String> {
+fn top_level_names(bytes: &[u8]) -> std::result::Result<(Vec<String>, Vec<String>), NotAComponent> {
     use wasmparser::{Encoding, Parser, Payload};
     let mut imports = Vec::new();
     let mut exports = Vec::new();
     let mut depth = 0usize;
     for payload in Parser::new(0).parse_all(bytes) {
-        let payload =
-            payload.map_err(|e| format!("it is not a valid WebAssembly component: {e}"))?;
+        let payload = payload.map_err(|e| NotAComponent::Invalid(e.to_string()))?;
         match payload {
             Payload::Version { encoding, .. } => {
                 if depth == 0 && encoding != Encoding::Component {
-                    return Err(
-                        "it is a core WebAssembly module, not a component (turn it into one with `wasm-tools component new`)"
-                            .to_string(),
-                    );
+                    return Err(NotAComponent::CoreModule);
                 }
                 depth += 1;
             }
             Payload::End(_) => depth = depth.saturating_sub(1),
             Payload::ComponentImportSection(section) if depth == 1 => {
                 for import in section {
-                    let import = import.map_err(|e| format!("unreadable import: {e}"))?;
+                    let import =
+                        import.map_err(|e| NotAComponent::UnreadableImport(e.to_string()))?;
                     imports.push(import.name.name.to_string());
                 }
             }
             Payload::ComponentExportSection(section) if depth == 1 => {
                 for export in section {
-                    let export = export.map_err(|e| format!("unreadable export: {e}"))?;
+                    let export =
+                        export.map_err(|e| NotAComponent::UnreadableExport(e.to_string()))?;
                     exports.push(export.name.name.to_string());
                 }
             }
@@ -404,7 +423,7 @@ fn top_level_names(bytes: &[u8]) -> std::result::Result<(Vec<String>, Vec<String
         }
     }
     if depth != 0 && imports.is_empty() && exports.is_empty() {
-        return Err("it is truncated".to_string());
+        return Err(NotAComponent::Truncated);
     }
     Ok((imports, exports))
 }
@@ -442,10 +461,11 @@ mod tests {
             "the retired grant is accepted and grants nothing"
         );
         assert_eq!(Grants::parse("fs,clock").unwrap(), Grants::NONE);
-        assert!(
-            Grants::parse("network")
-                .unwrap_err()
-                .contains("unknown capability \"network\"")
+        let e = Grants::parse("network").unwrap_err();
+        assert_eq!(e.word, "network");
+        assert_eq!(
+            e.to_string(),
+            "unknown capability \"network\": grant any of xattr, database (fs and clock come with every driver)"
         );
         assert_eq!(
             Grants::of(&[Capability::Database]).to_string(),
@@ -465,5 +485,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a valid WebAssembly component"), "{e}");
+        assert_eq!(declared(core), Err(NotAComponent::CoreModule));
+        assert!(matches!(
+            declared(b"not wasm at all"),
+            Err(NotAComponent::Invalid(_))
+        ));
     }
 }

@@ -31,9 +31,6 @@ pub use postgres::PostgresBackend;
 /// central database).
 pub const CENTRALIZED_DATABASE: &str = "glance";
 
-/// Default cap on the bytes of one query's result.
-pub const DEFAULT_MAX_RESULT_BYTES: usize = 64 * 1024 * 1024;
-
 /// Connections one process holds to one database by default: enough for a
 /// server's concurrent calls (each holds one only for a statement or a
 /// transaction), few enough for tens of nodes.
@@ -46,7 +43,8 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
 pub use crate::bindings::database::Dialect;
 use crate::bindings::database::{self as wit, DatabaseError, ErrorCode, Value};
-use crate::runtime::Deadline;
+use crate::error::Error;
+use crate::limits::{DEFAULT_MAX_RESULT_BYTES, Deadline};
 
 pub type Result<T> = std::result::Result<T, DatabaseError>;
 
@@ -96,7 +94,7 @@ impl DatabaseSettings {
             url: url.into(),
             pool_size: DEFAULT_POOL_SIZE,
             allow_privileged_role: false,
-            max_result_bytes: crate::database::DEFAULT_MAX_RESULT_BYTES,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
             statement_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
         }
@@ -104,37 +102,40 @@ impl DatabaseSettings {
 }
 
 /// The SQL a configured URL's server speaks, from its scheme (a libpq
-/// `key=value` string is PostgreSQL). Errors never contain the URL.
-pub fn dialect_of_url(url: &str) -> std::result::Result<Dialect, String> {
+/// `key=value` string is PostgreSQL). A URL of no such server is an
+/// [`Error::BadConfiguration`]; errors never contain the URL.
+pub fn dialect_of_url(url: &str) -> std::result::Result<Dialect, Error> {
     let url = url.trim();
     let Some((scheme, _)) = url.split_once("://") else {
         if url.contains('=') {
             return Ok(Dialect::Postgresql);
         }
-        return Err(
+        return Err(Error::BadConfiguration(
             "the database connection is not a URL (postgresql://user:password@host/db or \
              mysql+pymysql://user:password@host/db)"
                 .to_string(),
-        );
+        ));
     };
     match scheme.split('+').next().unwrap_or("") {
         "postgresql" | "postgres" => Ok(Dialect::Postgresql),
         "mysql" | "mariadb" => Ok(Dialect::Mysql),
-        other => Err(format!(
+        other => Err(Error::BadConfiguration(format!(
             "the database connection is a {other:?} URL; the centralized driver needs \
              PostgreSQL (postgresql://...), MySQL or MariaDB (mysql+pymysql://...)"
-        )),
+        ))),
     }
 }
 
 /// Why a URL of `dialect` cannot be used by this build.
-#[allow(dead_code)]
-fn not_built(dialect: Dialect) -> String {
+#[cfg(not(all(feature = "postgres", feature = "mysql")))]
+fn not_built(dialect: Dialect) -> Error {
     let (what, feature) = match dialect {
         Dialect::Postgresql => ("PostgreSQL", "postgres"),
         Dialect::Mysql => ("MySQL", "mysql"),
     };
-    format!("this build of image-cache has no {what} backend (the library's `{feature}` feature)")
+    Error::BadConfiguration(format!(
+        "this build of image-cache has no {what} backend (the library's `{feature}` feature)"
+    ))
 }
 
 /// The statements an administrator runs (in `database`, as the owner of
@@ -149,16 +150,39 @@ pub fn grant_statements(dialect: Dialect, role: &str, database: &str) -> Vec<Str
 
 /// Create Glance's two cache tables, as its migrations make them, in the
 /// database at `url` (`image-cache db init`, for a database of the cache's
-/// own; never needed where Glance's migrations ran). Errors never show the
-/// URL.
-pub fn init_schema(url: &str, timeout: Duration) -> std::result::Result<(), String> {
+/// own; never needed where Glance's migrations ran). A URL that cannot be
+/// used is an [`Error::BadConfiguration`], a server that refuses or cannot
+/// be reached an [`Error::Database`]. Errors never show the URL.
+pub fn init_schema(url: &str, timeout: Duration) -> std::result::Result<(), Error> {
     match dialect_of_url(url)? {
         #[cfg(feature = "postgres")]
         Dialect::Postgresql => postgres::init_schema(url, timeout),
         #[cfg(feature = "mysql")]
         Dialect::Mysql => mysql::init_schema(url, timeout),
-        #[allow(unreachable_patterns)]
-        other => Err(not_built(other)),
+        #[cfg(not(all(feature = "postgres", feature = "mysql")))]
+        other => {
+            let _ = timeout;
+            Err(not_built(other))
+        }
+    }
+}
+
+/// The backend of this build for a server speaking `dialect`.
+fn backend(
+    dialect: Dialect,
+    name: &str,
+    settings: &DatabaseSettings,
+) -> std::result::Result<Box<dyn Backend>, Error> {
+    match dialect {
+        #[cfg(feature = "postgres")]
+        Dialect::Postgresql => Ok(Box::new(PostgresBackend::new(name, settings)?)),
+        #[cfg(feature = "mysql")]
+        Dialect::Mysql => Ok(Box::new(MysqlBackend::new(name, settings)?)),
+        #[cfg(not(all(feature = "postgres", feature = "mysql")))]
+        other => {
+            let _ = (name, settings);
+            Err(not_built(other))
+        }
     }
 }
 
@@ -248,20 +272,15 @@ impl DatabaseRoot {
 
     /// A root with the database `settings` describe (PostgreSQL, MySQL or
     /// MariaDB, by the URL's scheme) known to drivers as `name` (the
-    /// centralized driver uses `glance`).
+    /// centralized driver uses `glance`). Settings that cannot be used
+    /// (the URL, its TLS parameters, a backend this build lacks) are an
+    /// [`Error::BadConfiguration`]; nothing is connected yet.
     pub fn with_database(
         self,
         name: &str,
         settings: &DatabaseSettings,
-    ) -> std::result::Result<DatabaseRoot, String> {
-        let backend: Box<dyn Backend> = match dialect_of_url(&settings.url)? {
-            #[cfg(feature = "postgres")]
-            Dialect::Postgresql => Box::new(PostgresBackend::new(name, settings)?),
-            #[cfg(feature = "mysql")]
-            Dialect::Mysql => Box::new(MysqlBackend::new(name, settings)?),
-            #[allow(unreachable_patterns)]
-            other => return Err(not_built(other)),
-        };
+    ) -> std::result::Result<DatabaseRoot, Error> {
+        let backend = backend(dialect_of_url(&settings.url)?, name, settings)?;
         Ok(self.with_backend(name, backend))
     }
 

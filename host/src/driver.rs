@@ -29,7 +29,8 @@ use crate::bindings::types::{
 use crate::database::DatabaseRoot;
 use crate::error::{Error, Result, validate_image_id};
 use crate::fs::{FileIdentity, OpenFile, RootFs};
-use crate::runtime::{Deadline, DriverComponent, HostState, MemoryBudget, Runtime, Sandbox};
+use crate::limits::{DEFAULT_SQLITE_DB, Deadline, printable};
+use crate::runtime::{DriverComponent, HostState, MemoryBudget, Runtime, Sandbox};
 use crate::xattr::XattrSupport;
 
 /// Most idle instances kept per driver.
@@ -92,7 +93,7 @@ impl Driver {
             .iter()
             .rev()
             .find(|(k, _)| k == "image_cache_sqlite_db")
-            .map_or(crate::cache::DEFAULT_SQLITE_DB, |(_, v)| v.as_str())
+            .map_or(DEFAULT_SQLITE_DB, |(_, v)| v.as_str())
             .to_string();
         let tolerate = placement.start_while_database_down;
         let sandbox = Arc::new(Sandbox {
@@ -691,27 +692,11 @@ fn bound_messages(failures: &mut Vec<String>) {
     }
 }
 
-/// A guest-supplied string as one printable line of at most `max` chars:
-/// control characters (terminal escapes included) become `?`.
-pub fn printable(s: &str, max: usize) -> String {
-    let mut out: String = s
-        .chars()
-        .take(max)
-        .map(|c| if hidden(c) { '?' } else { c })
-        .collect();
-    if s.chars().nth(max).is_some() {
-        out.push_str("...");
-    }
-    out
-}
-
 /// The sum of sizes a driver reported, saturating rather than overflowing
 /// (a hostile driver's sizes must not panic a checked build).
 pub fn saturating_total(sizes: impl IntoIterator<Item = u64>) -> u64 {
     sizes.into_iter().fold(0, u64::saturating_add)
 }
-
-pub use image_id::hidden;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SessionKind {

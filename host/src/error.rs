@@ -1,6 +1,7 @@
 //! The library's typed errors.
 
 use crate::bindings::types::Error as DriverError;
+use crate::limits::printable;
 
 /// What kind of file-system failure an [`Error::Io`] is: the `fs` import's
 /// error code, carried through the driver's `io` error (contract 0.3.0), so
@@ -66,7 +67,7 @@ impl From<DriverError> for Error {
     /// A driver's error, its message cut to one printable line (a driver
     /// must not flood logs or terminals through its errors).
     fn from(e: DriverError) -> Self {
-        let clean = |m: String| crate::driver::printable(&m, MAX_DRIVER_MESSAGE);
+        let clean = |m: String| printable(&m, MAX_DRIVER_MESSAGE);
         match e {
             DriverError::BadConfiguration(m) => Error::BadConfiguration(clean(m)),
             DriverError::InvalidImageId(m) => Error::InvalidImageId(clean(m)),

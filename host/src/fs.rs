@@ -29,11 +29,8 @@ use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use crate::bindings::fs::{
     self as wit, DirEntry, DirName, EntryKind, ErrorCode, FsError, Metadata, RangeLock,
 };
-use crate::runtime::Deadline;
+use crate::limits::{DEFAULT_MAX_LISTING, Deadline};
 
-/// Most entries one `list-dir` returns; a guest cannot make the host
-/// allocate without bound by filling a directory.
-pub const DEFAULT_MAX_LISTING: usize = 4_000_000;
 /// Most bytes of names one listing returns (with the entry cap, what a
 /// directory full of long names can make the host allocate).
 pub const MAX_LISTING_BYTES: usize = 256 * 1024 * 1024;

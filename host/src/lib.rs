@@ -7,6 +7,7 @@
 //!
 //! | module | implements |
 //! | --- | --- |
+//! | [`limits`] | the leaf: call deadlines, shared default bounds, printable text |
 //! | [`fs`] | `image-cache:driver/fs` on a `cap_std` directory |
 //! | [`xattr`] | `image-cache:driver/xattr`, `user.` names only |
 //! | [`database`] | `image-cache:driver/database`: configured databases by name |
@@ -26,6 +27,7 @@ pub mod database;
 pub mod driver;
 pub mod error;
 pub mod fs;
+pub mod limits;
 pub mod runtime;
 pub mod xattr;
 

@@ -32,6 +32,7 @@ use crate::contract::{Capability, Grants, Manifest, read_manifest};
 use crate::database::{DatabaseRoot, DatabaseView};
 use crate::error::{Error, Result};
 use crate::fs::{FsView, RangeLocks, RootFs};
+use crate::limits::{DEFAULT_MAX_LISTING, DEFAULT_MAX_RESULT_BYTES, Deadline};
 use crate::xattr::{XattrSupport, XattrView};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
@@ -73,8 +74,8 @@ impl Default for Limits {
             instances: 128,
             instance_wait: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
-            max_listing: crate::fs::DEFAULT_MAX_LISTING,
-            max_query_bytes: crate::database::DEFAULT_MAX_RESULT_BYTES,
+            max_listing: DEFAULT_MAX_LISTING,
+            max_query_bytes: DEFAULT_MAX_RESULT_BYTES,
         }
     }
 }
@@ -171,21 +172,6 @@ pub struct Sandbox {
     pub memory: Arc<MemoryBudget>,
 }
 
-/// The deadline of the call running in a store, which host imports honour.
-#[derive(Clone, Copy, Debug)]
-pub struct Deadline(pub Instant);
-
-impl Deadline {
-    pub fn passed(&self) -> bool {
-        Instant::now() >= self.0
-    }
-
-    /// Time left, zero once passed.
-    pub fn remaining(&self) -> Duration {
-        self.0.saturating_duration_since(Instant::now())
-    }
-}
-
 impl HostState {
     /// The export call returned (or was stopped): nothing the driver took
     /// in it outlives it, neither a byte-range lock nor a database
@@ -236,6 +222,25 @@ pub struct Runtime {
     pub stats: RuntimeStats,
 }
 
+/// Why a name an operator gave is no driver ([`DriverSource::named`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DriverNameError {
+    #[error("the driver name is empty")]
+    Empty,
+    /// Neither a built-in, nor an existing file, nor like a path.
+    #[error(
+        "unknown driver {0:?}: use {builtins} or the path of a driver component (.wasm)",
+        builtins = builtin_names()
+    )]
+    Unknown(String),
+}
+
+/// The built-in drivers' names, for messages.
+fn builtin_names() -> String {
+    let names: Vec<&str> = crate::builtin::ALL.iter().map(|b| b.name).collect();
+    names.join(", ")
+}
+
 /// Where a driver component comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DriverSource {
@@ -260,20 +265,16 @@ impl DriverSource {
     /// component. A name that is neither a built-in nor an existing file
     /// nor looks like a path (a `/`, or `.wasm`) is refused, naming the
     /// built-ins; a path that does not exist is refused when it is loaded.
-    pub fn named(spec: &str) -> std::result::Result<DriverSource, String> {
+    pub fn named(spec: &str) -> std::result::Result<DriverSource, DriverNameError> {
         let spec = spec.trim();
         if spec.is_empty() {
-            return Err("the driver name is empty".into());
+            return Err(DriverNameError::Empty);
         }
         let source = DriverSource::parse(spec);
         if let DriverSource::File(path) = &source {
             let looks_like_path = spec.contains('/') || spec.ends_with(".wasm");
             if !looks_like_path && !path.exists() {
-                let builtins: Vec<&str> = crate::builtin::ALL.iter().map(|b| b.name).collect();
-                return Err(format!(
-                    "unknown driver {spec:?}: use {} or the path of a driver component (.wasm)",
-                    builtins.join(", ")
-                ));
+                return Err(DriverNameError::Unknown(spec.to_string()));
             }
         }
         Ok(source)
@@ -373,9 +374,9 @@ impl Runtime {
         let name = source.name();
         let bytes = self.read_source(source)?;
         let sha256 = sha256_hex(&bytes);
-        let declared = crate::contract::declared(&bytes).map_err(|message| Error::Load {
+        let declared = crate::contract::declared(&bytes).map_err(|e| Error::Load {
             driver: name.clone(),
-            message,
+            message: e.to_string(),
         })?;
         let refused = read_manifest(&name, &bytes).err().map(|e| match e {
             Error::Load { message, .. } => message,
@@ -757,4 +758,31 @@ fn link(linker: &mut Linker<HostState>, grants: Grants) -> wasmtime::Result<()> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_drivers_are_builtins_or_paths() {
+        assert_eq!(
+            DriverSource::named(" sqlite "),
+            Ok(DriverSource::Builtin("sqlite"))
+        );
+        assert_eq!(
+            DriverSource::named("./mine.wasm"),
+            Ok(DriverSource::File(PathBuf::from("./mine.wasm")))
+        );
+        assert_eq!(DriverSource::named("  "), Err(DriverNameError::Empty));
+        let e = DriverSource::named("sqllite").unwrap_err();
+        assert_eq!(e, DriverNameError::Unknown("sqllite".into()));
+        assert!(
+            e.to_string()
+                .starts_with("unknown driver \"sqllite\": use sqlite, ")
+                && e.to_string()
+                    .ends_with(" or the path of a driver component (.wasm)"),
+            "{e}"
+        );
+    }
 }

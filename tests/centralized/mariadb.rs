@@ -441,7 +441,8 @@ fn tls_is_required_by_the_server_and_verified_as_pymysql_does() {
     ] {
         let e = DatabaseRoot::new()
             .with_database(CENTRALIZED_DATABASE, &settings(&format!("{plain}{bad}")))
-            .expect_err("refused");
+            .expect_err("refused")
+            .to_string();
         assert!(!e.contains(PASSWORD), "{e}");
     }
     // A cache over verified TLS.

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::error;
 use crate::bindings::database::{DatabaseError, ErrorCode, Value};
-use crate::runtime::Deadline;
+use crate::limits::Deadline;
 
 /// The host's tokio runtime for database connections: one worker thread.
 pub(super) fn runtime() -> &'static tokio::runtime::Runtime {
@@ -212,6 +212,9 @@ pub(super) fn unix_time(seconds: f64) -> Option<SystemTime> {
     }
 }
 
+/// A `SystemTime` as Unix seconds (PostgreSQL's timestamps; MySQL's come
+/// as calendar fields).
+#[cfg(feature = "postgres")]
 pub(super) fn unix_seconds(t: SystemTime) -> f64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_secs_f64(),

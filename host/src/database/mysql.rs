@@ -50,7 +50,8 @@ use super::{
     Backend, BackendConnection, DatabaseSettings, Dialect, Outcome, Result, Want, error, policy,
 };
 use crate::bindings::database::{DatabaseError, ErrorCode, Value};
-use crate::runtime::Deadline;
+use crate::error::Error;
+use crate::limits::Deadline;
 
 /// Prepared statements one connection keeps (least recently used go).
 const MAX_CACHED_STATEMENTS: usize = 256;
@@ -348,21 +349,24 @@ fn builder(target: &Target, settings: &DatabaseSettings) -> OptsBuilder {
 
 impl MysqlBackend {
     /// A backend for `settings`, known to drivers as `name`. Nothing is
-    /// connected until a driver opens it.
-    pub fn new(name: &str, settings: &DatabaseSettings) -> std::result::Result<Self, String> {
-        let target = Target::parse(&settings.url)
-            .map_err(|e| format!("the connection URL of database {name:?}: {e}"))?;
+    /// connected until a driver opens it. Settings that cannot be used are
+    /// an [`Error::BadConfiguration`] naming the database, never the URL.
+    pub fn new(name: &str, settings: &DatabaseSettings) -> std::result::Result<Self, Error> {
+        let target = Target::parse(&settings.url).map_err(|e| {
+            Error::BadConfiguration(format!("the connection URL of database {name:?}: {e}"))
+        })?;
         if target.database.is_none() {
-            return Err(format!(
+            return Err(Error::BadConfiguration(format!(
                 "the connection URL of database {name:?} names no database \
                  (mysql+pymysql://user:password@host/glance)"
-            ));
+            )));
         }
         let opts: Opts = builder(&target, settings).into();
         let pool_opts = PoolOpts::new()
             .with_constraints(
-                PoolConstraints::new(0, settings.pool_size.max(1))
-                    .ok_or("the pool size must be at least 1")?,
+                PoolConstraints::new(0, settings.pool_size.max(1)).ok_or_else(|| {
+                    Error::BadConfiguration("the pool size must be at least 1".to_string())
+                })?,
             )
             // Sessions keep what `init` set; a driver cannot change it
             // (`SET` and variables are refused), and every transaction it
@@ -644,9 +648,11 @@ pub fn grant_problems(grants: &[String], database: &str) -> (Vec<String>, Vec<St
 
 /// Create Glance's two cache tables ([`GLANCE_CACHE_SCHEMA`]) in the
 /// database at `url` (`image-cache db init`, for a database of the cache's
-/// own). Errors never show the URL.
-pub fn init_schema(url: &str, timeout: Duration) -> std::result::Result<(), String> {
-    let target = Target::parse(url)?;
+/// own). A URL that cannot be used is an [`Error::BadConfiguration`], a
+/// server that refuses or cannot be reached an [`Error::Database`]. Errors
+/// never show the URL.
+pub fn init_schema(url: &str, timeout: Duration) -> std::result::Result<(), Error> {
+    let target = Target::parse(url).map_err(Error::BadConfiguration)?;
     let mut settings = DatabaseSettings::new(url);
     settings.statement_timeout = timeout;
     let opts: Opts = builder(&target, &settings).into();
@@ -661,11 +667,12 @@ pub fn init_schema(url: &str, timeout: Duration) -> std::result::Result<(), Stri
     };
     match run(Deadline(std::time::Instant::now() + timeout), work) {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(mysql_async::Error::Server(s))) => {
-            Err(format!("ERROR {} ({}): {}", s.code, s.state, s.message))
-        }
-        Ok(Err(_)) => Err("cannot reach the database".to_string()),
-        Err(e) => Err(e.message),
+        Ok(Err(mysql_async::Error::Server(s))) => Err(Error::Database(format!(
+            "ERROR {} ({}): {}",
+            s.code, s.state, s.message
+        ))),
+        Ok(Err(_)) => Err(Error::Database("cannot reach the database".to_string())),
+        Err(e) => Err(Error::Database(e.message)),
     }
 }
 
@@ -720,7 +727,7 @@ impl MysqlConnection {
         want: Want,
     ) -> Result<Outcome> {
         policy::check(Dialect::Mysql, sql)
-            .map_err(|why| self.shared.error(ErrorCode::AccessDenied, &why))?;
+            .map_err(|why| self.shared.error(ErrorCode::AccessDenied, &why.to_string()))?;
         let Some(mut conn) = self.conn.take() else {
             return Err(self.shared.error(
                 ErrorCode::Unavailable,

@@ -130,10 +130,43 @@ enum Token {
     Other,
 }
 
-/// Why a statement is refused; the message says what to change.
-pub fn check(dialect: Dialect, sql: &str) -> Result<(), String> {
+/// Why a driver's statement is refused; the message says what to change.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("SQL text is longer than {MAX_SQL_BYTES} bytes")]
+    TooLong,
+    #[error("empty statement")]
+    Empty,
+    /// A kind of statement outside the allow-list (its first word).
+    #[error("a driver may not run {} statements", .0.to_ascii_uppercase())]
+    Statement(String),
+    /// `CREATE` of something other than a table or an index.
+    #[error("a driver may create tables and indexes, not {}", .0.to_ascii_uppercase())]
+    Create(String),
+    #[error("one statement per call")]
+    SeveralStatements,
+    /// A name (function, table, keyword) a driver may not use.
+    #[error("a driver's SQL may not use {0:?}")]
+    Denied(String),
+    #[error(
+        "comments are not allowed in MySQL statements (the server runs /*! ... */ and reads 1--1 as arithmetic)"
+    )]
+    MysqlComment,
+    #[error("variables (@name, @@name) are not allowed")]
+    Variable,
+    /// A comment, string, quote or quoted name that does not end.
+    #[error("unterminated {0} in SQL")]
+    Unterminated(&'static str),
+    #[error("malformed dollar quote in SQL")]
+    MalformedDollarQuote,
+    #[error("Unicode-escaped names and strings (U&) are not allowed")]
+    UnicodeEscape,
+}
+
+/// Whether a driver may send `sql`: `Err` says why not.
+pub fn check(dialect: Dialect, sql: &str) -> Result<(), Refusal> {
     if sql.len() > MAX_SQL_BYTES {
-        return Err(format!("SQL text is longer than {MAX_SQL_BYTES} bytes"));
+        return Err(Refusal::TooLong);
     }
     let tokens = tokenize(dialect, sql)?;
     let mut words = tokens.iter().filter_map(|t| match t {
@@ -141,28 +174,22 @@ pub fn check(dialect: Dialect, sql: &str) -> Result<(), String> {
         _ => None,
     });
     let Some(first) = words.next() else {
-        return Err("empty statement".to_string());
+        return Err(Refusal::Empty);
     };
     if !STATEMENTS.contains(&first) {
-        return Err(format!(
-            "a driver may not run {} statements",
-            first.to_ascii_uppercase()
-        ));
+        return Err(Refusal::Statement(first.to_string()));
     }
     if first == "create" {
         let what = words.next().unwrap_or("");
         if !CREATABLE.contains(&what) {
-            return Err(format!(
-                "a driver may create tables and indexes, not {}",
-                what.to_ascii_uppercase()
-            ));
+            return Err(Refusal::Create(what.to_string()));
         }
     }
     // One statement: nothing but a trailing `;` after the first one.
     if let Some(i) = tokens.iter().position(|t| *t == Token::Semicolon)
         && tokens[i + 1..].iter().any(|t| *t != Token::Semicolon)
     {
-        return Err("one statement per call".to_string());
+        return Err(Refusal::SeveralStatements);
     }
     for t in &tokens {
         if let Token::Word(w) = t {
@@ -171,7 +198,7 @@ pub fn check(dialect: Dialect, sql: &str) -> Result<(), String> {
                 || DENIED_PREFIXES.iter().any(|p| w.starts_with(p))
                 || DENIED_SUFFIXES.iter().any(|s| w.ends_with(s));
             if denied {
-                return Err(format!("a driver's SQL may not use {w:?}"));
+                return Err(Refusal::Denied(w.clone()));
             }
         }
     }
@@ -182,11 +209,10 @@ pub fn check(dialect: Dialect, sql: &str) -> Result<(), String> {
 /// and string literals ('...', E'...', $tag$...$tag$). Quoted identifiers
 /// are words (lowercased, so `"PG_READ_FILE"` is caught too). On MySQL,
 /// backquoted names are words too, and comments and variables are refused.
-fn tokenize(dialect: Dialect, sql: &str) -> Result<Vec<Token>, String> {
+fn tokenize(dialect: Dialect, sql: &str) -> Result<Vec<Token>, Refusal> {
     let b = sql.as_bytes();
     let mut tokens = Vec::new();
     let mut i = 0;
-    let unterminated = |what: &str| format!("unterminated {what} in SQL");
     let mysql = dialect == Dialect::Mysql;
     while i < b.len() {
         let c = b[i];
@@ -198,14 +224,10 @@ fn tokenize(dialect: Dialect, sql: &str) -> Result<Vec<Token>, String> {
                         || (c == b'-' && b.get(i + 1) == Some(&b'-'))
                         || (c == b'/' && b.get(i + 1) == Some(&b'*'))) =>
             {
-                return Err(
-                    "comments are not allowed in MySQL statements (the server runs \
-                            /*! ... */ and reads 1--1 as arithmetic)"
-                        .to_string(),
-                );
+                return Err(Refusal::MysqlComment);
             }
             b'@' if mysql => {
-                return Err("variables (@name, @@name) are not allowed".to_string());
+                return Err(Refusal::Variable);
             }
             b'`' if mysql => {
                 let (word, end) = quoted_name(b, i)?;
@@ -224,7 +246,7 @@ fn tokenize(dialect: Dialect, sql: &str) -> Result<Vec<Token>, String> {
                 let mut depth = 0usize;
                 loop {
                     if i + 1 >= b.len() {
-                        return Err(unterminated("comment"));
+                        return Err(Refusal::Unterminated("comment"));
                     }
                     if b[i] == b'/' && b[i + 1] == b'*' {
                         depth += 1;
@@ -253,7 +275,7 @@ fn tokenize(dialect: Dialect, sql: &str) -> Result<Vec<Token>, String> {
                 i += 1;
                 loop {
                     match b.get(i) {
-                        None => return Err(unterminated("string")),
+                        None => return Err(Refusal::Unterminated("string")),
                         Some(b'\\') if escapes => i += 2,
                         Some(b'\'') if b.get(i + 1) == Some(&b'\'') => i += 2,
                         Some(b'\'') => {
@@ -277,19 +299,19 @@ fn tokenize(dialect: Dialect, sql: &str) -> Result<Vec<Token>, String> {
                 // A dollar-quoted string: $tag$ ... $tag$.
                 let tag_end = b[i + 1..].iter().position(|&x| x == b'$');
                 let Some(len) = tag_end else {
-                    return Err(unterminated("dollar quote"));
+                    return Err(Refusal::Unterminated("dollar quote"));
                 };
                 let tag = &b[i..i + len + 2];
                 if !tag[1..tag.len() - 1]
                     .iter()
                     .all(|x| x.is_ascii_alphanumeric() || *x == b'_')
                 {
-                    return Err("malformed dollar quote in SQL".to_string());
+                    return Err(Refusal::MalformedDollarQuote);
                 }
                 let body = i + tag.len();
                 let close = b[body..].windows(tag.len()).position(|w| w == tag);
                 let Some(at) = close else {
-                    return Err(unterminated("dollar-quoted string"));
+                    return Err(Refusal::Unterminated("dollar-quoted string"));
                 };
                 i = body + at + tag.len();
                 tokens.push(Token::Other);
@@ -299,7 +321,7 @@ fn tokenize(dialect: Dialect, sql: &str) -> Result<Vec<Token>, String> {
                 && matches!(b.get(i + 1), Some(b'"') | Some(b'\'')) =>
             {
                 // U&"..." spells a name with escapes (U&"pg\005fread_file").
-                return Err("Unicode-escaped names and strings (U&) are not allowed".to_string());
+                return Err(Refusal::UnicodeEscape);
             }
             b';' => {
                 tokens.push(Token::Semicolon);
@@ -328,13 +350,13 @@ fn tokenize(dialect: Dialect, sql: &str) -> Result<Vec<Token>, String> {
 
 /// The quoted name starting at `b[start]` (its quote character doubled
 /// inside), lowercased, and where it ends.
-fn quoted_name(b: &[u8], start: usize) -> Result<(String, usize), String> {
+fn quoted_name(b: &[u8], start: usize) -> Result<(String, usize), Refusal> {
     let q = b[start];
     let mut word = Vec::new();
     let mut i = start + 1;
     loop {
         match b.get(i) {
-            None => return Err("unterminated quoted identifier in SQL".to_string()),
+            None => return Err(Refusal::Unterminated("quoted identifier")),
             Some(&c) if c == q && b.get(i + 1) == Some(&q) => {
                 word.push(q);
                 i += 2;
@@ -406,8 +428,42 @@ mod tests {
             for sql in refused {
                 assert!(check(dialect, &sql).is_err(), "{name}: {sql} was allowed");
             }
-            assert!(check(dialect, &"SELECT 1 ".repeat(20_000)).is_err());
+            assert_eq!(
+                check(dialect, &"SELECT 1 ".repeat(20_000)),
+                Err(Refusal::TooLong)
+            );
         }
+    }
+
+    #[test]
+    fn refusals_say_what_to_change() {
+        let message = |sql: &str| check(Dialect::Postgresql, sql).unwrap_err().to_string();
+        assert_eq!(
+            message("drop table x"),
+            "a driver may not run DROP statements"
+        );
+        assert_eq!(
+            message("create view v as select 1"),
+            "a driver may create tables and indexes, not VIEW"
+        );
+        assert_eq!(message("select 1; select 2"), "one statement per call");
+        assert_eq!(
+            message("select pg_read_file('x')"),
+            "a driver's SQL may not use \"pg_read_file\""
+        );
+        assert_eq!(message("select 'x"), "unterminated string in SQL");
+        assert_eq!(
+            message("select \"x"),
+            "unterminated quoted identifier in SQL"
+        );
+        assert_eq!(message("  "), "empty statement");
+        assert_eq!(
+            check(Dialect::Mysql, "select 1 # x")
+                .unwrap_err()
+                .to_string(),
+            "comments are not allowed in MySQL statements (the server runs /*! ... */ and \
+             reads 1--1 as arithmetic)"
+        );
     }
 
     #[test]

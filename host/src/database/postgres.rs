@@ -49,9 +49,11 @@ use super::common::{
 };
 pub use super::schema::postgres::{CACHE_SEQUENCES, GLANCE_CACHE_SCHEMA, grant_statements};
 use super::schema::{CACHE_TABLES, TABLE_PRIVILEGES};
+use super::tls::TlsError;
 use super::{Backend, BackendConnection, DatabaseSettings, Outcome, Result, Want, error, policy};
 use crate::bindings::database::{DatabaseError, ErrorCode, Value};
-use crate::runtime::Deadline;
+use crate::error::Error;
+use crate::limits::Deadline;
 
 /// Prepared statements one connection keeps before its cache is emptied
 /// (a driver sending endless distinct SQL must not grow it forever).
@@ -76,24 +78,25 @@ const POWERFUL_ROLES: [&str; 14] = [
 ];
 
 /// A SQLAlchemy database URL (`postgresql+psycopg2://...`) as a libpq one;
-/// a libpq URL as it is. Errors never contain the URL.
-pub fn libpq_url(url: &str) -> std::result::Result<String, String> {
+/// a libpq URL as it is. Anything else is an [`Error::BadConfiguration`];
+/// errors never contain the URL.
+pub fn libpq_url(url: &str) -> std::result::Result<String, Error> {
     let url = url.trim();
     let Some((scheme, rest)) = url.split_once("://") else {
         // libpq's key=value form (`host=/run/postgresql dbname=glance`).
         if url.contains('=') {
             return Ok(url.to_string());
         }
-        return Err(
+        return Err(Error::BadConfiguration(
             "the database connection is not a URL (postgresql://user:password@host/db)".to_string(),
-        );
+        ));
     };
     let dialect = scheme.split('+').next().unwrap_or("");
     match dialect {
         "postgresql" | "postgres" => Ok(format!("postgresql://{rest}")),
-        other => Err(format!(
+        other => Err(Error::BadConfiguration(format!(
             "the database connection is a {other:?} URL; the centralized driver needs PostgreSQL (postgresql://...)"
-        )),
+        ))),
     }
 }
 
@@ -117,16 +120,19 @@ pub struct PostgresBackend {
 
 impl PostgresBackend {
     /// A backend for `settings`, known to drivers as `name`. Nothing is
-    /// connected until a driver opens it.
-    pub fn new(name: &str, settings: &DatabaseSettings) -> std::result::Result<Self, String> {
+    /// connected until a driver opens it. Settings that cannot be used are
+    /// an [`Error::BadConfiguration`] naming the database, never the URL.
+    pub fn new(name: &str, settings: &DatabaseSettings) -> std::result::Result<Self, Error> {
         let url = libpq_url(&settings.url)?;
-        let (url, tls) = super::tls::split(&url)
-            .map_err(|e| format!("the connection URL of database {name:?}: {e}"))?;
-        let connector = tls
-            .connector()
-            .map_err(|e| format!("the connection URL of database {name:?}: {e}"))?;
+        let bad_url = |e: TlsError| {
+            Error::BadConfiguration(format!("the connection URL of database {name:?}: {e}"))
+        };
+        let (url, tls) = super::tls::split(&url).map_err(bad_url)?;
+        let connector = tls.connector().map_err(bad_url)?;
         let mut config = Config::from_str(&url).map_err(|_| {
-            format!("the connection URL of database {name:?} is not a valid PostgreSQL URL")
+            Error::BadConfiguration(format!(
+                "the connection URL of database {name:?} is not a valid PostgreSQL URL"
+            ))
         })?;
         config.ssl_mode(tls.ssl_mode());
         let mut secrets = vec![settings.url.trim().to_string(), url.clone()];
@@ -160,7 +166,11 @@ impl PostgresBackend {
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size.max(1))
             .build()
-            .map_err(|e| format!("database {name:?}: cannot make its connection pool: {e}"))?;
+            .map_err(|e| {
+                Error::BadConfiguration(format!(
+                    "database {name:?}: cannot make its connection pool: {e}"
+                ))
+            })?;
         Ok(PostgresBackend {
             shared: Arc::new(Shared {
                 name: name.to_string(),
@@ -450,14 +460,17 @@ fn first_texts(rows: &[Row]) -> String {
 /// Create Glance's two cache tables ([`GLANCE_CACHE_SCHEMA`]) in the
 /// database at `url`, for a database of the cache's own (`image-cache db
 /// init`); never needed where Glance's migrations ran. The role must be
-/// allowed to create tables there (an administrator's). Errors never show
-/// the URL.
-pub fn init_schema(url: &str, timeout: Duration) -> std::result::Result<(), String> {
+/// allowed to create tables there (an administrator's). A URL that cannot
+/// be used is an [`Error::BadConfiguration`], a server that refuses or
+/// cannot be reached an [`Error::Database`]. Errors never show the URL.
+pub fn init_schema(url: &str, timeout: Duration) -> std::result::Result<(), Error> {
+    let bad = |e: TlsError| Error::BadConfiguration(e.to_string());
     let url = libpq_url(url)?;
-    let (url, tls) = super::tls::split(&url)?;
-    let connector = tls.connector()?;
-    let mut config = Config::from_str(&url)
-        .map_err(|_| "the database connection is not a valid PostgreSQL URL".to_string())?;
+    let (url, tls) = super::tls::split(&url).map_err(bad)?;
+    let connector = tls.connector().map_err(bad)?;
+    let mut config = Config::from_str(&url).map_err(|_| {
+        Error::BadConfiguration("the database connection is not a valid PostgreSQL URL".to_string())
+    })?;
     config.ssl_mode(tls.ssl_mode());
     let work = async move {
         let (client, connection) = config.connect(connector).await?;
@@ -469,11 +482,11 @@ pub fn init_schema(url: &str, timeout: Duration) -> std::result::Result<(), Stri
     };
     match run(Deadline(std::time::Instant::now() + timeout), work) {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(match e.as_db_error() {
+        Ok(Err(e)) => Err(Error::Database(match e.as_db_error() {
             Some(db) => format!("{} ({}): {}", db.severity(), db.code().code(), db.message()),
             None => "cannot reach the database".to_string(),
-        }),
-        Err(e) => Err(e.message),
+        })),
+        Err(e) => Err(Error::Database(e.message)),
     }
 }
 
@@ -540,7 +553,7 @@ impl PostgresConnection {
         want: Want,
     ) -> Result<Outcome> {
         policy::check(super::Dialect::Postgresql, sql)
-            .map_err(|why| self.shared.error(ErrorCode::AccessDenied, &why))?;
+            .map_err(|why| self.shared.error(ErrorCode::AccessDenied, &why.to_string()))?;
         let Some(mut held) = self.held.take() else {
             return Err(self.shared.error(
                 ErrorCode::Unavailable,
@@ -887,12 +900,14 @@ mod tests {
             "postgresql://u@h/d"
         );
         let e = libpq_url("mysql+pymysql://glance:s3cret@db/glance").unwrap_err();
+        assert!(matches!(e, Error::BadConfiguration(_)), "{e}");
+        let e = e.to_string();
         assert!(e.contains("mysql") && !e.contains("s3cret"), "{e}");
         assert_eq!(
             libpq_url("host=/run/postgresql dbname=glance").unwrap(),
             "host=/run/postgresql dbname=glance"
         );
-        let e = libpq_url("glance:s3cret@db").unwrap_err();
+        let e = libpq_url("glance:s3cret@db").unwrap_err().to_string();
         assert!(!e.contains("s3cret"), "{e}");
     }
 

@@ -45,16 +45,44 @@ pub struct TlsSettings {
     pub client_key: Option<PathBuf>,
 }
 
+/// Why a URL's TLS parameters cannot be used. The message names the
+/// parameter (and the file) as given, never the rest of the URL.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TlsError {
+    #[error("sslmode={0:?} is not one of disable, allow, prefer, require, verify-ca, verify-full")]
+    SslMode(String),
+    #[error("client_encoding={0:?}: the cache speaks UTF8 only")]
+    ClientEncoding(String),
+    #[error("sslcert and sslkey go together: give both or neither")]
+    CertWithoutKey,
+    /// A certificate file (`sslcert`, `sslrootcert`) that cannot be read
+    /// or holds no PEM certificate.
+    #[error("{}: {message}", path.display())]
+    CertificateFile { path: PathBuf, message: String },
+    /// A certificate of `sslrootcert` that cannot be a trust anchor.
+    #[error("sslrootcert {}: {message}", path.display())]
+    RootCertificate { path: PathBuf, message: String },
+    /// The `sslkey` file cannot be read.
+    #[error("sslkey {}: {message}", path.display())]
+    Key { path: PathBuf, message: String },
+    /// The client certificate and key do not make a client identity.
+    #[error("sslcert/sslkey: {0}")]
+    ClientIdentity(String),
+    /// rustls refused the configuration.
+    #[error("TLS: {0}")]
+    Setup(String),
+}
+
 /// Take the TLS parameters (and `client_encoding`) out of a libpq URL or
 /// key=value string: the rest, for tokio-postgres, and the settings.
-pub fn split(url: &str) -> Result<(String, TlsSettings), String> {
+pub fn split(url: &str) -> Result<(String, TlsSettings), TlsError> {
     let mut settings = TlsSettings {
         mode: Mode::Prefer,
         root_cert: None,
         client_cert: None,
         client_key: None,
     };
-    let mut take = |key: &str, value: &str| -> Result<bool, String> {
+    let mut take = |key: &str, value: &str| -> Result<bool, TlsError> {
         match key {
             "sslmode" => {
                 settings.mode = match value {
@@ -63,12 +91,7 @@ pub fn split(url: &str) -> Result<(String, TlsSettings), String> {
                     "require" => Mode::Require,
                     "verify-ca" => Mode::VerifyCa,
                     "verify-full" => Mode::VerifyFull,
-                    other => {
-                        return Err(format!(
-                            "sslmode={other:?} is not one of disable, allow, prefer, require, \
-                             verify-ca, verify-full"
-                        ));
-                    }
+                    other => return Err(TlsError::SslMode(other.to_string())),
                 }
             }
             "sslrootcert" => settings.root_cert = Some(PathBuf::from(value)),
@@ -79,9 +102,7 @@ pub fn split(url: &str) -> Result<(String, TlsSettings), String> {
                     value.to_ascii_lowercase().replace(['-', '_'], "").as_str(),
                     "utf8" | "unicode"
                 ) {
-                    return Err(format!(
-                        "client_encoding={value:?}: the cache speaks UTF8 only"
-                    ));
+                    return Err(TlsError::ClientEncoding(value.to_string()));
                 }
             }
             _ => return Ok(false),
@@ -116,7 +137,7 @@ pub fn split(url: &str) -> Result<(String, TlsSettings), String> {
         url.to_string()
     };
     if settings.client_cert.is_some() != settings.client_key.is_some() {
-        return Err("sslcert and sslkey go together: give both or neither".into());
+        return Err(TlsError::CertWithoutKey);
     }
     Ok((rest, settings))
 }
@@ -156,11 +177,11 @@ impl TlsSettings {
     }
 
     /// The connector: rustls with the verification the mode asks for.
-    pub fn connector(&self) -> Result<MakeRustlsConnect, String> {
+    pub fn connector(&self) -> Result<MakeRustlsConnect, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS: {e}"))?;
+            .map_err(|e| TlsError::Setup(e.to_string()))?;
         let roots = || self.roots();
         let verifier: Arc<dyn ServerCertVerifier> = match (self.mode, &self.root_cert) {
             (Mode::VerifyFull, _) => webpki(roots()?, &provider)?,
@@ -175,11 +196,13 @@ impl TlsSettings {
         let config = match (&self.client_cert, &self.client_key) {
             (Some(cert), Some(key)) => {
                 let certs = read_certs(cert)?;
-                let key = PrivateKeyDer::from_pem_file(key)
-                    .map_err(|e| format!("sslkey {}: {e}", key.display()))?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+                    path: key.clone(),
+                    message: e.to_string(),
+                })?;
                 builder
                     .with_client_auth_cert(certs, key)
-                    .map_err(|e| format!("sslcert/sslkey: {e}"))?
+                    .map_err(|e| TlsError::ClientIdentity(e.to_string()))?
             }
             _ => builder.with_no_client_auth(),
         };
@@ -187,7 +210,7 @@ impl TlsSettings {
     }
 
     /// The CA certificates to check the server against.
-    fn roots(&self) -> Result<RootCertStore, String> {
+    fn roots(&self) -> Result<RootCertStore, TlsError> {
         let mut roots = RootCertStore::empty();
         let default = std::env::var_os("HOME")
             .map(|h| Path::new(&h).join(".postgresql/root.crt"))
@@ -195,9 +218,10 @@ impl TlsSettings {
         match self.root_cert.as_ref().or(default.as_ref()) {
             Some(path) => {
                 for cert in read_certs(path)? {
-                    roots
-                        .add(cert)
-                        .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                    roots.add(cert).map_err(|e| TlsError::RootCertificate {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
                 }
             }
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -206,12 +230,16 @@ impl TlsSettings {
     }
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bad = |message: String| TlsError::CertificateFile {
+        path: path.to_path_buf(),
+        message,
+    };
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| bad(e.to_string()))?;
     if certs.is_empty() {
-        return Err(format!("{}: no PEM certificate in it", path.display()));
+        return Err(bad("no PEM certificate in it".to_string()));
     }
     Ok(certs)
 }
@@ -219,10 +247,10 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 fn webpki(
     roots: RootCertStore,
     provider: &Arc<CryptoProvider>,
-) -> Result<Arc<WebPkiServerVerifier>, String> {
+) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
-        .map_err(|e| format!("TLS: {e}"))
+        .map_err(|e| TlsError::Setup(e.to_string()))
 }
 
 /// `verify-ca`: the chain must lead to a trusted root; the name may be any.
@@ -334,8 +362,19 @@ mod tests {
         assert_eq!(s.mode, Mode::Disable);
         let (_, s) = split("postgresql://u@h/db").unwrap();
         assert_eq!(s.mode, Mode::Prefer);
-        assert!(split("postgresql://u@h/db?sslmode=sometimes").is_err());
-        assert!(split("postgresql://u@h/db?client_encoding=latin1").is_err());
-        assert!(split("postgresql://u@h/db?sslcert=/c.pem").is_err());
+        assert_eq!(
+            split("postgresql://u@h/db?sslmode=sometimes")
+                .unwrap_err()
+                .to_string(),
+            "sslmode=\"sometimes\" is not one of disable, allow, prefer, require, verify-ca, verify-full"
+        );
+        assert_eq!(
+            split("postgresql://u@h/db?client_encoding=latin1").unwrap_err(),
+            TlsError::ClientEncoding("latin1".into())
+        );
+        assert_eq!(
+            split("postgresql://u@h/db?sslcert=/c.pem").unwrap_err(),
+            TlsError::CertWithoutKey
+        );
     }
 }

@@ -38,7 +38,7 @@ import time
 from json import dumps as _dumps
 from typing import Callable, List, Optional, Tuple
 
-#: Most entries one listing returns (``fs.rs`` DEFAULT_MAX_LISTING).
+#: Most entries one listing returns (``limits.rs`` DEFAULT_MAX_LISTING).
 DEFAULT_MAX_LISTING = 4_000_000
 #: Most paths one ``remove-files`` takes.
 MAX_BATCH = 1_000_000
