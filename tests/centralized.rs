@@ -1467,3 +1467,29 @@ fn six_nodes_starting_at_once_all_start() {
         assert_eq!(pg.db.sql("SELECT count(*) FROM cached_images"), "6");
     }
 }
+
+/// Release 0.2.0's centralized driver through the contract adapter: it is
+/// linked, but it creates Glance's tables itself, and a role fenced as this
+/// release asks (no CREATE on the schema) cannot: the database refuses it at
+/// configure, with its own words, and nothing falls back.
+#[test]
+fn a_release_0_2_centralized_driver_is_stopped_by_the_database_fence() {
+    let pg = PgSetup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = CacheConfig::new(dir.path())
+        .driver(DriverSource::File(image_cache_tests::release(
+            "0.2.0",
+            "centralized_driver",
+        )))
+        .fallback_to_sqlite(false)
+        .policy(image_cache::LoadPolicy {
+            grants: image_cache::Grants::of(&image_cache::contract::Capability::ALL),
+            ..Default::default()
+        });
+    pg.configure(&mut config);
+    let message = bad_configuration(ImageCache::with_runtime(runtime(), config));
+    assert!(
+        message.contains("permission denied for schema public"),
+        "{message}"
+    );
+}

@@ -25,8 +25,9 @@ pub const VERSION: Version = Version {
     minor: 3,
     patch: 0,
 };
-/// The range of contract versions this host runs, for messages.
-pub const SUPPORTED: &str = ">=0.3.0, <0.4.0";
+/// The contract versions this host runs, for messages: the current line,
+/// and 0.2.0 through an adapter (host/src/compat).
+pub const SUPPORTED: &str = ">=0.3.0, <0.4.0, and 0.2.0 through an adapter";
 
 /// What a driver author must change to move a driver of an older contract
 /// line to this one, for the refusal message.
@@ -67,8 +68,25 @@ impl Version {
         parts.next().is_none().then_some(v)
     }
 
-    /// Whether this host runs components of contract `self`.
+    /// Whether this host runs components of contract `self`, natively or
+    /// through an adapter.
     pub fn is_supported(&self) -> bool {
+        self.is_current() || self.is_adapted()
+    }
+
+    /// Whether `self` is an earlier contract linked through an adapter
+    /// (0.2.0, less its retired `sqlite` import).
+    pub fn is_adapted(&self) -> bool {
+        *self
+            == Version {
+                major: 0,
+                minor: 2,
+                patch: 0,
+            }
+    }
+
+    /// Whether `self` is of the contract line this host implements.
+    pub fn is_current(&self) -> bool {
         if VERSION.major == 0 {
             (self.major, self.minor) == (0, VERSION.minor) && *self <= VERSION
         } else {
@@ -354,6 +372,13 @@ pub fn read_manifest(driver: &str, bytes: &[u8]) -> Result<Manifest> {
     }
     let mut needs = Vec::new();
     for import in &imports {
+        if version.is_adapted() && split_import(import).is_some_and(|(i, _)| i == "sqlite") {
+            return Err(refuse(format!(
+                "it imports {import}, which contract 0.3.0 retired: this host runs contract \
+                 {version} drivers through an adapter, but not that import ({})",
+                upgrade_advice(version)
+            )));
+        }
         let (interface, import_version) = split_import(import).ok_or_else(|| {
             refuse(format!(
                 "it imports {import}, which is not part of the driver contract"
@@ -436,7 +461,9 @@ mod tests {
     fn versions_in_the_supported_line_only() {
         assert!(Version::parse("0.3.0").unwrap().is_supported());
         assert!(!Version::parse("0.1.0").unwrap().is_supported());
-        assert!(!Version::parse("0.2.0").unwrap().is_supported());
+        assert!(Version::parse("0.2.0").unwrap().is_supported());
+        assert!(Version::parse("0.2.0").unwrap().is_adapted());
+        assert!(!Version::parse("0.2.1").unwrap().is_supported());
         assert!(!Version::parse("0.4.0").unwrap().is_supported());
         assert!(!Version::parse("1.0.0").unwrap().is_supported());
         assert!(

@@ -441,5 +441,7 @@ pub fn add_to_linker<T: 'static>(
     linker: &mut Linker<T>,
     view: fn(&mut T) -> DatabaseView<'_>,
 ) -> wasmtime::Result<()> {
-    wit::add_to_linker::<T, HasDatabase>(linker, view)
+    wit::add_to_linker::<T, HasDatabase>(linker, view)?;
+    // Contract 0.2.0's names, served by the same functions.
+    crate::compat::v0_2::link_database(linker, view)
 }

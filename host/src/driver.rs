@@ -21,11 +21,10 @@ use std::time::Instant;
 use wasmtime::Store;
 use wasmtime::component::{Resource, ResourceAny};
 
-use crate::bindings::Driver as Bindings;
-use crate::bindings::cache_driver::Guest;
 use crate::bindings::types::{
     CachedImage, CleanReport, DriverInfo, LruEntry, PruneReport, ReadRecord,
 };
+use crate::compat::{Bindings, Exports, GuestResult};
 use crate::database::DatabaseRoot;
 use crate::error::{Error, Result, validate_image_id};
 use crate::fs::{FileIdentity, OpenFile, RootFs};
@@ -75,8 +74,6 @@ pub struct Placement {
     /// database is back. For a server, which serves what it can meanwhile.
     pub start_while_database_down: bool,
 }
-
-type GuestResult<T> = wasmtime::Result<std::result::Result<T, crate::bindings::types::Error>>;
 
 impl Driver {
     /// Instantiate and configure the driver on the root. A driver that
@@ -231,14 +228,14 @@ impl Driver {
     fn guarded<T>(
         &self,
         instance: &mut Instance,
-        call: impl FnOnce(&Guest, &mut Store<HostState>) -> GuestResult<T>,
+        call: impl FnOnce(Exports<'_>, &mut Store<HostState>) -> GuestResult<T>,
     ) -> Result<T> {
         let deadline = self.runtime.limits().call_deadline;
         instance.store.data_mut().deadline = Deadline(Instant::now() + deadline);
         instance
             .store
             .set_epoch_deadline(self.runtime.deadline_ticks());
-        let guest = instance.bindings.image_cache_driver_cache_driver();
+        let guest = instance.bindings.exports();
         let store = &mut instance.store;
         let outcome =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(guest, &mut *store)));
@@ -356,7 +353,7 @@ impl Driver {
     /// Run `call` on an instance from the pool; a faulted instance is dropped.
     pub(crate) fn call<T>(
         &self,
-        call: impl FnOnce(&Guest, &mut Store<HostState>) -> GuestResult<T>,
+        call: impl FnOnce(Exports<'_>, &mut Store<HostState>) -> GuestResult<T>,
     ) -> Result<T> {
         self.call_checked(call, |_| Ok(()))
     }
@@ -365,7 +362,7 @@ impl Driver {
     /// that returns garbage is treated like one that trapped.
     pub(crate) fn call_checked<T>(
         &self,
-        call: impl FnOnce(&Guest, &mut Store<HostState>) -> GuestResult<T>,
+        call: impl FnOnce(Exports<'_>, &mut Store<HostState>) -> GuestResult<T>,
         check: impl FnOnce(&T) -> std::result::Result<(), String>,
     ) -> Result<T> {
         let mut instance = self.checkout()?;
@@ -561,7 +558,7 @@ impl Driver {
         kind: SessionKind,
         id: &str,
         open: impl FnOnce(
-            &Guest,
+            Exports<'_>,
             &mut Store<HostState>,
         ) -> GuestResult<(ResourceAny, Resource<OpenFile>)>,
     ) -> Result<Session> {
@@ -755,7 +752,7 @@ impl Session {
     /// Call a method of the guest's session, then end the session.
     fn finish_with(
         &mut self,
-        call: impl FnOnce(&Guest, &mut Store<HostState>, ResourceAny) -> GuestResult<()>,
+        call: impl FnOnce(Exports<'_>, &mut Store<HostState>, ResourceAny) -> GuestResult<()>,
     ) -> Result<()> {
         let (Some(mut instance), Some(resource)) = (self.instance.take(), self.resource.take())
         else {
@@ -877,7 +874,7 @@ impl Session {
         &self,
         instance: &mut Instance,
         file: OpenFile,
-        call: impl FnOnce(&Guest, &mut Store<HostState>, Resource<OpenFile>) -> GuestResult<T>,
+        call: impl FnOnce(Exports<'_>, &mut Store<HostState>, Resource<OpenFile>) -> GuestResult<T>,
     ) -> Result<(Result<T>, Result<OpenFile>)> {
         let lent = instance
             .store

@@ -997,7 +997,9 @@ pub fn add_to_linker<T: 'static>(
     linker: &mut Linker<T>,
     view: fn(&mut T) -> FsView<'_>,
 ) -> wasmtime::Result<()> {
-    wit::add_to_linker::<T, HasFs>(linker, view)
+    wit::add_to_linker::<T, HasFs>(linker, view)?;
+    // Contract 0.2.0's names, served by the same functions.
+    crate::compat::v0_2::link_fs(linker, view)
 }
 
 #[cfg(test)]

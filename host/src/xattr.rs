@@ -270,7 +270,9 @@ pub fn add_to_linker<T: 'static>(
     linker: &mut Linker<T>,
     view: fn(&mut T) -> XattrView<'_>,
 ) -> wasmtime::Result<()> {
-    wit::add_to_linker::<T, HasXattr>(linker, view)
+    wit::add_to_linker::<T, HasXattr>(linker, view)?;
+    // Contract 0.2.0's names, served by the same functions.
+    crate::compat::v0_2::link_xattr(linker, view)
 }
 
 #[cfg(test)]
