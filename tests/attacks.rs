@@ -54,6 +54,7 @@ fn scene_with(limits: Limits) -> Scene {
         .policy(LoadPolicy {
             sha256: None,
             grants: Grants::of(&[Capability::Xattr]),
+            ..Default::default()
         });
     config.driver_options = vec![(
         "hostile_target".to_string(),

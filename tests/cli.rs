@@ -117,6 +117,7 @@ impl Sandbox {
             .env_remove("IMAGE_CACHE_DRIVER")
             .env_remove("IMAGE_CACHE_CONFIG")
             .env_remove("IMAGE_CACHE_SQLITE_DB")
+            .env_remove("IMAGE_CACHE_DRIVER_TRUST")
             .stdin(Stdio::null());
         cmd
     }
@@ -753,7 +754,10 @@ fn drivers_and_driver_selection() {
     assert_eq!(drivers[0]["grants_needed"], serde_json::json!([]));
     assert!(drivers[0]["not_granted"].as_array().unwrap().is_empty());
     assert_eq!(drivers[1]["grants_needed"], serde_json::json!(["xattr"]));
-    assert_eq!(doc["supported"], ">=0.3.0, <0.4.0");
+    assert_eq!(
+        doc["supported"],
+        ">=0.3.0, <0.4.0, and 0.2.0 through an adapter"
+    );
 
     // A driver file that cannot be loaded: fall back with a warning, or
     // fail with --no-fallback.
@@ -904,22 +908,26 @@ fn inspect_pin_and_grant_a_third_party_driver() {
     assert_eq!(doc["sha256"], sha);
     assert!(doc["not_granted"].as_array().unwrap().is_empty());
 
-    // Earlier releases' components: inspected, marked unsupported, with
-    // what the driver's author must change.
-    for version in ["0.1.0", "0.2.0"] {
-        let old = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join(format!("fixtures/contract-{version}/sqlite_driver.wasm"));
+    // Earlier releases' components: inspected, marked as what this host
+    // makes of them, with what the driver's author must change.
+    for (version, support, refusal) in [
+        ("0.1.0", "NOT supported by this host", ">=0.3.0, <0.4.0"),
+        (
+            "0.2.0",
+            "supported through the adapter of an earlier contract",
+            "image-cache:driver/sqlite@0.2.0, which contract 0.3.0 retired",
+        ),
+    ] {
+        let old = image_cache_tests::release(version, "sqlite_driver");
         let text = run(s.bare().args(["drivers", "inspect", old.to_str().unwrap()]))
             .ok()
             .out();
         assert!(
-            text.contains(&format!(
-                "image-cache:driver@{version} (NOT supported by this host)"
-            )),
+            text.contains(&format!("image-cache:driver@{version} ({support})")),
             "{text}"
         );
         assert!(
-            text.contains("refused:") && text.contains(">=0.3.0, <0.4.0"),
+            text.contains("refused:") && text.contains(refusal),
             "{text}"
         );
     }
@@ -962,6 +970,251 @@ fn inspect_pin_and_grant_a_third_party_driver() {
         ])
         .ok();
     assert_eq!(r.json()["bytes"], 0);
+}
+
+/// `drivers keygen`, `sign` and `verify`, and the trust setting
+/// (`--driver-trust`, `IMAGE_CACHE_DRIVER_TRUST`,
+/// `image_cache_driver_trusted_keys`) on a signed and an unsigned copy of
+/// a built-in component, as an operator uses them.
+#[test]
+fn sign_verify_and_trust_a_driver() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Sandbox::new();
+    let doc = run(s.bare().args([
+        "--json",
+        "drivers",
+        "keygen",
+        "--secret-key",
+        "ours.sec",
+        "--public-key",
+        "ours.pub",
+    ]))
+    .ok()
+    .json();
+    let ours = doc["key_id"].as_str().unwrap().to_string();
+    assert_eq!(ours.len(), 24, "{doc}");
+    let mode = fs::metadata(s.path("ours.sec"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the secret key is its owner's alone");
+    let text = run(s.bare().args([
+        "drivers",
+        "keygen",
+        "--secret-key",
+        "theirs.sec",
+        "--public-key",
+        "theirs.pub",
+    ]))
+    .ok()
+    .out();
+    let theirs = text
+        .strip_prefix("key id ")
+        .and_then(|t| t.lines().next())
+        .unwrap()
+        .to_string();
+    let before = fs::read(s.path("ours.sec")).unwrap();
+    run(s.bare().args([
+        "drivers",
+        "keygen",
+        "--secret-key",
+        "ours.sec",
+        "--public-key",
+        "new.pub",
+    ]))
+    .fails(1, "already exists");
+    assert_eq!(
+        fs::read(s.path("ours.sec")).unwrap(),
+        before,
+        "never overwritten"
+    );
+    assert!(!s.path("new.pub").exists());
+
+    let component = image_cache::builtin::SQLITE.component;
+    s.file("signed.wasm", component);
+    s.file("unsigned.wasm", component);
+    s.file("detached.wasm", component);
+    let text = run(s
+        .bare()
+        .args(["drivers", "sign", "--key", "ours.sec", "signed.wasm"]))
+    .ok()
+    .out();
+    assert!(text.contains(&format!("with key id {ours}")), "{text}");
+    let signed = fs::read(s.path("signed.wasm")).unwrap();
+    assert!(signed.starts_with(b"\0asm") && signed.len() > component.len());
+    run(s.bare().args([
+        "drivers",
+        "sign",
+        "--key",
+        "ours.sec",
+        "--detached",
+        "detached.wasm",
+    ]))
+    .ok();
+    assert_eq!(
+        fs::read(s.path("detached.wasm")).unwrap(),
+        component,
+        "unchanged"
+    );
+    assert!(s.path("detached.wasm.sig").exists());
+    let mut tampered = signed.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    s.file("tampered.wasm", &tampered);
+
+    // verify: the key ids found, which key verifies it; exit 1 if none.
+    let text = run(s.bare().args([
+        "drivers",
+        "verify",
+        "--key",
+        "theirs.pub",
+        "--key",
+        "ours.pub",
+        "signed.wasm",
+    ]))
+    .ok()
+    .out();
+    assert!(
+        text.contains(&format!("key ids:     {ours}"))
+            && text.contains(&format!("verified by: key id {ours} (ours.pub)")),
+        "{text}"
+    );
+    let doc = run(s.bare().args([
+        "--json",
+        "drivers",
+        "verify",
+        "--key",
+        "ours.pub",
+        "detached.wasm",
+    ]))
+    .ok()
+    .json();
+    assert_eq!(doc["verified"], true, "{doc}");
+    assert_eq!(doc["form"], "detached", "{doc}");
+    let r = run(s.bare().args([
+        "--json",
+        "drivers",
+        "verify",
+        "--key",
+        "theirs.pub",
+        "signed.wasm",
+    ]))
+    .fails(1, "no given key verifies it");
+    assert_eq!(r.json()["verified"], false);
+    assert_eq!(r.json()["key_ids"][0], ours.as_str());
+    run(s
+        .bare()
+        .args(["drivers", "verify", "--key", "ours.pub", "unsigned.wasm"]))
+    .fails(1, "it carries no signature");
+    run(s
+        .bare()
+        .args(["drivers", "verify", "--key", "ours.pub", "tampered.wasm"]))
+    .fails(1, "no given key verifies it");
+
+    // Trust: the signed copies load, the others are refused before they
+    // are compiled (nothing lands in a fresh artifact directory).
+    let trusting = |driver: &str| {
+        let mut cmd = s.cmd();
+        cmd.env("XDG_CACHE_HOME", s.path("xdg")).args([
+            "--driver-trust",
+            "ours.pub",
+            "--driver",
+            driver,
+            "--no-fallback",
+            "list-cached",
+        ]);
+        run(&mut cmd)
+    };
+    for (driver, refusal) in [
+        (
+            "./unsigned.wasm",
+            format!(
+                "it carries no signature (neither embedded nor in a detached .sig file beside it); a driver must be signed by one of the trusted keys (key id {ours}); refused before compiling it"
+            ),
+        ),
+        (
+            "./tampered.wasm",
+            format!("the signature by trusted key id {ours} does not match its bytes"),
+        ),
+    ] {
+        trusting(driver).fails(1, &refusal);
+        assert!(
+            !s.path("xdg/image-cache/compiled").exists(),
+            "nothing compiled for {driver}"
+        );
+    }
+    trusting("./signed.wasm").ok();
+    trusting("./detached.wasm").ok();
+    // A wrong key, through the environment; several keys, comma-separated.
+    let r = run(s.cmd().env("IMAGE_CACHE_DRIVER_TRUST", "theirs.pub").args([
+        "--driver",
+        "./signed.wasm",
+        "--no-fallback",
+        "size",
+    ]));
+    r.fails(
+        1,
+        &format!("no trusted key verifies it: it carries an embedded signature by key id {ours} (trusted: key id {theirs})"),
+    );
+    run(s
+        .cmd()
+        .env("IMAGE_CACHE_DRIVER_TRUST", "theirs.pub,ours.pub")
+        .args(["--driver", "./signed.wasm", "--no-fallback", "size"]))
+    .ok();
+    // The config file's list, relative to the file.
+    fs::create_dir_all(s.path("etc")).unwrap();
+    fs::copy(s.path("theirs.pub"), s.path("etc/theirs.pub")).unwrap();
+    s.file(
+        "etc/glance-cache.conf",
+        b"[DEFAULT]\nimage_cache_driver_trusted_keys = theirs.pub\n",
+    );
+    s.run(&[
+        "--config",
+        "etc/glance-cache.conf",
+        "--driver",
+        "./signed.wasm",
+        "--no-fallback",
+        "size",
+    ])
+    .fails(1, &format!("(trusted: key id {theirs})"));
+    // Without --no-fallback a refused driver falls back to the built-in
+    // sqlite driver, which is part of the binary, with a warning.
+    let r = s
+        .run(&[
+            "--driver-trust",
+            "ours.pub",
+            "--driver",
+            "./unsigned.wasm",
+            "size",
+        ])
+        .ok();
+    assert!(
+        r.stderr.contains("refused before compiling it")
+            && r.stderr.contains("falling back to the sqlite driver"),
+        "{}",
+        r.stderr
+    );
+    // inspect says who signed it and whether the trusted keys verify it.
+    let text = run(s.bare().args([
+        "--driver-trust",
+        "ours.pub",
+        "drivers",
+        "inspect",
+        "signed.wasm",
+    ]))
+    .ok()
+    .out();
+    assert!(
+        text.contains(&format!(
+            "signature:     embedded, by key id {ours} (verified by a trusted key)"
+        )),
+        "{text}"
+    );
+    // A key file that is missing or secret is a usage error.
+    s.run(&["--driver-trust", "missing.pub", "size"])
+        .fails(2, "key file missing.pub");
+    s.run(&["--driver-trust", "ours.sec", "size"])
+        .fails(2, "it is a secret key");
 }
 
 /// A full disk is an exit code of its own (4) and, with `--json`, the

@@ -394,6 +394,7 @@ fn fuzz_the_chaos_driver_calls_every_import_at_random() {
         .policy(LoadPolicy {
             sha256: None,
             grants: Grants::of(&[Capability::Xattr]),
+            ..Default::default()
         });
     config.driver_options = vec![(
         "chaos_target".to_string(),

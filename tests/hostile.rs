@@ -29,6 +29,7 @@ fn hostile_grants() -> LoadPolicy {
     LoadPolicy {
         sha256: None,
         grants: Grants::of(&[Capability::Xattr]),
+        ..Default::default()
     }
 }
 

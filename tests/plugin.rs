@@ -28,6 +28,7 @@ fn plugin_cache(root: &Path) -> ImageCache {
         .policy(LoadPolicy {
             sha256: Some(sha256(plugin)),
             grants: Grants::NONE,
+            ..Default::default()
         });
     ImageCache::with_runtime(
         Runtime::new(limits, Some(image_cache_tests::artifact_dir())).unwrap(),

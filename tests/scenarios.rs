@@ -456,6 +456,7 @@ fn every_hostile_scenario_is_refused_as_every_host_refuses_it() {
                 .policy(LoadPolicy {
                     sha256: None,
                     grants,
+                    ..Default::default()
                 });
             config.driver_options = options.clone();
             ImageCache::with_runtime(rt.clone(), config).expect("the hostile driver loads")

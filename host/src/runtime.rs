@@ -6,7 +6,8 @@
 //!   thread advances the epoch and stops when the engine is dropped (it only
 //!   holds a weak reference).
 //! - Before anything is compiled, a component's bytes are checked: the
-//!   SHA-256 an operator pinned, the contract version it exports (see
+//!   SHA-256 an operator pinned, its signature by a key the operator
+//!   trusts (see [`crate::signature`]), the contract version it exports (see
 //!   [`crate::contract`]), and that every interface it imports was granted.
 //!   Then it is compiled (or its compiled artifact is loaded from a directory
 //!   outside any cache root, keyed by its SHA-256 and the engine's settings)
@@ -27,12 +28,13 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasData, Linker, ResourceTable};
 use wasmtime::{Config, Engine, Store};
 
-use crate::bindings::{DriverPre, clock, types};
+use crate::bindings::{clock, types};
 use crate::contract::{Capability, Grants, Manifest, read_manifest};
 use crate::database::{DatabaseRoot, DatabaseView};
 use crate::error::{Error, Result};
 use crate::fs::{FsView, RangeLocks, RootFs};
 use crate::limits::{DEFAULT_MAX_LISTING, DEFAULT_MAX_RESULT_BYTES, Deadline};
+use crate::signature::TrustedKeys;
 use crate::xattr::{XattrSupport, XattrView};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
@@ -297,13 +299,18 @@ pub struct LoadPolicy {
     /// What a component file is granted beyond `fs` and `clock`. Built-in
     /// drivers are granted what they need, whatever this says.
     pub grants: Grants,
+    /// The keys a component file must be signed by (one of them at least;
+    /// see [`crate::signature`]), checked before anything is compiled;
+    /// none: signatures are not checked. Built-in drivers are part of the
+    /// host binary and trusted with it.
+    pub trusted_keys: Option<Arc<TrustedKeys>>,
 }
 
 /// A compiled driver component, ready to instantiate.
 #[derive(Clone)]
 pub struct DriverComponent {
     name: String,
-    pre: DriverPre<HostState>,
+    pre: crate::compat::Pre,
     sha256: String,
     manifest: Manifest,
     grants: Grants,
@@ -334,7 +341,7 @@ impl DriverComponent {
         self.precompiled
     }
 
-    pub(crate) fn pre(&self) -> &DriverPre<HostState> {
+    pub(crate) fn pre(&self) -> &crate::compat::Pre {
         &self.pre
     }
 }
@@ -426,6 +433,14 @@ impl Runtime {
         policy: &LoadPolicy,
     ) -> Result<Arc<DriverComponent>> {
         let bytes = self.read_source(source)?;
+        // Signed by a trusted key, before anything else is done with the
+        // bytes (a component compiled earlier included); `load_bytes`,
+        // which knows neither a built-in nor a `.sig` file, need not again.
+        check_signature(&source.name(), Some(source), &bytes, policy)?;
+        let policy = &LoadPolicy {
+            trusted_keys: None,
+            ..policy.clone()
+        };
         let sha256 = sha256_hex(&bytes);
         let grants = grants_for(source, policy);
         let cached = self
@@ -486,6 +501,7 @@ impl Runtime {
     ) -> Result<DriverComponent> {
         let sha256 = sha256_hex(bytes);
         check_pin(name, &sha256, policy)?;
+        check_signature(name, None, bytes, policy)?;
         let manifest = read_manifest(name, bytes)?;
         check_grants(name, &manifest, grants)?;
         let (component, precompiled) = self.compile(name, &sha256, bytes)?;
@@ -493,7 +509,8 @@ impl Runtime {
         let instance_pre = linker
             .instantiate_pre(&component)
             .map_err(|e| load_error(name, e))?;
-        let pre = DriverPre::new(instance_pre).map_err(|e| load_error(name, e))?;
+        let pre = crate::compat::Pre::new(manifest.version, instance_pre)
+            .map_err(|e| load_error(name, e))?;
         Ok(DriverComponent {
             name: name.to_string(),
             pre,
@@ -623,6 +640,39 @@ fn check_pin(name: &str, sha256: &str, policy: &LoadPolicy) -> Result<()> {
     }
 }
 
+/// A component's bytes against the policy's trusted keys, if any: a
+/// built-in driver passes (its bytes are part of this binary); a component
+/// file without an embedded signature may have a detached one beside it
+/// (`<path>.sig`); bytes of no source (`load_bytes`) must carry theirs.
+fn check_signature(
+    name: &str,
+    source: Option<&DriverSource>,
+    bytes: &[u8],
+    policy: &LoadPolicy,
+) -> Result<()> {
+    let Some(trusted) = &policy.trusted_keys else {
+        return Ok(());
+    };
+    let detached = match source {
+        Some(DriverSource::Builtin(_)) => return Ok(()),
+        Some(DriverSource::File(path)) => {
+            let sig = crate::signature::detached_path(path);
+            match std::fs::read(&sig) {
+                Ok(detached) => Some(detached),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => {
+                    return Err(Error::Load {
+                        driver: name.to_string(),
+                        message: format!("its signature file {}: {e}", sig.display()),
+                    });
+                }
+            }
+        }
+        None => None,
+    };
+    crate::signature::check(name, bytes, detached.as_deref(), trusted)
+}
+
 /// Refuse a component that imports an interface it was not granted.
 fn check_grants(name: &str, manifest: &Manifest, grants: Grants) -> Result<()> {
     for need in &manifest.needs {
@@ -730,6 +780,7 @@ impl clock::Host for &mut HostState {
 fn link(linker: &mut Linker<HostState>, grants: Grants) -> wasmtime::Result<()> {
     types::add_to_linker::<HostState, HasState>(linker, |s| s)?;
     clock::add_to_linker::<HostState, HasState>(linker, |s| s)?;
+    crate::compat::v0_2::link_types_and_clock(linker)?;
     crate::fs::add_to_linker(linker, |s| FsView {
         root: &s.sandbox.root,
         table: &mut s.table,

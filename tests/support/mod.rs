@@ -129,7 +129,25 @@ pub fn on_mariadb(test: impl FnOnce()) {
 
 /// Whether `driver` is the built-in centralized driver.
 pub fn is_centralized(driver: &DriverSource) -> bool {
-    matches!(driver, DriverSource::Builtin("centralized"))
+    match driver {
+        DriverSource::Builtin(name) => *name == "centralized",
+        DriverSource::File(path) => path.ends_with("contract-0.2.0/centralized_driver.wasm"),
+    }
+}
+
+/// A driver component of an earlier release, kept as built
+/// (`tests/fixtures/contract-VERSION/NAME.wasm`).
+pub fn release(version: &str, name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("fixtures/contract-{version}"))
+        .join(format!("{name}.wasm"))
+}
+
+/// Whether `driver` is an earlier release's built-in driver, which is
+/// granted what its built-in self was.
+fn is_release(driver: &DriverSource) -> bool {
+    matches!(driver, DriverSource::File(p)
+        if p.starts_with(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")))
 }
 
 /// Environment variable naming a third-party driver component to run the
@@ -156,6 +174,8 @@ pub fn runtime() -> Arc<Runtime> {
 /// `xattr`, or `external` (the component in `$IMAGE_CACHE_TEST_DRIVER`).
 pub fn driver(name: &str) -> Option<DriverSource> {
     match name {
+        "xattr@0.2.0" => Some(DriverSource::File(release("0.2.0", "xattr_driver"))),
+        "centralized@0.2.0" => Some(DriverSource::File(release("0.2.0", "centralized_driver"))),
         "external" => std::env::var_os(EXTERNAL_DRIVER_ENV).map(|p| DriverSource::File(p.into())),
         builtin => Some(DriverSource::Builtin(
             image_cache::builtin::find(builtin)
@@ -173,6 +193,7 @@ pub fn external_policy() -> image_cache::LoadPolicy {
         sha256: None,
         grants: image_cache::Grants::parse(&grants)
             .unwrap_or_else(|e| panic!("IMAGE_CACHE_TEST_DRIVER_GRANTS: {e}")),
+        ..Default::default()
     }
 }
 
@@ -271,10 +292,18 @@ pub fn open(root: &Path, driver: &DriverSource) -> ImageCache {
 
 /// A cache on `root` with exactly `driver`, its database set up by `db`.
 pub fn open_with(root: &Path, driver: &DriverSource, db: Option<&Centralized>) -> ImageCache {
+    let policy = if is_release(driver) {
+        image_cache::LoadPolicy {
+            grants: image_cache::Grants::of(&image_cache::contract::Capability::ALL),
+            ..Default::default()
+        }
+    } else {
+        external_policy()
+    };
     let mut config = CacheConfig::new(root)
         .driver(driver.clone())
         .fallback_to_sqlite(false)
-        .policy(external_policy());
+        .policy(policy);
     if let Some(db) = db {
         db.configure(&mut config);
     }
@@ -365,6 +394,10 @@ macro_rules! for_each_driver {
             $( #[test] fn $test() {
                 $crate::on_mariadb(|| super::$test(&$crate::driver("centralized").unwrap()))
             } )*
+        }
+        /// Release 0.2.0's xattr driver, through the contract adapter.
+        mod xattr_v0_2 {
+            $( #[test] fn $test() { super::$test(&$crate::driver("xattr@0.2.0").unwrap()) } )*
         }
         /// A third-party driver: `IMAGE_CACHE_TEST_DRIVER=path/to/driver.wasm
         /// cargo test --test conformance external -- --include-ignored`

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use image_cache::contract;
 use image_cache::runtime::{Inspection, default_artifact_dir};
+use image_cache::signature::{self, SigningKey, TrustedKeys};
 use image_cache::{Checksum, DriverSource, Error, Grants, ImageCache, Limits, Runtime};
 use serde_json::{Value, json};
 
 use super::format::{Table, count, human_size, iso_utc, local_time};
 use super::progress::Progress;
-use super::{Command, Failure, Settings, outln, stdin_is_terminal, stdout_failure};
+use super::{Command, DriversAction, Failure, Settings, outln, stdin_is_terminal, stdout_failure};
 
 /// Inputs at least this large get a progress line (on a terminal).
 const PROGRESS_MIN_BYTES: u64 = 64 << 20;
@@ -25,8 +26,28 @@ pub fn run(settings: &Settings, command: &Command) -> Outcome {
     match command {
         Command::Drivers { action: None } => drivers(settings, &mut out)?,
         Command::Drivers {
-            action: Some(super::DriversAction::Inspect { path }),
-        } => inspect(settings, path, &mut out)?,
+            action: Some(action),
+        } => match action {
+            DriversAction::Inspect { path } => inspect(settings, path, &mut out)?,
+            DriversAction::Keygen {
+                secret_key,
+                public_key,
+            } => keygen(settings, secret_key, public_key, &mut out)?,
+            DriversAction::Sign {
+                key,
+                detached,
+                output,
+                component,
+            } => sign(
+                settings,
+                key,
+                *detached,
+                output.as_deref(),
+                component,
+                &mut out,
+            )?,
+            DriversAction::Verify { key, component } => verify(settings, key, component, &mut out)?,
+        },
         Command::Db { action } => db(settings, action, &mut out)?,
         Command::HelpReference => help_reference(&mut out)?,
         command => {
@@ -783,6 +804,9 @@ fn drivers(s: &Settings, out: &mut Out) -> Outcome {
             DriverSource::File(_) => s.grants,
         };
         let mut entry = inspection_json(&source.name(), &inspection, granted);
+        if let DriverSource::File(path) = &source {
+            entry["signature"] = signature_json(s, path)?;
+        }
         entry["description"] = json!(description);
         entry["builtin"] = json!(builtin);
         entry["default"] = json!(source.name() == "sqlite");
@@ -893,12 +917,345 @@ pub fn inspect(s: &Settings, path: &Path, out: &mut Out) -> Outcome {
     let runtime = Runtime::new(Limits::default(), default_artifact_dir())?;
     let source = DriverSource::File(path.to_path_buf());
     let inspection = runtime.inspect(&source)?;
-    let entry = inspection_json(&source.name(), &inspection, s.grants);
+    let mut entry = inspection_json(&source.name(), &inspection, s.grants);
+    entry["signature"] = signature_json(s, path)?;
     if s.json {
         return print_json(out, &entry);
     }
     outln!(out, "{}", path.display());
     print_inspection(out, &entry)
+}
+
+/// `drivers keygen`: a new key pair in two new files, the secret one
+/// readable by its owner alone.
+fn keygen(s: &Settings, secret: &Path, public: &Path, out: &mut Out) -> Outcome {
+    if secret == public {
+        return Err(Failure::Usage(
+            "--secret-key and --public-key name the same file".into(),
+        ));
+    }
+    for path in [secret, public] {
+        if path.exists() {
+            return Err(Failure::op(
+                "io",
+                format!(
+                    "{}: already exists; a key file is never overwritten",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    let keys = signature::generate_key_pair();
+    write_new(secret, &keys.secret_key, 0o600)?;
+    if let Err(e) = write_new(public, &keys.public_key, 0o644) {
+        let _ = fs::remove_file(secret);
+        return Err(e);
+    }
+    if s.json {
+        return print_json(
+            out,
+            &json!({
+                "key_id": keys.key_id,
+                "secret_key": secret.display().to_string(),
+                "public_key": public.display().to_string(),
+            }),
+        );
+    }
+    outln!(out, "key id {}", keys.key_id);
+    outln!(
+        out,
+        "  secret key: {} (sign with it; keep it away from the hosts that load drivers)",
+        secret.display()
+    );
+    outln!(
+        out,
+        "  public key: {} (trust it with --driver-trust or image_cache_driver_trusted_keys)",
+        public.display()
+    );
+    Ok(())
+}
+
+/// A file that did not exist, with `mode`.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Outcome {
+    use std::os::unix::fs::OpenOptionsExt;
+    let written = (|| -> io::Result<()> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    })();
+    written.map_err(|e| Failure::op("io", format!("writing {}: {e}", path.display())))
+}
+
+/// Replace (or make) `path` with `bytes` through a temporary file beside
+/// it, renamed when complete; a replaced file keeps its permissions.
+fn replace_file(path: &Path, bytes: &[u8]) -> Outcome {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Failure::Usage(format!("{}: not a file name", path.display())))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let temp = dir.join(format!(
+        ".{}.image-cache-{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = (|| -> io::Result<()> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)?;
+        file.write_all(bytes)?;
+        if let Ok(meta) = fs::metadata(path) {
+            file.set_permissions(meta.permissions())?;
+        }
+        file.sync_all()?;
+        fs::rename(&temp, path)
+    })();
+    written.map_err(|e| {
+        let _ = fs::remove_file(&temp);
+        Failure::op("io", format!("writing {}: {e}", path.display()))
+    })
+}
+
+fn read_component(path: &Path) -> Result<Vec<u8>, Failure> {
+    fs::read(path).map_err(|e| Failure::op("io", format!("{}: {e}", path.display())))
+}
+
+/// A component file's detached signature, if it has one.
+fn read_detached(component: &Path) -> Result<Option<Vec<u8>>, Failure> {
+    let path = signature::detached_path(component);
+    match fs::read(&path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Failure::op("io", format!("{}: {e}", path.display()))),
+    }
+}
+
+/// `drivers sign`: add a signature, embedded (in place or to --output) or
+/// detached (COMPONENT.sig or --output, keeping the signatures already
+/// there).
+fn sign(
+    s: &Settings,
+    key: &Path,
+    detached: bool,
+    output: Option<&Path>,
+    component: &Path,
+    out: &mut Out,
+) -> Outcome {
+    let signer = SigningKey::from_file(key).map_err(|e| Failure::Usage(e.to_string()))?;
+    let bytes = read_component(component)?;
+    let refused = |e: signature::SignatureError| {
+        Failure::op(
+            "signature",
+            format!("cannot sign {}: {e}", component.display()),
+        )
+    };
+    let (written, signatures) = if detached {
+        let target = output
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| signature::detached_path(component));
+        let previous = match fs::read(&target) {
+            Ok(previous) => Some(previous),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Failure::op("io", format!("{}: {e}", target.display()))),
+        };
+        let sig = match &previous {
+            Some(previous) => signature::sign_detached_adding(&bytes, previous, &signer),
+            None => signature::sign(&bytes, &signer, true).map(|(_, sig)| sig.unwrap_or_default()),
+        }
+        .map_err(refused)?;
+        replace_file(&target, &sig)?;
+        let signatures = signature::signatures(&bytes, Some(&sig)).map_err(refused)?;
+        (target, signatures)
+    } else {
+        let (signed, _) = signature::sign(&bytes, &signer, false).map_err(refused)?;
+        let target = output.unwrap_or(component).to_path_buf();
+        replace_file(&target, &signed)?;
+        let beside = signature::detached_path(&target);
+        if beside.exists() {
+            log::warn!(
+                "{} is no longer read: {} carries an embedded signature now",
+                beside.display(),
+                target.display()
+            );
+        }
+        let signatures = signature::signatures(&signed, None).map_err(refused)?;
+        (target, signatures)
+    };
+    let key_ids = signatures.map(|s| s.key_ids).unwrap_or_default();
+    let form = if detached { "detached" } else { "embedded" };
+    if s.json {
+        return print_json(
+            out,
+            &json!({
+                "component": component.display().to_string(),
+                "written": written.display().to_string(),
+                "form": form,
+                "key_id": signer.key_id(),
+                "key_ids": key_ids,
+                "sha256": image_cache::runtime::sha256_hex(&read_component(&written)?),
+            }),
+        );
+    }
+    let place = if detached { "in" } else { "embedded in" };
+    outln!(
+        out,
+        "signed {} with key id {}: the signature is {place} {}",
+        component.display(),
+        signer.key_id(),
+        written.display()
+    );
+    let ids = if key_ids.len() == 1 { "id" } else { "ids" };
+    outln!(
+        out,
+        "  it carries signatures by key {ids} {}",
+        key_ids.join(", ")
+    );
+    Ok(())
+}
+
+/// `drivers verify`: the signatures found and which key verifies them;
+/// exit 1 if none does.
+fn verify(s: &Settings, keys: &[PathBuf], component: &Path, out: &mut Out) -> Outcome {
+    let keys = if keys.is_empty() {
+        s.trusted_keys()?.ok_or_else(|| {
+            Failure::Usage(
+                "drivers verify needs public keys: give --key FILE, or trust keys with \
+                 --driver-trust"
+                    .into(),
+            )
+        })?
+    } else {
+        std::sync::Arc::new(
+            TrustedKeys::from_files(keys).map_err(|e| Failure::Usage(e.to_string()))?,
+        )
+    };
+    let bytes = read_component(component)?;
+    let detached = read_detached(component)?;
+    let report = signature::verify_report(&bytes, detached.as_deref(), &keys)
+        .map_err(|e| Failure::op("signature", format!("{}: {e}", component.display())))?;
+    let signatures = report.signatures.as_ref();
+    let verified_by: Vec<Value> = report
+        .verified_by
+        .iter()
+        .map(|id| json!({"key_id": id, "file": keys.source(id)}))
+        .collect();
+    let verdict = || {
+        Failure::Reported(format!(
+            "{}: {}",
+            component.display(),
+            match signatures {
+                None => "it carries no signature".to_string(),
+                Some(_) => format!("no given key verifies it (keys: {})", keys.ids().join(", ")),
+            }
+        ))
+    };
+    if s.json {
+        print_json(
+            out,
+            &json!({
+                "component": component.display().to_string(),
+                "sha256": image_cache::runtime::sha256_hex(&bytes),
+                "signed": signatures.is_some(),
+                "form": signatures.map(|s| s.form.to_string()),
+                "signatures": signatures.map_or(0, |s| s.count),
+                "key_ids": signatures.map(|s| s.key_ids.clone()).unwrap_or_default(),
+                "without_key_id": signatures.map_or(0, |s| s.anonymous),
+                "verified": report.verified(),
+                "verified_by": verified_by,
+            }),
+        )?;
+        return if report.verified() {
+            Ok(())
+        } else {
+            Err(verdict())
+        };
+    }
+    outln!(out, "{}", component.display());
+    match signatures {
+        None => outln!(out, "  signatures:  none"),
+        Some(sigs) => {
+            let mut ids = sigs.key_ids.clone();
+            if sigs.anonymous > 0 {
+                ids.push(format!("{} without a key id", sigs.anonymous));
+            }
+            outln!(out, "  signatures:  {} {}", sigs.count, sigs.form);
+            outln!(out, "  key ids:     {}", ids.join(", "));
+        }
+    }
+    for id in &report.verified_by {
+        outln!(
+            out,
+            "  verified by: key id {id} ({})",
+            keys.source(id).unwrap_or_default()
+        );
+    }
+    if report.verified() {
+        Ok(())
+    } else {
+        Err(verdict())
+    }
+}
+
+/// Who signed a component file and whether the trusted keys (if any)
+/// verify it, for `drivers inspect`.
+fn signature_json(s: &Settings, path: &Path) -> Result<Value, Failure> {
+    let bytes = read_component(path)?;
+    let detached = read_detached(path)?;
+    let trusted = s.trusted_keys()?;
+    let keys = trusted.as_deref().cloned().unwrap_or_default();
+    Ok(
+        match signature::verify_report(&bytes, detached.as_deref(), &keys) {
+            Ok(report) => match report.signatures {
+                None => json!({"signed": false, "trusted": trusted.as_ref().map(|_| false)}),
+                Some(sigs) => json!({
+                    "signed": true,
+                    "form": sigs.form.to_string(),
+                    "signatures": sigs.count,
+                    "key_ids": sigs.key_ids,
+                    "without_key_id": sigs.anonymous,
+                    "trusted": trusted.as_ref().map(|_| !report.verified_by.is_empty()),
+                    "verified_by": report.verified_by,
+                }),
+            },
+            Err(e) => json!({"signed": false, "error": e.to_string()}),
+        },
+    )
+}
+
+fn print_signature(out: &mut Out, sig: &Value) -> Outcome {
+    if sig.is_null() {
+        return Ok(());
+    }
+    let mut line = match sig["key_ids"].as_array() {
+        _ if sig["error"].is_string() => sig["error"].as_str().unwrap_or_default().to_string(),
+        _ if sig["signed"] != true => "none".to_string(),
+        Some(ids) if !ids.is_empty() => format!(
+            "{}, by key id {}",
+            sig["form"].as_str().unwrap_or_default(),
+            ids.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        _ => format!(
+            "{}, without a key id",
+            sig["form"].as_str().unwrap_or_default()
+        ),
+    };
+    match sig["trusted"].as_bool() {
+        Some(true) => line.push_str(" (verified by a trusted key)"),
+        Some(false) => line.push_str(" (no trusted key verifies it: the host refuses it)"),
+        None => {}
+    }
+    outln!(out, "  signature:     {line}");
+    Ok(())
 }
 
 fn inspection_json(name: &str, i: &Inspection, granted: Grants) -> Value {
@@ -927,6 +1284,9 @@ fn inspection_json(name: &str, i: &Inspection, granted: Grants) -> Value {
         "contract_supported": i.declared.version.as_deref()
             .and_then(contract::Version::parse)
             .is_some_and(|v| v.is_supported()),
+        "contract_adapted": i.declared.version.as_deref()
+            .and_then(contract::Version::parse)
+            .is_some_and(|v| v.is_adapted()),
         "imports": i.declared.imports,
         "grants_needed": needs,
         "granted": granted.names(),
@@ -959,7 +1319,9 @@ fn print_inspection(out: &mut Out, e: &Value) -> Outcome {
             text(&e["driver"]["version"])
         );
     }
-    let supported = if e["contract_supported"] == true {
+    let supported = if e["contract_adapted"] == true {
+        "supported through the adapter of an earlier contract"
+    } else if e["contract_supported"] == true {
         "supported"
     } else {
         "NOT supported by this host"
@@ -970,6 +1332,7 @@ fn print_inspection(out: &mut Out, e: &Value) -> Outcome {
         text(&e["contract"])
     );
     outln!(out, "  sha256:        {}", text(&e["sha256"]));
+    print_signature(out, &e["signature"])?;
     outln!(out, "  grants needed: fs, clock{}", {
         let needs = list(&e["grants_needed"]);
         if needs == "none" {
