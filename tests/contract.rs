@@ -12,15 +12,7 @@ use image_cache::{
     CacheConfig, DriverSource, Error, Grants, ImageCache, Limits, LoadPolicy, RollbackPolicy,
     Runtime,
 };
-use image_cache_tests::{fixture, runtime};
-
-/// The components of an earlier release (contract `version`), kept as
-/// built.
-fn release(version: &str, name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("fixtures/contract-{version}"))
-        .join(format!("{name}.wasm"))
-}
+use image_cache_tests::{fixture, release, runtime};
 
 fn load_error(result: image_cache::Result<impl Sized>) -> String {
     match result {
@@ -40,16 +32,12 @@ fn components_of_earlier_contracts_are_refused_before_compiling() {
     let fixtures = [
         ("0.1.0", "sqlite_driver", "WASI"),
         ("0.1.0", "xattr_driver", "WASI"),
+        // 0.2.0 runs through the adapter, but not with the import 0.3.0
+        // retired: the message names the import and what to change.
         (
             "0.2.0",
             "sqlite_driver",
-            "retired the host-side `sqlite` import",
-        ),
-        ("0.2.0", "xattr_driver", "carries the fs error code"),
-        (
-            "0.2.0",
-            "centralized_driver",
-            "rebuild the driver against wit/",
+            "image-cache:driver/sqlite@0.2.0, which contract 0.3.0 retired",
         ),
     ];
     for (version, name, advice) in fixtures {
@@ -61,12 +49,15 @@ fn components_of_earlier_contracts_are_refused_before_compiling() {
             &LoadPolicy {
                 sha256: None,
                 grants: Grants::of(&Capability::ALL),
+                ..Default::default()
             },
         ));
         assert!(
-            message.contains(&format!("image-cache:driver@{version}"))
+            (message.contains(&format!("image-cache:driver@{version}"))
                 && message.contains(SUPPORTED)
-                && message.contains(advice),
+                || message.contains(&format!("contract {version} drivers through an adapter")))
+                && message.contains(advice)
+                && message.contains("guest/sqlite-vfs") == (version == "0.2.0"),
             "{version} {name}: names its version, the supported range and what to change: \
              {message}"
         );
@@ -76,6 +67,45 @@ fn components_of_earlier_contracts_are_refused_before_compiling() {
             "nothing compiled"
         );
     }
+}
+
+/// Release 0.2.0's drivers that import no `sqlite` run through the
+/// contract adapter (the conformance suite runs them: `xattr_v0_2`,
+/// `centralized_v0_2`); a swap to one and back works.
+#[test]
+fn release_0_2_drivers_without_sqlite_run_through_the_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CacheConfig::new(dir.path()).policy(LoadPolicy {
+        grants: Grants::of(&Capability::ALL),
+        ..Default::default()
+    });
+    let cache = ImageCache::with_runtime(runtime(), config).unwrap();
+    cache.cache_reader("kept", None, &b"bytes"[..]).unwrap();
+    cache
+        .swap_driver(&DriverSource::File(release("0.2.0", "xattr_driver")))
+        .unwrap();
+    assert!(
+        cache
+            .driver()
+            .name()
+            .ends_with("contract-0.2.0/xattr_driver.wasm")
+    );
+    let driver = cache.driver();
+    let info = driver.info();
+    assert_eq!(info.name, "xattr", "{info:?}");
+    cache.cache_reader("new", None, &b"more bytes"[..]).unwrap();
+    let mut read = Vec::new();
+    cache.read_image("new", &mut read).unwrap();
+    assert_eq!(read, b"more bytes");
+    assert_eq!(cache.get_hit_count("new").unwrap(), 1);
+    // A driver error of 0.2.0 (no fs code) arrives as an io error or as
+    // what it was, never as a fault.
+    assert!(matches!(
+        cache.delete_cached_image("absent"),
+        Ok(()) | Err(Error::NotFound(_))
+    ));
+    cache.swap_driver(&DriverSource::Builtin("sqlite")).unwrap();
+    assert!(cache.is_cached("new").unwrap());
 }
 
 #[test]
@@ -180,6 +210,7 @@ fn an_ungranted_import_is_refused_at_load_naming_the_interface() {
     let database_only = LoadPolicy {
         sha256: None,
         grants: Grants::of(&[Capability::Database]),
+        ..Default::default()
     };
     assert!(
         load_error(rt.component(&DriverSource::File(path.clone()), &database_only))
@@ -190,6 +221,7 @@ fn an_ungranted_import_is_refused_at_load_naming_the_interface() {
     let granted = LoadPolicy {
         sha256: None,
         grants: Grants::of(&[Capability::Xattr]),
+        ..Default::default()
     };
     let root = tempfile::tempdir().unwrap();
     let cache = ImageCache::with_runtime(
@@ -246,6 +278,7 @@ fn a_wrong_sha256_is_refused_before_compiling() {
     let wrong = LoadPolicy {
         sha256: Some("0".repeat(64)),
         grants: Grants::NONE,
+        ..Default::default()
     };
     let message = load_error(rt.component(&DriverSource::File(path.clone()), &wrong));
     assert!(
@@ -263,6 +296,7 @@ fn a_wrong_sha256_is_refused_before_compiling() {
     let pinned = LoadPolicy {
         sha256: Some(right.to_uppercase()),
         grants: Grants::NONE,
+        ..Default::default()
     };
     let component = rt
         .component(&DriverSource::File(path.clone()), &pinned)
@@ -309,6 +343,7 @@ fn a_faulting_new_driver_is_rolled_back_automatically_under_load() {
             CacheConfig::new(dir.path()).policy(LoadPolicy {
                 sha256: None,
                 grants: Grants::of(&[Capability::Xattr]),
+                ..Default::default()
             }),
         )
         .unwrap(),
@@ -397,4 +432,265 @@ fn inspect_runs_no_driver_code_and_shows_its_words_escaped() {
         ("sqlite", "0.3.0")
     );
     assert_eq!(rt.stats.compiled.load(Ordering::Relaxed), 0);
+}
+
+/// Under trusted keys a component file loads only if one of them signed
+/// exactly its bytes (embedded, or in `<file>.sig`); anything else is
+/// refused before it is compiled, naming the key ids found and trusted,
+/// and a component compiled earlier is no way around it. Built-in drivers
+/// are part of the binary and pass; a swap keeps the cache's keys.
+#[test]
+fn under_trusted_keys_only_a_signed_driver_loads_and_others_are_refused_before_compiling() {
+    use image_cache::signature::{self, SigningKey, TrustedKeys};
+
+    let dir = tempfile::tempdir().unwrap();
+    let ours = signature::generate_key_pair();
+    let theirs = signature::generate_key_pair();
+    let signer = SigningKey::from_bytes(&ours.secret_key).unwrap();
+    let stranger = SigningKey::from_bytes(&theirs.secret_key).unwrap();
+    let key_file = dir.path().join("ours.pub");
+    std::fs::write(&key_file, &ours.public_key).unwrap();
+    let trusted = Arc::new(TrustedKeys::from_files(&[key_file]).unwrap());
+    let policy = LoadPolicy {
+        trusted_keys: Some(trusted),
+        ..Default::default()
+    };
+    let unsigned = image_cache::builtin::SQLITE.component;
+    let file = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        DriverSource::File(path)
+    };
+    let (signed, _) = signature::sign(unsigned, &signer, false).unwrap();
+    let (by_stranger, _) = signature::sign(unsigned, &stranger, false).unwrap();
+    let mut tampered = signed.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+
+    let rt = fresh_runtime();
+    let compiled = || rt.stats.compiled.load(Ordering::Relaxed);
+    let message = load_error(rt.component(&file("unsigned.wasm", unsigned), &policy));
+    assert!(
+        message.starts_with("it carries no signature")
+            && message.contains(&format!(
+                "signed by one of the trusted keys (key id {})",
+                ours.key_id
+            ))
+            && message.ends_with("refused before compiling it"),
+        "{message}"
+    );
+    let message = load_error(rt.component(&file("stranger.wasm", &by_stranger), &policy));
+    assert!(
+        message.starts_with("no trusted key verifies it")
+            && message.contains(&format!("signature by key id {}", theirs.key_id))
+            && message.contains(&format!("(trusted: key id {})", ours.key_id)),
+        "{message}"
+    );
+    let message = load_error(rt.component(&file("tampered.wasm", &tampered), &policy));
+    assert!(
+        message.contains(&format!(
+            "the signature by trusted key id {} does not match its bytes",
+            ours.key_id
+        )),
+        "{message}"
+    );
+    // Bytes of no file (load_bytes) must carry their signature too.
+    let message = load_error(rt.load_bytes("bytes", unsigned, &policy, Grants::NONE));
+    assert!(message.starts_with("it carries no signature"), "{message}");
+    assert_eq!(compiled(), 0, "nothing refused was compiled");
+
+    let component = rt
+        .component(&file("signed.wasm", &signed), &policy)
+        .unwrap();
+    assert_eq!(
+        component.sha256(),
+        image_cache::runtime::sha256_hex(&signed)
+    );
+    assert_eq!(
+        compiled(),
+        1,
+        "the signed component compiles (and runs, below)"
+    );
+    rt.load_bytes("bytes", &signed, &policy, Grants::NONE)
+        .unwrap();
+
+    // A detached signature beside the unchanged component.
+    let (_, sig) = signature::sign(unsigned, &signer, true).unwrap();
+    let detached = file("detached.wasm", unsigned);
+    std::fs::write(dir.path().join("detached.wasm.sig"), sig.unwrap()).unwrap();
+    rt.component(&detached, &policy).unwrap();
+    // Compiled and memoized now, the same bytes without the .sig are still
+    // refused.
+    std::fs::remove_file(dir.path().join("detached.wasm.sig")).unwrap();
+    assert!(load_error(rt.component(&detached, &policy)).starts_with("it carries no signature"));
+    // A built-in driver is part of the binary: no signature needed.
+    rt.component(&DriverSource::Builtin("sqlite"), &policy)
+        .unwrap();
+
+    // A cache's swaps (the server's swap endpoint and SIGHUP) keep its keys.
+    let root = tempfile::tempdir().unwrap();
+    let cache =
+        ImageCache::with_runtime(rt.clone(), CacheConfig::new(root.path()).policy(policy)).unwrap();
+    match cache.swap_driver(&file("unsigned.wasm", unsigned)) {
+        Err(Error::Load { message, .. }) => assert!(message.contains("no signature"), "{message}"),
+        other => panic!("the swap must be refused: {other:?}"),
+    }
+    assert_eq!(cache.driver().name(), "sqlite", "the old driver stays");
+    cache.swap_driver(&file("signed.wasm", &signed)).unwrap();
+    cache.cache_reader("signed", None, &b"bytes"[..]).unwrap();
+    assert!(cache.is_cached("signed").unwrap());
+}
+
+/// A cache on sqlite with `policy`, and a swap to the hostile fixture,
+/// which faults (panics) on `is-cached("panic")`, breaks the contract in
+/// its listing (out of order) and overcounts `record-reads`.
+fn swapped_to_a_faulting_driver(dir: &Path, policy: image_cache::FailPolicy) -> Arc<ImageCache> {
+    let cache = ImageCache::with_runtime(
+        runtime(),
+        CacheConfig::new(dir)
+            .policy(LoadPolicy {
+                sha256: None,
+                grants: Grants::of(&[Capability::Xattr]),
+                ..Default::default()
+            })
+            .fail_policy(policy),
+    )
+    .unwrap();
+    assert_eq!(cache.fail_policy(), policy);
+    cache.cache_reader("steady", None, &b"bytes"[..]).unwrap();
+    cache
+        .swap_driver(&DriverSource::File(fixture("hostile_driver")))
+        .unwrap();
+    assert_eq!(cache.driver().info().name, "hostile");
+    Arc::new(cache)
+}
+
+/// fail-reload: the first call that faults rolls the cache back to the
+/// driver before the swap and runs once more there; 8 concurrent callers
+/// all get the restored driver's answer (no error reaches any of them),
+/// and the rollback happens, and is counted, once.
+#[test]
+fn fail_reload_retries_a_faulting_call_on_the_previous_driver() {
+    use image_cache::FailPolicy;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = swapped_to_a_faulting_driver(dir.path(), FailPolicy::Reload);
+    let start = Arc::new(Barrier::new(8));
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let (cache, start) = (cache.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                cache.is_cached("panic")
+            })
+        })
+        .collect();
+    for c in callers {
+        match c.join().unwrap() {
+            Ok(cached) => assert!(!cached),
+            Err(e) => panic!("an error reached the caller under fail-reload: {e}"),
+        }
+    }
+    assert_eq!(cache.driver().name(), "sqlite");
+    assert_eq!(cache.fail_reloads(), 1);
+    assert_eq!(cache.stats.fail_reloads.load(Ordering::Relaxed), 1);
+    assert_eq!(cache.stats.rollbacks.load(Ordering::Relaxed), 1);
+    assert!(cache.stats.driver_faults.load(Ordering::Relaxed) >= 1);
+    let reason = cache.last_rollback().expect("the reason is kept");
+    assert!(
+        reason.contains("hostile_driver.wasm faulted")
+            && reason.contains("fail-reload rolled back to sqlite"),
+        "{reason}"
+    );
+    assert!(cache.is_cached("steady").unwrap());
+
+    // Other operations too: a listing that breaks the contract is answered
+    // by the restored driver, with its own images...
+    cache.rollback().unwrap();
+    assert_eq!(cache.driver().info().name, "hostile");
+    let listed = cache
+        .get_cached_images()
+        .expect("answered after the reload");
+    assert_eq!(
+        listed
+            .iter()
+            .map(|i| i.image_id.as_str())
+            .collect::<Vec<_>>(),
+        ["steady"]
+    );
+    assert_eq!(cache.driver().name(), "sqlite");
+    assert_eq!(cache.fail_reloads(), 2);
+    // ... and so is a batch of reads the driver miscounts.
+    cache.rollback().unwrap();
+    let reads = [image_cache::ReadRecord {
+        image_id: "record-reads-overcount".to_string(),
+        accessed: 1.7e9,
+    }];
+    assert_eq!(cache.record_reads(&reads).unwrap(), 0);
+    assert_eq!(cache.driver().name(), "sqlite");
+    assert_eq!(cache.fail_reloads(), 3);
+
+    // Without a driver to go back to, the fault stands.
+    let alone = tempfile::tempdir().unwrap();
+    let first = ImageCache::with_runtime(
+        runtime(),
+        CacheConfig::new(alone.path())
+            .driver(DriverSource::File(fixture("hostile_driver")))
+            .policy(LoadPolicy {
+                sha256: None,
+                grants: Grants::of(&[Capability::Xattr]),
+                ..Default::default()
+            })
+            .fallback_to_sqlite(false)
+            .fail_policy(FailPolicy::Reload),
+    )
+    .unwrap();
+    assert!(matches!(
+        first.is_cached("panic"),
+        Err(Error::DriverFault { .. })
+    ));
+    assert_eq!(first.fail_reloads(), 0);
+    assert_eq!(first.driver().info().name, "hostile");
+    // A retry that faults too: the error stands. And a driver put back
+    // after a fault is not rolled back again (to the one that faulted).
+    first
+        .swap_driver(&DriverSource::File(fixture("hostile_driver")))
+        .unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            first.is_cached("panic"),
+            Err(Error::DriverFault { .. })
+        ));
+    }
+    assert_eq!(first.fail_reloads(), 1, "one rollback, no flip-flop");
+    assert_eq!(first.stats.swaps.load(Ordering::Relaxed), 2);
+    assert_eq!(first.stats.driver_faults.load(Ordering::Relaxed), 5);
+}
+
+/// fail-closed (the default) and fail-open (which a library cannot do
+/// more for: it has no upstream) let the fault reach the caller and keep
+/// the driver; switched to fail-reload, the next call is answered.
+#[test]
+fn fail_closed_and_fail_open_let_the_fault_reach_the_caller() {
+    use image_cache::FailPolicy;
+    assert_eq!(CacheConfig::new("/x").fail_policy, FailPolicy::Closed);
+    for policy in [FailPolicy::Closed, FailPolicy::Open] {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = swapped_to_a_faulting_driver(dir.path(), policy);
+        for _ in 0..3 {
+            match cache.is_cached("panic") {
+                Err(Error::DriverFault { driver, .. }) => {
+                    assert!(driver.contains("hostile"), "{driver}")
+                }
+                other => panic!("{policy}: the fault must reach the caller, got {other:?}"),
+            }
+        }
+        assert_eq!(cache.driver().info().name, "hostile", "{policy}");
+        assert_eq!(cache.fail_reloads(), 0);
+        assert_eq!(cache.stats.rollbacks.load(Ordering::Relaxed), 0);
+        assert_eq!(cache.stats.driver_faults.load(Ordering::Relaxed), 3);
+        cache.set_fail_policy(FailPolicy::Reload);
+        assert!(!cache.is_cached("panic").unwrap(), "{policy}");
+        assert_eq!(cache.driver().name(), "sqlite");
+        assert_eq!(cache.fail_reloads(), 1);
+    }
 }

@@ -2074,3 +2074,206 @@ fn a_faulting_driver_is_rolled_back_automatically_under_load() {
         404
     );
 }
+
+// ------------------------------------------------------------ fail policies
+
+/// A server with `policy` (`None`: the default; `Some`: through the flag,
+/// or through `IMAGE_CACHE_FAIL_POLICY` when `by_env`) whose driver has
+/// been swapped to the hostile fixture, which faults (panics) on
+/// `is-cached("panic")`; its directory upstream has the image `panic`.
+/// No automatic rollback: only the fail policy acts.
+fn server_with_a_faulting_driver(policy: Option<&str>, by_env: bool) -> (Server, TempDir, Vec<u8>) {
+    let store = tempfile::tempdir().unwrap();
+    // Several spool chunks, so a client reads while the fill runs.
+    let bytes = image_bytes(61, (3 << 20) + 17);
+    fs::write(store.path().join("panic"), &bytes).unwrap();
+    let mut args = vec![
+        "--upstream",
+        store.path().to_str().unwrap(),
+        "--driver-grants",
+        "sqlite,xattr",
+        "--rollback-max-faults",
+        "0",
+    ];
+    let mut env = vec![("IMAGE_CACHE_ADMIN_TOKEN", ADMIN)];
+    match (policy, by_env) {
+        (Some(p), true) => env.push(("IMAGE_CACHE_FAIL_POLICY", p)),
+        (Some(p), false) => args.extend(["--fail-policy", p]),
+        (None, _) => {}
+    }
+    let s = Server::start_in(tempfile::tempdir().unwrap(), &args, &env);
+    let hostile = image_cache_tests::fixture("hostile_driver");
+    let r = request(
+        s.addr,
+        "POST",
+        "/v2/cache/driver",
+        &[
+            ("X-Auth-Token", ADMIN),
+            ("Content-Type", "application/json"),
+        ],
+        format!("{{\"driver\":{:?}}}", hostile.display().to_string()).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "swap to the hostile driver: {}", r.text());
+    assert_eq!(
+        admin(s.addr, "GET", "/v2/cache/driver").json()["name"],
+        "hostile"
+    );
+    (s, store, bytes)
+}
+
+/// `n` downloads of `path` started at once, half on the sendfile front's
+/// path (HTTP/1.1 GET) and half on hyper's (HTTP/1.0): every answer.
+fn downloads_at_once(addr: SocketAddr, path: &str, n: usize) -> Vec<Resp> {
+    let start = std::sync::Barrier::new(n);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let start = &start;
+                scope.spawn(move || {
+                    start.wait();
+                    if i % 2 == 0 {
+                        request(addr, "GET", path, &[], b"")
+                    } else {
+                        http10_get(addr, path)
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// An HTTP/1.0 GET (answered by hyper, not the sendfile front).
+fn http10_get(addr: SocketAddr, path: &str) -> Resp {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse_response(&raw, false).unwrap_or_else(|e| panic!("GET {path} (HTTP/1.0): {e}"))
+}
+
+/// No file of `id` anywhere in the root.
+fn no_file_of(s: &Server, id: &str) {
+    let root = s.root();
+    for d in ["", "incomplete", "invalid"] {
+        assert!(
+            !image_files(&root.join(d)).iter().any(|f| f == id),
+            "{id} left in {d}/"
+        );
+    }
+}
+
+/// fail-open: while the driver faults on every lookup of the image, 16
+/// concurrent downloads all get every byte from the upstream (verified
+/// by the fill: no request is lost), nothing is cached or even tried,
+/// and each is counted.
+#[test]
+fn fail_open_serves_every_download_from_the_upstream_while_the_driver_faults() {
+    const N: usize = 16;
+    let (s, _store, bytes) = server_with_a_faulting_driver(Some("fail-open"), false);
+    for (round, answers) in [
+        downloads_at_once(s.addr, "/v2/images/panic/file", N),
+        downloads_at_once(s.addr, "/v2/images/panic/file", N),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for r in &answers {
+            assert_eq!(r.status, 200, "round {round}: {}\n{}", r.text(), s.log());
+            assert!(r.complete && r.body == bytes, "round {round}: every byte");
+            assert_eq!(r.header("x-image-cache"), Some("miss"));
+        }
+    }
+    // Still the faulting driver: fail-open goes around it, never away.
+    let driver = admin(s.addr, "GET", "/v2/cache/driver").json();
+    assert_eq!(driver["name"], "hostile");
+    assert_eq!(driver["fail_policy"], "fail-open");
+    s.wait_metric("image_cache_fail_open_total", 2 * N as u64);
+    assert!(s.metric("image_cache_driver_faults_seen_total") >= 1);
+    assert!(s.metric("image_cache_upstream_fetches_total") >= 1);
+    assert_eq!(s.metric("image_cache_fail_reload_total"), 0);
+    assert_eq!(s.metric("image_cache_images_cached_total"), 0);
+    assert_eq!(s.metric("image_cache_cache_write_failures_total"), 0);
+    assert_eq!(s.metric("image_cache_upstream_failures_total"), 0);
+    no_file_of(&s, "panic");
+    assert!(
+        s.log().contains("fetching around the cache (fail-open)"),
+        "{}",
+        s.log()
+    );
+    // An image the driver answers for normally is not served around it.
+    assert_eq!(get(s.addr, "/v2/images/other/file").status, 404);
+    assert_eq!(s.metric("image_cache_fail_open_total"), 2 * N as u64);
+}
+
+/// fail-closed: the same downloads get the driver's failure
+/// as a 500, the upstream is never asked, nothing is cached and the
+/// driver stays.
+#[test]
+fn fail_closed_answers_the_drivers_failure() {
+    const N: usize = 8;
+    let (s, _store, _bytes) = server_with_a_faulting_driver(Some("fail-closed"), false);
+    for r in downloads_at_once(s.addr, "/v2/images/panic/file", N) {
+        assert_eq!(r.status, 500, "{}", r.text());
+        assert!(r.text().contains("driver-fault"), "{}", r.text());
+    }
+    let driver = admin(s.addr, "GET", "/v2/cache/driver").json();
+    assert_eq!(driver["name"], "hostile");
+    assert_eq!(driver["fail_policy"], "fail-closed");
+    assert!(s.metric("image_cache_driver_faults_seen_total") >= 1);
+    assert_eq!(s.metric("image_cache_upstream_fetches_total"), 0);
+    assert_eq!(s.metric("image_cache_upstream_failures_total"), 0);
+    assert_eq!(s.metric("image_cache_fail_open_total"), 0);
+    assert_eq!(s.metric("image_cache_fail_reload_total"), 0);
+    assert_eq!(s.metric("image_cache_driver_rollbacks_total"), 0);
+    no_file_of(&s, "panic");
+    // The flag takes only the three names.
+    let out = Command::new(cli_binary())
+        .args(["--dir", "/nonexistent", "serve", "--fail-policy", "open"])
+        .env_remove("IMAGE_CACHE_FAIL_POLICY")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"open\" is not a fail policy (fail-closed, fail-open or fail-reload)"),
+        "{err}"
+    );
+}
+
+/// fail-reload (here from IMAGE_CACHE_FAIL_POLICY): the first fault rolls
+/// the driver back to the one before the swap and the lookup is retried
+/// on it: every concurrent download succeeds, the image is cached by the
+/// restored driver, and the rollback is counted once.
+#[test]
+fn fail_reload_rolls_back_and_every_download_succeeds() {
+    const N: usize = 16;
+    let (s, _store, bytes) = server_with_a_faulting_driver(Some("fail-reload"), true);
+    for r in downloads_at_once(s.addr, "/v2/images/panic/file", N) {
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), s.log());
+        assert!(r.complete && r.body == bytes, "every byte");
+    }
+    let driver = admin(s.addr, "GET", "/v2/cache/driver").json();
+    assert_eq!(driver["name"], "sqlite");
+    assert_eq!(driver["fail_policy"], "fail-reload");
+    assert_eq!(driver["fail_reloads"], 1);
+    let reason = driver["last_rollback"]
+        .as_str()
+        .expect("the reason is kept");
+    assert!(
+        reason.contains("fail-reload rolled back to sqlite") && reason.contains("hostile"),
+        "{reason}"
+    );
+    s.wait_cached("panic");
+    assert_eq!(get(s.addr, "/v2/images/panic/file").body, bytes);
+    assert_eq!(s.metric("image_cache_fail_reload_total"), 1);
+    assert_eq!(s.metric("image_cache_driver_rollbacks_total"), 1);
+    assert_eq!(s.metric("image_cache_driver_faults_seen_total"), 1);
+    assert_eq!(s.metric("image_cache_fail_open_total"), 0);
+    assert!(
+        s.log().contains("fail-reload rolled back to sqlite"),
+        "{}",
+        s.log()
+    );
+}

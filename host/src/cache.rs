@@ -17,6 +17,7 @@ use crate::checksum::{Checksum, Hasher};
 use crate::database::DatabaseRoot;
 use crate::driver::{Driver, Placement, Session};
 use crate::error::{Error, Result};
+use crate::fail::FailPolicy;
 use crate::fs::RootFs;
 use crate::limits::DEFAULT_SQLITE_DB;
 use crate::runtime::{DriverSource, Limits, LoadPolicy, Runtime, default_artifact_dir};
@@ -50,7 +51,7 @@ pub struct CacheConfig {
     pub limits: Limits,
     /// Where compiled components are kept (none: compile every start).
     pub artifacts: Option<PathBuf>,
-    /// The pin and grants for a driver loaded from a file.
+    /// The pin, grants and trusted keys for a driver loaded from a file.
     pub policy: LoadPolicy,
     /// The databases drivers may open through the `database` interface.
     pub databases: Arc<DatabaseRoot>,
@@ -60,6 +61,9 @@ pub struct CacheConfig {
     /// fail with [`Error::Database`] until it can (a server serves what it
     /// can meanwhile). Default: the open fails.
     pub start_while_database_down: bool,
+    /// What a call does when the driver fails (see [`FailPolicy`]; also
+    /// [`ImageCache::set_fail_policy`]). Default: fail-closed.
+    pub fail_policy: FailPolicy,
 }
 
 impl CacheConfig {
@@ -76,6 +80,7 @@ impl CacheConfig {
             databases: Arc::new(DatabaseRoot::new()),
             driver_options: Vec::new(),
             start_while_database_down: false,
+            fail_policy: FailPolicy::default(),
         }
     }
 
@@ -92,6 +97,11 @@ impl CacheConfig {
 
     pub fn fallback_to_sqlite(mut self, fallback: bool) -> Self {
         self.fallback_to_sqlite = fallback;
+        self
+    }
+
+    pub fn fail_policy(mut self, policy: FailPolicy) -> Self {
+        self.fail_policy = policy;
         self
     }
 
@@ -126,10 +136,13 @@ pub struct RollbackPolicy {
 pub struct CacheStats {
     /// Driver swaps (rollbacks included).
     pub swaps: AtomicU64,
-    /// Rollbacks: asked for, or automatic after faults.
+    /// Rollbacks: asked for, automatic after faults, or by fail-reload.
     pub rollbacks: AtomicU64,
     /// Driver faults seen by calls through this cache.
     pub driver_faults: AtomicU64,
+    /// Rollbacks made by [`FailPolicy::Reload`] after a fault (each is
+    /// counted in `rollbacks` too).
+    pub fail_reloads: AtomicU64,
 }
 
 /// The driver serving calls and the one before it (kept ready to roll
@@ -139,6 +152,10 @@ struct Drivers {
     previous: Option<Arc<Driver>>,
     since: Instant,
     faults: u64,
+    /// The current driver was put back because the one after it faulted
+    /// (fail-reload, automatic rollback): its previous one is the driver
+    /// that faulted, which fail-reload does not go back to.
+    restored_after_fault: bool,
 }
 
 /// An image cache on one root.
@@ -149,6 +166,7 @@ pub struct ImageCache {
     driver: RwLock<Arc<Driver>>,
     drivers: Mutex<Drivers>,
     rollback_policy: Mutex<Option<RollbackPolicy>>,
+    fail_policy: Mutex<FailPolicy>,
     last_rollback: Mutex<Option<String>>,
     pub stats: CacheStats,
 }
@@ -245,6 +263,7 @@ impl ImageCache {
             }
             Err(e) => return Err(e),
         };
+        let fail_policy = config.fail_policy;
         Ok(ImageCache {
             runtime,
             root,
@@ -255,8 +274,10 @@ impl ImageCache {
                 previous: None,
                 since: Instant::now(),
                 faults: 0,
+                restored_after_fault: false,
             }),
             rollback_policy: Mutex::new(None),
+            fail_policy: Mutex::new(fail_policy),
             last_rollback: Mutex::new(None),
             stats: CacheStats::default(),
         })
@@ -282,11 +303,13 @@ impl ImageCache {
     /// that fails the old one stays and the error is returned. Calls and
     /// sessions already running finish on the old driver, which is kept
     /// ready for [`ImageCache::rollback`]. A component file gets the
-    /// configured grants (and no pin: use [`ImageCache::swap_driver_with`]).
+    /// configured grants and trusted keys (and no pin: use
+    /// [`ImageCache::swap_driver_with`]).
     pub fn swap_driver(&self, source: &DriverSource) -> Result<()> {
         let policy = LoadPolicy {
             sha256: None,
             grants: self.config.policy.grants,
+            trusted_keys: self.config.policy.trusted_keys.clone(),
         };
         self.swap_driver_with(source, &policy)
     }
@@ -320,10 +343,18 @@ impl ImageCache {
 
     fn install(&self, new: Arc<Driver>, why: &str) {
         let mut drivers = self.drivers_lock();
+        self.install_locked(&mut drivers, new, why);
+    }
+
+    /// [`ImageCache::install`] under the drivers' lock already held, so a
+    /// decision taken under it (roll back this faulting driver) is not
+    /// raced by another.
+    fn install_locked(&self, drivers: &mut Drivers, new: Arc<Driver>, why: &str) {
         let old = std::mem::replace(&mut drivers.current, new.clone());
         drivers.previous = Some(old);
         drivers.since = Instant::now();
         drivers.faults = 0;
+        drivers.restored_after_fault = false;
         *self.driver.write().unwrap_or_else(|p| p.into_inner()) = new;
         self.stats.swaps.fetch_add(1, Ordering::Relaxed);
         log::info!("driver {why}: now {}", drivers.current.name());
@@ -347,15 +378,78 @@ impl ImageCache {
             .clone()
     }
 
+    /// What a call does when the driver fails (see [`FailPolicy`]).
+    pub fn fail_policy(&self) -> FailPolicy {
+        *self.fail_policy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Change the fail policy; calls from now on follow it.
+    /// [`FailPolicy::Open`] behaves as [`FailPolicy::Closed`] here: the
+    /// library has no upstream to serve from (a server does).
+    pub fn set_fail_policy(&self, policy: FailPolicy) {
+        *self.fail_policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    /// Rollbacks [`FailPolicy::Reload`] made after a fault.
+    pub fn fail_reloads(&self) -> u64 {
+        self.stats.fail_reloads.load(Ordering::Relaxed)
+    }
+
     /// Run one call on the current driver, counting its faults against the
-    /// rollback policy.
-    fn run<T>(&self, call: impl FnOnce(&Arc<Driver>) -> Result<T>) -> Result<T> {
+    /// rollback policy. Every operation goes through here, and so through
+    /// the fail policy: under [`FailPolicy::Reload`] a call that faults
+    /// rolls the driver back (when there is a previous one) and runs once
+    /// more on it. Only whole calls are retried (metadata calls, session
+    /// opens before any byte moved); a session's own calls never come here.
+    fn run<T>(&self, call: impl Fn(&Arc<Driver>) -> Result<T>) -> Result<T> {
         let driver = self.driver();
         let result = call(&driver);
-        if let Err(Error::DriverFault { message, .. }) = &result {
+        let Err(Error::DriverFault { message, .. }) = &result else {
+            return result;
+        };
+        self.note_fault(&driver, message);
+        if self.fail_policy() != FailPolicy::Reload || !self.reload_after_fault(&driver, message) {
+            return result;
+        }
+        let driver = self.driver();
+        let retried = call(&driver);
+        if let Err(Error::DriverFault { message, .. }) = &retried {
             self.note_fault(&driver, message);
         }
-        result
+        retried
+    }
+
+    /// [`FailPolicy::Reload`] after `faulty` faulted: roll back to the
+    /// previous driver, unless `faulty` no longer serves (another call, an
+    /// automatic rollback or a swap replaced it: the retry goes to the
+    /// driver serving now). Whether the call is to be tried again. No
+    /// rollback without a previous driver, nor from a driver that was
+    /// itself put back after a fault (that would return to the driver
+    /// that faulted; a swap or a rollback by hand re-arms it).
+    fn reload_after_fault(&self, faulty: &Arc<Driver>, message: &str) -> bool {
+        let mut drivers = self.drivers_lock();
+        if !Arc::ptr_eq(&drivers.current, faulty) {
+            return true;
+        }
+        if drivers.restored_after_fault {
+            return false;
+        }
+        let Some(previous) = drivers.previous.clone() else {
+            return false;
+        };
+        let reason = format!(
+            "driver {} faulted ({message}); fail-reload rolled back to {}",
+            faulty.name(),
+            previous.name()
+        );
+        self.install_locked(&mut drivers, previous, "fail-reload rollback");
+        drivers.restored_after_fault = true;
+        drop(drivers);
+        self.stats.rollbacks.fetch_add(1, Ordering::Relaxed);
+        self.stats.fail_reloads.fetch_add(1, Ordering::Relaxed);
+        log::warn!("{reason}; retrying the call");
+        *self.last_rollback.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        true
     }
 
     fn note_fault(&self, driver: &Arc<Driver>, message: &str) {
@@ -386,9 +480,10 @@ impl ImageCache {
             policy.window,
             previous.name()
         );
+        self.install_locked(&mut drivers, previous, "automatic rollback");
+        drivers.restored_after_fault = true;
         drop(drivers);
         log::warn!("{reason}");
-        self.install(previous, "automatic rollback");
         self.stats.rollbacks.fetch_add(1, Ordering::Relaxed);
         *self.last_rollback.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
     }

@@ -92,6 +92,8 @@ pub enum ValueError {
     DurationTooLong(String),
     #[error("not a port number")]
     Port,
+    #[error(transparent)]
+    FailPolicy(#[from] crate::fail::UnknownFailPolicy),
 }
 
 /// The options of the specification (docs/src/spec.md), each unset unless given.
@@ -104,6 +106,10 @@ pub struct Options {
     pub image_cache_sqlite_db: Option<String>,
     pub image_cache_driver_sha256: Option<String>,
     pub image_cache_driver_grants: Option<String>,
+    /// The public key files a component file driver must be signed by
+    /// (one of them at least): a comma-separated list in the file. Empty:
+    /// signatures are not checked.
+    pub image_cache_driver_trusted_keys: Option<Vec<PathBuf>>,
     /// The centralized driver's database: our own option (a libpq, MySQL
     /// or SQLAlchemy URL); wins over `database_connection`.
     pub image_cache_database_url: Option<String>,
@@ -130,6 +136,8 @@ pub struct Options {
     pub bind_port: Option<u16>,
     /// glance-api.conf's prefetcher period (`image-cache serve`).
     pub cache_prefetcher_interval: Option<Duration>,
+    /// What `image-cache serve` does while its driver fails (our option).
+    pub image_cache_fail_policy: Option<crate::fail::FailPolicy>,
 }
 
 impl Options {
@@ -141,7 +149,17 @@ impl Options {
             path: path.to_path_buf(),
             source,
         })?;
-        Options::from_ini(&text).map_err(|e| e.in_file(path))
+        let mut options = Options::from_ini(&text).map_err(|e| e.in_file(path))?;
+        // Key files named relative to the file that names them, not to
+        // wherever the tool happens to run.
+        if let (Some(keys), Some(dir)) =
+            (&mut options.image_cache_driver_trusted_keys, path.parent())
+        {
+            for key in keys.iter_mut().filter(|k| k.is_relative()) {
+                *key = dir.join(&*key);
+            }
+        }
+        Ok(options)
     }
 
     /// [`Options::from_ini_file`] on text of no file.
@@ -198,6 +216,9 @@ impl Options {
                 "image_cache_driver_grants" => {
                     options.image_cache_driver_grants = Some(value.to_string())
                 }
+                "image_cache_driver_trusted_keys" => {
+                    options.image_cache_driver_trusted_keys = Some(path_list(value))
+                }
                 "image_cache_database_url" => {
                     options.image_cache_database_url = Some(value.to_string())
                 }
@@ -227,6 +248,10 @@ impl Options {
                 "cache_prefetcher_interval" => {
                     options.cache_prefetcher_interval = Some(parse_duration(value).map_err(bad)?)
                 }
+                "image_cache_fail_policy" => {
+                    options.image_cache_fail_policy =
+                        Some(value.parse().map_err(|e| bad(ValueError::FailPolicy(e)))?)
+                }
                 _ => {}
             }
         }
@@ -247,6 +272,9 @@ impl Options {
             image_cache_driver_grants: self
                 .image_cache_driver_grants
                 .or(other.image_cache_driver_grants),
+            image_cache_driver_trusted_keys: self
+                .image_cache_driver_trusted_keys
+                .or(other.image_cache_driver_trusted_keys),
             image_cache_database_url: self
                 .image_cache_database_url
                 .or(other.image_cache_database_url),
@@ -272,6 +300,9 @@ impl Options {
             cache_prefetcher_interval: self
                 .cache_prefetcher_interval
                 .or(other.cache_prefetcher_interval),
+            image_cache_fail_policy: self
+                .image_cache_fail_policy
+                .or(other.image_cache_fail_policy),
         }
     }
 
@@ -289,6 +320,16 @@ impl Options {
             .or(self.database_connection.as_deref())
             .filter(|u| !u.trim().is_empty())
     }
+}
+
+/// Paths separated by commas (`a.pub, b.pub`), each trimmed; empty ones
+/// dropped.
+pub fn path_list(s: &str) -> Vec<PathBuf> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .collect()
 }
 
 /// A connection pool's size: 1 to 1000.
@@ -491,6 +532,41 @@ mod tests {
     }
 
     #[test]
+    fn trusted_keys_are_a_list_relative_to_the_file() {
+        let o = Options::from_ini(
+            "[DEFAULT]\nimage_cache_driver_trusted_keys = a.pub, /etc/keys/b.pub ,\n",
+        )
+        .unwrap();
+        assert_eq!(
+            o.image_cache_driver_trusted_keys,
+            Some(vec![
+                PathBuf::from("a.pub"),
+                PathBuf::from("/etc/keys/b.pub")
+            ])
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("glance-cache.conf");
+        std::fs::write(
+            &conf,
+            "[DEFAULT]\nimage_cache_driver_trusted_keys = a.pub, /b.pub\n",
+        )
+        .unwrap();
+        let o = Options::from_ini_file(&conf).unwrap();
+        assert_eq!(
+            o.image_cache_driver_trusted_keys,
+            Some(vec![dir.path().join("a.pub"), PathBuf::from("/b.pub")])
+        );
+        let flags = Options {
+            image_cache_driver_trusted_keys: Some(vec![PathBuf::from("flag.pub")]),
+            ..Options::default()
+        };
+        assert_eq!(
+            flags.or(o).image_cache_driver_trusted_keys,
+            Some(vec![PathBuf::from("flag.pub")])
+        );
+    }
+
+    #[test]
     fn sizes_accept_what_operators_type() {
         assert_eq!(parse_size("1048576"), Ok(1 << 20));
         assert_eq!(parse_size("10G"), Ok(10 << 30));
@@ -564,6 +640,30 @@ mod tests {
         assert!(
             err.contains("image_cache_database_allow_privileged_role"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn the_fail_policy_is_read_and_checked() {
+        use crate::fail::FailPolicy;
+        let o = Options::from_ini("[DEFAULT]\nimage_cache_fail_policy = fail-open\n").unwrap();
+        assert_eq!(o.image_cache_fail_policy, Some(FailPolicy::Open));
+        let flags = Options {
+            image_cache_fail_policy: Some(FailPolicy::Reload),
+            ..Options::default()
+        };
+        assert_eq!(
+            flags.or(o.clone()).image_cache_fail_policy,
+            Some(FailPolicy::Reload)
+        );
+        assert_eq!(
+            Options::default().or(o).image_cache_fail_policy,
+            Some(FailPolicy::Open)
+        );
+        let e = Options::from_ini("[DEFAULT]\nimage_cache_fail_policy = open\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "[DEFAULT] image_cache_fail_policy = \"open\": \"open\" is not a fail policy (fail-closed, fail-open or fail-reload)"
         );
     }
 }

@@ -13,22 +13,27 @@
 //! | [`database`] | `image-cache:driver/database`: configured databases by name |
 //! | [`contract`] | contract versions, grants, what a component declares |
 //! | [`runtime`] | engine, checks before compiling, linking by grants, limits |
+//! | [`signature`] | driver signatures: trusted keys, signing, the check before compiling |
 //! | [`driver`] | a driver on one root: instance pool, typed calls, sessions |
 //! | [`cache`] | [`ImageCache`]: prune, clean, tee, read, swap |
+//! | [`fail`] | [`FailPolicy`]: what a call does when the driver fails |
 //! | [`config`] | Glance's options, sizes, durations, `glance-cache.conf` |
 
 pub mod bindings;
 pub mod builtin;
 pub mod cache;
 pub mod checksum;
+mod compat;
 pub mod config;
 pub mod contract;
 pub mod database;
 pub mod driver;
 pub mod error;
+pub mod fail;
 pub mod fs;
 pub mod limits;
 pub mod runtime;
+pub mod signature;
 pub mod xattr;
 
 pub use bindings::types::{
@@ -38,6 +43,7 @@ pub use cache::{CacheConfig, ImageCache, ImageReader, ImageWriter, RollbackPolic
 pub use checksum::{Algorithm, Checksum};
 pub use contract::{Capability, Grants};
 pub use error::{Error, Result, validate_image_id};
+pub use fail::FailPolicy;
 pub use runtime::{DriverSource, Limits, LoadPolicy, Runtime};
 pub use xattr::XattrSupport;
 

@@ -196,16 +196,21 @@ pub async fn prefetch_once(app: &Arc<App>) -> Result<(), ApiError> {
             continue;
         }
         let slot = app.flights.wait_slot().await;
-        let (flight, _) =
-            match fill::join_or_start(app, &id, app.upstream_token.clone(), Some(slot)) {
-                Ok(f) => f,
-                Err(e) => {
-                    warn!(image_id = %id, error = %e.message, "prefetch could not start");
-                    app.prefetch_backoff.failed(&id);
-                    failed += 1;
-                    continue;
-                }
-            };
+        let (flight, _) = match fill::join_or_start(
+            app,
+            &id,
+            app.upstream_token.clone(),
+            Some(slot),
+            fill::FillFor::Prefetch,
+        ) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(image_id = %id, error = %e.message, "prefetch could not start");
+                app.prefetch_backoff.failed(&id);
+                failed += 1;
+                continue;
+            }
+        };
         // Done: failed, found cached, or its commit settled.
         let done = flight
             .wait_for(|p| match (&p.outcome, p.cached) {

@@ -250,6 +250,8 @@ pub async fn get_driver(
         "grants": d.component().grants().names(),
         "sha256": d.component().sha256(),
         "last_rollback": app.cache.last_rollback(),
+        "fail_policy": app.cache.fail_policy().as_str(),
+        "fail_reloads": app.cache.fail_reloads(),
     })))
 }
 

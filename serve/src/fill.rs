@@ -28,6 +28,12 @@
 //! A fill is not cached when it would leave less than `--disk-reserve`
 //! free on the cache's file system (it is still served); a commit that
 //! fails on a full disk has its file removed at once (the driver's clean).
+//!
+//! The fail policy decides what a fill does when its lookup (`is-cached`)
+//! finds the driver failing: fail-closed (and fail-reload, once the library
+//! rolled back and retried in vain) fails the fill with the driver's
+//! error; fail-open fetches for the clients around the cache (a client's
+//! miss only; the prefetcher has no client) and caches nothing.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -45,9 +51,9 @@ use image_cache::{Checksum, Error};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{info, warn};
 
-use super::App;
 use super::metrics::{add, inc};
 use super::upstream::{FetchError, Start, internal};
+use super::{App, driver_failing};
 
 /// Spool writes are batched up to this much when the upstream sends
 /// faster than the disk takes it.
@@ -76,6 +82,22 @@ pub struct Progress {
     pub outcome: Option<Outcome>,
     /// After the outcome: whether the image went into the cache.
     pub cached: Option<bool>,
+    /// The fill goes around a failing driver (fail-open): clients get the
+    /// bytes, nothing is cached. Set before `start`.
+    pub fail_open: bool,
+}
+
+/// Who a fill is for, and what it asks of the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FillFor {
+    /// A client's miss: looked up first, cached once verified.
+    Client,
+    /// A client's miss whose lookup found the driver failing under
+    /// fail-open: fetched for the clients, the cache left alone.
+    ClientAroundTheCache,
+    /// The prefetcher: looked up first, cached once verified; a failing
+    /// driver fails it whatever the policy (there is no client to serve).
+    Prefetch,
 }
 
 impl Progress {
@@ -157,6 +179,7 @@ pub fn join_or_start(
     id: &str,
     token: Option<String>,
     slot: Option<OwnedSemaphorePermit>,
+    purpose: FillFor,
 ) -> Result<(Arc<Flight>, bool), FetchError> {
     let mut map = app.flights.map.lock().unwrap();
     if let Some(flight) = map.get(id) {
@@ -202,22 +225,32 @@ pub fn join_or_start(
     tokio::spawn(async move {
         let _slot = slot;
         let started = Instant::now();
-        let outcome = fill(&app, &id, token, &spool, &tx).await;
+        let (outcome, refused) = match look_up(&app, &id, purpose, &tx).await {
+            Lookup::Cached => (Outcome::AlreadyCached, false),
+            Lookup::Refused(e) => (Outcome::Failed(e), true),
+            Lookup::Fetch => (fill(&app, &id, token, &spool, &tx).await, false),
+        };
         let cached = match &outcome {
             Outcome::Complete => {
                 let bytes = tx.borrow().written;
+                let around = tx.borrow().fail_open;
                 tx.send_modify(|p| p.outcome = Some(Outcome::Complete));
-                let cached = commit(&app, &id, &spool, bytes, &tx).await;
+                let cached = !around && commit(&app, &id, &spool, bytes, &tx).await;
                 info!(
                     image_id = %id,
                     bytes,
                     cached,
+                    fail_open = around,
                     seconds = started.elapsed().as_secs_f64(),
                     "upstream fetch complete"
                 );
                 cached
             }
             Outcome::AlreadyCached => false,
+            Outcome::Failed(e) if refused => {
+                warn!(image_id = %id, status = e.status.as_u16(), error = %e.message, "not fetched: the driver is failing");
+                false
+            }
             Outcome::Failed(e) => {
                 inc(&app.metrics.upstream_failures);
                 warn!(image_id = %id, status = e.status.as_u16(), error = %e.message, "upstream fetch failed");
@@ -236,6 +269,57 @@ pub fn join_or_start(
     Ok((flight, false))
 }
 
+/// What a fill's lookup found.
+enum Lookup {
+    /// Fetch it (not cached, or fetched around the cache: see
+    /// `Progress::fail_open`).
+    Fetch,
+    /// Cached already: read the cache.
+    Cached,
+    /// The driver is failing and the policy is not to go around it.
+    Refused(FetchError),
+}
+
+/// Ask the driver whether the image is cached already, and apply the fail
+/// policy when it cannot say.
+async fn look_up(
+    app: &Arc<App>,
+    id: &str,
+    purpose: FillFor,
+    tx: &watch::Sender<Progress>,
+) -> Lookup {
+    if purpose == FillFor::ClientAroundTheCache {
+        tx.send_modify(|p| p.fail_open = true);
+        return Lookup::Fetch;
+    }
+    let cached = {
+        let app = app.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || app.cache.is_cached(&id)).await
+    };
+    match cached {
+        Ok(Ok(true)) => Lookup::Cached,
+        Ok(Ok(false)) => Lookup::Fetch,
+        Ok(Err(e)) if purpose == FillFor::Client && app.fails_open(&e) => {
+            app.note_driver_error(&e, "is-cached");
+            warn!(image_id = %id, error = %e, "the driver is failing: fetching around the cache (fail-open)");
+            tx.send_modify(|p| p.fail_open = true);
+            Lookup::Fetch
+        }
+        Ok(Err(e)) if driver_failing(&e) => {
+            Lookup::Refused(app.library_error(e, "is-cached").into())
+        }
+        Ok(Err(e)) => {
+            app.note_driver_error(&e, "is-cached");
+            Lookup::Fetch
+        }
+        Err(e) => {
+            warn!("is-cached task: {e}");
+            Lookup::Fetch
+        }
+    }
+}
+
 /// Read the upstream into the spool and verify it.
 async fn fill(
     app: &Arc<App>,
@@ -244,17 +328,6 @@ async fn fill(
     spool: &Arc<File>,
     tx: &watch::Sender<Progress>,
 ) -> Outcome {
-    let cached = {
-        let app = app.clone();
-        let id = id.to_string();
-        tokio::task::spawn_blocking(move || app.cache.is_cached(&id)).await
-    };
-    match cached {
-        Ok(Ok(true)) => return Outcome::AlreadyCached,
-        Ok(Ok(false)) => {}
-        Ok(Err(e)) => app.note_driver_error(&e, "is-cached"),
-        Err(e) => warn!("is-cached task: {e}"),
-    }
     let Some(upstream) = app.upstream.as_ref() else {
         return Outcome::Failed(FetchError::new(
             StatusCode::NOT_FOUND,

@@ -23,7 +23,7 @@ use futures_util::stream;
 use image_cache::Error;
 use tracing::{debug, warn};
 
-use super::fill::{self, Flight, Outcome, Progress};
+use super::fill::{self, FillFor, Flight, Outcome, Progress};
 use super::metrics::{InFlight, add, inc};
 use super::upstream;
 use super::{ApiError, App, RawId, access, validate_id};
@@ -60,10 +60,12 @@ async fn serve(
     let head = method == Method::HEAD;
     let range = header_text(&headers, header::RANGE);
     let if_none_match = header_text(&headers, header::IF_NONE_MATCH);
-    if let Some(r) = try_cached(&app, &id, range.as_deref(), if_none_match.as_deref(), head).await?
-    {
-        return Ok(r);
-    }
+    let around =
+        match try_cached(&app, &id, range.as_deref(), if_none_match.as_deref(), head).await? {
+            Cached::Found(r) => return Ok(r),
+            Cached::Miss => false,
+            Cached::DriverFailing => true,
+        };
     inc(&app.metrics.misses);
     let token = grant.upstream_token;
     if head {
@@ -74,6 +76,9 @@ async fn serve(
             .size(&id, token.as_deref())
             .await
             .map_err(ApiError::from)?;
+        if around {
+            inc(&app.metrics.fail_open);
+        }
         let mut r = Response::new(Body::empty());
         set_common(r.headers_mut());
         if let Some(size) = size {
@@ -82,15 +87,15 @@ async fn serve(
         }
         return Ok(r);
     }
-    let (flight, mut start) = match start_miss(&app, &id, token).await? {
+    let (flight, mut start) = match start_miss(&app, &id, token, around).await? {
         Miss::Fetching(flight, start) => (flight, start),
         Miss::AlreadyCached => {
             // Cached between our look and the fetch: read the cache.
             return match try_cached(&app, &id, range.as_deref(), if_none_match.as_deref(), false)
                 .await?
             {
-                Some(r) => Ok(r),
-                None => Err(not_cached(&id)),
+                Cached::Found(r) => Ok(r),
+                Cached::Miss | Cached::DriverFailing => Err(not_cached(&id)),
             };
         }
     };
@@ -187,9 +192,22 @@ pub enum Miss {
 }
 
 /// Join the image's fetch (or start it) and wait until it has started,
-/// ended, or found the image cached.
-pub async fn start_miss(app: &Arc<App>, id: &str, token: Option<String>) -> Result<Miss, ApiError> {
-    let (flight, joined) = fill::join_or_start(app, id, token, None).map_err(ApiError::from)?;
+/// ended, or found the image cached. `around`: this request's cache
+/// lookup found the driver failing under fail-open, so a fetch it starts
+/// goes around the cache. A download served by a fetch around the cache
+/// (or whose own lookup failed) counts in `image_cache_fail_open_total`.
+pub async fn start_miss(
+    app: &Arc<App>,
+    id: &str,
+    token: Option<String>,
+    around: bool,
+) -> Result<Miss, ApiError> {
+    let purpose = match around {
+        true => FillFor::ClientAroundTheCache,
+        false => FillFor::Client,
+    };
+    let (flight, joined) =
+        fill::join_or_start(app, id, token, None, purpose).map_err(ApiError::from)?;
     if joined {
         inc(&app.metrics.coalesced);
     }
@@ -204,6 +222,9 @@ pub async fn start_miss(app: &Arc<App>, id: &str, token: Option<String>) -> Resu
         && let Some(Outcome::Failed(e)) = first.outcome
     {
         return Err(e.into());
+    }
+    if around || first.fail_open {
+        inc(&app.metrics.fail_open);
     }
     let start = first.start.unwrap_or_default();
     Ok(Miss::Fetching(flight, start))
@@ -504,14 +525,27 @@ pub fn hit_headers(opened: &Opened) -> HeaderMap {
     h
 }
 
-/// Serve from the cache if the image is there; `None` on a miss.
+/// What the cache made of a download.
+enum Cached {
+    /// Served from the cache.
+    Found(Response),
+    /// Not cached: fetch it.
+    Miss,
+    /// The driver is failing and the fail policy is fail-open: fetch it
+    /// around the cache.
+    DriverFailing,
+}
+
+/// Serve from the cache if the image is there. When the driver fails
+/// (and no sealed file stands in): under fail-open (with an upstream) a
+/// miss around the cache, else the error.
 async fn try_cached(
     app: &Arc<App>,
     id: &str,
     range: Option<&str>,
     if_none_match: Option<&str>,
     head: bool,
-) -> Result<Option<Response>, ApiError> {
+) -> Result<Cached, ApiError> {
     let app2 = app.clone();
     let id2 = id.to_string();
     let range = range.map(str::to_string);
@@ -551,13 +585,23 @@ async fn try_cached(
     .map_err(|e| ApiError::internal(format!("open task: {e}")))?;
     let (opened, first, fresh) = match opened {
         Ok(o) => o,
-        Err(Error::NotFound(_)) => return Ok(None),
+        Err(Error::NotFound(_)) => return Ok(Cached::Miss),
         Err(Error::InvalidImageId(_)) => return Err(ApiError::bad_id("the driver rejected it")),
-        Err(e) => {
-            // The cache cannot answer and holds no sealed file: a miss,
-            // which the upstream serves.
+        Err(e) if app.fails_open(&e) => {
+            // The driver is failing and holds no sealed file: fail-open
+            // serves the upstream's bytes around the cache.
             app.note_driver_error(&e, "open-for-read");
-            return Ok(None);
+            warn!(image_id = %id, error = %e, "the driver is failing: serving from the upstream (fail-open)");
+            return Ok(Cached::DriverFailing);
+        }
+        // The driver is failing: fail-closed (and fail-reload, whose retry
+        // failed too) answers the error.
+        Err(e) if super::driver_failing(&e) => return Err(app.library_error(e, "open-for-read")),
+        Err(e) => {
+            // Another error (an I/O error the driver reports) and no
+            // sealed file: a miss, which the upstream serves.
+            app.note_driver_error(&e, "open-for-read");
+            return Ok(Cached::Miss);
         }
     };
     if let (true, Some(c)) = (fresh, opened.checksum.as_deref()) {
@@ -565,7 +609,7 @@ async fn try_cached(
         let mut r = Response::new(Body::empty());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         *r.headers_mut() = not_modified_headers(c);
-        return Ok(Some(r));
+        return Ok(Cached::Found(r));
     }
     let Some((start, end)) = opened.range.span(opened.size) else {
         return Err(unsatisfiable(opened.size));
@@ -592,7 +636,7 @@ async fn try_cached(
     };
     *response.headers_mut() = headers;
     *response.status_mut() = status;
-    Ok(Some(response))
+    Ok(Cached::Found(response))
 }
 
 /// Read up to `n` bytes at the file's offset into `buf` without zeroing

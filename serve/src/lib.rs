@@ -50,7 +50,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use hyper_util::rt::TokioTimer;
-use image_cache::{DriverSource, Error, ImageCache};
+use image_cache::{DriverSource, Error, FailPolicy, ImageCache};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -174,6 +174,27 @@ impl From<upstream::FetchError> for ApiError {
     }
 }
 
+impl From<ApiError> for upstream::FetchError {
+    fn from(a: ApiError) -> upstream::FetchError {
+        upstream::FetchError {
+            status: a.status,
+            message: a.message,
+            retry_after: a.retry_after,
+        }
+    }
+}
+
+/// Whether a failed lookup means the driver is failing (the fail policy
+/// applies): it faulted (trap, deadline, broken contract), every instance
+/// stayed busy, or its database cannot be reached. Other errors (a bad
+/// id, not found, an I/O error it reports) keep their own meaning.
+pub(crate) fn driver_failing(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::DriverFault { .. } | Error::Overloaded(_) | Error::Database(_)
+    )
+}
+
 /// The image id rule (the `image-id` crate's, as everywhere), checked
 /// before anything reaches the driver or the upstream.
 pub(crate) fn validate_id(id: &str) -> Result<(), ApiError> {
@@ -291,6 +312,13 @@ impl App {
         self.stopping.load(Ordering::Relaxed)
     }
 
+    /// Whether a download whose cache lookup failed with `e` is served
+    /// from the upstream around the cache (fail-open, and there is an
+    /// upstream).
+    pub fn fails_open(&self, e: &Error) -> bool {
+        driver_failing(e) && self.cache.fail_policy() == FailPolicy::Open && self.upstream.is_some()
+    }
+
     /// Log a failed driver call that the server works around.
     pub fn note_driver_error(&self, e: &Error, call: &str) {
         if matches!(e, Error::DriverFault { .. }) {
@@ -380,7 +408,7 @@ pub(crate) async fn swap(app: &Arc<App>, source: DriverSource) -> Result<String,
 /// `GET /healthz`: 200 `{"status": "ok"}` when the driver answers (a call
 /// that reaches its database, if it has one); 200 `{"status": "degraded"}`
 /// when it does not but the cache root is there (cached images are still
-/// served, by their seals, and misses go to the upstream); 503
+/// served, by their seals, and under fail-open misses go to the upstream); 503
 /// `{"status": "failing"}` when the root itself is gone.
 async fn healthz(State(app): State<Arc<App>>) -> Response {
     let app2 = app.clone();
@@ -393,11 +421,19 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
         }
         Ok(Err(e)) if root_ok => {
             app.note_driver_error(&e, "healthz");
+            let serving = if app.fails_open(&e) {
+                "cached images (without their checksums) and misses from the upstream, not cached (fail-open); no hits are recorded"
+            } else if driver_failing(&e) {
+                "cached images (without their checksums); misses fail (the fail policy is not fail-open); no hits are recorded"
+            } else {
+                "cached images (without their checksums) and misses; no hits are recorded"
+            };
             axum::Json(json!({
                 "status": "degraded",
                 "driver": driver,
                 "error": e.kind(),
-                "serving": "cached images (without their checksums) and misses; no hits are recorded",
+                "fail_policy": app.cache.fail_policy().as_str(),
+                "serving": serving,
             }))
             .into_response()
         }
@@ -704,6 +740,10 @@ pub struct Config {
     /// `rollback_window` is rolled back (0: never).
     pub rollback_max_faults: u64,
     pub rollback_window: Duration,
+    /// What a download gets while the driver fails: the error
+    /// (fail-closed), the upstream's bytes, not cached (fail-open), or a
+    /// rollback to the previous driver and a retry (fail-reload).
+    pub fail_policy: FailPolicy,
 }
 
 impl Default for Config {
@@ -733,6 +773,9 @@ impl Default for Config {
             spool_dir: std::env::temp_dir(),
             rollback_max_faults: 5,
             rollback_window: Duration::from_secs(300),
+            // A server goes around a failing driver (earlier releases did
+            // so always); the library's own default is fail-closed.
+            fail_policy: FailPolicy::Open,
         }
     }
 }
@@ -770,6 +813,7 @@ pub struct Reloaded {
     pub driver: DriverSource,
     pub max_size: u64,
     pub stall_time: Duration,
+    pub fail_policy: FailPolicy,
 }
 
 /// Re-resolves the configuration on SIGHUP.
@@ -838,6 +882,7 @@ pub fn run(cache: ImageCache, config: Config, reload: Option<Reload>) -> Result<
             window: config.rollback_window,
         }));
     }
+    cache.set_fail_policy(config.fail_policy);
     let metrics = Arc::new(Metrics::default());
     let app = Arc::new(App {
         hits: Arc::new(hits::Hits::new(cache.clone(), metrics.clone())),
@@ -923,6 +968,7 @@ async fn serve(
         downloads = app.access.name(),
         max_fetches = app.flights.max(),
         max_connections,
+        fail_policy = app.cache.fail_policy().as_str(),
         "serving"
     );
     {
@@ -1090,9 +1136,11 @@ async fn reload_settings(
         let mut t = app.tunables.write().unwrap();
         t.max_size = settings.max_size;
         t.stall_time = settings.stall_time;
+        app.cache.set_fail_policy(settings.fail_policy);
         info!(
             max_size = t.max_size,
             stall_seconds = t.stall_time.as_secs(),
+            fail_policy = settings.fail_policy.as_str(),
             "SIGHUP: settings reloaded"
         );
     }

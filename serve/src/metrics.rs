@@ -41,6 +41,7 @@ pub struct Metrics {
     pub responses_aborted: AtomicU64,
     pub sendfile_responses: AtomicU64,
     pub hits_unrecorded: AtomicU64,
+    pub fail_open: AtomicU64,
     pub in_flight: AtomicI64,
     pub flights_active: AtomicI64,
 }
@@ -240,6 +241,16 @@ impl Metrics {
                 "image_cache_hits_unrecorded_total",
                 "Hits counted by the server that the driver failed to record.",
                 get(&self.hits_unrecorded),
+            ),
+            (
+                "image_cache_fail_open_total",
+                "Downloads served from the upstream, not cached, because the driver failed (fail-open).",
+                get(&self.fail_open),
+            ),
+            (
+                "image_cache_fail_reload_total",
+                "Drivers rolled back to the previous one after a fault, the call retried (fail-reload).",
+                cache.fail_reloads(),
             ),
         ];
         let stats = &cache.runtime().stats;

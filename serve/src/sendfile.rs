@@ -321,7 +321,7 @@ async fn miss(
 ) -> (u16, io::Result<()>) {
     let app = &front.app;
     inc(&app.metrics.misses);
-    let (flight, start) = match images::start_miss(app, &head.id, token).await {
+    let (flight, start) = match images::start_miss(app, &head.id, token, false).await {
         Ok(images::Miss::Fetching(flight, start)) => (flight, start),
         Ok(images::Miss::AlreadyCached) => {
             return match open_hit(app, head).await {

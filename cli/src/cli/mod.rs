@@ -19,6 +19,7 @@ use image_cache::cache::{DEFAULT_MAX_SIZE, DEFAULT_STALL_TIME};
 use image_cache::config::{Options, parse_duration, parse_size};
 use image_cache::database::{CENTRALIZED_DATABASE, DatabaseRoot, DatabaseSettings};
 use image_cache::limits::DEFAULT_SQLITE_DB;
+use image_cache::signature::TrustedKeys;
 use image_cache::{CacheConfig, Checksum, DriverSource, Grants, ImageCache, LoadPolicy};
 use std::sync::Arc;
 
@@ -94,6 +95,21 @@ struct Global {
         global = true
     )]
     driver_grants: Option<String>,
+
+    /// A public key file a --driver component file must be signed by;
+    /// repeat it (or separate files with commas) to trust several keys.
+    /// An unsigned or wrongly signed component is refused before it is
+    /// compiled; built-in drivers are part of this binary and always
+    /// trusted (image_cache_driver_trusted_keys; default: signatures are
+    /// not checked).
+    #[arg(
+        long,
+        env = "IMAGE_CACHE_DRIVER_TRUST",
+        value_name = "KEYFILE",
+        value_delimiter = ',',
+        global = true
+    )]
+    driver_trust: Vec<PathBuf>,
 
     /// The centralized driver's database, as a URL: PostgreSQL
     /// (postgresql://user:password@host/db, or Glance's SQLAlchemy form
@@ -279,7 +295,8 @@ enum Command {
     },
 
     /// List the built-in drivers: contract version, imports, grants and
-    /// SHA-256 of each component; `inspect PATH` for a component file.
+    /// SHA-256 of each component; `inspect PATH` for a component file;
+    /// `keygen`, `sign` and `verify` for driver signatures.
     Drivers {
         #[command(subcommand)]
         action: Option<DriversAction>,
@@ -334,11 +351,59 @@ pub enum DbAction {
 #[derive(Subcommand, Debug)]
 pub enum DriversAction {
     /// Show what a driver component is before running it: its name and
-    /// version, contract version, imports, the grants it needs and its
-    /// SHA-256 (to pin with --driver-sha256).
+    /// version, contract version, imports, the grants it needs, its
+    /// SHA-256 (to pin with --driver-sha256) and who signed it.
     Inspect {
         /// The component file (.wasm).
         path: PathBuf,
+    },
+
+    /// Make an Ed25519 key pair to sign drivers with (wasmsign2's key
+    /// format): the secret key (file mode 0600) stays with whoever signs,
+    /// the public key goes to the hosts (--driver-trust). Existing files
+    /// are never overwritten.
+    Keygen {
+        /// Where the secret key goes.
+        #[arg(long, value_name = "FILE")]
+        secret_key: PathBuf,
+        /// Where the public key goes.
+        #[arg(long, value_name = "FILE")]
+        public_key: PathBuf,
+    },
+
+    /// Sign a driver component (the WebAssembly tool-conventions signature
+    /// format, as wasmsign2 writes it), adding to the signatures it
+    /// carries. The signature is embedded in the component (replaced
+    /// through a temporary file, renamed when complete), so it travels
+    /// with it; --detached leaves the component as it is and writes
+    /// COMPONENT.sig instead.
+    Sign {
+        /// The secret key file (from `drivers keygen`, or wasmsign2's,
+        /// DER or PEM).
+        #[arg(long, value_name = "SECRET_KEY_FILE")]
+        key: PathBuf,
+        /// Write the signature to COMPONENT.sig (or --output), not into
+        /// the component.
+        #[arg(long)]
+        detached: bool,
+        /// Write the signed component (with --detached: the signature) to
+        /// this file instead.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// The component file (.wasm).
+        component: PathBuf,
+    },
+
+    /// Check a component's signatures (embedded, else COMPONENT.sig)
+    /// against public keys: the key ids found and which key verifies it.
+    /// Exit status 1 if none does.
+    Verify {
+        /// A public key file; repeat for several (default: the
+        /// --driver-trust keys).
+        #[arg(long, value_name = "PUBLIC_KEY_FILE")]
+        key: Vec<PathBuf>,
+        /// The component file (.wasm).
+        component: PathBuf,
     },
 }
 
@@ -493,6 +558,9 @@ pub struct Settings {
     pub driver_sha256: Option<String>,
     /// Grants of a component file driver.
     pub grants: Grants,
+    /// The public key files a component file driver must be signed by
+    /// (none: signatures are not checked).
+    pub driver_trust: Vec<PathBuf>,
     pub max_size: u64,
     pub stall_time: Duration,
     /// The centralized driver's database URL (never printed).
@@ -511,6 +579,8 @@ pub struct Settings {
     pub bind_host: Option<String>,
     pub bind_port: Option<u16>,
     pub prefetch_interval: Option<Duration>,
+    /// `image_cache_fail_policy`, for `serve`.
+    pub fail_policy: Option<image_cache::FailPolicy>,
 }
 
 impl Settings {
@@ -526,6 +596,15 @@ impl Settings {
             image_cache_sqlite_db: global.sqlite_db.clone(),
             image_cache_driver_sha256: global.driver_sha256.clone(),
             image_cache_driver_grants: global.driver_grants.clone(),
+            image_cache_driver_trusted_keys: Some(
+                global
+                    .driver_trust
+                    .iter()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            )
+            .filter(|keys| !keys.is_empty()),
             image_cache_database_url: global.database_url.clone(),
             image_cache_database_pool_size: global.database_pool_size,
             image_cache_database_statement_timeout: global.database_statement_timeout,
@@ -553,6 +632,7 @@ impl Settings {
             },
             grants: Grants::parse(o.image_cache_driver_grants.as_deref().unwrap_or(""))
                 .map_err(|e| Failure::Usage(format!("image_cache_driver_grants: {e}")))?,
+            driver_trust: o.image_cache_driver_trusted_keys.unwrap_or_default(),
             max_size: o.image_cache_max_size.unwrap_or(DEFAULT_MAX_SIZE),
             stall_time: o.image_cache_stall_time.unwrap_or(DEFAULT_STALL_TIME),
             database_url,
@@ -572,6 +652,7 @@ impl Settings {
             bind_host: o.bind_host,
             bind_port: o.bind_port,
             prefetch_interval: o.cache_prefetcher_interval,
+            fail_policy: o.image_cache_fail_policy,
         })
     }
 
@@ -584,6 +665,17 @@ impl Settings {
 
     pub fn driver_source(&self) -> Result<DriverSource, Failure> {
         DriverSource::named(&self.driver).map_err(|e| Failure::Usage(e.to_string()))
+    }
+
+    /// The keys a component file driver must be signed by, read from
+    /// their files; none if no file is configured.
+    pub fn trusted_keys(&self) -> Result<Option<Arc<TrustedKeys>>, Failure> {
+        if self.driver_trust.is_empty() {
+            return Ok(None);
+        }
+        TrustedKeys::from_files(&self.driver_trust)
+            .map(|keys| Some(Arc::new(keys)))
+            .map_err(|e| Failure::Usage(format!("image_cache_driver_trusted_keys: {e}")))
     }
 
     /// Open the cache the settings describe.
@@ -617,6 +709,7 @@ impl Settings {
             .policy(LoadPolicy {
                 sha256: self.driver_sha256.clone(),
                 grants: self.grants,
+                trusted_keys: self.trusted_keys()?,
             });
         config.sqlite_db = self.sqlite_db.clone();
         config.start_while_database_down = server;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use image_cache::FailPolicy;
 use image_cache::config::{parse_duration, parse_size};
 use image_cache_serve::{Config, Reload, Reloaded, Secret, ServeError, Token};
 
@@ -20,8 +21,8 @@ use super::{Failure, Global, Settings};
 --admin-token-file or IMAGE_CACHE_ADMIN_TOKEN; without one the management API answers 403. \
 Clients send tokens as X-Auth-Token.\n\n\
 The --config file's [DEFAULT] section may also give bind_host, bind_port and \
-cache_prefetcher_interval (glance-api.conf names). SIGHUP re-reads the configuration \
-and swaps the driver; SIGTERM stops gracefully."
+cache_prefetcher_interval (glance-api.conf names), and image_cache_fail_policy. SIGHUP \
+re-reads the configuration and swaps the driver; SIGTERM stops gracefully."
 )]
 pub struct ServeArgs {
     /// Address to listen on (default 127.0.0.1:9292, or bind_host:bind_port
@@ -155,6 +156,22 @@ pub struct ServeArgs {
     /// How long after a swap faults count towards an automatic rollback.
     #[arg(long, env = "IMAGE_CACHE_ROLLBACK_WINDOW", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     rollback_window: Duration,
+
+    /// What a download gets while the driver fails (it faults, is
+    /// overloaded, or cannot reach its database): fail-closed, the error
+    /// (5xx); fail-open, the image from the upstream, verified but not
+    /// cached; fail-reload, a driver that faults is rolled back to the one
+    /// before the last swap and the call retried once (else as
+    /// fail-closed). Default: image_cache_fail_policy from the --config
+    /// file, or fail-open.
+    #[arg(long, env = "IMAGE_CACHE_FAIL_POLICY", value_name = "POLICY", value_parser = parse_fail_policy)]
+    fail_policy: Option<FailPolicy>,
+}
+
+/// `--fail-policy`'s value.
+fn parse_fail_policy(s: &str) -> Result<FailPolicy, String> {
+    s.parse()
+        .map_err(|e: image_cache::fail::UnknownFailPolicy| e.to_string())
 }
 
 impl ServeArgs {
@@ -213,6 +230,10 @@ impl ServeArgs {
             spool_dir: self.spool_dir.clone().unwrap_or(defaults.spool_dir),
             rollback_max_faults: self.rollback_max_faults,
             rollback_window: self.rollback_window,
+            fail_policy: self
+                .fail_policy
+                .or(settings.fail_policy)
+                .unwrap_or(defaults.fail_policy),
         })
     }
 
@@ -230,6 +251,10 @@ impl ServeArgs {
                     .map_err(|e| ServeError::Config(e.to_string()))?,
                 max_size: flags.max_size.unwrap_or(settings.max_size),
                 stall_time: flags.stall_time.unwrap_or(settings.stall_time),
+                fail_policy: flags
+                    .fail_policy
+                    .or(settings.fail_policy)
+                    .unwrap_or_default(),
             })
         })
     }
