@@ -1476,16 +1476,7 @@ fn six_nodes_starting_at_once_all_start() {
 fn a_release_0_2_centralized_driver_is_stopped_by_the_database_fence() {
     let pg = PgSetup::new();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = CacheConfig::new(dir.path())
-        .driver(DriverSource::File(image_cache_tests::release(
-            "0.2.0",
-            "centralized_driver",
-        )))
-        .fallback_to_sqlite(false)
-        .policy(image_cache::LoadPolicy {
-            grants: image_cache::Grants::of(&image_cache::contract::Capability::ALL),
-            ..Default::default()
-        });
+    let mut config = image_cache_tests::release_config(dir.path(), "0.2.0", "centralized_driver");
     pg.configure(&mut config);
     let message = bad_configuration(ImageCache::with_runtime(runtime(), config));
     assert!(

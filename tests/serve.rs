@@ -2023,17 +2023,7 @@ fn a_faulting_driver_is_rolled_back_automatically_under_load() {
             });
         }
         std::thread::sleep(Duration::from_millis(300));
-        let r = request(
-            s.addr,
-            "POST",
-            "/v2/cache/driver",
-            &[
-                ("X-Auth-Token", ADMIN),
-                ("Content-Type", "application/json"),
-            ],
-            format!("{{\"driver\":{:?}}}", hostile.display().to_string()).as_bytes(),
-        );
-        assert_eq!(r.status, 200, "swap to the hostile driver: {}", r.text());
+        swap_to(s.addr, &hostile);
         // The hostile driver lists its images out of order: every listing
         // is a contract fault. The fourth rolls it back.
         let mut faults = 0;
@@ -2082,6 +2072,22 @@ fn a_faulting_driver_is_rolled_back_automatically_under_load() {
 /// been swapped to the hostile fixture, which faults (panics) on
 /// `is-cached("panic")`; its directory upstream has the image `panic`.
 /// No automatic rollback: only the fail policy acts.
+/// Swap the server's driver to the component at `driver` through the admin
+/// API.
+fn swap_to(addr: std::net::SocketAddr, driver: &std::path::Path) {
+    let r = request(
+        addr,
+        "POST",
+        "/v2/cache/driver",
+        &[
+            ("X-Auth-Token", ADMIN),
+            ("Content-Type", "application/json"),
+        ],
+        format!("{{\"driver\":{:?}}}", driver.display().to_string()).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "swap to {}: {}", driver.display(), r.text());
+}
+
 fn server_with_a_faulting_driver(policy: Option<&str>, by_env: bool) -> (Server, TempDir, Vec<u8>) {
     let store = tempfile::tempdir().unwrap();
     // Several spool chunks, so a client reads while the fill runs.
@@ -2103,17 +2109,7 @@ fn server_with_a_faulting_driver(policy: Option<&str>, by_env: bool) -> (Server,
     }
     let s = Server::start_in(tempfile::tempdir().unwrap(), &args, &env);
     let hostile = image_cache_tests::fixture("hostile_driver");
-    let r = request(
-        s.addr,
-        "POST",
-        "/v2/cache/driver",
-        &[
-            ("X-Auth-Token", ADMIN),
-            ("Content-Type", "application/json"),
-        ],
-        format!("{{\"driver\":{:?}}}", hostile.display().to_string()).as_bytes(),
-    );
-    assert_eq!(r.status, 200, "swap to the hostile driver: {}", r.text());
+    swap_to(s.addr, &hostile);
     assert_eq!(
         admin(s.addr, "GET", "/v2/cache/driver").json()["name"],
         "hostile"

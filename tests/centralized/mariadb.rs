@@ -606,16 +606,7 @@ fn serve_keeps_serving_cached_images_while_mariadb_is_down() {
 fn a_release_0_2_centralized_driver_is_refused_on_mariadb() {
     let m = MariaSetup::new();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = CacheConfig::new(dir.path())
-        .driver(image_cache::DriverSource::File(image_cache_tests::release(
-            "0.2.0",
-            "centralized_driver",
-        )))
-        .fallback_to_sqlite(false)
-        .policy(image_cache::LoadPolicy {
-            grants: image_cache::Grants::of(&image_cache::contract::Capability::ALL),
-            ..Default::default()
-        });
+    let mut config = image_cache_tests::release_config(dir.path(), "0.2.0", "centralized_driver");
     image_cache_tests::Centralized::Mariadb(m).configure(&mut config);
     let message = bad_configuration(ImageCache::with_runtime(runtime(), config));
     assert!(

@@ -143,6 +143,18 @@ pub fn release(version: &str, name: &str) -> PathBuf {
         .join(format!("{name}.wasm"))
 }
 
+/// A cache configuration on `root` with release `version`'s driver `name`,
+/// granted what its built-in self was, with no fallback.
+pub fn release_config(root: &Path, version: &str, name: &str) -> CacheConfig {
+    CacheConfig::new(root)
+        .driver(DriverSource::File(release(version, name)))
+        .fallback_to_sqlite(false)
+        .policy(image_cache::LoadPolicy {
+            grants: image_cache::Grants::of(&image_cache::contract::Capability::ALL),
+            ..Default::default()
+        })
+}
+
 /// Whether `driver` is an earlier release's built-in driver, which is
 /// granted what its built-in self was.
 fn is_release(driver: &DriverSource) -> bool {

@@ -380,15 +380,7 @@ fn read(s: &Settings, cache: &ImageCache, out: &mut Out, id: &str, to: Option<&P
     let size = reader
         .size()
         .map_err(|e| Failure::op("io", format!("image {id:?}: {e}")))?;
-    let dir = match to.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let temp = dir.join(format!(
-        ".{}.image-cache-{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let temp = temp_beside(to, name);
     let written = (|| -> io::Result<u64> {
         let mut file = OpenOptions::new()
             .write(true)
@@ -992,19 +984,25 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Outcome {
 
 /// Replace (or make) `path` with `bytes` through a temporary file beside
 /// it, renamed when complete; a replaced file keeps its permissions.
-fn replace_file(path: &Path, bytes: &[u8]) -> Outcome {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Failure::Usage(format!("{}: not a file name", path.display())))?;
+/// A temporary file name beside `path` (same file system, so a rename puts
+/// the finished file in place at once).
+fn temp_beside(path: &Path, name: &std::ffi::OsStr) -> PathBuf {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let temp = dir.join(format!(
+    dir.join(format!(
         ".{}.image-cache-{}.tmp",
         name.to_string_lossy(),
         std::process::id()
-    ));
+    ))
+}
+
+fn replace_file(path: &Path, bytes: &[u8]) -> Outcome {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Failure::Usage(format!("{}: not a file name", path.display())))?;
+    let temp = temp_beside(path, name);
     let written = (|| -> io::Result<()> {
         let mut file = OpenOptions::new()
             .write(true)
