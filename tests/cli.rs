@@ -1263,3 +1263,66 @@ fn a_full_disk_is_its_own_exit_code() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A write of the sqlite driver's database that finds the disk full
+/// (SQLite's `SQLITE_FULL` inside the driver, from the host's `no-space`)
+/// is a full disk too, not a database failure: exit 4 and `no-space`, so
+/// the operator makes room rather than looks for a database outage. Needs
+/// a small file system (root); skipped with a printed reason elsewhere.
+#[test]
+fn a_full_disk_under_the_drivers_database_is_no_space_too() {
+    use std::io::Write;
+    let Some(fs) = image_cache_tests::SmallFs::mount("2m") else {
+        return;
+    };
+    let top = tempfile::tempdir().unwrap();
+    let root = fs.path().join("cache");
+    let image = top.path().join("image");
+    std::fs::write(&image, vec![7u8; 4 << 10]).unwrap();
+    let cli = |args: &[&str]| {
+        std::process::Command::new(image_cache_tests::cli_binary())
+            .arg("--dir")
+            .arg(&root)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let cached = cli(&["cache", "img", "--from", image.to_str().unwrap()]);
+    assert!(
+        cached.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cached.stderr)
+    );
+    // Fill the file system to the last byte, outside the cache's root.
+    let mut filler = std::fs::File::create(fs.path().join("filler")).unwrap();
+    for size in [64 << 10, 4 << 10, 512, 1] {
+        let chunk = vec![0u8; size];
+        while filler
+            .write_all(&chunk)
+            .and_then(|()| filler.sync_data())
+            .is_ok()
+        {}
+    }
+    // Reading needs no room; recording its hit writes the database.
+    let copy = top.path().join("copy");
+    let out = cli(&["--json", "read", "img", "--to", copy.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["error"]["kind"], "io", "{doc}");
+    assert_eq!(doc["error"]["io_code"], "no-space", "{doc}");
+    // Room made: the hit is recorded again.
+    drop(filler);
+    std::fs::remove_file(fs.path().join("filler")).unwrap();
+    let out = cli(&["read", "img", "--to", copy.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -36,8 +36,20 @@ pub struct SqliteStore {
     db_name: String,
 }
 
+/// A SQLite failure as the driver's error: a full disk or quota (SQLite's
+/// `SQLITE_FULL`, which the VFS reports for the host's `no-space`) stays a
+/// `no-space` io error, so it reaches the CLI's exit code and the server's
+/// 507 as the operator's to fix; anything else is a database error.
 fn db_error(e: rusqlite::Error) -> Error {
-    Error::Database(e.to_string())
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull => {
+            Error::Io(driver_common::IoError {
+                code: driver_common::fs::ErrorCode::NoSpace,
+                message: e.to_string(),
+            })
+        }
+        _ => Error::Database(e.to_string()),
+    }
 }
 
 /// A count or size as SQLite stored it: negative or non-numeric reads as 0.
