@@ -1326,3 +1326,263 @@ fn a_full_disk_under_the_drivers_database_is_no_space_too() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `drivers push` and `drivers pull` against a real registry on loopback
+/// (Debian's docker-registry): wkg's layout, the store, digest pinning,
+/// `--driver oci://...` and signature checking on pull.
+#[test]
+fn push_and_pull_drivers_over_oci() {
+    let Some(registry) = image_cache_tests::registry::Registry::start() else {
+        return;
+    };
+    let s = Sandbox::new();
+    let component = image_cache::builtin::SQLITE.component;
+    let file = s.file("sqlite_driver.wasm", component);
+    let sha256 = image_cache::runtime::sha256_hex(component);
+    let store = s.path("store");
+    let tag = format!("oci://{}/drivers/sqlite:1", registry.address());
+    let tool = || {
+        let mut cmd = s.bare();
+        cmd.arg("--driver-store").arg(&store);
+        cmd
+    };
+
+    // Over HTTPS (the default) the plain registry does not answer.
+    run(tool().args(["drivers", "push", file.to_str().unwrap(), &tag])).fails(1, "--plain-http");
+    let pushed = run(tool().args([
+        "--json",
+        "drivers",
+        "push",
+        "--plain-http",
+        file.to_str().unwrap(),
+        &tag,
+    ]))
+    .ok()
+    .json();
+    assert_eq!(pushed["sha256"], sha256.as_str(), "{pushed}");
+    let digest = pushed["manifest_digest"].as_str().unwrap().to_string();
+    assert!(digest.starts_with("sha256:"), "{pushed}");
+
+    // The manifest as wkg writes and reads it.
+    let (status, raw) = registry
+        .get(
+            "/v2/drivers/sqlite/manifests/1",
+            "application/vnd.oci.image.manifest.v1+json",
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&raw));
+    assert_eq!(
+        format!("sha256:{}", image_cache::runtime::sha256_hex(&raw)),
+        digest
+    );
+    let manifest: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(manifest["schemaVersion"], 2, "{manifest}");
+    assert_eq!(
+        manifest["mediaType"], "application/vnd.oci.image.manifest.v1+json",
+        "{manifest}"
+    );
+    assert_eq!(
+        manifest["config"]["mediaType"], "application/vnd.wasm.config.v0+json",
+        "{manifest}"
+    );
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "{manifest}");
+    assert_eq!(layers[0]["mediaType"], "application/wasm");
+    assert_eq!(layers[0]["digest"], format!("sha256:{sha256}").as_str());
+    assert_eq!(layers[0]["size"], component.len());
+    assert_eq!(
+        layers[0]["annotations"]["org.opencontainers.image.title"],
+        "sqlite_driver.wasm"
+    );
+    let config_digest = manifest["config"]["digest"].as_str().unwrap();
+    let (status, config) = registry
+        .get(
+            &format!("/v2/drivers/sqlite/blobs/{config_digest}"),
+            "application/vnd.wasm.config.v0+json",
+        )
+        .unwrap();
+    assert_eq!(status, 200);
+    let config: Value = serde_json::from_slice(&config).unwrap();
+    assert_eq!(config["architecture"], "wasm", "{config}");
+    assert_eq!(config["os"], "wasip2", "{config}");
+    assert_eq!(
+        config["layerDigests"],
+        serde_json::json!([format!("sha256:{sha256}")]),
+        "{config}"
+    );
+    let created = config["created"].as_str().unwrap();
+    assert!(
+        created.len() >= 20 && created.ends_with('Z') && created.as_bytes()[10] == b'T',
+        "{config}"
+    );
+    let exports = config["component"]["exports"].as_array().unwrap();
+    assert!(
+        exports.iter().any(|e| e
+            .as_str()
+            .unwrap()
+            .starts_with("image-cache:driver/cache-driver@")),
+        "{config}"
+    );
+    assert!(config["component"]["imports"].is_array(), "{config}");
+    assert!(config["component"]["target"].is_null(), "{config}");
+
+    // Pull by tag, then by digest: the same file in the store.
+    let by_tag = run(tool().args(["--json", "drivers", "pull", "--plain-http", &tag]))
+        .ok()
+        .json();
+    let path = PathBuf::from(by_tag["path"].as_str().unwrap());
+    assert_eq!(
+        path,
+        store.join("sha256").join(format!("{sha256}.wasm")),
+        "{by_tag}"
+    );
+    assert_eq!(fs::read(&path).unwrap(), component);
+    assert_eq!(by_tag["manifest_digest"], digest.as_str());
+    assert_eq!(by_tag["from_store"], false);
+    let pinned = format!("oci://{}/drivers/sqlite@{digest}", registry.address());
+    for _ in 0..2 {
+        let by_digest = run(tool().args(["--json", "drivers", "pull", "--plain-http", &pinned]))
+            .ok()
+            .json();
+        assert_eq!(by_digest["path"], by_tag["path"], "{by_digest}");
+        assert_eq!(by_digest["sha256"], sha256.as_str());
+        assert_eq!(fs::read(&path).unwrap(), component);
+    }
+    // Into an empty store, by digest, over the network.
+    let other = s.path("other-store");
+    let fresh = run(s.bare().arg("--driver-store").arg(&other).args([
+        "--json",
+        "drivers",
+        "pull",
+        "--plain-http",
+        &pinned,
+    ]))
+    .ok()
+    .json();
+    assert_eq!(fresh["from_store"], false, "{fresh}");
+    assert_eq!(
+        fs::read(other.join("sha256").join(format!("{sha256}.wasm"))).unwrap(),
+        component
+    );
+
+    // A digest the registry does not hold is refused; nothing is stored.
+    let wrong = format!(
+        "oci://{}/drivers/sqlite:1@sha256:{}",
+        registry.address(),
+        "0".repeat(64)
+    );
+    let empty = s.path("empty-store");
+    run(s.bare().arg("--driver-store").arg(&empty).args([
+        "drivers",
+        "pull",
+        "--plain-http",
+        &wrong,
+    ]))
+    .fails(1, "manifest");
+    assert!(!empty.join("sha256").exists());
+    // Not OCI references.
+    for bad in ["oci://nowhere", "oci://h/Repo", "oci://h/r@sha256:12"] {
+        run(tool().args(["drivers", "pull", bad])).fails(2, "not an OCI reference");
+    }
+
+    // --driver oci://...@sha256:... runs a command (from the store), the
+    // pin applying as to any component file.
+    let ls = run(tool()
+        .arg("--dir")
+        .arg(s.root())
+        .args(["--json", "--no-fallback", "--driver", &pinned])
+        .args(["--driver-sha256", &sha256, "list-cached"]))
+    .ok()
+    .json();
+    assert_eq!(ls["count"], 0, "{ls}");
+    run(tool()
+        .arg("--dir")
+        .arg(s.root())
+        .args(["--no-fallback", "--driver", &pinned])
+        .args(["--driver-sha256", &"0".repeat(64), "list-cached"]))
+    .fails(1, "");
+    // And through the config file, by tag, over the network.
+    let conf = s.file(
+        "glance-cache.conf",
+        format!(
+            "[DEFAULT]\nimage_cache_dir = {}\nimage_cache_driver = {tag}\n",
+            s.root().display()
+        )
+        .as_bytes(),
+    );
+    run(s
+        .bare()
+        .arg("--driver-store")
+        .arg(s.path("conf-store"))
+        .arg("--config")
+        .arg(&conf)
+        .args(["--plain-http", "--no-fallback", "list-cached"]))
+    .ok();
+    assert!(
+        s.path("conf-store")
+            .join("sha256")
+            .join(format!("{sha256}.wasm"))
+            .exists()
+    );
+
+    // Under --driver-trust an unsigned component is refused on pull, and
+    // not stored.
+    run(s.bare().args([
+        "drivers",
+        "keygen",
+        "--secret-key",
+        "ours.sec",
+        "--public-key",
+        "ours.pub",
+    ]))
+    .ok();
+    let trusting = s.path("trusting-store");
+    run(s.bare().arg("--driver-store").arg(&trusting).args([
+        "--driver-trust",
+        "ours.pub",
+        "drivers",
+        "pull",
+        "--plain-http",
+        &tag,
+    ]))
+    .fails(1, "no signature");
+    assert!(!trusting.join("sha256").exists());
+    // Even from the store, a pull under trust checks the signature.
+    run(tool().args([
+        "--driver-trust",
+        "ours.pub",
+        "drivers",
+        "pull",
+        "--plain-http",
+        &pinned,
+    ]))
+    .fails(1, "no signature");
+    // Signed and pushed, it is pulled and runs under the same trust.
+    run(s
+        .bare()
+        .args(["drivers", "sign", "--key", "ours.sec", "sqlite_driver.wasm"]))
+    .ok();
+    let signed_tag = format!("oci://{}/drivers/sqlite:signed", registry.address());
+    run(tool().args([
+        "drivers",
+        "push",
+        "--plain-http",
+        "sqlite_driver.wasm",
+        &signed_tag,
+    ]))
+    .ok();
+    run(s
+        .bare()
+        .arg("--driver-store")
+        .arg(&trusting)
+        .arg("--dir")
+        .arg(s.root())
+        .args([
+            "--driver-trust",
+            "ours.pub",
+            "--plain-http",
+            "--no-fallback",
+        ])
+        .args(["--driver", &signed_tag, "list-cached"]))
+    .ok();
+}

@@ -2273,3 +2273,123 @@ fn fail_reload_rolls_back_and_every_download_succeeds() {
         s.log()
     );
 }
+
+/// `--driver oci://...` for `serve`, and `oci://` references in the swap
+/// endpoint and on SIGHUP: pulled through the store (a real registry on
+/// loopback), run as component files.
+#[test]
+fn serve_runs_and_swaps_to_drivers_from_a_registry() {
+    let Some(registry) = image_cache_tests::registry::Registry::start() else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let store = work.path().join("store");
+    let push = |name: &str, bytes: &[u8]| -> String {
+        let file = work.path().join(format!("{name}.wasm"));
+        fs::write(&file, bytes).unwrap();
+        let tag = format!("oci://{}/drivers/{name}:1", registry.address());
+        let out = Command::new(cli_binary())
+            .args(["--json", "drivers", "push", "--plain-http"])
+            .arg(&file)
+            .arg(&tag)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pushed: Value = serde_json::from_slice(&out.stdout).unwrap();
+        pushed["pinned"].as_str().unwrap().to_string()
+    };
+    let sqlite = push("sqlite", image_cache::builtin::SQLITE.component);
+    let xattr = push("xattr", image_cache::builtin::XATTR.component);
+    let sha = |bytes: &[u8]| image_cache::runtime::sha256_hex(bytes);
+    let conf = work.path().join("glance-cache.conf");
+    fs::write(&conf, format!("[DEFAULT]\nimage_cache_driver = {sqlite}\n")).unwrap();
+    let conf_s = conf.to_str().unwrap().to_string();
+    let store_s = store.to_str().unwrap().to_string();
+    let s = Server::start_in(
+        tempfile::tempdir().unwrap(),
+        &["--plain-http", "--driver-grants", "sqlite,xattr"],
+        &[
+            ("IMAGE_CACHE_ADMIN_TOKEN", ADMIN),
+            ("IMAGE_CACHE_CONFIG", &conf_s),
+            ("IMAGE_CACHE_DRIVER_STORE", &store_s),
+        ],
+    );
+    let component_sha = |s: &Server| {
+        let d = admin(s.addr, "GET", "/v2/cache/driver").json();
+        d["sha256"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{d}"))
+            .to_string()
+    };
+    assert_eq!(
+        component_sha(&s),
+        sha(image_cache::builtin::SQLITE.component)
+    );
+
+    // The swap endpoint takes an oci:// reference.
+    let target = if xattrs_work(&s.root()) {
+        &xattr
+    } else {
+        &sqlite
+    };
+    let r = request(
+        s.addr,
+        "POST",
+        "/v2/cache/driver",
+        &[
+            ("X-Auth-Token", ADMIN),
+            ("Content-Type", "application/json"),
+        ],
+        format!("{{\"driver\":{target:?}}}").as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    if target == &xattr {
+        assert_eq!(
+            component_sha(&s),
+            sha(image_cache::builtin::XATTR.component)
+        );
+    }
+    // A reference the registry does not hold: 400, the driver stays.
+    let missing = format!("oci://{}/drivers/nothing:1", registry.address());
+    let r = request(
+        s.addr,
+        "POST",
+        "/v2/cache/driver",
+        &[
+            ("X-Auth-Token", ADMIN),
+            ("Content-Type", "application/json"),
+        ],
+        format!("{{\"driver\":{missing:?}}}").as_bytes(),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("drivers/nothing"), "{}", r.text());
+
+    // SIGHUP re-reads the config file, whose oci:// driver is pulled.
+    let back = format!("oci://{}/drivers/sqlite:1", registry.address());
+    fs::write(&conf, format!("[DEFAULT]\nimage_cache_driver = {back}\n")).unwrap();
+    let swaps = s.metric("image_cache_driver_swaps_total");
+    s.signal(libc::SIGHUP);
+    let until = Instant::now() + Duration::from_secs(30);
+    while s.metric("image_cache_driver_swaps_total") <= swaps {
+        assert!(Instant::now() < until, "no swap after SIGHUP:\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        component_sha(&s),
+        sha(image_cache::builtin::SQLITE.component)
+    );
+    assert!(
+        store
+            .join("sha256")
+            .join(format!(
+                "{}.wasm",
+                sha(image_cache::builtin::XATTR.component)
+            ))
+            .exists()
+            || target != &xattr
+    );
+}

@@ -278,7 +278,8 @@ pub async fn rollback_driver(
     }
 }
 
-/// `POST /v2/cache/driver` with `{"driver": "sqlite" | "xattr" | PATH}`:
+/// `POST /v2/cache/driver` with `{"driver": "sqlite" | "xattr" | PATH}`
+/// (or what the server's driver resolver accepts, `oci://...` from the CLI):
 /// load and configure the new driver, then swap it in; calls already
 /// running finish on the old one. 400 if it cannot be used (old stays).
 pub async fn swap_driver(
@@ -299,8 +300,17 @@ pub async fn swap_driver(
             "the body must name the driver: {\"driver\": \"sqlite\"|\"xattr\"|\"/path/driver.wasm\"}",
         ));
     };
-    let source = DriverSource::named(spec)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let source = match app.driver_resolver.clone() {
+        Some(resolver) => {
+            let spec = spec.to_string();
+            tokio::task::spawn_blocking(move || (resolver.0)(&spec))
+                .await
+                .map_err(|e| ApiError::internal(format!("driver resolver: {e}")))?
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?
+        }
+        None => DriverSource::named(spec)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?,
+    };
     let name = super::swap(&app, source).await?;
     Ok(Json(json!({"driver": name})))
 }

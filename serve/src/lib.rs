@@ -289,6 +289,8 @@ pub(crate) struct App {
     pub prefetch_backoff: background::Backoff,
     /// One swap at a time.
     pub swap_lock: AsyncMutex<()>,
+    /// Names in swap requests to drivers (None: built-in names and paths).
+    pub driver_resolver: Option<DriverResolver>,
     pub prefetch_now: Notify,
     stopping: AtomicBool,
     /// Set when shutdown's grace period is over: fetches abort.
@@ -744,6 +746,25 @@ pub struct Config {
     /// (fail-closed), the upstream's bytes, not cached (fail-open), or a
     /// rollback to the previous driver and a retry (fail-reload).
     pub fail_policy: FailPolicy,
+    /// How `POST /v2/cache/driver` turns the name it is given into a
+    /// driver (the CLI's resolves `oci://` references through its store);
+    /// `None`: a built-in name or a component file's path only.
+    pub driver_resolver: Option<DriverResolver>,
+}
+
+/// Resolves a driver named in a swap request; it may block (a registry
+/// pull), so it runs on a blocking thread. The error is shown to the
+/// caller as a 400.
+#[derive(Clone)]
+pub struct DriverResolver(pub Arc<ResolveDriver>);
+
+/// A driver's name to the driver, or why not.
+pub type ResolveDriver = dyn Fn(&str) -> Result<DriverSource, String> + Send + Sync;
+
+impl std::fmt::Debug for DriverResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DriverResolver")
+    }
 }
 
 impl Default for Config {
@@ -776,6 +797,7 @@ impl Default for Config {
             // A server goes around a failing driver (earlier releases did
             // so always); the library's own default is fail-closed.
             fail_policy: FailPolicy::Open,
+            driver_resolver: None,
         }
     }
 }
@@ -915,6 +937,7 @@ pub fn run(cache: ImageCache, config: Config, reload: Option<Reload>) -> Result<
         prefetching: AsyncMutex::new(()),
         prefetch_backoff: Default::default(),
         swap_lock: AsyncMutex::new(()),
+        driver_resolver: config.driver_resolver.clone(),
         prefetch_now: Notify::new(),
         stopping: AtomicBool::new(false),
         abort_fetches: AtomicBool::new(false),
@@ -1122,7 +1145,9 @@ async fn reload_settings(
     app: &Arc<App>,
     reload: &(dyn Fn() -> Result<Reloaded, ServeError> + Send + Sync),
 ) {
-    let settings = match reload() {
+    // The reload may block (a driver pulled from a registry): off the
+    // event loop's worker while it runs.
+    let settings = match tokio::task::block_in_place(reload) {
         Ok(s) => s,
         Err(e) => {
             warn!(error = %e, "SIGHUP: the configuration cannot be used; nothing changed");

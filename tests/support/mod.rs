@@ -12,6 +12,7 @@ use tempfile::TempDir;
 
 pub mod mariadb;
 pub mod pg;
+pub mod registry;
 pub mod tls;
 
 /// What a cache on the centralized driver uses: the shared PostgreSQL
@@ -555,6 +556,9 @@ pub fn cli_binary() -> &'static Path {
             .iter()
             .any(|p| name.starts_with(p))
                 || name == "CARGO_TARGET_TMPDIR"
+                // This package's build script's output directory (ring's
+                // build script reruns when OUT_DIR changes).
+                || name == "OUT_DIR"
             {
                 build.env_remove(&*name);
             }

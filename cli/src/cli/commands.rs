@@ -47,6 +47,11 @@ pub fn run(settings: &Settings, command: &Command) -> Outcome {
                 &mut out,
             )?,
             DriversAction::Verify { key, component } => verify(settings, key, component, &mut out)?,
+            DriversAction::Pull { reference } => pull(settings, reference, &mut out)?,
+            DriversAction::Push {
+                component,
+                reference,
+            } => push(settings, component, reference, &mut out)?,
         },
         Command::Db { action } => db(settings, action, &mut out)?,
         Command::HelpReference => help_reference(&mut out)?,
@@ -1115,6 +1120,56 @@ fn sign(
         "  it carries signatures by key {ids} {}",
         key_ids.join(", ")
     );
+    Ok(())
+}
+
+/// `drivers pull`: a component from a registry into the store.
+fn pull(s: &Settings, reference: &str, out: &mut Out) -> Outcome {
+    let pulled = s.pull(reference)?;
+    if s.json {
+        return print_json(
+            out,
+            &json!({
+                "reference": reference,
+                "pinned": pulled.pinned,
+                "manifest_digest": pulled.manifest_digest,
+                "path": pulled.path.display().to_string(),
+                "sha256": pulled.sha256,
+                "from_store": pulled.from_store,
+                "signature_checked": !s.driver_trust.is_empty(),
+            }),
+        );
+    }
+    outln!(out, "{}", pulled.path.display());
+    outln!(out, "  sha256:    {}", pulled.sha256);
+    outln!(out, "  manifest:  {}", pulled.manifest_digest);
+    outln!(out, "  pinned:    {}", pulled.pinned);
+    if pulled.from_store {
+        outln!(out, "  (already in the store: nothing fetched)");
+    }
+    Ok(())
+}
+
+/// `drivers push`: a component file to a registry, in wkg's layout.
+fn push(s: &Settings, component: &Path, reference: &str, out: &mut Out) -> Outcome {
+    let parsed = super::oci::parse(reference)?;
+    let pushed = super::oci::push(component, &parsed, s.plain_http)?;
+    if s.json {
+        return print_json(
+            out,
+            &json!({
+                "component": component.display().to_string(),
+                "reference": reference,
+                "pinned": pushed.pinned,
+                "manifest_digest": pushed.manifest_digest,
+                "sha256": pushed.sha256,
+            }),
+        );
+    }
+    outln!(out, "pushed {} to {reference}", component.display());
+    outln!(out, "  manifest:  {}", pushed.manifest_digest);
+    outln!(out, "  sha256:    {}", pushed.sha256);
+    outln!(out, "  pinned:    {}", pushed.pinned);
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 
 mod commands;
 pub(crate) mod format;
+mod oci;
 mod progress;
 mod serve;
 
@@ -50,8 +51,10 @@ struct Global {
     #[arg(long, env = "IMAGE_CACHE_DIR", value_name = "DIR", global = true)]
     dir: Option<PathBuf>,
 
-    /// The driver: sqlite (default), xattr, or the path of a driver
-    /// component (.wasm) (image_cache_driver).
+    /// The driver: sqlite (default), xattr, the path of a driver
+    /// component (.wasm), or a component in an OCI registry,
+    /// oci://REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST], pulled into the
+    /// --driver-store (image_cache_driver).
     #[arg(long, env = "IMAGE_CACHE_DRIVER", value_name = "DRIVER", global = true)]
     driver: Option<String>,
 
@@ -110,6 +113,23 @@ struct Global {
         global = true
     )]
     driver_trust: Vec<PathBuf>,
+
+    /// Where components pulled from OCI registries are kept, by SHA-256
+    /// (default: $XDG_CACHE_HOME/image-cache/drivers, else
+    /// ~/.cache/image-cache/drivers).
+    #[arg(
+        long,
+        env = "IMAGE_CACHE_DRIVER_STORE",
+        value_name = "DIR",
+        global = true
+    )]
+    driver_store: Option<PathBuf>,
+
+    /// Talk plain HTTP, not HTTPS, to the OCI registry of `drivers pull`,
+    /// `drivers push` and --driver oci://... (a registry on loopback or a
+    /// trusted network only).
+    #[arg(long, global = true)]
+    plain_http: bool,
 
     /// The centralized driver's database, as a URL: PostgreSQL
     /// (postgresql://user:password@host/db, or Glance's SQLAlchemy form
@@ -296,7 +316,8 @@ enum Command {
 
     /// List the built-in drivers: contract version, imports, grants and
     /// SHA-256 of each component; `inspect PATH` for a component file;
-    /// `keygen`, `sign` and `verify` for driver signatures.
+    /// `keygen`, `sign` and `verify` for driver signatures; `pull` and
+    /// `push` for components in OCI registries.
     Drivers {
         #[command(subcommand)]
         action: Option<DriversAction>,
@@ -404,6 +425,32 @@ pub enum DriversAction {
         key: Vec<PathBuf>,
         /// The component file (.wasm).
         component: PathBuf,
+    },
+
+    /// Fetch a driver component from an OCI registry (the layout wkg
+    /// publishes) into the --driver-store, checked against its digests:
+    /// the manifest's, if the reference pins one, and the component's. With
+    /// --driver-trust it must be signed by a trusted key, or it is not
+    /// stored. Prints the stored file, its SHA-256 and the reference
+    /// pinned by digest.
+    Pull {
+        /// oci://REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST] (no tag and no
+        /// digest: the tag latest).
+        #[arg(value_name = "OCI_REFERENCE")]
+        reference: String,
+    },
+
+    /// Publish a driver component to an OCI registry in wkg's layout
+    /// (anonymous access: the registry must accept the push). Prints the
+    /// manifest's digest, to pin with oci://...@sha256:DIGEST.
+    Push {
+        /// The component file (.wasm); sign it first (`drivers sign`) for
+        /// hosts that trust keys: the signature is embedded and travels
+        /// with it.
+        component: PathBuf,
+        /// oci://REGISTRY/REPOSITORY:TAG
+        #[arg(value_name = "OCI_REFERENCE")]
+        reference: String,
     },
 }
 
@@ -561,6 +608,10 @@ pub struct Settings {
     /// The public key files a component file driver must be signed by
     /// (none: signatures are not checked).
     pub driver_trust: Vec<PathBuf>,
+    /// Where components pulled from registries are kept.
+    pub driver_store: Option<PathBuf>,
+    /// Plain HTTP to OCI registries.
+    pub plain_http: bool,
     pub max_size: u64,
     pub stall_time: Duration,
     /// The centralized driver's database URL (never printed).
@@ -633,6 +684,12 @@ impl Settings {
             grants: Grants::parse(o.image_cache_driver_grants.as_deref().unwrap_or(""))
                 .map_err(|e| Failure::Usage(format!("image_cache_driver_grants: {e}")))?,
             driver_trust: o.image_cache_driver_trusted_keys.unwrap_or_default(),
+            driver_store: global
+                .driver_store
+                .clone()
+                .filter(|d| !d.as_os_str().is_empty())
+                .or_else(oci::default_store),
+            plain_http: global.plain_http,
             max_size: o.image_cache_max_size.unwrap_or(DEFAULT_MAX_SIZE),
             stall_time: o.image_cache_stall_time.unwrap_or(DEFAULT_STALL_TIME),
             database_url,
@@ -663,8 +720,74 @@ impl Settings {
         self.database_url.as_deref()
     }
 
+    /// A component in a registry (`oci://...`) is pulled into the store
+    /// first (or found there, when pinned by a digest it holds) and is
+    /// then a component file like any other: pinned, granted and its
+    /// signature checked as one.
     pub fn driver_source(&self) -> Result<DriverSource, Failure> {
-        DriverSource::named(&self.driver).map_err(|e| Failure::Usage(e.to_string()))
+        self.resolve_driver(&self.driver)
+    }
+
+    /// A driver by name: built-in, a component file, or `oci://...`.
+    pub fn resolve_driver(&self, spec: &str) -> Result<DriverSource, Failure> {
+        if oci::is_oci(spec) {
+            let pulled = self.pull(spec)?;
+            log::info!(
+                "driver {spec} is {} (sha256 {})",
+                pulled.path.display(),
+                pulled.sha256
+            );
+            return Ok(DriverSource::File(pulled.path));
+        }
+        DriverSource::named(spec).map_err(|e| Failure::Usage(e.to_string()))
+    }
+
+    /// What `serve`'s swap endpoint resolves names with: these settings'
+    /// store, registry protocol and trusted keys.
+    pub fn driver_resolver(&self) -> Result<image_cache_serve::DriverResolver, Failure> {
+        let (store, plain_http, keys) = (
+            self.driver_store.clone(),
+            self.plain_http,
+            self.trusted_keys()?,
+        );
+        Ok(image_cache_serve::DriverResolver(Arc::new(
+            move |spec: &str| {
+                if !oci::is_oci(spec) {
+                    return DriverSource::named(spec).map_err(|e| e.to_string());
+                }
+                let store = store.as_deref().ok_or_else(|| {
+                    "no driver store for oci:// drivers (--driver-store)".to_string()
+                })?;
+                let reference = oci::parse(spec).map_err(|e| e.to_string())?;
+                oci::pull(&reference, plain_http, store, keys.as_deref())
+                    .map(|p| DriverSource::File(p.path))
+                    .map_err(|e| e.to_string())
+            },
+        )))
+    }
+
+    /// The driver store, or a usage error saying how to name one.
+    fn driver_store(&self) -> Result<&std::path::Path, Failure> {
+        self.driver_store.as_deref().ok_or_else(|| {
+            Failure::Usage(
+                "no driver store: give --driver-store DIR, set IMAGE_CACHE_DRIVER_STORE, or \
+                 set XDG_CACHE_HOME or HOME"
+                    .into(),
+            )
+        })
+    }
+
+    /// Pull an `oci://` reference into the store, under the trusted keys
+    /// if any.
+    fn pull(&self, reference: &str) -> Result<oci::Pulled, Failure> {
+        let reference = oci::parse(reference)?;
+        let keys = self.trusted_keys()?;
+        oci::pull(
+            &reference,
+            self.plain_http,
+            self.driver_store()?,
+            keys.as_deref(),
+        )
     }
 
     /// The keys a component file driver must be signed by, read from

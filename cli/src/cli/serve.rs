@@ -234,6 +234,7 @@ impl ServeArgs {
                 .fail_policy
                 .or(settings.fail_policy)
                 .unwrap_or(defaults.fail_policy),
+            driver_resolver: Some(settings.driver_resolver()?),
         })
     }
 
