@@ -118,6 +118,7 @@ impl Sandbox {
             .env_remove("IMAGE_CACHE_CONFIG")
             .env_remove("IMAGE_CACHE_SQLITE_DB")
             .env_remove("IMAGE_CACHE_DRIVER_TRUST")
+            .env_remove("IMAGE_CACHE_DRIVER_STORE")
             .stdin(Stdio::null());
         cmd
     }
@@ -477,7 +478,7 @@ fn deleting_cached_images() {
     s.put("b", b"bbbb");
     // A typo deletes nothing.
     s.run(&["delete-cached", "c"])
-        .fails(1, "image \"c\" is not cached");
+        .fails(3, "image \"c\" is not cached");
     assert_eq!(s.cached_ids(), ["a", "b"]);
     let r = s.run(&["delete-cached", "a"]).ok();
     assert!(
@@ -534,7 +535,7 @@ fn the_queue() {
     );
 
     s.run(&["delete-queued", "nope"])
-        .fails(1, "image \"nope\" is not queued");
+        .fails(3, "image \"nope\" is not queued");
     s.run(&["delete-queued", "q2"]).ok();
     assert_eq!(s.queued_ids(), ["q1", "q3"]);
     let doc = s.run(&["--json", "delete-all-queued"]).ok().json();
@@ -805,7 +806,7 @@ fn read_failures_leave_no_partial_file() {
     s.put("a", b"aaa");
     let out = s.path("out.img");
     s.run(&["read", "nope", "--to", out.to_str().unwrap()])
-        .fails(1, "image \"nope\" is not cached");
+        .fails(3, "image \"nope\" is not cached");
     assert!(!out.exists());
     s.run(&["read", "a", "--to", "no-such-dir/out.img"])
         .fails(1, "no-such-dir/out.img");
@@ -1264,6 +1265,58 @@ fn a_full_disk_is_its_own_exit_code() {
     );
 }
 
+/// The file system's refusal keeps its kind to the exit code: a queue
+/// directory the cache's user may not write is `access-denied`, exit 6, not
+/// a generic failure. Root runs the tool as `nobody` (util-linux's
+/// `setpriv`); skipped with a printed reason elsewhere.
+#[test]
+fn access_denied_is_its_own_exit_code() {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    let setpriv = Path::new("/usr/bin/setpriv");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !setpriv.exists() {
+        eprintln!("skipped: needs root and /usr/bin/setpriv to run the tool as nobody");
+        return;
+    }
+    let s = Sandbox::new();
+    s.run(&["queue", "first"]).ok();
+    fs::set_permissions(s.path(""), fs::Permissions::from_mode(0o755)).unwrap();
+    let nobody = Some(65534);
+    let xdg = s.path("xdg");
+    fs::create_dir(&xdg).unwrap();
+    // Everything is nobody's but the queue directory.
+    for path in [
+        s.root(),
+        s.root().join("cache.db"),
+        s.root().join("incomplete"),
+        s.root().join("invalid"),
+        xdg.clone(),
+    ] {
+        chown(&path, nobody, nobody).unwrap();
+    }
+    let as_nobody = |args: &[&str]| {
+        run(Command::new(setpriv)
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(bin())
+            .arg("--dir")
+            .arg(s.root())
+            .args(args)
+            .current_dir(s.path(""))
+            .env("XDG_CACHE_HOME", &xdg)
+            .env_remove("IMAGE_CACHE_DIR")
+            .env_remove("IMAGE_CACHE_DRIVER")
+            .env_remove("IMAGE_CACHE_CONFIG")
+            .stdin(Stdio::null()))
+    };
+    let denied = as_nobody(&["--json", "queue", "second"]).fails(6, "Permission denied");
+    let doc = denied.json();
+    assert_eq!(doc["error"]["kind"], "io", "{doc}");
+    assert_eq!(doc["error"]["io_code"], "access-denied", "{doc}");
+    // What needs no write to the queue still works, and nothing changed.
+    let queued = as_nobody(&["--json", "list-queued"]).ok().json();
+    assert_eq!(queued["queued"], serde_json::json!(["first"]), "{queued}");
+}
+
 /// A write of the sqlite driver's database that finds the disk full
 /// (SQLite's `SQLITE_FULL` inside the driver, from the host's `no-space`)
 /// is a full disk too, not a database failure: exit 4 and `no-space`, so
@@ -1271,7 +1324,6 @@ fn a_full_disk_is_its_own_exit_code() {
 /// a small file system (root); skipped with a printed reason elsewhere.
 #[test]
 fn a_full_disk_under_the_drivers_database_is_no_space_too() {
-    use std::io::Write;
     let Some(fs) = image_cache_tests::SmallFs::mount("2m") else {
         return;
     };
@@ -1294,15 +1346,7 @@ fn a_full_disk_under_the_drivers_database_is_no_space_too() {
         String::from_utf8_lossy(&cached.stderr)
     );
     // Fill the file system to the last byte, outside the cache's root.
-    let mut filler = std::fs::File::create(fs.path().join("filler")).unwrap();
-    for size in [64 << 10, 4 << 10, 512, 1] {
-        let chunk = vec![0u8; size];
-        while filler
-            .write_all(&chunk)
-            .and_then(|()| filler.sync_data())
-            .is_ok()
-        {}
-    }
+    let filler = fs.fill();
     // Reading needs no room; recording its hit writes the database.
     let copy = top.path().join("copy");
     let out = cli(&["--json", "read", "img", "--to", copy.to_str().unwrap()]);
@@ -1317,8 +1361,7 @@ fn a_full_disk_under_the_drivers_database_is_no_space_too() {
     assert_eq!(doc["error"]["kind"], "io", "{doc}");
     assert_eq!(doc["error"]["io_code"], "no-space", "{doc}");
     // Room made: the hit is recorded again.
-    drop(filler);
-    std::fs::remove_file(fs.path().join("filler")).unwrap();
+    std::fs::remove_file(filler).unwrap();
     let out = cli(&["read", "img", "--to", copy.to_str().unwrap()]);
     assert!(
         out.status.success(),

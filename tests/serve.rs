@@ -2393,3 +2393,82 @@ fn serve_runs_and_swaps_to_drivers_from_a_registry() {
             || target != &xattr
     );
 }
+
+/// A full disk reaches a client of the server as 507 Insufficient Storage
+/// (the `io` error's `no-space` code, kept from the file system through
+/// the driver and the host): queueing an image creates a marker file, and
+/// a file system out of inodes (ENOSPC, as out of blocks) refuses it. Room
+/// made, the same call succeeds. Downloads are not affected: a fill that
+/// finds the disk full is served, not cached (`fills::`). Needs a small
+/// file system (root); skipped with a printed reason elsewhere.
+#[test]
+fn a_full_disk_is_507_insufficient_storage() {
+    let Some(small) = image_cache_tests::SmallFs::mount_with("size=8m,nr_inodes=400") else {
+        return;
+    };
+    let dir = tempfile::tempdir_in(small.path()).unwrap();
+    let upstream = tempfile::tempdir().unwrap();
+    fs::write(upstream.path().join("queued-on-a-full-disk"), b"bytes").unwrap();
+    let s = Server::start_in(
+        dir,
+        &[
+            "--upstream",
+            upstream.path().to_str().unwrap(),
+            "--prefetch-interval",
+            "0",
+        ],
+        &[("IMAGE_CACHE_ADMIN_TOKEN", ADMIN)],
+    );
+    let filler = small.fill_inodes();
+    let r = admin(s.addr, "PUT", "/v2/cache/queued-on-a-full-disk");
+    assert_eq!(r.status, 507, "{}\n{}", r.text(), s.log());
+    assert!(r.text().contains("disk is full"), "{}", r.text());
+    assert!(s.log().contains("no-space"), "{}", s.log());
+    fs::remove_dir_all(filler).unwrap();
+    let r = admin(s.addr, "PUT", "/v2/cache/queued-on-a-full-disk");
+    assert!(r.status < 300, "{} {}", r.status, r.text());
+    let queued = admin(s.addr, "GET", "/v2/cache").json();
+    assert_eq!(
+        queued["queued_images"],
+        serde_json::json!(["queued-on-a-full-disk"]),
+        "{queued}"
+    );
+}
+
+/// A directory the server may not write (here made immutable, which even
+/// root cannot write) is `access-denied` from the file system through the
+/// driver: 503 with Retry-After, and the log names the code. Needs root
+/// and a file system with `chattr +i` (ext4, xfs, btrfs); skipped with a
+/// printed reason elsewhere.
+#[test]
+fn access_denied_is_503() {
+    let upstream = tempfile::tempdir().unwrap();
+    fs::write(upstream.path().join("denied"), b"bytes").unwrap();
+    let s = Server::start(&[
+        "--upstream",
+        upstream.path().to_str().unwrap(),
+        "--prefetch-interval",
+        "0",
+    ]);
+    let queue = s.root().join("queue");
+    let chattr = |flag: &str| {
+        Command::new("chattr")
+            .arg(flag)
+            .arg(&queue)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|st| st.success())
+    };
+    if !chattr("+i") {
+        eprintln!("skipped: chattr +i does not work here (needs root and ext4/xfs/btrfs)");
+        return;
+    }
+    let r = admin(s.addr, "PUT", "/v2/cache/denied");
+    assert!(chattr("-i"));
+    assert_eq!(r.status, 503, "{}\n{}", r.text(), s.log());
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+    assert!(r.text().contains("refused access"), "{}", r.text());
+    assert!(s.log().contains("access-denied"), "{}", s.log());
+    let r = admin(s.addr, "PUT", "/v2/cache/denied");
+    assert!(r.status < 300, "{} {}", r.status, r.text());
+}

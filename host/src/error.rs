@@ -128,6 +128,28 @@ impl Error {
             Error::Overloaded(_) => "overloaded",
         }
     }
+
+    /// An `io` error's file-system code, by its WIT name (`no-space`,
+    /// `access-denied`, ...); `None` for the other kinds.
+    pub fn io_code(&self) -> Option<&'static str> {
+        let Error::Io { code, .. } = self else {
+            return None;
+        };
+        Some(match code {
+            IoCode::NotFound => "not-found",
+            IoCode::AlreadyExists => "already-exists",
+            IoCode::AccessDenied => "access-denied",
+            IoCode::InvalidPath => "invalid-path",
+            IoCode::NotADirectory => "not-a-directory",
+            IoCode::IsADirectory => "is-a-directory",
+            IoCode::NoSpace => "no-space",
+            IoCode::Unsupported => "unsupported",
+            IoCode::LimitExceeded => "limit-exceeded",
+            IoCode::TimedOut => "timed-out",
+            IoCode::InvalidArgument => "invalid-argument",
+            IoCode::Io => "io",
+        })
+    }
 }
 
 /// The host's own check of an image id (docs/src/spec.md; the rule in the

@@ -326,27 +326,56 @@ impl App {
         if matches!(e, Error::DriverFault { .. }) {
             inc(&self.metrics.driver_errors);
         }
-        warn!(call, kind = e.kind(), error = %e, "cache call failed");
+        match e.io_code() {
+            Some(code) => warn!(call, kind = e.kind(), code, error = %e, "cache call failed"),
+            None => warn!(call, kind = e.kind(), error = %e, "cache call failed"),
+        }
     }
 
     /// A library error as an answer: client mistakes keep their meaning,
     /// everything else is a 500 with the detail in the log.
     pub fn library_error(&self, e: Error, call: &str) -> ApiError {
+        use image_cache::error::IoCode;
         match e {
             Error::InvalidImageId(_) => ApiError::bad_id("the driver rejected it"),
             Error::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not found in the cache"),
             Error::AlreadyCached(_) => ApiError::new(StatusCode::CONFLICT, "already cached"),
             Error::BeingCached(_) => ApiError::new(StatusCode::CONFLICT, "being cached now"),
-            // A full disk is the operator's to fix, and says so.
-            Error::Io {
-                code: image_cache::error::IoCode::NoSpace,
-                ..
-            } => {
+            // The file system's answers keep their meaning.
+            Error::Io { code, .. }
+                if matches!(
+                    code,
+                    IoCode::NoSpace
+                        | IoCode::NotFound
+                        | IoCode::LimitExceeded
+                        | IoCode::AccessDenied
+                ) =>
+            {
                 self.note_driver_error(&e, call);
-                ApiError::new(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    "the cache's disk is full; see the server log",
-                )
+                match code {
+                    // A full disk is the operator's to fix, and says so.
+                    IoCode::NoSpace => ApiError::new(
+                        StatusCode::INSUFFICIENT_STORAGE,
+                        "the cache's disk is full; see the server log",
+                    ),
+                    // A file gone under the driver (deleted meanwhile).
+                    IoCode::NotFound => {
+                        ApiError::new(StatusCode::NOT_FOUND, "not found in the cache")
+                    }
+                    // Out of file descriptors: this node cannot now.
+                    IoCode::LimitExceeded => ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the server is out of open files; try again",
+                    )
+                    .with_retry_after(1),
+                    // A directory this server's user may not write: this
+                    // node cannot (another may); the log says which.
+                    _ => ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the cache's file system refused access; see the server log",
+                    )
+                    .with_retry_after(5),
+                }
             }
             // The driver's database is down: the server is degraded, not
             // broken (cached images are still served); try again later.

@@ -617,17 +617,22 @@ pub struct SmallFs {
 
 impl SmallFs {
     pub fn mount(size: &str) -> Option<SmallFs> {
+        SmallFs::mount_with(&format!("size={size}"))
+    }
+
+    /// With tmpfs mount options (`size=2m,nr_inodes=400`).
+    pub fn mount_with(options: &str) -> Option<SmallFs> {
         let top = tempfile::tempdir().expect("temp dir");
         let path = top.path().join("small");
         std::fs::create_dir(&path).expect("mount point");
         let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
             .arg(&path)
             .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
         if !mounted {
-            eprintln!("skipped: cannot mount a {size} tmpfs here (it needs root)");
+            eprintln!("skipped: cannot mount a tmpfs ({options}) here (it needs root)");
             return None;
         }
         Some(SmallFs { _top: top, path })
@@ -635,6 +640,36 @@ impl SmallFs {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Fill the file system to the last byte with a file beside whatever
+    /// else it holds; removing the file returned makes the room again.
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.path.join("filler");
+        let mut filler = std::fs::File::create(&path).expect("filler");
+        for size in [64 << 10, 4 << 10, 512, 1] {
+            let chunk = vec![0u8; size];
+            while filler
+                .write_all(&chunk)
+                .and_then(|()| filler.sync_data())
+                .is_ok()
+            {}
+        }
+        path
+    }
+
+    /// Use up the file system's last inode (a tmpfs mounted with
+    /// `nr_inodes`) with empty files in a directory beside whatever else
+    /// it holds; removing the directory returned frees them.
+    pub fn fill_inodes(&self) -> PathBuf {
+        let dir = self.path.join("inode-filler");
+        std::fs::create_dir(&dir).expect("inode filler directory");
+        let mut n = 0u64;
+        while std::fs::File::create(dir.join(n.to_string())).is_ok() {
+            n += 1;
+        }
+        dir
     }
 }
 

@@ -475,9 +475,10 @@ fn parse_checksum(s: &str) -> Result<Checksum, String> {
 pub enum Failure {
     /// The invocation or the configuration is wrong: exit 2.
     Usage(String),
-    /// An operation failed: exit 1, or [`EXIT_NO_SPACE`] when the disk or
-    /// a quota is full. `kind` is the library's error kind (or the CLI's
-    /// own) for the `--json` error document, `io_code` the file-system
+    /// An operation failed: exit 1, or the code of its kind ([`exit_code`]):
+    /// not found, a full disk, access denied, too many files, the database.
+    /// `kind` is the library's error kind (or the CLI's own) for the
+    /// `--json` error document, `io_code` the file-system
     /// error code of an `io` error.
     Op {
         kind: &'static str,
@@ -499,6 +500,31 @@ pub const EXIT_NO_SPACE: u8 = 4;
 /// could not be used (down, unreachable, a statement refused): an outage is
 /// not a configuration to fix.
 pub const EXIT_DATABASE: u8 = 5;
+
+/// The exit code of an operation on something that is not there: an image
+/// not cached or not queued, a file not found.
+pub const EXIT_NOT_FOUND: u8 = 3;
+
+/// The exit code of an operation the file system refused for permissions
+/// (the cache directory's owner or modes are wrong).
+pub const EXIT_ACCESS_DENIED: u8 = 6;
+
+/// The exit code of an operation that ran out of file descriptors (the
+/// process's or the system's open-files limit).
+pub const EXIT_TOO_MANY_FILES: u8 = 7;
+
+/// The exit code of a failed operation, from its error kind and, for an
+/// `io` error, its file-system code.
+pub fn exit_code(kind: &str, io_code: Option<&str>) -> u8 {
+    match (kind, io_code) {
+        (_, Some("no-space")) => EXIT_NO_SPACE,
+        (_, Some("access-denied")) => EXIT_ACCESS_DENIED,
+        (_, Some("limit-exceeded")) => EXIT_TOO_MANY_FILES,
+        (_, Some("not-found")) | ("not-found" | "not-queued", _) => EXIT_NOT_FOUND,
+        ("database", _) => EXIT_DATABASE,
+        _ => 1,
+    }
+}
 
 impl Failure {
     pub fn op(kind: &'static str, message: impl Into<String>) -> Failure {
@@ -534,14 +560,10 @@ impl From<image_cache_serve::ServeError> for Failure {
 
 impl From<image_cache::Error> for Failure {
     fn from(e: image_cache::Error) -> Failure {
-        let io_code = match &e {
-            image_cache::Error::Io { code, .. } => Some(io_code_name(*code)),
-            _ => None,
-        };
         Failure::Op {
             kind: e.kind(),
             message: e.to_string(),
-            io_code,
+            io_code: e.io_code(),
         }
     }
 }
@@ -553,25 +575,6 @@ fn own_words(e: image_cache::Error) -> String {
     match e {
         image_cache::Error::BadConfiguration(m) | image_cache::Error::Database(m) => m,
         other => other.to_string(),
-    }
-}
-
-/// The `fs` error code's WIT name.
-fn io_code_name(code: image_cache::error::IoCode) -> &'static str {
-    use image_cache::error::IoCode;
-    match code {
-        IoCode::NotFound => "not-found",
-        IoCode::AlreadyExists => "already-exists",
-        IoCode::AccessDenied => "access-denied",
-        IoCode::InvalidPath => "invalid-path",
-        IoCode::NotADirectory => "not-a-directory",
-        IoCode::IsADirectory => "is-a-directory",
-        IoCode::NoSpace => "no-space",
-        IoCode::Unsupported => "unsupported",
-        IoCode::LimitExceeded => "limit-exceeded",
-        IoCode::TimedOut => "timed-out",
-        IoCode::InvalidArgument => "invalid-argument",
-        IoCode::Io => "io",
     }
 }
 
@@ -1006,11 +1009,7 @@ pub fn main() -> ExitCode {
                 let doc = serde_json::json!({ "error": error });
                 let _ = writeln!(io::stdout(), "{doc}");
             }
-            ExitCode::from(match (kind, io_code) {
-                (_, Some("no-space")) => EXIT_NO_SPACE,
-                ("database", _) => EXIT_DATABASE,
-                _ => 1,
-            })
+            ExitCode::from(exit_code(kind, io_code))
         }
     }
 }
