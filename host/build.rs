@@ -6,9 +6,13 @@
 //! never part of the library.
 
 fn main() {
-    image_cache_build_support::build_drivers(&[
+    let built = image_cache_build_support::build_drivers(&[
         "sqlite-driver",
         "xattr-driver",
         "centralized-driver",
     ]);
+    if let Some(dir) = built {
+        // For dependents' build scripts (`links`): tests/build.rs.
+        println!("cargo::metadata=dir={}", dir.display());
+    }
 }

@@ -434,6 +434,59 @@ fn inspect_runs_no_driver_code_and_shows_its_words_escaped() {
     assert_eq!(rt.stats.compiled.load(Ordering::Relaxed), 0);
 }
 
+/// The built-in drivers, signed at build time (tests/build.rs, with a key
+/// made for the build), load as component files under that key and work;
+/// the same bytes unsigned are refused, and the signature names the key.
+#[test]
+fn built_in_drivers_signed_at_build_time_load_under_their_key() {
+    use image_cache::signature::{self, TrustedKeys};
+
+    let key = image_cache_tests::builtin_signing_key();
+    let trusted = Arc::new(TrustedKeys::from_files(&[key]).unwrap());
+    let policy = LoadPolicy {
+        trusted_keys: Some(trusted.clone()),
+        grants: Grants::of(&Capability::ALL),
+        ..Default::default()
+    };
+    let rt = fresh_runtime();
+    for (name, builtin) in [
+        ("sqlite_driver", &image_cache::builtin::SQLITE),
+        ("xattr_driver", &image_cache::builtin::XATTR),
+        ("centralized_driver", &image_cache::builtin::CENTRALIZED),
+    ] {
+        let path = image_cache_tests::signed_builtin(name);
+        let bytes = std::fs::read(&path).unwrap();
+        let report = signature::verify_report(&bytes, None, &trusted).unwrap();
+        assert_eq!(report.verified_by.len(), 1, "{name}: {report:?}");
+        let component = rt
+            .component(&DriverSource::File(path.clone()), &policy)
+            .unwrap();
+        assert_eq!(component.sha256(), image_cache::runtime::sha256_hex(&bytes));
+        // The same code, unsigned, is refused under the key.
+        let dir = tempfile::tempdir().unwrap();
+        let unsigned = dir.path().join(format!("{name}.wasm"));
+        std::fs::write(&unsigned, builtin.component).unwrap();
+        let message = load_error(rt.component(&DriverSource::File(unsigned), &policy));
+        assert!(
+            message.starts_with("it carries no signature"),
+            "{name}: {message}"
+        );
+    }
+    // A signed built-in runs: a cache on it caches and lists.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("image");
+    std::fs::write(&image, b"bytes").unwrap();
+    let config = CacheConfig::new(dir.path().join("cache"))
+        .driver(DriverSource::File(image_cache_tests::signed_builtin(
+            "sqlite_driver",
+        )))
+        .fallback_to_sqlite(false)
+        .policy(policy);
+    let cache = ImageCache::with_runtime(rt.clone(), config).unwrap();
+    cache.cache_file("signed", &image, None).unwrap();
+    assert_eq!(cache.get_cached_images().unwrap().len(), 1);
+}
+
 /// Under trusted keys a component file loads only if one of them signed
 /// exactly its bytes (embedded, or in `<file>.sig`); anything else is
 /// refused before it is compiled, naming the key ids found and trusted,

@@ -443,6 +443,18 @@ pub fn fixture(name: &str) -> PathBuf {
     path
 }
 
+/// A built-in driver (`sqlite_driver`, `xattr_driver`,
+/// `centralized_driver`) as a release would ship it: signed, embedded, by
+/// the key tests/build.rs made for this build ([`builtin_signing_key`]).
+pub fn signed_builtin(name: &str) -> PathBuf {
+    fixture(&format!("signed/{name}"))
+}
+
+/// The public key that signed [`signed_builtin`]'s components.
+pub fn builtin_signing_key() -> PathBuf {
+    Path::new(env!("IMAGE_CACHE_FIXTURES_DIR")).join("signed/builtin-signing.pub")
+}
+
 /// An outsider's driver component, built from `wit/` alone by its own cargo
 /// (tests/plugin, its own workspace and target directory
 /// `<target>/plugin`), turned into a component as a third party would:
