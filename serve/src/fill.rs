@@ -469,6 +469,9 @@ async fn commit(
             return false;
         }
     }
+    let Some(_room) = Admission::admit(app, id, size).await else {
+        return false;
+    };
     match free_space(app.cache.root()) {
         Ok(free) if free < size.saturating_add(app.limits.disk_reserve) => {
             inc(&app.metrics.not_cached_disk);
@@ -527,6 +530,150 @@ async fn commit(
             false
         }
     }
+}
+
+/// Admission: fills keep the cache under its max size by evicting least
+/// recently used images before they write, so the cache does not stay over
+/// it until the next prune. One fill decides at a time (the lock), and the
+/// fills admitted whose images are not cached yet count as if they were, so
+/// fills running together cannot each find room that only one of them has:
+/// the cache stays under the max size, give or take one image committed
+/// while a decision is made (or written beside the server by a CLI).
+pub struct Admission {
+    /// Most images one fill may evict (0: admission off).
+    budget: u32,
+    lock: tokio::sync::Mutex<()>,
+    /// The fills admitted and not finished: token, image id, size.
+    admitted: Arc<Mutex<Vec<(u64, String, u64)>>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// Room made for one fill, held until it has committed (or given up).
+pub struct Room {
+    token: u64,
+    admitted: Arc<Mutex<Vec<(u64, String, u64)>>>,
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.admitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(token, ..)| *token != self.token);
+    }
+}
+
+impl Admission {
+    pub fn new(budget: u32) -> Admission {
+        Admission {
+            budget,
+            lock: tokio::sync::Mutex::new(()),
+            admitted: Default::default(),
+            next: Default::default(),
+        }
+    }
+
+    fn room(&self, id: &str, size: u64) -> Room {
+        let token = self.next.fetch_add(1, Ordering::Relaxed);
+        self.admitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((token, id.to_string(), size));
+        Room {
+            token,
+            admitted: self.admitted.clone(),
+        }
+    }
+
+    /// Room for an image of `size` bytes under the max size, made by
+    /// evicting least recently used images if needed; `None` (and the
+    /// image is served, not cached) if it cannot be made within the
+    /// budget. With admission off, room is always there.
+    pub async fn admit(app: &Arc<App>, id: &str, size: u64) -> Option<Room> {
+        let this = &app.admission;
+        if this.budget == 0 {
+            return Some(this.room(id, 0));
+        }
+        let max_size = app.tunables.read().unwrap().max_size;
+        let refuse = |why: &str| {
+            inc(&app.metrics.not_cached_admission);
+            info!(image_id = %id, size, max_size, "not cached: {why}");
+            None
+        };
+        if size > max_size {
+            return refuse("the image alone is larger than the cache's max size");
+        }
+        let _one = this.lock.lock().await;
+        let (app2, budget) = (app.clone(), this.budget);
+        let made = tokio::task::spawn_blocking(move || {
+            make_room(&app2, max_size.saturating_sub(size), budget)
+        })
+        .await;
+        match made {
+            Ok(Ok(true)) => Some(this.room(id, size)),
+            Ok(Ok(false)) => {
+                refuse("room under the max size needs more evictions than --fill-evict-budget")
+            }
+            Ok(Err(e)) => {
+                app.note_driver_error(&e, "admission");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+/// Evict least recently used images until the cache, with the fills
+/// admitted before and not cached yet, holds at most `target` bytes, at
+/// most `budget` of them; false (nothing evicted) if that many are not
+/// enough.
+fn make_room(app: &App, target: u64, budget: u32) -> Result<bool, Error> {
+    // The size first, then which admitted fills it does not hold yet: an
+    // image committed in between is counted in neither (one image over at
+    // worst), never in both (an eviction too many).
+    let mut current = app.cache.get_cache_size()?;
+    let admitted = app
+        .admission
+        .admitted
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    for (_, id, size) in admitted {
+        if !app.cache.is_cached(&id)? {
+            current = current.saturating_add(size);
+        }
+    }
+    let Some(needed) = current.checked_sub(target).filter(|n| *n > 0) else {
+        return Ok(true);
+    };
+    // LRU order from every access counted so far.
+    app.hits.flush();
+    let lru = app.cache.get_least_recently_accessed_batch(budget)?;
+    let mut freed = 0u64;
+    let mut victims = Vec::new();
+    for entry in lru {
+        if freed >= needed {
+            break;
+        }
+        freed += entry.size;
+        victims.push(entry);
+    }
+    if freed < needed {
+        return Ok(false);
+    }
+    for victim in victims {
+        match app.cache.delete_cached_image(&victim.image_id) {
+            Ok(()) | Err(Error::NotFound(_)) => {
+                inc(&app.metrics.evictions);
+                inc(&app.metrics.admission_evictions);
+                add(&app.metrics.evicted_bytes, victim.size);
+                add(&app.metrics.admission_evicted_bytes, victim.size);
+                info!(image_id = %victim.image_id, size = victim.size, "evicted to admit a fill");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
 
 /// Bytes free for an unprivileged writer on the file system of `path`.

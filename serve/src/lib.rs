@@ -281,6 +281,8 @@ pub(crate) struct App {
     pub tunables: RwLock<Tunables>,
     pub intervals: Intervals,
     pub ceiling: Option<u64>,
+    /// Fills that make room under the max size (one at a time).
+    pub admission: fill::Admission,
     pub spool_dir: PathBuf,
     /// Prune and clean: one at a time on the root.
     pub maintenance: AsyncMutex<()>,
@@ -745,6 +747,12 @@ pub struct Config {
     pub stall_time: Duration,
     /// An image that would push the cache over this is served, not cached.
     pub cache_ceiling: Option<u64>,
+    /// Admission: a fill that would take the cache over `max_size` first
+    /// evicts least recently used images, at most this many; if that is
+    /// not enough (or the image alone is larger than `max_size`) the image
+    /// is served, not cached. 0: fills do not evict (the pruner alone
+    /// brings the cache back under `max_size`).
+    pub fill_evict_budget: u32,
     /// How often the prefetcher, the pruner and the cleaner run (0 = never).
     pub prefetch_interval: Duration,
     pub prune_interval: Duration,
@@ -810,6 +818,7 @@ impl Default for Config {
             max_size: 10 << 30,
             stall_time: Duration::from_secs(86_400),
             cache_ceiling: None,
+            fill_evict_budget: 100,
             prefetch_interval: Duration::from_secs(300),
             prune_interval: Duration::from_secs(600),
             clean_interval: Duration::from_secs(3_600),
@@ -961,6 +970,7 @@ pub fn run(cache: ImageCache, config: Config, reload: Option<Reload>) -> Result<
             clean: config.clean_interval,
         },
         ceiling: config.cache_ceiling,
+        admission: fill::Admission::new(config.fill_evict_budget),
         spool_dir: config.spool_dir.clone(),
         maintenance: AsyncMutex::new(()),
         prefetching: AsyncMutex::new(()),

@@ -22,6 +22,9 @@ pub struct Metrics {
     pub images_cached: AtomicU64,
     pub not_cached_ceiling: AtomicU64,
     pub not_cached_disk: AtomicU64,
+    pub not_cached_admission: AtomicU64,
+    pub admission_evictions: AtomicU64,
+    pub admission_evicted_bytes: AtomicU64,
     pub checksum_failures: AtomicU64,
     pub fills_refused: AtomicU64,
     pub connections_refused: AtomicU64,
@@ -133,18 +136,33 @@ impl Metrics {
                 get(&self.not_cached_ceiling),
             ),
             (
+                "image_cache_not_cached_admission_total",
+                "Images served but not cached because room under --max-size could not be made within --fill-evict-budget (or the image alone is larger).",
+                get(&self.not_cached_admission),
+            ),
+            (
+                "image_cache_admission_evictions_total",
+                "Images evicted by fills to stay under --max-size (admission; also counted in image_cache_evictions_total).",
+                get(&self.admission_evictions),
+            ),
+            (
+                "image_cache_admission_evicted_bytes_total",
+                "Bytes evicted by fills to stay under --max-size.",
+                get(&self.admission_evicted_bytes),
+            ),
+            (
                 "image_cache_cache_write_failures_total",
                 "Fetches whose caching failed while the bytes still reached the clients.",
                 get(&self.cache_write_failures),
             ),
             (
                 "image_cache_evictions_total",
-                "Images evicted by prune.",
+                "Images evicted by prune and by admission.",
                 get(&self.evictions),
             ),
             (
                 "image_cache_evicted_bytes_total",
-                "Bytes evicted by prune.",
+                "Bytes evicted by prune and by admission.",
                 get(&self.evicted_bytes),
             ),
             (

@@ -78,6 +78,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     cache_ceiling: Option<u64>,
 
+    /// Admission: a fill that would take the cache over --max-size first
+    /// evicts least recently used images, at most N of them; if that is
+    /// not enough, or the image alone is larger than --max-size, it is
+    /// served but not cached. 0: fills do not evict, and the cache stays
+    /// over --max-size until the next prune (Glance's behaviour).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    fill_evict_budget: u32,
+
     /// How often the prefetcher runs (0 = never; default
     /// cache_prefetcher_interval, or 300s). Queuing an image through the
     /// API also wakes it.
@@ -214,6 +222,7 @@ impl ServeArgs {
             max_size: self.max_size.unwrap_or(settings.max_size),
             stall_time: self.stall_time.unwrap_or(settings.stall_time),
             cache_ceiling: self.cache_ceiling,
+            fill_evict_budget: self.fill_evict_budget,
             prefetch_interval: self
                 .prefetch_interval
                 .or(settings.prefetch_interval)
