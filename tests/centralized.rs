@@ -17,6 +17,10 @@ use image_cache_tests::{PgSetup, bad_configuration, cached_ids, cli_binary, imag
 #[path = "centralized/mariadb.rs"]
 mod on_mariadb;
 
+/// Sibling fill across serve nodes sharing one PostgreSQL.
+#[path = "centralized/siblings.rs"]
+mod siblings;
+
 const CENTRALIZED: DriverSource = DriverSource::Builtin("centralized");
 const SQLITE: DriverSource = DriverSource::Builtin("sqlite");
 

@@ -2426,7 +2426,7 @@ fn a_full_disk_is_507_insufficient_storage() {
     let r = admin(s.addr, "PUT", "/v2/cache/queued-on-a-full-disk");
     assert_eq!(r.status, 507, "{}\n{}", r.text(), s.log());
     assert!(r.text().contains("disk is full"), "{}", r.text());
-    assert!(s.log().contains("no-space"), "{}", s.log());
+    assert!(s.wait_log("no-space"), "{}", s.log());
     fs::remove_dir_all(filler).unwrap();
     let r = admin(s.addr, "PUT", "/v2/cache/queued-on-a-full-disk");
     assert!(r.status < 300, "{} {}", r.status, r.text());
@@ -2471,7 +2471,7 @@ fn access_denied_is_503() {
     assert_eq!(r.status, 503, "{}\n{}", r.text(), s.log());
     assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
     assert!(r.text().contains("refused access"), "{}", r.text());
-    assert!(s.log().contains("access-denied"), "{}", s.log());
+    assert!(s.wait_log("access-denied"), "{}", s.log());
     let r = admin(s.addr, "PUT", "/v2/cache/denied");
     assert!(r.status < 300, "{} {}", r.status, r.text());
 }

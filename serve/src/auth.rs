@@ -39,7 +39,7 @@ impl Token {
         })
     }
 
-    fn matches(&self, presented: &[u8]) -> bool {
+    pub(crate) fn matches(&self, presented: &[u8]) -> bool {
         let digest: [u8; 32] = Sha256::digest(presented).into();
         self.digest.ct_eq(&digest).into()
     }

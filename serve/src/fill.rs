@@ -52,7 +52,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{info, warn};
 
 use super::metrics::{add, inc};
-use super::upstream::{FetchError, Start, internal};
+use super::upstream::{Body, FetchError, Start, internal};
 use super::{App, driver_failing};
 
 /// Spool writes are batched up to this much when the upstream sends
@@ -320,7 +320,9 @@ async fn look_up(
     }
 }
 
-/// Read the upstream into the spool and verify it.
+/// Read the image into the spool, from a sibling that holds it if there
+/// is one (see `siblings`), else (or for the rest, after a sibling failed
+/// mid-stream) from the upstream, and verify it.
 async fn fill(
     app: &Arc<App>,
     id: &str,
@@ -334,21 +336,126 @@ async fn fill(
             format!("image {id:?} is not cached"),
         ));
     };
-    inc(&app.metrics.upstream_fetches);
-    let (start, mut body) = match upstream.open(id, token.as_deref()).await {
-        Ok(opened) => opened,
-        Err(e) => return Outcome::Failed(e),
-    };
-    tx.send_modify(|p| p.start = Some(start.clone()));
-    let mut hashers = Hashers::new(&start);
-    let mut rate = Rate::new(app.limits.min_rate, app.limits.rate_window);
-    let mut written = 0u64;
     let failed =
         |message: String| Outcome::Failed(FetchError::new(StatusCode::BAD_GATEWAY, message));
+    let mut written = 0u64;
+    let mut from_sibling: Option<(Start, Hashers)> = None;
+    if let Some(siblings) = app.siblings.as_ref() {
+        for node in siblings.holders(app, id).await {
+            let (start, body) = match siblings.open(&node, id).await {
+                Ok(opened) => opened,
+                Err(why) => {
+                    super::siblings::unusable(id, &node, &why);
+                    continue;
+                }
+            };
+            inc(&app.metrics.sibling_fills);
+            tx.send_modify(|p| p.start = Some(start.clone()));
+            let mut hashers = Hashers::new(&start);
+            let pumped = pump(
+                app,
+                id,
+                body,
+                0,
+                spool,
+                &mut hashers,
+                &mut written,
+                start.size,
+                tx,
+                &app.metrics.sibling_bytes,
+            )
+            .await;
+            match pumped {
+                Ok(()) => return verified(app, id, &start, hashers, written, tx),
+                Err(Pumped::Stopped(outcome)) => return outcome,
+                Err(Pumped::Failed(why)) => {
+                    inc(&app.metrics.sibling_failures);
+                    warn!(image_id = %id, node, at = written, error = %why, "the sibling failed mid-stream: the rest from the upstream");
+                    from_sibling = Some((start, hashers));
+                }
+            }
+            break;
+        }
+    }
+    inc(&app.metrics.upstream_fetches);
+    let (start, hashers) = match from_sibling {
+        None => match upstream.open(id, token.as_deref()).await {
+            Ok((start, body)) => {
+                tx.send_modify(|p| p.start = Some(start.clone()));
+                let hashers = Hashers::new(&start);
+                (start, Some((body, 0, hashers)))
+            }
+            Err(e) => return Outcome::Failed(e),
+        },
+        Some((start, hashers)) => {
+            inc(&app.metrics.upstream_resumes);
+            match upstream.open_at(id, token.as_deref(), written).await {
+                Ok((theirs, body, skip)) => {
+                    if let (Some(a), Some(b)) = (start.size, theirs.size)
+                        && a != b
+                    {
+                        return failed(format!(
+                            "the sibling sent image {id:?} as {a} bytes, the upstream has {b}"
+                        ));
+                    }
+                    (start, Some((body, skip, hashers)))
+                }
+                Err(e) => return Outcome::Failed(e),
+            }
+        }
+    };
+    let Some((body, skip, mut hashers)) = hashers else {
+        unreachable!("an upstream body is open")
+    };
+    let pumped = pump(
+        app,
+        id,
+        body,
+        skip,
+        spool,
+        &mut hashers,
+        &mut written,
+        start.size,
+        tx,
+        &app.metrics.upstream_bytes,
+    )
+    .await;
+    match pumped {
+        Ok(()) => verified(app, id, &start, hashers, written, tx),
+        Err(Pumped::Stopped(outcome)) => outcome,
+        Err(Pumped::Failed(why)) => failed(why),
+    }
+}
+
+/// Why a body stopped before its end.
+enum Pumped {
+    /// The server is stopping: this is the outcome.
+    Stopped(Outcome),
+    /// The source failed or misbehaved.
+    Failed(String),
+}
+
+/// Copy `body` into the spool from `*written` on (its first `skip` bytes
+/// dropped), hashing it, until its end; bytes counted in `counter`.
+#[allow(clippy::too_many_arguments)]
+async fn pump(
+    app: &Arc<App>,
+    id: &str,
+    mut body: Body,
+    mut skip: u64,
+    spool: &Arc<File>,
+    hashers: &mut Hashers,
+    written: &mut u64,
+    size: Option<u64>,
+    tx: &watch::Sender<Progress>,
+    counter: &std::sync::atomic::AtomicU64,
+) -> Result<(), Pumped> {
+    let mut rate = Rate::new(app.limits.min_rate, app.limits.rate_window);
     let stopped = || {
-        failed(format!(
-            "the server stopped before image {id:?} was fetched"
-        ))
+        Pumped::Stopped(Outcome::Failed(FetchError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("the server stopped before image {id:?} was fetched"),
+        )))
     };
     loop {
         // Take what is there now, up to a batch, without waiting for more.
@@ -358,14 +465,19 @@ async fn fill(
             let next = if batch.is_empty() {
                 tokio::select! {
                     c = body.chunk() => Some(c),
-                    _ = app.fetches_aborted() => return stopped(),
+                    _ = app.fetches_aborted() => return Err(stopped()),
                 }
             } else {
                 body.chunk().now_or_never()
             };
             match next {
                 None => break,
-                Some(Ok(Some(chunk))) => {
+                Some(Ok(Some(mut chunk))) => {
+                    if skip > 0 {
+                        let n = skip.min(chunk.len() as u64);
+                        skip -= n;
+                        let _ = chunk.split_to(n as usize);
+                    }
                     batch.extend_from_slice(&chunk);
                     if batch.len() >= WRITE_BATCH {
                         break;
@@ -376,29 +488,29 @@ async fn fill(
                     break;
                 }
                 Some(Err(e)) => {
-                    return failed(format!(
-                        "the upstream failed while sending image {id:?}: {e}"
-                    ));
+                    return Err(Pumped::Failed(format!(
+                        "the source failed while sending image {id:?}: {e}"
+                    )));
                 }
             }
         }
         if app.abort_fetches.load(Ordering::Relaxed) {
-            return stopped();
+            return Err(stopped());
         }
         if !batch.is_empty() {
             let n = batch.len() as u64;
-            if let Some(size) = start.size
-                && written + n > size
+            if let Some(size) = size
+                && *written + n > size
             {
-                return failed(format!(
-                    "the upstream sent more than the {size} bytes of image {id:?}"
-                ));
+                return Err(Pumped::Failed(format!(
+                    "the source sent more than the {size} bytes of image {id:?}"
+                )));
             }
             let spool2 = spool.clone();
             let batch = batch.freeze();
-            let at = written;
+            let at = *written;
+            let mut h = std::mem::replace(hashers, Hashers::empty());
             let (h, result) = match tokio::task::spawn_blocking(move || {
-                let mut h = hashers;
                 h.update(&batch);
                 let r = write_at(&spool2, &batch, at);
                 (h, r)
@@ -406,36 +518,59 @@ async fn fill(
             .await
             {
                 Ok(done) => done,
-                Err(e) => return Outcome::Failed(internal(format!("spool write task: {e}"))),
+                Err(e) => {
+                    return Err(Pumped::Stopped(Outcome::Failed(internal(format!(
+                        "spool write task: {e}"
+                    )))));
+                }
             };
-            hashers = h;
+            *hashers = h;
             if let Err(e) = result {
-                return Outcome::Failed(internal(format!("writing the spool of {id:?}: {e}")));
+                return Err(Pumped::Stopped(Outcome::Failed(internal(format!(
+                    "writing the spool of {id:?}: {e}"
+                )))));
             }
-            written += n;
-            add(&app.metrics.upstream_bytes, n);
+            *written += n;
+            add(counter, n);
             // The last byte waits for the verdict.
-            tx.send_modify(|p| p.written = written - 1);
+            tx.send_modify(|p| p.written = *written - 1);
             if let Err(e) = rate.check(n) {
-                return failed(format!("the upstream sent image {id:?} too slowly: {e}"));
+                return Err(Pumped::Failed(format!(
+                    "the source sent image {id:?} too slowly: {e}"
+                )));
             }
         }
         if ended {
             break;
         }
     }
-    if let Some(size) = start.size
-        && written != size
+    if let Some(size) = size
+        && *written != size
     {
-        return failed(format!(
-            "the upstream ended image {id:?} after {written} of its {size} bytes"
-        ));
+        return Err(Pumped::Failed(format!(
+            "the source ended image {id:?} after {written} of its {size} bytes"
+        )));
     }
-    let md5 = match hashers.verify(&start) {
+    Ok(())
+}
+
+/// The verdict on a spool complete by its size: its checksums.
+fn verified(
+    app: &Arc<App>,
+    id: &str,
+    start: &Start,
+    hashers: Hashers,
+    written: u64,
+    tx: &watch::Sender<Progress>,
+) -> Outcome {
+    let md5 = match hashers.verify(start) {
         Ok(md5) => md5,
         Err(e) => {
             inc(&app.metrics.checksum_failures);
-            return failed(format!("image {id:?} from the upstream {e}; not cached"));
+            return Outcome::Failed(FetchError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("image {id:?} from the upstream {e}; not cached"),
+            ));
         }
     };
     tx.send_modify(|p| {
@@ -707,6 +842,14 @@ impl Hashers {
         Hashers {
             md5: Hasher::new(Algorithm::Md5),
             other: start.hash.as_ref().map(|c| Hasher::new(c.algorithm)),
+        }
+    }
+
+    /// A placeholder while the real ones are on a blocking thread.
+    fn empty() -> Hashers {
+        Hashers {
+            md5: Hasher::new(Algorithm::Md5),
+            other: None,
         }
     }
 

@@ -56,16 +56,37 @@ async fn serve(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     validate_id(&id)?;
-    let grant = access::authorize(&app, &headers, &id).await?;
+    // A sibling node (the peer token) is answered from the cache only:
+    // never a fetch from the upstream for a peer, so fills cannot bounce
+    // between nodes.
+    let peer = app.siblings.as_ref().is_some_and(|s| s.is_peer(&headers));
+    let grant = match peer {
+        true => {
+            inc(&app.metrics.peer_requests);
+            access::Grant {
+                upstream_token: None,
+            }
+        }
+        false => access::authorize(&app, &headers, &id).await?,
+    };
     let head = method == Method::HEAD;
     let range = header_text(&headers, header::RANGE);
     let if_none_match = header_text(&headers, header::IF_NONE_MATCH);
-    let around =
-        match try_cached(&app, &id, range.as_deref(), if_none_match.as_deref(), head).await? {
-            Cached::Found(r) => return Ok(r),
-            Cached::Miss => false,
-            Cached::DriverFailing => true,
-        };
+    let around = match try_cached(&app, &id, range.as_deref(), if_none_match.as_deref(), head)
+        .await?
+    {
+        Cached::Found(r) => return Ok(r),
+        Cached::Miss | Cached::DriverFailing if peer => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "image {id:?} is not cached on this node (a sibling's request is answered from the cache only)"
+                ),
+            ));
+        }
+        Cached::Miss => false,
+        Cached::DriverFailing => true,
+    };
     inc(&app.metrics.misses);
     let token = grant.upstream_token;
     if head {

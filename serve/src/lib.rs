@@ -13,6 +13,7 @@
 //! | [`access`] | who may download which image (Glance, token, public) |
 //! | [`fill`] | single-flight fills: spooled, verified, then cached |
 //! | [`upstream`] | the image store: Glance or a directory, confined |
+//! | [`siblings`] | sibling fill: misses read from the nodes that hold them |
 //! | [`cache_api`] | Glance's `/v2/cache` API, `/versions`, driver swap |
 //! | [`background`] | prefetcher, prune and clean loops |
 //! | [`metrics`] | Prometheus counters |
@@ -30,6 +31,7 @@ mod image_records;
 mod images;
 mod metrics;
 mod sendfile;
+mod siblings;
 mod upstream;
 
 use std::future::Future;
@@ -283,6 +285,8 @@ pub(crate) struct App {
     pub ceiling: Option<u64>,
     /// Fills that make room under the max size (one at a time).
     pub admission: fill::Admission,
+    /// Sibling fill, when a peer token is configured.
+    pub siblings: Option<siblings::Siblings>,
     pub spool_dir: PathBuf,
     /// Prune and clean: one at a time on the root.
     pub maintenance: AsyncMutex<()>,
@@ -753,6 +757,16 @@ pub struct Config {
     /// is served, not cached. 0: fills do not evict (the pruner alone
     /// brings the cache back under `max_size`).
     pub fill_evict_budget: u32,
+    /// The token nodes of one fleet send each other: with it, a miss is
+    /// read from a sibling that holds the image (the driver's
+    /// `get-cached-nodes`) before the upstream, and siblings' requests are
+    /// answered from the cache. `None`: no sibling fill.
+    pub peer_token: Option<Secret>,
+    /// This node's URL as its siblings reach it (Glance's
+    /// `worker_self_reference_url`), left out of the holders.
+    pub self_url: Option<String>,
+    /// URL prefixes of the siblings to ask first (same zone or rack).
+    pub prefer_peers: Vec<String>,
     /// How often the prefetcher, the pruner and the cleaner run (0 = never).
     pub prefetch_interval: Duration,
     pub prune_interval: Duration,
@@ -819,6 +833,9 @@ impl Default for Config {
             stall_time: Duration::from_secs(86_400),
             cache_ceiling: None,
             fill_evict_budget: 100,
+            peer_token: None,
+            self_url: None,
+            prefer_peers: Vec::new(),
             prefetch_interval: Duration::from_secs(300),
             prune_interval: Duration::from_secs(600),
             clean_interval: Duration::from_secs(3_600),
@@ -943,6 +960,18 @@ pub fn run(cache: ImageCache, config: Config, reload: Option<Reload>) -> Result<
         }));
     }
     cache.set_fail_policy(config.fail_policy);
+    let siblings = match &config.peer_token {
+        Some(token) => Some(
+            siblings::Siblings::new(
+                token.clone(),
+                config.self_url.clone(),
+                config.prefer_peers.clone(),
+                config.upstream_timeout,
+            )
+            .map_err(ServeError::Config)?,
+        ),
+        None => None,
+    };
     let metrics = Arc::new(Metrics::default());
     let app = Arc::new(App {
         hits: Arc::new(hits::Hits::new(cache.clone(), metrics.clone())),
@@ -971,6 +1000,7 @@ pub fn run(cache: ImageCache, config: Config, reload: Option<Reload>) -> Result<
         },
         ceiling: config.cache_ceiling,
         admission: fill::Admission::new(config.fill_evict_budget),
+        siblings,
         spool_dir: config.spool_dir.clone(),
         maintenance: AsyncMutex::new(()),
         prefetching: AsyncMutex::new(()),

@@ -24,6 +24,11 @@ pub struct Metrics {
     pub not_cached_disk: AtomicU64,
     pub not_cached_admission: AtomicU64,
     pub admission_evictions: AtomicU64,
+    pub sibling_fills: AtomicU64,
+    pub sibling_bytes: AtomicU64,
+    pub sibling_failures: AtomicU64,
+    pub upstream_resumes: AtomicU64,
+    pub peer_requests: AtomicU64,
     pub admission_evicted_bytes: AtomicU64,
     pub checksum_failures: AtomicU64,
     pub fills_refused: AtomicU64,
@@ -139,6 +144,31 @@ impl Metrics {
                 "image_cache_not_cached_admission_total",
                 "Images served but not cached because room under --max-size could not be made within --fill-evict-budget (or the image alone is larger).",
                 get(&self.not_cached_admission),
+            ),
+            (
+                "image_cache_sibling_fills_total",
+                "Fills that read from a sibling node holding the image.",
+                get(&self.sibling_fills),
+            ),
+            (
+                "image_cache_sibling_bytes_total",
+                "Bytes read from sibling nodes.",
+                get(&self.sibling_bytes),
+            ),
+            (
+                "image_cache_sibling_failures_total",
+                "Sibling fills that failed mid-stream (the rest came from the upstream).",
+                get(&self.sibling_failures),
+            ),
+            (
+                "image_cache_upstream_resumes_total",
+                "Upstream fetches that went on at the byte a failed sibling reached (Range).",
+                get(&self.upstream_resumes),
+            ),
+            (
+                "image_cache_peer_requests_total",
+                "Downloads asked by sibling nodes (answered from the cache only).",
+                get(&self.peer_requests),
             ),
             (
                 "image_cache_admission_evictions_total",

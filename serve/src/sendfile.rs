@@ -242,8 +242,23 @@ async fn open_hit(app: &Arc<App>, head: &Head) -> Opened {
     }
     // Refused (or the upstream cannot say): hyper's path answers, from
     // the decision remembered here.
-    let Ok(grant) = super::access::authorize(app, &head.headers, &head.id).await else {
-        return Opened::NotOurs;
+    // A sibling's request (the peer token) is answered from the cache
+    // only: a miss goes to hyper's path, which says 404.
+    let peer = app
+        .siblings
+        .as_ref()
+        .is_some_and(|s| s.is_peer(&head.headers));
+    let grant = match peer {
+        true => {
+            super::metrics::inc(&app.metrics.peer_requests);
+            super::access::Grant {
+                upstream_token: None,
+            }
+        }
+        false => match super::access::authorize(app, &head.headers, &head.id).await {
+            Ok(grant) => grant,
+            Err(_) => return Opened::NotOurs,
+        },
     };
     // A driver call is short: run it here, and let tokio move this
     // worker's other tasks to another thread meanwhile (no hop to the
@@ -252,7 +267,7 @@ async fn open_hit(app: &Arc<App>, head: &Head) -> Opened {
     let opened = tokio::task::block_in_place(|| images::open_cached(app, &head.id, range));
     let opened = match opened {
         Ok(o) => o,
-        Err(Error::NotFound(_)) if app.upstream.is_some() => {
+        Err(Error::NotFound(_)) if app.upstream.is_some() && !peer => {
             return Opened::Miss(grant.upstream_token);
         }
         Err(Error::NotFound(_)) => return Opened::NotOurs,

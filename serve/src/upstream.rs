@@ -230,6 +230,77 @@ impl Upstream {
         }
     }
 
+    /// Read image `id` from byte `offset` on (a fill resumed after a
+    /// sibling failed mid-stream): what the upstream says of the whole
+    /// image, its bytes from `offset`, and how many bytes of the body to
+    /// skip first (an upstream that ignores `Range` sends them all).
+    pub async fn open_at(
+        &self,
+        id: &str,
+        token: Option<&str>,
+        offset: u64,
+    ) -> Result<(Start, Body, u64), FetchError> {
+        if offset == 0 {
+            let (start, body) = self.open(id, token).await?;
+            return Ok((start, body, 0));
+        }
+        match self {
+            Upstream::Dir(dir) => {
+                let (mut file, size) = open_in_dir(dir, id).await?;
+                use std::io::Seek;
+                file.seek(std::io::SeekFrom::Start(offset))
+                    .map_err(|e| internal(format!("seeking image {id:?}: {e}")))?;
+                let start = Start {
+                    size: Some(size),
+                    ..Start::default()
+                };
+                Ok((start, Body::File(Some(file)), 0))
+            }
+            Upstream::Glance(g) => {
+                let record = g.record_if_any(id, token).await?.unwrap_or_default();
+                let url = g.file_url(id);
+                let response = g
+                    .send_range(&url, token, id, &format!("bytes={offset}-"))
+                    .await?;
+                let status = response.status();
+                match status.as_u16() {
+                    206 => {
+                        // `Content-Range: bytes A-B/TOTAL`: the whole size.
+                        let total = response
+                            .headers()
+                            .get(reqwest::header::CONTENT_RANGE)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.rsplit_once('/'))
+                            .and_then(|(range, total)| {
+                                let first = range.strip_prefix("bytes ")?.split_once('-')?.0;
+                                (first.parse::<u64>().ok()? == offset).then_some(())?;
+                                total.parse::<u64>().ok()
+                            })
+                            .ok_or_else(|| {
+                                FetchError::gateway(format!(
+                                    "the upstream answered a range of image {id:?} without \
+                                     the Content-Range asked for"
+                                ))
+                            })?;
+                        let start = merge(id, record, Some(total), None)?;
+                        Ok((start, Body::Http(response), 0))
+                    }
+                    200 => {
+                        let content_md5 = response
+                            .headers()
+                            .get("content-md5")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| hex_md5(v.trim()));
+                        let length = response.content_length();
+                        let start = merge(id, record, length, content_md5)?;
+                        Ok((start, Body::Http(response), offset))
+                    }
+                    other => Err(status_error(id, other)),
+                }
+            }
+        }
+    }
+
     /// HEAD for an uncached image: its size, without fetching.
     pub async fn size(&self, id: &str, token: Option<&str>) -> Result<Option<u64>, FetchError> {
         match self {
@@ -325,10 +396,36 @@ impl Glance {
         token: Option<&str>,
         id: &str,
     ) -> Result<reqwest::Response, FetchError> {
+        self.send_with(method, url, token, id, None).await
+    }
+
+    /// A GET of `range` (`bytes=N-`), following redirects as `send` does.
+    pub async fn send_range(
+        &self,
+        url: &str,
+        token: Option<&str>,
+        id: &str,
+        range: &str,
+    ) -> Result<reqwest::Response, FetchError> {
+        self.send_with(reqwest::Method::GET, url, token, id, Some(range))
+            .await
+    }
+
+    async fn send_with(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        token: Option<&str>,
+        id: &str,
+        range: Option<&str>,
+    ) -> Result<reqwest::Response, FetchError> {
         let mut url = Url::parse(url).map_err(|e| internal(format!("upstream URL {url}: {e}")))?;
         for _ in 0..=MAX_REDIRECTS {
             let here = origin(&url);
             let mut request = self.client.request(method.clone(), url.clone());
+            if let Some(range) = range {
+                request = request.header(reqwest::header::RANGE, range);
+            }
             if let Some(token) = token
                 && here == self.origin
             {

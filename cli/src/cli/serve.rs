@@ -86,6 +86,21 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 100)]
     fill_evict_budget: u32,
 
+    /// File holding the token the nodes of one fleet send each other
+    /// (else IMAGE_CACHE_PEER_TOKEN): with it, a miss is read from a
+    /// sibling node that holds the image (the centralized driver knows
+    /// which) before the upstream, resumed from the upstream at the byte
+    /// reached if the sibling fails, and siblings' requests are answered
+    /// from this node's cache only. This node's URL is
+    /// --worker-self-reference-url.
+    #[arg(long, value_name = "FILE")]
+    peer_token_file: Option<PathBuf>,
+
+    /// Siblings whose URL starts with PREFIX are asked first (the same
+    /// zone or rack); repeatable.
+    #[arg(long, value_name = "PREFIX")]
+    prefer_peer: Vec<String>,
+
     /// How often the prefetcher runs (0 = never; default
     /// cache_prefetcher_interval, or 300s). Queuing an image through the
     /// API also wakes it.
@@ -223,6 +238,9 @@ impl ServeArgs {
             stall_time: self.stall_time.unwrap_or(settings.stall_time),
             cache_ceiling: self.cache_ceiling,
             fill_evict_budget: self.fill_evict_budget,
+            peer_token: secret(self.peer_token_file.as_ref(), "IMAGE_CACHE_PEER_TOKEN")?,
+            self_url: settings.worker_self_reference_url.clone(),
+            prefer_peers: self.prefer_peer.clone(),
             prefetch_interval: self
                 .prefetch_interval
                 .or(settings.prefetch_interval)

@@ -1,0 +1,204 @@
+//! Sibling fill (#22): serve nodes on loopback sharing one PostgreSQL
+//! through the centralized driver; a miss is read from the node that holds
+//! the image, and a sibling that dies mid-stream is taken over by the
+//! upstream at the byte it reached.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use image_cache::checksum::{Algorithm, Hasher};
+use image_cache_tests::pg;
+use image_cache_tests::{cli_binary, image_bytes};
+
+use super::{Running, http_get, http_get_with};
+
+const PEER_TOKEN: &str = "peer-token-0123456789abcdef";
+
+/// A node: its process and its address.
+struct Node {
+    _process: Running,
+    addr: String,
+}
+
+impl Node {
+    /// A serve node on a port of its own, its URL its
+    /// worker_self_reference_url, the fleet's peer token set.
+    fn start(root: &Path, upstream: &Path, database_url: &str) -> Node {
+        use std::io::BufRead;
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = std::process::Command::new(cli_binary())
+            .arg("--dir")
+            .arg(root)
+            .args(["--driver", "centralized_db", "--no-fallback"])
+            .args(["--worker-self-reference-url", &format!("http://{addr}")])
+            .env("IMAGE_CACHE_DATABASE_URL", database_url)
+            .env("IMAGE_CACHE_ADMIN_TOKEN", "admin-token-0123456789abcdef")
+            .env("IMAGE_CACHE_PEER_TOKEN", PEER_TOKEN)
+            .args(["serve", "--listen", &addr, "--public-downloads"])
+            .args(["--upstream-timeout", "5s", "--upstream"])
+            .arg(upstream)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        for line in out.lines() {
+            if line.unwrap().starts_with("image-cache serve: listening on") {
+                return Node {
+                    _process: Running(child),
+                    addr,
+                };
+            }
+        }
+        panic!("the node did not start: {:?}", child.wait());
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        let (_, body, _, _) = http_get(&self.addr, "/metrics");
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name}"))
+    }
+
+    fn wait_metric(&self, name: &str, want: u64) {
+        let until = Instant::now() + Duration::from_secs(30);
+        while self.metric(name) < want {
+            assert!(Instant::now() < until, "{name} stayed under {want}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn download(&self, id: &str) -> Vec<u8> {
+        let (status, body, complete, head) = http_get(&self.addr, &format!("/v2/images/{id}/file"));
+        assert_eq!(status, 200, "{head}");
+        assert!(complete, "{head}");
+        body
+    }
+}
+
+fn md5_hex(bytes: &[u8]) -> String {
+    let mut h = Hasher::new(Algorithm::Md5);
+    h.update(bytes);
+    h.finish()
+}
+
+/// Three nodes: a miss on B is read from A, which holds the image (one
+/// upstream fetch in the fleet); a sibling's request for an image a node
+/// does not hold is 404, never a fetch from its upstream.
+#[test]
+fn a_miss_is_filled_from_the_sibling_that_holds_the_image() {
+    let (_shared, cluster) = pg::postgres();
+    let db = cluster.database();
+    let upstream = tempfile::tempdir().unwrap();
+    let bytes = image_bytes(21, (8 << 20) + 5);
+    std::fs::write(upstream.path().join("img"), &bytes).unwrap();
+    let roots: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Node> = roots
+        .iter()
+        .map(|r| Node::start(&r.path().join("cache"), upstream.path(), &db.url))
+        .collect();
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    assert!(a.download("img") == bytes);
+    a.wait_metric("image_cache_images_cached_total", 1);
+    assert!(b.download("img") == bytes, "B served the image whole");
+    b.wait_metric("image_cache_images_cached_total", 1);
+    assert_eq!(b.metric("image_cache_sibling_fills_total"), 1);
+    assert_eq!(
+        b.metric("image_cache_sibling_bytes_total"),
+        bytes.len() as u64
+    );
+    assert_eq!(a.metric("image_cache_peer_requests_total"), 1);
+    let fetched: u64 = nodes
+        .iter()
+        .map(|n| n.metric("image_cache_upstream_fetches_total"))
+        .sum();
+    assert_eq!(fetched, 1, "one upstream fetch in the fleet");
+    // B holds it now, with A's checksum: C can read it from either.
+    assert!(c.download("img") == bytes);
+    assert_eq!(c.metric("image_cache_upstream_fetches_total"), 0);
+
+    // A sibling's request is answered from the cache only.
+    std::fs::write(upstream.path().join("other"), b"other bytes").unwrap();
+    let (status, _, _, head) = http_get_with(
+        &c.addr,
+        "/v2/images/other/file",
+        &format!("X-Image-Cache-Peer-Token: {PEER_TOKEN}\r\n"),
+    );
+    assert_eq!(status, 404, "{head}");
+    assert_eq!(c.metric("image_cache_upstream_fetches_total"), 0);
+}
+
+/// A sibling that dies mid-stream (here a test server that sends half the
+/// image and closes, as a killed node's socket does): the node goes on
+/// from the upstream at the byte reached (`Range`), fetching only the
+/// rest, and the checksum covers both parts.
+#[test]
+fn a_sibling_that_fails_mid_stream_is_resumed_from_the_upstream() {
+    let (_shared, cluster) = pg::postgres();
+    let db = cluster.database();
+    let upstream = tempfile::tempdir().unwrap();
+    let bytes = image_bytes(22, (6 << 20) + 3);
+    std::fs::write(upstream.path().join("img2"), &bytes).unwrap();
+    let half = bytes.len() / 2;
+
+    // The dying sibling, registered as holding the image.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake = format!("http://{}", listener.local_addr().unwrap());
+    let (size, md5) = (bytes.len(), md5_hex(&bytes));
+    let first_half = bytes[..half].to_vec();
+    let md5_sent = md5.clone();
+    let server = std::thread::spawn(move || {
+        let md5 = md5_sent;
+        let (mut s, _) = listener.accept().unwrap();
+        let mut head = [0u8; 4096];
+        let _ = s.read(&mut head).unwrap();
+        assert!(
+            String::from_utf8_lossy(&head)
+                .to_ascii_lowercase()
+                .contains(&format!("x-image-cache-peer-token: {PEER_TOKEN}")),
+            "the node sends the peer token"
+        );
+        write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nContent-MD5: {md5}\r\n\r\n"
+        )
+        .unwrap();
+        s.write_all(&first_half).unwrap();
+        // Dropped: the connection closes mid-image.
+    });
+    db.sql(&format!(
+        "INSERT INTO node_reference (node_reference_url) VALUES ('{fake}');
+         INSERT INTO cached_images (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id)
+           SELECT 'img2', now(), now(), {size}, 0, '{md5}', node_reference_id
+           FROM node_reference WHERE node_reference_url = '{fake}';"
+    ));
+
+    let root = tempfile::tempdir().unwrap();
+    let b = Node::start(&root.path().join("cache"), upstream.path(), &db.url);
+    assert!(b.download("img2") == bytes, "served whole and right");
+    server.join().unwrap();
+    b.wait_metric("image_cache_images_cached_total", 1);
+    assert_eq!(b.metric("image_cache_sibling_failures_total"), 1);
+    assert_eq!(b.metric("image_cache_upstream_resumes_total"), 1);
+    let from_sibling = b.metric("image_cache_sibling_bytes_total");
+    assert!(
+        from_sibling > 0 && from_sibling <= half as u64,
+        "{from_sibling}"
+    );
+    assert_eq!(
+        b.metric("image_cache_upstream_bytes_total"),
+        bytes.len() as u64 - from_sibling,
+        "only the rest came from the upstream"
+    );
+    // What B cached is the image.
+    assert!(b.download("img2") == bytes);
+}
