@@ -20,7 +20,7 @@ const CURRENT: u32 = 18;
 
 /// The management API takes the admin token: 401 for a missing or
 /// unknown token, 403 for the image token (valid here, but not for this).
-fn admin(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn admin(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     match app.tokens.admin.as_ref() {
         Some(token) => {
             auth::check(headers, &[token]).map_err(|e| match app.tokens.image.as_ref() {

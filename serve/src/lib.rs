@@ -14,6 +14,7 @@
 //! | [`fill`] | single-flight fills: spooled, verified, then cached |
 //! | [`upstream`] | the image store: Glance or a directory, confined |
 //! | [`siblings`] | sibling fill: misses read from the nodes that hold them |
+//! | [`warm`] | warming: images filled before they are asked for, on a fleet |
 //! | [`cache_api`] | Glance's `/v2/cache` API, `/versions`, driver swap |
 //! | [`background`] | prefetcher, prune and clean loops |
 //! | [`metrics`] | Prometheus counters |
@@ -33,6 +34,7 @@ mod metrics;
 mod sendfile;
 mod siblings;
 mod upstream;
+mod warm;
 
 use std::future::Future;
 use std::io;
@@ -287,6 +289,10 @@ pub(crate) struct App {
     pub admission: fill::Admission,
     /// Sibling fill, when a peer token is configured.
     pub siblings: Option<siblings::Siblings>,
+    /// This node's URL (`worker_self_reference_url`), no trailing slash.
+    pub self_url: Option<String>,
+    /// Warmings under way and recent.
+    pub warmings: warm::Warmings,
     pub spool_dir: PathBuf,
     /// Prune and clean: one at a time on the root.
     pub maintenance: AsyncMutex<()>,
@@ -543,6 +549,8 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/v2/cache/driver", get(c::get_driver).post(c::swap_driver))
         .route("/v2/cache/driver/rollback", post(c::rollback_driver))
         .route("/v2/cache/nodes/{id}", get(c::cached_nodes))
+        .route("/v2/cache/warm", post(warm::start))
+        .route("/v2/cache/warm/{id}", get(warm::status))
         .route(
             "/v2/cache/{id}",
             put(c::queue_image).delete(c::delete_cache_entry),
@@ -1001,6 +1009,11 @@ pub fn run(cache: ImageCache, config: Config, reload: Option<Reload>) -> Result<
         ceiling: config.cache_ceiling,
         admission: fill::Admission::new(config.fill_evict_budget),
         siblings,
+        self_url: config
+            .self_url
+            .as_ref()
+            .map(|u| u.trim_end_matches('/').to_string()),
+        warmings: warm::Warmings::new(),
         spool_dir: config.spool_dir.clone(),
         maintenance: AsyncMutex::new(()),
         prefetching: AsyncMutex::new(()),

@@ -29,6 +29,10 @@ pub struct Metrics {
     pub sibling_failures: AtomicU64,
     pub upstream_resumes: AtomicU64,
     pub peer_requests: AtomicU64,
+    pub warm_runs: AtomicU64,
+    pub warm_images: AtomicU64,
+    pub warm_failures: AtomicU64,
+    pub warm_in_flight: AtomicU64,
     pub admission_evicted_bytes: AtomicU64,
     pub checksum_failures: AtomicU64,
     pub fills_refused: AtomicU64,
@@ -169,6 +173,21 @@ impl Metrics {
                 "image_cache_peer_requests_total",
                 "Downloads asked by sibling nodes (answered from the cache only).",
                 get(&self.peer_requests),
+            ),
+            (
+                "image_cache_warm_runs_total",
+                "Warmings started (POST /v2/cache/warm).",
+                get(&self.warm_runs),
+            ),
+            (
+                "image_cache_warm_images_total",
+                "Images a warming has finished with on this node (cached, already cached, not kept or failed).",
+                get(&self.warm_images),
+            ),
+            (
+                "image_cache_warm_failures_total",
+                "Images a warming could not fill on this node.",
+                get(&self.warm_failures),
             ),
             (
                 "image_cache_admission_evictions_total",
@@ -330,6 +349,11 @@ impl Metrics {
                 "image_cache_upstream_fetches_active",
                 "Upstream fetches under way.",
                 self.flights_active.load(Ordering::Relaxed),
+            ),
+            (
+                "image_cache_warm_in_flight",
+                "Images a warming is filling on this node now.",
+                self.warm_in_flight.load(Ordering::Relaxed) as i64,
             ),
         ];
         for (name, help, value) in gauges {

@@ -202,3 +202,133 @@ fn a_sibling_that_fails_mid_stream_is_resumed_from_the_upstream() {
     // What B cached is the image.
     assert!(b.download("img2") == bytes);
 }
+
+/// `image-cache warm` fans a list out to three nodes through one of them
+/// (concurrency 2 on each), with progress and a final report; `--top`
+/// picks the most-hit images across the nodes; an image the upstream does
+/// not have fails the run (exit 1) and is named in the report.
+#[test]
+fn warming_fans_out_and_reports() {
+    let (_shared, cluster) = pg::postgres();
+    let db = cluster.database();
+    let upstream = tempfile::tempdir().unwrap();
+    let images: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("w{i}"), image_bytes(30 + i as u8, (1 << 20) + i)))
+        .collect();
+    for (id, bytes) in &images {
+        std::fs::write(upstream.path().join(id), bytes).unwrap();
+    }
+    let roots: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let nodes: Vec<Node> = roots
+        .iter()
+        .map(|r| Node::start(&r.path().join("cache"), upstream.path(), &db.url))
+        .collect();
+    let warm = |args: &[&str]| {
+        std::process::Command::new(cli_binary())
+            .arg("warm")
+            .args(["--server", &format!("http://{}", nodes[0].addr)])
+            .args(args)
+            .env("IMAGE_CACHE_ADMIN_TOKEN", "admin-token-0123456789abcdef")
+            .output()
+            .unwrap()
+    };
+    let node_args: Vec<String> = nodes
+        .iter()
+        .flat_map(|n| ["--node".to_string(), format!("http://{}", n.addr)])
+        .collect();
+    let mut args: Vec<&str> = vec!["--json", "--concurrency", "2"];
+    args.extend(node_args.iter().map(String::as_str));
+    args.extend(images.iter().map(|(id, _)| id.as_str()));
+    let out = warm(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["state"], "done", "{report}");
+    assert_eq!(report["images"], 18, "{report}");
+    assert_eq!(report["done"], 18, "{report}");
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(
+        report["cached"].as_u64().unwrap() + report["already_cached"].as_u64().unwrap(),
+        18,
+        "{report}"
+    );
+    assert_eq!(report["nodes"].as_array().unwrap().len(), 2, "{report}");
+    for node in &nodes {
+        for (id, bytes) in &images {
+            let (status, body, _, head) = http_get_with(
+                &node.addr,
+                &format!("/v2/images/{id}/file"),
+                &format!("X-Image-Cache-Peer-Token: {PEER_TOKEN}\r\n"),
+            );
+            assert_eq!(status, 200, "{id} on {}: {head}", node.addr);
+            assert!(body == *bytes);
+        }
+    }
+    assert!(nodes[1].metric("image_cache_warm_images_total") >= 6);
+
+    // --top: the most-hit across two nodes, warmed on a third.
+    let roots2: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let fresh: Vec<Node> = roots2
+        .iter()
+        .map(|r| Node::start(&r.path().join("cache"), upstream.path(), &db.url))
+        .collect();
+    for (id, times) in [("w0", 3), ("w1", 2), ("w2", 1)] {
+        for _ in 0..times {
+            let _ = nodes[0].download(id);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let out = std::process::Command::new(cli_binary())
+        .arg("warm")
+        .args(["--server", &format!("http://{}", fresh[0].addr)])
+        .args(["--json", "--top", "2", "--days", "1"])
+        .args(["--node", &format!("http://{}", nodes[0].addr)])
+        .args(["--node", &format!("http://{}", fresh[1].addr)])
+        .env("IMAGE_CACHE_ADMIN_TOKEN", "admin-token-0123456789abcdef")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["images"], 4, "{report}");
+    assert_eq!(report["already_cached"], 2, "{report}");
+    assert_eq!(report["cached"], 2, "{report}");
+    for id in ["w0", "w1"] {
+        let (status, _, _, _) = http_get_with(
+            &fresh[1].addr,
+            &format!("/v2/images/{id}/file"),
+            &format!("X-Image-Cache-Peer-Token: {PEER_TOKEN}\r\n"),
+        );
+        assert_eq!(status, 200, "{id} warmed on the fresh node");
+    }
+    let (status, _, _, _) = http_get_with(
+        &fresh[1].addr,
+        "/v2/images/w2/file",
+        &format!("X-Image-Cache-Peer-Token: {PEER_TOKEN}\r\n"),
+    );
+    assert_eq!(status, 404, "w2 was not among the top 2");
+
+    // An image the upstream does not have: named, exit 1.
+    let out = warm(&["w0", "missing"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("missing:"), "{text}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1 of 2 images could not be warmed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Nothing named: a usage error.
+    assert_eq!(warm(&[]).status.code(), Some(2));
+}

@@ -83,7 +83,9 @@ pub fn run(settings: &Settings, command: &Command) -> Outcome {
                 Command::Drivers { .. } | Command::Db { .. } | Command::HelpReference => {
                     unreachable!("handled above")
                 }
-                Command::Serve(_) => unreachable!("cli::main runs the server"),
+                Command::Serve(_) | Command::Warm(_) => {
+                    unreachable!("cli::main runs the server and warm")
+                }
             }
         }
     }

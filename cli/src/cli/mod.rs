@@ -9,6 +9,7 @@ pub(crate) mod format;
 mod oci;
 mod progress;
 mod serve;
+mod warm;
 
 use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
@@ -336,6 +337,12 @@ enum Command {
     /// Glance's cache management API, prefetch/prune/clean on intervals,
     /// /healthz and /metrics.
     Serve(serve::ServeArgs),
+
+    /// Ask a running server to fill images before they are needed (ids,
+    /// the most-hit of the last days, or a Glance property), on itself or
+    /// fanned out to other nodes, with a concurrency limit; prints
+    /// progress on stderr and the final report; exit 1 if an image failed.
+    Warm(warm::WarmArgs),
 
     /// Print every command and option as Markdown, from these definitions:
     /// the book's CLI reference (docs/src/reference/cli.md).
@@ -976,6 +983,7 @@ pub fn main() -> ExitCode {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         Settings::resolve(&cli.global).and_then(|settings| match &cli.command {
             Command::Serve(args) => serve::run(&cli.global, &settings, args),
+            Command::Warm(args) => warm::run(&settings, args),
             command => commands::run(&settings, command),
         })
     }));

@@ -314,7 +314,7 @@ fn token(file: Option<&PathBuf>, env: &str) -> Result<Option<Token>, Failure> {
 
 /// A secret the server sends, from a file (which must not be empty) or
 /// an environment variable.
-fn secret(file: Option<&PathBuf>, env: &str) -> Result<Option<Secret>, Failure> {
+pub(crate) fn secret(file: Option<&PathBuf>, env: &str) -> Result<Option<Secret>, Failure> {
     if let Some(path) = file {
         let text = read_secret_file(path)?;
         return match Secret::new(&text) {
