@@ -1629,3 +1629,81 @@ fn push_and_pull_drivers_over_oci() {
         .args(["--driver", &signed_tag, "list-cached"]))
     .ok();
 }
+
+/// `wkg` (wasm-pkg-tools) reads what `drivers push` publishes and
+/// `drivers pull` reads what `wkg oci push` publishes, byte for byte.
+/// Runs where `wkg` is installed (`cargo install wkg`; `$WKG` names it,
+/// else it is looked up on PATH); skipped with a printed reason elsewhere
+/// (CI does not build it: the layout is also checked by reading the
+/// manifest in `push_and_pull_drivers_over_oci`).
+#[test]
+fn wkg_reads_what_we_push_and_we_read_what_wkg_pushes() {
+    let wkg = std::env::var_os("WKG").map(PathBuf::from).or_else(|| {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join("wkg"))
+                .find(|p| p.is_file())
+        })
+    });
+    let Some(wkg) = wkg else {
+        eprintln!("skipped: wkg is not installed (cargo install wkg, or WKG=/path/to/wkg)");
+        return;
+    };
+    let Some(registry) = image_cache_tests::registry::Registry::start() else {
+        return;
+    };
+    let s = Sandbox::new();
+    let component = image_cache::builtin::XATTR.component;
+    let file = s.file("xattr_driver.wasm", component);
+    let address = registry.address();
+    run(s
+        .bare()
+        .args(["drivers", "push", "--plain-http"])
+        .arg(&file)
+        .arg(format!("oci://{address}/drivers/ours:1")))
+    .ok();
+    let pulled = s.path("from-wkg.wasm");
+    let out = Command::new(&wkg)
+        .args(["oci", "pull", "--insecure", &address])
+        .arg(format!("{address}/drivers/ours:1"))
+        .arg("-o")
+        .arg(&pulled)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        fs::read(&pulled).unwrap() == component,
+        "wkg pulled our bytes"
+    );
+
+    let out = Command::new(&wkg)
+        .args(["oci", "push", "--insecure", &address])
+        .arg(format!("{address}/drivers/theirs:1"))
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ours = run(s
+        .bare()
+        .arg("--driver-store")
+        .arg(s.path("store"))
+        .args(["--json", "drivers", "pull", "--plain-http"])
+        .arg(format!("oci://{address}/drivers/theirs:1")))
+    .ok()
+    .json();
+    assert_eq!(
+        ours["sha256"],
+        image_cache::runtime::sha256_hex(component).as_str(),
+        "{ours}"
+    );
+    let stored = PathBuf::from(ours["path"].as_str().unwrap());
+    assert!(fs::read(stored).unwrap() == component);
+}
