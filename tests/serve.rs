@@ -2596,3 +2596,208 @@ fn fills_evict_before_writing_and_the_cache_stays_under_its_max_size() {
     assert!(!s.cached_ids().contains(&"big".to_string()));
     assert_eq!(on_disk(&root), at_rest);
 }
+
+/// Headless Chromium (Debian's package) runs the page: `--dump-dom` after
+/// `--virtual-time-budget` gives the DOM once the page's script has
+/// fetched and drawn, and `--enable-logging=stderr` prints the console.
+/// Without Chromium the status page test is skipped, except under CI
+/// (the `CI` variable set), where it fails and says how to install it.
+fn chromium() -> Option<PathBuf> {
+    let path = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    if path.is_none() {
+        let hint = "chromium is missing: apt-get install -y chromium (.ci/run does)";
+        assert!(std::env::var_os("CI").is_none(), "{hint}");
+        eprintln!("skipped: {hint}");
+    }
+    path
+}
+
+/// The DOM of `url` after `budget_ms` of virtual time, and what Chromium
+/// printed (its console among it).
+fn render(chromium: &Path, url: &str, extra: &[&str]) -> (String, String) {
+    let out = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=6000",
+            "--window-size=1280,1000",
+            "--hide-scrollbars",
+        ])
+        .args(extra)
+        .arg(url)
+        .env("HOME", std::env::temp_dir())
+        .output()
+        .expect("running chromium");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The console messages Chromium logged (`CONSOLE` lines; its own dbus
+/// and GPU noise are not the page's).
+fn console_lines(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.contains("CONSOLE")).collect()
+}
+
+/// The status page (#22) in a real headless Chromium: it asks for the
+/// token, then loads with no console error, its charts drawn from a run's
+/// data, the top images listed; after a driver swap it shows the new
+/// driver and the swap; a screenshot is kept as a CI artifact
+/// (`target/artifacts/status-page.png`). `/` stays Glance's versions
+/// document and the page's document needs the admin token.
+#[test]
+fn the_status_page_renders_in_headless_chromium_and_follows_a_swap() {
+    let Some(chromium) = chromium() else {
+        return;
+    };
+    let upstream = tempfile::tempdir().unwrap();
+    let a = image_bytes(71, 2 << 20);
+    let b = image_bytes(72, 1 << 20);
+    fs::write(upstream.path().join("popular"), &a).unwrap();
+    fs::write(upstream.path().join("other"), &b).unwrap();
+    let s = Server::start(&[
+        "--upstream",
+        upstream.path().to_str().unwrap(),
+        "--driver-grants",
+        "sqlite,xattr",
+    ]);
+    for _ in 0..3 {
+        assert_eq!(get(s.addr, "/v2/images/popular/file").body, a);
+    }
+    assert_eq!(get(s.addr, "/v2/images/other/file").body, b);
+    s.wait_metric("image_cache_images_cached_total", 2);
+    assert_eq!(get(s.addr, "/").status, 300, "/ stays Glance's");
+    assert_eq!(get(s.addr, "/-/status.json").status, 401);
+    let page = get(s.addr, "/-/status");
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("<svg id=\"chart-size\""));
+
+    let base = format!("http://{}/-/status", s.addr);
+    // Without a token: the login form, no error.
+    let (dom, log) = render(&chromium, &base, &["--dump-dom"]);
+    assert!(dom.contains("<div id=\"login\">"), "{dom}");
+    assert!(console_lines(&log).is_empty(), "{log}");
+
+    let with_token = format!("{base}#token={ADMIN}");
+    let attr = |dom: &str, name: &str| -> Option<String> {
+        let body = &dom[dom.find("<body")?..];
+        let body = &body[..body.find('>')?];
+        let start = body.find(&format!("{name}=\""))? + name.len() + 2;
+        Some(body[start..start + body[start..].find('"')?].to_string())
+    };
+    let (dom, log) = render(&chromium, &with_token, &["--dump-dom"]);
+    assert!(console_lines(&log).is_empty(), "console: {log}");
+    assert_eq!(attr(&dom, "data-problems"), None, "{dom}");
+    assert!(
+        attr(&dom, "data-loaded").and_then(|n| n.parse::<u32>().ok()) >= Some(2),
+        "the page refreshed: {dom}"
+    );
+    assert_eq!(attr(&dom, "data-driver").as_deref(), Some("sqlite"));
+    // The size chart has the samples of the run (one at start, one per
+    // refresh), drawn as a line.
+    let points = |chart: &str| -> usize {
+        let at = dom.find(&format!("id=\"{chart}\"")).unwrap();
+        let rest = &dom[at..];
+        let n = rest.find("data-points=\"").unwrap() + 13;
+        rest[n..n + rest[n..].find('"').unwrap()].parse().unwrap()
+    };
+    assert!(points("chart-size") >= 2, "{dom}");
+    assert!(dom.contains("class=\"line\" d=\"M"), "{dom}");
+    assert!(dom.contains(">popular<"), "top images: {dom}");
+    assert!(dom.contains("built-in: part of the host binary"), "{dom}");
+
+    // A swap, then the page again: the new driver and the swap.
+    let target = if xattrs_work(&s.root()) {
+        "xattr".to_string()
+    } else {
+        let file = s.dir.path().join("copy_of_sqlite.wasm");
+        fs::write(&file, image_cache::builtin::SQLITE.component).unwrap();
+        file.display().to_string()
+    };
+    let r = request(
+        s.addr,
+        "POST",
+        "/v2/cache/driver",
+        &[
+            ("X-Auth-Token", ADMIN),
+            ("Content-Type", "application/json"),
+        ],
+        format!("{{\"driver\":{target:?}}}").as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (dom, log) = render(&chromium, &with_token, &["--dump-dom"]);
+    assert!(console_lines(&log).is_empty(), "console: {log}");
+    assert_eq!(
+        attr(&dom, "data-driver").as_deref(),
+        Some(target.as_str()),
+        "{dom}"
+    );
+    assert!(dom.contains("<b id=\"swaps\">1</b>"), "{dom}");
+
+    // The screenshot, kept for CI.
+    let artifacts = profile_dir().parent().expect("target/").join("artifacts");
+    fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("status-page.png");
+    let _ = fs::remove_file(&shot);
+    let (_, log) = render(
+        &chromium,
+        &with_token,
+        &[&format!("--screenshot={}", shot.display())],
+    );
+    let png = fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot ({e}): {log}"));
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{}",
+        png.len()
+    );
+}
+
+/// The Grafana dashboard and the Prometheus alert rules in
+/// `docs/dashboards/` name only metrics a server exports (so they cannot
+/// drift from the code), and both files parse.
+#[test]
+fn dashboards_and_alerts_name_only_metrics_the_server_exports() {
+    let s = Server::start(&[]);
+    // The size gauge appears with the first sample, just after the start.
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut text = get(s.addr, "/metrics").text();
+    while !text.contains("image_cache_size_bytes ") && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+        text = get(s.addr, "/metrics").text();
+    }
+    let exported: std::collections::HashSet<String> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split([' ', '{']).next())
+        .map(str::to_string)
+        .collect();
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/dashboards");
+    let dashboard = fs::read_to_string(docs.join("image-cache.grafana.json")).unwrap();
+    let parsed: Value = serde_json::from_str(&dashboard).unwrap();
+    assert!(parsed["panels"].as_array().unwrap().len() >= 10);
+    let alerts = fs::read_to_string(docs.join("image-cache.alerts.yml")).unwrap();
+    assert!(alerts.contains("groups:") && alerts.matches("- alert: ").count() >= 8);
+    for (file, text) in [("dashboard", &dashboard), ("alerts", &alerts)] {
+        let mut named = 0;
+        for (at, _) in text.match_indices("image_cache_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            named += 1;
+            assert!(
+                exported.contains(&name),
+                "the {file} names {name}, which the server does not export"
+            );
+        }
+        assert!(named > 10, "{file}");
+    }
+}

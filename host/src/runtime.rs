@@ -315,9 +315,16 @@ pub struct DriverComponent {
     manifest: Manifest,
     grants: Grants,
     precompiled: bool,
+    signature: String,
 }
 
 impl DriverComponent {
+    /// Its signature as found when it was loaded: `built-in`, verified by
+    /// which trusted key, carried but not checked, or none.
+    pub fn signature(&self) -> &str {
+        &self.signature
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -436,7 +443,7 @@ impl Runtime {
         // Signed by a trusted key, before anything else is done with the
         // bytes (a component compiled earlier included); `load_bytes`,
         // which knows neither a built-in nor a `.sig` file, need not again.
-        check_signature(&source.name(), Some(source), &bytes, policy)?;
+        let signature = check_signature(&source.name(), Some(source), &bytes, policy)?;
         let policy = &LoadPolicy {
             trusted_keys: None,
             ..policy.clone()
@@ -454,15 +461,19 @@ impl Runtime {
             // The same bytes under another name (a built-in driver's
             // component also loaded as a file): compiled once, named as
             // this caller named it.
-            if c.name != source.name() {
+            if c.name != source.name() || c.signature != signature {
                 return Ok(Arc::new(DriverComponent {
                     name: source.name(),
+                    signature,
                     ..(*c).clone()
                 }));
             }
             return Ok(c);
         }
-        let component = Arc::new(self.load_bytes(&source.name(), &bytes, policy, grants)?);
+        let component = Arc::new(DriverComponent {
+            signature,
+            ..self.load_bytes(&source.name(), &bytes, policy, grants)?
+        });
         self.components
             .lock()
             .unwrap()
@@ -501,7 +512,7 @@ impl Runtime {
     ) -> Result<DriverComponent> {
         let sha256 = sha256_hex(bytes);
         check_pin(name, &sha256, policy)?;
-        check_signature(name, None, bytes, policy)?;
+        let signature = check_signature(name, None, bytes, policy)?;
         let manifest = read_manifest(name, bytes)?;
         check_grants(name, &manifest, grants)?;
         let (component, precompiled) = self.compile(name, &sha256, bytes)?;
@@ -518,6 +529,7 @@ impl Runtime {
             manifest,
             grants,
             precompiled,
+            signature,
         })
     }
 
@@ -649,12 +661,18 @@ fn check_signature(
     source: Option<&DriverSource>,
     bytes: &[u8],
     policy: &LoadPolicy,
-) -> Result<()> {
+) -> Result<String> {
+    if let Some(DriverSource::Builtin(_)) = source {
+        return Ok("built-in: part of the host binary".into());
+    }
     let Some(trusted) = &policy.trusted_keys else {
-        return Ok(());
+        return Ok(match crate::signature::signatures(bytes, None) {
+            Ok(Some(s)) => format!("{}, not checked (no trusted keys)", s.describe()),
+            Ok(None) => "no embedded signature, not checked (no trusted keys)".into(),
+            Err(e) => format!("signature unreadable ({e}), not checked (no trusted keys)"),
+        });
     };
     let detached = match source {
-        Some(DriverSource::Builtin(_)) => return Ok(()),
         Some(DriverSource::File(path)) => {
             let sig = crate::signature::detached_path(path);
             match std::fs::read(&sig) {
@@ -668,7 +686,7 @@ fn check_signature(
                 }
             }
         }
-        None => None,
+        _ => None,
     };
     crate::signature::check(name, bytes, detached.as_deref(), trusted)
 }

@@ -345,7 +345,7 @@ pub struct Signatures {
 impl Signatures {
     /// `an embedded signature by key id X`, `detached signatures by key
     /// ids X, Y and 1 without a key id`.
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         let article = match (self.count, self.form) {
             (1, Form::Embedded) => "an embedded signature",
             (1, Form::Detached) => "a detached signature",
@@ -454,7 +454,7 @@ pub fn check(
     bytes: &[u8],
     detached: Option<&[u8]>,
     trusted: &TrustedKeys,
-) -> Result<(), Error> {
+) -> Result<String, Error> {
     let refuse = |message: String| Error::Load {
         driver: name.to_string(),
         message: format!("{message}; refused before compiling it"),
@@ -477,7 +477,10 @@ pub fn check(
             signatures.describe(),
             trusted.source(id).unwrap_or_default()
         );
-        return Ok(());
+        return Ok(format!(
+            "{}, verified by trusted key id {id}",
+            signatures.describe()
+        ));
     }
     let mut message = format!(
         "no trusted key verifies it: it carries {} (trusted: {trusted_ids})",
@@ -724,7 +727,7 @@ mod tests {
         (signer, trusted)
     }
 
-    fn refusal(result: Result<(), Error>) -> String {
+    fn refusal(result: Result<String, Error>) -> String {
         match result {
             Err(Error::Load { driver, message }) => {
                 assert_eq!(driver, "d.wasm");

@@ -249,6 +249,7 @@ pub async fn get_driver(
         "contract": d.component().manifest().version.to_string(),
         "grants": d.component().grants().names(),
         "sha256": d.component().sha256(),
+        "signature": d.component().signature(),
         "last_rollback": app.cache.last_rollback(),
         "fail_policy": app.cache.fail_policy().as_str(),
         "fail_reloads": app.cache.fail_reloads(),

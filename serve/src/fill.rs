@@ -145,6 +145,20 @@ pub struct Flights {
 }
 
 impl Flights {
+    /// The fills under way: image id, bytes so far, size if known.
+    pub fn snapshot(&self) -> Vec<(String, u64, Option<u64>)> {
+        let map = self.map.lock().unwrap();
+        let mut fills: Vec<_> = map
+            .iter()
+            .map(|(id, f)| {
+                let p = f.progress.borrow();
+                (id.clone(), p.written, p.start.as_ref().and_then(|s| s.size))
+            })
+            .collect();
+        fills.sort();
+        fills
+    }
+
     pub fn new(max: usize) -> Flights {
         Flights {
             map: Mutex::new(HashMap::new()),

@@ -14,6 +14,7 @@
 //! | [`fill`] | single-flight fills: spooled, verified, then cached |
 //! | [`upstream`] | the image store: Glance or a directory, confined |
 //! | [`siblings`] | sibling fill: misses read from the nodes that hold them |
+//! | [`status`] | the status page `/-/status` and its document |
 //! | [`warm`] | warming: images filled before they are asked for, on a fleet |
 //! | [`cache_api`] | Glance's `/v2/cache` API, `/versions`, driver swap |
 //! | [`background`] | prefetcher, prune and clean loops |
@@ -33,6 +34,7 @@ mod images;
 mod metrics;
 mod sendfile;
 mod siblings;
+mod status;
 mod upstream;
 mod warm;
 
@@ -293,6 +295,8 @@ pub(crate) struct App {
     pub self_url: Option<String>,
     /// Warmings under way and recent.
     pub warmings: warm::Warmings,
+    /// The status page's samples.
+    pub samples: status::Samples,
     pub spool_dir: PathBuf,
     /// Prune and clean: one at a time on the root.
     pub maintenance: AsyncMutex<()>,
@@ -497,12 +501,25 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 
 async fn metrics_text(State(app): State<Arc<App>>) -> Response {
     let driver = app.cache.driver().name().to_string();
+    let mut text = app.metrics.render(&app.cache, &driver);
+    // The cache's size as last sampled (every 5 s; no driver call here).
+    let max_size = app.tunables.read().unwrap().max_size;
+    if let Some(size) = app.samples.last_size() {
+        text.push_str(&format!(
+            "# HELP image_cache_size_bytes The cache's size, sampled every 5 s.\n\
+             # TYPE image_cache_size_bytes gauge\nimage_cache_size_bytes {size}\n"
+        ));
+    }
+    text.push_str(&format!(
+        "# HELP image_cache_max_size_bytes The size prune and admission keep the cache under.\n\
+         # TYPE image_cache_max_size_bytes gauge\nimage_cache_max_size_bytes {max_size}\n"
+    ));
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        app.metrics.render(&app.cache, &driver),
+        text,
     )
         .into_response()
 }
@@ -549,6 +566,8 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/v2/cache/driver", get(c::get_driver).post(c::swap_driver))
         .route("/v2/cache/driver/rollback", post(c::rollback_driver))
         .route("/v2/cache/nodes/{id}", get(c::cached_nodes))
+        .route("/-/status", get(status::page))
+        .route("/-/status.json", get(status::document))
         .route("/v2/cache/warm", post(warm::start))
         .route("/v2/cache/warm/{id}", get(warm::status))
         .route(
@@ -1014,6 +1033,7 @@ pub fn run(cache: ImageCache, config: Config, reload: Option<Reload>) -> Result<
             .as_ref()
             .map(|u| u.trim_end_matches('/').to_string()),
         warmings: warm::Warmings::new(),
+        samples: Default::default(),
         spool_dir: config.spool_dir.clone(),
         maintenance: AsyncMutex::new(()),
         prefetching: AsyncMutex::new(()),
@@ -1089,6 +1109,7 @@ async fn serve(
         .map_err(ServeError::io("starting the hit recorder"))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     background::spawn(&app, stop_rx.clone());
+    status::spawn_sampler(&app, stop_rx.clone());
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();

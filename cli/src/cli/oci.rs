@@ -458,13 +458,15 @@ pub fn pull(
 }
 
 fn check_signature(reference: &OciRef, bytes: &[u8], keys: &TrustedKeys) -> Result<(), Failure> {
-    signature::check(&reference.to_string(), bytes, None, keys).map_err(|e| {
-        let message = match e {
-            image_cache::Error::Load { message, .. } => message,
-            other => other.to_string(),
-        };
-        Failure::op("signature", format!("{reference}: {message}; not stored"))
-    })
+    signature::check(&reference.to_string(), bytes, None, keys)
+        .map(|_| ())
+        .map_err(|e| {
+            let message = match e {
+                image_cache::Error::Load { message, .. } => message,
+                other => other.to_string(),
+            };
+            Failure::op("signature", format!("{reference}: {message}; not stored"))
+        })
 }
 
 /// What a push gave.
