@@ -806,3 +806,69 @@ print(json.dumps({"after_clear": state()}))
         "{stdout}"
     );
 }
+
+/// Warming by a Glance property (`POST /v2/cache/warm` with `property`):
+/// the upstream's image list filtered by it (here Glance's `name`
+/// filter), read with the upstream token, and only those images filled.
+#[test]
+fn warming_by_a_glance_property_fills_the_images_it_lists() {
+    let glance = FakeGlance::start(vec![
+        (A, "ubuntu", image_bytes(1, 5000)),
+        (B, "fedora", image_bytes(2, 7000)),
+    ]);
+    let s = server_for(&glance, &[]);
+    let r = request(
+        s.addr,
+        "POST",
+        "/v2/cache/warm",
+        &[
+            ("X-Auth-Token", ADMIN),
+            ("Content-Type", "application/json"),
+        ],
+        br#"{"property": {"name": "name", "value": "ubuntu"}, "wait": true}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let report = r.json();
+    assert_eq!(report["images"], 1, "{report}");
+    assert_eq!(report["cached"], 1, "{report}");
+    assert_eq!(report["state"], "done", "{report}");
+    assert_eq!(
+        glance.tokens_for("/v2/images?name=ubuntu&limit=200"),
+        [Some(UPSTREAM_TOKEN.to_string())]
+    );
+    let cached: Vec<String> = admin(s.addr, "GET", "/v2/cache").json()["cached_images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["image_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(cached, [A]);
+    // The report stays readable by its id; bad requests are 400.
+    let id = report["warm"].as_u64().unwrap();
+    let again = admin(s.addr, "GET", &format!("/v2/cache/warm/{id}")).json();
+    assert_eq!(again["cached"], 1, "{again}");
+    for bad in [
+        r#"{}"#,
+        r#"{"images": ["a"], "top": {"count": 1}}"#,
+        r#"{"images": ["a/b"]}"#,
+        r#"{"images": ["a"], "concurrency": 0}"#,
+        r#"{"images": ["a"], "nodes": ["ftp://x"]}"#,
+        r#"not json"#,
+    ] {
+        let r = request(
+            s.addr,
+            "POST",
+            "/v2/cache/warm",
+            &[
+                ("X-Auth-Token", ADMIN),
+                ("Content-Type", "application/json"),
+            ],
+            bad.as_bytes(),
+        );
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+    }
+    assert_eq!(
+        request(s.addr, "POST", "/v2/cache/warm", &[], b"{}").status,
+        401
+    );
+}
