@@ -1663,33 +1663,23 @@ fn wkg_reads_what_we_push_and_we_read_what_wkg_pushes() {
         .arg(format!("oci://{address}/drivers/ours:1")))
     .ok();
     let pulled = s.path("from-wkg.wasm");
-    let out = Command::new(&wkg)
-        .args(["oci", "pull", "--insecure", &address])
-        .arg(format!("{address}/drivers/ours:1"))
-        .arg("-o")
-        .arg(&pulled)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    image_cache_tests::output_ok(
+        Command::new(&wkg)
+            .args(["oci", "pull", "--insecure", &address])
+            .arg(format!("{address}/drivers/ours:1"))
+            .arg("-o")
+            .arg(&pulled),
     );
     assert!(
         fs::read(&pulled).unwrap() == component,
         "wkg pulled our bytes"
     );
 
-    let out = Command::new(&wkg)
-        .args(["oci", "push", "--insecure", &address])
-        .arg(format!("{address}/drivers/theirs:1"))
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    image_cache_tests::output_ok(
+        Command::new(&wkg)
+            .args(["oci", "push", "--insecure", &address])
+            .arg(format!("{address}/drivers/theirs:1"))
+            .arg(&file),
     );
     let ours = run(s
         .bare()

@@ -2078,7 +2078,13 @@ fn a_faulting_driver_is_rolled_back_automatically_under_load() {
 /// Swap the server's driver to the component at `driver` through the admin
 /// API.
 fn swap_to(addr: std::net::SocketAddr, driver: &std::path::Path) {
-    let r = request(
+    let r = post_driver(addr, &driver.display().to_string());
+    assert_eq!(r.status, 200, "swap to {}: {}", driver.display(), r.text());
+}
+
+/// `POST /v2/cache/driver` naming `driver`, with the admin token.
+fn post_driver(addr: std::net::SocketAddr, driver: &str) -> Resp {
+    request(
         addr,
         "POST",
         "/v2/cache/driver",
@@ -2086,9 +2092,8 @@ fn swap_to(addr: std::net::SocketAddr, driver: &std::path::Path) {
             ("X-Auth-Token", ADMIN),
             ("Content-Type", "application/json"),
         ],
-        format!("{{\"driver\":{:?}}}", driver.display().to_string()).as_bytes(),
-    );
-    assert_eq!(r.status, 200, "swap to {}: {}", driver.display(), r.text());
+        format!("{{\"driver\":{driver:?}}}").as_bytes(),
+    )
 }
 
 fn server_with_a_faulting_driver(policy: Option<&str>, by_env: bool) -> (Server, TempDir, Vec<u8>) {
@@ -2291,16 +2296,11 @@ fn serve_runs_and_swaps_to_drivers_from_a_registry() {
         let file = work.path().join(format!("{name}.wasm"));
         fs::write(&file, bytes).unwrap();
         let tag = format!("oci://{}/drivers/{name}:1", registry.address());
-        let out = Command::new(cli_binary())
-            .args(["--json", "drivers", "push", "--plain-http"])
-            .arg(&file)
-            .arg(&tag)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = image_cache_tests::output_ok(
+            Command::new(cli_binary())
+                .args(["--json", "drivers", "push", "--plain-http"])
+                .arg(&file)
+                .arg(&tag),
         );
         let pushed: Value = serde_json::from_slice(&out.stdout).unwrap();
         pushed["pinned"].as_str().unwrap().to_string()
@@ -2339,16 +2339,7 @@ fn serve_runs_and_swaps_to_drivers_from_a_registry() {
     } else {
         &sqlite
     };
-    let r = request(
-        s.addr,
-        "POST",
-        "/v2/cache/driver",
-        &[
-            ("X-Auth-Token", ADMIN),
-            ("Content-Type", "application/json"),
-        ],
-        format!("{{\"driver\":{target:?}}}").as_bytes(),
-    );
+    let r = post_driver(s.addr, target);
     assert_eq!(r.status, 200, "{}", r.text());
     if target == &xattr {
         assert_eq!(
@@ -2358,16 +2349,7 @@ fn serve_runs_and_swaps_to_drivers_from_a_registry() {
     }
     // A reference the registry does not hold: 400, the driver stays.
     let missing = format!("oci://{}/drivers/nothing:1", registry.address());
-    let r = request(
-        s.addr,
-        "POST",
-        "/v2/cache/driver",
-        &[
-            ("X-Auth-Token", ADMIN),
-            ("Content-Type", "application/json"),
-        ],
-        format!("{{\"driver\":{missing:?}}}").as_bytes(),
-    );
+    let r = post_driver(s.addr, &missing);
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("drivers/nothing"), "{}", r.text());
 
@@ -2722,16 +2704,7 @@ fn the_status_page_renders_in_headless_chromium_and_follows_a_swap() {
         fs::write(&file, image_cache::builtin::SQLITE.component).unwrap();
         file.display().to_string()
     };
-    let r = request(
-        s.addr,
-        "POST",
-        "/v2/cache/driver",
-        &[
-            ("X-Auth-Token", ADMIN),
-            ("Content-Type", "application/json"),
-        ],
-        format!("{{\"driver\":{target:?}}}").as_bytes(),
-    );
+    let r = post_driver(s.addr, &target);
     assert_eq!(r.status, 200, "{}", r.text());
     let (dom, log) = render(&chromium, &with_token, &["--dump-dom"]);
     assert!(console_lines(&log).is_empty(), "console: {log}");

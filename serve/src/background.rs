@@ -212,13 +212,7 @@ pub async fn prefetch_once(app: &Arc<App>) -> Result<(), ApiError> {
             }
         };
         // Done: failed, found cached, or its commit settled.
-        let done = flight
-            .wait_for(|p| match (&p.outcome, p.cached) {
-                (Some(Outcome::Failed(_) | Outcome::AlreadyCached), _) => true,
-                (Some(_), cached) => cached.is_some(),
-                (None, _) => false,
-            })
-            .await;
+        let done = flight.settled().await;
         let (outcome, cached) = match done {
             Some(p) => (p.outcome, p.cached.unwrap_or(false)),
             None => (None, false),

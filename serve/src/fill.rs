@@ -118,6 +118,17 @@ pub struct Flight {
 }
 
 impl Flight {
+    /// Wait until the fill is settled: failed, found cached, or its
+    /// commit decided (what a prefetch or a warming waits for).
+    pub async fn settled(&self) -> Option<Progress> {
+        self.wait_for(|p| match (&p.outcome, p.cached) {
+            (Some(Outcome::Failed(_) | Outcome::AlreadyCached), _) => true,
+            (Some(_), cached) => cached.is_some(),
+            (None, _) => false,
+        })
+        .await
+    }
+
     /// Wait until the fill's progress is `ready`: that progress, or `None`
     /// when the fill ended without ever being ready (its task is gone).
     pub async fn wait_for(&self, ready: impl Fn(&Progress) -> bool) -> Option<Progress> {

@@ -119,13 +119,7 @@ impl Siblings {
         let Some(size) = response.content_length() else {
             return Err(format!("{node} sent no Content-Length"));
         };
-        let md5 = response
-            .headers()
-            .get("content-md5")
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| v.len() == 32 && v.bytes().all(|b| b.is_ascii_hexdigit()))
-            .map(str::to_ascii_lowercase);
+        let md5 = super::upstream::content_md5(&response);
         let start = Start {
             size: Some(size),
             md5,

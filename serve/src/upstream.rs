@@ -218,13 +218,12 @@ impl Upstream {
                 if !status.is_success() {
                     return Err(status_error(id, status.as_u16()));
                 }
-                let content_md5 = response
-                    .headers()
-                    .get("content-md5")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| hex_md5(v.trim()));
-                let length = response.content_length();
-                let start = merge(id, record, length, content_md5)?;
+                let start = merge(
+                    id,
+                    record,
+                    response.content_length(),
+                    content_md5(&response),
+                )?;
                 Ok((start, Body::Http(response)))
             }
         }
@@ -286,13 +285,8 @@ impl Upstream {
                         Ok((start, Body::Http(response), 0))
                     }
                     200 => {
-                        let content_md5 = response
-                            .headers()
-                            .get("content-md5")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| hex_md5(v.trim()));
-                        let length = response.content_length();
-                        let start = merge(id, record, length, content_md5)?;
+                        let md5 = content_md5(&response);
+                        let start = merge(id, record, response.content_length(), md5)?;
                         Ok((start, Body::Http(response), offset))
                     }
                     other => Err(status_error(id, other)),
@@ -538,6 +532,15 @@ fn merge(
         md5,
         hash: record.hash,
     })
+}
+
+/// A response's `Content-MD5` (hex, as Glance sends it), lower-cased.
+pub fn content_md5(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get("content-md5")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| hex_md5(v.trim()))
 }
 
 /// Lower-case hex of an MD5 digest, if `v` is one.

@@ -561,13 +561,7 @@ async fn warm_one(app: &Arc<App>, id: &str) -> Result<Warmed, String> {
         FillFor::Prefetch,
     )
     .map_err(|e| e.message)?;
-    let done = flight
-        .wait_for(|p| match (&p.outcome, p.cached) {
-            (Some(Outcome::Failed(_) | Outcome::AlreadyCached), _) => true,
-            (Some(_), cached) => cached.is_some(),
-            (None, _) => false,
-        })
-        .await;
+    let done = flight.settled().await;
     match done {
         Some(p) => match p.outcome {
             Some(Outcome::Complete) if p.cached == Some(true) => Ok(Warmed::Cached),

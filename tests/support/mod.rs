@@ -525,6 +525,20 @@ pub fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// Run `cmd` to its end; it must succeed (its stderr is the message).
+#[track_caller]
+pub fn output_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// The `image-cache` binary of this build profile, built on first use
 /// (or `$IMAGE_CACHE_BIN`).
 pub fn cli_binary() -> &'static Path {
