@@ -18,7 +18,7 @@ const PEER_TOKEN: &str = "peer-token-0123456789abcdef";
 
 /// A node: its process and its address.
 struct Node {
-    _process: Running,
+    process: Running,
     addr: String,
 }
 
@@ -51,12 +51,18 @@ impl Node {
         for line in out.lines() {
             if line.unwrap().starts_with("image-cache serve: listening on") {
                 return Node {
-                    _process: Running(child),
+                    process: Running(child),
                     addr,
                 };
             }
         }
         panic!("the node did not start: {:?}", child.wait());
+    }
+
+    /// SIGKILL, as a node dies.
+    fn kill(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
     }
 
     fn metric(&self, name: &str) -> u64 {
@@ -331,4 +337,55 @@ fn warming_fans_out_and_reports() {
     );
     // Nothing named: a usage error.
     assert_eq!(warm(&[]).status.code(), Some(2));
+}
+
+/// A real node killed mid-stream: B is reading a 256 MiB image from A when
+/// A gets SIGKILL; B goes on from the upstream at the byte it reached and
+/// serves its client the whole image. (If B happens to finish before the
+/// kill lands, the run is repeated with another image, at most 3 times.)
+#[test]
+fn a_sibling_killed_mid_stream_is_resumed_from_the_upstream() {
+    let (_shared, cluster) = pg::postgres();
+    let db = cluster.database();
+    let upstream = tempfile::tempdir().unwrap();
+    let size = 256 << 20;
+    for attempt in 0..3 {
+        let id = format!("killed-{attempt}");
+        let bytes = image_bytes(40 + attempt as u8, size);
+        std::fs::write(upstream.path().join(&id), &bytes).unwrap();
+        let (ra, rb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut a = Node::start(&ra.path().join("cache"), upstream.path(), &db.url);
+        assert!(a.download(&id) == bytes);
+        a.wait_metric("image_cache_images_cached_total", 1);
+        let b = Node::start(&rb.path().join("cache"), upstream.path(), &db.url);
+        let reader = {
+            let (addr, id) = (b.addr.clone(), id.clone());
+            std::thread::spawn(move || http_get(&addr, &format!("/v2/images/{id}/file")))
+        };
+        let until = Instant::now() + Duration::from_secs(60);
+        while b.metric("image_cache_sibling_bytes_total") == 0 {
+            assert!(Instant::now() < until, "B never read from A");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        a.kill();
+        let (status, body, complete, head) = reader.join().unwrap();
+        assert_eq!(status, 200, "{head}");
+        assert!(complete && body == bytes, "B's client got the whole image");
+        if b.metric("image_cache_sibling_failures_total") == 0 {
+            eprintln!("attempt {attempt}: B had the image before A was killed; again");
+            continue;
+        }
+        b.wait_metric("image_cache_images_cached_total", 1);
+        assert_eq!(b.metric("image_cache_upstream_resumes_total"), 1);
+        let from_a = b.metric("image_cache_sibling_bytes_total");
+        assert!(from_a > 0 && from_a < size as u64, "{from_a}");
+        assert_eq!(
+            b.metric("image_cache_upstream_bytes_total"),
+            size as u64 - from_a,
+            "only the rest came from the upstream"
+        );
+        eprintln!("A killed after {from_a} of {size} bytes; the rest from the upstream");
+        return;
+    }
+    panic!("B finished before A was killed in 3 attempts");
 }
