@@ -91,15 +91,7 @@ impl Siblings {
             }
             Err(_) => return Vec::new(),
         };
-        let mut nodes: Vec<String> = nodes
-            .into_iter()
-            .map(|n| n.trim_end_matches('/').to_string())
-            .filter(|n| Some(n) != self.self_url.as_ref())
-            .filter(|n| n.starts_with("http://") || n.starts_with("https://"))
-            .collect();
-        // Stable: preferred first, each group in the driver's order.
-        nodes.sort_by_key(|n| !self.prefer.iter().any(|p| n.starts_with(p.as_str())));
-        nodes
+        order(nodes, self.self_url.as_deref(), &self.prefer)
     }
 
     /// Open `id` at the sibling `node`: what it says of the image, and
@@ -129,7 +121,55 @@ impl Siblings {
     }
 }
 
+/// The nodes to ask, in order: this node and anything but an http(s) URL
+/// left out, those starting with a preferred prefix first, each group in
+/// the driver's order.
+fn order(nodes: Vec<String>, self_url: Option<&str>, prefer: &[String]) -> Vec<String> {
+    let mut nodes: Vec<String> = nodes
+        .into_iter()
+        .map(|n| n.trim_end_matches('/').to_string())
+        .filter(|n| Some(n.as_str()) != self_url)
+        .filter(|n| n.starts_with("http://") || n.starts_with("https://"))
+        .collect();
+    // Stable: the driver's order within each group.
+    nodes.sort_by_key(|n| !prefer.iter().any(|p| n.starts_with(p.as_str())));
+    nodes
+}
+
 /// Log a sibling that could not be used.
 pub fn unusable(id: &str, node: &str, why: &str) {
     warn!(image_id = id, node, error = why, "sibling not used");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::order;
+
+    #[test]
+    fn preferred_siblings_first_this_node_left_out() {
+        let nodes = [
+            "http://rack-b-1:9292/",
+            "http://rack-a-1:9292",
+            "http://me:9292",
+            "file:///etc/passwd",
+            "http://rack-b-2:9292",
+            "http://rack-a-2:9292",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            order(
+                nodes.clone(),
+                Some("http://me:9292"),
+                &["http://rack-a-".into()]
+            ),
+            [
+                "http://rack-a-1:9292",
+                "http://rack-a-2:9292",
+                "http://rack-b-1:9292",
+                "http://rack-b-2:9292"
+            ]
+        );
+        assert_eq!(order(nodes, None, &[]).len(), 5);
+    }
 }
