@@ -366,9 +366,33 @@ async fn fill(
     let mut written = 0u64;
     let mut from_sibling: Option<(Start, Hashers)> = None;
     if let Some(siblings) = app.siblings.as_ref() {
-        for node in siblings.holders(app, id).await {
+        let holders = siblings.holders(app, id).await;
+        // What the upstream says of the image (Glance's record: size and
+        // checksums) is what a sibling's bytes are checked against: a node
+        // listed in the shared database is not trusted to vouch for its
+        // own bytes. Without a record (a directory upstream), the
+        // sibling's recorded checksum is what there is.
+        let authority = match holders.is_empty() {
+            true => None,
+            false => match upstream.describe_image(id, token.as_deref()).await {
+                Ok(record) => record,
+                Err(e) => return Outcome::Failed(e),
+            },
+        };
+        for node in holders {
             let (start, body) = match siblings.open(&node, id).await {
-                Ok(opened) => opened,
+                Ok((theirs, body)) => match &authority {
+                    None => (theirs, body),
+                    Some(record) => {
+                        match super::upstream::merge(id, record.clone(), theirs.size, theirs.md5) {
+                            Ok(start) => (start, body),
+                            Err(e) => {
+                                super::siblings::unusable(id, &node, &e.message);
+                                continue;
+                            }
+                        }
+                    }
+                },
                 Err(why) => {
                     super::siblings::unusable(id, &node, &why);
                     continue;

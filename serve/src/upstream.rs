@@ -295,6 +295,21 @@ impl Upstream {
         }
     }
 
+    /// What the upstream says of image `id` before any byte (Glance's
+    /// record: size and checksums), to check bytes from elsewhere (a
+    /// sibling) against; `None` for a directory, or a Glance without
+    /// records.
+    pub async fn describe_image(
+        &self,
+        id: &str,
+        token: Option<&str>,
+    ) -> Result<Option<Start>, FetchError> {
+        match self {
+            Upstream::Dir(_) => Ok(None),
+            Upstream::Glance(g) => g.record_if_any(id, token).await,
+        }
+    }
+
     /// HEAD for an uncached image: its size, without fetching.
     pub async fn size(&self, id: &str, token: Option<&str>) -> Result<Option<u64>, FetchError> {
         match self {
@@ -338,7 +353,7 @@ impl Glance {
     /// The image's record; `None` when the upstream has no records (404)
     /// and none are required (see `records_required`). A refusal is an
     /// error.
-    async fn record_if_any(
+    pub(crate) async fn record_if_any(
         &self,
         id: &str,
         token: Option<&str>,
@@ -505,7 +520,7 @@ fn parse_record(record: &serde_json::Value) -> Start {
 /// The record and the data response must agree: a record and a
 /// `Content-Length` (or `Content-MD5`) that differ mean the upstream is
 /// not sending the image it describes.
-fn merge(
+pub(crate) fn merge(
     id: &str,
     record: Start,
     length: Option<u64>,

@@ -26,6 +26,11 @@ impl Node {
     /// A serve node on a port of its own, its URL its
     /// worker_self_reference_url, the fleet's peer token set.
     fn start(root: &Path, upstream: &Path, database_url: &str) -> Node {
+        Node::start_with_upstream(root, upstream.to_str().unwrap(), database_url)
+    }
+
+    /// With `upstream` a directory or a Glance URL.
+    fn start_with_upstream(root: &Path, upstream: &str, database_url: &str) -> Node {
         use std::io::BufRead;
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -388,4 +393,82 @@ fn a_sibling_killed_mid_stream_is_resumed_from_the_upstream() {
         return;
     }
     panic!("B finished before A was killed in 3 attempts");
+}
+
+/// A node listed in the shared database does not vouch for its own bytes:
+/// with a Glance upstream, a sibling's image is checked against Glance's
+/// record. A poisoning "sibling" (registered by a writer of the shared
+/// tables) that sends other bytes with their own matching Content-MD5 is
+/// not used; the fill goes to the upstream and the client gets the image.
+#[test]
+fn a_poisoning_sibling_is_refused_by_the_upstreams_record() {
+    let (_shared, cluster) = pg::postgres();
+    let db = cluster.database();
+    let image = image_bytes(50, (2 << 20) + 9);
+    let poison = image_bytes(51, image.len());
+    // A Glance-like upstream: the record (size, checksum) and the file.
+    let glance = TcpListener::bind("127.0.0.1:0").unwrap();
+    let glance_url = format!("http://{}", glance.local_addr().unwrap());
+    let (image2, md5) = (image.clone(), md5_hex(&image));
+    std::thread::spawn(move || {
+        for conn in glance.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut head = [0u8; 4096];
+            let n = c.read(&mut head).unwrap_or(0);
+            let head = String::from_utf8_lossy(&head[..n]).to_string();
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+            let (ctype, body) = if path == "/v2/images/img3" {
+                let record = serde_json::json!({"id": "img3", "status": "active",
+                    "size": image2.len(), "checksum": md5});
+                ("application/json", record.to_string().into_bytes())
+            } else if path == "/v2/images/img3/file" {
+                ("application/octet-stream", image2.clone())
+            } else {
+                ("text/plain", Vec::new())
+            };
+            let status = if body.is_empty() {
+                "404 Not Found"
+            } else {
+                "200 OK"
+            };
+            let _ = write!(
+                c,
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = c.write_all(&body);
+        }
+    });
+    // The poisoning sibling: other bytes, their own MD5.
+    let liar = TcpListener::bind("127.0.0.1:0").unwrap();
+    let liar_url = format!("http://{}", liar.local_addr().unwrap());
+    let (poison2, poison_md5) = (poison.clone(), md5_hex(&poison));
+    std::thread::spawn(move || {
+        for conn in liar.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut head = [0u8; 4096];
+            let _ = c.read(&mut head);
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-MD5: {poison_md5}\r\nConnection: close\r\n\r\n",
+                poison2.len()
+            );
+            let _ = c.write_all(&poison2);
+        }
+    });
+    db.sql(&format!(
+        "INSERT INTO node_reference (node_reference_url) VALUES ('{liar_url}');
+         INSERT INTO cached_images (image_id, last_accessed, last_modified, size, hits, checksum, node_reference_id)
+           SELECT 'img3', now(), now(), {}, 0, '{}', node_reference_id
+           FROM node_reference WHERE node_reference_url = '{liar_url}';",
+        poison.len(),
+        md5_hex(&poison)
+    ));
+    let root = tempfile::tempdir().unwrap();
+    let b = Node::start_with_upstream(&root.path().join("cache"), &glance_url, &db.url);
+    assert!(b.download("img3") == image, "the image, not the poison");
+    b.wait_metric("image_cache_images_cached_total", 1);
+    assert_eq!(b.metric("image_cache_sibling_fills_total"), 0);
+    assert_eq!(b.metric("image_cache_upstream_fetches_total"), 1);
+    assert!(b.download("img3") == image, "the cache holds the image");
 }
