@@ -53,10 +53,11 @@ fn the_cli_loads_an_outsiders_plugin_pinned_and_refuses_its_escape() {
             .unwrap()
     };
     let sha = sha256(plugin);
-    // Pinned: loaded, and its escape is the host's refusal.
+    // Pinned: loaded, and its escape is the host's refusal, an access
+    // denied (exit 6) as the fs import answers it.
     let out = run(&["--driver-sha256", &sha, "status", "escape"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
     assert!(stderr.contains("`..` is not allowed"), "{stderr}");
     assert!(
         !stderr.contains(&dir.path().display().to_string()),
