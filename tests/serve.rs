@@ -1899,6 +1899,9 @@ fn real_glance_client() {
         "1h",
         "--max-size",
         "9000",
+        // Fills do not evict (Glance's way), so cache-prune has work below.
+        "--fill-evict-budget",
+        "0",
     ]);
     // A fresh HOME: glanceclient caches the image schema in ~/.glanceclient
     // and must fetch it from this server (else it falls back to API v1,
