@@ -58,6 +58,13 @@ from .xattr import Attributes, probe as xattr_probe
 EPOCH_TICK = 0.010
 #: Longest single pause ``clock.sleep`` grants (seconds).
 MAX_SLEEP = 0.1
+#: How long after its deadline a call is stopped (seconds): ``clock.sleep``
+#: says False at the deadline so a driver waiting for a lock can fail the
+#: operation itself ("the host stops the call soon after anyway"); this is
+#: its time to do so. With one tick only, a loaded machine (the GIL, the
+#: ticker thread) stopped the call before the driver could answer
+#: "locked".
+UNWIND_GRACE = 0.1
 
 #: Host resource types (``ResourceType.host``) of this package.
 FILE_TYPE = 0x1C_F11E
@@ -686,7 +693,7 @@ class Runtime:
         self._stop.set()
 
     def deadline_ticks(self) -> int:
-        return max(1, int(self.limits.call_deadline / EPOCH_TICK))
+        return max(1, int((self.limits.call_deadline + UNWIND_GRACE) / EPOCH_TICK))
 
     def linker(self, grants: FrozenSet[str]) -> Linker:
         with self._lock:
