@@ -91,7 +91,8 @@ pub fn spawn_sampler(app: &Arc<App>, mut stop: watch::Receiver<bool>) {
     });
 }
 
-async fn sample(app: &Arc<App>) {
+/// Take a sample: the cache's size, if the driver could say.
+async fn sample(app: &Arc<App>) -> Option<u64> {
     let app2 = app.clone();
     let size = tokio::task::spawn_blocking(move || app2.cache.get_cache_size())
         .await
@@ -101,6 +102,7 @@ async fn sample(app: &Arc<App>) {
     if let Some(size) = size {
         app.samples.take(app, size);
     }
+    size
 }
 
 /// `GET /-/status`: the page. It asks for the admin token (kept in the
@@ -127,12 +129,12 @@ pub async fn document(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     super::cache_api::admin(&app, &headers)?;
-    // A fresh point, so a chart has data from the first look on.
-    sample(&app).await;
+    // A fresh point, so a chart has data from the first look on; its size
+    // is the document's.
+    let size = sample(&app).await;
     let app2 = app.clone();
-    let (size, images, nodes) = tokio::task::spawn_blocking(move || {
+    let (images, nodes) = tokio::task::spawn_blocking(move || {
         app2.hits.flush();
-        let size = app2.cache.get_cache_size().ok();
         let mut images = app2.cache.get_cached_images().unwrap_or_default();
         images.sort_by(|a, b| {
             b.hits
@@ -145,7 +147,7 @@ pub async fn document(
             .iter()
             .map(|i| app2.cache.get_cached_nodes(&i.image_id).ok())
             .collect();
-        (size, (count, images), nodes)
+        ((count, images), nodes)
     })
     .await
     .map_err(|e| ApiError::internal(format!("status task: {e}")))?;

@@ -18,13 +18,7 @@ use super::{
 /// Nothing of `id` in the cache: not listed, not in any directory.
 fn nothing_cached(s: &Server, id: &str) {
     assert!(!s.cached_ids().iter().any(|i| i == id), "{id} was cached");
-    let root = s.root();
-    for d in ["", "incomplete", "invalid"] {
-        assert!(
-            !image_files(&root.join(d)).iter().any(|f| f == id),
-            "{id} left in {d}/"
-        );
-    }
+    super::no_file_of(s, id);
 }
 
 #[test]
