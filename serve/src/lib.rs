@@ -1052,8 +1052,10 @@ pub fn run(cache: ImageCache, config: Config, reload: Option<Reload>) -> Result<
         .map_err(ServeError::io("starting the async runtime"))?;
     runtime.block_on(async move {
         let listen = config.listen;
-        let listener = TcpListener::bind(listen)
-            .await
+        let backlog = config
+            .max_connections
+            .unwrap_or_else(default_max_connections);
+        let listener = listen_on(listen, backlog)
             .map_err(ServeError::io(format!("cannot listen on {listen}")))?;
         let local = listener
             .local_addr()
@@ -1198,6 +1200,22 @@ async fn serve(
     let _ = tokio::task::spawn_blocking(move || recorder.join()).await;
     info!("stopped");
     Ok(())
+}
+
+/// The listening socket, with an accept queue as deep as the connection
+/// cap (the kernel caps it at `net.core.somaxconn`). The default queue of
+/// 128 overflows when a burst of clients connects at once; the kernel then
+/// answers with SYN cookies and resets some of them before the server sees
+/// them at all, instead of the 503 the cap promises.
+fn listen_on(addr: SocketAddr, backlog: usize) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog.min(u32::MAX as usize) as u32)
 }
 
 /// Most connections by default: 4096, fewer when the open-files limit
