@@ -280,23 +280,31 @@ fn warming_fans_out_and_reports() {
     }
     assert!(nodes[1].metric("image_cache_warm_images_total") >= 6);
 
-    // --top: the most-hit across two nodes, warmed on a third.
+    // --top: the most-hit across two nodes, warmed on another. The hits
+    // are made on a node of their own: the first nodes' counts depend on
+    // which of them the warming above read from as a sibling.
     let roots2: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let fresh: Vec<Node> = roots2
         .iter()
         .map(|r| Node::start(&r.path().join("cache"), upstream.path(), &db.url))
         .collect();
+    for id in ["w0", "w1", "w2"] {
+        fresh[0].download(id);
+    }
+    fresh[0].wait_metric("image_cache_images_cached_total", 3);
     for (id, times) in [("w0", 3), ("w1", 2), ("w2", 1)] {
         for _ in 0..times {
-            let _ = nodes[0].download(id);
+            fresh[0].download(id);
         }
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Counted (the server counts a hit after its last byte is sent, which
+    // may be after the client has read it); the listing flushes them.
+    fresh[0].wait_metric("image_cache_hits_total", 6);
     let out = std::process::Command::new(cli_binary())
         .arg("warm")
         .args(["--server", &format!("http://{}", fresh[0].addr)])
         .args(["--json", "--top", "2", "--days", "1"])
-        .args(["--node", &format!("http://{}", nodes[0].addr)])
+        .args(["--node", &format!("http://{}", fresh[0].addr)])
         .args(["--node", &format!("http://{}", fresh[1].addr)])
         .env("IMAGE_CACHE_ADMIN_TOKEN", "admin-token-0123456789abcdef")
         .output()
