@@ -18,7 +18,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::stream;
 use image_cache::Error;
 use tracing::{debug, warn};
@@ -573,7 +573,7 @@ async fn try_cached(
     let inm = if_none_match.map(str::to_string);
     // One hop to the blocking pool: open (one driver call), size, and the
     // first chunk, so a small image needs no second hop before sending.
-    let opened = tokio::task::spawn_blocking(move || -> Result<(Opened, Bytes, bool), Error> {
+    let opened = tokio::task::spawn_blocking(move || -> Result<(Opened, BytesMut, bool), Error> {
         let mut opened = match open_cached(&app2, &id2, range.clone()) {
             Ok(o) => o,
             Err(e @ (Error::NotFound(_) | Error::InvalidImageId(_))) => return Err(e),
@@ -590,7 +590,7 @@ async fn try_cached(
             },
         };
         let fresh = not_modified(inm.as_deref(), opened.checksum.as_deref());
-        let mut first = Vec::new();
+        let mut first = BytesMut::new();
         if !head
             && !fresh
             && let Some((start, end)) = opened.range.span(opened.size)
@@ -600,7 +600,7 @@ async fn try_cached(
             opened.file.seek(SeekFrom::Start(start)).map_err(io_err)?;
             read_up_to(&mut opened.file, &mut first, (end - start).min(CHUNK)).map_err(io_err)?;
         }
-        Ok((opened, Bytes::from(first), fresh))
+        Ok((opened, first, fresh))
     })
     .await
     .map_err(|e| ApiError::internal(format!("open task: {e}")))?;
@@ -660,12 +660,13 @@ async fn try_cached(
     Ok(Cached::Found(response))
 }
 
-/// Read up to `n` bytes at the file's offset into `buf` without zeroing
-/// it first.
-fn read_up_to(file: &mut File, buf: &mut Vec<u8>, n: u64) -> io::Result<()> {
-    buf.reserve_exact(n as usize);
-    let got = file.take(n).read_to_end(buf)? as u64;
-    if got < n {
+/// Read `n` bytes at the file's offset onto the end of `buf`.
+fn read_up_to(file: &mut File, buf: &mut BytesMut, n: u64) -> io::Result<()> {
+    let at = buf.len();
+    buf.resize(at + n as usize, 0);
+    let got = read_full(file, &mut buf[at..]);
+    buf.truncate(at + got.as_ref().copied().unwrap_or(0));
+    if got? < n as usize {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "the cached file is shorter than when it was opened",
@@ -674,12 +675,31 @@ fn read_up_to(file: &mut File, buf: &mut Vec<u8>, n: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Read until `buf` is full or the file ends; the bytes read.
+fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
 struct CachedState {
     app: Arc<App>,
     /// The image, until its hit is counted or the download failed.
     id: Option<String>,
     file: Option<File>,
-    first: Option<Bytes>,
+    /// This response's buffer: the first chunk until it is sent, then
+    /// each chunk read. A chunk handed to hyper shares it; once hyper has
+    /// written and dropped that chunk the next read reuses the memory, so a
+    /// reader holds about one chunk however slowly it reads, and the
+    /// allocator sees one allocation per response, not one per chunk.
+    buf: BytesMut,
     pos: u64,
     end: u64,
     _in_flight: InFlight,
@@ -693,7 +713,7 @@ impl Drop for CachedState {
         let Some(id) = self.id.take() else {
             return;
         };
-        if self.pos < self.end || self.first.as_ref().is_some_and(|f| !f.is_empty()) {
+        if self.pos < self.end || !self.buf.is_empty() {
             return;
         }
         self.app.hits.completed(&id);
@@ -705,7 +725,7 @@ fn cached_stream(
     app: Arc<App>,
     id: Option<String>,
     file: File,
-    first: Bytes,
+    first: BytesMut,
     start: u64,
     end: u64,
 ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
@@ -714,14 +734,14 @@ fn cached_stream(
         app,
         id,
         file: Some(file),
-        first: Some(first),
+        buf: first,
         pos: start,
         end,
     };
     stream::unfold(state, |mut s| async move {
-        if let Some(first) = s.first.take()
-            && !first.is_empty()
-        {
+        if !s.buf.is_empty() {
+            // The first chunk, read when the file was opened.
+            let first = s.buf.split().freeze();
             s.pos += first.len() as u64;
             add(&s.app.metrics.bytes_from_cache, first.len() as u64);
             return Some((Ok(first), s));
@@ -729,18 +749,23 @@ fn cached_stream(
         if s.pos < s.end {
             let n = (s.end - s.pos).min(CHUNK);
             let mut file = s.file.take()?;
+            let mut buf = std::mem::take(&mut s.buf);
+            // Takes the memory back when the last chunk handed out from
+            // it is gone (hyper wrote and dropped it).
+            buf.reserve(n as usize);
             let read = tokio::task::spawn_blocking(move || {
-                let mut buf = Vec::new();
                 let r = read_up_to(&mut file, &mut buf, n);
                 (file, buf, r)
             })
             .await;
             return match read {
-                Ok((file, buf, Ok(()))) => {
+                Ok((file, mut buf, Ok(()))) => {
                     s.file = Some(file);
                     s.pos += n;
                     add(&s.app.metrics.bytes_from_cache, n);
-                    Some((Ok(Bytes::from(buf)), s))
+                    let chunk = buf.split().freeze();
+                    s.buf = buf;
+                    Some((Ok(chunk), s))
                 }
                 Ok((_, _, Err(e))) => {
                     inc(&s.app.metrics.responses_aborted);
@@ -768,6 +793,8 @@ struct SpoolState {
     pos: u64,
     end: Option<u64>,
     done: bool,
+    /// Reused from chunk to chunk, as [`CachedState::buf`].
+    buf: BytesMut,
     _in_flight: InFlight,
 }
 
@@ -788,6 +815,7 @@ fn spool_stream(
         pos: from,
         end: to,
         done: false,
+        buf: BytesMut::new(),
     };
     stream::unfold(state, |mut s| async move {
         if s.done {
@@ -803,19 +831,23 @@ fn spool_stream(
                 let n = (available - s.pos).min(SPOOL_CHUNK);
                 let spool = s.flight.spool.clone();
                 let pos = s.pos;
+                let mut buf = std::mem::take(&mut s.buf);
+                buf.reserve(n as usize);
                 let read = tokio::task::spawn_blocking(move || {
                     use std::os::unix::fs::FileExt;
-                    let mut buf = vec![0u8; n as usize];
+                    buf.resize(n as usize, 0);
                     spool.read_exact_at(&mut buf, pos).map(|()| buf)
                 })
                 .await
                 .map_err(|e| io::Error::other(e.to_string()))
                 .and_then(|r| r);
                 return match read {
-                    Ok(buf) => {
+                    Ok(mut buf) => {
                         s.pos += n;
                         add(&s.app.metrics.bytes_from_upstream, n);
-                        Some((Ok(Bytes::from(buf)), s))
+                        let chunk = buf.split().freeze();
+                        s.buf = buf;
+                        Some((Ok(chunk), s))
                     }
                     Err(e) => {
                         s.done = true;
