@@ -85,6 +85,34 @@ fn a_driver_that_spins_is_stopped_at_its_deadline() {
 }
 
 #[test]
+fn a_call_made_without_waiting_never_waits_and_a_spinning_one_stops_at_a_second() {
+    // The call deadline is long (30 s): what stops these is the no-wait rule.
+    let (_dir, cache) = hostile_cache(Limits {
+        call_deadline: Duration::from_secs(30),
+        ..limits()
+    });
+    // A pause is answered "the deadline passed" at once, and the caller is
+    // told the call wanted to wait (its result says nothing).
+    assert!(cache.without_waiting(|| cache.is_cached("nap")).is_none());
+    assert_eq!(
+        cache.runtime().stats.instances_discarded.load(Ordering::Relaxed),
+        0,
+        "no fault: the driver stopped waiting when told to"
+    );
+    // A driver that spins is stopped at the short deadline, a fault...
+    match cache.without_waiting(|| cache.is_cached("spin")) {
+        Some(Err(Error::DriverFault { message, .. })) => {
+            assert!(message.contains("deadline of 1s"), "{message}")
+        }
+        other => panic!("expected a fault at the no-wait deadline, got {other:?}"),
+    }
+    // ...after which it is not called that way again (the caller calls it
+    // as usual), and it works.
+    assert!(cache.without_waiting(|| cache.is_cached("benign")).is_none());
+    assert!(!cache.is_cached("benign").unwrap());
+}
+
+#[test]
 fn a_driver_that_allocates_without_end_hits_its_memory_cap() {
     let (_dir, cache) = hostile_cache(limits());
     let message = fault_of(&cache, "alloc");

@@ -19,6 +19,45 @@ fn the_cache_handle_is_send_and_sync() {
 }
 
 #[test]
+fn a_call_made_without_waiting_gives_way_to_a_lock_held_elsewhere() {
+    // The sqlite driver reads a checksum from cache.db; another process
+    // holds cache.db's exclusive lock. Made without waiting, the call
+    // says it wanted to wait instead of waiting (an event loop asks again
+    // off its thread); made as usual, it waits for the lock and succeeds.
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ImageCache::open(CacheConfig::new(dir.path())).unwrap();
+    use image_cache::checksum::{Algorithm, Checksum, Hasher};
+    let bytes = image_bytes(9, 4096);
+    let mut md5 = Hasher::new(Algorithm::Md5);
+    md5.update(&bytes);
+    let expected: Checksum = format!("md5:{}", md5.finish()).parse().unwrap();
+    cache
+        .cache_reader("img", Some(&expected), &bytes[..])
+        .unwrap();
+    let checksum = || -> Result<Option<String>, Error> {
+        let mut reader = cache.open_for_read("img")?;
+        reader.checksum()
+    };
+    let recorded = cache
+        .without_waiting(checksum)
+        .expect("nothing held: answered at once")
+        .unwrap();
+    assert!(recorded.is_some(), "the commit recorded the checksum");
+    let native = rusqlite::Connection::open(dir.path().join("cache.db")).unwrap();
+    native.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    assert!(
+        cache.without_waiting(checksum).is_none(),
+        "the lock is held elsewhere: the call gave way"
+    );
+    let holder = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        native.execute_batch("COMMIT").unwrap();
+    });
+    assert_eq!(checksum().unwrap(), recorded, "waited for it");
+    holder.join().unwrap();
+}
+
+#[test]
 fn a_restart_reuses_compiled_artifacts() {
     let artifacts = tempfile::tempdir().unwrap();
     let first = Runtime::new(Limits::default(), Some(artifacts.path().to_path_buf())).unwrap();

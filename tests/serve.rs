@@ -934,6 +934,34 @@ fn kept_alive_connections_mix_sendfile_downloads_and_other_requests() {
 }
 
 #[test]
+fn a_hit_whose_driver_call_would_wait_is_answered_off_the_event_loop() {
+    // A hit's driver calls run on the event loop when they need not wait.
+    // The first hit of an image asks the sqlite driver for its checksum,
+    // a read of cache.db: while another process holds cache.db's exclusive
+    // lock that call would wait, so the front hands it to a thread
+    // (counted), where it waits for the lock and is answered.
+    let s = Server::start(&[]);
+    let a = image_bytes(61, 100_000);
+    openstack::cache_with_cli(&s.root(), "a", &a);
+    let deferred = "image_cache_hit_opens_deferred_total";
+    assert_eq!(s.metric(deferred), 0);
+    let native = rusqlite::Connection::open(s.root().join("cache.db")).unwrap();
+    native.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let addr = s.addr;
+    let first_of_a = std::thread::spawn(move || get(addr, "/v2/images/a/file"));
+    s.wait_metric(deferred, 1);
+    native.execute_batch("COMMIT").unwrap();
+    let r = first_of_a.join().unwrap();
+    assert!(r.complete && r.body == a, "{}", r.status);
+    // Nothing held: the next hits run on the event loop.
+    for _ in 0..3 {
+        assert!(get(s.addr, "/v2/images/a/file").body == a);
+    }
+    assert_eq!(s.metric(deferred), 1);
+    assert!(!s.log().contains("sealed image file without the driver"), "{}", s.log());
+}
+
+#[test]
 fn a_client_leaving_early_counts_no_hit() {
     // Larger than what loopback socket buffers can hold, so the server
     // cannot have sent it all when the client leaves.

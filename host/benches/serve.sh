@@ -21,12 +21,15 @@
 #    their bodies at 4 KiB/s); p50/p99 and req/s compared.
 #
 # Environment: BIN (the image-cache binary; default: the release build),
-# DURATION (seconds per wrk cell, default 5), SWAP_SECONDS (default 30),
+# DURATION (seconds per wrk cell, default 5), RUNS (runs of each cached
+# cell, ours and nginx alternating; median and spread; default 3),
+# SWAP_SECONDS (default 30),
 # SLOW_MISSES (default 500).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 DURATION=${DURATION:-5}
+RUNS=${RUNS:-3}
 SWAP_SECONDS=${SWAP_SECONDS:-30}
 SLOW_MISSES=${SLOW_MISSES:-500}
 for tool in wrk nginx curl python3; do
@@ -150,18 +153,29 @@ wrk_row() { # url conns
 }
 
 echo
-echo "## image-cache serve vs nginx (sendfile on), loopback, $(nproc) cores, ${DURATION}s per cell, server build: $PROFILE"
+echo "## image-cache serve vs nginx (sendfile on), loopback, $(nproc) cores, ${DURATION}s per cell, $RUNS runs each (ours and nginx alternating), server build: $PROFILE"
 echo
-echo "| image | conns | ours req/s | nginx req/s | ratio | ours MB/s | nginx MB/s | ratio | ours p50/p99 ms | nginx p50/p99 ms |"
+echo "Median of the runs; the ratio's spread is its lowest and highest over the runs (each run's ours / that run's nginx)."
+echo
+echo "| image | conns | ours req/s | nginx req/s | ratio (min-max) | ours MB/s | nginx MB/s | ratio (min-max) | ours p50/p99 ms | nginx p50/p99 ms |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) printf "%s", v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+spread() { tr ' ' '\n' | grep -v '^$' | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%s-%s", lo, hi }'; }
 for id in small-4k big-64m; do
     for c in 1 16 64; do
-        read -r orps omb op50 op99 oerr < <(wrk_row "http://127.0.0.1:$OUR_PORT/v2/images/$id/file" "$c")
-        read -r nrps nmb np50 np99 nerr < <(wrk_row "http://127.0.0.1:$NGINX_PORT/v2/images/$id/file" "$c")
-        rr=$(awk -v a="$orps" -v b="$nrps" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
-        mr=$(awk -v a="$omb" -v b="$nmb" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
-        note=""; [ "$oerr" != 0 ] && note=" (ours: $oerr errors)"; [ "$nerr" != 0 ] && note="$note (nginx: $nerr errors)"
-        echo "| $id | $c | $orps | $nrps | $rr | $omb | $nmb | $mr | $op50 / $op99 | $np50 / $np99 |$note"
+        orps_all=""; nrps_all=""; omb_all=""; nmb_all=""; rr_all=""; mr_all=""
+        op50_all=""; op99_all=""; np50_all=""; np99_all=""; note=""
+        for run in $(seq 1 "$RUNS"); do
+            read -r orps omb op50 op99 oerr < <(wrk_row "http://127.0.0.1:$OUR_PORT/v2/images/$id/file" "$c")
+            read -r nrps nmb np50 np99 nerr < <(wrk_row "http://127.0.0.1:$NGINX_PORT/v2/images/$id/file" "$c")
+            orps_all+=" $orps"; nrps_all+=" $nrps"; omb_all+=" $omb"; nmb_all+=" $nmb"
+            op50_all+=" $op50"; op99_all+=" $op99"; np50_all+=" $np50"; np99_all+=" $np99"
+            rr_all+=" $(awk -v a="$orps" -v b="$nrps" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
+            mr_all+=" $(awk -v a="$omb" -v b="$nmb" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')"
+            [ "$oerr" != 0 ] && note="$note (ours: $oerr errors in run $run)"
+            [ "$nerr" != 0 ] && note="$note (nginx: $nerr errors in run $run)"
+        done
+        echo "| $id | $c | $(median <<< "$orps_all") | $(median <<< "$nrps_all") | $(median <<< "$rr_all") ($(spread <<< "$rr_all")) | $(median <<< "$omb_all") | $(median <<< "$nmb_all") | $(median <<< "$mr_all") ($(spread <<< "$mr_all")) | $(median <<< "$op50_all") / $(median <<< "$op99_all") | $(median <<< "$np50_all") / $(median <<< "$np99_all") |$note"
     done
 done
 

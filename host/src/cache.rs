@@ -395,6 +395,33 @@ impl ImageCache {
         self.stats.fail_reloads.load(Ordering::Relaxed)
     }
 
+    /// Run `f`, calls of this cache on this thread, such that no driver
+    /// call in it waits: for a caller that must not be held up, such as a
+    /// server answering a hit on its event loop. A host import that would
+    /// wait (SQLite's pause for another process's lock, a file lock held
+    /// elsewhere) answers at once as if the call's deadline had passed, and
+    /// each call has at most a second
+    /// ([`NO_WAIT_DEADLINE`](crate::limits::NO_WAIT_DEADLINE)).
+    ///
+    /// `None` when a call wanted to wait (what `f` returned says nothing
+    /// then), or the driver is not called this way at all (it is granted a
+    /// database, where every call is a round trip; or such a call of it
+    /// faulted before): ask again without this, where waiting is fine.
+    pub fn without_waiting<T>(&self, f: impl FnOnce() -> Result<T>) -> Option<Result<T>> {
+        let driver = self.driver();
+        if !driver.calls_without_waiting() {
+            return None;
+        }
+        let (result, wanted_to_wait) = crate::limits::without_waiting(f);
+        if wanted_to_wait {
+            return None;
+        }
+        if let Err(Error::DriverFault { .. }) = &result {
+            driver.stop_calls_without_waiting();
+        }
+        Some(result)
+    }
+
     /// Run one call on the current driver, counting its faults against the
     /// rollback policy. Every operation goes through here, and so through
     /// the fail policy: under [`FailPolicy::Reload`] a call that faults

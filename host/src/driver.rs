@@ -14,7 +14,7 @@
 //! session's the cached `<id>`, and error messages are cut to a bounded,
 //! printable line.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -44,6 +44,10 @@ pub struct Driver {
     info: DriverInfo,
     pool: Mutex<Pool>,
     freed: Condvar,
+    /// Whether calls made without waiting go to this driver (see
+    /// [`ImageCache::without_waiting`](crate::ImageCache::without_waiting)):
+    /// not once one of them faulted.
+    calls_without_waiting: AtomicBool,
 }
 
 /// Instances of a driver: the idle ones, and how many exist.
@@ -116,6 +120,7 @@ impl Driver {
                 waiting: 0,
             }),
             freed: Condvar::new(),
+            calls_without_waiting: AtomicBool::new(true),
         };
         let mut first = driver.instantiate_bare()?;
         let info = driver.guarded(&mut first, |g, s| g.call_info(s).map(Ok))?;
@@ -144,6 +149,18 @@ impl Driver {
 
     pub fn info(&self) -> &DriverInfo {
         &self.info
+    }
+
+    /// Whether its calls may be made without waiting: not when it is
+    /// granted a database (every call is a round trip to a server), nor
+    /// once such a call of it faulted (it ran into the short deadline).
+    pub(crate) fn calls_without_waiting(&self) -> bool {
+        !self.component.grants().database && self.calls_without_waiting.load(Ordering::Relaxed)
+    }
+
+    /// A call made without waiting faulted: no more of them.
+    pub(crate) fn stop_calls_without_waiting(&self) {
+        self.calls_without_waiting.store(false, Ordering::Relaxed);
     }
 
     pub fn component(&self) -> &Arc<DriverComponent> {
@@ -204,7 +221,7 @@ impl Driver {
         let message = match e.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::Interrupt) => format!(
                 "it ran past its deadline of {:?} and was stopped",
-                limits.call_deadline
+                self.runtime.call_deadline()
             ),
             _ if cause.contains("growing memory") => format!(
                 "it trapped: it exceeded its memory cap of {} bytes across its instances ({cause})",
@@ -230,7 +247,7 @@ impl Driver {
         instance: &mut Instance,
         call: impl FnOnce(Exports<'_>, &mut Store<HostState>) -> GuestResult<T>,
     ) -> Result<T> {
-        let deadline = self.runtime.limits().call_deadline;
+        let deadline = self.runtime.call_deadline();
         instance.store.data_mut().deadline = Deadline(Instant::now() + deadline);
         instance
             .store

@@ -575,7 +575,7 @@ impl OpenFile {
         loop {
             match self.try_lock()? {
                 true => return Ok(()),
-                false if deadline.passed() => {
+                false if deadline.passed() || !crate::limits::may_wait() => {
                     return Err(error(
                         ErrorCode::TimedOut,
                         format!(

@@ -27,6 +27,46 @@ impl Deadline {
     }
 }
 
+/// Longest a call made without waiting ([`without_waiting`]) may run:
+/// such calls run on an event loop's thread, which nothing else uses
+/// meanwhile.
+pub const NO_WAIT_DEADLINE: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// Whether driver calls on this thread must not wait (see
+    /// [`without_waiting`]), and whether one wanted to.
+    static NO_WAIT: std::cell::Cell<(bool, bool)> = const { std::cell::Cell::new((false, false)) };
+}
+
+/// Run `f`, whose driver calls run on this thread, such that none of them
+/// waits: a host import that would wait (a pause for another holder's lock,
+/// a file lock held elsewhere) answers at once as if the call's deadline
+/// had passed. Whether one wanted to wait: then `f`'s result says nothing
+/// about the cache, and the caller asks again where waiting is fine.
+pub fn without_waiting<T>(f: impl FnOnce() -> T) -> (T, bool) {
+    let outer = NO_WAIT.get();
+    NO_WAIT.set((true, false));
+    let value = f();
+    let wanted = NO_WAIT.get().1;
+    NO_WAIT.set(outer);
+    (value, wanted)
+}
+
+/// Whether calls on this thread run under [`without_waiting`].
+pub fn waiting_forbidden() -> bool {
+    NO_WAIT.get().0
+}
+
+/// A host import is about to wait: may it? Under [`without_waiting`] it
+/// may not, and that it wanted to is noted.
+pub fn may_wait() -> bool {
+    let (forbidden, _) = NO_WAIT.get();
+    if forbidden {
+        NO_WAIT.set((true, true));
+    }
+    !forbidden
+}
+
 /// Most entries one `list-dir` returns by default (`Limits::max_listing`);
 /// a guest cannot make the host allocate without bound by filling a
 /// directory.

@@ -625,8 +625,22 @@ impl Runtime {
     }
 
     pub(crate) fn deadline_ticks(&self) -> u64 {
-        (self.limits.call_deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
+        ticks(self.call_deadline())
     }
+
+    /// The deadline of a driver call made now: the limit's, or the shorter
+    /// one of a call that must not wait (it holds an event loop's thread).
+    pub(crate) fn call_deadline(&self) -> Duration {
+        if crate::limits::waiting_forbidden() {
+            self.limits.call_deadline.min(crate::limits::NO_WAIT_DEADLINE)
+        } else {
+            self.limits.call_deadline
+        }
+    }
+}
+
+fn ticks(deadline: Duration) -> u64 {
+    (deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64
 }
 
 /// Built-in drivers get what they need; files what the operator granted.
@@ -785,6 +799,9 @@ impl clock::Host for &mut HostState {
     /// passed, so the driver gives up (the epoch stops it soon after if it
     /// does not).
     fn sleep(&mut self, microseconds: u32) -> wasmtime::Result<bool> {
+        if !crate::limits::may_wait() {
+            return Ok(false);
+        }
         let pause = Duration::from_micros(u64::from(microseconds))
             .min(MAX_SLEEP)
             .min(self.deadline.remaining());

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub clean_runs: AtomicU64,
     pub responses_aborted: AtomicU64,
     pub sendfile_responses: AtomicU64,
+    pub hit_opens_deferred: AtomicU64,
     pub hits_unrecorded: AtomicU64,
     pub fail_open: AtomicU64,
     pub in_flight: AtomicI64,
@@ -303,6 +304,11 @@ impl Metrics {
                 "image_cache_sendfile_responses_total",
                 "Downloads of cached images sent whole with sendfile(2).",
                 get(&self.sendfile_responses),
+            ),
+            (
+                "image_cache_hit_opens_deferred_total",
+                "Hits whose driver calls ran off the event loop: they would have waited there (a lock held elsewhere), or the driver's calls may always wait (it is granted a database).",
+                get(&self.hit_opens_deferred),
             ),
             (
                 "image_cache_hits_unrecorded_total",

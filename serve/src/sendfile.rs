@@ -260,11 +260,21 @@ async fn open_hit(app: &Arc<App>, head: &Head) -> Opened {
             Err(_) => return Opened::NotOurs,
         },
     };
-    // A driver call is short: run it here, and let tokio move this
-    // worker's other tasks to another thread meanwhile (no hop to the
-    // blocking pool and back).
-    let range = head.range.clone();
-    let opened = tokio::task::block_in_place(|| images::open_cached(app, &head.id, range));
+    // The driver call runs here, on the event loop, as nginx's `open`
+    // does, when it need not wait (no lock held elsewhere, no database
+    // round trip) and within a short deadline; else here too, but with
+    // tokio moving this worker's other tasks to another thread meanwhile.
+    let opened = match app
+        .cache
+        .without_waiting(|| images::open_cached(app, &head.id, head.range.clone()))
+    {
+        Some(opened) => opened,
+        None => {
+            inc(&app.metrics.hit_opens_deferred);
+            let range = head.range.clone();
+            tokio::task::block_in_place(|| images::open_cached(app, &head.id, range))
+        }
+    };
     let opened = match opened {
         Ok(o) => o,
         Err(Error::NotFound(_)) if app.upstream.is_some() && !peer => {

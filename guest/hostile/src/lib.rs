@@ -148,6 +148,11 @@ fn attack(id: &str) -> Result<bool, Error> {
             message.push_str(&"A".repeat(10_000_000));
             Err(io_text(message))
         }
+        "nap" => {
+            // Waits as SQLite's busy handler does, until told to stop.
+            while driver_common::bindings::image_cache::driver::clock::sleep(100_000) {}
+            Ok(true)
+        }
         "spin" => {
             let mut n = 0u64;
             loop {
