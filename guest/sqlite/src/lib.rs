@@ -146,6 +146,7 @@ impl Backend for SqliteStore {
         // What Glance's driver sets: a power cut may lose the last hit
         // counts, which a cache can afford; the journal keeps the file whole.
         db.pragma_update(None, "synchronous", "NORMAL")
+            .and_then(|()| db.pragma_update(None, "journal_mode", "PERSIST"))
             .and_then(|()| db.execute_batch(SCHEMA))
             .map_err(|e| bad(e.to_string()))?;
         Ok(SqliteStore {
