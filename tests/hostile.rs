@@ -95,7 +95,11 @@ fn a_call_made_without_waiting_never_waits_and_a_spinning_one_stops_at_a_second(
     // told the call wanted to wait (its result says nothing).
     assert!(cache.without_waiting(|| cache.is_cached("nap")).is_none());
     assert_eq!(
-        cache.runtime().stats.instances_discarded.load(Ordering::Relaxed),
+        cache
+            .runtime()
+            .stats
+            .instances_discarded
+            .load(Ordering::Relaxed),
         0,
         "no fault: the driver stopped waiting when told to"
     );
@@ -108,7 +112,11 @@ fn a_call_made_without_waiting_never_waits_and_a_spinning_one_stops_at_a_second(
     }
     // ...after which it is not called that way again (the caller calls it
     // as usual), and it works.
-    assert!(cache.without_waiting(|| cache.is_cached("benign")).is_none());
+    assert!(
+        cache
+            .without_waiting(|| cache.is_cached("benign"))
+            .is_none()
+    );
     assert!(!cache.is_cached("benign").unwrap());
 }
 

@@ -58,6 +58,65 @@ fn a_call_made_without_waiting_gives_way_to_a_lock_held_elsewhere() {
 }
 
 #[test]
+fn a_prune_too_long_for_one_call_takes_several_and_reports_them_as_one() {
+    // Each driver call evicts for `image_cache_evict_seconds` at most (10 s
+    // by default, inside the 30 s call deadline) and returns what it
+    // removed; the host calls again while the cache is over the size. With
+    // 0 s every call takes one batch (100 images): 250 images go in three
+    // calls, reported together, least recently accessed first.
+    for driver in ["sqlite", "xattr"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = CacheConfig::new(dir.path()).driver(DriverSource::Builtin(driver));
+        config
+            .driver_options
+            .push(("image_cache_evict_seconds".into(), "0".into()));
+        let cache = match ImageCache::with_runtime(runtime(), config) {
+            Ok(c) => c,
+            Err(e) if driver == "xattr" => {
+                eprintln!("skipped xattr: {e}");
+                continue;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        for i in 0..250 {
+            cache
+                .cache_reader(&format!("img-{i:03}"), None, &b"0123456789"[..])
+                .unwrap();
+        }
+        let report = cache.prune(0).unwrap();
+        assert_eq!(report.removed.len(), 250, "{driver}: {:?}", report.failures);
+        assert_eq!(report.bytes_removed, 2500);
+        assert_eq!(report.size_after, 0);
+        let removed: Vec<&str> = report.removed.iter().map(|r| r.image_id.as_str()).collect();
+        let mut sorted = removed.clone();
+        sorted.sort();
+        assert_eq!(removed, sorted, "{driver}: least recently accessed first");
+        assert!(cache.get_cached_images().unwrap().is_empty());
+        for i in 0..120 {
+            cache
+                .cache_reader(&format!("again-{i:03}"), None, &b"x"[..])
+                .unwrap();
+        }
+        assert_eq!(cache.delete_all_cached_images().unwrap(), 120, "{driver}");
+        assert!(cache.get_cached_images().unwrap().is_empty());
+    }
+    // A budget that is not a number of seconds is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = CacheConfig::new(dir.path());
+    config
+        .driver_options
+        .push(("image_cache_evict_seconds".into(), "soon".into()));
+    let e = match ImageCache::with_runtime(runtime(), config) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a budget of \"soon\" was taken"),
+    };
+    assert!(
+        e.contains("image_cache_evict_seconds must be a number"),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_restart_reuses_compiled_artifacts() {
     let artifacts = tempfile::tempdir().unwrap();
     let first = Runtime::new(Limits::default(), Some(artifacts.path().to_path_buf())).unwrap();

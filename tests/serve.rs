@@ -958,7 +958,11 @@ fn a_hit_whose_driver_call_would_wait_is_answered_off_the_event_loop() {
         assert!(get(s.addr, "/v2/images/a/file").body == a);
     }
     assert_eq!(s.metric(deferred), 1);
-    assert!(!s.log().contains("sealed image file without the driver"), "{}", s.log());
+    assert!(
+        !s.log().contains("sealed image file without the driver"),
+        "{}",
+        s.log()
+    );
 }
 
 #[test]

@@ -85,8 +85,23 @@ mod is_cached {
         });
     }
 
-    /// The floor: one `statx` of the image file (what the drivers' answer
-    /// rests on), from a path made the same way.
+    /// The floor as the host makes it: one `statx` of the image file by
+    /// its name, relative to the root's open directory (cap-std).
+    #[divan::bench]
+    fn baseline_statx_in_root(bencher: Bencher) {
+        let f = fixture("sqlite");
+        let root =
+            cap_std::fs::Dir::open_ambient_dir(&f.root, cap_std::ambient_authority()).unwrap();
+        let mut i = 0usize;
+        bencher.bench_local(|| {
+            i += 7;
+            root.symlink_metadata(common::id(i % f.n))
+                .unwrap()
+                .is_file()
+        });
+    }
+
+    /// One `statx` of the image file by its absolute path.
     #[divan::bench]
     fn baseline_statx(bencher: Bencher) {
         let f = fixture("sqlite");

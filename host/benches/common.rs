@@ -68,4 +68,3 @@ pub fn populate(root: &Path, driver: &str, n: usize, size: usize) {
         }
     }
 }
-

@@ -566,8 +566,19 @@ impl ImageCache {
         self.run(|d| d.delete_cached_image(id))
     }
 
+    /// Every cached image evicted; how many. A driver's call stops after
+    /// about ten seconds of evicting (see [`ImageCache::prune`]): called
+    /// again until one removes nothing.
     pub fn delete_all_cached_images(&self) -> Result<u64> {
-        self.run(|d| d.delete_all_cached_images())
+        let mut total = 0u64;
+        for _ in 0..MAX_EVICTION_CALLS {
+            let removed = self.run(|d| d.delete_all_cached_images())?;
+            total = total.saturating_add(removed);
+            if removed == 0 {
+                break;
+            }
+        }
+        Ok(total)
     }
 
     pub fn delete_queued_image(&self, id: &str) -> Result<()> {
@@ -598,8 +609,32 @@ impl ImageCache {
 
     /// Evict least recently accessed images until the cache is at or under
     /// `max_size` bytes (0 empties it), in one driver call.
+    /// Evict least recently accessed images until the cache fits in
+    /// `max_size` bytes. The built-in drivers stop evicting after about ten
+    /// seconds of it (a call must end well inside its deadline) and report
+    /// what they removed; while one removed something, failed nothing and
+    /// left the cache over `max_size`, it is called again, and the reports
+    /// add up (a million images pruned to half take several calls).
     pub fn prune(&self, max_size: u64) -> Result<PruneReport> {
-        self.run(|d| d.prune(max_size))
+        let mut report = self.run(|d| d.prune(max_size))?;
+        for _ in 1..MAX_EVICTION_CALLS {
+            if report.size_after <= max_size
+                || report.removed.is_empty()
+                || !report.failures.is_empty()
+            {
+                break;
+            }
+            let next = self.run(|d| d.prune(max_size))?;
+            let progress = !next.removed.is_empty();
+            report.removed.extend(next.removed);
+            report.bytes_removed = report.bytes_removed.saturating_add(next.bytes_removed);
+            report.size_after = next.size_after;
+            report.failures.extend(next.failures);
+            if !progress {
+                break;
+            }
+        }
+        Ok(report)
     }
 
     /// Remove invalid files, and incomplete files older than `stall_time`.
@@ -867,6 +902,10 @@ impl ImageCache {
         })
     }
 }
+
+/// Most calls one prune or delete-all makes (each works for about ten
+/// seconds at most): a bound, should a driver keep reporting progress.
+const MAX_EVICTION_CALLS: usize = 1000;
 
 fn is_sqlite(source: &DriverSource) -> bool {
     matches!(source, DriverSource::Builtin("sqlite"))

@@ -632,7 +632,9 @@ impl Runtime {
     /// one of a call that must not wait (it holds an event loop's thread).
     pub(crate) fn call_deadline(&self) -> Duration {
         if crate::limits::waiting_forbidden() {
-            self.limits.call_deadline.min(crate::limits::NO_WAIT_DEADLINE)
+            self.limits
+                .call_deadline
+                .min(crate::limits::NO_WAIT_DEADLINE)
         } else {
             self.limits.call_deadline
         }

@@ -18,14 +18,25 @@ use crate::{
 /// Glance's default `image_cache_stall_time`: one day.
 pub const DEFAULT_STALL_TIME: u64 = 86_400;
 
-/// Images evicted per step by prune and delete-all: their rows, then their
-/// files.
+/// Images evicted in the first step of a prune or delete-all: their rows,
+/// then their files. Each next step takes twice as many, up to
+/// [`MAX_EVICT_BATCH`]: a small prune commits little at a time, a large
+/// one does not pay a commit (two syncs) per hundred images.
 pub const EVICT_BATCH: usize = 100;
+/// The most images one eviction step takes.
+pub const MAX_EVICT_BATCH: usize = 1600;
+/// Seconds an eviction works before it stops starting new steps and
+/// returns what it removed, well inside the host's call deadline (30 s by
+/// default): the host calls again for the rest. The driver option
+/// `image_cache_evict_seconds` sets it (for a shorter call deadline).
+pub const EVICT_BUDGET_SECONDS: f64 = 10.0;
 
 /// A configured driver instance.
 struct State {
     layout: Layout,
     store: Box<dyn MetadataStore>,
+    /// Seconds one eviction works (see [`EVICT_BUDGET_SECONDS`]).
+    evict_budget: f64,
 }
 
 thread_local! {
@@ -123,11 +134,20 @@ impl State {
     /// files of one batch that could not be removed (images without a
     /// row, which a read or a clean reconciles). The indexes of `ids`
     /// removed, and the failures.
+    ///
+    /// Past the eviction budget no new batch starts: the images not
+    /// reached stay cached, and neither removed nor failed.
     fn evict(&self, ids: &[String]) -> (Vec<usize>, Vec<String>) {
         let mut removed = Vec::new();
         let mut failures = Vec::new();
-        for (b, batch) in ids.chunks(EVICT_BATCH).enumerate() {
-            let first = b * EVICT_BATCH;
+        let started = now();
+        let mut first = 0;
+        let mut size = EVICT_BATCH;
+        while first < ids.len() {
+            if first > 0 && now() - started > self.evict_budget {
+                break;
+            }
+            let batch = &ids[first..(first + size).min(ids.len())];
             if let Err(e) = self.store.forget(batch) {
                 failures.push(format!(
                     "forgetting {} images failed, so they and the {} after them stay cached: {}",
@@ -141,6 +161,8 @@ impl State {
                 self.remove_all(batch.iter().map(|id| Layout::image(id)).collect());
             removed.extend(gone.into_iter().map(|i| first + i));
             failures.extend(failed);
+            first += batch.len();
+            size = (size * 2).min(MAX_EVICT_BATCH);
         }
         (removed, failures)
     }
@@ -182,10 +204,24 @@ impl<B: Backend> Guest for Driver<B> {
         let options = Options::parse(&options)?;
         let layout = Layout::new(&options.sqlite_db);
         layout.create_dirs()?;
+        let evict_budget = match options.get("image_cache_evict_seconds") {
+            None => EVICT_BUDGET_SECONDS,
+            Some(v) => v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .ok_or_else(|| {
+                    Error::BadConfiguration(format!(
+                        "image_cache_evict_seconds must be a number of seconds, not {v:?}"
+                    ))
+                })?,
+        };
         let store = B::open(&options)?;
         let state = Rc::new(State {
             layout,
             store: Box::new(store),
+            evict_budget,
         });
         STATE.with(|s| *s.borrow_mut() = Some(state));
         Ok(())

@@ -25,6 +25,8 @@ const fdatasync = promisify(fs.fdatasync);
 const close = promisify(fs.close);
 
 export const DEFAULT_MAX_SIZE = 10 * 1024 ** 3;
+/** Most driver calls one prune or delete-all makes. */
+const MAX_EVICTION_CALLS = 1000;
 export const DEFAULT_STALL_TIME = 86_400;
 export const DEFAULT_SQLITE_DB = 'cache.db';
 const CHUNK = 1 << 20;
@@ -236,8 +238,16 @@ export class ImageCache {
   deleteCachedImage(id) {
     return this.driver.deleteCachedImage(id);
   }
-  deleteAllCachedImages() {
-    return this.driver.deleteAllCachedImages();
+  /** Every cached image evicted; how many. A driver call stops evicting
+   * after about ten seconds: called again until one removes nothing. */
+  async deleteAllCachedImages() {
+    let total = 0;
+    for (let i = 0; i < MAX_EVICTION_CALLS; i++) {
+      const removed = await this.driver.deleteAllCachedImages();
+      total += removed;
+      if (removed === 0) break;
+    }
+    return total;
   }
   deleteQueuedImage(id) {
     return this.driver.deleteQueuedImage(id);
@@ -258,9 +268,22 @@ export class ImageCache {
     return this.driver.getCachedNodes(id);
   }
   /** Evict least recently accessed images until the cache is at or under
-   * maxSize bytes (0 empties it). */
-  prune(maxSize = DEFAULT_MAX_SIZE) {
-    return this.driver.prune(maxSize);
+   * maxSize bytes (0 empties it). A driver call stops evicting after about
+   * ten seconds and reports what it removed; while one removed something,
+   * failed nothing and left the cache over maxSize, it is called again and
+   * the reports add up (as the Rust host does). */
+  async prune(maxSize = DEFAULT_MAX_SIZE) {
+    const report = await this.driver.prune(maxSize);
+    for (let i = 1; i < MAX_EVICTION_CALLS; i++) {
+      if (report.sizeAfter <= maxSize || report.removed.length === 0 || report.failures.length > 0) break;
+      const next = await this.driver.prune(maxSize);
+      report.removed.push(...next.removed);
+      report.bytesRemoved += next.bytesRemoved;
+      report.sizeAfter = next.sizeAfter;
+      report.failures.push(...next.failures);
+      if (next.removed.length === 0) break;
+    }
+    return report;
   }
   /** Remove invalid files, and incomplete files older than stallTime s. */
   clean(stallTime = DEFAULT_STALL_TIME) {

@@ -283,3 +283,19 @@ test('file locks are flock(2): a writer of another process that holds its lock i
   assert.equal((await cache.readImage('img')).toString(), 'fresh');
   assert.deepEqual(fs.readdirSync(path.join(root, 'invalid')), ['img']);
 });
+
+test('a prune too long for one call takes several, reported as one', async () => {
+  // Each driver call evicts for image_cache_evict_seconds at most; with 0
+  // every call takes one batch (100 images): 250 go in three calls.
+  const c = await open(tmp(), { driver: 'sqlite', driverOptions: { image_cache_evict_seconds: '0' } });
+  for (let i = 0; i < 250; i++) await c.cache(`img-${String(i).padStart(3, '0')}`, Buffer.from('0123456789'));
+  const report = await c.prune(0);
+  const ids = report.removed.map((r) => r.imageId);
+  assert.equal(ids.length, 250, report.failures.join('; '));
+  assert.deepEqual(ids, [...ids].sort());
+  assert.equal(report.bytesRemoved, 2500);
+  assert.equal(report.sizeAfter, 0);
+  for (let i = 0; i < 120; i++) await c.cache(`again-${String(i).padStart(3, '0')}`, Buffer.from('x'));
+  assert.equal(await c.deleteAllCachedImages(), 120);
+  assert.deepEqual(await c.listCached(), []);
+});

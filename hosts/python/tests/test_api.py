@@ -180,6 +180,28 @@ def test_list_cached_prune_and_clean_reports(cache):
     assert [r["image_id"] for r in cache.clean()["invalid"]] == ["junk"]
 
 
+def test_a_prune_too_long_for_one_call_takes_several(tmp_path, runtime):
+    # Each driver call evicts for image_cache_evict_seconds at most; with 0
+    # every call takes one batch (100 images): 250 go in three calls,
+    # reported as one, least recently accessed first.
+    c = ImageCache(
+        tmp_path / "root", driver="sqlite", runtime=runtime, options=[("image_cache_evict_seconds", "0")]
+    )
+    try:
+        for i in range(250):
+            c.cache(f"img-{i:03}", io.BytesIO(b"0123456789"))
+        report = c.prune(0)
+        ids = [r["image_id"] for r in report["removed"]]
+        assert ids == sorted(ids) and len(ids) == 250, report["failures"]
+        assert report["bytes_removed"] == 2500 and report["size_after"] == 0
+        for i in range(120):
+            c.cache(f"again-{i:03}", io.BytesIO(b"x"))
+        assert c.delete_all_cached_images() == 120
+        assert c.list_cached() == []
+    finally:
+        c.close()
+
+
 def test_threads_share_one_cache(cache):
     cache.cache("shared", io.BytesIO(b"y" * 4096))
     errors = []

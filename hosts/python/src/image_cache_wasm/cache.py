@@ -33,6 +33,9 @@ CHUNK = 1024 * 1024
 FIRST_CHUNK = 64 * 1024
 DEFAULT_MAX_SIZE = 10 * 1024**3
 DEFAULT_STALL_TIME = 86400
+# Most driver calls one prune or delete-all makes (each evicts for about
+# ten seconds at most).
+MAX_EVICTION_CALLS = 1000
 _HEX_LEN = {"md5": 32, "sha256": 64, "sha512": 128}
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -580,7 +583,16 @@ class ImageCache:
         self.driver.delete_cached_image(image_id)
 
     def delete_all_cached_images(self) -> int:
-        return self.driver.delete_all_cached_images()
+        """Every cached image evicted; how many. A driver call stops
+        evicting after about ten seconds: called again until one removes
+        nothing."""
+        total = 0
+        for _ in range(MAX_EVICTION_CALLS):
+            removed = self.driver.delete_all_cached_images()
+            total += removed
+            if removed == 0:
+                break
+        return total
 
     def delete_queued_image(self, image_id: ImageId) -> None:
         self.driver.delete_queued_image(image_id)
@@ -604,8 +616,23 @@ class ImageCache:
         """Evict least recently accessed images until the cache is at or
         under ``max_size`` (bytes, or ``"10G"``, ``"512MiB"``):
         ``{removed: [{image_id, size}], bytes_removed, size_after,
-        failures}``."""
-        return self.driver.prune(parse_size(max_size))
+        failures}``. A driver call stops evicting after about ten seconds
+        and reports what it removed; while one removed something, failed
+        nothing and left the cache over ``max_size``, it is called again and
+        the reports add up (as the Rust host does)."""
+        limit = parse_size(max_size)
+        report = self.driver.prune(limit)
+        for _ in range(1, MAX_EVICTION_CALLS):
+            if report["size_after"] <= limit or not report["removed"] or report["failures"]:
+                break
+            more = self.driver.prune(limit)
+            report["removed"].extend(more["removed"])
+            report["bytes_removed"] += more["bytes_removed"]
+            report["size_after"] = more["size_after"]
+            report["failures"].extend(more["failures"])
+            if not more["removed"]:
+                break
+        return report
 
     def clean(self, stall_time: int = DEFAULT_STALL_TIME) -> CleanReport:
         """Delete invalid files and incomplete files older than
