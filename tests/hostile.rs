@@ -42,13 +42,18 @@ fn limits() -> Limits {
     }
 }
 
-/// The fault of one attack, after which the same cache keeps working.
-fn fault_of(cache: &ImageCache, attack: &str) -> String {
-    let discarded = cache
+/// Instances the runtime discarded so far (after faults).
+fn discarded(cache: &ImageCache) -> u64 {
+    cache
         .runtime()
         .stats
         .instances_discarded
-        .load(Ordering::Relaxed);
+        .load(Ordering::Relaxed)
+}
+
+/// The fault of one attack, after which the same cache keeps working.
+fn fault_of(cache: &ImageCache, attack: &str) -> String {
+    let before = discarded(cache);
     let message = match cache.is_cached(attack) {
         Err(Error::DriverFault { driver, message }) => {
             assert!(driver.ends_with("hostile_driver.wasm"), "{driver}");
@@ -57,12 +62,8 @@ fn fault_of(cache: &ImageCache, attack: &str) -> String {
         other => panic!("{attack}: expected a driver fault, got {other:?}"),
     };
     assert_eq!(
-        cache
-            .runtime()
-            .stats
-            .instances_discarded
-            .load(Ordering::Relaxed),
-        discarded + 1,
+        discarded(&cache),
+        before + 1,
         "{attack}: the faulty instance is discarded"
     );
     assert!(
@@ -95,11 +96,7 @@ fn a_call_made_without_waiting_never_waits_and_a_spinning_one_stops_at_a_second(
     // told the call wanted to wait (its result says nothing).
     assert!(cache.without_waiting(|| cache.is_cached("nap")).is_none());
     assert_eq!(
-        cache
-            .runtime()
-            .stats
-            .instances_discarded
-            .load(Ordering::Relaxed),
+        discarded(&cache),
         0,
         "no fault: the driver stopped waiting when told to"
     );
@@ -154,11 +151,7 @@ fn a_driver_that_exhausts_handles_hits_the_resource_cap() {
 #[test]
 fn a_driver_that_returns_garbage_is_discarded() {
     let (_dir, cache) = hostile_cache(limits());
-    let discarded = cache
-        .runtime()
-        .stats
-        .instances_discarded
-        .load(Ordering::Relaxed);
+    let before = discarded(&cache);
     match cache.get_least_recently_accessed_batch(3) {
         Err(Error::DriverFault { message, .. }) => {
             assert!(
@@ -196,14 +189,7 @@ fn a_driver_that_returns_garbage_is_discarded() {
         cache.record_reads(&reads(&["a", "../x"])),
         Err(Error::InvalidImageId(_))
     ));
-    assert_eq!(
-        cache
-            .runtime()
-            .stats
-            .instances_discarded
-            .load(Ordering::Relaxed),
-        discarded + 3
-    );
+    assert_eq!(discarded(&cache), before + 3);
     assert!(!cache.is_cached("benign").unwrap());
 }
 
@@ -227,14 +213,7 @@ fn escapes_are_refused_by_the_host() {
             .join("hostile-planted.db")
             .exists()
     );
-    assert_eq!(
-        cache
-            .runtime()
-            .stats
-            .instances_discarded
-            .load(Ordering::Relaxed),
-        0
-    );
+    assert_eq!(discarded(&cache), 0);
 }
 
 #[test]

@@ -607,10 +607,8 @@ impl ImageCache {
         self.run(|d| d.get_cached_nodes(id))
     }
 
-    /// Evict least recently accessed images until the cache is at or under
-    /// `max_size` bytes (0 empties it), in one driver call.
     /// Evict least recently accessed images until the cache fits in
-    /// `max_size` bytes. The built-in drivers stop evicting after about ten
+    /// `max_size` bytes (0 empties it). The built-in drivers stop evicting after about ten
     /// seconds of it (a call must end well inside its deadline) and report
     /// what they removed; while one removed something, failed nothing and
     /// left the cache over `max_size`, it is called again, and the reports

@@ -44,11 +44,18 @@ thread_local! {
 /// had passed. Whether one wanted to wait: then `f`'s result says nothing
 /// about the cache, and the caller asks again where waiting is fine.
 pub fn without_waiting<T>(f: impl FnOnce() -> T) -> (T, bool) {
-    let outer = NO_WAIT.get();
+    /// Puts the thread's state back however `f` ends (a panic included:
+    /// the thread may go on to make calls that must be able to wait).
+    struct Restore((bool, bool));
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            NO_WAIT.set(self.0);
+        }
+    }
+    let _restore = Restore(NO_WAIT.get());
     NO_WAIT.set((true, false));
     let value = f();
     let wanted = NO_WAIT.get().1;
-    NO_WAIT.set(outer);
     (value, wanted)
 }
 
@@ -109,6 +116,24 @@ mod tests {
         assert_eq!(printable("a\x1b[31mb", 10), "a?[31mb");
         assert_eq!(printable("abcdef", 3), "abc...");
         assert_eq!(printable("line\nnext", 20), "line?next");
+    }
+
+    #[test]
+    fn waiting_is_forbidden_only_inside_and_restored_after_a_panic() {
+        assert!(may_wait());
+        let ((), wanted) = without_waiting(|| {
+            assert!(waiting_forbidden());
+            assert!(!may_wait());
+        });
+        assert!(wanted);
+        let ((), wanted) = without_waiting(|| ());
+        assert!(!wanted);
+        let panicked = std::panic::catch_unwind(|| without_waiting(|| panic!("inside")));
+        assert!(panicked.is_err());
+        assert!(
+            !waiting_forbidden() && may_wait(),
+            "restored after the panic"
+        );
     }
 
     #[test]
