@@ -62,7 +62,7 @@ fn fault_of(cache: &ImageCache, attack: &str) -> String {
         other => panic!("{attack}: expected a driver fault, got {other:?}"),
     };
     assert_eq!(
-        discarded(&cache),
+        discarded(cache),
         before + 1,
         "{attack}: the faulty instance is discarded"
     );
