@@ -329,6 +329,10 @@ impl MetadataStore for CentralizedStore {
         Ok(ids.iter().map(|id| recorded.get(id).copied()).collect())
     }
 
+    fn records_sizes(&self) -> bool {
+        true
+    }
+
     fn sizes(&self, ids: &[String]) -> Result<Vec<Option<u64>>, Error> {
         let rows = self
             .db()?

@@ -74,6 +74,10 @@ impl State {
     }
 
     fn cache_size(&self) -> Result<u64, Error> {
+        if !self.store.records_sizes() {
+            let files = self.layout.image_files()?;
+            return Ok(saturating_sum(files.into_iter().map(|(_, m)| m.size)));
+        }
         let ids = self.layout.image_ids()?;
         let sizes = self.store.sizes(&ids)?;
         let mut total: u64 = 0;

@@ -100,6 +100,16 @@ impl Layout {
             .collect())
     }
 
+    /// Every complete cached image file with its metadata, unsorted (one
+    /// listing; the host stats each entry).
+    pub fn image_files(&self) -> Result<Vec<(String, Metadata)>, Error> {
+        Ok(self
+            .files_in("")?
+            .into_iter()
+            .filter(|(name, _)| self.is_image_name(name))
+            .collect())
+    }
+
     /// The regular files of `incomplete/`, `invalid/` or `queue/`.
     pub fn files_in(&self, dir: &str) -> Result<Vec<(String, Metadata)>, Error> {
         Ok(fs::list_dir(dir)

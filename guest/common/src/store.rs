@@ -82,6 +82,13 @@ pub trait MetadataStore {
     fn sizes(&self, ids: &[String]) -> Result<Vec<Option<u64>>, Error> {
         Ok(vec![None; ids.len()])
     }
+    /// Whether [`MetadataStore::sizes`] answers from records. A store that
+    /// does not is asked nothing: the cache size comes from one listing of
+    /// the root with each file's metadata (one host call, not one per
+    /// image).
+    fn records_sizes(&self) -> bool {
+        false
+    }
     /// Hits of the cached image `id` (its file exists).
     fn hits(&self, id: &str) -> Result<u64, Error>;
     /// A write finished at `path` (still `incomplete/<id>`) and is about to

@@ -193,6 +193,10 @@ impl MetadataStore for SqliteStore {
         Ok(ids.iter().map(|id| recorded.get(id).copied()).collect())
     }
 
+    fn records_sizes(&self) -> bool {
+        true
+    }
+
     fn sizes(&self, ids: &[String]) -> Result<Vec<Option<u64>>, Error> {
         let mut stmt = self
             .db
