@@ -799,16 +799,7 @@ fn bench_centralized(table: &mut Table, runtime: &std::sync::Arc<Runtime>, scrat
 
 fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
-    let scratch_parent = std::env::var_os("BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .unwrap()
-                .join("target/bench-scratch")
-        });
-    let _ = std::fs::remove_dir_all(&scratch_parent);
-    std::fs::create_dir_all(&scratch_parent).unwrap();
+    let scratch_parent = common::fresh_scratch("bench-scratch");
     let scratch = scratch_parent.as_path();
     let runtime = Runtime::new(Limits::default(), Some(scratch.join("artifacts-shared"))).unwrap();
     let mut table = Table { rows: Vec::new() };

@@ -372,12 +372,13 @@ async fn fill(
         // listed in the shared database is not trusted to vouch for its
         // own bytes. Without a record (a directory upstream), the
         // sibling's recorded checksum is what there is.
-        let authority = match holders.is_empty() {
-            true => None,
-            false => match upstream.describe_image(id, token.as_deref()).await {
+        let authority = if holders.is_empty() {
+            None
+        } else {
+            match upstream.describe_image(id, token.as_deref()).await {
                 Ok(record) => record,
                 Err(e) => return Outcome::Failed(e),
-            },
+            }
         };
         for node in holders {
             let (start, body) = match siblings.open(&node, id).await {

@@ -598,7 +598,7 @@ async fn try_cached(
         {
             let io_err = |e: io::Error| Error::io("reading cached image", &e);
             opened.file.seek(SeekFrom::Start(start)).map_err(io_err)?;
-            read_up_to(&mut opened.file, &mut first, (end - start).min(CHUNK)).map_err(io_err)?;
+            read_chunk(&mut opened.file, &mut first, (end - start).min(CHUNK)).map_err(io_err)?;
         }
         Ok((opened, first, fresh))
     })
@@ -660,33 +660,18 @@ async fn try_cached(
     Ok(Cached::Found(response))
 }
 
-/// Read `n` bytes at the file's offset onto the end of `buf`.
-fn read_up_to(file: &mut File, buf: &mut BytesMut, n: u64) -> io::Result<()> {
+/// Read `n` bytes at the file's offset onto the end of `buf`; fewer is
+/// an error (the file was cut since it was opened).
+fn read_chunk(file: &mut File, buf: &mut BytesMut, n: u64) -> io::Result<()> {
     let at = buf.len();
     buf.resize(at + n as usize, 0);
-    let got = read_full(file, &mut buf[at..]);
-    buf.truncate(at + got.as_ref().copied().unwrap_or(0));
-    if got? < n as usize {
-        return Err(io::Error::new(
+    file.read_exact(&mut buf[at..]).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "the cached file is shorter than when it was opened",
-        ));
-    }
-    Ok(())
-}
-
-/// Read until `buf` is full or the file ends; the bytes read.
-fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match file.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(k) => got += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
+        ),
+        _ => e,
+    })
 }
 
 struct CachedState {
@@ -754,7 +739,7 @@ fn cached_stream(
             // it is gone (hyper wrote and dropped it).
             buf.reserve(n as usize);
             let read = tokio::task::spawn_blocking(move || {
-                let r = read_up_to(&mut file, &mut buf, n);
+                let r = read_chunk(&mut file, &mut buf, n);
                 (file, buf, r)
             })
             .await;

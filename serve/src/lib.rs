@@ -1052,15 +1052,15 @@ pub fn run(cache: ImageCache, config: Config, reload: Option<Reload>) -> Result<
         .map_err(ServeError::io("starting the async runtime"))?;
     runtime.block_on(async move {
         let listen = config.listen;
-        let backlog = config
+        let max_connections = config
             .max_connections
             .unwrap_or_else(default_max_connections);
-        let listener = listen_on(listen, backlog)
+        let listener = listen_on(listen, max_connections)
             .map_err(ServeError::io(format!("cannot listen on {listen}")))?;
         let local = listener
             .local_addr()
             .map_err(ServeError::io("listening socket"))?;
-        serve(app, listener, local, &config, reload).await
+        serve(app, listener, local, max_connections, &config, reload).await
     })?;
     // Blocking tasks still running (a driver call past the grace period)
     // are not waited for forever.
@@ -1072,6 +1072,7 @@ async fn serve(
     app: Arc<App>,
     listener: TcpListener,
     local: SocketAddr,
+    max_connections: usize,
     args: &Config,
     reload: Option<Reload>,
 ) -> Result<(), ServeError> {
@@ -1086,7 +1087,6 @@ async fn serve(
             "no admin token (--admin-token-file or IMAGE_CACHE_ADMIN_TOKEN): the cache management API answers 403"
         );
     }
-    let max_connections = args.max_connections.unwrap_or_else(default_max_connections);
     info!(
         listen = %local,
         root = %app.cache.root().display(),

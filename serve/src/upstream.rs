@@ -353,7 +353,7 @@ impl Glance {
     /// The image's record; `None` when the upstream has no records (404)
     /// and none are required (see `records_required`). A refusal is an
     /// error.
-    pub(crate) async fn record_if_any(
+    async fn record_if_any(
         &self,
         id: &str,
         token: Option<&str>,

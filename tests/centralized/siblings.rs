@@ -95,6 +95,32 @@ impl Node {
     }
 }
 
+/// A plain HTTP/1.1 server on loopback answering each connection once with
+/// `respond(path)`: the status, more header lines, the body. Its URL.
+fn http_server(
+    respond: impl Fn(&str) -> (&'static str, String, Vec<u8>) + Send + 'static,
+) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut head = [0u8; 4096];
+            let n = c.read(&mut head).unwrap_or(0);
+            let head = String::from_utf8_lossy(&head[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (status, headers, body) = respond(path);
+            let _ = write!(
+                c,
+                "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = c.write_all(&body);
+        }
+    });
+    url
+}
+
 fn md5_hex(bytes: &[u8]) -> String {
     let mut h = Hasher::new(Algorithm::Md5);
     h.update(bytes);
@@ -415,54 +441,38 @@ fn a_poisoning_sibling_is_refused_by_the_upstreams_record() {
     let image = image_bytes(50, (2 << 20) + 9);
     let poison = image_bytes(51, image.len());
     // A Glance-like upstream: the record (size, checksum) and the file.
-    let glance = TcpListener::bind("127.0.0.1:0").unwrap();
-    let glance_url = format!("http://{}", glance.local_addr().unwrap());
     let (image2, md5) = (image.clone(), md5_hex(&image));
-    std::thread::spawn(move || {
-        for conn in glance.incoming() {
-            let Ok(mut c) = conn else { continue };
-            let mut head = [0u8; 4096];
-            let n = c.read(&mut head).unwrap_or(0);
-            let head = String::from_utf8_lossy(&head[..n]).to_string();
-            let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
-            let (ctype, body) = if path == "/v2/images/img3" {
-                let record = serde_json::json!({"id": "img3", "status": "active",
-                    "size": image2.len(), "checksum": md5});
-                ("application/json", record.to_string().into_bytes())
-            } else if path == "/v2/images/img3/file" {
-                ("application/octet-stream", image2.clone())
-            } else {
-                ("text/plain", Vec::new())
-            };
-            let status = if body.is_empty() {
-                "404 Not Found"
-            } else {
-                "200 OK"
-            };
-            let _ = write!(
-                c,
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = c.write_all(&body);
+    let glance_url = http_server(move |path| {
+        if path == "/v2/images/img3" {
+            let record = serde_json::json!({"id": "img3", "status": "active",
+                "size": image2.len(), "checksum": md5});
+            (
+                "200 OK",
+                "Content-Type: application/json\r\n".into(),
+                record.to_string().into_bytes(),
+            )
+        } else if path == "/v2/images/img3/file" {
+            (
+                "200 OK",
+                "Content-Type: application/octet-stream\r\n".into(),
+                image2.clone(),
+            )
+        } else {
+            (
+                "404 Not Found",
+                "Content-Type: text/plain\r\n".into(),
+                Vec::new(),
+            )
         }
     });
     // The poisoning sibling: other bytes, their own MD5.
-    let liar = TcpListener::bind("127.0.0.1:0").unwrap();
-    let liar_url = format!("http://{}", liar.local_addr().unwrap());
     let (poison2, poison_md5) = (poison.clone(), md5_hex(&poison));
-    std::thread::spawn(move || {
-        for conn in liar.incoming() {
-            let Ok(mut c) = conn else { continue };
-            let mut head = [0u8; 4096];
-            let _ = c.read(&mut head);
-            let _ = write!(
-                c,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-MD5: {poison_md5}\r\nConnection: close\r\n\r\n",
-                poison2.len()
-            );
-            let _ = c.write_all(&poison2);
-        }
+    let liar_url = http_server(move |_| {
+        (
+            "200 OK",
+            format!("Content-MD5: {poison_md5}\r\n"),
+            poison2.clone(),
+        )
     });
     db.sql(&format!(
         "INSERT INTO node_reference (node_reference_url) VALUES ('{liar_url}');
